@@ -1,0 +1,189 @@
+//! Hopper's wire protocol as a pure codec: schema types, frame layout, encode and decode.
+//! Nothing here touches a socket or a runtime.
+//!
+//! # Frame layout
+//!
+//! ```text
+//! 0               4                                   4 + len
+//! +---------------+-----------------------------------+
+//! | len: u32 (BE) | Frame (protobuf, `len` bytes)      |
+//! +---------------+-----------------------------------+
+//!                 | 0x08 request_id (varint) | oneof body ... |
+//! ```
+//!
+//! `len` counts the protobuf bytes only. A `Frame` carries a `request_id` (field 1, encoded
+//! first) and exactly one command or event in its `body` oneof. A receiver that meets a frame
+//! longer than the negotiated maximum skips its bytes and reports
+//! [`Inbound::Oversize`] with the request id read from the frame's first bytes, so the
+//! connection can go on. See `docs/protocol.md` for the session rules.
+
+use bytes::{Buf, BufMut, BytesMut};
+use prost::Message as _;
+
+/// Types generated from `proto/hopper.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/hopper.v1.rs"));
+}
+
+pub use pb::frame::Body;
+pub use pb::{ErrorCode, Frame};
+
+mod error;
+#[cfg(feature = "tokio-codec")]
+mod tokio_codec;
+
+pub use error::ProtoError;
+#[cfg(feature = "tokio-codec")]
+pub use tokio_codec::FrameCodec;
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The oldest protocol version a broker built from this crate accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// Size of the length prefix in front of every frame.
+pub const LENGTH_PREFIX: usize = 4;
+/// Default and upper bound of the negotiated max frame size (16 MiB).
+pub const DEFAULT_MAX_FRAME_SIZE: u32 = 16 * 1024 * 1024;
+/// Max frame size in force before the handshake completes: enough for any `Hello`.
+pub const HANDSHAKE_MAX_FRAME_SIZE: u32 = 64 * 1024;
+
+/// Most bytes of a frame needed to read its request id: one tag byte and a 10-byte varint.
+const REQUEST_ID_PREFIX: usize = 11;
+
+impl Frame {
+    /// A frame carrying `body` for request `request_id`.
+    pub fn new(request_id: u64, body: Body) -> Self {
+        Frame { request_id, body: Some(body) }
+    }
+
+    /// An event frame (request id 0).
+    pub fn event(body: Body) -> Self {
+        Frame::new(0, body)
+    }
+
+    /// An error response to `request_id`.
+    pub fn error(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
+        Frame::new(request_id, Body::Error(pb::Error { code: code as i32, message: message.into() }))
+    }
+}
+
+/// Appends `frame`, length prefix included, to `dst`.
+///
+/// Fails with [`ProtoError::FrameTooLarge`] when the encoded frame exceeds `max_frame_size`;
+/// nothing is written then.
+pub fn encode_frame(frame: &Frame, max_frame_size: u32, dst: &mut BytesMut) -> Result<(), ProtoError> {
+    let len = frame.encoded_len();
+    if len > max_frame_size as usize {
+        return Err(ProtoError::FrameTooLarge { len, max: max_frame_size });
+    }
+    dst.reserve(LENGTH_PREFIX + len);
+    dst.put_u32(len as u32);
+    frame.encode(dst).expect("reserved enough capacity for the frame");
+    Ok(())
+}
+
+/// One unit read off the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inbound {
+    /// A well-formed frame.
+    Frame(Frame),
+    /// A frame longer than the max frame size. Its bytes are being skipped; the request id is
+    /// the one it declared (0 if it could not be read).
+    Oversize {
+        /// Request id read from the frame's first bytes.
+        request_id: u64,
+        /// The length the frame declared.
+        len: usize,
+    },
+    /// A frame whose length was fine but whose bytes are not a valid `Frame`. Framing is intact,
+    /// so the next frame can still be read.
+    Malformed(prost::DecodeError),
+}
+
+/// Splits a byte stream into frames. Keeps the state needed to skip oversize frames.
+#[derive(Debug, Clone)]
+pub struct FrameDecoder {
+    max_frame_size: u32,
+    /// Bytes of an oversize frame still to be discarded.
+    skipping: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder that accepts frames up to `max_frame_size` bytes (length prefix excluded).
+    pub fn new(max_frame_size: u32) -> Self {
+        FrameDecoder { max_frame_size, skipping: 0 }
+    }
+
+    /// The max frame size currently enforced.
+    pub fn max_frame_size(&self) -> u32 {
+        self.max_frame_size
+    }
+
+    /// Changes the enforced max frame size (after the handshake negotiated one).
+    pub fn set_max_frame_size(&mut self, max_frame_size: u32) {
+        self.max_frame_size = max_frame_size;
+    }
+
+    /// Takes the next unit off the front of `src`, or `None` when more bytes are needed.
+    pub fn decode(&mut self, src: &mut BytesMut) -> Option<Inbound> {
+        if self.skipping > 0 {
+            let n = self.skipping.min(src.len());
+            src.advance(n);
+            self.skipping -= n;
+            if self.skipping > 0 {
+                return None;
+            }
+        }
+        if src.len() < LENGTH_PREFIX {
+            src.reserve(LENGTH_PREFIX);
+            return None;
+        }
+        let len = u32::from_be_bytes(src[..LENGTH_PREFIX].try_into().expect("4 bytes")) as usize;
+        if len > self.max_frame_size as usize {
+            let wanted = len.min(REQUEST_ID_PREFIX);
+            if src.len() < LENGTH_PREFIX + wanted {
+                return None;
+            }
+            let request_id = peek_request_id(&src[LENGTH_PREFIX..LENGTH_PREFIX + wanted]);
+            src.advance(LENGTH_PREFIX);
+            let n = len.min(src.len());
+            src.advance(n);
+            self.skipping = len - n;
+            return Some(Inbound::Oversize { request_id, len });
+        }
+        if src.len() < LENGTH_PREFIX + len {
+            src.reserve(LENGTH_PREFIX + len - src.len());
+            return None;
+        }
+        src.advance(LENGTH_PREFIX);
+        let bytes = src.split_to(len).freeze();
+        Some(match Frame::decode(bytes) {
+            Ok(frame) => Inbound::Frame(frame),
+            Err(err) => Inbound::Malformed(err),
+        })
+    }
+
+    /// True while the decoder is in the middle of a frame (used to report a truncated frame
+    /// when the peer hangs up).
+    pub fn is_mid_frame(&self, src: &BytesMut) -> bool {
+        self.skipping > 0 || !src.is_empty()
+    }
+}
+
+/// Reads field 1 (`request_id`) from the first bytes of an encoded `Frame`, or 0.
+fn peek_request_id(mut prefix: &[u8]) -> u64 {
+    if prefix.first() != Some(&0x08) {
+        return 0;
+    }
+    prefix.advance(1);
+    prost::encoding::decode_varint(&mut prefix).unwrap_or(0)
+}
+
+/// The error code of a frame body, for logs and error mapping.
+pub fn error_code(code: i32) -> ErrorCode {
+    ErrorCode::try_from(code).unwrap_or(ErrorCode::Unspecified)
+}
+
+#[cfg(test)]
+mod tests;

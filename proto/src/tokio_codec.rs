@@ -1,0 +1,53 @@
+//! Adapter from [`FrameDecoder`] and [`encode_frame`] to tokio-util's codec traits, so a
+//! `FramedRead` can drive the decoder. The traits operate on buffers only.
+
+use bytes::BytesMut;
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::{encode_frame, Frame, FrameDecoder, Inbound, ProtoError};
+
+/// tokio-util codec for Hopper frames.
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    decoder: FrameDecoder,
+}
+
+impl FrameCodec {
+    /// A codec enforcing `max_frame_size` on both directions.
+    pub fn new(max_frame_size: u32) -> Self {
+        FrameCodec { decoder: FrameDecoder::new(max_frame_size) }
+    }
+
+    /// Changes the enforced max frame size.
+    pub fn set_max_frame_size(&mut self, max_frame_size: u32) {
+        self.decoder.set_max_frame_size(max_frame_size);
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Inbound;
+    type Error = ProtoError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, ProtoError> {
+        Ok(self.decoder.decode(src))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, ProtoError> {
+        match self.decoder.decode(src) {
+            Some(item) => Ok(Some(item)),
+            None if self.decoder.is_mid_frame(src) => Err(ProtoError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed in the middle of a frame",
+            ))),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Encoder<&Frame> for FrameCodec {
+    type Error = ProtoError;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), ProtoError> {
+        encode_frame(frame, self.decoder.max_frame_size(), dst)
+    }
+}
