@@ -1,1 +1,18 @@
+//! The Hopper broker as a library: start one in-process with [`Broker::start`], for example in
+//! another project's test suite, or run the `hopperd` binary.
+//!
+//! Layout: [`server`] accepts connections; `session` serves one connection; [`queue`] holds
+//! each queue's state machine behind its own lock; `outbox` batches a connection's writes.
 
+pub mod config;
+pub mod error;
+pub mod message;
+pub mod queue;
+pub mod server;
+
+mod outbox;
+mod session;
+
+pub use config::Config;
+pub use error::{BrokerError, StartError};
+pub use server::{Broker, BrokerHandle};

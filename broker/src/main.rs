@@ -1,1 +1,117 @@
-fn main() {}
+//! `hopperd`: flags, configuration layering and logging setup around [`hopper_broker::Broker`].
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use hopper_broker::{Broker, Config};
+
+/// The Hopper message broker.
+#[derive(Debug, Parser)]
+#[command(name = "hopperd", version, about)]
+struct Args {
+    /// TOML configuration file; flags and HOPPER_* variables override its values.
+    #[arg(long, env = "HOPPER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address for the binary protocol [default: 127.0.0.1:5680; port 0 picks a free port].
+    #[arg(long, env = "HOPPER_LISTEN")]
+    listen: Option<String>,
+    /// Data directory [default: ./hopper-data].
+    #[arg(long, env = "HOPPER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Heartbeat interval proposed to clients, in milliseconds (0 = none) [default: 10000].
+    #[arg(long, env = "HOPPER_HEARTBEAT_MS")]
+    heartbeat_ms: Option<u32>,
+    /// Largest frame accepted or sent, in bytes [default: 16777216].
+    #[arg(long, env = "HOPPER_MAX_FRAME_SIZE")]
+    max_frame_size: Option<u32>,
+    /// Most simultaneous connections [default: 10000].
+    #[arg(long, env = "HOPPER_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+}
+
+impl Args {
+    fn into_config(self) -> Result<Config, hopper_broker::StartError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(data_dir) = self.data_dir {
+            config.data_dir = data_dir;
+        }
+        if let Some(heartbeat_ms) = self.heartbeat_ms {
+            config.heartbeat_ms = heartbeat_ms;
+        }
+        if let Some(max_frame_size) = self.max_frame_size {
+            config.max_frame_size = max_frame_size;
+        }
+        if let Some(max_connections) = self.max_connections {
+            config.max_connections = max_connections;
+        }
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOPPER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(&format!("cannot start the runtime: {err}")),
+    };
+    runtime.block_on(async {
+        let config = match args.into_config() {
+            Ok(config) => config,
+            Err(err) => return fail(&err.to_string()),
+        };
+        let data_dir = config.data_dir.display().to_string();
+        let broker = match Broker::start(config).await {
+            Ok(broker) => broker,
+            Err(err) => return fail(&err.to_string()),
+        };
+        tracing::info!(data_dir = %data_dir, version = env!("CARGO_PKG_VERSION"), "listening on {}", broker.local_addr());
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        broker.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// One clear line and exit code 1: startup errors are the operator's to fix, not bugs.
+fn fail(message: &str) -> ExitCode {
+    eprintln!("hopperd: error: {message}");
+    ExitCode::FAILURE
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

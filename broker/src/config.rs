@@ -1,0 +1,104 @@
+//! Broker configuration: defaults, the TOML file, and validation.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::StartError;
+
+/// Everything the broker needs to start. Field names are also the TOML file's keys.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on for the binary protocol; port 0 picks a free one.
+    pub listen: String,
+    /// Directory for the broker's files.
+    pub data_dir: PathBuf,
+    /// Largest frame the broker accepts or sends, in bytes.
+    pub max_frame_size: u32,
+    /// Heartbeat interval the broker proposes, in milliseconds (0 = none). The client's
+    /// smaller non-zero value wins; a client asking for 0 gets none.
+    pub heartbeat_ms: u32,
+    /// Most simultaneous client connections.
+    pub max_connections: usize,
+    /// How long a new connection may take to complete the handshake, in milliseconds.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:5680".into(),
+            data_dir: PathBuf::from("./hopper-data"),
+            max_frame_size: hopper_proto::DEFAULT_MAX_FRAME_SIZE,
+            heartbeat_ms: 10_000,
+            max_connections: 10_000,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; keys it does not set keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, StartError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| StartError::Config(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| StartError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Checks that the values make sense together.
+    pub fn validate(&self) -> Result<(), StartError> {
+        let min = hopper_proto::HANDSHAKE_MAX_FRAME_SIZE;
+        if self.max_frame_size < min || self.max_frame_size > hopper_proto::DEFAULT_MAX_FRAME_SIZE {
+            return Err(StartError::Config(format!(
+                "max_frame_size must be between {min} and {} bytes, got {}",
+                hopper_proto::DEFAULT_MAX_FRAME_SIZE,
+                self.max_frame_size
+            )));
+        }
+        if self.max_connections == 0 {
+            return Err(StartError::Config("max_connections must be at least 1".into()));
+        }
+        if self.listen.is_empty() {
+            return Err(StartError::Config("listen address is empty".into()));
+        }
+        Ok(())
+    }
+
+    /// The handshake deadline.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_overrides_only_what_it_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hopper.toml");
+        std::fs::write(&path, "listen = \"0.0.0.0:7000\"\nheartbeat_ms = 500\n").unwrap();
+        let config = Config::from_file(&path).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:7000");
+        assert_eq!(config.heartbeat_ms, 500);
+        assert_eq!(config.max_frame_size, Config::default().max_frame_size);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hopper.toml");
+        std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        assert!(Config::from_file(&path).unwrap_err().to_string().contains("lisen"));
+        let config = Config { max_frame_size: 10, ..Config::default() };
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,69 @@
+//! Errors the broker reports to clients, each mapped to a stable wire error code.
+
+use hopper_proto::ErrorCode;
+
+/// A request failed; the message is sent to the client with the matching code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// The queue, consumer or delivery does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with existing state.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// A field is malformed or out of range.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The frames break the protocol.
+    #[error("{0}")]
+    ProtocolViolation(String),
+    /// Understood, but not permitted.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// A broker limit was reached.
+    #[error("{0}")]
+    ResourceLimit(String),
+}
+
+impl BrokerError {
+    /// NOT_FOUND for a queue name.
+    pub fn queue_not_found(name: &str) -> Self {
+        BrokerError::NotFound(format!("no queue named '{name}'"))
+    }
+
+    /// The wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BrokerError::NotFound(_) => ErrorCode::NotFound,
+            BrokerError::PreconditionFailed(_) => ErrorCode::PreconditionFailed,
+            BrokerError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            BrokerError::ProtocolViolation(_) => ErrorCode::ProtocolViolation,
+            BrokerError::NotAllowed(_) => ErrorCode::NotAllowed,
+            BrokerError::ResourceLimit(_) => ErrorCode::ResourceLimit,
+        }
+    }
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The data directory is unusable.
+    #[error("data directory {path}: {reason}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}

@@ -1,0 +1,185 @@
+//! A connection's outgoing bytes: frames are encoded straight into a shared buffer by whoever
+//! produces them (the session for responses, queues for deliveries), and one writer task sends
+//! whatever has accumulated with a single write.
+//!
+//! Encoding at the producer and writing in batches means a burst of deliveries costs one
+//! syscall, and no channel node is allocated per frame. The buffer is bounded by
+//! [`Outbox::HIGH_WATER`]: queues stop dispatching to a connection above it, and the session
+//! stops reading requests until the writer has drained it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::BytesMut;
+use hopper_proto::{encode_frame, pb, Body, Frame};
+use parking_lot::Mutex;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::message::QueuedMessage;
+use crate::queue::Sink;
+
+/// Outgoing buffer of one connection.
+#[derive(Debug)]
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    /// Wakes the writer when the buffer goes from empty to non-empty, or on close.
+    wake_writer: Notify,
+    /// Wakes producers waiting for room after the writer drained the buffer.
+    drained: Notify,
+    /// Set when a queue skipped this connection for lack of room; the session then asks its
+    /// queues to dispatch again once the writer has drained.
+    stalled: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    buf: BytesMut,
+    max_frame_size: u32,
+    closed: bool,
+}
+
+impl Outbox {
+    /// Bytes buffered above which deliveries pause and requests are not read.
+    pub const HIGH_WATER: usize = 1024 * 1024;
+
+    /// An empty outbox enforcing `max_frame_size` on what it encodes.
+    pub fn new(max_frame_size: u32) -> Self {
+        Outbox {
+            inner: Mutex::new(Inner {
+                buf: BytesMut::with_capacity(64 * 1024),
+                max_frame_size,
+                closed: false,
+            }),
+            wake_writer: Notify::new(),
+            drained: Notify::new(),
+            stalled: AtomicBool::new(false),
+        }
+    }
+
+    /// Changes the max frame size (after the handshake).
+    pub fn set_max_frame_size(&self, max_frame_size: u32) {
+        self.inner.lock().max_frame_size = max_frame_size;
+    }
+
+    /// Queues a frame. A frame over the max frame size is replaced by an error frame for the
+    /// same request, so the peer learns why instead of waiting.
+    pub fn push(&self, frame: &Frame) {
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return;
+        }
+        let was_empty = inner.buf.is_empty();
+        let max = inner.max_frame_size;
+        if let Err(err) = encode_frame(frame, max, &mut inner.buf) {
+            let error =
+                Frame::error(frame.request_id, hopper_proto::ErrorCode::FrameTooLarge, err.to_string());
+            encode_frame(&error, max, &mut inner.buf).expect("an error frame fits any frame size");
+        }
+        if was_empty {
+            self.wake_writer.notify_one();
+        }
+    }
+
+    /// Marks the outbox closed: nothing more is queued, and the writer stops once it has sent
+    /// what is already buffered.
+    pub fn close(&self) {
+        self.inner.lock().closed = true;
+        self.wake_writer.notify_one();
+        self.drained.notify_waiters();
+    }
+
+    /// True when the buffer is below the high-water mark.
+    pub fn has_room(&self) -> bool {
+        self.inner.lock().buf.len() < Self::HIGH_WATER
+    }
+
+    /// Waits until the buffer is below the high-water mark (or the outbox is closed).
+    pub async fn wait_for_room(&self) {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let inner = self.inner.lock();
+                if inner.closed || inner.buf.len() < Self::HIGH_WATER {
+                    return;
+                }
+            }
+            drained.await;
+        }
+    }
+
+    /// Takes the stalled flag: true if a queue skipped this connection since the last call.
+    pub fn take_stalled(&self) -> bool {
+        self.stalled.swap(false, Ordering::AcqRel)
+    }
+
+    /// Sends buffered bytes until the outbox is closed and empty, or the socket fails.
+    /// `drained` is called after each write that brought the buffer below the high-water mark
+    /// while some queue was holding deliveries back.
+    pub async fn run_writer<W: AsyncWrite + Unpin>(
+        &self,
+        mut socket: W,
+        on_drained: impl Fn(),
+    ) -> std::io::Result<()> {
+        let mut spare = BytesMut::with_capacity(64 * 1024);
+        loop {
+            let chunk = {
+                let mut inner = self.inner.lock();
+                if inner.buf.is_empty() {
+                    if inner.closed {
+                        break;
+                    }
+                    None
+                } else {
+                    Some(std::mem::replace(&mut inner.buf, std::mem::take(&mut spare)))
+                }
+            };
+            let Some(mut chunk) = chunk else {
+                self.wake_writer.notified().await;
+                continue;
+            };
+            if let Err(err) = socket.write_all(&chunk).await {
+                self.close();
+                return Err(err);
+            }
+            chunk.clear();
+            spare = chunk;
+            self.drained.notify_waiters();
+            if self.stalled.load(Ordering::Acquire) {
+                on_drained();
+            }
+        }
+        socket.flush().await?;
+        socket.shutdown().await
+    }
+}
+
+/// Connection handle held by a queue for one consumer.
+impl Sink for std::sync::Arc<Outbox> {
+    fn is_writable(&self) -> bool {
+        if self.has_room() {
+            return true;
+        }
+        self.stalled.store(true, Ordering::Release);
+        false
+    }
+
+    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage) {
+        let payload = &message.payload;
+        let frame = Frame::event(Body::Deliver(pb::Deliver {
+            consumer_id,
+            delivery_tag,
+            message: Some(pb::Message {
+                message_id: payload.id,
+                body: payload.body.clone(),
+                headers: payload.headers.clone(),
+                content_type: payload.content_type.clone(),
+                published_at_ms: payload.published_at_ms,
+                delivery_count: message.delivery_count,
+                redelivered: message.redelivered(),
+            }),
+        }));
+        self.push(&frame);
+    }
+}

@@ -1,0 +1,159 @@
+//! The listener: accepts connections, caps their number, and shuts down gracefully.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::error::StartError;
+use crate::queue::Registry;
+use crate::session;
+
+/// State shared by every connection of one broker.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) queues: Registry,
+    pub(crate) next_message_id: AtomicU64,
+    pub(crate) next_consumer_id: AtomicU64,
+}
+
+/// Entry point for running a broker inside another program (tests, embedding).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use hopper_broker::{Broker, Config};
+///
+/// let dir = tempfile::tempdir()?;
+/// let config = Config {
+///     listen: "127.0.0.1:0".into(),
+///     data_dir: dir.path().to_path_buf(),
+///     ..Config::default()
+/// };
+/// let broker = Broker::start(config).await?;
+/// println!("broker on {}", broker.local_addr());
+/// // ... connect with hopper-client to broker.local_addr() ...
+/// broker.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct Broker;
+
+impl Broker {
+    /// Validates `config`, prepares the data directory, binds the listener and starts serving
+    /// in the background.
+    pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
+        config.validate()?;
+        let data_lock = lock_data_dir(&config.data_dir)?;
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen.clone(), source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr: config.listen.clone(), source })?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config,
+            queues: Registry::default(),
+            next_message_id: AtomicU64::new(initial_message_id()),
+            next_consumer_id: AtomicU64::new(1),
+        });
+        let task = tokio::spawn(async move {
+            serve(listener, shared, shutdown_rx).await;
+            drop(data_lock);
+        });
+        Ok(BrokerHandle { local_addr, shutdown_tx, task })
+    }
+}
+
+/// A running broker.
+pub struct BrokerHandle {
+    local_addr: SocketAddr,
+    shutdown_tx: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl BrokerHandle {
+    /// The address the listener is bound to (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, tells every client the broker is closing, flushes what is queued for
+    /// them, and returns once every connection has finished.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Waits until the broker stops (it only stops through [`BrokerHandle::shutdown`]).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    // Every session holds a clone; when all are dropped, every session has finished.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let mut next_conn_id: u64 = 1;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => break,
+        };
+        let (socket, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Out of file descriptors and the like: keep serving the connections we have.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let conn_id = next_conn_id;
+        next_conn_id += 1;
+        let permit = limit.clone().try_acquire_owned().ok();
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            session::run(socket, peer, conn_id, shared, shutdown, permit.is_some()).await;
+            drop(permit);
+            drop(done);
+        });
+    }
+    drop(listener);
+    drop(done_tx);
+    let _ = done_rx.recv().await;
+    tracing::info!("broker stopped");
+}
+
+/// Creates the data directory if needed and takes an exclusive lock on it, so two brokers
+/// never share one directory.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
+    let fail = |reason: String| StartError::DataDir { path: dir.display().to_string(), reason };
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create it: {e}")))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(|e| fail(format!("not writable: {e}")))?;
+    lock.try_lock().map_err(|_| fail("in use by another hopperd".into()))?;
+    Ok(lock)
+}
+
+/// Message ids start from the current time in microseconds, scaled, so ids stay unique across
+/// restarts without persisting a counter.
+fn initial_message_id() -> u64 {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    micros.saturating_mul(1024)
+}

@@ -1,0 +1,489 @@
+//! One client connection: the handshake, the read loop, heartbeats, and the translation of
+//! wire requests into queue operations. Wire types stop here; queues see domain types only.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hopper_proto::{pb, Body, ErrorCode, Frame, FrameCodec, Inbound, ProtoError};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+use tokio_util::codec::FramedRead;
+use tracing::Instrument;
+
+use crate::error::BrokerError;
+use crate::message::Payload;
+use crate::outbox::Outbox;
+use crate::queue::{Queue, QueueSettings, SettleError};
+use crate::server::Shared;
+
+/// Read buffer size: large enough that a burst of small publishes is one read.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Serves one connection until the peer leaves, breaks the protocol beyond repair, goes
+/// silent, or the broker shuts down. Every unacked delivery returns to its queue afterwards.
+pub(crate) async fn run(
+    socket: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    admitted: bool,
+) {
+    let span = tracing::info_span!("conn", conn_id, %peer);
+    async move {
+        let (read_half, write_half) = socket.into_split();
+        let outbox = Arc::new(Outbox::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE));
+        let resume = Arc::new(Notify::new());
+        let writer = {
+            let outbox = outbox.clone();
+            let resume = resume.clone();
+            tokio::spawn(async move { outbox.run_writer(write_half, || resume.notify_one()).await })
+        };
+        if admitted {
+            let frames = FramedRead::with_capacity(
+                read_half,
+                FrameCodec::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE),
+                READ_BUFFER,
+            );
+            let mut session = Session::new(shared, outbox.clone());
+            session.serve(frames, shutdown, &resume).await;
+            session.release_consumers();
+        } else {
+            tracing::warn!("connection refused: too many connections");
+            outbox.push(&close_frame(ErrorCode::ResourceLimit, "too many connections"));
+        }
+        outbox.close();
+        match writer.await {
+            Ok(Err(err)) => tracing::info!(error = %err, "write failed"),
+            Err(err) => tracing::error!(error = %err, "writer task failed"),
+            Ok(Ok(())) => {}
+        }
+        tracing::debug!("connection closed");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Values agreed in the handshake.
+#[derive(Debug, Clone, Copy)]
+struct Negotiated {
+    heartbeat: Option<Duration>,
+}
+
+/// Whether the read loop goes on after a frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    outbox: Arc<Outbox>,
+    negotiated: Option<Negotiated>,
+    /// This connection's consumers and the queue each one is subscribed to.
+    consumers: HashMap<u64, Arc<Queue>>,
+    /// Queues this connection published to, so a publish skips the registry lookup.
+    publish_cache: HashMap<String, Arc<Queue>>,
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, outbox: Arc<Outbox>) -> Self {
+        Session { shared, outbox, negotiated: None, consumers: HashMap::new(), publish_cache: HashMap::new() }
+    }
+
+    async fn serve(
+        &mut self,
+        mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+        mut shutdown: watch::Receiver<bool>,
+        resume: &Notify,
+    ) {
+        let handshake_deadline = tokio::time::sleep(self.shared.config.handshake_timeout());
+        tokio::pin!(handshake_deadline);
+        let mut heartbeat: Option<tokio::time::Interval> = None;
+        let mut last_seen = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    self.outbox.push(&close_frame(ErrorCode::Unspecified, "broker is shutting down"));
+                    return;
+                }
+                _ = resume.notified() => {
+                    if self.outbox.take_stalled() {
+                        self.redispatch();
+                    }
+                }
+                item = frames.next() => {
+                    last_seen = Instant::now();
+                    let inbound = match item {
+                        Some(Ok(inbound)) => inbound,
+                        None => {
+                            tracing::info!("peer closed the connection");
+                            return;
+                        }
+                        Some(Err(ProtoError::Io(err))) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            tracing::info!("peer closed the connection in the middle of a frame");
+                            return;
+                        }
+                        Some(Err(err)) => {
+                            tracing::info!(error = %err, "read failed");
+                            return;
+                        }
+                    };
+                    let was_negotiated = self.negotiated.is_some();
+                    if self.handle(inbound, frames.decoder_mut()) == Flow::Close {
+                        return;
+                    }
+                    if !was_negotiated {
+                        if let Some(interval) = self.negotiated.and_then(|n| n.heartbeat) {
+                            heartbeat = Some(tokio::time::interval_at(tokio::time::Instant::now() + interval, interval));
+                        }
+                    }
+                    // Stop reading requests while the peer is not reading our responses.
+                    self.outbox.wait_for_room().await;
+                }
+                _ = tick(&mut heartbeat) => {
+                    let interval = heartbeat.as_ref().map(|h| h.period()).unwrap_or_default();
+                    if last_seen.elapsed() > interval * 2 {
+                        tracing::info!(heartbeat_ms = interval.as_millis() as u64, "peer missed two heartbeats; closing");
+                        self.outbox.push(&close_frame(ErrorCode::Unspecified, "missed heartbeats"));
+                        return;
+                    }
+                    self.outbox.push(&Frame::event(Body::Heartbeat(pb::Heartbeat {})));
+                }
+                _ = &mut handshake_deadline, if self.negotiated.is_none() => {
+                    tracing::info!("no handshake in time; closing");
+                    self.outbox.push(&close_frame(ErrorCode::ProtocolViolation, "handshake timed out"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles one unit read off the wire.
+    fn handle(&mut self, inbound: Inbound, codec: &mut FrameCodec) -> Flow {
+        let handshaken = self.negotiated.is_some();
+        let frame = match inbound {
+            Inbound::Frame(frame) => frame,
+            Inbound::Oversize { request_id, len } => {
+                let max = if handshaken { "negotiated" } else { "handshake" };
+                self.outbox.push(&Frame::error(
+                    request_id,
+                    ErrorCode::FrameTooLarge,
+                    format!("frame of {len} bytes exceeds the {max} max frame size; it was skipped"),
+                ));
+                // Before the handshake the peer may not speak this protocol at all.
+                return if handshaken { Flow::Continue } else { Flow::Close };
+            }
+            Inbound::Malformed(err) => {
+                tracing::info!(error = %err, "malformed frame");
+                let message = format!("malformed frame: {err}");
+                if !handshaken {
+                    self.outbox.push(&close_frame(ErrorCode::ProtocolViolation, &message));
+                    return Flow::Close;
+                }
+                self.outbox.push(&Frame::error(0, ErrorCode::ProtocolViolation, message));
+                return Flow::Continue;
+            }
+        };
+        let request_id = frame.request_id;
+        let Some(body) = frame.body else {
+            self.reply_error(
+                request_id,
+                BrokerError::ProtocolViolation("frame has no known command (unknown message type)".into()),
+            );
+            return Flow::Continue;
+        };
+        match body {
+            Body::Hello(hello) => return self.hello(request_id, hello, codec),
+            Body::Close(close) => {
+                tracing::info!(reason = %close.reason, "peer closed the session");
+                return Flow::Close;
+            }
+            Body::Heartbeat(_) => return Flow::Continue,
+            _ if !handshaken => {
+                self.reply_error(
+                    request_id,
+                    BrokerError::ProtocolViolation(
+                        "handshake required: the first frame must be Hello".into(),
+                    ),
+                );
+                return Flow::Continue;
+            }
+            body => match self.request(request_id, body) {
+                Ok(Some(response)) => self.outbox.push(&Frame::new(request_id, response)),
+                Ok(None) => {}
+                Err(err) => self.reply_error(request_id, err),
+            },
+        }
+        Flow::Continue
+    }
+
+    fn reply_error(&self, request_id: u64, err: BrokerError) {
+        tracing::debug!(request_id, error = %err, "request failed");
+        self.outbox.push(&Frame::error(request_id, err.code(), err.to_string()));
+    }
+
+    fn hello(&mut self, request_id: u64, hello: pb::Hello, codec: &mut FrameCodec) -> Flow {
+        if self.negotiated.is_some() {
+            self.reply_error(request_id, BrokerError::ProtocolViolation("Hello sent twice".into()));
+            return Flow::Continue;
+        }
+        let supported = hopper_proto::MIN_PROTOCOL_VERSION..=hopper_proto::PROTOCOL_VERSION;
+        if !supported.contains(&hello.protocol_version) {
+            tracing::info!(version = hello.protocol_version, "unsupported protocol version");
+            let rejection = pb::HelloRejected {
+                message: format!(
+                    "protocol version {} is not supported; this broker speaks versions {} to {}",
+                    hello.protocol_version,
+                    supported.start(),
+                    supported.end()
+                ),
+                min_version: *supported.start(),
+                max_version: *supported.end(),
+            };
+            self.outbox.push(&Frame::new(request_id, Body::HelloRejected(rejection)));
+            return Flow::Close;
+        }
+        let config = &self.shared.config;
+        let heartbeat_ms = match (hello.heartbeat_ms, config.heartbeat_ms) {
+            (0, _) => 0,
+            (client, 0) => client,
+            (client, broker) => client.min(broker),
+        };
+        let max_frame_size = match hello.max_frame_size {
+            0 => config.max_frame_size,
+            client => client.clamp(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE, config.max_frame_size),
+        };
+        codec.set_max_frame_size(max_frame_size);
+        self.outbox.set_max_frame_size(max_frame_size);
+        let heartbeat = (heartbeat_ms > 0).then(|| Duration::from_millis(heartbeat_ms.into()));
+        self.negotiated = Some(Negotiated { heartbeat });
+        tracing::info!(client = %hello.client_name, heartbeat_ms, max_frame_size, "session open");
+        let ok = pb::HelloOk {
+            protocol_version: hopper_proto::PROTOCOL_VERSION,
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            heartbeat_ms,
+            max_frame_size,
+        };
+        self.outbox.push(&Frame::new(request_id, Body::HelloOk(ok)));
+        Flow::Continue
+    }
+
+    /// Runs one request after the handshake. `Ok(None)` means no success response is due
+    /// (settlements) or it was already queued.
+    fn request(&mut self, request_id: u64, body: Body) -> Result<Option<Body>, BrokerError> {
+        match body {
+            Body::Publish(publish) => self.publish(publish).map(Some),
+            Body::Ack(ack) => {
+                self.settle(ack.consumer_id, ack.delivery_tag, |s, c, t| s.ack(c, t, ack.multiple))
+            }
+            Body::Nack(nack) => self.settle(nack.consumer_id, nack.delivery_tag, |s, c, t| {
+                s.nack(c, t, nack.multiple, nack.requeue)
+            }),
+            Body::Reject(reject) => self.settle(reject.consumer_id, reject.delivery_tag, |s, c, t| {
+                s.nack(c, t, false, reject.requeue)
+            }),
+            Body::Consume(consume) => self.consume(request_id, consume),
+            Body::Cancel(cancel) => self.cancel(cancel.consumer_id).map(Some),
+            Body::QueueDeclare(declare) => self.declare(declare).map(Some),
+            Body::QueueDelete(delete) => self.delete(delete).map(Some),
+            Body::QueuePurge(purge) => {
+                let queue = self.shared.queues.get(&purge.name)?;
+                let message_count = queue.with_state(|s| s.purge())? as u64;
+                tracing::info!(queue = %purge.name, message_count, "queue purged");
+                Ok(Some(Body::QueuePurgeOk(pb::QueuePurgeOk { message_count })))
+            }
+            Body::QueueStats(stats) => {
+                let queue = self.shared.queues.get(&stats.name)?;
+                Ok(Some(Body::QueueInfo(queue_info(&queue))))
+            }
+            Body::QueueList(_) => {
+                let queues = self.shared.queues.list().iter().map(|q| queue_info(q)).collect();
+                Ok(Some(Body::QueueListOk(pb::QueueListOk { queues })))
+            }
+            other => Err(BrokerError::ProtocolViolation(format!(
+                "{} is sent by the broker, not to it",
+                body_name(&other)
+            ))),
+        }
+    }
+
+    fn publish(&mut self, publish: pb::Publish) -> Result<Body, BrokerError> {
+        if !publish.exchange.is_empty() || !publish.routing_key.is_empty() {
+            return Err(BrokerError::NotAllowed(
+                "exchanges and routing keys are not supported in protocol version 1; publish to a queue by name"
+                    .into(),
+            ));
+        }
+        let id = self.shared.next_message_id.fetch_add(1, Ordering::Relaxed);
+        let mut payload = Some(Arc::new(Payload {
+            id,
+            body: publish.body,
+            headers: publish.headers,
+            content_type: publish.content_type,
+            published_at_ms: now_ms(),
+        }));
+        // A cached queue may have been deleted (and maybe declared again) since: retry once
+        // through the registry.
+        for attempt in 0..2 {
+            let queue = self.publish_target(&publish.queue, attempt > 0)?;
+            match queue.with_state(|s| s.publish(payload.take().expect("published once"))) {
+                Ok(()) => return Ok(Body::PublishOk(pb::PublishOk { message_id: id })),
+                Err(_) => {
+                    self.publish_cache.remove(&publish.queue);
+                }
+            }
+        }
+        Err(BrokerError::queue_not_found(&publish.queue))
+    }
+
+    fn publish_target(&mut self, name: &str, refresh: bool) -> Result<Arc<Queue>, BrokerError> {
+        if !refresh {
+            if let Some(queue) = self.publish_cache.get(name) {
+                return Ok(queue.clone());
+            }
+        }
+        let queue = self.shared.queues.get(name)?;
+        self.publish_cache.insert(name.to_owned(), queue.clone());
+        Ok(queue)
+    }
+
+    fn consume(&mut self, request_id: u64, consume: pb::Consume) -> Result<Option<Body>, BrokerError> {
+        let queue = self.shared.queues.get(&consume.queue)?;
+        let consumer_id = self.shared.next_consumer_id.fetch_add(1, Ordering::Relaxed);
+        let outbox = self.outbox.clone();
+        queue.with_state(|s| {
+            s.add_consumer(consumer_id, consume.prefetch_count, outbox.clone());
+            // Queued before the dispatch that follows, so the client learns the consumer id
+            // before its first delivery.
+            outbox.push(&Frame::new(request_id, Body::ConsumeOk(pb::ConsumeOk { consumer_id })));
+        })?;
+        tracing::info!(queue = %consume.queue, consumer_id, prefetch = consume.prefetch_count, tag = %consume.tag, "consumer subscribed");
+        self.consumers.insert(consumer_id, queue);
+        Ok(None)
+    }
+
+    fn cancel(&mut self, consumer_id: u64) -> Result<Body, BrokerError> {
+        let queue = self.consumers.remove(&consumer_id).ok_or_else(|| unknown_consumer(consumer_id))?;
+        let requeued =
+            queue.with_state(|s| s.remove_consumer(consumer_id)).ok().flatten().unwrap_or(0) as u64;
+        tracing::info!(queue = %queue.name(), consumer_id, requeued, "consumer cancelled");
+        Ok(Body::CancelOk(pb::CancelOk { requeued }))
+    }
+
+    fn settle(
+        &mut self,
+        consumer_id: u64,
+        tag: u64,
+        op: impl FnOnce(&mut crate::queue::QueueState<Arc<Outbox>>, u64, u64) -> Result<usize, SettleError>,
+    ) -> Result<Option<Body>, BrokerError> {
+        let queue = self.consumers.get(&consumer_id).ok_or_else(|| unknown_consumer(consumer_id))?;
+        queue.with_state(|s| op(s, consumer_id, tag))?.map_err(|err| match err {
+            SettleError::UnknownConsumer(id) => unknown_consumer(id),
+            SettleError::UnknownTag(tag) => {
+                BrokerError::NotFound(format!("unknown delivery tag {tag} for consumer {consumer_id}"))
+            }
+        })?;
+        Ok(None)
+    }
+
+    fn declare(&mut self, declare: pb::QueueDeclare) -> Result<Body, BrokerError> {
+        if declare.passive {
+            let queue = self.shared.queues.get(&declare.name)?;
+            return Ok(Body::QueueDeclareOk(pb::QueueDeclareOk {
+                queue: Some(queue_info(&queue)),
+                created: false,
+            }));
+        }
+        let settings = declare.settings.unwrap_or_default();
+        let settings = QueueSettings { durable: settings.durable };
+        let declared = self.shared.queues.declare(&declare.name, settings)?;
+        Ok(Body::QueueDeclareOk(pb::QueueDeclareOk {
+            queue: Some(queue_info(&declared.queue)),
+            created: declared.created,
+        }))
+    }
+
+    fn delete(&mut self, delete: pb::QueueDelete) -> Result<Body, BrokerError> {
+        let deleted = self.shared.queues.delete(&delete.name, delete.if_unused, delete.if_empty)?;
+        for (consumer_id, outbox) in deleted.consumers {
+            let reason = format!("queue '{}' was deleted", delete.name);
+            outbox
+                .push(&Frame::event(Body::ConsumerCancelled(pb::ConsumerCancelled { consumer_id, reason })));
+        }
+        self.publish_cache.remove(&delete.name);
+        Ok(Body::QueueDeleteOk(pb::QueueDeleteOk { message_count: deleted.messages }))
+    }
+
+    /// Gives queues that held deliveries back (the outbox was full) another chance.
+    fn redispatch(&self) {
+        let mut seen: Vec<*const Queue> = Vec::new();
+        for queue in self.consumers.values() {
+            if !seen.contains(&Arc::as_ptr(queue)) {
+                seen.push(Arc::as_ptr(queue));
+                let _ = queue.with_state(|_| ());
+            }
+        }
+    }
+
+    /// Unsubscribes every consumer of this connection; their unacked messages go back.
+    fn release_consumers(&mut self) {
+        for (consumer_id, queue) in self.consumers.drain() {
+            if let Ok(Some(requeued)) = queue.with_state(|s| s.remove_consumer(consumer_id)) {
+                if requeued > 0 {
+                    tracing::info!(queue = %queue.name(), consumer_id, requeued, "unacked messages returned to the queue");
+                }
+            }
+        }
+    }
+}
+
+fn unknown_consumer(consumer_id: u64) -> BrokerError {
+    BrokerError::NotFound(format!("no consumer {consumer_id} on this connection"))
+}
+
+fn close_frame(code: ErrorCode, reason: &str) -> Frame {
+    Frame::event(Body::Close(pb::Close { code: code as i32, reason: reason.into() }))
+}
+
+fn queue_info(queue: &Queue) -> pb::QueueInfo {
+    let snapshot = queue.snapshot();
+    pb::QueueInfo {
+        name: queue.name().to_owned(),
+        settings: Some(pb::QueueSettings { durable: queue.settings().durable }),
+        ready: snapshot.ready,
+        unacked: snapshot.unacked,
+        consumers: snapshot.consumers,
+        published_total: snapshot.counters.published,
+        delivered_total: snapshot.counters.delivered,
+        acked_total: snapshot.counters.acked,
+        redelivered_total: snapshot.counters.redelivered,
+    }
+}
+
+fn body_name(body: &Body) -> String {
+    let debug = format!("{body:?}");
+    debug.split('(').next().unwrap_or("frame").to_owned()
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
