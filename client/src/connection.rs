@@ -1,0 +1,424 @@
+//! [`Connection`]: the handshake, the request/response methods, and publish confirms.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{FutureExt as _, StreamExt as _};
+use hopper_proto::{
+    encode_frame, pb, Body, Frame, FrameCodec, Inbound, DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+use tracing::debug;
+
+use crate::consumer::Consumer;
+use crate::error::{Error, Result};
+use crate::io::{self, cancel_detached, READ_BUFFER};
+use crate::options::{
+    ConnectOptions, ConsumeOptions, DeleteOptions, PublishOptions, QueueInfo, QueueOptions,
+};
+use crate::shared::{body_name, unexpected, PendingRequest, Shared, HELLO_REQUEST_ID};
+
+/// A connection to a Hopper broker.
+///
+/// Cheap to clone: clones share one socket, one reader task and one writer task, and every
+/// method takes `&self`, so many tasks can issue requests at once (they are pipelined).
+/// Dropping the last clone closes the connection like [`close`](Self::close) without waiting;
+/// live [`Consumer`]s and [`Delivery`](crate::Delivery)s hold a clone.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    server_version: String,
+    heartbeat: Duration,
+    max_frame_size: u32,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.begin_close();
+    }
+}
+
+/// What the broker agreed to in the handshake.
+struct Negotiated {
+    server_version: String,
+    heartbeat: Duration,
+    max_frame_size: u32,
+}
+
+impl Connection {
+    /// Connects to the broker at `addr` with default [`ConnectOptions`].
+    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Connection> {
+        Connection::connect_with(addr, ConnectOptions::default()).await
+    }
+
+    /// Connects to the broker at `addr` and performs the handshake.
+    pub async fn connect_with(addr: impl ToSocketAddrs, options: ConnectOptions) -> Result<Connection> {
+        let timeout = options.connect_timeout;
+        let connecting = Connection::establish(addr, options);
+        if timeout.is_zero() {
+            return connecting.await;
+        }
+        match tokio::time::timeout(timeout, connecting).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout(format!("connecting to the broker took longer than {timeout:?}"))),
+        }
+    }
+
+    async fn establish(addr: impl ToSocketAddrs, options: ConnectOptions) -> Result<Connection> {
+        let stream = TcpStream::connect(addr).await?;
+        // Frames are batched by the writer; waiting for more data in the kernel only adds
+        // latency.
+        stream.set_nodelay(true)?;
+        let peer = stream.peer_addr()?;
+        let (read, mut write) = stream.into_split();
+        let mut frames =
+            FramedRead::with_capacity(read, FrameCodec::new(HANDSHAKE_MAX_FRAME_SIZE), READ_BUFFER);
+        let negotiated = handshake(&mut frames, &mut write, &options).await?;
+        frames.decoder_mut().set_max_frame_size(negotiated.max_frame_size);
+        debug!(
+            %peer,
+            server_version = %negotiated.server_version,
+            heartbeat = ?negotiated.heartbeat,
+            max_frame_size = negotiated.max_frame_size,
+            "connected"
+        );
+
+        let shared = Arc::new(Shared::new(negotiated.max_frame_size));
+        let span = tracing::debug_span!("hopper_connection", %peer);
+        io::spawn(shared.clone(), frames, write, negotiated.heartbeat, span);
+        let inner = Inner {
+            shared,
+            server_version: negotiated.server_version,
+            heartbeat: negotiated.heartbeat,
+            max_frame_size: negotiated.max_frame_size,
+        };
+        Ok(Connection { inner: Arc::new(inner) })
+    }
+
+    /// The version string the broker reported in the handshake.
+    pub fn server_version(&self) -> &str {
+        &self.inner.server_version
+    }
+
+    /// The negotiated heartbeat interval; zero when heartbeats are off.
+    pub fn heartbeat(&self) -> Duration {
+        self.inner.heartbeat
+    }
+
+    /// The negotiated max frame size in bytes, enforced in both directions.
+    pub fn max_frame_size(&self) -> u32 {
+        self.inner.max_frame_size
+    }
+
+    /// Creates the queue `name` if it does not exist and returns its description. Declaring an
+    /// existing queue with other settings fails with `PRECONDITION_FAILED`.
+    pub async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        self.declare(name, Some(pb::QueueSettings { durable: options.durable }), false).await
+    }
+
+    /// Describes the queue `name` without creating it; fails with `NOT_FOUND`
+    /// ([`Error::Broker`]) if it does not exist.
+    pub async fn queue_exists(&self, name: &str) -> Result<QueueInfo> {
+        self.declare(name, None, true).await
+    }
+
+    async fn declare(
+        &self,
+        name: &str,
+        settings: Option<pb::QueueSettings>,
+        passive: bool,
+    ) -> Result<QueueInfo> {
+        let declare = pb::QueueDeclare { name: name.to_string(), settings, passive };
+        match self.call(Body::QueueDeclare(declare)).await? {
+            Body::QueueDeclareOk(pb::QueueDeclareOk { queue: Some(info), .. }) => Ok(info.into()),
+            Body::QueueDeclareOk(_) => Err(Error::Protocol("QueueDeclareOk without a queue".into())),
+            other => Err(unexpected("QueueDeclareOk", &other)),
+        }
+    }
+
+    /// Deletes the queue `name` and returns how many messages (ready and unacknowledged) were
+    /// dropped with it. Its consumers are cancelled.
+    pub async fn delete_queue(&self, name: &str, options: DeleteOptions) -> Result<u64> {
+        let delete = pb::QueueDelete {
+            name: name.to_string(),
+            if_unused: options.if_unused,
+            if_empty: options.if_empty,
+        };
+        match self.call(Body::QueueDelete(delete)).await? {
+            Body::QueueDeleteOk(ok) => Ok(ok.message_count),
+            other => Err(unexpected("QueueDeleteOk", &other)),
+        }
+    }
+
+    /// Removes every ready message of the queue `name` and returns how many there were.
+    /// Delivered, unacknowledged messages are not touched.
+    pub async fn purge_queue(&self, name: &str) -> Result<u64> {
+        match self.call(Body::QueuePurge(pb::QueuePurge { name: name.to_string() })).await? {
+            Body::QueuePurgeOk(ok) => Ok(ok.message_count),
+            other => Err(unexpected("QueuePurgeOk", &other)),
+        }
+    }
+
+    /// Describes the queue `name`; fails with `NOT_FOUND` if it does not exist.
+    pub async fn queue_stats(&self, name: &str) -> Result<QueueInfo> {
+        match self.call(Body::QueueStats(pb::QueueStats { name: name.to_string() })).await? {
+            Body::QueueInfo(info) => Ok(info.into()),
+            other => Err(unexpected("QueueInfo", &other)),
+        }
+    }
+
+    /// Describes every queue of the broker.
+    pub async fn list_queues(&self) -> Result<Vec<QueueInfo>> {
+        match self.call(Body::QueueList(pb::QueueList {})).await? {
+            Body::QueueListOk(ok) => Ok(ok.queues.into_iter().map(QueueInfo::from).collect()),
+            other => Err(unexpected("QueueListOk", &other)),
+        }
+    }
+
+    /// Publishes `body` to `queue`.
+    ///
+    /// The message is queued for sending before this returns, so many publishes can be in
+    /// flight without awaiting each. The returned [`PublishConfirm`] resolves with the
+    /// broker-assigned message id once the broker holds the message; dropping it does not
+    /// withdraw the message. Publishing never waits: bound the publishes in flight by awaiting
+    /// their confirms.
+    pub fn publish(&self, queue: &str, body: impl Into<Bytes>, options: PublishOptions) -> PublishConfirm {
+        let publish = pb::Publish {
+            queue: queue.to_string(),
+            body: body.into(),
+            headers: options.headers,
+            content_type: options.content_type,
+            exchange: String::new(),
+            routing_key: String::new(),
+        };
+        let (reply, response) = oneshot::channel();
+        match self.shared().send_request(Body::Publish(publish), PendingRequest::Reply(reply)) {
+            Ok(()) => PublishConfirm { state: ConfirmState::Waiting(response) },
+            Err(error) => PublishConfirm { state: ConfirmState::Failed(Some(error)) },
+        }
+    }
+
+    /// Starts consuming from `queue`. Deliveries arrive through the returned [`Consumer`].
+    pub async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer> {
+        // Deliveries are bounded by the consumer's prefetch window; see `Consumer`.
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (reply, response) = oneshot::channel();
+        let consume =
+            pb::Consume { queue: queue.to_string(), prefetch_count: options.prefetch, tag: options.tag };
+        self.shared()
+            .send_request(Body::Consume(consume), PendingRequest::Consume { reply, events: events_tx })?;
+        let answer = PendingConsume { shared: self.shared().clone(), response: Some(response) }.await;
+        match answer? {
+            Body::ConsumeOk(ok) => Ok(Consumer::new(self.clone(), ok.consumer_id, queue, events)),
+            other => Err(unexpected("ConsumeOk", &other)),
+        }
+    }
+
+    /// Closes the connection: what is already queued is sent, then a `Close` frame, and the
+    /// socket is shut once the broker hangs up (or after a grace period). Requests still in
+    /// flight get their responses if the broker answers before hanging up, and fail with
+    /// [`Error::Closed`] otherwise. Consumer streams end.
+    ///
+    /// Fails with [`Error::Closed`] only if the connection had already been lost before.
+    pub async fn close(&self) -> Result<()> {
+        let shared = self.shared();
+        shared.begin_close();
+        shared.finished.cancelled().await;
+        match shared.close_reason() {
+            Some(reason) if !reason.by_client => Err(Error::Closed(reason.message)),
+            _ => Ok(()),
+        }
+    }
+
+    /// True once [`close`](Self::close) was called or the connection was lost.
+    pub fn is_closed(&self) -> bool {
+        self.shared().is_closed()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// Sends a request and waits for its response.
+    async fn call(&self, body: Body) -> Result<Body> {
+        let (reply, response) = oneshot::channel();
+        self.shared().send_request(body, PendingRequest::Reply(reply))?;
+        self.shared().response(response).await
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("server_version", &self.inner.server_version)
+            .field("heartbeat", &self.inner.heartbeat)
+            .field("max_frame_size", &self.inner.max_frame_size)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// Sends `Hello` and waits for the broker's answer.
+async fn handshake(
+    frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    write: &mut OwnedWriteHalf,
+    options: &ConnectOptions,
+) -> Result<Negotiated> {
+    let hello = Frame::new(
+        HELLO_REQUEST_ID,
+        Body::Hello(pb::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_name: options.client_name.clone(),
+            heartbeat_ms: options.heartbeat_ms(),
+            max_frame_size: options.max_frame_size,
+        }),
+    );
+    let mut buf = BytesMut::new();
+    encode_frame(&hello, HANDSHAKE_MAX_FRAME_SIZE, &mut buf).map_err(|err| {
+        Error::Protocol(format!(
+            "the Hello frame does not fit the handshake limit (client name too long?): {err}"
+        ))
+    })?;
+    write.write_all(&buf).await?;
+
+    let ok = loop {
+        let body = match frames.next().await {
+            Some(Ok(Inbound::Frame(Frame { body: Some(body), .. }))) => body,
+            Some(Ok(other)) => {
+                return Err(Error::Protocol(format!("invalid frame during the handshake: {other:?}")))
+            }
+            Some(Err(hopper_proto::ProtoError::Io(err))) => return Err(Error::Io(err)),
+            Some(Err(err)) => return Err(Error::Protocol(err.to_string())),
+            None => {
+                return Err(Error::Closed("the broker closed the connection during the handshake".into()))
+            }
+        };
+        match body {
+            Body::HelloOk(ok) => break ok,
+            Body::HelloRejected(rejected) => {
+                return Err(Error::HandshakeRejected {
+                    message: rejected.message,
+                    min_version: rejected.min_version,
+                    max_version: rejected.max_version,
+                })
+            }
+            Body::Error(error) => return Err(Error::from_frame(error)),
+            Body::Close(close) => {
+                return Err(Error::Closed(format!("the broker closed the connection: {}", close.reason)))
+            }
+            Body::Heartbeat(_) => continue,
+            other => {
+                return Err(Error::Protocol(format!("expected HelloOk, got {}", body_name(&other))));
+            }
+        }
+    };
+    if ok.protocol_version != PROTOCOL_VERSION {
+        return Err(Error::Protocol(format!(
+            "the broker answered with protocol version {}, this client speaks {PROTOCOL_VERSION}",
+            ok.protocol_version
+        )));
+    }
+    let max_frame_size = match (ok.max_frame_size, options.max_frame_size) {
+        (0, 0) => DEFAULT_MAX_FRAME_SIZE,
+        (0, ours) => ours,
+        (negotiated, _) => negotiated,
+    };
+    Ok(Negotiated {
+        server_version: ok.server_version,
+        heartbeat: Duration::from_millis(ok.heartbeat_ms.into()),
+        max_frame_size,
+    })
+}
+
+/// Waits for the answer to a `Consume`. If the caller gives up first, the consumer the broker
+/// may have created is cancelled, since nobody would ever read or cancel it.
+struct PendingConsume {
+    shared: Arc<Shared>,
+    response: Option<oneshot::Receiver<Result<Body>>>,
+}
+
+impl Future for PendingConsume {
+    type Output = Result<Body>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = self.response.as_mut().expect("polled after completion");
+        let result = match std::task::ready!(response.poll_unpin(cx)) {
+            Ok(result) => result,
+            Err(_) => Err(self.shared.closed_error()),
+        };
+        self.response = None;
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for PendingConsume {
+    fn drop(&mut self) {
+        if let Some(mut response) = self.response.take() {
+            // Once closed, the reader's hand-over fails and the reader cancels the consumer
+            // itself; an answer that arrived before is ours to clean up.
+            response.close();
+            if let Ok(Ok(Body::ConsumeOk(ok))) = response.try_recv() {
+                cancel_detached(&self.shared, ok.consumer_id);
+            }
+        }
+    }
+}
+
+/// The broker's confirmation of a publish: resolves with the message id the broker assigned,
+/// or with the error that prevented the publish.
+#[must_use = "a publish is confirmed (or refused) through this future"]
+pub struct PublishConfirm {
+    state: ConfirmState,
+}
+
+enum ConfirmState {
+    Waiting(oneshot::Receiver<Result<Body>>),
+    /// Refused before sending; the error is handed out on first poll.
+    Failed(Option<Error>),
+}
+
+impl Future for PublishConfirm {
+    type Output = Result<u64>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            ConfirmState::Waiting(response) => {
+                Poll::Ready(match std::task::ready!(response.poll_unpin(cx)) {
+                    Ok(Ok(Body::PublishOk(ok))) => Ok(ok.message_id),
+                    Ok(Ok(other)) => Err(unexpected("PublishOk", &other)),
+                    Ok(Err(error)) => Err(error),
+                    Err(_) => {
+                        Err(Error::Closed("the connection closed before the publish was confirmed".into()))
+                    }
+                })
+            }
+            ConfirmState::Failed(error) => Poll::Ready(Err(error
+                .take()
+                .unwrap_or_else(|| Error::Protocol("confirm polled twice".into())))),
+        }
+    }
+}
+
+impl fmt::Debug for PublishConfirm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            ConfirmState::Waiting(_) => "waiting",
+            ConfirmState::Failed(_) => "failed",
+        };
+        f.debug_struct("PublishConfirm").field("state", &state).finish()
+    }
+}

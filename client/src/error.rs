@@ -1,0 +1,119 @@
+//! The client's error type: broker refusals, local misuse and connection failures.
+
+use hopper_proto::ErrorCode;
+
+/// Everything that can go wrong in the client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The socket failed while connecting.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+
+    /// The broker refused a request with an error frame.
+    #[error("{}: {message}", code.as_str_name())]
+    Broker {
+        /// The stable error code the broker sent.
+        code: ErrorCode,
+        /// The broker's explanation.
+        message: String,
+    },
+
+    /// The broker does not speak this client's protocol version.
+    #[error(
+        "handshake rejected: {message} (the broker supports protocol versions \
+         {min_version} to {max_version})"
+    )]
+    HandshakeRejected {
+        /// The broker's explanation.
+        message: String,
+        /// Oldest protocol version the broker accepts.
+        min_version: u32,
+        /// Newest protocol version the broker accepts.
+        max_version: u32,
+    },
+
+    /// The connection is closed; the text says why (closed by the client, by the broker, lost,
+    /// or the broker stopped answering heartbeats).
+    #[error("connection closed: {0}")]
+    Closed(String),
+
+    /// The delivery was already acked, nacked or rejected, directly or by an earlier
+    /// `ack_multiple`. Nothing was sent.
+    #[error("delivery {delivery_tag} is already settled")]
+    AlreadySettled {
+        /// Tag of the delivery that was settled twice.
+        delivery_tag: u64,
+    },
+
+    /// The consumer was cancelled (by the broker, e.g. because its queue was deleted, or by
+    /// this client); its deliveries can no longer be settled.
+    #[error("consumer cancelled: {0}")]
+    ConsumerCancelled(String),
+
+    /// A frame would exceed the max frame size negotiated with the broker. It was not sent.
+    #[error("frame of {len} bytes exceeds the negotiated max frame size of {max} bytes; it was not sent")]
+    FrameTooLarge {
+        /// Encoded length of the frame.
+        len: usize,
+        /// The negotiated limit.
+        max: u32,
+    },
+
+    /// The broker sent something the protocol does not allow at this point.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+
+    /// An operation did not finish in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+/// Result type of the client, defaulting to [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The protocol error code behind this error, if there is one: the broker's code for
+    /// [`Error::Broker`], [`ErrorCode::FrameTooLarge`] for a frame refused locally,
+    /// [`ErrorCode::UnsupportedVersion`] for a rejected handshake.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Broker { code, .. } => Some(*code),
+            Error::FrameTooLarge { .. } => Some(ErrorCode::FrameTooLarge),
+            Error::HandshakeRejected { .. } => Some(ErrorCode::UnsupportedVersion),
+            _ => None,
+        }
+    }
+
+    /// The error a broker `Error` frame stands for.
+    pub(crate) fn from_frame(error: hopper_proto::pb::Error) -> Self {
+        Error::Broker { code: hopper_proto::error_code(error.code), message: error.message }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_error_displays_code_name_and_message() {
+        let err = Error::Broker { code: ErrorCode::NotFound, message: "no queue named 'x'".into() };
+        assert_eq!(err.to_string(), "NOT_FOUND: no queue named 'x'");
+        assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    }
+
+    #[test]
+    fn unknown_wire_code_maps_to_unspecified() {
+        let err = Error::from_frame(hopper_proto::pb::Error { code: 999, message: "odd".into() });
+        assert_eq!(err.code(), Some(ErrorCode::Unspecified));
+    }
+
+    #[test]
+    fn local_errors_have_codes_where_the_protocol_has_one() {
+        assert_eq!(Error::FrameTooLarge { len: 10, max: 5 }.code(), Some(ErrorCode::FrameTooLarge));
+        assert_eq!(Error::Closed("bye".into()).code(), None);
+        assert_eq!(Error::AlreadySettled { delivery_tag: 3 }.code(), None);
+        let rejected = Error::HandshakeRejected { message: "too new".into(), min_version: 1, max_version: 1 };
+        assert_eq!(rejected.code(), Some(ErrorCode::UnsupportedVersion));
+    }
+}

@@ -1,0 +1,501 @@
+//! The two tasks behind every connection: the writer sends the outbox in batches and keeps
+//! heartbeats going, the reader routes responses to waiting requests and deliveries to
+//! consumers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::{FutureExt as _, StreamExt as _};
+use hopper_proto::{error_code, pb, Body, Frame, FrameCodec, Inbound, ProtoError};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::codec::FramedRead;
+use tracing::{debug, warn, Instrument as _, Span};
+
+use crate::consumer::ConsumerEvent;
+use crate::error::Error;
+use crate::shared::{body_name, CloseReason, OutboxState, PendingRequest, Shared};
+
+/// Size of the reader's buffer: many small frames arrive per read.
+pub(crate) const READ_BUFFER: usize = 64 * 1024;
+/// A write buffer grown past this by a burst is given back after it is flushed.
+const RETAINED_WRITE_BUFFER: usize = 4 * 1024 * 1024;
+/// How long a closing client waits for the broker to answer what is in flight and hang up.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Most frames the reader handles per wake-up before it looks at its other events again.
+const READ_BATCH: usize = 256;
+
+/// Starts the reader and writer of a connection whose handshake is done.
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    write: OwnedWriteHalf,
+    heartbeat: Duration,
+    span: Span,
+) {
+    let writer = Writer {
+        shared: shared.clone(),
+        write,
+        buf: BytesMut::with_capacity(64 * 1024),
+        ticker: liveness_ticker(heartbeat),
+        liveness: Liveness::default(),
+        heartbeat,
+        wrote: false,
+    };
+    tokio::spawn(writer.run().instrument(span.clone()));
+    let reader = Reader { shared, frames, consumers: HashMap::new(), last_error: None };
+    tokio::spawn(reader.run().instrument(span));
+}
+
+/// Ticks every half heartbeat interval, or never when heartbeats are off.
+fn liveness_ticker(heartbeat: Duration) -> Option<Interval> {
+    if heartbeat.is_zero() {
+        return None;
+    }
+    let period = heartbeat / Liveness::TICKS_PER_INTERVAL;
+    let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    Some(ticker)
+}
+
+async fn next_tick(ticker: &mut Option<Interval>) {
+    match ticker {
+        Some(ticker) => {
+            ticker.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// What a heartbeat tick calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tick {
+    /// Nothing to do.
+    Idle,
+    /// Nothing was written lately: send a heartbeat so the broker knows we are alive.
+    SendHeartbeat,
+    /// Nothing was received for two intervals: the broker is gone.
+    Dead,
+}
+
+/// Heartbeat bookkeeping, ticked every half interval (so the checks are at most half an
+/// interval late) with whether anything was received and written since the previous tick.
+#[derive(Debug, Default)]
+struct Liveness {
+    silent_ticks: u32,
+}
+
+impl Liveness {
+    const TICKS_PER_INTERVAL: u32 = 2;
+    /// Two intervals without a frame from the broker.
+    const DEAD_AFTER_TICKS: u32 = 2 * Self::TICKS_PER_INTERVAL;
+
+    fn on_tick(&mut self, received: bool, wrote: bool) -> Tick {
+        self.silent_ticks = if received { 0 } else { self.silent_ticks + 1 };
+        if self.silent_ticks >= Self::DEAD_AFTER_TICKS {
+            Tick::Dead
+        } else if wrote {
+            Tick::Idle
+        } else {
+            // Idle for at least half an interval: the broker sees a frame at least once per
+            // interval, well inside its two-interval limit.
+            Tick::SendHeartbeat
+        }
+    }
+}
+
+/// Sends the outbox in batches.
+struct Writer {
+    shared: Arc<Shared>,
+    write: OwnedWriteHalf,
+    /// The batch being written; swapped with the outbox's buffer.
+    buf: BytesMut,
+    ticker: Option<Interval>,
+    liveness: Liveness,
+    heartbeat: Duration,
+    /// Whether anything was written since the last tick.
+    wrote: bool,
+}
+
+/// The writer cannot go on (stopped or failed); the connection is already shut down.
+struct Stopped;
+
+impl Writer {
+    async fn run(mut self) {
+        loop {
+            let state = self.shared.take_outgoing(&mut self.buf);
+            if !self.buf.is_empty() {
+                if self.flush().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            match state {
+                OutboxState::Open => {}
+                OutboxState::Closing => {
+                    // Everything, the Close frame last, is out: half-close and let the reader
+                    // wait for the broker to hang up.
+                    let _ = self.write.shutdown().await;
+                    debug!("sent close");
+                    return;
+                }
+                OutboxState::Stopped => return,
+            }
+            tokio::select! {
+                biased;
+                _ = self.shared.stop.cancelled() => return,
+                _ = self.shared.wake_writer.notified() => {}
+                _ = next_tick(&mut self.ticker) => {
+                    if self.on_tick().is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks liveness and queues a heartbeat if nothing was written lately.
+    fn on_tick(&mut self) -> Result<(), Stopped> {
+        let received = self.shared.take_received();
+        match self.liveness.on_tick(received, std::mem::take(&mut self.wrote)) {
+            Tick::Idle => Ok(()),
+            Tick::SendHeartbeat => {
+                // Queued like any frame; the main loop picks it up right away.
+                let _ = self.shared.send_event(Body::Heartbeat(pb::Heartbeat {}));
+                Ok(())
+            }
+            Tick::Dead => Err(broker_silent(&self.shared, self.heartbeat)),
+        }
+    }
+
+    /// Writes `buf` out, watching for a stop and for the broker going silent meanwhile.
+    async fn flush(&mut self) -> Result<(), Stopped> {
+        let result = {
+            let write = self.write.write_all(&self.buf);
+            tokio::pin!(write);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = self.shared.stop.cancelled() => return Err(Stopped),
+                    result = &mut write => break result,
+                    _ = next_tick(&mut self.ticker) => {
+                        // Busy writing, so no heartbeat is needed; only check the broker is alive.
+                        let received = self.shared.take_received();
+                        if self.liveness.on_tick(received, true) == Tick::Dead {
+                            return Err(broker_silent(&self.shared, self.heartbeat));
+                        }
+                    }
+                }
+            }
+        };
+        if let Err(err) = result {
+            debug!(error = %err, "write failed");
+            self.shared.shut_down(CloseReason::lost(format!("writing to the broker failed: {err}")));
+            return Err(Stopped);
+        }
+        self.wrote = true;
+        if self.buf.capacity() > RETAINED_WRITE_BUFFER {
+            self.buf = BytesMut::with_capacity(64 * 1024);
+        } else {
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Ends the connection because the broker stopped sending.
+fn broker_silent(shared: &Shared, heartbeat: Duration) -> Stopped {
+    let silence = heartbeat * 2;
+    warn!(?silence, "broker unresponsive, closing the connection");
+    shared.shut_down(CloseReason::lost(format!(
+        "no frame from the broker for {silence:?} (heartbeat timeout)"
+    )));
+    Stopped
+}
+
+/// Routes incoming frames.
+struct Reader {
+    shared: Arc<Shared>,
+    frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    /// Event channels of this connection's consumers. Only the reader touches the map, so
+    /// routing a delivery takes no lock.
+    consumers: HashMap<u64, mpsc::UnboundedSender<ConsumerEvent>>,
+    /// The last connection-level error the broker sent, to explain a hang-up that follows.
+    last_error: Option<String>,
+}
+
+/// One read off the wire, as `FramedRead` yields it.
+type ReadItem = Option<Result<Inbound, ProtoError>>;
+
+/// What woke the reader.
+enum Wake {
+    Stopped,
+    Closing,
+    GraceOver,
+    Read(ReadItem),
+}
+
+impl Reader {
+    async fn run(mut self) {
+        let reason = self.read_until_closed().await;
+        let reason = self.shared.shut_down(reason);
+        for (_, events) in self.consumers.drain() {
+            // A close the client asked for ends consumer streams quietly.
+            if !reason.by_client {
+                let _ = events.send(ConsumerEvent::Closed(reason.message.clone()));
+            }
+        }
+        debug!(reason = %reason.message, "connection closed");
+        self.shared.finished.cancel();
+    }
+
+    async fn read_until_closed(&mut self) -> CloseReason {
+        let stop = self.shared.stop.clone();
+        let closing = self.shared.closing.clone();
+        let stopped = stop.cancelled();
+        let closing_started = closing.cancelled();
+        tokio::pin!(stopped, closing_started);
+        let mut grace_until = None;
+        loop {
+            let wake = tokio::select! {
+                biased;
+                _ = &mut stopped => Wake::Stopped,
+                _ = &mut closing_started, if grace_until.is_none() => Wake::Closing,
+                _ = sleep_until(grace_until) => Wake::GraceOver,
+                item = self.frames.next() => Wake::Read(item),
+            };
+            match wake {
+                Wake::Stopped => {
+                    return self
+                        .shared
+                        .close_reason()
+                        .unwrap_or_else(|| CloseReason::lost("connection stopped"))
+                }
+                Wake::Closing => grace_until = Some(Instant::now() + CLOSE_GRACE),
+                Wake::GraceOver => {
+                    return CloseReason::lost("the broker did not hang up after the client's close")
+                }
+                Wake::Read(mut item) => {
+                    self.shared.mark_received();
+                    // Handle every frame already buffered before going back to the select:
+                    // polling the cancellation futures takes a lock, worth paying per batch
+                    // but not per frame.
+                    let mut handled = 0;
+                    loop {
+                        if let Some(reason) = self.handle(item) {
+                            return reason;
+                        }
+                        handled += 1;
+                        if handled == READ_BATCH {
+                            break;
+                        }
+                        match self.frames.next().now_or_never() {
+                            Some(next) => item = next,
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one read; returns why the connection ends if it does.
+    fn handle(&mut self, item: ReadItem) -> Option<CloseReason> {
+        match item {
+            Some(Ok(Inbound::Frame(frame))) => self.handle_frame(frame),
+            Some(Ok(Inbound::Oversize { request_id, len })) => {
+                warn!(request_id, len, "broker sent a frame over the max frame size; skipped");
+                if let Some(request) = self.shared.take_request(request_id) {
+                    let error = format!("the broker's response of {len} bytes exceeds the max frame size");
+                    self.complete(request, Err(Error::Protocol(error)));
+                }
+                None
+            }
+            Some(Ok(Inbound::Malformed(err))) => {
+                warn!(error = %err, "broker sent a malformed frame; skipped");
+                None
+            }
+            Some(Err(err)) => Some(CloseReason::lost(format!("reading from the broker failed: {err}"))),
+            None => Some(CloseReason::lost(match self.last_error.take() {
+                Some(error) => format!("the broker closed the connection after an error: {error}"),
+                None => "the broker closed the connection".to_string(),
+            })),
+        }
+    }
+
+    fn handle_frame(&mut self, frame: Frame) -> Option<CloseReason> {
+        let Frame { request_id, body } = frame;
+        let Some(body) = body else {
+            warn!(request_id, "broker sent a frame without a body; skipped");
+            return None;
+        };
+        if request_id == 0 {
+            return self.handle_event(body);
+        }
+        let Some(request) = self.shared.take_request(request_id) else {
+            match body {
+                // Acks, nacks and rejects have no success response: an error is all that can
+                // come back for them, and nothing waits for it.
+                Body::Error(error) => warn!(
+                    request_id,
+                    code = error_code(error.code).as_str_name(),
+                    message = %error.message,
+                    "broker refused a request that has no response (ack, nack or reject)"
+                ),
+                other => {
+                    warn!(request_id, frame = body_name(&other), "response to an unknown request; ignored")
+                }
+            }
+            return None;
+        };
+        let result = match body {
+            Body::Error(error) => Err(Error::from_frame(error)),
+            body => Ok(body),
+        };
+        self.complete(request, result);
+        None
+    }
+
+    fn handle_event(&mut self, body: Body) -> Option<CloseReason> {
+        match body {
+            Body::Deliver(deliver) => {
+                let consumer_id = deliver.consumer_id;
+                match self.consumers.get(&consumer_id) {
+                    Some(events) => {
+                        if events.send(ConsumerEvent::Deliver(deliver)).is_err() {
+                            // The Consumer was dropped and has sent a Cancel; the broker
+                            // requeues what it delivered meanwhile.
+                            self.consumers.remove(&consumer_id);
+                        }
+                    }
+                    None => debug!(consumer_id, "delivery for a consumer that is gone; dropped"),
+                }
+            }
+            Body::ConsumerCancelled(cancelled) => {
+                debug!(consumer_id = cancelled.consumer_id, reason = %cancelled.reason, "broker cancelled a consumer");
+                if let Some(events) = self.consumers.remove(&cancelled.consumer_id) {
+                    let _ = events.send(ConsumerEvent::Cancelled(cancelled.reason));
+                }
+            }
+            Body::Heartbeat(_) => {}
+            Body::Close(close) => {
+                let code = error_code(close.code);
+                debug!(code = code.as_str_name(), reason = %close.reason, "broker is closing the connection");
+                let mut message = format!("the broker closed the connection: {}", close.reason);
+                if code != hopper_proto::ErrorCode::Unspecified {
+                    message = format!("{message} ({})", code.as_str_name());
+                }
+                return Some(CloseReason::lost(message));
+            }
+            Body::Error(error) => {
+                let error = Error::from_frame(error);
+                warn!(error = %error, "connection-level error from the broker");
+                self.last_error = Some(error.to_string());
+            }
+            other => warn!(frame = body_name(&other), "unexpected event from the broker; ignored"),
+        }
+        None
+    }
+
+    /// Hands a response to the request waiting for it.
+    fn complete(&mut self, request: PendingRequest, result: Result<Body, Error>) {
+        match request {
+            PendingRequest::Reply(reply) => {
+                let _ = reply.send(result);
+            }
+            PendingRequest::Consume { reply, events } => {
+                let consumer_id = match &result {
+                    Ok(Body::ConsumeOk(ok)) => Some(ok.consumer_id),
+                    _ => None,
+                };
+                if let Some(consumer_id) = consumer_id {
+                    self.consumers.insert(consumer_id, events);
+                }
+                if reply.send(result).is_err() {
+                    if let Some(consumer_id) = consumer_id {
+                        // The caller gave up on `consume` before the answer came: nobody will
+                        // read from this consumer, so end it.
+                        self.consumers.remove(&consumer_id);
+                        cancel_detached(&self.shared, consumer_id);
+                    }
+                }
+            }
+            PendingRequest::Cancel { consumer_id, reply } => {
+                self.consumers.remove(&consumer_id);
+                match reply {
+                    Some(reply) => {
+                        let _ = reply.send(result);
+                    }
+                    None => {
+                        if let Err(error) = result {
+                            debug!(consumer_id, error = %error, "cancel of a dropped consumer failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Cancels a consumer nobody holds any more, without waiting for the answer.
+pub(crate) fn cancel_detached(shared: &Shared, consumer_id: u64) {
+    let cancel = Body::Cancel(pb::Cancel { consumer_id });
+    if let Err(error) = shared.send_request(cancel, PendingRequest::Cancel { consumer_id, reply: None }) {
+        debug!(consumer_id, error = %error, "could not cancel a dropped consumer");
+    }
+}
+
+/// Waits until `deadline`, or forever when there is none.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_connection_needs_no_heartbeat() {
+        let mut liveness = Liveness::default();
+        for _ in 0..10 {
+            assert_eq!(liveness.on_tick(true, true), Tick::Idle);
+        }
+    }
+
+    #[test]
+    fn quiet_writer_sends_heartbeats() {
+        let mut liveness = Liveness::default();
+        assert_eq!(liveness.on_tick(true, false), Tick::SendHeartbeat);
+        assert_eq!(liveness.on_tick(true, true), Tick::Idle);
+        assert_eq!(liveness.on_tick(true, false), Tick::SendHeartbeat);
+    }
+
+    #[test]
+    fn broker_is_dead_after_two_silent_intervals() {
+        let mut liveness = Liveness::default();
+        for _ in 1..Liveness::DEAD_AFTER_TICKS {
+            assert_ne!(liveness.on_tick(false, true), Tick::Dead);
+        }
+        assert_eq!(liveness.on_tick(false, true), Tick::Dead);
+    }
+
+    #[test]
+    fn any_frame_resets_the_silence() {
+        let mut liveness = Liveness::default();
+        for _ in 1..Liveness::DEAD_AFTER_TICKS {
+            liveness.on_tick(false, false);
+        }
+        assert_eq!(liveness.on_tick(true, false), Tick::SendHeartbeat);
+        for _ in 1..Liveness::DEAD_AFTER_TICKS {
+            assert_ne!(liveness.on_tick(false, false), Tick::Dead);
+        }
+        assert_eq!(liveness.on_tick(false, false), Tick::Dead);
+    }
+}

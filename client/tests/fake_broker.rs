@@ -1,0 +1,401 @@
+//! The client against a scripted broker: each test plays the broker's side of the protocol
+//! frame by frame, so ordering, error routing and connection loss can be checked exactly.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use hopper_client::{
+    ConnectOptions, Connection, ConsumeOptions, Error, ErrorCode, PublishOptions, QueueOptions,
+};
+use hopper_proto::{encode_frame, pb, Body, Frame, FrameCodec, Inbound, PROTOCOL_VERSION};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpListener;
+use tokio_util::codec::FramedRead;
+
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// The broker's end of one connection.
+struct Peer {
+    frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    write: OwnedWriteHalf,
+}
+
+impl Peer {
+    async fn recv(&mut self) -> Frame {
+        match tokio::time::timeout(PATIENCE, self.frames.next()).await {
+            Ok(Some(Ok(Inbound::Frame(frame)))) => frame,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    /// The next frame that is not a heartbeat.
+    async fn recv_request(&mut self) -> (u64, Body) {
+        loop {
+            let frame = self.recv().await;
+            match frame.body {
+                Some(Body::Heartbeat(_)) => continue,
+                Some(body) => return (frame.request_id, body),
+                None => panic!("frame without body"),
+            }
+        }
+    }
+
+    /// Waits for the client to hang up, skipping anything it still sends.
+    async fn expect_eof(&mut self) {
+        loop {
+            match tokio::time::timeout(PATIENCE, self.frames.next()).await {
+                Ok(None) => return,
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("expected end of stream, got {other:?}"),
+            }
+        }
+    }
+
+    async fn send(&mut self, request_id: u64, body: Body) {
+        let mut buf = BytesMut::new();
+        encode_frame(&Frame::new(request_id, body), u32::MAX, &mut buf).unwrap();
+        self.write.write_all(&buf).await.unwrap();
+    }
+}
+
+fn hello_ok(heartbeat_ms: u32, max_frame_size: u32) -> Body {
+    Body::HelloOk(pb::HelloOk {
+        protocol_version: PROTOCOL_VERSION,
+        server_version: "fake-0.1".into(),
+        heartbeat_ms,
+        max_frame_size,
+    })
+}
+
+/// Connects a client to a fresh fake broker that answers the handshake with `answer`.
+async fn connect_with(options: ConnectOptions, answer: Body) -> (hopper_client::Result<Connection>, Peer) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let broker = async {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, write) = stream.into_split();
+        let mut peer = Peer { frames: FramedRead::new(read, FrameCodec::new(u32::MAX)), write };
+        let hello = peer.recv().await;
+        assert!(matches!(hello.body, Some(Body::Hello(_))), "{hello:?}");
+        peer.send(hello.request_id, answer).await;
+        peer
+    };
+    tokio::join!(Connection::connect_with(addr, options), broker)
+}
+
+async fn connect() -> (Connection, Peer) {
+    let options = ConnectOptions { heartbeat: Duration::ZERO, ..Default::default() };
+    let (conn, peer) = connect_with(options, hello_ok(0, 1 << 20)).await;
+    (conn.unwrap(), peer)
+}
+
+fn deliver(consumer_id: u64, delivery_tag: u64, body: &'static str) -> Body {
+    Body::Deliver(pb::Deliver {
+        consumer_id,
+        delivery_tag,
+        message: Some(pb::Message {
+            message_id: 100 + delivery_tag,
+            body: body.into(),
+            delivery_count: 1,
+            ..Default::default()
+        }),
+    })
+}
+
+/// Starts a consumer with id `consumer_id` on queue `q`.
+async fn consume(conn: &Connection, peer: &mut Peer, consumer_id: u64) -> hopper_client::Consumer {
+    let options = ConsumeOptions { prefetch: 10, tag: "t".into() };
+    let (consumer, ()) = tokio::join!(conn.consume("q", options), async {
+        let (id, body) = peer.recv_request().await;
+        assert!(matches!(body, Body::Consume(ref c) if c.queue == "q" && c.prefetch_count == 10), "{body:?}");
+        peer.send(id, Body::ConsumeOk(pb::ConsumeOk { consumer_id })).await;
+    });
+    consumer.unwrap()
+}
+
+#[tokio::test]
+async fn handshake_reports_negotiated_values() {
+    let options = ConnectOptions { client_name: "tester".into(), ..Default::default() };
+    let (conn, _peer) = connect_with(options, hello_ok(3000, 4096)).await;
+    let conn = conn.unwrap();
+    assert_eq!(conn.server_version(), "fake-0.1");
+    assert_eq!(conn.heartbeat(), Duration::from_secs(3));
+    assert_eq!(conn.max_frame_size(), 4096);
+    assert!(!conn.is_closed());
+}
+
+#[tokio::test]
+async fn rejected_handshake_names_the_supported_versions() {
+    let rejected = Body::HelloRejected(pb::HelloRejected {
+        message: "unsupported protocol version".into(),
+        min_version: 7,
+        max_version: 9,
+    });
+    let (conn, _peer) = connect_with(ConnectOptions::default(), rejected).await;
+    match conn {
+        Err(Error::HandshakeRejected { min_version: 7, max_version: 9, .. }) => {}
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn pipelined_publishes_are_confirmed_out_of_order() {
+    let (conn, mut peer) = connect().await;
+    let confirms: Vec<_> =
+        (0..3).map(|i| conn.publish("q", format!("m{i}"), PublishOptions::default())).collect();
+    let mut requests = Vec::new();
+    for i in 0..3 {
+        let (id, body) = peer.recv_request().await;
+        match body {
+            Body::Publish(p) => assert_eq!(p.body, format!("m{i}").as_bytes()),
+            other => panic!("expected a publish, got {other:?}"),
+        }
+        requests.push(id);
+    }
+    // Answer in reverse order; the message id tells which request each answer was for.
+    for (i, id) in requests.iter().enumerate().rev() {
+        peer.send(*id, Body::PublishOk(pb::PublishOk { message_id: 1000 + i as u64 })).await;
+    }
+    for (i, confirm) in confirms.into_iter().enumerate() {
+        assert_eq!(confirm.await.unwrap(), 1000 + i as u64);
+    }
+}
+
+#[tokio::test]
+async fn broker_errors_reach_the_request_that_caused_them() {
+    let (conn, mut peer) = connect().await;
+    let (result, ()) = tokio::join!(conn.queue_stats("missing"), async {
+        let (id, _) = peer.recv_request().await;
+        peer.send(
+            id,
+            Body::Error(pb::Error {
+                code: ErrorCode::NotFound as i32,
+                message: "no queue named 'missing'".into(),
+            }),
+        )
+        .await;
+    });
+    let err = result.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    assert_eq!(err.to_string(), "NOT_FOUND: no queue named 'missing'");
+}
+
+#[tokio::test]
+async fn declare_returns_the_queue_description() {
+    let (conn, mut peer) = connect().await;
+    let (info, ()) = tokio::join!(conn.declare_queue("jobs", QueueOptions { durable: true }), async {
+        let (id, body) = peer.recv_request().await;
+        let Body::QueueDeclare(declare) = body else { panic!("{body:?}") };
+        assert!(!declare.passive);
+        assert_eq!(declare.settings, Some(pb::QueueSettings { durable: true }));
+        let queue =
+            pb::QueueInfo { name: declare.name, settings: declare.settings, ready: 4, ..Default::default() };
+        peer.send(id, Body::QueueDeclareOk(pb::QueueDeclareOk { queue: Some(queue), created: true })).await;
+    });
+    let info = info.unwrap();
+    assert_eq!((info.name.as_str(), info.durable, info.ready), ("jobs", true, 4));
+}
+
+#[tokio::test]
+async fn oversize_publish_fails_locally_and_sends_nothing() {
+    let options = ConnectOptions { heartbeat: Duration::ZERO, ..Default::default() };
+    let (conn, mut peer) = connect_with(options, hello_ok(0, 1024)).await;
+    let conn = conn.unwrap();
+    let err = conn.publish("q", vec![0u8; 2000], PublishOptions::default()).await.unwrap_err();
+    assert!(matches!(err, Error::FrameTooLarge { max: 1024, .. }), "{err}");
+    assert_eq!(err.code(), Some(ErrorCode::FrameTooLarge));
+    // The next thing on the wire is the next request, not the refused one.
+    let confirm = conn.publish("q", "small", PublishOptions::default());
+    let (id, body) = peer.recv_request().await;
+    assert!(matches!(body, Body::Publish(ref p) if p.body == "small"), "{body:?}");
+    peer.send(id, Body::PublishOk(pb::PublishOk { message_id: 1 })).await;
+    assert_eq!(confirm.await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn deliveries_are_settled_once() {
+    let (conn, mut peer) = connect().await;
+    let mut consumer = consume(&conn, &mut peer, 7).await;
+    assert_eq!((consumer.id(), consumer.queue()), (7, "q"));
+    for tag in 1..=3 {
+        peer.send(0, deliver(7, tag, "hello")).await;
+    }
+    let first = consumer.next().await.unwrap().unwrap();
+    let second = consumer.next().await.unwrap().unwrap();
+    let third = consumer.next().await.unwrap().unwrap();
+    assert_eq!((first.delivery_tag, first.message_id, &first.body[..]), (1, 101, &b"hello"[..]));
+    assert_eq!(first.queue(), "q");
+
+    second.ack_multiple().await.unwrap();
+    let (ack_id, body) = peer.recv_request().await;
+    assert_ne!(ack_id, 0, "settles carry a fresh request id");
+    assert_eq!(body, Body::Ack(pb::Ack { consumer_id: 7, delivery_tag: 2, multiple: true }));
+    assert!(matches!(first.ack().await, Err(Error::AlreadySettled { delivery_tag: 1 })));
+    assert!(matches!(second.nack(true).await, Err(Error::AlreadySettled { delivery_tag: 2 })));
+
+    third.reject().await.unwrap();
+    assert!(matches!(third.ack().await, Err(Error::AlreadySettled { delivery_tag: 3 })));
+    let (_, body) = peer.recv_request().await;
+    assert_eq!(body, Body::Reject(pb::Reject { consumer_id: 7, delivery_tag: 3, requeue: false }));
+
+    // A refused settle has nobody waiting: it is logged, and the connection carries on.
+    peer.send(ack_id, Body::Error(pb::Error { code: ErrorCode::NotFound as i32, message: "no tag".into() }))
+        .await;
+    let (list, ()) = tokio::join!(conn.list_queues(), async {
+        let (id, _) = peer.recv_request().await;
+        peer.send(id, Body::QueueListOk(pb::QueueListOk { queues: vec![] })).await;
+    });
+    assert!(list.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn broker_cancel_ends_the_stream_with_one_error() {
+    let (conn, mut peer) = connect().await;
+    let mut consumer = consume(&conn, &mut peer, 3).await;
+    peer.send(0, deliver(3, 1, "last")).await;
+    let reason = "queue 'q' was deleted";
+    peer.send(0, Body::ConsumerCancelled(pb::ConsumerCancelled { consumer_id: 3, reason: reason.into() }))
+        .await;
+    let delivery = consumer.next().await.unwrap().unwrap();
+    assert!(matches!(consumer.next().await, Some(Err(Error::ConsumerCancelled(r))) if r == reason));
+    assert!(consumer.next().await.is_none());
+    assert!(matches!(delivery.ack().await, Err(Error::ConsumerCancelled(_))));
+    assert_eq!(consumer.cancel().await.unwrap(), 0, "nothing left to cancel");
+}
+
+#[tokio::test]
+async fn cancel_returns_the_requeued_count() {
+    let (conn, mut peer) = connect().await;
+    let consumer = consume(&conn, &mut peer, 5).await;
+    let (requeued, ()) = tokio::join!(consumer.cancel(), async {
+        let (id, body) = peer.recv_request().await;
+        assert_eq!(body, Body::Cancel(pb::Cancel { consumer_id: 5 }));
+        peer.send(id, Body::CancelOk(pb::CancelOk { requeued: 2 })).await;
+    });
+    assert_eq!(requeued.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn dropping_a_consumer_cancels_it() {
+    let (conn, mut peer) = connect().await;
+    let consumer = consume(&conn, &mut peer, 9).await;
+    drop(consumer);
+    let (id, body) = peer.recv_request().await;
+    assert_eq!(body, Body::Cancel(pb::Cancel { consumer_id: 9 }));
+    peer.send(id, Body::CancelOk(pb::CancelOk { requeued: 0 })).await;
+}
+
+#[tokio::test]
+async fn lost_connection_fails_requests_and_consumers() {
+    let (conn, mut peer) = connect().await;
+    let mut consumer = consume(&conn, &mut peer, 1).await;
+    let confirm = conn.publish("q", "x", PublishOptions::default());
+    let _ = peer.recv_request().await;
+    drop(peer);
+    assert!(matches!(confirm.await, Err(Error::Closed(_))));
+    assert!(matches!(consumer.next().await, Some(Err(Error::Closed(_)))));
+    assert!(consumer.next().await.is_none());
+    assert!(conn.is_closed());
+    assert!(matches!(conn.list_queues().await, Err(Error::Closed(_))));
+    assert!(matches!(conn.publish("q", "y", PublishOptions::default()).await, Err(Error::Closed(_))));
+}
+
+#[tokio::test]
+async fn broker_close_event_explains_the_closure() {
+    let (conn, mut peer) = connect().await;
+    let pending = conn.purge_queue("q");
+    let (result, ()) = tokio::join!(pending, async {
+        let _ = peer.recv_request().await;
+        peer.send(0, Body::Close(pb::Close { code: 0, reason: "broker shutting down".into() })).await;
+    });
+    match result {
+        Err(Error::Closed(reason)) => assert!(reason.contains("broker shutting down"), "{reason}"),
+        other => panic!("expected Closed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn silent_broker_is_declared_dead() {
+    let options = ConnectOptions { heartbeat: Duration::from_millis(100), ..Default::default() };
+    let (conn, mut peer) = connect_with(options, hello_ok(100, 1 << 20)).await;
+    let conn = conn.unwrap();
+    let stats = conn.queue_stats("q");
+    let (result, ()) = tokio::join!(stats, async {
+        // The client keeps sending heartbeats while it waits.
+        let _ = peer.recv_request().await;
+        let heartbeat = peer.recv().await;
+        assert!(matches!(heartbeat.body, Some(Body::Heartbeat(_))), "{heartbeat:?}");
+        assert_eq!(heartbeat.request_id, 0);
+    });
+    match result {
+        Err(Error::Closed(reason)) => assert!(reason.contains("heartbeat"), "{reason}"),
+        other => panic!("expected Closed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn close_flushes_sends_close_and_ends_consumers_quietly() {
+    let (conn, mut peer) = connect().await;
+    let mut consumer = consume(&conn, &mut peer, 2).await;
+    let confirm = conn.publish("q", "before close", PublishOptions::default());
+    let (closed, ()) = tokio::join!(conn.close(), async {
+        let (id, body) = peer.recv_request().await;
+        assert!(matches!(body, Body::Publish(_)), "{body:?}");
+        let (_, body) = peer.recv_request().await;
+        assert!(matches!(body, Body::Close(_)), "{body:?}");
+        // Requests in flight are still answered before the broker hangs up.
+        peer.send(id, Body::PublishOk(pb::PublishOk { message_id: 42 })).await;
+        peer.expect_eof().await;
+        drop(peer);
+    });
+    closed.unwrap();
+    assert_eq!(confirm.await.unwrap(), 42);
+    assert!(consumer.next().await.is_none(), "a client close ends streams without an error");
+    assert!(matches!(conn.list_queues().await, Err(Error::Closed(_))));
+}
+
+#[tokio::test]
+async fn dropping_the_last_handle_closes_the_connection() {
+    let (conn, mut peer) = connect().await;
+    drop(conn);
+    let (_, body) = peer.recv_request().await;
+    assert!(matches!(body, Body::Close(_)), "{body:?}");
+    peer.expect_eof().await;
+}
+
+#[tokio::test]
+async fn a_consumer_keeps_its_connection_open() {
+    let (conn, mut peer) = connect().await;
+    let mut consumer = consume(&conn, &mut peer, 4).await;
+    drop(conn);
+    peer.send(0, deliver(4, 1, "still here")).await;
+    let delivery = consumer.next().await.unwrap().unwrap();
+    delivery.ack().await.unwrap();
+    let (_, body) = peer.recv_request().await;
+    assert_eq!(body, Body::Ack(pb::Ack { consumer_id: 4, delivery_tag: 1, multiple: false }));
+}
+
+#[tokio::test]
+async fn abandoned_consume_is_cancelled_once_answered() {
+    let (conn, mut peer) = connect().await;
+    let consume = conn.consume("q", ConsumeOptions::default());
+    // Give up on the consume right after it was sent, before the broker answers.
+    assert!(tokio::time::timeout(Duration::from_millis(10), consume).await.is_err());
+    let (id, body) = peer.recv_request().await;
+    assert!(matches!(body, Body::Consume(_)), "{body:?}");
+    peer.send(id, Body::ConsumeOk(pb::ConsumeOk { consumer_id: 11 })).await;
+    let (_, body) = peer.recv_request().await;
+    assert_eq!(body, Body::Cancel(pb::Cancel { consumer_id: 11 }));
+}
+
+#[test]
+fn handles_can_move_between_tasks() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send_unpin<T: Send + Unpin>() {}
+    assert_send_sync::<Connection>();
+    assert_send_sync::<hopper_client::Delivery>();
+    assert_send_unpin::<hopper_client::Consumer>();
+    assert_send_unpin::<hopper_client::PublishConfirm>();
+}
