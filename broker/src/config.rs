@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::StartError;
+use crate::storage::{FsyncPolicy, StorageConfig};
 
 /// Everything the broker needs to start. Field names are also the TOML file's keys.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -24,6 +25,14 @@ pub struct Config {
     pub max_connections: usize,
     /// How long a new connection may take to complete the handshake, in milliseconds.
     pub handshake_timeout_ms: u64,
+    /// When durable queues flush to disk relative to the publish confirm.
+    pub fsync: FsyncPolicy,
+    /// Flush period for `fsync = "batch"`, in milliseconds.
+    pub fsync_interval_ms: u64,
+    /// Size at which a durable queue's log segment is closed, in bytes.
+    pub segment_bytes: u64,
+    /// Bytes of message bodies each durable queue keeps in memory; the rest stay on disk.
+    pub queue_memory_bytes: usize,
 }
 
 impl Default for Config {
@@ -35,6 +44,10 @@ impl Default for Config {
             heartbeat_ms: 10_000,
             max_connections: 10_000,
             handshake_timeout_ms: 10_000,
+            fsync: FsyncPolicy::Always,
+            fsync_interval_ms: 100,
+            segment_bytes: 32 * 1024 * 1024,
+            queue_memory_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -60,10 +73,26 @@ impl Config {
         if self.max_connections == 0 {
             return Err(StartError::Config("max_connections must be at least 1".into()));
         }
+        if self.segment_bytes < 4096 {
+            return Err(StartError::Config("segment_bytes must be at least 4096".into()));
+        }
+        if self.fsync_interval_ms == 0 {
+            return Err(StartError::Config("fsync_interval_ms must be at least 1".into()));
+        }
         if self.listen.is_empty() {
             return Err(StartError::Config("listen address is empty".into()));
         }
         Ok(())
+    }
+
+    /// The storage part of the configuration.
+    pub fn storage(&self) -> StorageConfig {
+        StorageConfig {
+            fsync: self.fsync,
+            fsync_interval: Duration::from_millis(self.fsync_interval_ms),
+            segment_bytes: self.segment_bytes,
+            queue_memory_bytes: self.queue_memory_bytes,
+        }
     }
 
     /// The handshake deadline.
@@ -85,10 +114,11 @@ mod tests {
     fn file_overrides_only_what_it_sets() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hopper.toml");
-        std::fs::write(&path, "listen = \"0.0.0.0:7000\"\nheartbeat_ms = 500\n").unwrap();
+        std::fs::write(&path, "listen = \"0.0.0.0:7000\"\nheartbeat_ms = 500\nfsync = \"batch\"\n").unwrap();
         let config = Config::from_file(&path).unwrap();
         assert_eq!(config.listen, "0.0.0.0:7000");
         assert_eq!(config.heartbeat_ms, 500);
+        assert_eq!(config.fsync, FsyncPolicy::Batch);
         assert_eq!(config.max_frame_size, Config::default().max_frame_size);
     }
 

@@ -9,6 +9,7 @@ pub mod error;
 pub mod message;
 pub mod queue;
 pub mod server;
+pub mod storage;
 
 mod outbox;
 mod session;

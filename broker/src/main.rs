@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use hopper_broker::storage::FsyncPolicy;
 use hopper_broker::{Broker, Config};
 
 /// The Hopper message broker.
@@ -29,6 +30,19 @@ struct Args {
     /// Most simultaneous connections [default: 10000].
     #[arg(long, env = "HOPPER_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// When durable publishes are flushed: always (before the confirm), batch or never
+    /// [default: always].
+    #[arg(long, env = "HOPPER_FSYNC")]
+    fsync: Option<FsyncPolicy>,
+    /// Flush period for --fsync batch, in milliseconds [default: 100].
+    #[arg(long, env = "HOPPER_FSYNC_INTERVAL_MS")]
+    fsync_interval_ms: Option<u64>,
+    /// Size of a durable queue's log segment, in bytes [default: 33554432].
+    #[arg(long, env = "HOPPER_SEGMENT_BYTES")]
+    segment_bytes: Option<u64>,
+    /// Body bytes each durable queue keeps in memory [default: 67108864].
+    #[arg(long, env = "HOPPER_QUEUE_MEMORY_BYTES")]
+    queue_memory_bytes: Option<usize>,
 }
 
 impl Args {
@@ -51,6 +65,18 @@ impl Args {
         }
         if let Some(max_connections) = self.max_connections {
             config.max_connections = max_connections;
+        }
+        if let Some(fsync) = self.fsync {
+            config.fsync = fsync;
+        }
+        if let Some(fsync_interval_ms) = self.fsync_interval_ms {
+            config.fsync_interval_ms = fsync_interval_ms;
+        }
+        if let Some(segment_bytes) = self.segment_bytes {
+            config.segment_bytes = segment_bytes;
+        }
+        if let Some(queue_memory_bytes) = self.queue_memory_bytes {
+            config.queue_memory_bytes = queue_memory_bytes;
         }
         Ok(config)
     }

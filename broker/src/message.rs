@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::storage::Location;
+
 /// The part of a message that never changes after publish. Shared (not copied) between the
 /// queue, the unacked window and every delivery of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,18 +23,26 @@ pub struct Payload {
     pub published_at_ms: u64,
 }
 
-/// A message inside one queue.
+/// A message inside one queue: a compact index entry, with the payload in memory or only on
+/// disk (for a durable queue whose backlog outgrew its memory budget).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedMessage {
     /// Position in the queue's arrival order; requeued messages go back to their place by it.
     pub seq: u64,
     /// Deliveries so far.
     pub delivery_count: u32,
-    /// The message itself.
-    pub payload: Arc<Payload>,
+    /// The message, when it is in memory. Always set for transient queues and for deliveries.
+    pub payload: Option<Arc<Payload>>,
+    /// Where the message is stored, for durable queues.
+    pub location: Option<Location>,
 }
 
 impl QueuedMessage {
+    /// A message held in memory only.
+    pub fn transient(seq: u64, payload: Arc<Payload>) -> Self {
+        QueuedMessage { seq, delivery_count: 0, payload: Some(payload), location: None }
+    }
+
     /// True when this message has been delivered before.
     pub fn redelivered(&self) -> bool {
         self.delivery_count > 1

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use crate::message::QueuedMessage;
+use crate::message::{Payload, QueuedMessage};
 use crate::queue::Sink;
 
 /// Outgoing buffer of one connection.
@@ -165,8 +165,7 @@ impl Sink for std::sync::Arc<Outbox> {
         false
     }
 
-    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage) {
-        let payload = &message.payload;
+    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload) {
         let frame = Frame::event(Body::Deliver(pb::Deliver {
             consumer_id,
             delivery_tag,

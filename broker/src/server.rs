@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::error::StartError;
 use crate::queue::Registry;
 use crate::session;
+use crate::storage::Store;
 
 /// State shared by every connection of one broker.
 pub(crate) struct Shared {
@@ -48,6 +49,12 @@ impl Broker {
     pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         config.validate()?;
         let data_lock = lock_data_dir(&config.data_dir)?;
+        let data_dir_error = |e: std::io::Error| StartError::DataDir {
+            path: config.data_dir.display().to_string(),
+            reason: e.to_string(),
+        };
+        let store = Store::open(&config.data_dir).map_err(data_dir_error)?;
+        let queues = Registry::recover(store, config.storage()).map_err(data_dir_error)?;
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen.clone(), source })?;
@@ -57,7 +64,7 @@ impl Broker {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             config,
-            queues: Registry::default(),
+            queues,
             next_message_id: AtomicU64::new(initial_message_id()),
             next_consumer_id: AtomicU64::new(1),
         });
@@ -130,6 +137,8 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::
     drop(listener);
     drop(done_tx);
     let _ = done_rx.recv().await;
+    let closing = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.queues.close()).await;
     tracing::info!("broker stopped");
 }
 

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::error::BrokerError;
 use crate::message::Payload;
 use crate::outbox::Outbox;
-use crate::queue::{Queue, QueueSettings, SettleError};
+use crate::queue::{Confirm, Journal, Queue, QueueSettings, QueueState, SettleError};
 use crate::server::Shared;
 
 /// Read buffer size: large enough that a burst of small publishes is one read.
@@ -279,15 +279,15 @@ impl Session {
     /// (settlements) or it was already queued.
     fn request(&mut self, request_id: u64, body: Body) -> Result<Option<Body>, BrokerError> {
         match body {
-            Body::Publish(publish) => self.publish(publish).map(Some),
+            Body::Publish(publish) => self.publish(request_id, publish).map(|()| None),
             Body::Ack(ack) => {
-                self.settle(ack.consumer_id, ack.delivery_tag, |s, c, t| s.ack(c, t, ack.multiple))
+                self.settle(ack.consumer_id, ack.delivery_tag, |s, j, c, t| s.ack(c, t, ack.multiple, j))
             }
-            Body::Nack(nack) => self.settle(nack.consumer_id, nack.delivery_tag, |s, c, t| {
-                s.nack(c, t, nack.multiple, nack.requeue)
+            Body::Nack(nack) => self.settle(nack.consumer_id, nack.delivery_tag, |s, j, c, t| {
+                s.nack(c, t, nack.multiple, nack.requeue, j)
             }),
-            Body::Reject(reject) => self.settle(reject.consumer_id, reject.delivery_tag, |s, c, t| {
-                s.nack(c, t, false, reject.requeue)
+            Body::Reject(reject) => self.settle(reject.consumer_id, reject.delivery_tag, |s, j, c, t| {
+                s.nack(c, t, false, reject.requeue, j)
             }),
             Body::Consume(consume) => self.consume(request_id, consume),
             Body::Cancel(cancel) => self.cancel(cancel.consumer_id).map(Some),
@@ -295,7 +295,7 @@ impl Session {
             Body::QueueDelete(delete) => self.delete(delete).map(Some),
             Body::QueuePurge(purge) => {
                 let queue = self.shared.queues.get(&purge.name)?;
-                let message_count = queue.with_state(|s| s.purge())? as u64;
+                let message_count = queue.with_state(|s, j| s.purge(j))? as u64;
                 tracing::info!(queue = %purge.name, message_count, "queue purged");
                 Ok(Some(Body::QueuePurgeOk(pb::QueuePurgeOk { message_count })))
             }
@@ -314,38 +314,29 @@ impl Session {
         }
     }
 
-    fn publish(&mut self, publish: pb::Publish) -> Result<Body, BrokerError> {
+    /// Hands the message to its queue, which confirms it (at once, or once it is on disk).
+    fn publish(&mut self, request_id: u64, publish: pb::Publish) -> Result<(), BrokerError> {
         if !publish.exchange.is_empty() || !publish.routing_key.is_empty() {
             return Err(BrokerError::NotAllowed(
                 "exchanges and routing keys are not supported in protocol version 1; publish to a queue by name"
                     .into(),
             ));
         }
-        let id = self.shared.next_message_id.fetch_add(1, Ordering::Relaxed);
-        let mut payload = Some(Arc::new(Payload {
-            id,
+        let queue = self.publish_target(&publish.queue)?;
+        let payload = Arc::new(Payload {
+            id: self.shared.next_message_id.fetch_add(1, Ordering::Relaxed),
             body: publish.body,
             headers: publish.headers,
             content_type: publish.content_type,
             published_at_ms: now_ms(),
-        }));
-        // A cached queue may have been deleted (and maybe declared again) since: retry once
-        // through the registry.
-        for attempt in 0..2 {
-            let queue = self.publish_target(&publish.queue, attempt > 0)?;
-            match queue.with_state(|s| s.publish(payload.take().expect("published once"))) {
-                Ok(()) => return Ok(Body::PublishOk(pb::PublishOk { message_id: id })),
-                Err(_) => {
-                    self.publish_cache.remove(&publish.queue);
-                }
-            }
-        }
-        Err(BrokerError::queue_not_found(&publish.queue))
+        });
+        queue.publish(payload, Confirm::new(self.outbox.clone(), request_id))
     }
 
-    fn publish_target(&mut self, name: &str, refresh: bool) -> Result<Arc<Queue>, BrokerError> {
-        if !refresh {
-            if let Some(queue) = self.publish_cache.get(name) {
+    /// The queue to publish to, from this connection's cache unless it was deleted since.
+    fn publish_target(&mut self, name: &str) -> Result<Arc<Queue>, BrokerError> {
+        if let Some(queue) = self.publish_cache.get(name) {
+            if !queue.is_deleted() {
                 return Ok(queue.clone());
             }
         }
@@ -358,7 +349,7 @@ impl Session {
         let queue = self.shared.queues.get(&consume.queue)?;
         let consumer_id = self.shared.next_consumer_id.fetch_add(1, Ordering::Relaxed);
         let outbox = self.outbox.clone();
-        queue.with_state(|s| {
+        queue.with_state(|s, _| {
             s.add_consumer(consumer_id, consume.prefetch_count, outbox.clone());
             // Queued before the dispatch that follows, so the client learns the consumer id
             // before its first delivery.
@@ -372,7 +363,7 @@ impl Session {
     fn cancel(&mut self, consumer_id: u64) -> Result<Body, BrokerError> {
         let queue = self.consumers.remove(&consumer_id).ok_or_else(|| unknown_consumer(consumer_id))?;
         let requeued =
-            queue.with_state(|s| s.remove_consumer(consumer_id)).ok().flatten().unwrap_or(0) as u64;
+            queue.with_state(|s, j| s.remove_consumer(consumer_id, j)).ok().flatten().unwrap_or(0) as u64;
         tracing::info!(queue = %queue.name(), consumer_id, requeued, "consumer cancelled");
         Ok(Body::CancelOk(pb::CancelOk { requeued }))
     }
@@ -381,10 +372,10 @@ impl Session {
         &mut self,
         consumer_id: u64,
         tag: u64,
-        op: impl FnOnce(&mut crate::queue::QueueState<Arc<Outbox>>, u64, u64) -> Result<usize, SettleError>,
+        op: impl FnOnce(&mut QueueState<Arc<Outbox>>, &mut dyn Journal, u64, u64) -> Result<usize, SettleError>,
     ) -> Result<Option<Body>, BrokerError> {
         let queue = self.consumers.get(&consumer_id).ok_or_else(|| unknown_consumer(consumer_id))?;
-        queue.with_state(|s| op(s, consumer_id, tag))?.map_err(|err| match err {
+        queue.with_state(|s, j| op(s, j, consumer_id, tag))?.map_err(|err| match err {
             SettleError::UnknownConsumer(id) => unknown_consumer(id),
             SettleError::UnknownTag(tag) => {
                 BrokerError::NotFound(format!("unknown delivery tag {tag} for consumer {consumer_id}"))
@@ -427,7 +418,7 @@ impl Session {
         for queue in self.consumers.values() {
             if !seen.contains(&Arc::as_ptr(queue)) {
                 seen.push(Arc::as_ptr(queue));
-                let _ = queue.with_state(|_| ());
+                let _ = queue.with_state(|_, _| ());
             }
         }
     }
@@ -435,7 +426,7 @@ impl Session {
     /// Unsubscribes every consumer of this connection; their unacked messages go back.
     fn release_consumers(&mut self) {
         for (consumer_id, queue) in self.consumers.drain() {
-            if let Ok(Some(requeued)) = queue.with_state(|s| s.remove_consumer(consumer_id)) {
+            if let Ok(Some(requeued)) = queue.with_state(|s, j| s.remove_consumer(consumer_id, j)) {
                 if requeued > 0 {
                     tracing::info!(queue = %queue.name(), consumer_id, requeued, "unacked messages returned to the queue");
                 }

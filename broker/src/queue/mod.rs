@@ -1,47 +1,86 @@
 //! Queues: the registry of named queues and the lock-protected shell around each queue's
-//! state machine. One lock per queue, so queues never slow each other down.
+//! state machine. One lock per queue, so queues never slow each other down. Durable queues add
+//! a log and a sync thread (`durable`).
 
+mod durable;
 mod state;
 mod window;
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use hopper_proto::{pb, Body, Frame};
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 
 use crate::error::BrokerError;
+use crate::message::Payload;
 use crate::outbox::Outbox;
+use crate::storage::{QueueMeta, StorageConfig, Store};
 
-pub use state::{Counters, QueueState, SettleError, Sink, Snapshot};
+pub use durable::Durable;
+pub use state::{Counters, Journal, NoJournal, QueueState, SettleError, Sink, Snapshot};
 pub use window::Window;
 
+use durable::DiskState;
+
 /// Properties fixed when a queue is declared.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct QueueSettings {
-    /// Declared durable. Kept with the queue and reported; see docs/storage.md.
+    /// Messages are kept on disk and the queue survives restarts.
     pub durable: bool,
+}
+
+/// Where the answer to a publish goes: the publishing connection and its request id.
+pub struct Confirm {
+    outbox: Arc<Outbox>,
+    request_id: u64,
+}
+
+impl Confirm {
+    /// A confirm to be sent to `outbox` for `request_id`.
+    pub fn new(outbox: Arc<Outbox>, request_id: u64) -> Self {
+        Confirm { outbox, request_id }
+    }
+
+    /// Sends the positive (message id) or negative confirm.
+    pub fn send(self, result: Result<u64, BrokerError>) {
+        let frame = match result {
+            Ok(message_id) => Frame::new(self.request_id, Body::PublishOk(pb::PublishOk { message_id })),
+            Err(err) => Frame::error(self.request_id, err.code(), err.to_string()),
+        };
+        self.outbox.push(&frame);
+    }
 }
 
 /// One named queue.
 pub struct Queue {
     name: Arc<str>,
     settings: QueueSettings,
+    deleted: AtomicBool,
     state: Mutex<Live>,
+    durable: Option<Durable>,
 }
 
-/// The state plus the tombstone that tells holders of a stale `Arc<Queue>` it was deleted.
+/// Everything behind the queue's lock.
 struct Live {
     state: QueueState<Arc<Outbox>>,
     deleted: bool,
+    disk: Option<DiskState>,
 }
 
 impl Queue {
-    fn new(name: &str, settings: QueueSettings) -> Self {
+    fn transient(name: &str, settings: QueueSettings) -> Self {
         Queue {
             name: name.into(),
             settings,
-            state: Mutex::new(Live { state: QueueState::new(), deleted: false }),
+            deleted: AtomicBool::new(false),
+            state: Mutex::new(Live { state: QueueState::new(), deleted: false, disk: None }),
+            durable: None,
         }
     }
 
@@ -55,16 +94,61 @@ impl Queue {
         &self.settings
     }
 
-    /// Runs `f` on the state under the queue's lock, then dispatches whatever became
-    /// deliverable. Fails with NOT_FOUND if the queue was deleted meanwhile.
-    pub fn with_state<R>(&self, f: impl FnOnce(&mut QueueState<Arc<Outbox>>) -> R) -> Result<R, BrokerError> {
-        let mut live = self.state.lock();
+    /// True once the queue was deleted; holders of a stale handle should look it up again.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` on the state under the queue's lock, with the queue's journal, then
+    /// dispatches whatever became deliverable. Fails with NOT_FOUND if the queue was deleted.
+    pub fn with_state<R>(
+        &self,
+        f: impl FnOnce(&mut QueueState<Arc<Outbox>>, &mut dyn Journal) -> R,
+    ) -> Result<R, BrokerError> {
+        let mut guard = self.state.lock();
+        let live = &mut *guard;
         if live.deleted {
             return Err(BrokerError::queue_not_found(&self.name));
         }
-        let result = f(&mut live.state);
-        live.state.dispatch();
+        let result = match (&mut live.disk, &self.durable) {
+            (Some(disk), Some(durable)) => {
+                let mut journal = durable.journal(disk);
+                let result = f(&mut live.state, &mut journal);
+                live.state.dispatch(&mut journal);
+                durable.wake_if_pending(disk);
+                result
+            }
+            _ => {
+                let result = f(&mut live.state, &mut NoJournal);
+                live.state.dispatch(&mut NoJournal);
+                result
+            }
+        };
         Ok(result)
+    }
+
+    /// Accepts a published message. A transient queue confirms at once; a durable one once the
+    /// message is on disk (per the fsync policy).
+    pub fn publish(&self, payload: Arc<Payload>, confirm: Confirm) -> Result<(), BrokerError> {
+        let mut guard = self.state.lock();
+        let live = &mut *guard;
+        if live.deleted {
+            return Err(BrokerError::queue_not_found(&self.name));
+        }
+        match (&mut live.disk, &self.durable) {
+            (Some(disk), Some(durable)) => {
+                let seq = live.state.reserve_seq();
+                durable.append_publish(disk, seq, payload, confirm);
+            }
+            _ => {
+                let id = payload.id;
+                live.state.publish(payload);
+                live.state.dispatch(&mut NoJournal);
+                drop(guard);
+                confirm.send(Ok(id));
+            }
+        }
+        Ok(())
     }
 
     /// A snapshot of the queue's counts.
@@ -74,17 +158,10 @@ impl Queue {
 }
 
 /// All queues of a broker, by name.
-#[derive(Default)]
 pub struct Registry {
     queues: DashMap<Arc<str>, Arc<Queue>>,
-}
-
-/// What deleting a queue dropped.
-pub struct Deleted {
-    /// Messages (ready and unacked) dropped with the queue.
-    pub messages: u64,
-    /// Consumers that were subscribed, with their connections, to be told.
-    pub consumers: Vec<(u64, Arc<Outbox>)>,
+    store: Store,
+    storage: StorageConfig,
 }
 
 /// What a declare did.
@@ -95,7 +172,39 @@ pub struct Declared {
     pub created: bool,
 }
 
+/// What deleting a queue dropped.
+pub struct Deleted {
+    /// Messages (ready and unacked) dropped with the queue.
+    pub messages: u64,
+    /// Consumers that were subscribed, with their connections, to be told.
+    pub consumers: Vec<(u64, Arc<Outbox>)>,
+}
+
 impl Registry {
+    /// Opens the store and brings back every durable queue it holds. Problems with single
+    /// queues or segments are logged and skipped: one bad queue does not stop the broker.
+    pub fn recover(store: Store, storage: StorageConfig) -> std::io::Result<Registry> {
+        let registry = Registry { queues: DashMap::new(), store, storage };
+        for entry in registry.store.list()? {
+            let (dir, meta) = match entry {
+                Ok(found) => found,
+                Err(problem) => {
+                    tracing::error!(problem = %problem, "durable queue skipped");
+                    continue;
+                }
+            };
+            match durable::recover(&meta, &dir, &registry.storage) {
+                Ok(queue) => {
+                    registry.queues.insert(meta.name.as_str().into(), queue);
+                }
+                Err(err) => {
+                    tracing::error!(queue = %meta.name, dir = %dir.display(), error = %err, "durable queue could not be recovered");
+                }
+            }
+        }
+        Ok(registry)
+    }
+
     /// Looks a queue up.
     pub fn get(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
         self.queues.get(name).map(|q| q.clone()).ok_or_else(|| BrokerError::queue_not_found(name))
@@ -116,40 +225,58 @@ impl Registry {
                 Ok(Declared { queue, created: false })
             }
             Entry::Vacant(entry) => {
-                let queue = Arc::new(Queue::new(name, settings));
+                let queue = if settings.durable {
+                    let meta = QueueMeta { name: name.to_owned(), settings: settings.clone() };
+                    let dir: PathBuf = self.store.create(&meta).map_err(|e| {
+                        BrokerError::ResourceLimit(format!("cannot create durable queue '{name}': {e}"))
+                    })?;
+                    durable::create(&meta, &dir, &self.storage).map_err(|e| {
+                        BrokerError::ResourceLimit(format!("cannot create durable queue '{name}': {e}"))
+                    })?
+                } else {
+                    Arc::new(Queue::transient(name, settings))
+                };
                 entry.insert(queue.clone());
-                tracing::info!(queue = %name, "queue declared");
+                tracing::info!(queue = %name, durable = queue.settings.durable, "queue declared");
                 Ok(Declared { queue, created: true })
             }
         }
     }
 
-    /// Deletes a queue, dropping its messages and cancelling its consumers.
+    /// Deletes a queue, dropping its messages (and files) and cancelling its consumers.
     pub fn delete(&self, name: &str, if_unused: bool, if_empty: bool) -> Result<Deleted, BrokerError> {
         let queue = self.get(name)?;
-        let mut live = queue.state.lock();
-        if live.deleted {
-            return Err(BrokerError::queue_not_found(name));
-        }
-        let snapshot = live.state.snapshot();
-        if if_unused && snapshot.consumers > 0 {
-            return Err(BrokerError::PreconditionFailed(format!(
-                "queue '{name}' has {} consumer(s)",
-                snapshot.consumers
-            )));
-        }
-        if if_empty && !live.state.is_empty() {
-            return Err(BrokerError::PreconditionFailed(format!(
-                "queue '{name}' holds {} message(s)",
-                live.state.len()
-            )));
-        }
-        let dropped = live.state.len() as u64;
-        let consumers = live.state.take_consumers();
-        live.deleted = true;
+        let deleted = {
+            let mut live = queue.state.lock();
+            if live.deleted {
+                return Err(BrokerError::queue_not_found(name));
+            }
+            let snapshot = live.state.snapshot();
+            if if_unused && snapshot.consumers > 0 {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "queue '{name}' has {} consumer(s)",
+                    snapshot.consumers
+                )));
+            }
+            if if_empty && !live.state.is_empty() {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "queue '{name}' holds {} message(s)",
+                    live.state.len()
+                )));
+            }
+            live.deleted = true;
+            queue.deleted.store(true, Ordering::Release);
+            Deleted { messages: live.state.len() as u64, consumers: live.state.take_consumers() }
+        };
         self.queues.remove(name);
-        tracing::info!(queue = %name, dropped, "queue deleted");
-        Ok(Deleted { messages: dropped, consumers })
+        if let Some(durable) = &queue.durable {
+            durable.stop(&queue);
+            if let Err(err) = self.store.remove(durable.dir()) {
+                tracing::error!(queue = %name, error = %err, "could not remove the queue's files");
+            }
+        }
+        tracing::info!(queue = %name, dropped = deleted.messages, "queue deleted");
+        Ok(deleted)
     }
 
     /// Every queue, sorted by name.
@@ -157,6 +284,15 @@ impl Registry {
         let mut queues: Vec<Arc<Queue>> = self.queues.iter().map(|q| q.value().clone()).collect();
         queues.sort_by(|a, b| a.name.cmp(&b.name));
         queues
+    }
+
+    /// Writes out and syncs what every durable queue has buffered, and stops their threads.
+    pub fn close(&self) {
+        for queue in self.list() {
+            if let Some(durable) = &queue.durable {
+                durable.stop(&queue);
+            }
+        }
     }
 }
 

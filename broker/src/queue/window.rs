@@ -85,6 +85,16 @@ impl Window {
         self.take_up_to(0, settled)
     }
 
+    /// The outstanding delivery of the message with this seq.
+    pub fn find_mut(&mut self, seq: u64) -> Option<&mut QueuedMessage> {
+        self.entries.iter_mut().flatten().find(|m| m.seq == seq)
+    }
+
+    /// Every outstanding message, in tag order.
+    pub fn messages(&self) -> impl Iterator<Item = &QueuedMessage> + '_ {
+        self.entries.iter().flatten()
+    }
+
     fn trim(&mut self) {
         while let Some(None) = self.entries.front() {
             self.entries.pop_front();
@@ -108,7 +118,7 @@ mod tests {
             content_type: String::new(),
             published_at_ms: 0,
         };
-        QueuedMessage { seq, delivery_count: 1, payload: Arc::new(payload) }
+        QueuedMessage { seq, delivery_count: 1, payload: Some(Arc::new(payload)), location: None }
     }
 
     #[test]

@@ -35,11 +35,11 @@ impl Sink for Recorder {
         !self.blocked.get()
     }
 
-    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage) {
+    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload) {
         self.sent.borrow_mut().push(Sent {
             consumer: consumer_id,
             tag: delivery_tag,
-            id: message.payload.id,
+            id: payload.id,
             count: message.delivery_count,
         });
     }
@@ -66,11 +66,11 @@ fn queue_with(ids: impl IntoIterator<Item = u64>) -> QueueState<Recorder> {
 #[test]
 fn messages_wait_until_a_consumer_arrives() {
     let mut queue = queue_with(1..=3);
-    queue.dispatch();
+    queue.dispatch(&mut NoJournal);
     assert_eq!(queue.snapshot().ready, 3);
     let sink = Recorder::default();
     queue.add_consumer(7, 0, sink.clone());
-    queue.dispatch();
+    queue.dispatch(&mut NoJournal);
     assert_eq!(sink.ids(), vec![1, 2, 3]);
     let snapshot = queue.snapshot();
     assert_eq!((snapshot.ready, snapshot.unacked, snapshot.consumers), (0, 3, 1));
@@ -81,13 +81,13 @@ fn prefetch_bounds_outstanding_deliveries() {
     let mut queue = queue_with(1..=10);
     let sink = Recorder::default();
     queue.add_consumer(1, 3, sink.clone());
-    queue.dispatch();
+    queue.dispatch(&mut NoJournal);
     assert_eq!(sink.ids(), vec![1, 2, 3]);
-    queue.ack(1, 2, false).unwrap();
-    queue.dispatch();
+    queue.ack(1, 2, false, &mut NoJournal).unwrap();
+    queue.dispatch(&mut NoJournal);
     assert_eq!(sink.ids(), vec![4]);
-    queue.ack(1, 4, true).unwrap();
-    queue.dispatch();
+    queue.ack(1, 4, true, &mut NoJournal).unwrap();
+    queue.dispatch(&mut NoJournal);
     assert_eq!(sink.ids(), vec![5, 6, 7]);
     assert_eq!(queue.snapshot().unacked, 3);
 }
@@ -101,7 +101,7 @@ fn consumers_share_round_robin() {
     queue.add_consumer(3, 0, sink.clone());
     for id in 1..=6 {
         queue.publish(payload(id));
-        queue.dispatch();
+        queue.dispatch(&mut NoJournal);
     }
     let consumers: Vec<u64> = sink.take().into_iter().map(|s| s.consumer).collect();
     assert_eq!(consumers, vec![1, 2, 3, 1, 2, 3]);
@@ -116,7 +116,7 @@ fn a_full_consumer_is_skipped_not_waited_for() {
     for id in 1..=4 {
         queue.publish(payload(id));
     }
-    queue.dispatch();
+    queue.dispatch(&mut NoJournal);
     let consumers: Vec<u64> = sink.take().into_iter().map(|s| s.consumer).collect();
     assert_eq!(consumers, vec![1, 2, 2, 2]);
 }
@@ -127,10 +127,10 @@ fn unwritable_sinks_get_nothing_until_dispatch_runs_again() {
     let sink = Recorder::default();
     sink.blocked.set(true);
     queue.add_consumer(1, 0, sink.clone());
-    queue.dispatch();
+    queue.dispatch(&mut NoJournal);
     assert!(sink.ids().is_empty());
     sink.blocked.set(false);
-    queue.dispatch();
+    queue.dispatch(&mut NoJournal);
     assert_eq!(sink.ids(), vec![1, 2]);
 }
 
@@ -139,13 +139,13 @@ fn requeue_restores_fifo_order_and_counts_deliveries() {
     let mut queue = queue_with(1..=5);
     let sink = Recorder::default();
     queue.add_consumer(1, 3, sink.clone());
-    queue.dispatch();
+    queue.dispatch(&mut NoJournal);
     assert_eq!(sink.ids(), vec![1, 2, 3]);
     // Requeue 3, then 1, out of order: they go back to their own places.
-    queue.nack(1, 3, false, true).unwrap();
-    queue.nack(1, 1, false, true).unwrap();
-    queue.ack(1, 2, false).unwrap();
-    queue.dispatch();
+    queue.nack(1, 3, false, true, &mut NoJournal).unwrap();
+    queue.nack(1, 1, false, true, &mut NoJournal).unwrap();
+    queue.ack(1, 2, false, &mut NoJournal).unwrap();
+    queue.dispatch(&mut NoJournal);
     let sent = sink.take();
     let ids: Vec<u64> = sent.iter().map(|s| s.id).collect();
     assert_eq!(ids, vec![1, 3, 4]);
@@ -159,8 +159,8 @@ fn nack_without_requeue_drops() {
     let mut queue = queue_with(1..=3);
     let sink = Recorder::default();
     queue.add_consumer(1, 0, sink.clone());
-    queue.dispatch();
-    assert_eq!(queue.nack(1, 2, true, false), Ok(2));
+    queue.dispatch(&mut NoJournal);
+    assert_eq!(queue.nack(1, 2, true, false, &mut NoJournal), Ok(2));
     assert_eq!(queue.len(), 1);
     assert_eq!(queue.snapshot().counters.acked, 0);
 }
@@ -172,15 +172,15 @@ fn removing_a_consumer_returns_its_unacked_messages_in_order() {
     let second = Recorder::default();
     queue.add_consumer(1, 0, first.clone());
     queue.add_consumer(2, 0, second.clone());
-    queue.dispatch();
+    queue.dispatch(&mut NoJournal);
     assert_eq!(first.ids(), vec![1, 3, 5]);
     assert_eq!(second.ids(), vec![2, 4, 6]);
-    assert_eq!(queue.remove_consumer(1), Some(3));
-    assert_eq!(queue.remove_consumer(2), Some(3));
-    assert_eq!(queue.remove_consumer(2), None);
+    assert_eq!(queue.remove_consumer(1, &mut NoJournal), Some(3));
+    assert_eq!(queue.remove_consumer(2, &mut NoJournal), Some(3));
+    assert_eq!(queue.remove_consumer(2, &mut NoJournal), None);
     let third = Recorder::default();
     queue.add_consumer(3, 0, third.clone());
-    queue.dispatch();
+    queue.dispatch(&mut NoJournal);
     let sent = third.take();
     assert_eq!(sent.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
     assert!(sent.iter().all(|s| s.count == 2));
@@ -191,12 +191,12 @@ fn settle_errors_name_the_problem() {
     let mut queue = queue_with(1..=1);
     let sink = Recorder::default();
     queue.add_consumer(1, 0, sink.clone());
-    queue.dispatch();
-    assert_eq!(queue.ack(9, 1, false), Err(SettleError::UnknownConsumer(9)));
-    assert_eq!(queue.ack(1, 2, false), Err(SettleError::UnknownTag(2)));
-    assert_eq!(queue.ack(1, 2, true), Err(SettleError::UnknownTag(2)));
-    assert_eq!(queue.ack(1, 1, false), Ok(1));
-    assert_eq!(queue.ack(1, 1, false), Err(SettleError::UnknownTag(1)), "double ack");
+    queue.dispatch(&mut NoJournal);
+    assert_eq!(queue.ack(9, 1, false, &mut NoJournal), Err(SettleError::UnknownConsumer(9)));
+    assert_eq!(queue.ack(1, 2, false, &mut NoJournal), Err(SettleError::UnknownTag(2)));
+    assert_eq!(queue.ack(1, 2, true, &mut NoJournal), Err(SettleError::UnknownTag(2)));
+    assert_eq!(queue.ack(1, 1, false, &mut NoJournal), Ok(1));
+    assert_eq!(queue.ack(1, 1, false, &mut NoJournal), Err(SettleError::UnknownTag(1)), "double ack");
 }
 
 #[test]
@@ -204,8 +204,8 @@ fn purge_drops_ready_but_not_unacked() {
     let mut queue = queue_with(1..=5);
     let sink = Recorder::default();
     queue.add_consumer(1, 2, sink.clone());
-    queue.dispatch();
-    assert_eq!(queue.purge(), 3);
+    queue.dispatch(&mut NoJournal);
+    assert_eq!(queue.purge(&mut NoJournal), 3);
     let snapshot = queue.snapshot();
     assert_eq!((snapshot.ready, snapshot.unacked), (0, 2));
 }
@@ -216,7 +216,7 @@ fn delivery_tags_count_up_per_consumer() {
     let sink = Recorder::default();
     queue.add_consumer(1, 0, sink.clone());
     queue.add_consumer(2, 0, sink.clone());
-    queue.dispatch();
+    queue.dispatch(&mut NoJournal);
     let tags: Vec<(u64, u64)> = sink.take().into_iter().map(|s| (s.consumer, s.tag)).collect();
     assert_eq!(tags, vec![(1, 1), (2, 1), (1, 2), (2, 2)]);
 }

@@ -1,0 +1,450 @@
+//! Durable queues: the journal that buffers log records under the queue's lock, and the sync
+//! thread that writes them, fsyncs, and only then makes new messages visible and confirms them.
+//!
+//! Group commit falls out of the split: while the thread writes and syncs one batch, publishes
+//! from every connection accumulate in the next, so one fsync covers all of them.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use super::{Confirm, Journal, Live, Queue, QueueState};
+use crate::error::BrokerError;
+use crate::message::{Payload, QueuedMessage};
+use crate::storage::log::{encode_payload, LogBuffer, SegmentReader, SegmentWriter};
+use crate::storage::{segment, FsyncPolicy, Location, QueueMeta, StorageConfig};
+
+/// How long the sync thread waits before retrying after a failed write.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(100);
+
+/// The parts of a durable queue that live outside its lock.
+pub struct Durable {
+    dir: PathBuf,
+    config: StorageConfig,
+    reader: SegmentReader,
+    wake: Condvar,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The parts that live under the queue's lock.
+pub(super) struct DiskState {
+    log: LogBuffer,
+    /// Publishes in `log`'s buffer, not yet written; invisible to consumers until they are.
+    pending: Vec<PendingPublish>,
+    /// Body bytes of this queue's messages held in memory.
+    resident_bytes: usize,
+    stopping: bool,
+}
+
+struct PendingPublish {
+    seq: u64,
+    payload: Arc<Payload>,
+    range: Range<usize>,
+    confirm: Confirm,
+}
+
+/// Creates the state of a new, empty durable queue in `dir` and starts its sync thread.
+pub(super) fn create(meta: &QueueMeta, dir: &Path, config: &StorageConfig) -> io::Result<Arc<Queue>> {
+    let writer = SegmentWriter::open(dir, 1, 0, config.segment_bytes)?;
+    let disk = DiskState::new(LogBuffer::new(BTreeMap::new(), 1));
+    Ok(start(meta, dir, config, QueueState::new(), disk, writer))
+}
+
+/// Rebuilds a durable queue from its directory and starts its sync thread. Messages come back
+/// as index entries only; bodies are read from disk when delivered.
+pub(super) fn recover(meta: &QueueMeta, dir: &Path, config: &StorageConfig) -> io::Result<Arc<Queue>> {
+    let started = Instant::now();
+    let scan = segment::scan(dir)?;
+    for problem in &scan.problems {
+        tracing::warn!(queue = %meta.name, "{problem}");
+    }
+    let mut live: BTreeMap<u64, u64> = scan.segments.iter().map(|&(id, _)| (id, 0)).collect();
+    let mut state = QueueState::new();
+    state.set_next_seq(scan.next_seq);
+    for found in &scan.messages {
+        *live.entry(found.location.segment).or_insert(0) += 1;
+        state.restore(QueuedMessage {
+            seq: found.seq,
+            delivery_count: found.delivery_count,
+            payload: None,
+            location: Some(found.location),
+        });
+    }
+    let (active, len) = scan.segments.last().copied().unwrap_or((1, 0));
+    let writer = SegmentWriter::open(dir, active, len, config.segment_bytes)?;
+    let disk = DiskState::new(LogBuffer::new(live, active));
+    tracing::info!(
+        queue = %meta.name,
+        messages = scan.messages.len(),
+        segments = scan.segments.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "durable queue recovered"
+    );
+    Ok(start(meta, dir, config, state, disk, writer))
+}
+
+fn start(
+    meta: &QueueMeta,
+    dir: &Path,
+    config: &StorageConfig,
+    state: QueueState<Arc<crate::outbox::Outbox>>,
+    disk: DiskState,
+    writer: SegmentWriter,
+) -> Arc<Queue> {
+    let queue = Arc::new(Queue {
+        name: meta.name.as_str().into(),
+        settings: meta.settings.clone(),
+        deleted: Default::default(),
+        state: Mutex::new(Live { state, deleted: false, disk: Some(disk) }),
+        durable: Some(Durable {
+            dir: dir.to_path_buf(),
+            config: config.clone(),
+            reader: SegmentReader::new(dir),
+            wake: Condvar::new(),
+            thread: Mutex::new(None),
+        }),
+    });
+    let worker = queue.clone();
+    let handle = std::thread::Builder::new()
+        .name(format!("sync-{}", meta.name.chars().take(8).collect::<String>()))
+        .spawn(move || sync_loop(&worker, writer))
+        .expect("spawning a sync thread");
+    *queue.durable.as_ref().expect("durable").thread.lock() = Some(handle);
+    queue
+}
+
+impl DiskState {
+    fn new(log: LogBuffer) -> Self {
+        DiskState { log, pending: Vec::new(), resident_bytes: 0, stopping: false }
+    }
+}
+
+impl Durable {
+    /// The queue's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(super) fn journal<'a>(&'a self, disk: &'a mut DiskState) -> DiskJournal<'a> {
+        DiskJournal { disk, reader: &self.reader, budget: self.config.queue_memory_bytes }
+    }
+
+    /// Buffers a publish record; the message becomes visible once the sync thread wrote it.
+    pub(super) fn append_publish(
+        &self,
+        disk: &mut DiskState,
+        seq: u64,
+        payload: Arc<Payload>,
+        confirm: Confirm,
+    ) {
+        let range = disk.log.publish(seq, 0, &payload);
+        disk.pending.push(PendingPublish { seq, payload, range, confirm });
+        self.wake.notify_one();
+    }
+
+    pub(super) fn wake_if_pending(&self, disk: &DiskState) {
+        if disk.log.has_pending() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Flushes what is buffered and stops the sync thread.
+    pub(super) fn stop(&self, queue: &Queue) {
+        if let Some(disk) = queue.state.lock().disk.as_mut() {
+            disk.stopping = true;
+        }
+        self.wake.notify_one();
+        if let Some(handle) = self.thread.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The journal of a durable queue: records go to the log buffer; bodies beyond the memory
+/// budget are dropped from memory and read back from disk on delivery.
+pub(super) struct DiskJournal<'a> {
+    disk: &'a mut DiskState,
+    reader: &'a SegmentReader,
+    budget: usize,
+}
+
+impl Journal for DiskJournal<'_> {
+    fn delivered(&mut self, message: &QueuedMessage) {
+        self.disk.log.delivered(message.seq, message.delivery_count);
+    }
+
+    fn settled(&mut self, message: &QueuedMessage) {
+        if let Some(payload) = &message.payload {
+            self.disk.resident_bytes = self.disk.resident_bytes.saturating_sub(payload.body.len());
+        }
+        if let Some(location) = message.location {
+            self.disk.log.settled(message.seq, location);
+        }
+    }
+
+    fn requeued(&mut self, message: &mut QueuedMessage) {
+        if self.disk.resident_bytes > self.budget {
+            if let Some(payload) = message.payload.take() {
+                self.disk.resident_bytes = self.disk.resident_bytes.saturating_sub(payload.body.len());
+            }
+        }
+    }
+
+    fn load(&mut self, message: &QueuedMessage) -> io::Result<Arc<Payload>> {
+        let location = message.location.ok_or_else(|| io::Error::other("message has no stored copy"))?;
+        let stored = self.reader.read(location)?;
+        self.disk.resident_bytes += stored.body.len();
+        Ok(Arc::new(Payload {
+            id: stored.id,
+            body: stored.body,
+            headers: stored.headers,
+            content_type: stored.content_type,
+            published_at_ms: stored.published_at_ms,
+        }))
+    }
+}
+
+/// The sync thread: write a batch, sync per policy, publish the batch's messages and confirm
+/// them; delete emptied segments; roll and compact segments.
+fn sync_loop(queue: &Queue, mut writer: SegmentWriter) {
+    let durable = queue.durable.as_ref().expect("durable queue");
+    let policy = durable.config.fsync;
+    let mut spare = Vec::with_capacity(64 * 1024);
+    let mut unsynced = false;
+    let mut last_sync = Instant::now();
+    let mut failing = false;
+    loop {
+        let mut guard = queue.state.lock();
+        let stopping = wait_for_work(durable, &mut guard, unsynced, last_sync, failing);
+        let disk = guard.disk.as_mut().expect("durable queue");
+        let bytes = disk.log.take(std::mem::take(&mut spare));
+        let pending = std::mem::take(&mut disk.pending);
+        drop(guard);
+
+        let mut written = None;
+        if !bytes.is_empty() {
+            let result = writer.append(&bytes).and_then(|offset| {
+                if policy == FsyncPolicy::Always {
+                    writer.sync()?;
+                }
+                Ok(offset)
+            });
+            match result {
+                Ok(offset) => {
+                    unsynced = policy != FsyncPolicy::Always;
+                    failing = false;
+                    written = Some(offset);
+                }
+                Err(err) => {
+                    if !failing {
+                        tracing::error!(queue = %queue.name, error = %err, "log write failed; publishes are refused until it succeeds");
+                    }
+                    failing = true;
+                }
+            }
+        }
+        if unsynced && (stopping || last_sync.elapsed() >= durable.config.fsync_interval) {
+            if policy != FsyncPolicy::Never || stopping {
+                if let Err(err) = writer.sync() {
+                    tracing::error!(queue = %queue.name, error = %err, "log sync failed");
+                }
+            }
+            unsynced = false;
+            last_sync = Instant::now();
+        }
+        let confirms = apply_batch(queue, durable, &writer, &bytes, pending, written);
+        for (confirm, result) in confirms {
+            confirm.send(result);
+        }
+        spare = bytes;
+        spare.clear();
+        maintain(queue, durable, &mut writer);
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Blocks until there is something to write, a batch sync is due, or the queue stops.
+fn wait_for_work(
+    durable: &Durable,
+    guard: &mut MutexGuard<'_, Live>,
+    unsynced: bool,
+    last_sync: Instant,
+    failing: bool,
+) -> bool {
+    loop {
+        let disk = guard.disk.as_ref().expect("durable queue");
+        if disk.stopping {
+            return true;
+        }
+        if disk.log.has_pending() && !failing {
+            return false;
+        }
+        if failing {
+            durable.wake.wait_for(guard, RETRY_AFTER_FAILURE);
+            return false;
+        }
+        if unsynced {
+            let due = last_sync + durable.config.fsync_interval;
+            let now = Instant::now();
+            if now >= due || durable.wake.wait_for(guard, due - now).timed_out() {
+                return false;
+            }
+        } else {
+            durable.wake.wait(guard);
+        }
+    }
+}
+
+type Confirmation = (Confirm, Result<u64, BrokerError>);
+
+/// Under the lock: make the written publishes ready (or, if the write failed, put the other
+/// records back for another try and refuse the publishes).
+fn apply_batch(
+    queue: &Queue,
+    durable: &Durable,
+    writer: &SegmentWriter,
+    bytes: &[u8],
+    pending: Vec<PendingPublish>,
+    written: Option<u64>,
+) -> Vec<Confirmation> {
+    let mut confirms = Vec::with_capacity(pending.len());
+    let mut guard = queue.state.lock();
+    let live = &mut *guard;
+    let disk = live.disk.as_mut().expect("durable queue");
+    match written {
+        Some(offset) => {
+            let segment = writer.id();
+            for publish in pending {
+                let location = Location {
+                    segment,
+                    offset: offset + publish.range.start as u64,
+                    len: publish.range.len() as u32,
+                };
+                disk.log.add_live(segment);
+                let size = publish.payload.body.len();
+                let resident = disk.resident_bytes + size <= durable.config.queue_memory_bytes;
+                if resident {
+                    disk.resident_bytes += size;
+                }
+                let id = publish.payload.id;
+                live.state.push_ready(QueuedMessage {
+                    seq: publish.seq,
+                    delivery_count: 0,
+                    payload: resident.then_some(publish.payload),
+                    location: Some(location),
+                });
+                confirms.push((publish.confirm, Ok(id)));
+            }
+            let mut journal = durable.journal(disk);
+            live.state.dispatch(&mut journal);
+        }
+        None if !bytes.is_empty() => {
+            let mut others = Vec::new();
+            let mut at = 0;
+            for publish in &pending {
+                others.extend_from_slice(&bytes[at..publish.range.start]);
+                at = publish.range.end;
+            }
+            others.extend_from_slice(&bytes[at..]);
+            disk.log.restore(others);
+            let reason = if live.deleted { "queue deleted" } else { "the broker could not write it to disk" };
+            for publish in pending {
+                let error = BrokerError::ResourceLimit(format!("message not stored: {reason}"));
+                confirms.push((publish.confirm, Err(error)));
+            }
+        }
+        None => {}
+    }
+    confirms
+}
+
+/// Deletes segments with nothing live, starts a new segment when the active one is full, and
+/// compacts the oldest segment when little of it is still live.
+fn maintain(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
+    if writer.is_full() {
+        match writer.roll() {
+            Ok(id) => {
+                if let Some(disk) = queue.state.lock().disk.as_mut() {
+                    disk.log.set_active(id);
+                }
+            }
+            Err(err) => tracing::error!(queue = %queue.name, error = %err, "could not start a new segment"),
+        }
+    }
+    compact(queue, durable, writer);
+    let doomed = queue.state.lock().disk.as_mut().map(|d| d.log.take_doomed()).unwrap_or_default();
+    for segment in doomed {
+        match durable.reader.delete(segment) {
+            Ok(()) => tracing::debug!(queue = %queue.name, segment, "segment deleted"),
+            Err(err) => {
+                tracing::warn!(queue = %queue.name, segment, error = %err, "could not delete segment")
+            }
+        }
+    }
+}
+
+/// Copies the live messages of the oldest segment to the active one when at most a quarter of
+/// its bytes are still live, so one slow message cannot pin a long run of settled segments.
+fn compact(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
+    let victims: Vec<(u64, Location, u32)> = {
+        let guard = queue.state.lock();
+        let Some(disk) = guard.disk.as_ref() else { return };
+        let Some((oldest, _)) = disk.log.compaction_candidate() else { return };
+        let victims: Vec<_> = guard
+            .state
+            .messages()
+            .filter_map(|m| m.location.filter(|l| l.segment == oldest).map(|l| (m.seq, l, m.delivery_count)))
+            .collect();
+        let live_bytes: u64 = victims.iter().map(|(_, l, _)| u64::from(l.len)).sum();
+        if live_bytes * 4 > durable.config.segment_bytes {
+            return;
+        }
+        victims
+    };
+    let mut bytes = Vec::new();
+    let mut copies = Vec::with_capacity(victims.len());
+    for (seq, location, delivery_count) in victims {
+        let Ok(stored) = durable.reader.read(location) else { continue };
+        let start = bytes.len();
+        let payload = Payload {
+            id: stored.id,
+            body: stored.body,
+            headers: stored.headers,
+            content_type: stored.content_type,
+            published_at_ms: stored.published_at_ms,
+        };
+        encode_payload(&mut bytes, seq, delivery_count, &payload);
+        copies.push((seq, location.segment, start..bytes.len()));
+    }
+    let offset = match writer.append(&bytes).and_then(|offset| writer.sync().map(|()| offset)) {
+        Ok(offset) => offset,
+        Err(err) => {
+            tracing::warn!(queue = %queue.name, error = %err, "compaction write failed; will retry");
+            return;
+        }
+    };
+    let segment = writer.id();
+    let mut guard = queue.state.lock();
+    let live = &mut *guard;
+    let Some(disk) = live.disk.as_mut() else { return };
+    let moved = copies.len();
+    for (seq, old_segment, range) in copies {
+        // Settled while we copied: its settle record follows the copy in the log.
+        let Some(message) = live.state.find_mut(seq) else { continue };
+        if message.location.map(|l| l.segment) != Some(old_segment) {
+            continue;
+        }
+        message.location =
+            Some(Location { segment, offset: offset + range.start as u64, len: range.len() as u32 });
+        disk.log.add_live(segment);
+        disk.log.forget(old_segment);
+    }
+    tracing::debug!(queue = %queue.name, moved, "oldest segment compacted");
+}

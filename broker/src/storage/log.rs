@@ -1,0 +1,313 @@
+//! A durable queue's log, split by who touches it:
+//! - [`LogBuffer`] lives under the queue's lock: records appended since the last write, and the
+//!   live-message count of every segment (what decides when a segment can go);
+//! - [`SegmentWriter`] belongs to the queue's sync thread, the only writer of files;
+//! - [`SegmentReader`] is shared, for reading bodies that were paged out of memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use super::record::{self, Record, StoredMessage};
+use super::segment::{self, Location};
+use crate::message::Payload;
+
+/// Records waiting to be written, and per-segment accounting.
+#[derive(Debug)]
+pub struct LogBuffer {
+    buf: Vec<u8>,
+    /// Live messages (published, not settled) per segment, oldest first.
+    live: BTreeMap<u64, u64>,
+    /// The segment the writer appends to; never deleted.
+    active: u64,
+    /// Segments with no live message left, to be deleted by the writer.
+    doomed: Vec<u64>,
+}
+
+impl LogBuffer {
+    /// A buffer for a log whose segments hold `live` messages each and whose newest segment is
+    /// `active`.
+    pub fn new(live: BTreeMap<u64, u64>, active: u64) -> Self {
+        let mut log = LogBuffer { buf: Vec::with_capacity(64 * 1024), live, active, doomed: Vec::new() };
+        log.live.entry(active).or_insert(0);
+        log.collect_garbage();
+        log
+    }
+
+    /// Appends a publish record; returns its byte range in the buffer.
+    pub fn publish(&mut self, seq: u64, delivery_count: u32, payload: &Payload) -> std::ops::Range<usize> {
+        let start = self.buf.len();
+        encode_payload(&mut self.buf, seq, delivery_count, payload);
+        start..self.buf.len()
+    }
+
+    /// Appends raw, already-encoded record bytes (compaction copies).
+    pub fn append_raw(&mut self, bytes: &[u8]) -> std::ops::Range<usize> {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(bytes);
+        start..self.buf.len()
+    }
+
+    /// Records a delivery.
+    pub fn delivered(&mut self, seq: u64, delivery_count: u32) {
+        record::encode_delivered(&mut self.buf, seq, delivery_count);
+    }
+
+    /// Records that a message left the queue for good and releases its segment slot.
+    pub fn settled(&mut self, seq: u64, location: Location) {
+        record::encode_settle(&mut self.buf, seq);
+        self.forget(location.segment);
+    }
+
+    /// Counts a message written to `segment`.
+    pub fn add_live(&mut self, segment: u64) {
+        *self.live.entry(segment).or_insert(0) += 1;
+    }
+
+    /// Uncounts a message from `segment` (settled, or moved by compaction).
+    pub fn forget(&mut self, segment: u64) {
+        if let Some(live) = self.live.get_mut(&segment) {
+            *live = live.saturating_sub(1);
+        }
+        self.collect_garbage();
+    }
+
+    /// True when records are waiting to be written.
+    pub fn has_pending(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Takes the records waiting to be written, leaving `spare` (cleared) in their place.
+    pub fn take(&mut self, spare: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut self.buf, spare)
+    }
+
+    /// Puts back bytes that could not be written, in front of anything appended since.
+    pub fn restore(&mut self, mut unwritten: Vec<u8>) {
+        unwritten.extend_from_slice(&self.buf);
+        self.buf = unwritten;
+    }
+
+    /// The segment being appended to.
+    pub fn active(&self) -> u64 {
+        self.active
+    }
+
+    /// Switches appends to a new segment.
+    pub fn set_active(&mut self, segment: u64) {
+        self.active = segment;
+        self.live.entry(segment).or_insert(0);
+        self.collect_garbage();
+    }
+
+    /// Segments to delete now.
+    pub fn take_doomed(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.doomed)
+    }
+
+    /// The oldest segment if it is worth compacting: not the active one, at most a quarter of
+    /// `per_segment` messages still live in it, and at least two segments behind it.
+    pub fn compaction_candidate(&self) -> Option<(u64, u64)> {
+        let (&oldest, &live) = self.live.iter().next()?;
+        (oldest != self.active && self.live.len() >= 3 && live > 0).then_some((oldest, live))
+    }
+
+    /// Segments present, oldest first, with their live counts.
+    pub fn segments(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.live.iter().map(|(&id, &live)| (id, live))
+    }
+
+    /// Only a prefix of segments can be deleted: a settle record for a message in an older
+    /// segment lives in a newer one, and must outlive the message's publish record.
+    fn collect_garbage(&mut self) {
+        while let Some((&oldest, &live)) = self.live.iter().next() {
+            if live > 0 || oldest == self.active {
+                break;
+            }
+            self.live.remove(&oldest);
+            self.doomed.push(oldest);
+        }
+    }
+}
+
+/// Appends the publish record of `payload` to `dst`.
+pub fn encode_payload(dst: &mut Vec<u8>, seq: u64, delivery_count: u32, payload: &Payload) {
+    record::encode_publish(
+        dst,
+        seq,
+        delivery_count,
+        payload.id,
+        payload.published_at_ms,
+        &payload.content_type,
+        &payload.headers,
+        &payload.body,
+    );
+}
+
+/// Appends batches to the active segment and rolls over to new ones. Owned by one thread.
+#[derive(Debug)]
+pub struct SegmentWriter {
+    dir: PathBuf,
+    id: u64,
+    file: File,
+    len: u64,
+    segment_bytes: u64,
+}
+
+impl SegmentWriter {
+    /// Opens segment `id` (creating it if `len` is 0) for appending at `len`.
+    pub fn open(dir: &Path, id: u64, len: u64, segment_bytes: u64) -> io::Result<Self> {
+        let (file, len) = if len == 0 {
+            (segment::create(dir, id)?, segment::MAGIC.len() as u64)
+        } else {
+            (segment::open_append(dir, id)?, len)
+        };
+        Ok(SegmentWriter { dir: dir.to_path_buf(), id, file, len, segment_bytes })
+    }
+
+    /// The active segment.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Appends `bytes`; returns the offset they start at. On failure the segment is cut back to
+    /// its previous length, so a partial batch never stays on disk.
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<u64> {
+        let offset = self.len;
+        if let Err(err) = self.file.write_all(bytes) {
+            if let Err(truncate) = self.file.set_len(offset) {
+                tracing::error!(segment = self.id, error = %truncate, "could not cut back a failed write");
+            }
+            return Err(err);
+        }
+        self.len += bytes.len() as u64;
+        Ok(offset)
+    }
+
+    /// Flushes the active segment to stable storage.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// True when the active segment has reached its size.
+    pub fn is_full(&self) -> bool {
+        self.len >= self.segment_bytes
+    }
+
+    /// Starts the next segment (the current one is synced first). Returns its id.
+    pub fn roll(&mut self) -> io::Result<u64> {
+        self.file.sync_data()?;
+        let id = self.id + 1;
+        self.file = segment::create(&self.dir, id)?;
+        self.id = id;
+        self.len = segment::MAGIC.len() as u64;
+        Ok(id)
+    }
+}
+
+/// Read access to a queue's segments, for loading paged-out bodies.
+#[derive(Debug)]
+pub struct SegmentReader {
+    dir: PathBuf,
+    files: RwLock<HashMap<u64, Arc<File>>>,
+}
+
+impl SegmentReader {
+    /// A reader over the segments in `dir`.
+    pub fn new(dir: &Path) -> Self {
+        SegmentReader { dir: dir.to_path_buf(), files: RwLock::new(HashMap::new()) }
+    }
+
+    /// Reads and decodes the publish record at `location`.
+    pub fn read(&self, location: Location) -> io::Result<StoredMessage> {
+        let bytes = self.read_raw(location)?;
+        match record::decode(&bytes) {
+            Ok((Record::Publish(message), _)) => Ok(message),
+            Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "not a publish record")),
+            Err(err) => Err(io::Error::new(io::ErrorKind::InvalidData, err.to_string())),
+        }
+    }
+
+    /// Reads the raw bytes of the record at `location`.
+    pub fn read_raw(&self, location: Location) -> io::Result<Vec<u8>> {
+        let file = self.file(location.segment)?;
+        let mut bytes = vec![0; location.len as usize];
+        file.read_exact_at(&mut bytes, location.offset)?;
+        Ok(bytes)
+    }
+
+    /// Deletes a segment file and forgets its handle.
+    pub fn delete(&self, segment: u64) -> io::Result<()> {
+        self.files.write().remove(&segment);
+        match std::fs::remove_file(segment::path(&self.dir, segment)) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+            _ => Ok(()),
+        }
+    }
+
+    fn file(&self, segment: u64) -> io::Result<Arc<File>> {
+        if let Some(file) = self.files.read().get(&segment) {
+            return Ok(file.clone());
+        }
+        let file = Arc::new(File::open(segment::path(&self.dir, segment))?);
+        self.files.write().insert(segment, file.clone());
+        Ok(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_prefix_of_empty_segments_is_deleted() {
+        let mut log = LogBuffer::new(BTreeMap::from([(1, 1), (2, 1), (3, 0)]), 3);
+        log.forget(2);
+        assert!(log.take_doomed().is_empty(), "segment 1 still holds a message");
+        log.forget(1);
+        assert_eq!(log.take_doomed(), vec![1, 2]);
+        assert_eq!(log.segments().collect::<Vec<_>>(), vec![(3, 0)]);
+    }
+
+    #[test]
+    fn the_active_segment_is_never_deleted() {
+        let mut log = LogBuffer::new(BTreeMap::from([(5, 0)]), 5);
+        log.forget(5);
+        assert!(log.take_doomed().is_empty());
+        log.set_active(6);
+        assert_eq!(log.take_doomed(), vec![5]);
+    }
+
+    #[test]
+    fn writer_appends_rolls_and_reader_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = SegmentWriter::open(dir.path(), 1, 0, 32).unwrap();
+        let mut buf = Vec::new();
+        let payload = Payload {
+            id: 9,
+            body: bytes::Bytes::from_static(b"body"),
+            headers: HashMap::new(),
+            content_type: String::new(),
+            published_at_ms: 1,
+        };
+        let mut log = LogBuffer::new(BTreeMap::new(), 1);
+        let range = log.publish(4, 0, &payload);
+        buf.extend_from_slice(&log.take(Vec::new()));
+        let offset = writer.append(&buf).unwrap();
+        assert_eq!(offset, segment::MAGIC.len() as u64);
+        let location = Location { segment: 1, offset: offset + range.start as u64, len: range.len() as u32 };
+        let reader = SegmentReader::new(dir.path());
+        let stored = reader.read(location).unwrap();
+        assert_eq!((stored.seq, stored.id, &stored.body[..]), (4, 9, &b"body"[..]));
+        assert!(writer.is_full());
+        assert_eq!(writer.roll().unwrap(), 2);
+        assert_eq!(segment::list(dir.path()).unwrap(), vec![1, 2]);
+        reader.delete(1).unwrap();
+        assert_eq!(segment::list(dir.path()).unwrap(), vec![2]);
+    }
+}

@@ -1,0 +1,187 @@
+//! Segment files: naming, creation, and the recovery scan of one queue's directory.
+//!
+//! A queue's log is a run of segment files `<id:020>.seg`, each starting with an 8-byte magic
+//! and followed by records (see [`super::record`]). Only the newest segment is appended to.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use super::record::{self, RecordError};
+
+/// First bytes of every segment file: "HOPSEG" and a format version.
+pub const MAGIC: &[u8; 8] = b"HOPSEG\x00\x01";
+
+/// Where a record lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Location {
+    /// Segment id.
+    pub segment: u64,
+    /// Byte offset of the record's header in the segment file.
+    pub offset: u64,
+    /// Total bytes of the record, header included.
+    pub len: u32,
+}
+
+/// Path of segment `id` in `dir`.
+pub fn path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.seg"))
+}
+
+/// Ids of the segment files in `dir`, ascending.
+pub fn list(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(id) = name.strip_suffix(".seg").and_then(|n| n.parse::<u64>().ok()) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Creates segment `id` with its magic, synced, and returns it open for appending.
+pub fn create(dir: &Path, id: u64) -> io::Result<File> {
+    use std::io::Write;
+    let mut file = OpenOptions::new().create_new(true).read(true).append(true).open(path(dir, id))?;
+    file.write_all(MAGIC)?;
+    file.sync_data()?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// Opens an existing segment for appending (and reading).
+pub fn open_append(dir: &Path, id: u64) -> io::Result<File> {
+    OpenOptions::new().read(true).append(true).open(path(dir, id))
+}
+
+/// Makes a directory's entries (new or removed files) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A live message found by recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    /// Queue position.
+    pub seq: u64,
+    /// Deliveries recorded so far.
+    pub delivery_count: u32,
+    /// Where its publish record is.
+    pub location: Location,
+}
+
+/// What recovery learned from a queue directory.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Live messages, ordered by seq.
+    pub messages: Vec<Found>,
+    /// Segment ids present after recovery, ascending, with their byte lengths.
+    pub segments: Vec<(u64, u64)>,
+    /// The seq the next publish should get.
+    pub next_seq: u64,
+    /// Problems found and what was done about them, for the log.
+    pub problems: Vec<String>,
+}
+
+/// Replays every segment of `dir`: publishes add messages, settles remove them, delivered
+/// records raise delivery counts. A bad record in the newest segment is a torn write: the file is
+/// truncated there. A bad record in an older segment is reported with its file and offset and
+/// the rest of that segment is skipped; the other segments still load.
+pub fn scan(dir: &Path) -> io::Result<Scan> {
+    let ids = list(dir)?;
+    let mut live: HashMap<u64, Found> = HashMap::new();
+    let mut result = Scan::default();
+    let mut next_seq = 0u64;
+    for (index, &id) in ids.iter().enumerate() {
+        let newest = index + 1 == ids.len();
+        let file_path = path(dir, id);
+        let mut bytes = Vec::new();
+        File::open(&file_path)?.read_to_end(&mut bytes)?;
+        let mut at = if bytes.starts_with(MAGIC) { MAGIC.len() } else { 0 };
+        if at == 0 {
+            if newest && bytes.len() < MAGIC.len() && MAGIC.starts_with(&bytes) {
+                // Torn while being created: nothing in it yet.
+                result.problems.push(format!("{}: incomplete header; rewritten", file_path.display()));
+                std::fs::write(&file_path, MAGIC)?;
+                result.segments.push((id, MAGIC.len() as u64));
+                continue;
+            }
+            result.problems.push(format!("{}: not a segment file (bad magic); skipped", file_path.display()));
+            continue;
+        }
+        while at < bytes.len() {
+            match record::frame_len(&bytes[at..]) {
+                Ok(len) => {
+                    let location =
+                        Location { segment: id, offset: at as u64, len: (record::HEADER + len) as u32 };
+                    apply(
+                        &bytes[at + record::HEADER..at + record::HEADER + len],
+                        location,
+                        &mut live,
+                        &mut next_seq,
+                    );
+                    at += record::HEADER + len;
+                }
+                Err(err) if newest => {
+                    let kind = if err == RecordError::Incomplete { "torn write" } else { "corrupt record" };
+                    result.problems.push(format!(
+                        "{}: {kind} at offset {at} ({err}); truncated {} byte(s) from the tail",
+                        file_path.display(),
+                        bytes.len() - at
+                    ));
+                    let file = OpenOptions::new().write(true).open(&file_path)?;
+                    file.set_len(at as u64)?;
+                    file.sync_all()?;
+                    bytes.truncate(at);
+                    break;
+                }
+                Err(err) => {
+                    result.problems.push(format!(
+                        "{}: corrupt record at offset {at} ({err}); the rest of this segment ({} bytes) was skipped",
+                        file_path.display(),
+                        bytes.len() - at
+                    ));
+                    break;
+                }
+            }
+        }
+        result.segments.push((id, bytes.len() as u64));
+    }
+    let mut messages: Vec<Found> = live.into_values().collect();
+    messages.sort_unstable_by_key(|m| m.seq);
+    result.messages = messages;
+    result.next_seq = next_seq;
+    Ok(result)
+}
+
+/// Applies one checksummed record. Only the fixed-size prefix is parsed: recovery never reads
+/// bodies or headers.
+fn apply(fields: &[u8], location: Location, live: &mut HashMap<u64, Found>, next_seq: &mut u64) {
+    let u64_at =
+        |at: usize| fields.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    let u32_at =
+        |at: usize| fields.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+    match (fields.first(), u64_at(1)) {
+        (Some(&record::KIND_PUBLISH), Some(seq)) => {
+            let delivery_count = u32_at(9).unwrap_or(0);
+            *next_seq = (*next_seq).max(seq + 1);
+            // A compaction copy supersedes the original; the higher delivery count wins.
+            let found = live.entry(seq).or_insert(Found { seq, delivery_count, location });
+            found.location = location;
+            found.delivery_count = found.delivery_count.max(delivery_count);
+        }
+        (Some(&record::KIND_SETTLE), Some(seq)) => {
+            live.remove(&seq);
+        }
+        (Some(&record::KIND_DELIVERED), Some(seq)) => {
+            if let (Some(found), Some(count)) = (live.get_mut(&seq), u32_at(9)) {
+                found.delivery_count = found.delivery_count.max(count);
+            }
+        }
+        _ => {}
+    }
+}
