@@ -35,16 +35,25 @@ pub struct QueuedMessage {
     pub payload: Option<Arc<Payload>>,
     /// Where the message is stored, for durable queues.
     pub location: Option<Location>,
+    /// Recovered after a crash, which may have hidden a delivery: the next delivery is flagged
+    /// redelivered, as AMQP's "may have been delivered before".
+    pub maybe_delivered: bool,
 }
 
 impl QueuedMessage {
     /// A message held in memory only.
     pub fn transient(seq: u64, payload: Arc<Payload>) -> Self {
-        QueuedMessage { seq, delivery_count: 0, payload: Some(payload), location: None }
+        QueuedMessage {
+            seq,
+            delivery_count: 0,
+            payload: Some(payload),
+            location: None,
+            maybe_delivered: false,
+        }
     }
 
     /// True when this message has been delivered before.
     pub fn redelivered(&self) -> bool {
-        self.delivery_count > 1
+        self.delivery_count > 1 || self.maybe_delivered
     }
 }

@@ -1,8 +1,10 @@
-//! Durable queues: the journal that buffers log records under the queue's lock, and the sync
-//! thread that writes them, fsyncs, and only then makes new messages visible and confirms them.
+//! Durable queues: the journal that buffers log records under the queue's lock, a write thread
+//! that appends them to the log and makes newly written messages visible, and an fsync thread
+//! that confirms publishes once they are on stable storage.
 //!
-//! Group commit falls out of the split: while the thread writes and syncs one batch, publishes
-//! from every connection accumulate in the next, so one fsync covers all of them.
+//! Group commit falls out of the split: while one fsync runs, later batches are written and
+//! their confirms wait for the next fsync, which covers all of them. Consumers see a message as
+//! soon as it is written, so fsync latency is paid by publish confirms, not by deliveries.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -29,6 +31,21 @@ pub struct Durable {
     reader: SegmentReader,
     wake: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    syncs: Arc<Syncs>,
+}
+
+/// Confirms waiting for an fsync, handed from the write thread to the fsync thread.
+#[derive(Default)]
+struct Syncs {
+    waiting: Mutex<SyncQueue>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct SyncQueue {
+    /// Files written to, each with the confirms its next fsync releases.
+    batches: Vec<(Arc<std::fs::File>, Vec<Confirmation>)>,
+    stopping: bool,
 }
 
 /// The parts that live under the queue's lock.
@@ -57,7 +74,15 @@ pub(super) fn create(meta: &QueueMeta, dir: &Path, config: &StorageConfig) -> io
 
 /// Rebuilds a durable queue from its directory and starts its sync thread. Messages come back
 /// as index entries only; bodies are read from disk when delivered.
-pub(super) fn recover(meta: &QueueMeta, dir: &Path, config: &StorageConfig) -> io::Result<Arc<Queue>> {
+///
+/// After a crash (`crashed`), the deliveries of the last moments may not have been recorded, so
+/// every recovered message is flagged as possibly delivered.
+pub(super) fn recover(
+    meta: &QueueMeta,
+    dir: &Path,
+    config: &StorageConfig,
+    crashed: bool,
+) -> io::Result<Arc<Queue>> {
     let started = Instant::now();
     let scan = segment::scan(dir)?;
     for problem in &scan.problems {
@@ -73,6 +98,7 @@ pub(super) fn recover(meta: &QueueMeta, dir: &Path, config: &StorageConfig) -> i
             delivery_count: found.delivery_count,
             payload: None,
             location: Some(found.location),
+            maybe_delivered: crashed,
         });
     }
     let (active, len) = scan.segments.last().copied().unwrap_or((1, 0));
@@ -107,13 +133,23 @@ fn start(
             reader: SegmentReader::new(dir),
             wake: Condvar::new(),
             thread: Mutex::new(None),
+            syncs: Arc::default(),
         }),
     });
+    let short_name: String = meta.name.chars().take(8).collect();
+    let syncs = queue.durable.as_ref().expect("durable").syncs.clone();
+    let fsync = std::thread::Builder::new()
+        .name(format!("fsync-{short_name}"))
+        .spawn(move || fsync_loop(&syncs))
+        .expect("spawning an fsync thread");
     let worker = queue.clone();
     let handle = std::thread::Builder::new()
-        .name(format!("sync-{}", meta.name.chars().take(8).collect::<String>()))
-        .spawn(move || sync_loop(&worker, writer))
-        .expect("spawning a sync thread");
+        .name(format!("log-{short_name}"))
+        .spawn(move || {
+            write_loop(&worker, writer);
+            let _ = fsync.join();
+        })
+        .expect("spawning a log thread");
     *queue.durable.as_ref().expect("durable").thread.lock() = Some(handle);
     queue
 }
@@ -209,9 +245,10 @@ impl Journal for DiskJournal<'_> {
     }
 }
 
-/// The sync thread: write a batch, sync per policy, publish the batch's messages and confirm
-/// them; delete emptied segments; roll and compact segments.
-fn sync_loop(queue: &Queue, mut writer: SegmentWriter) {
+/// The write thread: append a batch, make its messages visible, and hand its confirms to the
+/// fsync thread (or send them, when the policy does not wait for fsync); then delete emptied
+/// segments, roll and compact.
+fn write_loop(queue: &Queue, mut writer: SegmentWriter) {
     let durable = queue.durable.as_ref().expect("durable queue");
     let policy = durable.config.fsync;
     let mut spare = Vec::with_capacity(64 * 1024);
@@ -228,15 +265,9 @@ fn sync_loop(queue: &Queue, mut writer: SegmentWriter) {
 
         let mut written = None;
         if !bytes.is_empty() {
-            let result = writer.append(&bytes).and_then(|offset| {
-                if policy == FsyncPolicy::Always {
-                    writer.sync()?;
-                }
-                Ok(offset)
-            });
-            match result {
+            match writer.append(&bytes) {
                 Ok(offset) => {
-                    unsynced = policy != FsyncPolicy::Always;
+                    unsynced = true;
                     failing = false;
                     written = Some(offset);
                 }
@@ -248,24 +279,85 @@ fn sync_loop(queue: &Queue, mut writer: SegmentWriter) {
                 }
             }
         }
-        if unsynced && (stopping || last_sync.elapsed() >= durable.config.fsync_interval) {
-            if policy != FsyncPolicy::Never || stopping {
-                if let Err(err) = writer.sync() {
-                    tracing::error!(queue = %queue.name, error = %err, "log sync failed");
+        let confirms = apply_batch(queue, durable, &writer, &bytes, pending, written);
+        match policy {
+            FsyncPolicy::Always if written.is_some() => {
+                durable.syncs.submit(writer.file(), confirms);
+                unsynced = false;
+            }
+            _ => {
+                for (confirm, result) in confirms {
+                    confirm.send(result);
                 }
+            }
+        }
+        let sync_due = last_sync.elapsed() >= durable.config.fsync_interval;
+        if unsynced && (stopping || (policy == FsyncPolicy::Batch && sync_due)) {
+            if let Err(err) = writer.sync() {
+                tracing::error!(queue = %queue.name, error = %err, "log sync failed");
             }
             unsynced = false;
             last_sync = Instant::now();
-        }
-        let confirms = apply_batch(queue, durable, &writer, &bytes, pending, written);
-        for (confirm, result) in confirms {
-            confirm.send(result);
         }
         spare = bytes;
         spare.clear();
         maintain(queue, durable, &mut writer);
         if stopping {
+            durable.syncs.stop();
             return;
+        }
+    }
+}
+
+impl Syncs {
+    fn submit(&self, file: Arc<std::fs::File>, confirms: Vec<Confirmation>) {
+        self.waiting.lock().batches.push((file, confirms));
+        self.wake.notify_one();
+    }
+
+    fn stop(&self) {
+        self.waiting.lock().stopping = true;
+        self.wake.notify_one();
+    }
+}
+
+/// The fsync thread: takes every batch written since its last round, syncs each file once, and
+/// releases their confirms — negative ones if the sync failed.
+fn fsync_loop(syncs: &Syncs) {
+    loop {
+        let batches = {
+            let mut waiting = syncs.waiting.lock();
+            while waiting.batches.is_empty() && !waiting.stopping {
+                syncs.wake.wait(&mut waiting);
+            }
+            if waiting.batches.is_empty() {
+                return;
+            }
+            std::mem::take(&mut waiting.batches)
+        };
+        let mut synced: Vec<(*const std::fs::File, Result<(), String>)> = Vec::new();
+        for (file, confirms) in batches {
+            let key = Arc::as_ptr(&file);
+            let result = match synced.iter().find(|(k, _)| *k == key) {
+                Some((_, result)) => result.clone(),
+                None => {
+                    let result = file.sync_data().map_err(|e| e.to_string());
+                    if let Err(err) = &result {
+                        tracing::error!(error = %err, "log fsync failed; publishes are refused");
+                    }
+                    synced.push((key, result.clone()));
+                    result
+                }
+            };
+            for (confirm, outcome) in confirms {
+                let outcome = match &result {
+                    Ok(()) => outcome,
+                    Err(err) => {
+                        Err(BrokerError::ResourceLimit(format!("message not confirmed: fsync failed: {err}")))
+                    }
+                };
+                confirm.send(outcome);
+            }
         }
     }
 }
@@ -339,6 +431,7 @@ fn apply_batch(
                     delivery_count: 0,
                     payload: resident.then_some(publish.payload),
                     location: Some(location),
+                    maybe_delivered: false,
                 });
                 confirms.push((publish.confirm, Ok(id)));
             }
@@ -369,6 +462,12 @@ fn apply_batch(
 /// compacts the oldest segment when little of it is still live.
 fn maintain(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
     if writer.is_full() {
+        if durable.config.fsync != FsyncPolicy::Always {
+            // Under `always` the fsync thread still holds the old file and syncs it.
+            if let Err(err) = writer.sync() {
+                tracing::error!(queue = %queue.name, error = %err, "log sync failed");
+            }
+        }
         match writer.roll() {
             Ok(id) => {
                 if let Some(disk) = queue.state.lock().disk.as_mut() {

@@ -184,6 +184,7 @@ impl Registry {
     /// Opens the store and brings back every durable queue it holds. Problems with single
     /// queues or segments are logged and skipped: one bad queue does not stop the broker.
     pub fn recover(store: Store, storage: StorageConfig) -> std::io::Result<Registry> {
+        let crashed = !store.take_clean_shutdown()?;
         let registry = Registry { queues: DashMap::new(), store, storage };
         for entry in registry.store.list()? {
             let (dir, meta) = match entry {
@@ -193,7 +194,7 @@ impl Registry {
                     continue;
                 }
             };
-            match durable::recover(&meta, &dir, &registry.storage) {
+            match durable::recover(&meta, &dir, &registry.storage, crashed) {
                 Ok(queue) => {
                     registry.queues.insert(meta.name.as_str().into(), queue);
                 }
@@ -286,12 +287,16 @@ impl Registry {
         queues
     }
 
-    /// Writes out and syncs what every durable queue has buffered, and stops their threads.
+    /// Writes out and syncs what every durable queue has buffered, stops their threads, and
+    /// records the clean shutdown.
     pub fn close(&self) {
         for queue in self.list() {
             if let Some(durable) = &queue.durable {
                 durable.stop(&queue);
             }
+        }
+        if let Err(err) = self.store.mark_clean_shutdown() {
+            tracing::warn!(error = %err, "could not record the clean shutdown");
         }
     }
 }

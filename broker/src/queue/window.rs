@@ -118,7 +118,13 @@ mod tests {
             content_type: String::new(),
             published_at_ms: 0,
         };
-        QueuedMessage { seq, delivery_count: 1, payload: Some(Arc::new(payload)), location: None }
+        QueuedMessage {
+            seq,
+            delivery_count: 1,
+            payload: Some(Arc::new(payload)),
+            location: None,
+            maybe_delivered: false,
+        }
     }
 
     #[test]

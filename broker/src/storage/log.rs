@@ -154,7 +154,7 @@ pub fn encode_payload(dst: &mut Vec<u8>, seq: u64, delivery_count: u32, payload:
 pub struct SegmentWriter {
     dir: PathBuf,
     id: u64,
-    file: File,
+    file: Arc<File>,
     len: u64,
     segment_bytes: u64,
 }
@@ -167,7 +167,7 @@ impl SegmentWriter {
         } else {
             (segment::open_append(dir, id)?, len)
         };
-        Ok(SegmentWriter { dir: dir.to_path_buf(), id, file, len, segment_bytes })
+        Ok(SegmentWriter { dir: dir.to_path_buf(), id, file: Arc::new(file), len, segment_bytes })
     }
 
     /// The active segment.
@@ -179,7 +179,7 @@ impl SegmentWriter {
     /// its previous length, so a partial batch never stays on disk.
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<u64> {
         let offset = self.len;
-        if let Err(err) = self.file.write_all(bytes) {
+        if let Err(err) = (&*self.file).write_all(bytes) {
             if let Err(truncate) = self.file.set_len(offset) {
                 tracing::error!(segment = self.id, error = %truncate, "could not cut back a failed write");
             }
@@ -194,16 +194,21 @@ impl SegmentWriter {
         self.file.sync_data()
     }
 
+    /// The active segment's file, for syncing it from another thread.
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
     /// True when the active segment has reached its size.
     pub fn is_full(&self) -> bool {
         self.len >= self.segment_bytes
     }
 
-    /// Starts the next segment (the current one is synced first). Returns its id.
+    /// Starts the next segment and returns its id. The caller syncs the previous one (its
+    /// handle stays valid).
     pub fn roll(&mut self) -> io::Result<u64> {
-        self.file.sync_data()?;
         let id = self.id + 1;
-        self.file = segment::create(&self.dir, id)?;
+        self.file = Arc::new(segment::create(&self.dir, id)?);
         self.id = id;
         self.len = segment::MAGIC.len() as u64;
         Ok(id)

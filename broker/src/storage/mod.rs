@@ -72,6 +72,7 @@ pub struct Store {
 }
 
 const META: &str = "queue.json";
+const CLEAN: &str = "CLEAN";
 
 impl Store {
     /// Opens (creating if needed) `<data_dir>/queues`, and finishes any queue deletion that a
@@ -90,6 +91,29 @@ impl Store {
             }
         }
         Ok(Store { root, next_id: AtomicU64::new(max_id + 1) })
+    }
+
+    /// Whether the previous run shut down cleanly (everything flushed); consumes the marker,
+    /// so a crash during this run is detected at the next start.
+    pub fn take_clean_shutdown(&self) -> io::Result<bool> {
+        let marker = self.root.join(CLEAN);
+        match std::fs::remove_file(&marker) {
+            Ok(()) => {
+                segment::sync_dir(&self.root)?;
+                Ok(true)
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                // A fresh data directory has nothing that could have been half-delivered.
+                Ok(self.list()?.is_empty())
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Records that every queue was flushed and closed.
+    pub fn mark_clean_shutdown(&self) -> io::Result<()> {
+        std::fs::write(self.root.join(CLEAN), b"")?;
+        segment::sync_dir(&self.root)
     }
 
     /// Every durable queue directory with its metadata. Directories whose metadata cannot be

@@ -43,12 +43,12 @@ pub fn list(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(ids)
 }
 
-/// Creates segment `id` with its magic, synced, and returns it open for appending.
+/// Creates segment `id` with its magic and returns it open for appending. The directory entry
+/// is made durable; the magic is synced with the segment's first batch.
 pub fn create(dir: &Path, id: u64) -> io::Result<File> {
     use std::io::Write;
     let mut file = OpenOptions::new().create_new(true).read(true).append(true).open(path(dir, id))?;
     file.write_all(MAGIC)?;
-    file.sync_data()?;
     sync_dir(dir)?;
     Ok(file)
 }
