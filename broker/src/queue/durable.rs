@@ -18,7 +18,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use super::{Confirm, Journal, Live, Queue, QueueState};
 use crate::error::BrokerError;
 use crate::message::{Payload, QueuedMessage};
-use crate::storage::log::{encode_payload, LogBuffer, SegmentReader, SegmentWriter};
+use crate::storage::log::{encode_payload, LiveCount, LogBuffer, SegmentReader, SegmentWriter};
 use crate::storage::{segment, FsyncPolicy, Location, QueueMeta, StorageConfig};
 
 /// How long the sync thread waits before retrying after a failed write.
@@ -88,11 +88,13 @@ pub(super) fn recover(
     for problem in &scan.problems {
         tracing::warn!(queue = %meta.name, "{problem}");
     }
-    let mut live: BTreeMap<u64, u64> = scan.segments.iter().map(|&(id, _)| (id, 0)).collect();
+    let mut live: BTreeMap<u64, LiveCount> = scan.segments.iter().map(|&(id, _)| (id, LiveCount::default())).collect();
     let mut state = QueueState::new();
     state.set_next_seq(scan.next_seq);
     for found in &scan.messages {
-        *live.entry(found.location.segment).or_insert(0) += 1;
+        let count = live.entry(found.location.segment).or_default();
+        count.messages += 1;
+        count.bytes += u64::from(found.location.len);
         state.restore(QueuedMessage {
             seq: found.seq,
             delivery_count: found.delivery_count,
@@ -419,7 +421,7 @@ fn apply_batch(
                     offset: offset + publish.range.start as u64,
                     len: publish.range.len() as u32,
                 };
-                disk.log.add_live(segment);
+                disk.log.add_live(location);
                 let size = publish.payload.body.len();
                 let resident = disk.resident_bytes + size <= durable.config.queue_memory_bytes;
                 if resident {
@@ -495,16 +497,12 @@ fn compact(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
     let victims: Vec<(u64, Location, u32)> = {
         let guard = queue.state.lock();
         let Some(disk) = guard.disk.as_ref() else { return };
-        let Some((oldest, _)) = disk.log.compaction_candidate() else { return };
+        let Some(oldest) = disk.log.compaction_candidate(durable.config.segment_bytes) else { return };
         let victims: Vec<_> = guard
             .state
             .messages()
             .filter_map(|m| m.location.filter(|l| l.segment == oldest).map(|l| (m.seq, l, m.delivery_count)))
             .collect();
-        let live_bytes: u64 = victims.iter().map(|(_, l, _)| u64::from(l.len)).sum();
-        if live_bytes * 4 > durable.config.segment_bytes {
-            return;
-        }
         victims
     };
     let mut bytes = Vec::new();
@@ -540,10 +538,15 @@ fn compact(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
         if message.location.map(|l| l.segment) != Some(old_segment) {
             continue;
         }
-        message.location =
-            Some(Location { segment, offset: offset + range.start as u64, len: range.len() as u32 });
-        disk.log.add_live(segment);
-        disk.log.forget(old_segment);
+        let old = message.location.replace(Location {
+            segment,
+            offset: offset + range.start as u64,
+            len: range.len() as u32,
+        });
+        disk.log.add_live(message.location.expect("just set"));
+        if let Some(old) = old {
+            disk.log.forget(old);
+        }
     }
     tracing::debug!(queue = %queue.name, moved, "oldest segment compacted");
 }

@@ -17,12 +17,21 @@ use super::record::{self, Record, StoredMessage};
 use super::segment::{self, Location};
 use crate::message::Payload;
 
+/// Messages still live in one segment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveCount {
+    /// How many.
+    pub messages: u64,
+    /// Their records' bytes.
+    pub bytes: u64,
+}
+
 /// Records waiting to be written, and per-segment accounting.
 #[derive(Debug)]
 pub struct LogBuffer {
     buf: Vec<u8>,
     /// Live messages (published, not settled) per segment, oldest first.
-    live: BTreeMap<u64, u64>,
+    live: BTreeMap<u64, LiveCount>,
     /// The segment the writer appends to; never deleted.
     active: u64,
     /// Segments with no live message left, to be deleted by the writer.
@@ -32,9 +41,9 @@ pub struct LogBuffer {
 impl LogBuffer {
     /// A buffer for a log whose segments hold `live` messages each and whose newest segment is
     /// `active`.
-    pub fn new(live: BTreeMap<u64, u64>, active: u64) -> Self {
+    pub fn new(live: BTreeMap<u64, LiveCount>, active: u64) -> Self {
         let mut log = LogBuffer { buf: Vec::with_capacity(64 * 1024), live, active, doomed: Vec::new() };
-        log.live.entry(active).or_insert(0);
+        log.live.entry(active).or_default();
         log.collect_garbage();
         log
     }
@@ -61,18 +70,21 @@ impl LogBuffer {
     /// Records that a message left the queue for good and releases its segment slot.
     pub fn settled(&mut self, seq: u64, location: Location) {
         record::encode_settle(&mut self.buf, seq);
-        self.forget(location.segment);
+        self.forget(location);
     }
 
-    /// Counts a message written to `segment`.
-    pub fn add_live(&mut self, segment: u64) {
-        *self.live.entry(segment).or_insert(0) += 1;
+    /// Counts a message written at `location`.
+    pub fn add_live(&mut self, location: Location) {
+        let live = self.live.entry(location.segment).or_default();
+        live.messages += 1;
+        live.bytes += u64::from(location.len);
     }
 
-    /// Uncounts a message from `segment` (settled, or moved by compaction).
-    pub fn forget(&mut self, segment: u64) {
-        if let Some(live) = self.live.get_mut(&segment) {
-            *live = live.saturating_sub(1);
+    /// Uncounts the message at `location` (settled, or moved by compaction).
+    pub fn forget(&mut self, location: Location) {
+        if let Some(live) = self.live.get_mut(&location.segment) {
+            live.messages = live.messages.saturating_sub(1);
+            live.bytes = live.bytes.saturating_sub(u64::from(location.len));
         }
         self.collect_garbage();
     }
@@ -101,7 +113,7 @@ impl LogBuffer {
     /// Switches appends to a new segment.
     pub fn set_active(&mut self, segment: u64) {
         self.active = segment;
-        self.live.entry(segment).or_insert(0);
+        self.live.entry(segment).or_default();
         self.collect_garbage();
     }
 
@@ -110,23 +122,24 @@ impl LogBuffer {
         std::mem::take(&mut self.doomed)
     }
 
-    /// The oldest segment if it is worth compacting: not the active one, at most a quarter of
-    /// `per_segment` messages still live in it, and at least two segments behind it.
-    pub fn compaction_candidate(&self) -> Option<(u64, u64)> {
-        let (&oldest, &live) = self.live.iter().next()?;
-        (oldest != self.active && self.live.len() >= 3 && live > 0).then_some((oldest, live))
+    /// The oldest segment if it is worth compacting: not the active one, at least two
+    /// segments behind it, and at most a quarter of a full segment's bytes still live in it.
+    pub fn compaction_candidate(&self, segment_bytes: u64) -> Option<u64> {
+        let (&oldest, live) = self.live.iter().next()?;
+        let worth = oldest != self.active && self.live.len() >= 3 && live.messages > 0;
+        (worth && live.bytes * 4 <= segment_bytes).then_some(oldest)
     }
 
     /// Segments present, oldest first, with their live counts.
-    pub fn segments(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+    pub fn segments(&self) -> impl Iterator<Item = (u64, LiveCount)> + '_ {
         self.live.iter().map(|(&id, &live)| (id, live))
     }
 
     /// Only a prefix of segments can be deleted: a settle record for a message in an older
     /// segment lives in a newer one, and must outlive the message's publish record.
     fn collect_garbage(&mut self) {
-        while let Some((&oldest, &live)) = self.live.iter().next() {
-            if live > 0 || oldest == self.active {
+        while let Some((&oldest, live)) = self.live.iter().next() {
+            if live.messages > 0 || oldest == self.active {
                 break;
             }
             self.live.remove(&oldest);
@@ -269,23 +282,42 @@ impl SegmentReader {
 mod tests {
     use super::*;
 
+    fn at(segment: u64, len: u32) -> Location {
+        Location { segment, offset: 8, len }
+    }
+
+    fn one(len: u64) -> LiveCount {
+        LiveCount { messages: 1, bytes: len }
+    }
+
     #[test]
     fn only_a_prefix_of_empty_segments_is_deleted() {
-        let mut log = LogBuffer::new(BTreeMap::from([(1, 1), (2, 1), (3, 0)]), 3);
-        log.forget(2);
+        let mut log = LogBuffer::new(BTreeMap::from([(1, one(10)), (2, one(10)), (3, LiveCount::default())]), 3);
+        log.forget(at(2, 10));
         assert!(log.take_doomed().is_empty(), "segment 1 still holds a message");
-        log.forget(1);
+        log.forget(at(1, 10));
         assert_eq!(log.take_doomed(), vec![1, 2]);
-        assert_eq!(log.segments().collect::<Vec<_>>(), vec![(3, 0)]);
+        assert_eq!(log.segments().collect::<Vec<_>>(), vec![(3, LiveCount::default())]);
     }
 
     #[test]
     fn the_active_segment_is_never_deleted() {
-        let mut log = LogBuffer::new(BTreeMap::from([(5, 0)]), 5);
-        log.forget(5);
+        let mut log = LogBuffer::new(BTreeMap::from([(5, one(10))]), 5);
+        log.forget(at(5, 10));
         assert!(log.take_doomed().is_empty());
         log.set_active(6);
         assert_eq!(log.take_doomed(), vec![5]);
+    }
+
+    #[test]
+    fn compaction_wants_an_old_mostly_dead_segment() {
+        let mut log = LogBuffer::new(BTreeMap::new(), 1);
+        log.add_live(at(1, 100));
+        log.set_active(2);
+        assert_eq!(log.compaction_candidate(1000), None, "needs two segments behind it");
+        log.set_active(3);
+        assert_eq!(log.compaction_candidate(1000), Some(1));
+        assert_eq!(log.compaction_candidate(399), None, "more than a quarter live");
     }
 
     #[test]
