@@ -101,6 +101,7 @@ fn main() -> ExitCode {
             Ok(config) => config,
             Err(err) => return fail(&err.to_string()),
         };
+        ignore_file_size_signal();
         let data_dir = config.data_dir.display().to_string();
         let broker = match Broker::start(config).await {
             Ok(broker) => broker,
@@ -118,6 +119,24 @@ fn main() -> ExitCode {
 fn fail(message: &str) -> ExitCode {
     eprintln!("hopperd: error: {message}");
     ExitCode::FAILURE
+}
+
+/// A write past the file-size limit (RLIMIT_FSIZE) raises SIGXFSZ, whose default action kills
+/// the process. Handling it turns the write into an ordinary EFBIG error, which the broker
+/// reports as a refused publish like any other full disk.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        const SIGXFSZ: i32 = 25;
+        if let Ok(mut xfsz) = signal(SignalKind::from_raw(SIGXFSZ)) {
+            tokio::spawn(async move {
+                while xfsz.recv().await.is_some() {
+                    tracing::debug!("file size limit reached");
+                }
+            });
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -88,7 +88,8 @@ pub(super) fn recover(
     for problem in &scan.problems {
         tracing::warn!(queue = %meta.name, "{problem}");
     }
-    let mut live: BTreeMap<u64, LiveCount> = scan.segments.iter().map(|&(id, _)| (id, LiveCount::default())).collect();
+    let mut live: BTreeMap<u64, LiveCount> =
+        scan.segments.iter().map(|&(id, _)| (id, LiveCount::default())).collect();
     let mut state = QueueState::new();
     state.set_next_seq(scan.next_seq);
     for found in &scan.messages {
@@ -265,25 +266,27 @@ fn write_loop(queue: &Queue, mut writer: SegmentWriter) {
         let pending = std::mem::take(&mut disk.pending);
         drop(guard);
 
-        let mut written = None;
+        let mut written = Err(String::new());
         if !bytes.is_empty() {
             match writer.append(&bytes) {
                 Ok(offset) => {
                     unsynced = true;
                     failing = false;
-                    written = Some(offset);
+                    written = Ok(offset);
                 }
                 Err(err) => {
                     if !failing {
                         tracing::error!(queue = %queue.name, error = %err, "log write failed; publishes are refused until it succeeds");
                     }
                     failing = true;
+                    written = Err(err.to_string());
                 }
             }
         }
+        let wrote = written.is_ok();
         let confirms = apply_batch(queue, durable, &writer, &bytes, pending, written);
         match policy {
-            FsyncPolicy::Always if written.is_some() => {
+            FsyncPolicy::Always if wrote => {
                 durable.syncs.submit(writer.file(), confirms);
                 unsynced = false;
             }
@@ -406,14 +409,14 @@ fn apply_batch(
     writer: &SegmentWriter,
     bytes: &[u8],
     pending: Vec<PendingPublish>,
-    written: Option<u64>,
+    written: Result<u64, String>,
 ) -> Vec<Confirmation> {
     let mut confirms = Vec::with_capacity(pending.len());
     let mut guard = queue.state.lock();
     let live = &mut *guard;
     let disk = live.disk.as_mut().expect("durable queue");
     match written {
-        Some(offset) => {
+        Ok(offset) => {
             let segment = writer.id();
             for publish in pending {
                 let location = Location {
@@ -440,7 +443,7 @@ fn apply_batch(
             let mut journal = durable.journal(disk);
             live.state.dispatch(&mut journal);
         }
-        None if !bytes.is_empty() => {
+        Err(error) if !bytes.is_empty() => {
             let mut others = Vec::new();
             let mut at = 0;
             for publish in &pending {
@@ -449,13 +452,13 @@ fn apply_batch(
             }
             others.extend_from_slice(&bytes[at..]);
             disk.log.restore(others);
-            let reason = if live.deleted { "queue deleted" } else { "the broker could not write it to disk" };
             for publish in pending {
-                let error = BrokerError::ResourceLimit(format!("message not stored: {reason}"));
+                let error =
+                    BrokerError::ResourceLimit(format!("message not stored: disk write failed: {error}"));
                 confirms.push((publish.confirm, Err(error)));
             }
         }
-        None => {}
+        Err(_) => {}
     }
     confirms
 }

@@ -292,7 +292,8 @@ mod tests {
 
     #[test]
     fn only_a_prefix_of_empty_segments_is_deleted() {
-        let mut log = LogBuffer::new(BTreeMap::from([(1, one(10)), (2, one(10)), (3, LiveCount::default())]), 3);
+        let mut log =
+            LogBuffer::new(BTreeMap::from([(1, one(10)), (2, one(10)), (3, LiveCount::default())]), 3);
         log.forget(at(2, 10));
         assert!(log.take_doomed().is_empty(), "segment 1 still holds a message");
         log.forget(at(1, 10));
