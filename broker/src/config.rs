@@ -57,7 +57,11 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Config, StartError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| StartError::Config(format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| StartError::Config(format!("{}: {e}", path.display())))
+        toml::from_str(&text).map_err(|e| {
+            let at = e.span().map(|span| line_and_column(&text, span.start)).unwrap_or_default();
+            let message = e.message().trim().replace('\n', "; ");
+            StartError::Config(format!("{}{at}: {message}", path.display()))
+        })
     }
 
     /// Checks that the values make sense together.
@@ -101,6 +105,14 @@ impl Config {
     }
 }
 
+/// ":LINE:COLUMN" (1-based) of a byte offset, for one-line error messages.
+fn line_and_column(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!(":{line}:{column}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,7 +139,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hopper.toml");
         std::fs::write(&path, "lisen = \"x\"\n").unwrap();
-        assert!(Config::from_file(&path).unwrap_err().to_string().contains("lisen"));
+        let error = Config::from_file(&path).unwrap_err().to_string();
+        assert!(error.contains("lisen") && error.contains(":1:1"), "{error}");
+        assert_eq!(error.lines().count(), 1, "{error}");
         let config = Config { max_frame_size: 10, ..Config::default() };
         assert!(config.validate().is_err());
     }

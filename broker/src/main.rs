@@ -107,8 +107,11 @@ fn main() -> ExitCode {
             Ok(broker) => broker,
             Err(err) => return fail(&err.to_string()),
         };
+        // Handlers are installed before the address is announced, so a SIGTERM sent as soon as
+        // the broker says it listens already shuts it down gracefully.
+        let shutdown = shutdown_signal();
         tracing::info!(data_dir = %data_dir, version = env!("CARGO_PKG_VERSION"), "listening on {}", broker.local_addr());
-        wait_for_signal().await;
+        shutdown.await;
         tracing::info!("shutting down");
         broker.shutdown().await;
         ExitCode::SUCCESS
@@ -139,24 +142,21 @@ fn ignore_file_size_signal() {
     }
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when
+/// the future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        let _ = ctrl_c.await;
     }
 }

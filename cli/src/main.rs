@@ -1,1 +1,159 @@
-fn main() {}
+//! `hopper`: the command-line client of the Hopper broker — flags, dispatch and error reporting.
+//!
+//! Each subcommand lives in its own module and owns its flags; all table and JSON rendering
+//! lives in [`output`].
+
+mod bench;
+mod consume;
+mod output;
+mod publish;
+mod queue;
+
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use clap::{Parser, Subcommand};
+use hopper_client::{ConnectOptions, Connection};
+
+/// Exit status of a process ended by SIGPIPE, used when stdout is closed under us.
+const BROKEN_PIPE_EXIT: u8 = 141;
+
+/// Publish, consume, inspect and benchmark a Hopper broker.
+#[derive(Debug, Parser)]
+#[command(name = "hopper", version, propagate_version = true)]
+struct Cli {
+    /// Broker address, HOST:PORT.
+    #[arg(long, global = true, env = "HOPPER_SERVER", default_value = "127.0.0.1:5680", display_order = 100)]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Declare, delete, purge, list and inspect queues.
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
+    /// Publish messages to a queue and wait for the broker to confirm every one.
+    Publish(publish::PublishArgs),
+    /// Print the messages of a queue and acknowledge, requeue, reject or hold them.
+    Consume(consume::ConsumeArgs),
+    /// Measure throughput and end-to-end latency with concurrent producers and consumers.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("hopper: error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Tasks still blocked on stdin must not keep the process alive.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => ExitCode::from(BROKEN_PIPE_EXIT),
+        Err(err) => {
+            eprintln!("hopper: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the chosen subcommand.
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Queue(command) => queue::run(&cli.server, command).await,
+        Command::Publish(args) => publish::run(&cli.server, args).await,
+        Command::Consume(args) => consume::run(&cli.server, args).await,
+        Command::Bench(args) => bench::run(&cli.server, args).await,
+    }
+}
+
+/// Connects to the broker, turning a failure into one readable line such as
+/// `cannot connect to 127.0.0.1:5680: Connection refused`.
+pub(crate) async fn connect(server: &str, role: &str) -> anyhow::Result<Connection> {
+    let options = ConnectOptions {
+        client_name: format!("hopper-cli/{} {role}", env!("CARGO_PKG_VERSION")),
+        ..ConnectOptions::default()
+    };
+    Connection::connect_with(server, options).await.map_err(|err| match err {
+        hopper_client::Error::Io(io) => anyhow!("cannot connect to {server}: {}", io_reason(&io)),
+        other => anyhow!("cannot connect to {server}: {other}"),
+    })
+}
+
+/// A flag value parser for whole numbers no smaller than `min`, with a readable error.
+pub(crate) fn at_least<T>(min: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |text| match text.parse::<T>() {
+        Ok(value) if value >= min => Ok(value),
+        Ok(_) => Err(format!("must be at least {min}")),
+        Err(_) => Err(format!("expected a whole number, got '{text}'")),
+    }
+}
+
+/// The operating system's text for an I/O error without the trailing `(os error N)`.
+fn io_reason(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    match text.find(" (os error ") {
+        Some(cut) => text[..cut].to_string(),
+        None => text,
+    }
+}
+
+/// Whether the error chain ends in a write to a closed pipe (e.g. `hopper consume q | head`).
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn io_reason_drops_the_os_error_number() {
+        let err = std::io::Error::from_raw_os_error(111);
+        let reason = io_reason(&err);
+        assert!(!reason.contains("os error"), "{reason}");
+        let custom = std::io::Error::other("plain");
+        assert_eq!(io_reason(&custom), "plain");
+    }
+
+    #[test]
+    fn broken_pipe_is_recognised_through_context() {
+        let err = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::BrokenPipe)).context("writing");
+        assert!(is_broken_pipe(&err));
+        assert!(!is_broken_pipe(&anyhow!("other")));
+    }
+
+    #[test]
+    fn at_least_rejects_small_and_malformed_numbers() {
+        let parse = at_least(16u64);
+        assert_eq!(parse("16"), Ok(16));
+        assert_eq!(parse("8"), Err("must be at least 16".to_string()));
+        assert!(parse("-1").unwrap_err().contains("whole number"));
+        assert!(parse("x").unwrap_err().contains("whole number"));
+    }
+
+    #[test]
+    fn server_defaults_and_is_global() {
+        let cli = Cli::try_parse_from(["hopper", "queue", "list", "--server", "h:1"]).unwrap();
+        assert_eq!(cli.server, "h:1");
+    }
+}

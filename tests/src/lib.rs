@@ -1,1 +1,21 @@
+//! The harness shared by Hopper's integration tests: it starts the real `hopperd` as a child
+//! process, runs the `hopper` CLI against it, connects with `hopper-client`, and speaks raw
+//! frames for the bad-input tests.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`; `make test` does it):
+//! they are looked up in the target directory next to the test executable.
 
+mod broker;
+mod cli;
+mod client;
+mod raw;
+mod wait;
+
+pub use broker::{binary, command, send_signal, Broker};
+pub use cli::{cli, cli_at, run, run_cli, run_with_stdin, CliOutput};
+pub use client::{
+    assert_serves, body_text, connect, connect_with, next_deliveries, next_delivery, publish_all,
+    stats_eventually,
+};
+pub use raw::RawConn;
+pub use wait::{eventually, within, DEADLINE};

@@ -35,6 +35,12 @@ pub struct QueueSettings {
     pub durable: bool,
 }
 
+impl std::fmt::Display for QueueSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "durable={}", self.durable)
+    }
+}
+
 /// Where the answer to a publish goes: the publishing connection and its request id.
 pub struct Confirm {
     outbox: Arc<Outbox>,
@@ -219,7 +225,7 @@ impl Registry {
                 let queue = entry.get().clone();
                 if queue.settings != settings {
                     return Err(BrokerError::PreconditionFailed(format!(
-                        "queue '{name}' exists with other settings ({:?}); requested {settings:?}",
+                        "queue '{name}' exists with other settings ({}); requested {settings}",
                         queue.settings
                     )));
                 }

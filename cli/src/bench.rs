@@ -1,0 +1,479 @@
+//! `hopper bench`: producers and consumers on their own connections, measuring publish and
+//! consume throughput and end-to-end latency (in the manner of rabbitmq-perf-test).
+//!
+//! Every body starts with the time it was built, as nanoseconds since the Unix epoch in
+//! little-endian order; consumers subtract it from their clock on arrival.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context};
+use bytes::{Bytes, BytesMut};
+use clap::Args;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use hopper_client::{
+    Connection, ConsumeOptions, DeleteOptions, Delivery, PublishConfirm, PublishOptions, QueueOptions,
+};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::output::{self, BenchReport};
+
+/// Bytes at the front of every body that hold the send time.
+const TIMESTAMP_LEN: usize = 8;
+/// Bodies are cut from zeroed chunks of about this size, so building one costs no allocation.
+const BODY_CHUNK_BYTES: usize = 256 * 1024;
+/// Largest latency the histogram resolves, in microseconds (one hour); larger ones saturate.
+const MAX_LATENCY_US: u64 = 3_600_000_000;
+/// How long consumers may go without a delivery after the producers finished before the run
+/// is declared stuck.
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Flags of `bench`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Prints sent and received counts, publish and consume rates (msg/s), end-to-end latency \
+percentiles (µs) and the elapsed time; with --json, one object with keys publish_rate, \
+consume_rate, p50_us, p99_us, p999_us, max_us, sent, received, elapsed_s, size, prefetch, \
+producers, consumers. Without --queue, a queue named bench-<pid> is declared and deleted at the end.")]
+pub struct BenchArgs {
+    /// Publishing connections.
+    #[arg(long, default_value_t = 1, value_parser = crate::at_least(1u32))]
+    pub producers: u32,
+    /// Consuming connections; 0 only publishes.
+    #[arg(long, default_value_t = 1)]
+    pub consumers: u32,
+    /// Body size in bytes (at least 16).
+    #[arg(long, default_value_t = 256, value_parser = crate::at_least(16u64))]
+    pub size: u64,
+    /// Messages to publish in total.
+    #[arg(long, default_value_t = 200_000, conflicts_with = "duration")]
+    pub count: u64,
+    /// Publish for this many seconds instead of a fixed count.
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    pub duration: Option<Duration>,
+    /// Unacknowledged deliveries per consumer (0 = no limit).
+    #[arg(long, default_value_t = 100)]
+    pub prefetch: u32,
+    /// Fixed total publish rate in messages per second (0 = as fast as possible).
+    #[arg(long, value_name = "MSG_PER_SEC", default_value_t = 0)]
+    pub rate: u64,
+    /// Publishes awaiting their confirm, per producer.
+    #[arg(long, default_value_t = 1000, value_parser = crate::at_least(1u64))]
+    pub confirm_window: u64,
+    /// Queue to use [default: bench-<pid>, deleted afterwards].
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Declare the queue durable.
+    #[arg(long)]
+    pub durable: bool,
+    /// Acknowledge every N deliveries at once (ack with multiple).
+    #[arg(long, default_value_t = 1, value_parser = crate::at_least(1u64))]
+    pub ack_every: u64,
+    /// Print one JSON summary object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `bench` against the broker at `server`.
+pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
+    let (queue, temporary) = match &args.queue {
+        Some(name) => (name.clone(), false),
+        None => (format!("bench-{}", std::process::id()), true),
+    };
+    let admin = crate::connect(server, "bench").await?;
+    admin.declare_queue(&queue, QueueOptions { durable: args.durable }).await?;
+    let result = bench(server, &args, &queue).await;
+    if temporary {
+        if let Err(err) = admin.delete_queue(&queue, DeleteOptions::default()).await {
+            eprintln!("hopper: warning: could not delete queue '{queue}': {err}");
+        }
+    }
+    let _ = admin.close().await;
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", output::bench_listing(&report));
+    }
+    Ok(())
+}
+
+/// Received-message bookkeeping shared by the consumers and the coordinator.
+struct Progress {
+    received: AtomicU64,
+    /// Messages to wait for: `u64::MAX` until the producers have finished.
+    target: AtomicU64,
+    done: watch::Sender<bool>,
+}
+
+impl Progress {
+    /// Counts one delivery and signals the end when it was the last one expected.
+    fn record(&self) {
+        let received = self.received.fetch_add(1, Ordering::SeqCst) + 1;
+        if received >= self.target.load(Ordering::SeqCst) {
+            self.done.send_replace(true);
+        }
+    }
+
+    /// Sets how many messages the consumers must receive. Together with the opposite order in
+    /// [`Progress::record`], SeqCst guarantees that one side sees the other's write.
+    fn expect(&self, total: u64) {
+        self.target.store(total, Ordering::SeqCst);
+        if self.received.load(Ordering::SeqCst) >= total {
+            self.done.send_replace(true);
+        }
+    }
+}
+
+/// What one producer did.
+struct Produced {
+    sent: u64,
+    finished: Instant,
+}
+
+/// What one consumer saw.
+struct Consumed {
+    latencies: Histogram<u64>,
+    last_delivery: Option<Instant>,
+}
+
+/// Connects everyone, runs the producers to completion and waits for the consumers.
+async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<BenchReport> {
+    let size = usize::try_from(args.size).context("--size is too large")?;
+    let window = usize::try_from(args.confirm_window).unwrap_or(usize::MAX);
+    let (done, _) = watch::channel(false);
+    let progress = Arc::new(Progress { received: AtomicU64::new(0), target: AtomicU64::new(u64::MAX), done });
+
+    // Connect and subscribe before the clock starts, so that setup is not measured.
+    let mut consumers = JoinSet::new();
+    for i in 0..args.consumers {
+        let conn = crate::connect(server, &format!("bench consumer {i}")).await?;
+        let options = ConsumeOptions { prefetch: args.prefetch, tag: format!("bench-consumer-{i}") };
+        let consumer = conn.consume(queue, options).await?;
+        let progress = Arc::clone(&progress);
+        let ack_every = args.ack_every;
+        consumers.spawn(async move {
+            let result = consume(consumer, ack_every, &progress).await;
+            let _ = conn.close().await;
+            result
+        });
+    }
+    let mut producer_conns = Vec::new();
+    for i in 0..args.producers {
+        producer_conns.push(crate::connect(server, &format!("bench producer {i}")).await?);
+    }
+
+    let start = Instant::now();
+    let mut producers = JoinSet::new();
+    for (i, conn) in (0u64..).zip(producer_conns) {
+        let plan = Plan {
+            queue: queue.to_string(),
+            size,
+            window,
+            count: args.duration.is_none().then(|| share(args.count, args.producers.into(), i)),
+            deadline: args.duration.map(|d| start + d),
+            interval: (args.rate > 0).then(|| f64::from(args.producers) / args.rate as f64),
+            start,
+        };
+        producers.spawn(async move {
+            let result = produce(&conn, &plan).await;
+            let _ = conn.close().await;
+            result
+        });
+    }
+    let mut sent = 0;
+    let mut publish_end = start;
+    while let Some(joined) = producers.join_next().await {
+        let produced = joined.context("a producer panicked")?.context("producer failed")?;
+        sent += produced.sent;
+        publish_end = publish_end.max(produced.finished);
+    }
+    progress.expect(sent);
+
+    let mut latencies = new_histogram();
+    let mut consume_end = None;
+    let mut last_seen = (progress.received.load(Ordering::SeqCst), Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            joined = consumers.join_next() => {
+                let Some(joined) = joined else { break };
+                let consumed = joined.context("a consumer panicked")?.context("consumer failed")?;
+                latencies.add(&consumed.latencies).context("merging latency histograms")?;
+                consume_end = consume_end.max(consumed.last_delivery);
+            }
+            _ = tick.tick() => {
+                let received = progress.received.load(Ordering::SeqCst);
+                if received != last_seen.0 {
+                    last_seen = (received, Instant::now());
+                } else if last_seen.1.elapsed() > STALL_TIMEOUT {
+                    bail!(
+                        "consumers received only {received} of {sent} messages \
+                         (nothing arrived for {} s)",
+                        STALL_TIMEOUT.as_secs()
+                    );
+                }
+            }
+        }
+    }
+    // Teardown (cancels, closes) is not part of the measurement.
+    let elapsed = consume_end.map_or(publish_end, |end| end.max(publish_end)).duration_since(start);
+    let received = progress.received.load(Ordering::SeqCst);
+    let consume_secs = consume_end.map_or(0.0, |end| end.duration_since(start).as_secs_f64());
+    let percentile = |q: f64| if latencies.is_empty() { 0 } else { latencies.value_at_quantile(q) };
+    Ok(BenchReport {
+        publish_rate: rate(sent, publish_end.duration_since(start).as_secs_f64()),
+        consume_rate: rate(received, consume_secs),
+        p50_us: percentile(0.5),
+        p99_us: percentile(0.99),
+        p999_us: percentile(0.999),
+        max_us: if latencies.is_empty() { 0 } else { latencies.max() },
+        sent,
+        received,
+        elapsed_s: elapsed.as_secs_f64(),
+        size: args.size,
+        prefetch: args.prefetch,
+        producers: args.producers,
+        consumers: args.consumers,
+    })
+}
+
+/// One producer's assignment.
+struct Plan {
+    queue: String,
+    size: usize,
+    window: usize,
+    /// Messages to send, or `None` to send until `deadline`.
+    count: Option<u64>,
+    deadline: Option<Instant>,
+    /// Seconds between this producer's messages at a fixed rate.
+    interval: Option<f64>,
+    start: Instant,
+}
+
+/// Publishes per `plan` with up to `plan.window` confirms outstanding; returns how many were
+/// confirmed.
+async fn produce(conn: &Connection, plan: &Plan) -> anyhow::Result<Produced> {
+    let mut in_flight: VecDeque<PublishConfirm> = VecDeque::with_capacity(plan.window.min(1 << 16));
+    let mut chunk = BytesMut::new();
+    let mut sent = 0u64;
+    loop {
+        if plan.count.is_some_and(|count| sent >= count) {
+            break;
+        }
+        match plan.interval {
+            Some(interval) => {
+                // Due times are absolute, so time lost to a slow confirm or a late timer is
+                // made up by not waiting until the schedule is caught up, rather than shifting
+                // every later send. A timed run sends exactly the messages due before the end.
+                let due = plan.start + Duration::from_secs_f64(sent as f64 * interval);
+                if plan.deadline.is_some_and(|deadline| due >= deadline) {
+                    break;
+                }
+                if due > Instant::now() {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
+            None if plan.deadline.is_some_and(|deadline| Instant::now() >= deadline) => break,
+            None => {}
+        }
+        if in_flight.len() >= plan.window {
+            if let Some(confirm) = in_flight.pop_front() {
+                confirm.await?;
+            }
+        }
+        let body = encode_body(&mut chunk, plan.size, unix_nanos());
+        in_flight.push_back(conn.publish(&plan.queue, body, PublishOptions::default()));
+        sent += 1;
+    }
+    while let Some(confirm) = in_flight.pop_front() {
+        confirm.await?;
+    }
+    Ok(Produced { sent, finished: Instant::now() })
+}
+
+/// Receives until `progress` says every message has arrived, recording latencies.
+async fn consume(
+    mut consumer: hopper_client::Consumer,
+    ack_every: u64,
+    progress: &Progress,
+) -> anyhow::Result<Consumed> {
+    let mut done = progress.done.subscribe();
+    let mut latencies = new_histogram();
+    let mut last_delivery = None;
+    let mut unacked = 0u64;
+    let mut pending: Option<Delivery> = None;
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            next = consumer.next() => match next {
+                Some(delivery) => delivery?,
+                None => bail!("the broker ended the consumer"),
+            },
+            _ = done.wait_for(|done| *done) => break,
+        };
+        let now = unix_nanos();
+        last_delivery = Some(Instant::now());
+        if let Some(sent_at) = decode_timestamp(&delivery.body) {
+            latencies.saturating_record(now.saturating_sub(sent_at) / 1000);
+        }
+        unacked += 1;
+        if unacked >= ack_every {
+            if ack_every == 1 {
+                delivery.ack().await?;
+            } else {
+                delivery.ack_multiple().await?;
+            }
+            unacked = 0;
+            pending = None;
+        } else {
+            pending = Some(delivery);
+        }
+        progress.record();
+    }
+    if let Some(delivery) = pending {
+        delivery.ack_multiple().await?;
+    }
+    consumer.cancel().await?;
+    Ok(Consumed { latencies, last_delivery })
+}
+
+/// Builds a body of `size` bytes whose first eight hold `sent_at_ns`, cutting it from `chunk`
+/// (refilled with a zeroed allocation once it runs out), so most bodies cost no allocation.
+pub fn encode_body(chunk: &mut BytesMut, size: usize, sent_at_ns: u64) -> Bytes {
+    debug_assert!(size >= TIMESTAMP_LEN);
+    if chunk.len() < size {
+        *chunk = BytesMut::zeroed(size.max(BODY_CHUNK_BYTES / size * size));
+    }
+    let mut body = chunk.split_to(size);
+    body[..TIMESTAMP_LEN].copy_from_slice(&sent_at_ns.to_le_bytes());
+    body.freeze()
+}
+
+/// The send time carried by a bench body, if the body is long enough to hold one.
+pub fn decode_timestamp(body: &[u8]) -> Option<u64> {
+    let bytes: [u8; TIMESTAMP_LEN] = body.get(..TIMESTAMP_LEN)?.try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
+}
+
+/// Nanoseconds since the Unix epoch, by the wall clock (producers and consumers may be in
+/// different processes, so a monotonic clock would not compare).
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Producer `index`'s part of `total` messages split over `parts` producers.
+fn share(total: u64, parts: u64, index: u64) -> u64 {
+    total / parts + u64::from(index < total % parts)
+}
+
+/// Messages per second, 0 when no time passed.
+fn rate(messages: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        messages as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// An empty latency histogram in microseconds, three significant digits.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant histogram bounds are valid")
+}
+
+/// Parses `--duration`: a positive number of seconds, fractions allowed.
+fn parse_seconds(text: &str) -> anyhow::Result<Duration> {
+    let secs: f64 = text.parse().map_err(|_| anyhow!("expected a number of seconds, got '{text}'"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        bail!("the duration must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_round_trips_its_timestamp_and_has_the_requested_size() {
+        let mut chunk = BytesMut::new();
+        for (i, size) in [16usize, 256, 4096, BODY_CHUNK_BYTES + 1].into_iter().enumerate() {
+            let stamp = 1_700_000_000_000_000_000 + i as u64;
+            let body = encode_body(&mut chunk, size, stamp);
+            assert_eq!(body.len(), size);
+            assert_eq!(decode_timestamp(&body), Some(stamp));
+            assert!(body[TIMESTAMP_LEN..].iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn bodies_share_one_allocation_until_the_chunk_runs_out() {
+        let mut chunk = BytesMut::new();
+        let a = encode_body(&mut chunk, 100, 1);
+        let b = encode_body(&mut chunk, 100, 2);
+        assert_eq!(a.as_ptr().wrapping_add(100), b.as_ptr());
+        assert_eq!((decode_timestamp(&a), decode_timestamp(&b)), (Some(1), Some(2)));
+    }
+
+    #[test]
+    fn short_bodies_carry_no_timestamp() {
+        assert_eq!(decode_timestamp(b"short"), None);
+        assert_eq!(decode_timestamp(&[1, 0, 0, 0, 0, 0, 0, 0]), Some(1));
+    }
+
+    #[test]
+    fn shares_add_up_to_the_total() {
+        for (total, parts) in [(10, 3), (200_000, 7), (2, 5), (0, 1)] {
+            let sum: u64 = (0..parts).map(|i| share(total, parts, i)).sum();
+            assert_eq!(sum, total);
+        }
+        assert_eq!((0..3).map(|i| share(10, 3, i)).collect::<Vec<_>>(), [4, 3, 3]);
+    }
+
+    #[test]
+    fn durations_must_be_positive_numbers() {
+        assert_eq!(parse_seconds("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_seconds("0").is_err());
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
+        assert!(parse_seconds("inf").is_err());
+    }
+
+    #[test]
+    fn progress_signals_done_whichever_side_comes_last() {
+        let (done, rx) = watch::channel(false);
+        let progress = Progress { received: AtomicU64::new(0), target: AtomicU64::new(u64::MAX), done };
+        progress.record();
+        progress.record();
+        assert!(!*rx.borrow());
+        progress.expect(2);
+        assert!(*rx.borrow(), "all messages arrived before the total was known");
+
+        let (done, rx) = watch::channel(false);
+        let progress = Progress { received: AtomicU64::new(0), target: AtomicU64::new(u64::MAX), done };
+        progress.expect(1);
+        assert!(!*rx.borrow());
+        progress.record();
+        assert!(*rx.borrow());
+    }
+
+    #[test]
+    fn count_and_duration_conflict() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        assert!(Wrapper::try_parse_from(["x", "--count", "5", "--duration", "2"]).is_err());
+        let parsed = Wrapper::try_parse_from(["x", "--duration", "2"]).unwrap();
+        assert_eq!(parsed.args.duration, Some(Duration::from_secs(2)));
+        assert!(Wrapper::try_parse_from(["x", "--size", "8"]).is_err());
+    }
+}

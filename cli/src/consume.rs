@@ -1,0 +1,196 @@
+//! `hopper consume`: print the messages of a queue, one per line, and settle each as asked.
+
+use std::io::Write;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use futures::StreamExt;
+use hopper_client::{Connection, ConsumeOptions, Delivery};
+
+use crate::output::{self, DeliveryJson};
+
+/// Flags of `consume`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Each message is printed on its own line as soon as it arrives (stdout is flushed per line): the \
+body as text (invalid UTF-8 becomes U+FFFD), or with --json an object with keys body, headers, \
+redelivered, delivery_count, queue, message_id, content_type, published_at_ms, delivery_tag.
+
+Without --count, runs until Ctrl-C or SIGTERM, then cancels the consumer (the broker requeues \
+whatever was not acknowledged) and exits 0.")]
+pub struct ConsumeArgs {
+    /// Queue to consume from.
+    pub queue: String,
+    /// Most unacknowledged messages the broker sends ahead (0 = no limit).
+    #[arg(long, default_value_t = 10)]
+    pub prefetch: u32,
+    /// Exit after this many messages.
+    #[arg(long, value_parser = crate::at_least(1u64))]
+    pub count: Option<u64>,
+    /// What to do with each message once it is printed.
+    #[arg(long, value_enum, default_value_t = Action::Ack)]
+    pub action: Action,
+    /// Print one JSON object per message instead of the body.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How `consume` settles a delivery after printing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Action {
+    /// Acknowledge: the message is done.
+    Ack,
+    /// Negative-acknowledge with requeue: the message goes back to the queue.
+    Requeue,
+    /// Reject without requeue: the message is dropped.
+    Reject,
+    /// Never settle while running; the broker requeues the messages when the consumer ends.
+    Hold,
+}
+
+/// Runs `consume` against the broker at `server`.
+pub async fn run(server: &str, args: ConsumeArgs) -> anyhow::Result<()> {
+    // Installed before anything else so that a signal at any point ends the run cleanly.
+    let mut shutdown = Shutdown::install()?;
+    let conn = crate::connect(server, "consume").await?;
+    let options =
+        ConsumeOptions { prefetch: prefetch_for(args.prefetch, args.count), tag: "hopper consume".into() };
+    let result = receive(&conn, &args, options, &mut shutdown).await;
+    // Closing sends whatever is still queued, such as the ack of the last message printed,
+    // even when printing failed.
+    let closed = conn.close().await;
+    result?;
+    closed?;
+    Ok(())
+}
+
+/// Prints and settles deliveries until `--count` is reached or a signal arrives.
+async fn receive(
+    conn: &Connection,
+    args: &ConsumeArgs,
+    options: ConsumeOptions,
+    shutdown: &mut Shutdown,
+) -> anyhow::Result<()> {
+    let mut consumer = conn.consume(&args.queue, options).await?;
+    let mut out = std::io::stdout();
+    let mut received = 0u64;
+    while args.count != Some(received) {
+        let delivery = tokio::select! {
+            next = consumer.next() => match next {
+                Some(delivery) => delivery?,
+                None => bail!("the consumer of '{}' ended", args.queue),
+            },
+            signal = shutdown.recv() => {
+                signal?;
+                break;
+            }
+        };
+        print(&mut out, &delivery, args.json).context("writing to stdout")?;
+        settle(&delivery, args.action).await?;
+        received += 1;
+    }
+    // Cancelling returns anything held or prefetched but not yet printed to the queue.
+    consumer.cancel().await?;
+    Ok(())
+}
+
+/// The prefetch to ask for: with `--count`, never more than the messages wanted, so that
+/// fewer surplus deliveries have to be returned to the queue at exit.
+fn prefetch_for(prefetch: u32, count: Option<u64>) -> u32 {
+    let Some(count) = count else { return prefetch };
+    let count = u32::try_from(count).unwrap_or(u32::MAX);
+    if prefetch == 0 {
+        count
+    } else {
+        prefetch.min(count)
+    }
+}
+
+/// Prints one delivery as a line and flushes, so a reader sees it immediately.
+fn print(out: &mut impl Write, delivery: &Delivery, json: bool) -> anyhow::Result<()> {
+    if json {
+        output::write_json_line(out, &DeliveryJson::from(delivery))?;
+    } else {
+        out.write_all(String::from_utf8_lossy(&delivery.body).as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Settles a printed delivery according to `action`.
+async fn settle(delivery: &Delivery, action: Action) -> hopper_client::Result<()> {
+    match action {
+        Action::Ack => delivery.ack().await,
+        Action::Requeue => delivery.nack(true).await,
+        Action::Reject => delivery.reject().await,
+        Action::Hold => Ok(()),
+    }
+}
+
+/// Ctrl-C and (on Unix) SIGTERM, listened for from the moment of [`Shutdown::install`].
+struct Shutdown {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    #[cfg(unix)]
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Shutdown {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> anyhow::Result<Self> {
+        Ok(Shutdown {})
+    }
+
+    /// Resolves when a shutdown signal arrives. Cancel-safe.
+    #[cfg(unix)]
+    async fn recv(&mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        Ok(())
+    }
+
+    #[cfg(not(unix))]
+    async fn recv(&mut self) -> anyhow::Result<()> {
+        Ok(tokio::signal::ctrl_c().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_never_exceeds_the_count() {
+        assert_eq!(prefetch_for(10, None), 10);
+        assert_eq!(prefetch_for(0, None), 0);
+        assert_eq!(prefetch_for(10, Some(3)), 3);
+        assert_eq!(prefetch_for(10, Some(50)), 10);
+        assert_eq!(prefetch_for(0, Some(5)), 5);
+        assert_eq!(prefetch_for(0, Some(u64::MAX)), u32::MAX);
+    }
+
+    #[test]
+    fn actions_parse_from_their_names() {
+        for (name, action) in [
+            ("ack", Action::Ack),
+            ("requeue", Action::Requeue),
+            ("reject", Action::Reject),
+            ("hold", Action::Hold),
+        ] {
+            assert_eq!(Action::from_str(name, false).unwrap(), action);
+        }
+        assert!(Action::from_str("drop", false).is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! `hopper publish`: send messages from arguments or stdin, pipelined, and wait for every
+//! publish confirm.
+
+use std::collections::VecDeque;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use clap::Args;
+use hopper_client::{Connection, PublishConfirm, PublishOptions};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::queue::messages;
+
+/// Most publishes awaiting their confirm at once.
+const MAX_IN_FLIGHT: usize = 1000;
+
+/// Flags of `publish`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Every body given is one message. Without bodies, each line of stdin is one message (the \
+trailing \\n or \\r\\n is removed; empty lines are published as empty messages).
+
+On success `published N messages to 'QUEUE'` goes to stderr, so stdout stays empty. \
+The exit status is 0 only when the broker confirmed every message; otherwise stderr says how \
+many were not confirmed and why.")]
+pub struct PublishArgs {
+    /// Queue to publish to (it must exist).
+    pub queue: String,
+    /// Message bodies, one message each; without any, stdin is read line by line.
+    #[arg(value_name = "BODY")]
+    pub bodies: Vec<String>,
+    /// Header to attach to every message, as KEY=VALUE; repeat for more.
+    #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// MIME type of the bodies, e.g. application/json.
+    #[arg(long, value_name = "TYPE", default_value = "", hide_default_value = true)]
+    pub content_type: String,
+}
+
+/// Runs `publish` against the broker at `server`.
+pub async fn run(server: &str, args: PublishArgs) -> anyhow::Result<()> {
+    let conn = crate::connect(server, "publish").await?;
+    let options =
+        PublishOptions { headers: args.headers.into_iter().collect(), content_type: args.content_type };
+    let mut pipeline = Pipeline::new(&conn, &args.queue, options);
+    if args.bodies.is_empty() {
+        let mut stdin = BufReader::with_capacity(64 * 1024, tokio::io::stdin());
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if stdin.read_until(b'\n', &mut line).await.context("reading stdin")? == 0 {
+                break;
+            }
+            pipeline.publish(Bytes::copy_from_slice(strip_newline(&line))).await;
+        }
+    } else {
+        for body in args.bodies {
+            pipeline.publish(Bytes::from(body)).await;
+        }
+    }
+    let outcome = pipeline.finish().await;
+    let _ = conn.close().await;
+    outcome?;
+    Ok(())
+}
+
+/// Publishes with at most [`MAX_IN_FLIGHT`] confirms outstanding and tallies the outcome.
+struct Pipeline<'a> {
+    conn: &'a Connection,
+    queue: &'a str,
+    options: PublishOptions,
+    in_flight: VecDeque<PublishConfirm>,
+    sent: u64,
+    failed: u64,
+    first_error: Option<hopper_client::Error>,
+}
+
+impl<'a> Pipeline<'a> {
+    fn new(conn: &'a Connection, queue: &'a str, options: PublishOptions) -> Self {
+        Pipeline {
+            conn,
+            queue,
+            options,
+            in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
+            sent: 0,
+            failed: 0,
+            first_error: None,
+        }
+    }
+
+    /// Sends one message, first waiting for the oldest confirm if the window is full.
+    async fn publish(&mut self, body: Bytes) {
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            self.settle_oldest().await;
+        }
+        self.in_flight.push_back(self.conn.publish(self.queue, body, self.options.clone()));
+        self.sent += 1;
+    }
+
+    async fn settle_oldest(&mut self) {
+        if let Some(confirm) = self.in_flight.pop_front() {
+            if let Err(err) = confirm.await {
+                self.failed += 1;
+                self.first_error.get_or_insert(err);
+            }
+        }
+    }
+
+    /// Waits for every outstanding confirm; fails unless all messages were confirmed.
+    async fn finish(mut self) -> anyhow::Result<()> {
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await;
+        }
+        if let Some(err) = self.first_error {
+            bail!("{} of {} {} not confirmed: {err}", self.failed, self.sent, were(self.sent));
+        }
+        eprintln!("published {} {} to '{}'", self.sent, messages(self.sent), self.queue);
+        Ok(())
+    }
+}
+
+/// `message was` / `messages were`, to agree with a count.
+fn were(count: u64) -> &'static str {
+    if count == 1 {
+        "message was"
+    } else {
+        "messages were"
+    }
+}
+
+/// Parses a `KEY=VALUE` header; the value may contain `=`, the key may not be empty.
+pub fn parse_header(text: &str) -> anyhow::Result<(String, String)> {
+    let (key, value) = text.split_once('=').ok_or_else(|| anyhow!("expected KEY=VALUE, got '{text}'"))?;
+    if key.is_empty() {
+        bail!("header name is empty in '{text}'");
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// A stdin line without its line terminator (`\n` or `\r\n`).
+fn strip_newline(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_splits_at_the_first_equals_sign() {
+        assert_eq!(parse_header("k=v").unwrap(), ("k".into(), "v".into()));
+        assert_eq!(parse_header("k=a=b").unwrap(), ("k".into(), "a=b".into()));
+        assert_eq!(parse_header("k=").unwrap(), ("k".into(), String::new()));
+    }
+
+    #[test]
+    fn malformed_headers_are_errors() {
+        assert!(parse_header("novalue").unwrap_err().to_string().contains("KEY=VALUE"));
+        assert!(parse_header("=v").unwrap_err().to_string().contains("empty"));
+    }
+
+    #[test]
+    fn only_the_line_terminator_is_stripped() {
+        assert_eq!(strip_newline(b"abc\n"), b"abc");
+        assert_eq!(strip_newline(b"abc\r\n"), b"abc");
+        assert_eq!(strip_newline(b"abc"), b"abc");
+        assert_eq!(strip_newline(b"\n"), b"");
+        assert_eq!(strip_newline(b"  a b  \n"), b"  a b  ");
+    }
+
+    #[test]
+    fn headers_are_repeatable_flags() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: PublishArgs,
+        }
+        let parsed =
+            Wrapper::try_parse_from(["x", "q", "a", "b", "--header", "k=v", "--header", "x=y=z"]).unwrap();
+        assert_eq!(parsed.args.bodies, ["a", "b"]);
+        assert_eq!(parsed.args.headers, [("k".into(), "v".into()), ("x".into(), "y=z".into())]);
+        assert!(Wrapper::try_parse_from(["x", "q", "--header", "bad"]).is_err());
+    }
+}
