@@ -281,14 +281,22 @@ impl Session {
         match body {
             Body::Publish(publish) => self.publish(request_id, publish).map(|()| None),
             Body::Ack(ack) => {
-                self.settle(ack.consumer_id, ack.delivery_tag, |s, j, c, t| s.ack(c, t, ack.multiple, j))
+                self.settle(request_id, ack.confirm, ack.consumer_id, ack.delivery_tag, |s, j, c, t| {
+                    s.ack(c, t, ack.multiple, j)
+                })
             }
-            Body::Nack(nack) => self.settle(nack.consumer_id, nack.delivery_tag, |s, j, c, t| {
-                s.nack(c, t, nack.multiple, nack.requeue, j)
-            }),
-            Body::Reject(reject) => self.settle(reject.consumer_id, reject.delivery_tag, |s, j, c, t| {
-                s.nack(c, t, false, reject.requeue, j)
-            }),
+            Body::Nack(nack) => {
+                self.settle(request_id, nack.confirm, nack.consumer_id, nack.delivery_tag, |s, j, c, t| {
+                    s.nack(c, t, nack.multiple, nack.requeue, j)
+                })
+            }
+            Body::Reject(reject) => self.settle(
+                request_id,
+                reject.confirm,
+                reject.consumer_id,
+                reject.delivery_tag,
+                |s, j, c, t| s.nack(c, t, false, reject.requeue, j),
+            ),
             Body::Consume(consume) => self.consume(request_id, consume),
             Body::Cancel(cancel) => self.cancel(cancel.consumer_id).map(Some),
             Body::QueueDeclare(declare) => self.declare(declare).map(Some),
@@ -309,7 +317,7 @@ impl Session {
             }
             other => Err(BrokerError::ProtocolViolation(format!(
                 "{} is sent by the broker, not to it",
-                body_name(&other)
+                other.name()
             ))),
         }
     }
@@ -368,19 +376,27 @@ impl Session {
         Ok(Body::CancelOk(pb::CancelOk { requeued }))
     }
 
+    /// Settles deliveries of one of this connection's consumers; with `confirm`, answers
+    /// `SettleOk` once the settlement is durable.
     fn settle(
         &mut self,
+        request_id: u64,
+        confirm: bool,
         consumer_id: u64,
         tag: u64,
         op: impl FnOnce(&mut QueueState<Arc<Outbox>>, &mut dyn Journal, u64, u64) -> Result<usize, SettleError>,
     ) -> Result<Option<Body>, BrokerError> {
         let queue = self.consumers.get(&consumer_id).ok_or_else(|| unknown_consumer(consumer_id))?;
-        queue.with_state(|s, j| op(s, j, consumer_id, tag))?.map_err(|err| match err {
+        let settled = queue.with_state(|s, j| op(s, j, consumer_id, tag))?.map_err(|err| match err {
             SettleError::UnknownConsumer(id) => unknown_consumer(id),
             SettleError::UnknownTag(tag) => {
                 BrokerError::NotFound(format!("unknown delivery tag {tag} for consumer {consumer_id}"))
             }
         })?;
+        if confirm {
+            let response = Body::SettleOk(pb::SettleOk { settled: settled as u64 });
+            queue.confirm_when_durable(Confirm::new(self.outbox.clone(), request_id), response);
+        }
         Ok(None)
     }
 
@@ -456,11 +472,6 @@ fn queue_info(queue: &Queue) -> pb::QueueInfo {
         acked_total: snapshot.counters.acked,
         redelivered_total: snapshot.counters.redelivered,
     }
-}
-
-fn body_name(body: &Body) -> String {
-    let debug = format!("{body:?}");
-    debug.split('(').next().unwrap_or("frame").to_owned()
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) {

@@ -53,8 +53,11 @@ pub async fn run(server: &str, args: ConsumeArgs) -> anyhow::Result<()> {
     // Installed before anything else so that a signal at any point ends the run cleanly.
     let mut shutdown = Shutdown::install()?;
     let conn = crate::connect(server, "consume").await?;
-    let options =
-        ConsumeOptions { prefetch: prefetch_for(args.prefetch, args.count), tag: "hopper consume".into() };
+    let options = ConsumeOptions {
+        prefetch: prefetch_for(args.prefetch, args.count),
+        tag: "hopper consume".into(),
+        ..Default::default()
+    };
     let result = receive(&conn, &args, options, &mut shutdown).await;
     // Closing sends whatever is still queued, such as the ack of the last message printed,
     // even when printing failed.

@@ -29,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
     let server = std::env::var("HOPPER_SERVER").unwrap_or_else(|_| "127.0.0.1:5680".to_string());
     let conn = Connection::connect(&server).await.with_context(|| format!("connecting to {server}"))?;
     conn.declare_queue("emails", QueueOptions::default()).await?;
-    let options = ConsumeOptions { prefetch: 10, tag: "email-worker".to_string() };
+    let options = ConsumeOptions { prefetch: 10, tag: "email-worker".to_string(), ..Default::default() };
     let mut consumer = conn.consume("emails", options).await?;
     println!("waiting for emails to send (Ctrl-C to stop)");
 

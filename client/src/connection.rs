@@ -223,7 +223,9 @@ impl Connection {
             .send_request(Body::Consume(consume), PendingRequest::Consume { reply, events: events_tx })?;
         let answer = PendingConsume { shared: self.shared().clone(), response: Some(response) }.await;
         match answer? {
-            Body::ConsumeOk(ok) => Ok(Consumer::new(self.clone(), ok.consumer_id, queue, events)),
+            Body::ConsumeOk(ok) => {
+                Ok(Consumer::new(self.clone(), ok.consumer_id, queue, events, options.confirm_settlements))
+            }
             other => Err(unexpected("ConsumeOk", &other)),
         }
     }
@@ -254,7 +256,7 @@ impl Connection {
     }
 
     /// Sends a request and waits for its response.
-    async fn call(&self, body: Body) -> Result<Body> {
+    pub(crate) async fn call(&self, body: Body) -> Result<Body> {
         let (reply, response) = oneshot::channel();
         self.shared().send_request(body, PendingRequest::Reply(reply))?;
         self.shared().response(response).await

@@ -38,6 +38,8 @@ pub(crate) struct ConsumerShared {
     /// Set when the consumer is cancelled, by the client or by the broker: its deliveries can
     /// no longer be settled.
     cancelled: AtomicBool,
+    /// Settles wait for the broker's `SettleOk`.
+    confirm: bool,
 }
 
 /// A subscription to a queue: a [`Stream`] of [`Delivery`]s.
@@ -64,6 +66,7 @@ impl Consumer {
         id: u64,
         queue: &str,
         events: mpsc::UnboundedReceiver<ConsumerEvent>,
+        confirm: bool,
     ) -> Self {
         let shared = Arc::new(ConsumerShared {
             conn,
@@ -71,6 +74,7 @@ impl Consumer {
             queue: queue.to_string(),
             settles: SettleWindow::default(),
             cancelled: AtomicBool::new(false),
+            confirm,
         });
         Consumer { shared, events, done: false }
     }
@@ -171,8 +175,10 @@ impl fmt::Debug for Consumer {
 /// Settle it with exactly one of [`ack`](Self::ack), [`ack_multiple`](Self::ack_multiple),
 /// [`nack`](Self::nack), [`nack_multiple`](Self::nack_multiple) or [`reject`](Self::reject); a
 /// second settle, or one of a delivery an earlier `*_multiple` call already covered, fails
-/// with [`Error::AlreadySettled`] and sends nothing. Settles have no response from the broker:
-/// `Ok` means the request was queued for sending, and a refusal is logged.
+/// with [`Error::AlreadySettled`] and sends nothing. By default settles have no response from
+/// the broker: `Ok` means the request was queued for sending, and a refusal is logged. With
+/// [`ConsumeOptions::confirm_settlements`](crate::ConsumeOptions::confirm_settlements) they
+/// wait for the broker to record them durably and return its refusal as an error.
 pub struct Delivery {
     /// Broker-assigned id of the message, unique within the broker.
     pub message_id: u64,
@@ -204,42 +210,47 @@ impl Delivery {
 
     /// Acknowledges this delivery: the broker forgets the message.
     pub async fn ack(&self) -> Result<()> {
-        self.settle(false, |consumer_id, delivery_tag| {
-            Body::Ack(pb::Ack { consumer_id, delivery_tag, multiple: false })
+        self.settle(false, |consumer_id, delivery_tag, confirm| {
+            Body::Ack(pb::Ack { consumer_id, delivery_tag, multiple: false, confirm })
         })
+        .await
     }
 
     /// Acknowledges this delivery and every earlier unsettled delivery of the same consumer.
     pub async fn ack_multiple(&self) -> Result<()> {
-        self.settle(true, |consumer_id, delivery_tag| {
-            Body::Ack(pb::Ack { consumer_id, delivery_tag, multiple: true })
+        self.settle(true, |consumer_id, delivery_tag, confirm| {
+            Body::Ack(pb::Ack { consumer_id, delivery_tag, multiple: true, confirm })
         })
+        .await
     }
 
     /// Refuses this delivery: with `requeue` the message goes back near the head of its queue,
     /// without it the message is dropped.
     pub async fn nack(&self, requeue: bool) -> Result<()> {
-        self.settle(false, |consumer_id, delivery_tag| {
-            Body::Nack(pb::Nack { consumer_id, delivery_tag, multiple: false, requeue })
+        self.settle(false, |consumer_id, delivery_tag, confirm| {
+            Body::Nack(pb::Nack { consumer_id, delivery_tag, multiple: false, requeue, confirm })
         })
+        .await
     }
 
     /// Like [`nack`](Self::nack), for this delivery and every earlier unsettled delivery of the
     /// same consumer.
     pub async fn nack_multiple(&self, requeue: bool) -> Result<()> {
-        self.settle(true, |consumer_id, delivery_tag| {
-            Body::Nack(pb::Nack { consumer_id, delivery_tag, multiple: true, requeue })
+        self.settle(true, |consumer_id, delivery_tag, confirm| {
+            Body::Nack(pb::Nack { consumer_id, delivery_tag, multiple: true, requeue, confirm })
         })
+        .await
     }
 
     /// Rejects this delivery without requeueing it: the message is dropped.
     pub async fn reject(&self) -> Result<()> {
-        self.settle(false, |consumer_id, delivery_tag| {
-            Body::Reject(pb::Reject { consumer_id, delivery_tag, requeue: false })
+        self.settle(false, |consumer_id, delivery_tag, confirm| {
+            Body::Reject(pb::Reject { consumer_id, delivery_tag, requeue: false, confirm })
         })
+        .await
     }
 
-    fn settle(&self, multiple: bool, body: impl FnOnce(u64, u64) -> Body) -> Result<()> {
+    async fn settle(&self, multiple: bool, body: impl FnOnce(u64, u64, bool) -> Body) -> Result<()> {
         let consumer = &*self.consumer;
         consumer.settles.claim(self.delivery_tag, &self.settled, multiple)?;
         if consumer.cancelled.load(Ordering::Acquire) {
@@ -248,7 +259,14 @@ impl Delivery {
                 consumer.id
             )));
         }
-        consumer.conn.shared().send_untracked(body(consumer.id, self.delivery_tag))
+        let body = body(consumer.id, self.delivery_tag, consumer.confirm);
+        if !consumer.confirm {
+            return consumer.conn.shared().send_untracked(body);
+        }
+        match consumer.conn.call(body).await? {
+            Body::SettleOk(_) => Ok(()),
+            other => Err(Error::Protocol(format!("expected SettleOk, got {other:?}"))),
+        }
     }
 }
 

@@ -77,6 +77,11 @@ pub struct ConsumeOptions {
     pub prefetch: u32,
     /// Label shown in the broker's logs.
     pub tag: String,
+    /// Make [`Delivery::ack`](crate::Delivery::ack) and the other settle calls wait until the
+    /// broker has durably recorded the settlement (one round trip each). Without it they return
+    /// once the request is queued for sending, and an ack lost in a broker crash means a
+    /// redelivery.
+    pub confirm_settlements: bool,
 }
 
 /// A queue as the broker describes it.

@@ -287,35 +287,7 @@ impl Shared {
 
 /// The name of a frame body, for logs and protocol errors.
 pub(crate) fn body_name(body: &Body) -> &'static str {
-    match body {
-        Body::Hello(_) => "Hello",
-        Body::HelloOk(_) => "HelloOk",
-        Body::HelloRejected(_) => "HelloRejected",
-        Body::Heartbeat(_) => "Heartbeat",
-        Body::Close(_) => "Close",
-        Body::Error(_) => "Error",
-        Body::QueueDeclare(_) => "QueueDeclare",
-        Body::QueueDeclareOk(_) => "QueueDeclareOk",
-        Body::QueueDelete(_) => "QueueDelete",
-        Body::QueueDeleteOk(_) => "QueueDeleteOk",
-        Body::QueuePurge(_) => "QueuePurge",
-        Body::QueuePurgeOk(_) => "QueuePurgeOk",
-        Body::QueueStats(_) => "QueueStats",
-        Body::QueueList(_) => "QueueList",
-        Body::QueueListOk(_) => "QueueListOk",
-        Body::QueueInfo(_) => "QueueInfo",
-        Body::Publish(_) => "Publish",
-        Body::PublishOk(_) => "PublishOk",
-        Body::Consume(_) => "Consume",
-        Body::ConsumeOk(_) => "ConsumeOk",
-        Body::Cancel(_) => "Cancel",
-        Body::CancelOk(_) => "CancelOk",
-        Body::Deliver(_) => "Deliver",
-        Body::Ack(_) => "Ack",
-        Body::Nack(_) => "Nack",
-        Body::Reject(_) => "Reject",
-        Body::ConsumerCancelled(_) => "ConsumerCancelled",
-    }
+    body.name()
 }
 
 /// The error for a response of the wrong kind.

@@ -106,7 +106,7 @@ fn deliver(consumer_id: u64, delivery_tag: u64, body: &'static str) -> Body {
 
 /// Starts a consumer with id `consumer_id` on queue `q`.
 async fn consume(conn: &Connection, peer: &mut Peer, consumer_id: u64) -> hopper_client::Consumer {
-    let options = ConsumeOptions { prefetch: 10, tag: "t".into() };
+    let options = ConsumeOptions { prefetch: 10, tag: "t".into(), ..Default::default() };
     let (consumer, ()) = tokio::join!(conn.consume("q", options), async {
         let (id, body) = peer.recv_request().await;
         assert!(matches!(body, Body::Consume(ref c) if c.queue == "q" && c.prefetch_count == 10), "{body:?}");
@@ -231,14 +231,17 @@ async fn deliveries_are_settled_once() {
     second.ack_multiple().await.unwrap();
     let (ack_id, body) = peer.recv_request().await;
     assert_ne!(ack_id, 0, "settles carry a fresh request id");
-    assert_eq!(body, Body::Ack(pb::Ack { consumer_id: 7, delivery_tag: 2, multiple: true }));
+    assert_eq!(body, Body::Ack(pb::Ack { consumer_id: 7, delivery_tag: 2, multiple: true, confirm: false }));
     assert!(matches!(first.ack().await, Err(Error::AlreadySettled { delivery_tag: 1 })));
     assert!(matches!(second.nack(true).await, Err(Error::AlreadySettled { delivery_tag: 2 })));
 
     third.reject().await.unwrap();
     assert!(matches!(third.ack().await, Err(Error::AlreadySettled { delivery_tag: 3 })));
     let (_, body) = peer.recv_request().await;
-    assert_eq!(body, Body::Reject(pb::Reject { consumer_id: 7, delivery_tag: 3, requeue: false }));
+    assert_eq!(
+        body,
+        Body::Reject(pb::Reject { consumer_id: 7, delivery_tag: 3, requeue: false, confirm: false })
+    );
 
     // A refused settle has nobody waiting: it is logged, and the connection carries on.
     peer.send(ack_id, Body::Error(pb::Error { code: ErrorCode::NotFound as i32, message: "no tag".into() }))
@@ -374,7 +377,7 @@ async fn a_consumer_keeps_its_connection_open() {
     let delivery = consumer.next().await.unwrap().unwrap();
     delivery.ack().await.unwrap();
     let (_, body) = peer.recv_request().await;
-    assert_eq!(body, Body::Ack(pb::Ack { consumer_id: 4, delivery_tag: 1, multiple: false }));
+    assert_eq!(body, Body::Ack(pb::Ack { consumer_id: 4, delivery_tag: 1, multiple: false, confirm: false }));
 }
 
 #[tokio::test]

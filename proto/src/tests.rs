@@ -80,16 +80,19 @@ fn every_body() -> Vec<Body> {
         Body::Cancel(Cancel { consumer_id: 3 }),
         Body::CancelOk(CancelOk { requeued: 4 }),
         Body::Deliver(Deliver { consumer_id: 3, delivery_tag: 17, message: Some(sample_message()) }),
-        Body::Ack(Ack { consumer_id: 3, delivery_tag: 17, multiple: true }),
-        Body::Nack(Nack { consumer_id: 3, delivery_tag: 17, multiple: true, requeue: true }),
-        Body::Reject(Reject { consumer_id: 3, delivery_tag: 17, requeue: false }),
+        Body::Ack(Ack { consumer_id: 3, delivery_tag: 17, multiple: true, confirm: true }),
+        Body::Nack(Nack { consumer_id: 3, delivery_tag: 17, multiple: true, requeue: true, confirm: true }),
+        Body::Reject(Reject { consumer_id: 3, delivery_tag: 17, requeue: false, confirm: true }),
+        Body::SettleOk(SettleOk { settled: 5 }),
         Body::ConsumerCancelled(ConsumerCancelled { consumer_id: 3, reason: "queue deleted".into() }),
     ]
 }
 
 fn variant_name(body: &Body) -> String {
     let debug = format!("{body:?}");
-    debug.split('(').next().unwrap_or_default().to_string()
+    let name = debug.split('(').next().unwrap_or_default().to_string();
+    assert_eq!(body.name(), name, "Body::name matches the variant");
+    name
 }
 
 #[test]
@@ -113,7 +116,7 @@ fn every_variant_is_covered() {
     // The schema's oneof field numbers; keep in step with hopper.proto.
     let names: std::collections::HashSet<String> = every_body().iter().map(variant_name).collect();
     assert_eq!(names.len(), every_body().len(), "a variant is listed twice");
-    assert_eq!(names.len(), 27, "a Body variant was added: add it to every_body()");
+    assert_eq!(names.len(), 28, "a Body variant was added: add it to every_body()");
 }
 
 #[test]

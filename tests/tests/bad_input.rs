@@ -219,16 +219,17 @@ async fn settling_an_unknown_delivery_tag_is_not_found_and_the_connection_contin
         other => panic!("expected ConsumeOk, got {other:?}"),
     };
 
-    let ack = pb::Ack { consumer_id, delivery_tag: 42, multiple: false };
+    let ack = pb::Ack { consumer_id, delivery_tag: 42, multiple: false, confirm: false };
     let request_id = raw.request(Body::Ack(ack)).await;
     let (code, message) = raw.error_response(request_id).await;
     assert_eq!(code, ErrorCode::NotFound, "{message}");
 
-    let nack = pb::Nack { consumer_id, delivery_tag: 7, multiple: true, requeue: true };
+    let nack = pb::Nack { consumer_id, delivery_tag: 7, multiple: true, requeue: true, confirm: false };
     let request_id = raw.request(Body::Nack(nack)).await;
     assert_eq!(raw.error_response(request_id).await.0, ErrorCode::NotFound);
 
-    let reject = pb::Reject { consumer_id: consumer_id + 1000, delivery_tag: 1, requeue: false };
+    let reject =
+        pb::Reject { consumer_id: consumer_id + 1000, delivery_tag: 1, requeue: false, confirm: false };
     let request_id = raw.request(Body::Reject(reject)).await;
     assert_eq!(raw.error_response(request_id).await.0, ErrorCode::NotFound, "unknown consumer");
 
@@ -245,8 +246,13 @@ async fn settling_an_unknown_delivery_tag_is_not_found_and_the_connection_contin
     }
     let deliver = deliver.unwrap();
     assert_eq!(deliver.message.as_ref().map(|m| m.message_id), message_id);
-    raw.request(Body::Ack(pb::Ack { consumer_id, delivery_tag: deliver.delivery_tag, multiple: false }))
-        .await;
+    raw.request(Body::Ack(pb::Ack {
+        consumer_id,
+        delivery_tag: deliver.delivery_tag,
+        multiple: false,
+        confirm: false,
+    }))
+    .await;
     match raw.call(stats("tags")).await {
         Body::QueueInfo(info) => assert_eq!((info.unacked, info.acked_total), (0, 1)),
         other => panic!("expected QueueInfo, got {other:?}"),

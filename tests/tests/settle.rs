@@ -196,3 +196,27 @@ async fn dropping_a_consumer_requeues_its_deliveries() {
     assert!(again.iter().all(|d| d.redelivered), "{again:?}");
     assert!(consumer.next().now_or_never().is_none());
 }
+
+/// With confirmed settlements, each settle call returns once the broker answered it, for
+/// transient queues at once and for durable ones after their log write.
+#[tokio::test]
+async fn confirmed_settlements_are_answered_for_transient_and_durable_queues() {
+    for durable in [false, true] {
+        let broker = Broker::start();
+        let conn = connect(&broker).await;
+        conn.declare_queue("q", QueueOptions { durable }).await.unwrap();
+        publish_all(&conn, "q", ["a", "b", "c"].map(String::from)).await;
+        let options = ConsumeOptions { prefetch: 10, confirm_settlements: true, ..Default::default() };
+        let mut consumer = conn.consume("q", options).await.unwrap();
+        let d = next_deliveries(&mut consumer, 3).await;
+        let answered = async {
+            d[0].ack().await.unwrap();
+            d[1].nack(true).await.unwrap();
+            d[2].reject().await.unwrap();
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), answered).await.expect("SettleOk arrived");
+        let info = conn.queue_stats("q").await.unwrap();
+        assert_eq!(info.acked_total, 1, "durable={durable}: {info:?}");
+        assert_eq!(body_text(&next_delivery(&mut consumer).await), "b", "durable={durable}");
+    }
+}

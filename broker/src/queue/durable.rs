@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hopper_proto::{pb, Body};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::{Confirm, Journal, Live, Queue, QueueState};
@@ -53,6 +54,9 @@ pub(super) struct DiskState {
     log: LogBuffer,
     /// Publishes in `log`'s buffer, not yet written; invisible to consumers until they are.
     pending: Vec<PendingPublish>,
+    /// Responses to confirmed settlements, due once the records buffered before them are
+    /// durable.
+    settle_confirms: Vec<(Confirm, Body)>,
     /// Body bytes of this queue's messages held in memory.
     resident_bytes: usize,
     stopping: bool,
@@ -159,7 +163,13 @@ fn start(
 
 impl DiskState {
     fn new(log: LogBuffer) -> Self {
-        DiskState { log, pending: Vec::new(), resident_bytes: 0, stopping: false }
+        DiskState {
+            log,
+            pending: Vec::new(),
+            settle_confirms: Vec::new(),
+            resident_bytes: 0,
+            stopping: false,
+        }
     }
 }
 
@@ -183,6 +193,13 @@ impl Durable {
     ) {
         let range = disk.log.publish(seq, 0, &payload);
         disk.pending.push(PendingPublish { seq, payload, range, confirm });
+        self.wake.notify_one();
+    }
+
+    /// Holds `response` until the log thread has written (and, per policy, synced) everything
+    /// buffered up to now.
+    pub(super) fn defer_confirm(&self, disk: &mut DiskState, confirm: Confirm, response: Body) {
+        disk.settle_confirms.push((confirm, response));
         self.wake.notify_one();
     }
 
@@ -264,6 +281,7 @@ fn write_loop(queue: &Queue, mut writer: SegmentWriter) {
         let disk = guard.disk.as_mut().expect("durable queue");
         let bytes = disk.log.take(std::mem::take(&mut spare));
         let pending = std::mem::take(&mut disk.pending);
+        let settles = std::mem::take(&mut disk.settle_confirms);
         drop(guard);
 
         let mut written = Err(String::new());
@@ -283,8 +301,14 @@ fn write_loop(queue: &Queue, mut writer: SegmentWriter) {
                 }
             }
         }
-        let wrote = written.is_ok();
-        let confirms = apply_batch(queue, durable, &writer, &bytes, pending, written);
+        let wrote = written.is_ok() || bytes.is_empty();
+        let mut confirms = apply_batch(queue, durable, &writer, &bytes, pending, written);
+        if wrote {
+            confirms.extend(settles.into_iter().map(|(confirm, body)| (confirm, Ok(body))));
+        } else if let Some(disk) = queue.state.lock().disk.as_mut() {
+            // Their records go round again with the failed batch.
+            disk.settle_confirms.splice(0..0, settles);
+        }
         match policy {
             FsyncPolicy::Always if wrote => {
                 durable.syncs.submit(writer.file(), confirms);
@@ -380,7 +404,7 @@ fn wait_for_work(
         if disk.stopping {
             return true;
         }
-        if disk.log.has_pending() && !failing {
+        if (disk.log.has_pending() || !disk.settle_confirms.is_empty()) && !failing {
             return false;
         }
         if failing {
@@ -399,7 +423,7 @@ fn wait_for_work(
     }
 }
 
-type Confirmation = (Confirm, Result<u64, BrokerError>);
+type Confirmation = (Confirm, Result<Body, BrokerError>);
 
 /// Under the lock: make the written publishes ready (or, if the write failed, put the other
 /// records back for another try and refuse the publishes).
@@ -438,7 +462,7 @@ fn apply_batch(
                     location: Some(location),
                     maybe_delivered: false,
                 });
-                confirms.push((publish.confirm, Ok(id)));
+                confirms.push((publish.confirm, Ok(Body::PublishOk(pb::PublishOk { message_id: id }))));
             }
             let mut journal = durable.journal(disk);
             live.state.dispatch(&mut journal);

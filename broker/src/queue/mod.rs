@@ -53,10 +53,10 @@ impl Confirm {
         Confirm { outbox, request_id }
     }
 
-    /// Sends the positive (message id) or negative confirm.
-    pub fn send(self, result: Result<u64, BrokerError>) {
+    /// Sends the positive response (`PublishOk`, `SettleOk`) or the error.
+    pub fn send(self, result: Result<Body, BrokerError>) {
         let frame = match result {
-            Ok(message_id) => Frame::new(self.request_id, Body::PublishOk(pb::PublishOk { message_id })),
+            Ok(body) => Frame::new(self.request_id, body),
             Err(err) => Frame::error(self.request_id, err.code(), err.to_string()),
         };
         self.outbox.push(&frame);
@@ -151,10 +151,22 @@ impl Queue {
                 live.state.publish(payload);
                 live.state.dispatch(&mut NoJournal);
                 drop(guard);
-                confirm.send(Ok(id));
+                confirm.send(Ok(Body::PublishOk(pb::PublishOk { message_id: id })));
             }
         }
         Ok(())
+    }
+
+    /// Sends `response` once everything this queue has buffered for its log so far is as
+    /// durable as a publish confirm: at once for a transient queue or an empty buffer.
+    pub fn confirm_when_durable(&self, confirm: Confirm, response: Body) {
+        let mut guard = self.state.lock();
+        if let (Some(disk), Some(durable)) = (guard.disk.as_mut(), &self.durable) {
+            durable.defer_confirm(disk, confirm, response);
+            return;
+        }
+        drop(guard);
+        confirm.send(Ok(response));
     }
 
     /// A snapshot of the queue's counts.
