@@ -33,6 +33,10 @@ pub struct Config {
     pub segment_bytes: u64,
     /// Bytes of message bodies each durable queue keeps in memory; the rest stay on disk.
     pub queue_memory_bytes: usize,
+    /// Message bytes held in memory above which publishers are blocked (default: 40% of RAM).
+    pub memory_high_watermark_bytes: u64,
+    /// Free disk bytes below which publishers are blocked.
+    pub disk_free_low_watermark_bytes: u64,
 }
 
 impl Default for Config {
@@ -48,6 +52,8 @@ impl Default for Config {
             fsync_interval_ms: 100,
             segment_bytes: 32 * 1024 * 1024,
             queue_memory_bytes: 64 * 1024 * 1024,
+            memory_high_watermark_bytes: default_memory_watermark(),
+            disk_free_low_watermark_bytes: 50 * 1024 * 1024,
         }
     }
 }
@@ -103,6 +109,16 @@ impl Config {
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
     }
+}
+
+/// 40% of the machine's memory (as RabbitMQ's default), or 1 GiB when it cannot be read.
+fn default_memory_watermark() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        text.lines()
+            .find_map(|line| line.strip_prefix("MemTotal:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    total_kib.map_or(1 << 30, |kib| kib * 1024 / 10 * 4)
 }
 
 /// ":LINE:COLUMN" (1-based) of a byte offset, for one-line error messages.

@@ -7,7 +7,9 @@
 pub mod audit;
 pub mod config;
 pub mod error;
+pub mod flow;
 pub mod message;
+pub mod mover;
 pub mod queue;
 pub mod server;
 pub mod storage;

@@ -43,6 +43,12 @@ struct Args {
     /// Body bytes each durable queue keeps in memory [default: 67108864].
     #[arg(long, env = "HOPPER_QUEUE_MEMORY_BYTES")]
     queue_memory_bytes: Option<usize>,
+    /// Message bytes in memory above which publishers are blocked [default: 40% of RAM].
+    #[arg(long, env = "HOPPER_MEMORY_HIGH_WATERMARK")]
+    memory_high_watermark: Option<u64>,
+    /// Free disk bytes below which publishers are blocked [default: 52428800].
+    #[arg(long, env = "HOPPER_DISK_FREE_LOW_WATERMARK")]
+    disk_free_low_watermark: Option<u64>,
 }
 
 impl Args {
@@ -77,6 +83,12 @@ impl Args {
         }
         if let Some(queue_memory_bytes) = self.queue_memory_bytes {
             config.queue_memory_bytes = queue_memory_bytes;
+        }
+        if let Some(bytes) = self.memory_high_watermark {
+            config.memory_high_watermark_bytes = bytes;
+        }
+        if let Some(bytes) = self.disk_free_low_watermark {
+            config.disk_free_low_watermark_bytes = bytes;
         }
         Ok(config)
     }

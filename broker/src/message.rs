@@ -23,6 +23,8 @@ pub struct Payload {
     pub published_at_ms: u64,
     /// Every time the message died, oldest first (empty for a message that never died).
     pub deaths: Vec<Death>,
+    /// How many times the message was moved (replayed) out of a queue.
+    pub replay_count: u32,
 }
 
 /// Why a message left its queue without being acknowledged.
@@ -99,6 +101,8 @@ pub struct QueuedMessage {
     pub seq: u64,
     /// Deliveries so far.
     pub delivery_count: u32,
+    /// Body size in bytes (known even when the body is only on disk).
+    pub size: u32,
     /// Recovered after a crash, which may have hidden a delivery: the next delivery is flagged
     /// redelivered, as AMQP's "may have been delivered before".
     pub maybe_delivered: bool,
@@ -121,6 +125,7 @@ impl QueuedMessage {
         QueuedMessage {
             seq,
             delivery_count: 0,
+            size: payload.body.len() as u32,
             maybe_delivered: false,
             expires_at_ms: 0,
             due_ms: 0,

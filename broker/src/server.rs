@@ -12,6 +12,8 @@ use tokio::task::JoinHandle;
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::error::StartError;
+use crate::flow::Flow;
+use crate::mover::Moves;
 use crate::queue::Registry;
 
 /// Size at which the audit log is rotated.
@@ -23,6 +25,10 @@ use crate::storage::Store;
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) queues: Arc<Registry>,
+    pub(crate) flow: Arc<Flow>,
+    pub(crate) moves: Moves,
+    pub(crate) started: std::time::Instant,
+    pub(crate) connections: std::sync::atomic::AtomicU32,
     pub(crate) next_message_id: AtomicU64,
     pub(crate) next_consumer_id: AtomicU64,
 }
@@ -68,9 +74,19 @@ impl Broker {
             .local_addr()
             .map_err(|source| StartError::Bind { addr: config.listen.clone(), source })?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let flow = Arc::new(Flow::new(
+            config.memory_high_watermark_bytes,
+            config.disk_free_low_watermark_bytes,
+            config.data_dir.clone(),
+        ));
+        flow.start(Arc::downgrade(&queues));
         let shared = Arc::new(Shared {
             config,
             queues,
+            flow,
+            moves: Moves::default(),
+            started: std::time::Instant::now(),
+            connections: Default::default(),
             next_message_id: AtomicU64::new(initial_message_id()),
             next_consumer_id: AtomicU64::new(1),
         });
@@ -135,7 +151,9 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::
         let shutdown = shutdown.clone();
         let done = done_tx.clone();
         tokio::spawn(async move {
-            session::run(socket, peer, conn_id, shared, shutdown, permit.is_some()).await;
+            shared.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            session::run(socket, peer, conn_id, shared.clone(), shutdown, permit.is_some()).await;
+            shared.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             drop(permit);
             drop(done);
         });

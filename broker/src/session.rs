@@ -71,6 +71,27 @@ pub(crate) async fn run(
     .await
 }
 
+/// Marks the connection as held back by flow control, and releases it on drop.
+struct Held {
+    flow: Arc<crate::flow::Flow>,
+    on: bool,
+}
+
+impl Held {
+    fn set(&mut self, on: bool) {
+        if on != self.on {
+            self.on = on;
+            self.flow.hold(on);
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 /// Values agreed in the handshake.
 #[derive(Debug, Clone, Copy)]
 struct Negotiated {
@@ -95,6 +116,8 @@ struct Session {
     pullers: HashMap<String, Puller>,
     /// Queues this connection published to, so a publish skips the registry lookup.
     publish_cache: HashMap<String, Arc<Queue>>,
+    /// This connection has published: flow control applies to it.
+    publisher: bool,
 }
 
 /// The pull consumer a connection uses for `Get` on one queue.
@@ -115,6 +138,7 @@ impl Session {
             consumers: HashMap::new(),
             pullers: HashMap::new(),
             publish_cache: HashMap::new(),
+            publisher: false,
         }
     }
 
@@ -128,19 +152,32 @@ impl Session {
         tokio::pin!(handshake_deadline);
         let mut heartbeat: Option<tokio::time::Interval> = None;
         let mut last_seen = Instant::now();
+        let mut flow_changes = self.shared.flow.subscribe();
+        let mut held = Held { flow: self.shared.flow.clone(), on: false };
         loop {
+            // A publishing connection is not read from while publishers are blocked; it is
+            // told so, and its silence meanwhile does not count against its heartbeats.
+            let block = if self.publisher { self.shared.flow.blocked() } else { None };
+            if block.is_some() != held.on {
+                held.set(block.is_some());
+                let reason = block.unwrap_or_default();
+                let event = pb::FlowControl { blocked: held.on, reason };
+                self.outbox.push(&Frame::event(Body::FlowControl(event)));
+                last_seen = Instant::now();
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
                     self.outbox.push(&close_frame(ErrorCode::Unspecified, "broker is shutting down"));
                     return;
                 }
+                _ = flow_changes.changed() => {}
                 _ = resume.notified() => {
                     if self.outbox.take_stalled() {
                         self.redispatch();
                     }
                 }
-                item = frames.next() => {
+                item = frames.next(), if !held.on => {
                     last_seen = Instant::now();
                     let inbound = match item {
                         Some(Ok(inbound)) => inbound,
@@ -171,7 +208,7 @@ impl Session {
                 }
                 _ = tick(&mut heartbeat) => {
                     let interval = heartbeat.as_ref().map(|h| h.period()).unwrap_or_default();
-                    if last_seen.elapsed() > interval * 2 {
+                    if !held.on && last_seen.elapsed() > interval * 2 {
                         tracing::info!(heartbeat_ms = interval.as_millis() as u64, "peer missed two heartbeats; closing");
                         self.outbox.push(&close_frame(ErrorCode::Unspecified, "missed heartbeats"));
                         return;
@@ -348,6 +385,11 @@ impl Session {
                 Ok(Some(Body::QueueListOk(pb::QueueListOk { queues })))
             }
             Body::AuditQuery(query) => self.audit(query).map(Some),
+            Body::BrokerStatus(_) => Ok(Some(self.status())),
+            Body::MoveStart(start) => self.move_start(start).map(Some),
+            Body::MoveList(_) => Ok(Some(self.move_list())),
+            Body::MoveCancel(cancel) => self.move_cancel(cancel).map(Some),
+            Body::Peek(peek) => self.peek(peek).map(Some),
             other => Err(BrokerError::ProtocolViolation(format!(
                 "{} is sent by the broker, not to it",
                 other.name()

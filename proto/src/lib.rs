@@ -106,6 +106,16 @@ impl Body {
             Body::GetOk(_) => "GetOk",
             Body::AuditQuery(_) => "AuditQuery",
             Body::AuditEvents(_) => "AuditEvents",
+            Body::FlowControl(_) => "FlowControl",
+            Body::BrokerStatus(_) => "BrokerStatus",
+            Body::BrokerStatusOk(_) => "BrokerStatusOk",
+            Body::MoveStart(_) => "MoveStart",
+            Body::MoveInfo(_) => "MoveInfo",
+            Body::MoveList(_) => "MoveList",
+            Body::MoveListOk(_) => "MoveListOk",
+            Body::MoveCancel(_) => "MoveCancel",
+            Body::Peek(_) => "Peek",
+            Body::PeekOk(_) => "PeekOk",
         }
     }
 }

@@ -15,6 +15,7 @@ fn sample_message() -> Message {
         published_at_ms: 1_700_000_000_000,
         delivery_count: 3,
         redelivered: true,
+        replay_count: 2,
         deaths: vec![Death {
             queue: "jobs".into(),
             reason: "delivery_limit".into(),
@@ -37,6 +38,9 @@ fn queue_info() -> QueueInfo {
             retry_backoff_ms: vec![1000, 10_000, 60_000],
             message_ttl_ms: 3_600_000,
             ack_timeout_ms: 30_000,
+            max_length: 10_000,
+            max_bytes: 1 << 20,
+            overflow: "drop-head".into(),
         }),
         ready: 5,
         unacked: 2,
@@ -47,6 +51,27 @@ fn queue_info() -> QueueInfo {
         redelivered_total: 1,
         delayed: 3,
         dead_lettered_total: [("expired".to_string(), 2)].into(),
+        waiting_bytes: 1280,
+        oldest_ready_ms: 1_700_000_000_000,
+    }
+}
+
+fn move_info() -> MoveInfo {
+    MoveInfo {
+        id: 4,
+        source: "jobs.dlq".into(),
+        destination: "jobs".into(),
+        rate: 50,
+        limit: 100,
+        filter_key: "reason".into(),
+        filter_value: "expired".into(),
+        state: "running".into(),
+        moved: 40,
+        skipped: 1,
+        remaining: 59,
+        error: String::new(),
+        started_ms: 1,
+        finished_ms: 0,
     }
 }
 
@@ -129,6 +154,34 @@ fn every_body() -> Vec<Body> {
         Body::GetOk(GetOk {
             deliveries: vec![Deliver { consumer_id: 3, delivery_tag: 17, message: Some(sample_message()) }],
         }),
+        Body::FlowControl(FlowControl { blocked: true, reason: "memory high watermark".into() }),
+        Body::BrokerStatus(BrokerStatus {}),
+        Body::BrokerStatusOk(BrokerStatusOk {
+            version: "0.1.0".into(),
+            uptime_ms: 1,
+            connections: 2,
+            blocked: true,
+            blocked_reason: "disk".into(),
+            blocked_publishers: 3,
+            memory_used: 4,
+            memory_high_watermark: 5,
+            disk_free: 6,
+            disk_free_low_watermark: 7,
+        }),
+        Body::MoveStart(MoveStart {
+            source: "jobs.dlq".into(),
+            destination: String::new(),
+            rate: 50,
+            limit: 10,
+            filter_key: "reason".into(),
+            filter_value: "expired".into(),
+        }),
+        Body::MoveInfo(move_info()),
+        Body::MoveList(MoveList {}),
+        Body::MoveListOk(MoveListOk { moves: vec![move_info()] }),
+        Body::MoveCancel(MoveCancel { id: 4 }),
+        Body::Peek(Peek { queue: "jobs".into(), count: 5 }),
+        Body::PeekOk(PeekOk { messages: vec![sample_message()] }),
         Body::AuditQuery(AuditQuery { queue: "jobs".into(), since_ms: 5, limit: 10 }),
         Body::AuditEvents(AuditEvents {
             events: vec![AuditEvent {
@@ -175,7 +228,7 @@ fn every_variant_is_covered() {
     // The schema's oneof field numbers; keep in step with hopper.proto.
     let names: std::collections::HashSet<String> = every_body().iter().map(variant_name).collect();
     assert_eq!(names.len(), every_body().len(), "a variant is listed twice");
-    assert_eq!(names.len(), 34, "a Body variant was added: add it to every_body()");
+    assert_eq!(names.len(), 44, "a Body variant was added: add it to every_body()");
 }
 
 #[test]

@@ -117,6 +117,7 @@ pub(super) fn recover(
         state.restore(QueuedMessage {
             seq: found.seq,
             delivery_count: found.delivery_count,
+            size: found.size,
             maybe_delivered: crashed,
             expires_at_ms: found.expires_at_ms,
             due_ms: found.due_ms,
@@ -167,6 +168,11 @@ impl DiskState {
             resident_bytes: 0,
             stopping: false,
         }
+    }
+
+    /// Body bytes held in memory.
+    pub(super) fn resident_bytes(&self) -> usize {
+        self.resident_bytes
     }
 
     /// Records that a stored message left the queue.
@@ -501,6 +507,7 @@ fn apply_batch(
                 let id = payload.id;
                 message.payload = resident.then_some(payload);
                 message.location = Some(location);
+                live.state.unreserve(u64::from(message.size));
                 live.state.admit(message);
                 confirms.push((confirm, Ok(Body::PublishOk(pb::PublishOk { message_id: id }))));
             }
@@ -518,6 +525,7 @@ fn apply_batch(
             others.extend_from_slice(&bytes[at..]);
             disk.log.restore(others);
             for publish in pending {
+                live.state.unreserve(u64::from(publish.message.size));
                 let error =
                     BrokerError::ResourceLimit(format!("message not stored: disk write failed: {error}"));
                 confirms.push((publish.confirm, Err(error)));

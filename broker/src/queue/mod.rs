@@ -24,8 +24,8 @@ use crate::outbox::Outbox;
 
 pub use durable::Durable;
 pub use registry::{notify_cancelled, Declared, Deleted, Registry};
-pub use state::{Counters, Journal, Policy, QueueState, SettleError, Sink, Snapshot};
-pub use subscriber::{PullBox, Subscriber};
+pub use state::{Counters, Journal, Overflow, Policy, QueueFull, QueueState, SettleError, Sink, Snapshot};
+pub use subscriber::{message_to_wire, PullBox, Subscriber};
 pub use window::Window;
 
 use durable::DiskState;
@@ -46,6 +46,12 @@ pub struct QueueSettings {
     pub message_ttl_ms: u64,
     /// Time a consumer has to settle a delivery before it is taken back.
     pub ack_timeout_ms: u64,
+    /// Most waiting (ready + delayed) messages.
+    pub max_length: u64,
+    /// Most body bytes of waiting messages.
+    pub max_bytes: u64,
+    /// What a full queue does with a new message.
+    pub overflow: Overflow,
 }
 
 impl QueueSettings {
@@ -56,6 +62,9 @@ impl QueueSettings {
             retry_backoff_ms: self.retry_backoff_ms.clone(),
             message_ttl_ms: self.message_ttl_ms,
             ack_timeout_ms: self.ack_timeout_ms,
+            max_length: self.max_length,
+            max_bytes: self.max_bytes,
+            overflow: self.overflow,
         }
     }
 }
@@ -77,6 +86,15 @@ impl std::fmt::Display for QueueSettings {
         }
         if self.ack_timeout_ms > 0 {
             write!(f, " ack_timeout_ms={}", self.ack_timeout_ms)?;
+        }
+        if self.max_length > 0 {
+            write!(f, " max_length={}", self.max_length)?;
+        }
+        if self.max_bytes > 0 {
+            write!(f, " max_bytes={}", self.max_bytes)?;
+        }
+        if self.max_length > 0 || self.max_bytes > 0 {
+            write!(f, " overflow={}", self.overflow.as_str())?;
         }
         Ok(())
     }
@@ -245,30 +263,48 @@ impl Queue {
         confirm: Confirm,
     ) -> Result<(), BrokerError> {
         let now = now_ms();
+        let size = payload.body.len() as u64;
+        let id = payload.id;
         let mut deaths = Vec::new();
         let mut guard = self.state.lock();
         let live = &mut *guard;
         if live.deleted {
             return Err(BrokerError::queue_not_found(&self.name));
         }
-        match (&mut live.disk, &self.durable) {
+        let outcome = match (&mut live.disk, &self.durable) {
             (Some(disk), Some(durable)) => {
-                let mut message = QueuedMessage::transient(live.state.reserve_seq(), payload);
-                message.expires_at_ms = live.state.expiry_for(now, ttl_ms);
-                message.due_ms = if delay_ms > 0 { now + delay_ms } else { 0 };
-                durable.append_publish(disk, message, confirm);
+                live.state.make_room(size, &mut durable.journal(disk, &mut deaths)).map(|()| {
+                    let mut message = QueuedMessage::transient(live.state.reserve_seq(), payload);
+                    message.expires_at_ms = live.state.expiry_for(now, ttl_ms);
+                    message.due_ms = if delay_ms > 0 { now + delay_ms } else { 0 };
+                    live.state.reserve(size);
+                    durable.append_publish(disk, message, confirm);
+                    None
+                })
             }
             _ => {
-                let id = payload.id;
-                live.state.publish(payload, now, delay_ms, ttl_ms);
-                live.state.dispatch(now, &mut MemJournal { deaths: &mut deaths });
-                let next = live.state.next_timer();
-                drop(guard);
+                let mut journal = MemJournal { deaths: &mut deaths };
+                live.state.make_room(size, &mut journal).map(|()| {
+                    live.state.publish(payload, now, delay_ms, ttl_ms);
+                    live.state.dispatch(now, &mut journal);
+                    Some(confirm)
+                })
+            }
+        };
+        let next = live.state.next_timer();
+        drop(guard);
+        self.after_unlock(deaths, next);
+        match outcome {
+            // A durable queue confirms from its log thread.
+            Ok(None) => Ok(()),
+            Ok(Some(confirm)) => {
                 confirm.send(Ok(Body::PublishOk(pb::PublishOk { message_id: id })));
-                self.after_unlock(deaths, next);
+                Ok(())
+            }
+            Err(full) => {
+                Err(BrokerError::ResourceLimit(format!("queue '{}' is full ({})", self.name, full.0)))
             }
         }
-        Ok(())
     }
 
     /// Sends `response` once everything this queue has buffered for its log so far is as
@@ -281,6 +317,15 @@ impl Queue {
         }
         drop(guard);
         confirm.send(Ok(response));
+    }
+
+    /// Bytes of message bodies this queue holds in memory (for the memory watermark).
+    pub fn memory_bytes(&self) -> u64 {
+        let live = self.state.lock();
+        match &live.disk {
+            Some(disk) => disk.resident_bytes() as u64,
+            None => live.state.held_bytes(),
+        }
     }
 
     /// A snapshot of the queue's counts.

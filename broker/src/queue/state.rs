@@ -55,7 +55,48 @@ pub struct Policy {
     pub message_ttl_ms: u64,
     /// Time a consumer has to settle a delivery before it is taken back; 0 = none.
     pub ack_timeout_ms: u64,
+    /// Most waiting (ready + delayed) messages; 0 = unbounded.
+    pub max_length: u64,
+    /// Most body bytes of waiting messages; 0 = unbounded.
+    pub max_bytes: u64,
+    /// What a new message meets when the queue is full.
+    pub overflow: Overflow,
 }
+
+/// What a full queue does with a new message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overflow {
+    /// Refuse it: the publisher gets a negative confirm.
+    #[default]
+    RejectPublish,
+    /// Accept it; the oldest waiting messages die with reason `maxlen`.
+    DropHead,
+}
+
+impl Overflow {
+    /// The policy's name in flags and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::RejectPublish => "reject-publish",
+            Overflow::DropHead => "drop-head",
+        }
+    }
+
+    /// Parses a name; empty means the default.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "" | "reject-publish" => Some(Overflow::RejectPublish),
+            "drop-head" => Some(Overflow::DropHead),
+            _ => None,
+        }
+    }
+}
+
+/// The queue is full and refuses new messages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("queue is full ({0})")]
+pub struct QueueFull(pub String);
 
 /// Why a settle request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +136,12 @@ pub struct Snapshot {
     pub unacked: u64,
     /// Messages waiting for their delay or retry backoff to pass.
     pub delayed: u64,
+    /// Body bytes of the waiting (ready + delayed) messages.
+    pub waiting_bytes: u64,
+    /// Body bytes of every message held: waiting and unacked.
+    pub held_bytes: u64,
+    /// Unix ms of the publish of the message at the head, if its body is in memory; else 0.
+    pub oldest_ready_ms: u64,
     /// Subscribed consumers.
     pub consumers: u32,
     /// Lifetime counters.
@@ -125,6 +172,11 @@ pub struct QueueState<S> {
     /// (deadline, consumer, tag) of deliveries with an ack timeout; stale entries are skipped.
     deadlines: BinaryHeap<Reverse<(u64, u64, u64)>>,
     next_seq: u64,
+    /// Body bytes of the ready and delayed messages.
+    waiting_bytes: u64,
+    /// Messages and bytes of publishes accepted but not yet written (durable queues), counted
+    /// against the queue's bounds.
+    reserved: (u64, u64),
     consumers: Vec<Consumer<S>>,
     /// Index of the consumer that gets the next delivery (round-robin).
     cursor: usize,
@@ -142,6 +194,8 @@ impl<S: Sink> QueueState<S> {
             expiries: BinaryHeap::new(),
             deadlines: BinaryHeap::new(),
             next_seq: 0,
+            waiting_bytes: 0,
+            reserved: (0, 0),
             consumers: Vec::new(),
             cursor: 0,
             counters: Counters::default(),
@@ -193,12 +247,100 @@ impl<S: Sink> QueueState<S> {
         if message.expires_at_ms != 0 {
             self.expiries.push(Reverse((message.expires_at_ms, message.seq)));
         }
-        if message.due_ms != 0 {
-            self.delayed_due.insert(message.seq, message.due_ms);
-            self.delayed.insert((message.due_ms, message.seq), message);
-        } else {
-            insert_ready(&mut self.ready, message);
+        self.push_waiting(message);
+    }
+
+    /// Makes room for a new message of `size` bytes under the queue's bounds: with
+    /// `drop-head`, the oldest waiting messages die (`maxlen`); with `reject-publish`, a full
+    /// queue refuses.
+    pub fn make_room(&mut self, size: u64, journal: &mut dyn Journal) -> Result<(), QueueFull> {
+        let (max_length, max_bytes) = (self.policy.max_length, self.policy.max_bytes);
+        if max_length == 0 && max_bytes == 0 {
+            return Ok(());
         }
+        let over = |state: &Self| {
+            let count = state.ready.len() as u64 + state.delayed.len() as u64 + state.reserved.0;
+            let bytes = state.waiting_bytes + state.reserved.1;
+            (max_length > 0 && count + 1 > max_length) || (max_bytes > 0 && bytes + size > max_bytes)
+        };
+        if !over(self) {
+            return Ok(());
+        }
+        if self.policy.overflow == Overflow::RejectPublish {
+            let limit = if max_length > 0 { format!("max_length {max_length}") } else { String::new() };
+            let bytes = if max_bytes > 0 { format!("max_bytes {max_bytes}") } else { String::new() };
+            let limits = [limit, bytes].into_iter().filter(|l| !l.is_empty()).collect::<Vec<_>>().join(", ");
+            return Err(QueueFull(limits));
+        }
+        while over(self) {
+            let Some(oldest) = self.pop_oldest_waiting() else { break };
+            self.die(oldest, DeathReason::MaxLen, journal);
+        }
+        Ok(())
+    }
+
+    /// Counts a publish accepted but not yet admitted (a durable queue's unwritten one).
+    pub fn reserve(&mut self, size: u64) {
+        self.reserved.0 += 1;
+        self.reserved.1 += size;
+    }
+
+    /// Releases a reservation (the message was admitted, or its write failed).
+    pub fn unreserve(&mut self, size: u64) {
+        self.reserved.0 = self.reserved.0.saturating_sub(1);
+        self.reserved.1 = self.reserved.1.saturating_sub(size);
+    }
+
+    /// Removes and returns the first waiting message (from the head) for which `wanted` is
+    /// true, to move it elsewhere; `load` supplies payloads that are only on disk. The message
+    /// is out of the queue's counts until [`QueueState::give_back`] or the caller settles it.
+    pub fn take_first(
+        &mut self,
+        mut wanted: impl FnMut(&QueuedMessage, &Payload) -> bool,
+        journal: &mut dyn Journal,
+    ) -> Option<QueuedMessage> {
+        let mut index = 0;
+        while index < self.ready.len() {
+            if self.ready[index].payload.is_none() {
+                match journal.load(&self.ready[index]) {
+                    Ok(payload) => self.ready[index].payload = Some(payload),
+                    Err(_) => {
+                        index += 1;
+                        continue;
+                    }
+                }
+            }
+            let message = &self.ready[index];
+            if wanted(message, message.payload.as_ref().expect("loaded above")) {
+                let message = self.ready.remove(index).expect("index in range");
+                self.waiting_bytes -= u64::from(message.size);
+                return Some(message);
+            }
+            index += 1;
+        }
+        None
+    }
+
+    /// Puts back a message taken with [`QueueState::take_first`].
+    pub fn give_back(&mut self, message: QueuedMessage) {
+        self.push_waiting(message);
+    }
+
+    /// The first `count` ready messages (payloads loaded through `journal` if needed), without
+    /// changing anything.
+    pub fn peek(&mut self, count: usize, journal: &mut dyn Journal) -> Vec<(QueuedMessage, Arc<Payload>)> {
+        let mut found = Vec::with_capacity(count.min(self.ready.len()));
+        for message in self.ready.iter().take(count) {
+            let payload = match &message.payload {
+                Some(payload) => payload.clone(),
+                None => match journal.load(message) {
+                    Ok(payload) => payload,
+                    Err(_) => continue,
+                },
+            };
+            found.push((QueuedMessage { payload: None, ..message.clone() }, payload));
+        }
+        found
     }
 
     /// The message with this seq, ready, delayed or delivered.
@@ -359,6 +501,7 @@ impl<S: Sink> QueueState<S> {
             journal.settled(&message);
         }
         self.delayed_due.clear();
+        self.waiting_bytes = 0;
         count
     }
 
@@ -421,6 +564,7 @@ impl<S: Sink> QueueState<S> {
         while !self.ready.is_empty() {
             let Some(index) = self.next_consumer() else { return };
             let mut message = self.ready.pop_front().expect("checked non-empty");
+            self.waiting_bytes -= u64::from(message.size);
             if message.is_expired(now_ms) {
                 self.die(message, DeathReason::Expired, journal);
                 continue;
@@ -461,12 +605,24 @@ impl<S: Sink> QueueState<S> {
         }
     }
 
+    /// Body bytes of every message held: waiting and unacked.
+    pub fn held_bytes(&self) -> u64 {
+        self.waiting_bytes + self.consumers.iter().map(|c| c.window.bytes()).sum::<u64>()
+    }
+
     /// Counts and counters.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             ready: self.ready.len() as u64,
             unacked: self.consumers.iter().map(|c| c.window.outstanding() as u64).sum(),
             delayed: self.delayed.len() as u64,
+            waiting_bytes: self.waiting_bytes,
+            held_bytes: self.waiting_bytes + self.consumers.iter().map(|c| c.window.bytes()).sum::<u64>(),
+            oldest_ready_ms: self
+                .ready
+                .front()
+                .and_then(|m| m.payload.as_ref())
+                .map_or(0, |p| p.published_at_ms),
             consumers: self.consumers.len() as u32,
             counters: self.counters.clone(),
         }
@@ -512,12 +668,7 @@ impl<S: Sink> QueueState<S> {
         };
         journal.failed(&message);
         journal.requeued(&mut message);
-        if message.due_ms != 0 {
-            self.delayed_due.insert(message.seq, message.due_ms);
-            self.delayed.insert((message.due_ms, message.seq), message);
-        } else {
-            insert_ready(&mut self.ready, message);
-        }
+        self.push_waiting(message);
     }
 
     /// The retry backoff before redelivery after `failures` failed deliveries.
@@ -545,11 +696,39 @@ impl<S: Sink> QueueState<S> {
     /// Removes a message that is waiting (ready or delayed), by seq.
     fn take_waiting(&mut self, seq: u64) -> Option<QueuedMessage> {
         let at = self.ready.partition_point(|m| m.seq < seq);
-        if self.ready.get(at).is_some_and(|m| m.seq == seq) {
-            return self.ready.remove(at);
+        let message = if self.ready.get(at).is_some_and(|m| m.seq == seq) {
+            self.ready.remove(at)
+        } else {
+            let due = self.delayed_due.remove(&seq)?;
+            self.delayed.remove(&(due, seq))
+        }?;
+        self.waiting_bytes -= u64::from(message.size);
+        Some(message)
+    }
+
+    /// Removes the oldest waiting message: the ready head, else the earliest delayed one.
+    fn pop_oldest_waiting(&mut self) -> Option<QueuedMessage> {
+        let message = match self.ready.pop_front() {
+            Some(message) => message,
+            None => {
+                let (&(due, seq), _) = self.delayed.first_key_value()?;
+                self.delayed_due.remove(&seq);
+                self.delayed.remove(&(due, seq)).expect("first key exists")
+            }
+        };
+        self.waiting_bytes -= u64::from(message.size);
+        Some(message)
+    }
+
+    /// Adds a message to the waiting ones: delayed if it has a due time, else ready.
+    fn push_waiting(&mut self, message: QueuedMessage) {
+        self.waiting_bytes += u64::from(message.size);
+        if message.due_ms != 0 {
+            self.delayed_due.insert(message.seq, message.due_ms);
+            self.delayed.insert((message.due_ms, message.seq), message);
+        } else {
+            insert_ready(&mut self.ready, message);
         }
-        let due = self.delayed_due.remove(&seq)?;
-        self.delayed.remove(&(due, seq))
     }
 
     /// The first consumer from the cursor on that can take a delivery.

@@ -61,19 +61,21 @@ pub fn deliver_frame_body(
     message: &QueuedMessage,
     payload: &Payload,
 ) -> pb::Deliver {
-    pb::Deliver {
-        consumer_id,
-        delivery_tag,
-        message: Some(pb::Message {
-            message_id: payload.id,
-            body: payload.body.clone(),
-            headers: payload.headers.clone(),
-            content_type: payload.content_type.clone(),
-            published_at_ms: payload.published_at_ms,
-            delivery_count: message.delivery_count,
-            redelivered: message.redelivered(),
-            deaths: payload.deaths.iter().map(crate::session::death_to_wire).collect(),
-        }),
+    pb::Deliver { consumer_id, delivery_tag, message: Some(message_to_wire(message, payload)) }
+}
+
+/// The wire form of a message.
+pub fn message_to_wire(message: &QueuedMessage, payload: &Payload) -> pb::Message {
+    pb::Message {
+        message_id: payload.id,
+        body: payload.body.clone(),
+        headers: payload.headers.clone(),
+        content_type: payload.content_type.clone(),
+        published_at_ms: payload.published_at_ms,
+        delivery_count: message.delivery_count,
+        redelivered: message.redelivered(),
+        deaths: payload.deaths.iter().map(crate::session::death_to_wire).collect(),
+        replay_count: payload.replay_count,
     }
 }
 

@@ -17,6 +17,8 @@ pub struct Window {
     base_tag: u64,
     entries: VecDeque<Option<QueuedMessage>>,
     outstanding: usize,
+    /// Body bytes of the outstanding deliveries.
+    bytes: u64,
     /// Recent tags taken back by an ack timeout, so a late settle gets a clear error.
     expired: BTreeSet<u64>,
 }
@@ -27,7 +29,14 @@ const EXPIRED_MEMORY: usize = 4096;
 impl Window {
     /// An empty window; `capacity` 0 means unlimited.
     pub fn new(capacity: u32) -> Self {
-        Window { capacity, base_tag: 1, entries: VecDeque::new(), outstanding: 0, expired: BTreeSet::new() }
+        Window {
+            capacity,
+            base_tag: 1,
+            entries: VecDeque::new(),
+            outstanding: 0,
+            bytes: 0,
+            expired: BTreeSet::new(),
+        }
     }
 
     /// True when no further delivery may be sent.
@@ -40,6 +49,11 @@ impl Window {
         self.outstanding
     }
 
+    /// Body bytes of the outstanding deliveries.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// The prefetch count this window enforces.
     pub fn capacity(&self) -> u32 {
         self.capacity
@@ -48,6 +62,7 @@ impl Window {
     /// Records a delivery and returns its tag.
     pub fn add(&mut self, message: QueuedMessage) -> u64 {
         let tag = self.base_tag + self.entries.len() as u64;
+        self.bytes += u64::from(message.size);
         self.entries.push_back(Some(message));
         self.outstanding += 1;
         tag
@@ -63,6 +78,7 @@ impl Window {
         let index = tag.checked_sub(self.base_tag)? as usize;
         let message = self.entries.get_mut(index)?.take()?;
         self.outstanding -= 1;
+        self.bytes -= u64::from(message.size);
         self.trim();
         Some(message)
     }
@@ -77,6 +93,7 @@ impl Window {
             self.base_tag += 1;
             if let Some(message) = entry {
                 count += 1;
+                self.bytes -= u64::from(message.size);
                 settled(message);
             }
         }

@@ -10,7 +10,9 @@ use hopper_proto::{pb, Body, Frame};
 use super::{convert, Puller, Session};
 use crate::error::BrokerError;
 use crate::message::Payload;
-use crate::queue::{now_ms, Confirm, Journal, PullBox, Queue, QueueState, SettleError, Subscriber};
+use crate::queue::{
+    message_to_wire, now_ms, Confirm, Journal, PullBox, Queue, QueueState, SettleError, Subscriber,
+};
 
 /// Visibility timeout of pulled messages when the request names none (as SQS's default).
 const DEFAULT_VISIBILITY_MS: u64 = 30_000;
@@ -27,6 +29,7 @@ impl Session {
             ));
         }
         let queue = self.publish_target(&publish.queue)?;
+        self.publisher = true;
         let payload = Arc::new(Payload {
             id: self.shared.next_message_id.fetch_add(1, Ordering::Relaxed),
             body: publish.body,
@@ -34,6 +37,7 @@ impl Session {
             content_type: publish.content_type,
             published_at_ms: now_ms(),
             deaths: Vec::new(),
+            replay_count: 0,
         });
         let confirm = Confirm::new(self.outbox.clone(), request_id);
         queue.publish(payload, publish.delay_ms, publish.ttl_ms, confirm)
@@ -233,6 +237,49 @@ impl Session {
             })
             .collect();
         Ok(Body::AuditEvents(pb::AuditEvents { events }))
+    }
+
+    pub(super) fn status(&self) -> Body {
+        let (memory_used, memory_high_watermark, disk_free, disk_free_low_watermark, held) =
+            self.shared.flow.readings();
+        let blocked = self.shared.flow.blocked();
+        Body::BrokerStatusOk(pb::BrokerStatusOk {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_ms: self.shared.started.elapsed().as_millis() as u64,
+            connections: self.shared.connections.load(Ordering::Relaxed),
+            blocked: blocked.is_some(),
+            blocked_reason: blocked.unwrap_or_default(),
+            blocked_publishers: held,
+            memory_used,
+            memory_high_watermark,
+            disk_free,
+            disk_free_low_watermark,
+        })
+    }
+
+    pub(super) fn move_start(&self, start: pb::MoveStart) -> Result<Body, BrokerError> {
+        let spec = convert::move_spec(start)?;
+        let status = self.shared.moves.start(&self.shared.queues, spec)?;
+        Ok(Body::MoveInfo(convert::move_info(status)))
+    }
+
+    pub(super) fn move_list(&self) -> Body {
+        let moves = self.shared.moves.list(&self.shared.queues).into_iter().map(convert::move_info).collect();
+        Body::MoveListOk(pb::MoveListOk { moves })
+    }
+
+    pub(super) fn move_cancel(&self, cancel: pb::MoveCancel) -> Result<Body, BrokerError> {
+        let status = self.shared.moves.cancel(cancel.id, &self.shared.queues)?;
+        Ok(Body::MoveInfo(convert::move_info(status)))
+    }
+
+    /// Browses the head of a queue without changing it.
+    pub(super) fn peek(&self, peek: pb::Peek) -> Result<Body, BrokerError> {
+        let queue = self.shared.queues.get(&peek.queue)?;
+        let count = if peek.count == 0 { 10 } else { peek.count.min(10_000) } as usize;
+        let found = queue.with_state(|s, j, _| s.peek(count, j))?;
+        let messages = found.iter().map(|(message, payload)| message_to_wire(message, payload)).collect();
+        Ok(Body::PeekOk(pb::PeekOk { messages }))
     }
 
     /// Gives queues that held deliveries back (the outbox was full) another chance.

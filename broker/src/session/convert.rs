@@ -5,7 +5,8 @@ use hopper_proto::pb;
 
 use crate::error::BrokerError;
 use crate::message::Death;
-use crate::queue::{Queue, QueueSettings};
+use crate::mover::{MoveSpec, MoveStatus};
+use crate::queue::{Overflow, Queue, QueueSettings};
 
 /// The wire form of a death.
 pub(crate) fn death_to_wire(death: &Death) -> pb::Death {
@@ -25,8 +26,17 @@ pub(super) fn settings_from_wire(settings: pb::QueueSettings) -> Result<QueueSet
     if settings.retry_backoff_ms.len() > 64 {
         return Err(BrokerError::InvalidArgument("retry_backoff_ms takes at most 64 delays".into()));
     }
+    let overflow = Overflow::parse(&settings.overflow).ok_or_else(|| {
+        BrokerError::InvalidArgument(format!(
+            "overflow must be reject-publish or drop-head, not '{}'",
+            settings.overflow
+        ))
+    })?;
     Ok(QueueSettings {
         durable: settings.durable,
+        max_length: settings.max_length,
+        max_bytes: settings.max_bytes,
+        overflow,
         dead_letter: settings.dead_letter,
         max_deliveries: settings.max_deliveries,
         retry_backoff_ms: settings.retry_backoff_ms,
@@ -38,6 +48,9 @@ pub(super) fn settings_from_wire(settings: pb::QueueSettings) -> Result<QueueSet
 fn settings_to_wire(settings: &QueueSettings) -> pb::QueueSettings {
     pb::QueueSettings {
         durable: settings.durable,
+        max_length: settings.max_length,
+        max_bytes: settings.max_bytes,
+        overflow: settings.overflow.as_str().to_owned(),
         dead_letter: settings.dead_letter.clone(),
         max_deliveries: settings.max_deliveries,
         retry_backoff_ms: settings.retry_backoff_ms.clone(),
@@ -66,5 +79,43 @@ pub(super) fn queue_info(queue: &Queue) -> pb::QueueInfo {
             .iter()
             .map(|(reason, count)| (reason.as_str().to_owned(), *count))
             .collect(),
+        waiting_bytes: snapshot.waiting_bytes,
+        oldest_ready_ms: snapshot.oldest_ready_ms,
     }
+}
+
+/// A move's status, as `MoveInfo`.
+pub(super) fn move_info(status: MoveStatus) -> pb::MoveInfo {
+    let (filter_key, filter_value) = status.spec.filter.unwrap_or_default();
+    pb::MoveInfo {
+        id: status.id,
+        source: status.spec.source,
+        destination: status.spec.destination,
+        rate: status.spec.rate,
+        limit: status.spec.limit,
+        filter_key,
+        filter_value,
+        state: status.state.as_str().to_owned(),
+        moved: status.moved,
+        skipped: status.skipped,
+        remaining: status.remaining,
+        error: status.error,
+        started_ms: status.started_ms,
+        finished_ms: status.finished_ms,
+    }
+}
+
+/// A move request, checked.
+pub(super) fn move_spec(start: pb::MoveStart) -> Result<MoveSpec, BrokerError> {
+    let filter = match (start.filter_key.is_empty(), start.filter_value) {
+        (true, _) => None,
+        (false, value) => Some((start.filter_key, value)),
+    };
+    Ok(MoveSpec {
+        source: start.source,
+        destination: start.destination,
+        rate: start.rate,
+        limit: start.limit,
+        filter,
+    })
 }

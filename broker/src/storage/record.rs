@@ -33,6 +33,7 @@ pub(crate) mod publish_at {
     pub const DELIVERY_COUNT: usize = 9;
     pub const EXPIRES_AT: usize = 13;
     pub const DUE: usize = 21;
+    pub const BODY_LEN: usize = 29;
 }
 
 /// A message as stored.
@@ -111,8 +112,10 @@ pub fn encode_publish(
     dst.put_u32_le(delivery_count);
     dst.put_u64_le(expires_at_ms);
     dst.put_u64_le(due_ms);
+    dst.put_u32_le(payload.body.len() as u32);
     dst.put_u64_le(payload.id);
     dst.put_u64_le(payload.published_at_ms);
+    dst.put_u32_le(payload.replay_count);
     put_str(dst, &payload.content_type);
     dst.put_u32_le(payload.headers.len() as u32);
     for (key, value) in &payload.headers {
@@ -129,7 +132,6 @@ pub fn encode_publish(
         dst.put_u64_le(death.last_failure_ms);
         dst.put_u64_le(death.died_at_ms);
     }
-    dst.put_u32_le(payload.body.len() as u32);
     dst.extend_from_slice(&payload.body);
     finish(dst, start);
 }
@@ -213,8 +215,10 @@ pub fn parse(mut b: Bytes) -> Result<Record, RecordError> {
             let delivery_count = get_u32(&mut b)?;
             let expires_at_ms = get_u64(&mut b)?;
             let due_ms = get_u64(&mut b)?;
+            let body_len = get_u32(&mut b)? as usize;
             let id = get_u64(&mut b)?;
             let published_at_ms = get_u64(&mut b)?;
+            let replay_count = get_u32(&mut b)?;
             let content_type = get_str(&mut b)?;
             let count = get_u32(&mut b)? as usize;
             let mut headers = HashMap::with_capacity(count.min(1024));
@@ -239,11 +243,11 @@ pub fn parse(mut b: Bytes) -> Result<Record, RecordError> {
                     died_at_ms: get_u64(&mut b)?,
                 });
             }
-            let body_len = get_u32(&mut b)? as usize;
             if b.remaining() != body_len {
                 return Err(RecordError::Malformed("body length"));
             }
-            let payload = Payload { id, body: b, headers, content_type, published_at_ms, deaths };
+            let payload =
+                Payload { id, body: b, headers, content_type, published_at_ms, deaths, replay_count };
             Record::Publish(StoredMessage { seq, delivery_count, expires_at_ms, due_ms, payload })
         }
         KIND_SETTLE => Record::Settle { seq: get_u64(&mut b)? },
@@ -328,6 +332,7 @@ mod tests {
                 content_type: "application/json".into(),
                 headers: [("a".to_string(), "b".to_string()), ("trace".to_string(), "x".repeat(300))].into(),
                 body: Bytes::from_static(b"{\"hello\":1}"),
+                replay_count: 2,
                 deaths: vec![Death {
                     queue: "jobs".into(),
                     reason: DeathReason::DeliveryLimit,
@@ -393,6 +398,8 @@ mod tests {
         assert_eq!(u32::from_le_bytes(fields[publish_at::DELIVERY_COUNT..][..4].try_into().unwrap()), 2);
         assert_eq!(u64_at(publish_at::EXPIRES_AT), 1_700_000_060_000);
         assert_eq!(u64_at(publish_at::DUE), 1_700_000_001_000);
+        let body_len = u32::from_le_bytes(fields[publish_at::BODY_LEN..][..4].try_into().unwrap());
+        assert_eq!(body_len as usize, message().payload.body.len());
     }
 
     #[test]

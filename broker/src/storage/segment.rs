@@ -75,6 +75,8 @@ pub struct Found {
     pub expires_at_ms: u64,
     /// Unix ms at which it becomes ready (delayed or backing off), 0 = ready.
     pub due_ms: u64,
+    /// Body size in bytes.
+    pub size: u32,
     /// Where its publish record is.
     pub location: Location,
     /// Its failed deliveries, if any.
@@ -182,6 +184,7 @@ fn apply(fields: &[u8], location: Location, live: &mut HashMap<u64, Found>, next
                 delivery_count,
                 expires_at_ms: u64_at(publish_at::EXPIRES_AT).unwrap_or(0),
                 due_ms: u64_at(publish_at::DUE).unwrap_or(0),
+                size: u32_at(publish_at::BODY_LEN).unwrap_or(0),
                 location,
                 failure: None,
             });

@@ -1,0 +1,288 @@
+//! Redrive: tasks inside the broker that move messages from one queue to another (typically out
+//! of a dead-letter queue back to where they died), rate-limited, filtered, cancellable, and
+//! crash-safe: a message leaves its source only once its destination holds it.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::error::BrokerError;
+use crate::message::{Payload, QueuedMessage};
+use crate::queue::{now_ms, Confirm, Queue, Registry};
+
+/// Messages of one move in flight at once (published to the destination, not yet confirmed).
+const IN_FLIGHT: u32 = 256;
+/// Finished moves remembered for `hopper queue moves`.
+const KEEP_FINISHED: usize = 100;
+
+/// What to move.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoveSpec {
+    /// Queue to take messages from.
+    pub source: String,
+    /// Queue to put them in; empty = the queue each message last died in.
+    pub destination: String,
+    /// Most messages per second; 0 = unlimited.
+    pub rate: u32,
+    /// Stop after this many; 0 = all.
+    pub limit: u64,
+    /// Only messages whose header (or latest death field) `filter.0` equals `filter.1`.
+    pub filter: Option<(String, String)>,
+}
+
+/// Where a move stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveState {
+    /// Still moving.
+    Running,
+    /// Done: the limit was reached or no matching message is left.
+    Finished,
+    /// Stopped by a cancel.
+    Cancelled,
+    /// Stopped by an error (source deleted, destination full).
+    Failed,
+}
+
+impl MoveState {
+    /// The state's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveState::Running => "running",
+            MoveState::Finished => "finished",
+            MoveState::Cancelled => "cancelled",
+            MoveState::Failed => "failed",
+        }
+    }
+}
+
+/// A move's progress, as reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoveStatus {
+    /// Broker-assigned id.
+    pub id: u64,
+    /// What was asked.
+    pub spec: MoveSpec,
+    /// Where it stands.
+    pub state: MoveState,
+    /// Messages now held by their destination.
+    pub moved: u64,
+    /// Messages left in the source because their destination is unknown.
+    pub skipped: u64,
+    /// Waiting messages left in the source at the last look.
+    pub remaining: u64,
+    /// Why it failed.
+    pub error: String,
+    /// Unix ms of the start.
+    pub started_ms: u64,
+    /// Unix ms of the end, 0 while running.
+    pub finished_ms: u64,
+}
+
+struct Move {
+    status: Mutex<MoveStatus>,
+    moved: AtomicU64,
+    cancelled: AtomicBool,
+    wake: Notify,
+}
+
+/// Every move of a broker.
+#[derive(Default)]
+pub struct Moves {
+    next_id: AtomicU64,
+    moves: Mutex<Vec<Arc<Move>>>,
+}
+
+impl Moves {
+    /// Starts a move in the background and returns its first status.
+    pub fn start(&self, registry: &Arc<Registry>, spec: MoveSpec) -> Result<MoveStatus, BrokerError> {
+        let source = registry.get(&spec.source)?;
+        if !spec.destination.is_empty() {
+            let destination = registry.get(&spec.destination)?;
+            if destination.name() == source.name() {
+                return Err(BrokerError::InvalidArgument("a move needs two different queues".into()));
+            }
+        }
+        let status = MoveStatus {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            spec,
+            state: MoveState::Running,
+            moved: 0,
+            skipped: 0,
+            remaining: source.snapshot().ready,
+            error: String::new(),
+            started_ms: now_ms(),
+            finished_ms: 0,
+        };
+        let task = Arc::new(Move {
+            status: Mutex::new(status.clone()),
+            moved: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        {
+            let mut moves = self.moves.lock();
+            moves.push(task.clone());
+            let finished = moves.iter().filter(|m| m.status.lock().state != MoveState::Running).count();
+            if finished > KEEP_FINISHED {
+                if let Some(oldest) = moves.iter().position(|m| m.status.lock().state != MoveState::Running) {
+                    moves.remove(oldest);
+                }
+            }
+        }
+        tracing::info!(id = status.id, source = %status.spec.source, destination = %status.spec.destination, rate = status.spec.rate, limit = status.spec.limit, "move started");
+        tokio::spawn(run(task, Arc::downgrade(registry), source));
+        Ok(status)
+    }
+
+    /// Every remembered move, oldest first, with fresh progress.
+    pub fn list(&self, registry: &Registry) -> Vec<MoveStatus> {
+        self.moves.lock().iter().map(|m| m.snapshot(registry)).collect()
+    }
+
+    /// Asks a running move to stop; returns its status.
+    pub fn cancel(&self, id: u64, registry: &Registry) -> Result<MoveStatus, BrokerError> {
+        let task = self
+            .moves
+            .lock()
+            .iter()
+            .find(|m| m.status.lock().id == id)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("no move with id {id}")))?;
+        task.cancelled.store(true, Ordering::Release);
+        task.wake.notify_one();
+        Ok(task.snapshot(registry))
+    }
+}
+
+impl Move {
+    fn snapshot(&self, registry: &Registry) -> MoveStatus {
+        let mut status = self.status.lock().clone();
+        status.moved = self.moved.load(Ordering::Acquire);
+        if status.state == MoveState::Running {
+            if let Ok(source) = registry.get(&status.spec.source) {
+                status.remaining = source.snapshot().ready;
+            }
+        }
+        status
+    }
+
+    fn end(&self, state: MoveState, error: String) {
+        let mut status = self.status.lock();
+        status.state = state;
+        status.error = error;
+        status.finished_ms = now_ms();
+        status.moved = self.moved.load(Ordering::Acquire);
+        tracing::info!(id = status.id, state = state.as_str(), moved = status.moved, skipped = status.skipped, error = %status.error, "move ended");
+    }
+}
+
+/// True if the message matches the move's filter: a header, or a field of its latest death.
+fn matches(payload: &Payload, filter: &Option<(String, String)>) -> bool {
+    let Some((key, value)) = filter else { return true };
+    if let Some(header) = payload.headers.get(key) {
+        return header == value;
+    }
+    let Some(death) = payload.deaths.last() else { return false };
+    match key.as_str() {
+        "reason" => death.reason.as_str() == value,
+        "queue" => &death.queue == value,
+        "error" => &death.error == value,
+        "count" => death.count.to_string() == *value,
+        _ => false,
+    }
+}
+
+async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>) {
+    let spec = task.status.lock().spec.clone();
+    let window = Arc::new(Semaphore::new(IN_FLIGHT as usize));
+    let interval = (spec.rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(spec.rate)));
+    let mut next_at = tokio::time::Instant::now();
+    let mut skipped: HashSet<u64> = HashSet::new();
+    let failure: Arc<Mutex<Option<String>>> = Arc::default();
+    let mut started = 0u64;
+    let outcome = loop {
+        if task.cancelled.load(Ordering::Acquire) {
+            break (MoveState::Cancelled, String::new());
+        }
+        if let Some(error) = failure.lock().take() {
+            break (MoveState::Failed, error);
+        }
+        if spec.limit > 0 && started >= spec.limit {
+            break (MoveState::Finished, String::new());
+        }
+        if let Some(interval) = interval {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_at) => {}
+                _ = task.wake.notified() => continue,
+            }
+            next_at = next_at.max(tokio::time::Instant::now() - interval) + interval;
+        }
+        let Ok(permit) = window.clone().acquire_owned().await else {
+            break (MoveState::Failed, "closed".into());
+        };
+        let taken = source.with_state(|s, j, _| {
+            s.take_first(|m, p| !skipped.contains(&m.seq) && matches(p, &spec.filter), j)
+        });
+        let message = match taken {
+            Ok(Some(message)) => message,
+            Ok(None) => break (MoveState::Finished, String::new()),
+            Err(err) => break (MoveState::Failed, err.to_string()),
+        };
+        let payload = message.payload.clone().expect("taken messages carry their payload");
+        let destination_name = if spec.destination.is_empty() {
+            payload.deaths.last().map(|d| d.queue.clone()).unwrap_or_default()
+        } else {
+            spec.destination.clone()
+        };
+        let Some(destination) = registry.upgrade().and_then(|r| r.get(&destination_name).ok()) else {
+            skipped.insert(message.seq);
+            task.status.lock().skipped += 1;
+            let _ = source.with_state(|s, _, _| s.give_back(message));
+            continue;
+        };
+        started += 1;
+        let moved = Payload { replay_count: payload.replay_count + 1, ..(*payload).clone() };
+        let confirm = settle_when_held(&task, &source, message.clone(), permit, failure.clone());
+        if let Err(err) = destination.publish(Arc::new(moved), 0, 0, confirm) {
+            let _ = source.with_state(|s, _, _| s.give_back(message));
+            break (MoveState::Failed, format!("destination '{destination_name}' refused a message: {err}"));
+        }
+    };
+    // Wait for the messages in flight before reporting the end.
+    let _ = window.acquire_many(IN_FLIGHT).await;
+    let (state, error) = match failure.lock().take() {
+        Some(error) if outcome.0 != MoveState::Failed => (MoveState::Failed, error),
+        _ => outcome,
+    };
+    task.end(state, error);
+}
+
+/// The confirm of a moved message's publish: once the destination holds it, it leaves the
+/// source (its settle record is written); if the destination refused it, it goes back.
+fn settle_when_held(
+    task: &Arc<Move>,
+    source: &Arc<Queue>,
+    message: QueuedMessage,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    failure: Arc<Mutex<Option<String>>>,
+) -> Confirm {
+    let task = task.clone();
+    let source = source.clone();
+    Confirm::Callback(Box::new(move |result| {
+        match result {
+            Ok(_) => {
+                let _ = source.with_state(|_, journal, _| journal.settled(&message));
+                task.moved.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(err) => {
+                let _ = source.with_state(|s, _, _| s.give_back(message));
+                failure.lock().get_or_insert(format!("destination refused a message: {err}"));
+            }
+        }
+        drop(permit);
+    }))
+}
