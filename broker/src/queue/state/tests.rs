@@ -398,3 +398,81 @@ fn pull_consumers_get_only_what_they_asked_for() {
     queue.tick(30_000, &mut log);
     assert_eq!(queue.snapshot().ready, 5);
 }
+
+fn bounded(max_length: u64, max_bytes: u64, overflow: Overflow) -> QueueState<Recorder> {
+    QueueState::new(Policy { max_length, max_bytes, overflow, ..Policy::default() })
+}
+
+/// Publishes through the admission check, as the queue shell does.
+fn offer(queue: &mut QueueState<Recorder>, id: u64, log: &mut Log) -> Result<(), QueueFull> {
+    let body = payload(id);
+    queue.make_room(body.body.len() as u64, log)?;
+    queue.publish(body, 0, 0, 0);
+    Ok(())
+}
+
+#[test]
+fn reject_publish_refuses_exactly_past_the_limit() {
+    let mut queue = bounded(3, 0, Overflow::RejectPublish);
+    let mut log = j();
+    for id in 1..=3 {
+        offer(&mut queue, id, &mut log).unwrap();
+    }
+    assert!(offer(&mut queue, 4, &mut log).unwrap_err().0.contains("max_length 3"));
+    assert_eq!(queue.snapshot().ready, 3);
+    assert!(log.dead.is_empty(), "nothing is dropped");
+}
+
+#[test]
+fn drop_head_lets_the_oldest_die_as_maxlen() {
+    let mut queue = bounded(3, 0, Overflow::DropHead);
+    let mut log = j();
+    for id in 1..=5 {
+        offer(&mut queue, id, &mut log).unwrap();
+    }
+    let dead: Vec<(u64, DeathReason)> = log.dead.iter().map(|d| (d.0, d.1)).collect();
+    assert_eq!(dead, vec![(1, DeathReason::MaxLen), (2, DeathReason::MaxLen)]);
+    let sink = Recorder::default();
+    queue.add_consumer(1, 0, 0, sink.clone());
+    queue.dispatch(0, &mut log);
+    assert_eq!(sink.ids(), vec![3, 4, 5]);
+}
+
+#[test]
+fn max_bytes_counts_waiting_body_bytes_and_frees_on_delivery() {
+    // Bodies "1".."9" are one byte each.
+    let mut queue = bounded(0, 2, Overflow::RejectPublish);
+    let mut log = j();
+    offer(&mut queue, 1, &mut log).unwrap();
+    offer(&mut queue, 2, &mut log).unwrap();
+    assert!(offer(&mut queue, 3, &mut log).is_err());
+    assert_eq!(queue.snapshot().waiting_bytes, 2);
+    let sink = Recorder::default();
+    queue.add_consumer(1, 1, 0, sink.clone());
+    queue.dispatch(0, &mut log);
+    assert_eq!(queue.snapshot().waiting_bytes, 1, "delivered messages no longer count");
+    offer(&mut queue, 3, &mut log).unwrap();
+}
+
+#[test]
+fn taken_messages_can_be_given_back_in_place() {
+    let mut queue = queue_with(1..=3);
+    let mut log = j();
+    let taken = queue.take_first(|_, p| p.id == 2, &mut log).unwrap();
+    assert_eq!(queue.snapshot().ready, 2);
+    queue.give_back(taken);
+    let sink = Recorder::default();
+    queue.add_consumer(1, 0, 0, sink.clone());
+    queue.dispatch(0, &mut log);
+    assert_eq!(sink.ids(), vec![1, 2, 3]);
+}
+
+#[test]
+fn peek_changes_nothing() {
+    let mut queue = queue_with(1..=3);
+    let mut log = j();
+    let seen: Vec<u64> = queue.peek(2, &mut log).iter().map(|(_, p)| p.id).collect();
+    assert_eq!(seen, vec![1, 2]);
+    let snapshot = queue.snapshot();
+    assert_eq!((snapshot.ready, snapshot.counters.delivered), (3, 0));
+}
