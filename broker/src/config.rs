@@ -37,6 +37,10 @@ pub struct Config {
     pub memory_high_watermark_bytes: u64,
     /// Free disk bytes below which publishers are blocked.
     pub disk_free_low_watermark_bytes: u64,
+    /// Address of the HTTP listener (metrics, API, dashboard); "off" disables it.
+    pub http: String,
+    /// `http://` URL that depth alarms are POSTed to.
+    pub alarm_webhook: Option<String>,
 }
 
 impl Default for Config {
@@ -54,6 +58,8 @@ impl Default for Config {
             queue_memory_bytes: 64 * 1024 * 1024,
             memory_high_watermark_bytes: default_memory_watermark(),
             disk_free_low_watermark_bytes: 50 * 1024 * 1024,
+            http: "127.0.0.1:15680".into(),
+            alarm_webhook: None,
         }
     }
 }

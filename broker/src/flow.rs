@@ -10,6 +10,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use crate::events::{BrokerEvent, Events};
 use crate::queue::Registry;
 
 /// How often memory and disk are checked.
@@ -44,8 +45,8 @@ impl Flow {
         }
     }
 
-    /// Starts checking the watermarks every 100 ms.
-    pub fn start(self: &std::sync::Arc<Self>, registry: Weak<Registry>) {
+    /// Starts checking the watermarks and the queues' depth alarms every 100 ms.
+    pub fn start(self: &std::sync::Arc<Self>, registry: Weak<Registry>, events: std::sync::Arc<Events>) {
         let flow = std::sync::Arc::downgrade(self);
         let handle = tokio::spawn(async move {
             let mut tick = tokio::time::interval(CHECK_EVERY);
@@ -55,14 +56,24 @@ impl Flow {
                 let (Some(flow), Some(registry)) = (flow.upgrade(), registry.upgrade()) else { return };
                 let memory: u64 = registry.list().iter().map(|q| q.memory_bytes()).sum();
                 let disk = fs4::available_space(&flow.data_dir).unwrap_or(u64::MAX);
-                flow.update(memory, disk);
+                if let Some(blocked) = flow.update(memory, disk) {
+                    let (kind, detail) = match blocked {
+                        Some(reason) => ("publishers_blocked", reason),
+                        None => ("publishers_unblocked", String::new()),
+                    };
+                    let time_ms = crate::queue::now_ms();
+                    let event =
+                        BrokerEvent { time_ms, kind: kind.into(), queue: String::new(), value: 0, detail };
+                    events.emit(event);
+                }
+                registry.check_alarms(&events);
             }
         });
         *self.monitor.lock() = Some(handle);
     }
 
-    /// Re-evaluates the block from fresh readings.
-    pub fn update(&self, memory_used: u64, disk_free: u64) {
+    /// Re-evaluates the block from fresh readings; returns the new state on a change.
+    pub fn update(&self, memory_used: u64, disk_free: u64) -> Option<Option<String>> {
         self.memory_used.store(memory_used, Ordering::Relaxed);
         self.disk_free.store(disk_free, Ordering::Relaxed);
         let reason = if memory_used > self.memory_limit {
@@ -82,12 +93,14 @@ impl Flow {
             *current = reason.clone();
             true
         });
-        if changed {
-            match &reason {
-                Some(reason) => tracing::warn!(reason = %reason, "blocking publishers"),
-                None => tracing::info!("publishers unblocked"),
-            }
+        if !changed {
+            return None;
         }
+        match &reason {
+            Some(reason) => tracing::warn!(reason = %reason, "blocking publishers"),
+            None => tracing::info!("publishers unblocked"),
+        }
+        Some(reason)
     }
 
     /// Why publishers are blocked, if they are.

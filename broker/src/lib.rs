@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod flow;
 pub mod message;
 pub mod mover;
@@ -14,6 +15,7 @@ pub mod queue;
 pub mod server;
 pub mod storage;
 
+mod http;
 mod outbox;
 mod session;
 

@@ -49,6 +49,13 @@ struct Args {
     /// Free disk bytes below which publishers are blocked [default: 52428800].
     #[arg(long, env = "HOPPER_DISK_FREE_LOW_WATERMARK")]
     disk_free_low_watermark: Option<u64>,
+    /// HTTP listener for metrics, the JSON API and the dashboard, or "off"
+    /// [default: 127.0.0.1:15680; port 0 picks a free port].
+    #[arg(long, env = "HOPPER_HTTP")]
+    http: Option<String>,
+    /// http:// URL that queue depth alarms are POSTed to as JSON.
+    #[arg(long, env = "HOPPER_ALARM_WEBHOOK")]
+    alarm_webhook: Option<String>,
 }
 
 impl Args {
@@ -90,6 +97,12 @@ impl Args {
         if let Some(bytes) = self.disk_free_low_watermark {
             config.disk_free_low_watermark_bytes = bytes;
         }
+        if let Some(http) = self.http {
+            config.http = http;
+        }
+        if let Some(url) = self.alarm_webhook {
+            config.alarm_webhook = Some(url);
+        }
         Ok(config)
     }
 }
@@ -122,6 +135,9 @@ fn main() -> ExitCode {
         // Handlers are installed before the address is announced, so a SIGTERM sent as soon as
         // the broker says it listens already shuts it down gracefully.
         let shutdown = shutdown_signal();
+        if let Some(http) = broker.http_addr() {
+            tracing::info!("http listening on {http} (dashboard at http://{http}/)");
+        }
         tracing::info!(data_dir = %data_dir, version = env!("CARGO_PKG_VERSION"), "listening on {}", broker.local_addr());
         shutdown.await;
         tracing::info!("shutting down");

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::error::BrokerError;
+use crate::events::{BrokerEvent, Events};
 use crate::message::{Payload, QueuedMessage};
 use crate::queue::{now_ms, Confirm, Queue, Registry};
 
@@ -98,7 +99,12 @@ pub struct Moves {
 
 impl Moves {
     /// Starts a move in the background and returns its first status.
-    pub fn start(&self, registry: &Arc<Registry>, spec: MoveSpec) -> Result<MoveStatus, BrokerError> {
+    pub fn start(
+        &self,
+        registry: &Arc<Registry>,
+        events: &Arc<Events>,
+        spec: MoveSpec,
+    ) -> Result<MoveStatus, BrokerError> {
         let source = registry.get(&spec.source)?;
         if !spec.destination.is_empty() {
             let destination = registry.get(&spec.destination)?;
@@ -134,7 +140,14 @@ impl Moves {
             }
         }
         tracing::info!(id = status.id, source = %status.spec.source, destination = %status.spec.destination, rate = status.spec.rate, limit = status.spec.limit, "move started");
-        tokio::spawn(run(task, Arc::downgrade(registry), source));
+        events.emit(BrokerEvent {
+            time_ms: status.started_ms,
+            kind: "move_started".into(),
+            queue: status.spec.source.clone(),
+            value: status.id,
+            detail: format!("to '{}'", status.spec.destination),
+        });
+        tokio::spawn(run(task, Arc::downgrade(registry), source, events.clone()));
         Ok(status)
     }
 
@@ -196,7 +209,7 @@ fn matches(payload: &Payload, filter: &Option<(String, String)>) -> bool {
     }
 }
 
-async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>) {
+async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>, events: Arc<Events>) {
     let spec = task.status.lock().spec.clone();
     let window = Arc::new(Semaphore::new(IN_FLIGHT as usize));
     let interval = (spec.rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(spec.rate)));
@@ -259,6 +272,19 @@ async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>) {
         _ => outcome,
     };
     task.end(state, error);
+    let status = task.status.lock().clone();
+    events.emit(BrokerEvent {
+        time_ms: status.finished_ms,
+        kind: "move_ended".into(),
+        queue: status.spec.source.clone(),
+        value: status.id,
+        detail: format!(
+            "{}: {} moved {}",
+            status.state.as_str(),
+            task.moved.load(Ordering::Acquire),
+            status.error
+        ),
+    });
 }
 
 /// The confirm of a moved message's publish: once the destination holds it, it leaves the

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::error::StartError;
+use crate::events::Events;
 use crate::flow::Flow;
 use crate::mover::Moves;
 use crate::queue::Registry;
@@ -27,6 +28,9 @@ pub(crate) struct Shared {
     pub(crate) queues: Arc<Registry>,
     pub(crate) flow: Arc<Flow>,
     pub(crate) moves: Moves,
+    pub(crate) events: Arc<Events>,
+    pub(crate) http_pullers:
+        parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::http::HttpPuller>>>,
     pub(crate) started: std::time::Instant,
     pub(crate) connections: std::sync::atomic::AtomicU32,
     pub(crate) next_message_id: AtomicU64,
@@ -73,34 +77,50 @@ impl Broker {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr: config.listen.clone(), source })?;
+        let http = match config.http.as_str() {
+            "off" | "" => None,
+            addr => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: addr.to_owned(), source })?,
+            ),
+        };
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let flow = Arc::new(Flow::new(
             config.memory_high_watermark_bytes,
             config.disk_free_low_watermark_bytes,
             config.data_dir.clone(),
         ));
-        flow.start(Arc::downgrade(&queues));
+        let events = Arc::new(Events::new(config.alarm_webhook.clone()));
+        flow.start(Arc::downgrade(&queues), events.clone());
         let shared = Arc::new(Shared {
             config,
             queues,
             flow,
             moves: Moves::default(),
+            events,
+            http_pullers: Default::default(),
             started: std::time::Instant::now(),
             connections: Default::default(),
             next_message_id: AtomicU64::new(initial_message_id()),
             next_consumer_id: AtomicU64::new(1),
         });
+        if let Some(listener) = http {
+            tokio::spawn(crate::http::serve(listener, shared.clone(), shutdown_rx.clone()));
+        }
         let task = tokio::spawn(async move {
             serve(listener, shared, shutdown_rx).await;
             drop(data_lock);
         });
-        Ok(BrokerHandle { local_addr, shutdown_tx, task })
+        Ok(BrokerHandle { local_addr, http_addr, shutdown_tx, task })
     }
 }
 
 /// A running broker.
 pub struct BrokerHandle {
     local_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -109,6 +129,11 @@ impl BrokerHandle {
     /// The address the listener is bound to (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The HTTP listener's address, unless HTTP is off.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Stops accepting, tells every client the broker is closing, flushes what is queued for

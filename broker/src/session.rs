@@ -118,6 +118,8 @@ struct Session {
     publish_cache: HashMap<String, Arc<Queue>>,
     /// This connection has published: flow control applies to it.
     publisher: bool,
+    /// Broker events this connection subscribed to.
+    events: Option<tokio::sync::broadcast::Receiver<crate::events::BrokerEvent>>,
 }
 
 /// The pull consumer a connection uses for `Get` on one queue.
@@ -139,6 +141,7 @@ impl Session {
             pullers: HashMap::new(),
             publish_cache: HashMap::new(),
             publisher: false,
+            events: None,
         }
     }
 
@@ -172,6 +175,18 @@ impl Session {
                     return;
                 }
                 _ = flow_changes.changed() => {}
+                event = next_event(&mut self.events) => {
+                    if let Some(event) = event {
+                        let event = pb::Event {
+                            time_ms: event.time_ms,
+                            kind: event.kind,
+                            queue: event.queue,
+                            value: event.value,
+                            detail: event.detail,
+                        };
+                        self.outbox.push(&Frame::event(Body::Event(event)));
+                    }
+                }
                 _ = resume.notified() => {
                     if self.outbox.take_stalled() {
                         self.redispatch();
@@ -390,6 +405,15 @@ impl Session {
             Body::MoveList(_) => Ok(Some(self.move_list())),
             Body::MoveCancel(cancel) => self.move_cancel(cancel).map(Some),
             Body::Peek(peek) => self.peek(peek).map(Some),
+            Body::Subscribe(_) => {
+                self.events.get_or_insert_with(|| self.shared.events.subscribe());
+                Ok(Some(Body::SubscribeOk(pb::SubscribeOk {})))
+            }
+            Body::QueueSetAlarm(alarm) => {
+                self.shared.queues.set_alarm(&alarm.name, alarm.depth)?;
+                let queue = self.shared.queues.get(&alarm.name)?;
+                Ok(Some(Body::QueueInfo(convert::queue_info(&queue))))
+            }
             other => Err(BrokerError::ProtocolViolation(format!(
                 "{} is sent by the broker, not to it",
                 other.name()
@@ -400,6 +424,23 @@ impl Session {
 
 fn close_frame(code: ErrorCode, reason: &str) -> Frame {
     Frame::event(Body::Close(pb::Close { code: code as i32, reason: reason.into() }))
+}
+
+/// The next broker event of a subscribed connection; never resolves without a subscription.
+/// A subscriber that fell behind skips the events it missed.
+async fn next_event(
+    events: &mut Option<tokio::sync::broadcast::Receiver<crate::events::BrokerEvent>>,
+) -> Option<crate::events::BrokerEvent> {
+    let Some(receiver) = events else { return std::future::pending().await };
+    loop {
+        match receiver.recv().await {
+            Ok(event) => return Some(event),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::debug!(missed, "event subscriber fell behind");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return std::future::pending().await,
+        }
+    }
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) {

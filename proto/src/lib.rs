@@ -116,6 +116,10 @@ impl Body {
             Body::MoveCancel(_) => "MoveCancel",
             Body::Peek(_) => "Peek",
             Body::PeekOk(_) => "PeekOk",
+            Body::Subscribe(_) => "Subscribe",
+            Body::SubscribeOk(_) => "SubscribeOk",
+            Body::Event(_) => "Event",
+            Body::QueueSetAlarm(_) => "QueueSetAlarm",
         }
     }
 }

@@ -53,6 +53,8 @@ fn queue_info() -> QueueInfo {
         dead_lettered_total: [("expired".to_string(), 2)].into(),
         waiting_bytes: 1280,
         oldest_ready_ms: 1_700_000_000_000,
+        alarm_depth: 100,
+        alarm: true,
     }
 }
 
@@ -181,6 +183,16 @@ fn every_body() -> Vec<Body> {
         Body::MoveListOk(MoveListOk { moves: vec![move_info()] }),
         Body::MoveCancel(MoveCancel { id: 4 }),
         Body::Peek(Peek { queue: "jobs".into(), count: 5 }),
+        Body::Subscribe(Subscribe {}),
+        Body::SubscribeOk(SubscribeOk {}),
+        Body::Event(Event {
+            time_ms: 1,
+            kind: "alarm_raised".into(),
+            queue: "jobs.dlq".into(),
+            value: 101,
+            detail: "ready depth 101 is above 100".into(),
+        }),
+        Body::QueueSetAlarm(QueueSetAlarm { name: "jobs.dlq".into(), depth: 100 }),
         Body::PeekOk(PeekOk { messages: vec![sample_message()] }),
         Body::AuditQuery(AuditQuery { queue: "jobs".into(), since_ms: 5, limit: 10 }),
         Body::AuditEvents(AuditEvents {
@@ -228,7 +240,7 @@ fn every_variant_is_covered() {
     // The schema's oneof field numbers; keep in step with hopper.proto.
     let names: std::collections::HashSet<String> = every_body().iter().map(variant_name).collect();
     assert_eq!(names.len(), every_body().len(), "a variant is listed twice");
-    assert_eq!(names.len(), 44, "a Body variant was added: add it to every_body()");
+    assert_eq!(names.len(), 48, "a Body variant was added: add it to every_body()");
 }
 
 #[test]

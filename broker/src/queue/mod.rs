@@ -152,6 +152,9 @@ pub struct Queue {
     registry: Weak<Registry>,
     /// Unix ms of the earliest pending timer task; `u64::MAX` when none is pending.
     timer_at: AtomicU64,
+    /// Ready depth above which the queue's alarm is raised; 0 = no alarm.
+    alarm_depth: AtomicU64,
+    alarm_raised: AtomicBool,
 }
 
 /// Everything behind the queue's lock.
@@ -197,6 +200,31 @@ impl Queue {
             durable,
             registry,
             timer_at: AtomicU64::new(u64::MAX),
+            alarm_depth: AtomicU64::new(0),
+            alarm_raised: AtomicBool::new(false),
+        })
+    }
+
+    /// The ready depth above which the alarm is raised (0 = none).
+    pub fn alarm_depth(&self) -> u64 {
+        self.alarm_depth.load(Ordering::Acquire)
+    }
+
+    /// True while the depth alarm is raised.
+    pub fn alarm_raised(&self) -> bool {
+        self.alarm_raised.load(Ordering::Acquire)
+    }
+
+    /// Compares the ready depth with the alarm threshold; returns `Some(raised)` on a
+    /// transition.
+    pub fn check_alarm(&self) -> Option<(bool, u64)> {
+        let depth = self.alarm_depth();
+        let ready = self.snapshot().ready;
+        let raised = self.alarm_raised();
+        let now_raised = depth > 0 && if raised { ready >= depth } else { ready > depth };
+        (now_raised != raised).then(|| {
+            self.alarm_raised.store(now_raised, Ordering::Release);
+            (now_raised, ready)
         })
     }
 

@@ -71,6 +71,7 @@ impl Registry {
             match durable::recover(&meta, &dir, &registry.storage, crashed) {
                 Ok(parts) => {
                     let queue = registry.assemble(&meta.name, meta.settings.clone(), parts);
+                    queue.alarm_depth.store(meta.alarm_depth, Ordering::Release);
                     registry.queues.insert(meta.name.as_str().into(), queue.clone());
                     // Recovered delayed messages and TTLs need their timer.
                     let _ = queue.with_state(|_, _, _| ());
@@ -112,7 +113,8 @@ impl Registry {
             }
             Entry::Vacant(entry) => {
                 let queue = if settings.durable {
-                    let meta = QueueMeta { name: name.to_owned(), settings: settings.clone() };
+                    let meta =
+                        QueueMeta { name: name.to_owned(), settings: settings.clone(), alarm_depth: 0 };
                     let refuse = |e: std::io::Error| {
                         BrokerError::ResourceLimit(format!("cannot create durable queue '{name}': {e}"))
                     };
@@ -171,6 +173,44 @@ impl Registry {
         }
         tracing::info!(queue = %name, dropped = deleted.messages, "queue deleted");
         Ok(deleted)
+    }
+
+    /// Sets a queue's depth alarm threshold (0 = none); kept across restarts for durable
+    /// queues.
+    pub fn set_alarm(&self, name: &str, depth: u64) -> Result<(), BrokerError> {
+        let queue = self.get(name)?;
+        queue.alarm_depth.store(depth, Ordering::Release);
+        if let Some(durable) = &queue.durable {
+            let meta =
+                QueueMeta { name: name.to_owned(), settings: queue.settings.clone(), alarm_depth: depth };
+            self.store
+                .rewrite(durable.dir(), &meta)
+                .map_err(|e| BrokerError::Internal(format!("cannot save the alarm of '{name}': {e}")))?;
+        }
+        tracing::info!(queue = %name, depth, "alarm threshold set");
+        Ok(())
+    }
+
+    /// Raises or clears depth alarms, announcing each transition.
+    pub fn check_alarms(&self, events: &crate::events::Events) {
+        for queue in self.list() {
+            let Some((raised, ready)) = queue.check_alarm() else { continue };
+            let depth = queue.alarm_depth();
+            let (kind, detail) = if raised {
+                tracing::warn!(queue = %queue.name, ready, threshold = depth, "queue depth alarm raised");
+                ("alarm_raised", format!("ready depth {ready} is above {depth}"))
+            } else {
+                tracing::info!(queue = %queue.name, ready, threshold = depth, "queue depth alarm cleared");
+                ("alarm_cleared", format!("ready depth {ready} is back below {depth}"))
+            };
+            events.emit(crate::events::BrokerEvent {
+                time_ms: super::now_ms(),
+                kind: kind.into(),
+                queue: queue.name.to_string(),
+                value: ready,
+                detail,
+            });
+        }
     }
 
     /// Every queue, sorted by name.

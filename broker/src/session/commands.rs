@@ -259,7 +259,7 @@ impl Session {
 
     pub(super) fn move_start(&self, start: pb::MoveStart) -> Result<Body, BrokerError> {
         let spec = convert::move_spec(start)?;
-        let status = self.shared.moves.start(&self.shared.queues, spec)?;
+        let status = self.shared.moves.start(&self.shared.queues, &self.shared.events, spec)?;
         Ok(Body::MoveInfo(convert::move_info(status)))
     }
 

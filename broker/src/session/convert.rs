@@ -81,6 +81,8 @@ pub(super) fn queue_info(queue: &Queue) -> pb::QueueInfo {
             .collect(),
         waiting_bytes: snapshot.waiting_bytes,
         oldest_ready_ms: snapshot.oldest_ready_ms,
+        alarm_depth: queue.alarm_depth(),
+        alarm: queue.alarm_raised(),
     }
 }
 

@@ -62,6 +62,9 @@ pub struct QueueMeta {
     pub name: String,
     /// Its settings.
     pub settings: QueueSettings,
+    /// Its depth alarm threshold (0 = none); not part of the settings, it can change.
+    #[serde(default)]
+    pub alarm_depth: u64,
 }
 
 /// The directory of durable queues.
@@ -144,13 +147,18 @@ impl Store {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let dir = self.root.join(id.to_string());
         std::fs::create_dir(&dir)?;
+        self.rewrite(&dir, meta)?;
+        segment::sync_dir(&self.root)?;
+        Ok(dir)
+    }
+
+    /// Replaces a queue's metadata atomically (write, sync, rename, sync the directory).
+    pub fn rewrite(&self, dir: &Path, meta: &QueueMeta) -> io::Result<()> {
         let tmp = dir.join("queue.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(meta).map_err(io::Error::other)?)?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, dir.join(META))?;
-        segment::sync_dir(&dir)?;
-        segment::sync_dir(&self.root)?;
-        Ok(dir)
+        segment::sync_dir(dir)
     }
 
     /// Removes a queue's directory. It is renamed first, so a crash midway never brings back a
@@ -174,6 +182,7 @@ mod tests {
         let meta = QueueMeta {
             name: "jobs\u{e9}".into(),
             settings: QueueSettings { durable: true, ..Default::default() },
+            alarm_depth: 0,
         };
         let queue_dir = store.create(&meta).unwrap();
         let listed = store.list().unwrap();

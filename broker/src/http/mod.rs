@@ -1,0 +1,93 @@
+//! The HTTP listener: Prometheus metrics, a JSON API for producers and consumers that do not
+//! speak the binary protocol, health checks and the live dashboard. It shares the broker's state
+//! (same queues, same flow control), it is not a second process.
+
+mod api;
+
+pub(crate) use api::HttpPuller;
+mod metrics;
+
+use std::sync::Arc;
+
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::error::BrokerError;
+use crate::server::Shared;
+
+/// The dashboard page, with its script and styles inline: nothing is fetched from elsewhere.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Serves HTTP on `listener` until `shutdown` turns true.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let app = router(shared);
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        tracing::error!(error = %err, "http listener failed");
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(DASHBOARD) }))
+        .route("/metrics", get(metrics::render))
+        .route("/health/live", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health/ready", get(api::ready))
+        .route("/api/status", get(api::status))
+        .route("/api/queues", get(api::list_queues))
+        .route("/api/queues/{name}", get(api::get_queue).put(api::declare_queue).delete(api::delete_queue))
+        .route("/api/queues/{name}/alarm", put(api::set_alarm))
+        .route("/api/queues/{name}/messages", post(api::publish).get(api::pull).delete(api::purge))
+        .route("/api/queues/{name}/messages/{receipt}", delete(api::ack))
+        .route("/api/queues/{name}/messages/{receipt}/nack", post(api::nack))
+        .route("/api/queues/{name}/peek", get(api::peek))
+        .route("/api/queues/{name}/move", post(api::start_move))
+        .route("/api/moves", get(api::list_moves))
+        .with_state(shared)
+}
+
+/// An API error: the broker's error code and message as JSON, with a fitting status.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", message)
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(err: BrokerError) -> Self {
+        let status = match err {
+            BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
+            BrokerError::PreconditionFailed(_) => StatusCode::CONFLICT,
+            BrokerError::InvalidArgument(_) | BrokerError::ProtocolViolation(_) => StatusCode::BAD_REQUEST,
+            BrokerError::NotAllowed(_) => StatusCode::FORBIDDEN,
+            BrokerError::ResourceLimit(_) => StatusCode::SERVICE_UNAVAILABLE,
+            BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError { status, code: err.code().as_str_name(), message: err.to_string() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        (self.status, [(header::CACHE_CONTROL, "no-store")], body).into_response()
+    }
+}
