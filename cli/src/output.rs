@@ -234,6 +234,10 @@ pub struct BenchReport {
     pub producers: u32,
     /// Consumer connections.
     pub consumers: u32,
+    /// Peak resident memory of the `--rss-pid` process during the run, in MiB; only with
+    /// `--rss-pid`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_rss_mb: Option<f64>,
 }
 
 /// Renders a bench report as `key: value` lines.
@@ -243,7 +247,7 @@ pub fn bench_listing(r: &BenchReport) -> String {
     } else {
         format!("p50 {}  p99 {}  p99.9 {}  max {} (µs)", r.p50_us, r.p99_us, r.p999_us, r.max_us)
     };
-    listing(&[
+    let mut fields = vec![
         (
             "sent",
             format!(
@@ -268,7 +272,11 @@ pub fn bench_listing(r: &BenchReport) -> String {
         ("consume rate", format!("{:.0} msg/s", r.consume_rate)),
         ("latency", latency),
         ("elapsed", format!("{:.2} s", r.elapsed_s)),
-    ])
+    ];
+    if let Some(rss) = r.broker_rss_mb {
+        fields.push(("broker rss", format!("peak {rss:.1} MB")));
+    }
+    listing(&fields)
 }
 
 /// `noun` or `nouns`, to agree with a count.
@@ -391,6 +399,7 @@ mod tests {
             prefetch: 100,
             producers: 1,
             consumers: 2,
+            broker_rss_mb: None,
         };
         let value = serde_json::to_value(&report).unwrap();
         let mut keys: Vec<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();
@@ -419,6 +428,17 @@ mod tests {
         );
         assert!(text.contains("p99 2"), "{text}");
         assert!(text.contains("(2 consumers, prefetch 100)"), "{text}");
+        assert!(!text.contains("broker rss"), "{text}");
+
+        let with_rss = BenchReport { broker_rss_mb: Some(123.4), ..report };
+        let value = serde_json::to_value(&with_rss).unwrap();
+        assert_eq!(value["broker_rss_mb"], serde_json::json!(123.4));
+        assert_eq!(value.as_object().unwrap().len(), expected.len() + 1);
+        assert!(
+            bench_listing(&with_rss).contains("broker rss:   peak 123.4 MB"),
+            "{}",
+            bench_listing(&with_rss)
+        );
     }
 
     #[test]
