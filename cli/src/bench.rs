@@ -85,7 +85,7 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         None => (format!("bench-{}", std::process::id()), true),
     };
     let admin = crate::connect(server, "bench").await?;
-    admin.declare_queue(&queue, QueueOptions { durable: args.durable }).await?;
+    admin.declare_queue(&queue, QueueOptions { durable: args.durable, ..Default::default() }).await?;
     let result = bench(server, &args, &queue).await;
     if temporary {
         if let Err(err) = admin.delete_queue(&queue, DeleteOptions::default()).await {
@@ -152,7 +152,11 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
     let mut consumers = JoinSet::new();
     for i in 0..args.consumers {
         let conn = crate::connect(server, &format!("bench consumer {i}")).await?;
-        let options = ConsumeOptions { prefetch: args.prefetch, tag: format!("bench-consumer-{i}") };
+        let options = ConsumeOptions {
+            prefetch: args.prefetch,
+            tag: format!("bench-consumer-{i}"),
+            ..Default::default()
+        };
         let consumer = conn.consume(queue, options).await?;
         let progress = Arc::clone(&progress);
         let ack_every = args.ack_every;
