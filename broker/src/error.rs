@@ -23,6 +23,9 @@ pub enum BrokerError {
     /// A broker limit was reached.
     #[error("{0}")]
     ResourceLimit(String),
+    /// The broker failed.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl BrokerError {
@@ -40,6 +43,7 @@ impl BrokerError {
             BrokerError::ProtocolViolation(_) => ErrorCode::ProtocolViolation,
             BrokerError::NotAllowed(_) => ErrorCode::NotAllowed,
             BrokerError::ResourceLimit(_) => ErrorCode::ResourceLimit,
+            BrokerError::Internal(_) => ErrorCode::Internal,
         }
     }
 }

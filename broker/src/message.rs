@@ -9,9 +9,9 @@ use crate::storage::Location;
 
 /// The part of a message that never changes after publish. Shared (not copied) between the
 /// queue, the unacked window and every delivery of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Payload {
-    /// Broker-assigned id, unique within the broker.
+    /// Broker-assigned id, unique within the broker; kept when the message is dead-lettered.
     pub id: u64,
     /// The body, sliced out of the frame it arrived in.
     pub body: Bytes,
@@ -19,8 +19,76 @@ pub struct Payload {
     pub headers: HashMap<String, String>,
     /// MIME type given by the publisher, or empty.
     pub content_type: String,
-    /// Unix time in milliseconds at which the broker accepted the message.
+    /// Unix time in milliseconds at which the broker first accepted the message.
     pub published_at_ms: u64,
+    /// Every time the message died, oldest first (empty for a message that never died).
+    pub deaths: Vec<Death>,
+}
+
+/// Why a message left its queue without being acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeathReason {
+    /// Nacked or rejected without requeue.
+    Rejected,
+    /// Failed as many times as the queue's `max_deliveries` allows.
+    DeliveryLimit,
+    /// Its time to live ran out.
+    Expired,
+    /// Pushed out of a full queue (`drop-head` overflow).
+    MaxLen,
+}
+
+impl DeathReason {
+    /// The reason as shown on the wire, in the CLI and the audit log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathReason::Rejected => "rejected",
+            DeathReason::DeliveryLimit => "delivery_limit",
+            DeathReason::Expired => "expired",
+            DeathReason::MaxLen => "maxlen",
+        }
+    }
+
+    /// Parses [`DeathReason::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<Self> {
+        [DeathReason::Rejected, DeathReason::DeliveryLimit, DeathReason::Expired, DeathReason::MaxLen]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// One death of a message: where, why, and what its consumers said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Death {
+    /// The queue it died in.
+    pub queue: String,
+    /// Why.
+    pub reason: DeathReason,
+    /// Its delivery count in that queue.
+    pub count: u32,
+    /// The error text of the last failed delivery (a consumer's nack/reject reason), or empty.
+    pub error: String,
+    /// Unix ms of its first failed delivery in that queue (0 if it never failed).
+    pub first_failure_ms: u64,
+    /// Unix ms of its last failed delivery in that queue (0 if it never failed).
+    pub last_failure_ms: u64,
+    /// Unix ms of the death.
+    pub died_at_ms: u64,
+}
+
+/// Failed deliveries of a message in its current queue.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Failure {
+    /// Unix ms of the first failed delivery.
+    pub first_ms: u64,
+    /// Unix ms of the latest failed delivery.
+    pub last_ms: u64,
+    /// What the consumer said about the latest failure, up to 4 KiB.
+    pub error: String,
+    /// The consumer that held the message at its latest failure.
+    pub consumer_id: u64,
+    /// That consumer's connection.
+    pub connection_id: u64,
 }
 
 /// A message inside one queue: a compact index entry, with the payload in memory or only on
@@ -31,24 +99,34 @@ pub struct QueuedMessage {
     pub seq: u64,
     /// Deliveries so far.
     pub delivery_count: u32,
+    /// Recovered after a crash, which may have hidden a delivery: the next delivery is flagged
+    /// redelivered, as AMQP's "may have been delivered before".
+    pub maybe_delivered: bool,
+    /// Unix ms after which the message expires; 0 = never.
+    pub expires_at_ms: u64,
+    /// While delayed: Unix ms at which it becomes ready. While delivered: its ack deadline.
+    /// 0 = none.
+    pub due_ms: u64,
     /// The message, when it is in memory. Always set for transient queues and for deliveries.
     pub payload: Option<Arc<Payload>>,
     /// Where the message is stored, for durable queues.
     pub location: Option<Location>,
-    /// Recovered after a crash, which may have hidden a delivery: the next delivery is flagged
-    /// redelivered, as AMQP's "may have been delivered before".
-    pub maybe_delivered: bool,
+    /// Failed deliveries so far, if any.
+    pub failure: Option<Box<Failure>>,
 }
 
 impl QueuedMessage {
-    /// A message held in memory only.
+    /// A new message held in memory only.
     pub fn transient(seq: u64, payload: Arc<Payload>) -> Self {
         QueuedMessage {
             seq,
             delivery_count: 0,
+            maybe_delivered: false,
+            expires_at_ms: 0,
+            due_ms: 0,
             payload: Some(payload),
             location: None,
-            maybe_delivered: false,
+            failure: None,
         }
     }
 
@@ -56,4 +134,24 @@ impl QueuedMessage {
     pub fn redelivered(&self) -> bool {
         self.delivery_count > 1 || self.maybe_delivered
     }
+
+    /// True when its time to live has run out at `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms != 0 && self.expires_at_ms <= now_ms
+    }
+}
+
+/// Longest error text kept with a failed delivery.
+pub const MAX_ERROR_BYTES: usize = 4096;
+
+/// Cuts `error` to at most [`MAX_ERROR_BYTES`] on a character boundary.
+pub fn clip_error(mut error: String) -> String {
+    if error.len() > MAX_ERROR_BYTES {
+        let mut end = MAX_ERROR_BYTES;
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        error.truncate(end);
+    }
+    error
 }

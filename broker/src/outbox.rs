@@ -10,13 +10,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::BytesMut;
-use hopper_proto::{encode_frame, pb, Body, Frame};
+use hopper_proto::{encode_frame, Frame};
 use parking_lot::Mutex;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
-
-use crate::message::{Payload, QueuedMessage};
-use crate::queue::Sink;
 
 /// Outgoing buffer of one connection.
 #[derive(Debug)]
@@ -29,6 +26,7 @@ pub struct Outbox {
     /// Set when a queue skipped this connection for lack of room; the session then asks its
     /// queues to dispatch again once the writer has drained.
     stalled: AtomicBool,
+    connection_id: u64,
 }
 
 #[derive(Debug)]
@@ -42,8 +40,9 @@ impl Outbox {
     /// Bytes buffered above which deliveries pause and requests are not read.
     pub const HIGH_WATER: usize = 1024 * 1024;
 
-    /// An empty outbox enforcing `max_frame_size` on what it encodes.
-    pub fn new(max_frame_size: u32) -> Self {
+    /// An empty outbox of connection `connection_id`, enforcing `max_frame_size` on what it
+    /// encodes.
+    pub fn new(max_frame_size: u32, connection_id: u64) -> Self {
         Outbox {
             inner: Mutex::new(Inner {
                 buf: BytesMut::with_capacity(64 * 1024),
@@ -53,6 +52,7 @@ impl Outbox {
             wake_writer: Notify::new(),
             drained: Notify::new(),
             stalled: AtomicBool::new(false),
+            connection_id,
         }
     }
 
@@ -109,6 +109,21 @@ impl Outbox {
         }
     }
 
+    /// The connection this outbox belongs to.
+    pub fn connection_id(&self) -> u64 {
+        self.connection_id
+    }
+
+    /// True when a queue may push deliveries; otherwise marks the outbox stalled, so the
+    /// session redispatches once the writer has drained it.
+    pub fn accepts_deliveries(&self) -> bool {
+        if self.has_room() {
+            return true;
+        }
+        self.stalled.store(true, Ordering::Release);
+        false
+    }
+
     /// Takes the stalled flag: true if a queue skipped this connection since the last call.
     pub fn take_stalled(&self) -> bool {
         self.stalled.swap(false, Ordering::AcqRel)
@@ -152,33 +167,5 @@ impl Outbox {
         }
         socket.flush().await?;
         socket.shutdown().await
-    }
-}
-
-/// Connection handle held by a queue for one consumer.
-impl Sink for std::sync::Arc<Outbox> {
-    fn is_writable(&self) -> bool {
-        if self.has_room() {
-            return true;
-        }
-        self.stalled.store(true, Ordering::Release);
-        false
-    }
-
-    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload) {
-        let frame = Frame::event(Body::Deliver(pb::Deliver {
-            consumer_id,
-            delivery_tag,
-            message: Some(pb::Message {
-                message_id: payload.id,
-                body: payload.body.clone(),
-                headers: payload.headers.clone(),
-                content_type: payload.content_type.clone(),
-                published_at_ms: payload.published_at_ms,
-                delivery_count: message.delivery_count,
-                redelivered: message.redelivered(),
-            }),
-        }));
-        self.push(&frame);
     }
 }

@@ -9,16 +9,20 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::audit::Audit;
 use crate::config::Config;
 use crate::error::StartError;
 use crate::queue::Registry;
+
+/// Size at which the audit log is rotated.
+const AUDIT_FILE_BYTES: u64 = 16 * 1024 * 1024;
 use crate::session;
 use crate::storage::Store;
 
 /// State shared by every connection of one broker.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) queues: Registry,
+    pub(crate) queues: Arc<Registry>,
     pub(crate) next_message_id: AtomicU64,
     pub(crate) next_consumer_id: AtomicU64,
 }
@@ -54,7 +58,9 @@ impl Broker {
             reason: e.to_string(),
         };
         let store = Store::open(&config.data_dir).map_err(data_dir_error)?;
-        let queues = Registry::recover(store, config.storage()).map_err(data_dir_error)?;
+        let audit = Audit::open(&config.data_dir.join("audit"), AUDIT_FILE_BYTES).map_err(data_dir_error)?;
+        let runtime = tokio::runtime::Handle::current();
+        let queues = Registry::recover(store, config.storage(), audit, runtime).map_err(data_dir_error)?;
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen.clone(), source })?;

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,10 +14,14 @@ use tokio_util::codec::FramedRead;
 use tracing::Instrument;
 
 use crate::error::BrokerError;
-use crate::message::Payload;
 use crate::outbox::Outbox;
-use crate::queue::{Confirm, Journal, Queue, QueueSettings, QueueState, SettleError};
+use crate::queue::{PullBox, Queue};
 use crate::server::Shared;
+
+mod commands;
+mod convert;
+
+pub(crate) use convert::death_to_wire;
 
 /// Read buffer size: large enough that a burst of small publishes is one read.
 const READ_BUFFER: usize = 64 * 1024;
@@ -36,7 +39,7 @@ pub(crate) async fn run(
     let span = tracing::info_span!("conn", conn_id, %peer);
     async move {
         let (read_half, write_half) = socket.into_split();
-        let outbox = Arc::new(Outbox::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE));
+        let outbox = Arc::new(Outbox::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE, conn_id));
         let resume = Arc::new(Notify::new());
         let writer = {
             let outbox = outbox.clone();
@@ -49,7 +52,7 @@ pub(crate) async fn run(
                 FrameCodec::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE),
                 READ_BUFFER,
             );
-            let mut session = Session::new(shared, outbox.clone());
+            let mut session = Session::new(conn_id, shared, outbox.clone());
             session.serve(frames, shutdown, &resume).await;
             session.release_consumers();
         } else {
@@ -82,18 +85,37 @@ enum Flow {
 }
 
 struct Session {
+    conn_id: u64,
     shared: Arc<Shared>,
     outbox: Arc<Outbox>,
     negotiated: Option<Negotiated>,
     /// This connection's consumers and the queue each one is subscribed to.
     consumers: HashMap<u64, Arc<Queue>>,
+    /// This connection's pull consumer per queue (created by its first `Get`).
+    pullers: HashMap<String, Puller>,
     /// Queues this connection published to, so a publish skips the registry lookup.
     publish_cache: HashMap<String, Arc<Queue>>,
 }
 
+/// The pull consumer a connection uses for `Get` on one queue.
+struct Puller {
+    consumer_id: u64,
+    inbox: Arc<PullBox>,
+    /// Set while a long-polling `Get` waits on it.
+    busy: Arc<std::sync::atomic::AtomicBool>,
+}
+
 impl Session {
-    fn new(shared: Arc<Shared>, outbox: Arc<Outbox>) -> Self {
-        Session { shared, outbox, negotiated: None, consumers: HashMap::new(), publish_cache: HashMap::new() }
+    fn new(conn_id: u64, shared: Arc<Shared>, outbox: Arc<Outbox>) -> Self {
+        Session {
+            conn_id,
+            shared,
+            outbox,
+            negotiated: None,
+            consumers: HashMap::new(),
+            pullers: HashMap::new(),
+            publish_cache: HashMap::new(),
+        }
     }
 
     async fn serve(
@@ -281,197 +303,61 @@ impl Session {
         match body {
             Body::Publish(publish) => self.publish(request_id, publish).map(|()| None),
             Body::Ack(ack) => {
-                self.settle(request_id, ack.confirm, ack.consumer_id, ack.delivery_tag, |s, j, c, t| {
+                self.settle(request_id, ack.confirm, ack.consumer_id, ack.delivery_tag, |s, j, c, t, _| {
                     s.ack(c, t, ack.multiple, j)
                 })
             }
             Body::Nack(nack) => {
-                self.settle(request_id, nack.confirm, nack.consumer_id, nack.delivery_tag, |s, j, c, t| {
-                    s.nack(c, t, nack.multiple, nack.requeue, j)
-                })
+                let (requeue, multiple, delay) = (nack.requeue, nack.multiple, nack.delay_ms);
+                self.settle(
+                    request_id,
+                    nack.confirm,
+                    nack.consumer_id,
+                    nack.delivery_tag,
+                    |s, j, c, t, now| s.nack(c, t, multiple, requeue, &nack.error, delay, now, j),
+                )
             }
-            Body::Reject(reject) => self.settle(
-                request_id,
-                reject.confirm,
-                reject.consumer_id,
-                reject.delivery_tag,
-                |s, j, c, t| s.nack(c, t, false, reject.requeue, j),
-            ),
+            Body::Reject(reject) => {
+                let requeue = reject.requeue;
+                self.settle(
+                    request_id,
+                    reject.confirm,
+                    reject.consumer_id,
+                    reject.delivery_tag,
+                    |s, j, c, t, now| s.nack(c, t, false, requeue, &reject.error, None, now, j),
+                )
+            }
+            Body::Extend(extend) => self.extend(extend).map(Some),
             Body::Consume(consume) => self.consume(request_id, consume),
+            Body::Get(get) => self.get(request_id, get),
             Body::Cancel(cancel) => self.cancel(cancel.consumer_id).map(Some),
             Body::QueueDeclare(declare) => self.declare(declare).map(Some),
             Body::QueueDelete(delete) => self.delete(delete).map(Some),
             Body::QueuePurge(purge) => {
                 let queue = self.shared.queues.get(&purge.name)?;
-                let message_count = queue.with_state(|s, j| s.purge(j))? as u64;
+                let message_count = queue.with_state(|s, j, _| s.purge(j))? as u64;
                 tracing::info!(queue = %purge.name, message_count, "queue purged");
                 Ok(Some(Body::QueuePurgeOk(pb::QueuePurgeOk { message_count })))
             }
             Body::QueueStats(stats) => {
                 let queue = self.shared.queues.get(&stats.name)?;
-                Ok(Some(Body::QueueInfo(queue_info(&queue))))
+                Ok(Some(Body::QueueInfo(convert::queue_info(&queue))))
             }
             Body::QueueList(_) => {
-                let queues = self.shared.queues.list().iter().map(|q| queue_info(q)).collect();
+                let queues = self.shared.queues.list().iter().map(|q| convert::queue_info(q)).collect();
                 Ok(Some(Body::QueueListOk(pb::QueueListOk { queues })))
             }
+            Body::AuditQuery(query) => self.audit(query).map(Some),
             other => Err(BrokerError::ProtocolViolation(format!(
                 "{} is sent by the broker, not to it",
                 other.name()
             ))),
         }
     }
-
-    /// Hands the message to its queue, which confirms it (at once, or once it is on disk).
-    fn publish(&mut self, request_id: u64, publish: pb::Publish) -> Result<(), BrokerError> {
-        if !publish.exchange.is_empty() || !publish.routing_key.is_empty() {
-            return Err(BrokerError::NotAllowed(
-                "exchanges and routing keys are not supported in protocol version 1; publish to a queue by name"
-                    .into(),
-            ));
-        }
-        let queue = self.publish_target(&publish.queue)?;
-        let payload = Arc::new(Payload {
-            id: self.shared.next_message_id.fetch_add(1, Ordering::Relaxed),
-            body: publish.body,
-            headers: publish.headers,
-            content_type: publish.content_type,
-            published_at_ms: now_ms(),
-        });
-        queue.publish(payload, Confirm::new(self.outbox.clone(), request_id))
-    }
-
-    /// The queue to publish to, from this connection's cache unless it was deleted since.
-    fn publish_target(&mut self, name: &str) -> Result<Arc<Queue>, BrokerError> {
-        if let Some(queue) = self.publish_cache.get(name) {
-            if !queue.is_deleted() {
-                return Ok(queue.clone());
-            }
-        }
-        let queue = self.shared.queues.get(name)?;
-        self.publish_cache.insert(name.to_owned(), queue.clone());
-        Ok(queue)
-    }
-
-    fn consume(&mut self, request_id: u64, consume: pb::Consume) -> Result<Option<Body>, BrokerError> {
-        let queue = self.shared.queues.get(&consume.queue)?;
-        let consumer_id = self.shared.next_consumer_id.fetch_add(1, Ordering::Relaxed);
-        let outbox = self.outbox.clone();
-        queue.with_state(|s, _| {
-            s.add_consumer(consumer_id, consume.prefetch_count, outbox.clone());
-            // Queued before the dispatch that follows, so the client learns the consumer id
-            // before its first delivery.
-            outbox.push(&Frame::new(request_id, Body::ConsumeOk(pb::ConsumeOk { consumer_id })));
-        })?;
-        tracing::info!(queue = %consume.queue, consumer_id, prefetch = consume.prefetch_count, tag = %consume.tag, "consumer subscribed");
-        self.consumers.insert(consumer_id, queue);
-        Ok(None)
-    }
-
-    fn cancel(&mut self, consumer_id: u64) -> Result<Body, BrokerError> {
-        let queue = self.consumers.remove(&consumer_id).ok_or_else(|| unknown_consumer(consumer_id))?;
-        let requeued =
-            queue.with_state(|s, j| s.remove_consumer(consumer_id, j)).ok().flatten().unwrap_or(0) as u64;
-        tracing::info!(queue = %queue.name(), consumer_id, requeued, "consumer cancelled");
-        Ok(Body::CancelOk(pb::CancelOk { requeued }))
-    }
-
-    /// Settles deliveries of one of this connection's consumers; with `confirm`, answers
-    /// `SettleOk` once the settlement is durable.
-    fn settle(
-        &mut self,
-        request_id: u64,
-        confirm: bool,
-        consumer_id: u64,
-        tag: u64,
-        op: impl FnOnce(&mut QueueState<Arc<Outbox>>, &mut dyn Journal, u64, u64) -> Result<usize, SettleError>,
-    ) -> Result<Option<Body>, BrokerError> {
-        let queue = self.consumers.get(&consumer_id).ok_or_else(|| unknown_consumer(consumer_id))?;
-        let settled = queue.with_state(|s, j| op(s, j, consumer_id, tag))?.map_err(|err| match err {
-            SettleError::UnknownConsumer(id) => unknown_consumer(id),
-            SettleError::UnknownTag(tag) => {
-                BrokerError::NotFound(format!("unknown delivery tag {tag} for consumer {consumer_id}"))
-            }
-        })?;
-        if confirm {
-            let response = Body::SettleOk(pb::SettleOk { settled: settled as u64 });
-            queue.confirm_when_durable(Confirm::new(self.outbox.clone(), request_id), response);
-        }
-        Ok(None)
-    }
-
-    fn declare(&mut self, declare: pb::QueueDeclare) -> Result<Body, BrokerError> {
-        if declare.passive {
-            let queue = self.shared.queues.get(&declare.name)?;
-            return Ok(Body::QueueDeclareOk(pb::QueueDeclareOk {
-                queue: Some(queue_info(&queue)),
-                created: false,
-            }));
-        }
-        let settings = declare.settings.unwrap_or_default();
-        let settings = QueueSettings { durable: settings.durable };
-        let declared = self.shared.queues.declare(&declare.name, settings)?;
-        Ok(Body::QueueDeclareOk(pb::QueueDeclareOk {
-            queue: Some(queue_info(&declared.queue)),
-            created: declared.created,
-        }))
-    }
-
-    fn delete(&mut self, delete: pb::QueueDelete) -> Result<Body, BrokerError> {
-        let deleted = self.shared.queues.delete(&delete.name, delete.if_unused, delete.if_empty)?;
-        for (consumer_id, outbox) in deleted.consumers {
-            let reason = format!("queue '{}' was deleted", delete.name);
-            outbox
-                .push(&Frame::event(Body::ConsumerCancelled(pb::ConsumerCancelled { consumer_id, reason })));
-        }
-        self.publish_cache.remove(&delete.name);
-        Ok(Body::QueueDeleteOk(pb::QueueDeleteOk { message_count: deleted.messages }))
-    }
-
-    /// Gives queues that held deliveries back (the outbox was full) another chance.
-    fn redispatch(&self) {
-        let mut seen: Vec<*const Queue> = Vec::new();
-        for queue in self.consumers.values() {
-            if !seen.contains(&Arc::as_ptr(queue)) {
-                seen.push(Arc::as_ptr(queue));
-                let _ = queue.with_state(|_, _| ());
-            }
-        }
-    }
-
-    /// Unsubscribes every consumer of this connection; their unacked messages go back.
-    fn release_consumers(&mut self) {
-        for (consumer_id, queue) in self.consumers.drain() {
-            if let Ok(Some(requeued)) = queue.with_state(|s, j| s.remove_consumer(consumer_id, j)) {
-                if requeued > 0 {
-                    tracing::info!(queue = %queue.name(), consumer_id, requeued, "unacked messages returned to the queue");
-                }
-            }
-        }
-    }
-}
-
-fn unknown_consumer(consumer_id: u64) -> BrokerError {
-    BrokerError::NotFound(format!("no consumer {consumer_id} on this connection"))
 }
 
 fn close_frame(code: ErrorCode, reason: &str) -> Frame {
     Frame::event(Body::Close(pb::Close { code: code as i32, reason: reason.into() }))
-}
-
-fn queue_info(queue: &Queue) -> pb::QueueInfo {
-    let snapshot = queue.snapshot();
-    pb::QueueInfo {
-        name: queue.name().to_owned(),
-        settings: Some(pb::QueueSettings { durable: queue.settings().durable }),
-        ready: snapshot.ready,
-        unacked: snapshot.unacked,
-        consumers: snapshot.consumers,
-        published_total: snapshot.counters.published,
-        delivered_total: snapshot.counters.delivered,
-        acked_total: snapshot.counters.acked,
-        redelivered_total: snapshot.counters.redelivered,
-    }
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) {
@@ -481,11 +367,4 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
         }
         None => std::future::pending().await,
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

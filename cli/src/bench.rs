@@ -125,7 +125,7 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         // The backlog must already be there; declaring would create an empty queue instead.
         admin.queue_exists(&queue).await.with_context(|| format!("queue '{queue}'"))?;
     } else {
-        admin.declare_queue(&queue, QueueOptions { durable: args.durable }).await?;
+        admin.declare_queue(&queue, QueueOptions { durable: args.durable, ..Default::default() }).await?;
     }
     let sampler = args.rss_pid.map(RssSampler::start).transpose()?;
     let mut result = bench(server, &args, &queue).await;

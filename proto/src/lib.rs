@@ -100,6 +100,12 @@ impl Body {
             Body::Reject(_) => "Reject",
             Body::ConsumerCancelled(_) => "ConsumerCancelled",
             Body::SettleOk(_) => "SettleOk",
+            Body::Extend(_) => "Extend",
+            Body::DeliveryExpired(_) => "DeliveryExpired",
+            Body::Get(_) => "Get",
+            Body::GetOk(_) => "GetOk",
+            Body::AuditQuery(_) => "AuditQuery",
+            Body::AuditEvents(_) => "AuditEvents",
         }
     }
 }
@@ -120,6 +126,8 @@ pub fn encode_frame(frame: &Frame, max_frame_size: u32, dst: &mut BytesMut) -> R
 }
 
 /// One unit read off the wire.
+// Frames dominate; boxing them to shrink the rare variants would cost an allocation per frame.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inbound {
     /// A well-formed frame.

@@ -15,13 +15,29 @@ fn sample_message() -> Message {
         published_at_ms: 1_700_000_000_000,
         delivery_count: 3,
         redelivered: true,
+        deaths: vec![Death {
+            queue: "jobs".into(),
+            reason: "delivery_limit".into(),
+            count: 5,
+            error: "smtp down".into(),
+            first_failure_ms: 1,
+            last_failure_ms: 2,
+            died_at_ms: 3,
+        }],
     }
 }
 
 fn queue_info() -> QueueInfo {
     QueueInfo {
         name: "jobs".into(),
-        settings: Some(QueueSettings { durable: true }),
+        settings: Some(QueueSettings {
+            durable: true,
+            dead_letter: "jobs.dlq".into(),
+            max_deliveries: 5,
+            retry_backoff_ms: vec![1000, 10_000, 60_000],
+            message_ttl_ms: 3_600_000,
+            ack_timeout_ms: 30_000,
+        }),
         ready: 5,
         unacked: 2,
         consumers: 1,
@@ -29,6 +45,8 @@ fn queue_info() -> QueueInfo {
         delivered_total: 4,
         acked_total: 2,
         redelivered_total: 1,
+        delayed: 3,
+        dead_lettered_total: [("expired".to_string(), 2)].into(),
     }
 }
 
@@ -54,7 +72,7 @@ fn every_body() -> Vec<Body> {
         Body::Error(Error { code: ErrorCode::NotFound as i32, message: "no queue 'x'".into() }),
         Body::QueueDeclare(QueueDeclare {
             name: "jobs".into(),
-            settings: Some(QueueSettings { durable: true }),
+            settings: Some(QueueSettings { durable: true, ..Default::default() }),
             passive: true,
         }),
         Body::QueueDeclareOk(QueueDeclareOk { queue: Some(queue_info()), created: true }),
@@ -73,17 +91,58 @@ fn every_body() -> Vec<Body> {
             content_type: "text/plain".into(),
             exchange: String::new(),
             routing_key: String::new(),
+            delay_ms: 1500,
+            ttl_ms: 60_000,
         }),
         Body::PublishOk(PublishOk { message_id: 99 }),
-        Body::Consume(Consume { queue: "jobs".into(), prefetch_count: 100, tag: "worker-1".into() }),
+        Body::Consume(Consume {
+            queue: "jobs".into(),
+            prefetch_count: 100,
+            tag: "worker-1".into(),
+            ack_timeout_ms: 30_000,
+        }),
         Body::ConsumeOk(ConsumeOk { consumer_id: 3 }),
         Body::Cancel(Cancel { consumer_id: 3 }),
         Body::CancelOk(CancelOk { requeued: 4 }),
         Body::Deliver(Deliver { consumer_id: 3, delivery_tag: 17, message: Some(sample_message()) }),
         Body::Ack(Ack { consumer_id: 3, delivery_tag: 17, multiple: true, confirm: true }),
-        Body::Nack(Nack { consumer_id: 3, delivery_tag: 17, multiple: true, requeue: true, confirm: true }),
-        Body::Reject(Reject { consumer_id: 3, delivery_tag: 17, requeue: false, confirm: true }),
+        Body::Nack(Nack {
+            consumer_id: 3,
+            delivery_tag: 17,
+            multiple: true,
+            requeue: true,
+            confirm: true,
+            error: "timeout talking to smtp".into(),
+            delay_ms: Some(5000),
+        }),
+        Body::Reject(Reject {
+            consumer_id: 3,
+            delivery_tag: 17,
+            requeue: false,
+            confirm: true,
+            error: "bad".into(),
+        }),
         Body::SettleOk(SettleOk { settled: 5 }),
+        Body::Extend(Extend { consumer_id: 3, delivery_tag: 4, extend_ms: 30_000 }),
+        Body::DeliveryExpired(DeliveryExpired { consumer_id: 3, delivery_tag: 4 }),
+        Body::Get(Get { queue: "jobs".into(), count: 10, visibility_ms: 30_000, wait_ms: 20_000 }),
+        Body::GetOk(GetOk {
+            deliveries: vec![Deliver { consumer_id: 3, delivery_tag: 17, message: Some(sample_message()) }],
+        }),
+        Body::AuditQuery(AuditQuery { queue: "jobs".into(), since_ms: 5, limit: 10 }),
+        Body::AuditEvents(AuditEvents {
+            events: vec![AuditEvent {
+                time_ms: 1,
+                queue: "jobs".into(),
+                message_id: 2,
+                reason: "rejected".into(),
+                count: 3,
+                consumer_id: 4,
+                connection_id: 5,
+                error: "bad json".into(),
+                dead_letter: "jobs.dlq".into(),
+            }],
+        }),
         Body::ConsumerCancelled(ConsumerCancelled { consumer_id: 3, reason: "queue deleted".into() }),
     ]
 }
@@ -116,7 +175,7 @@ fn every_variant_is_covered() {
     // The schema's oneof field numbers; keep in step with hopper.proto.
     let names: std::collections::HashSet<String> = every_body().iter().map(variant_name).collect();
     assert_eq!(names.len(), every_body().len(), "a variant is listed twice");
-    assert_eq!(names.len(), 28, "a Body variant was added: add it to every_body()");
+    assert_eq!(names.len(), 34, "a Body variant was added: add it to every_body()");
 }
 
 #[test]

@@ -86,6 +86,13 @@ pub enum RecordKind {
         /// Deliveries so far.
         delivery_count: u32,
     },
+    /// A delivery failed.
+    Failed {
+        /// Position in the queue.
+        seq: u64,
+        /// Deliveries so far.
+        delivery_count: u32,
+    },
 }
 
 /// Every record of a segment file's bytes, checking the magic, each length and each CRC-32C.
@@ -113,53 +120,19 @@ pub fn read_segment(path: &Path) -> Vec<Record> {
     parse_segment(&bytes)
 }
 
+/// Parses a record's fields with the broker's own decoder, so these helpers follow the format.
 fn parse_fields(fields: &[u8]) -> RecordKind {
-    let mut cursor = Cursor { bytes: fields, at: 1 };
-    match fields[0] {
-        1 => {
-            let seq = cursor.u64();
-            let delivery_count = cursor.u32();
-            let message_id = cursor.u64();
-            let _published_at_ms = cursor.u64();
-            let _content_type = cursor.string();
-            for _ in 0..cursor.u32() {
-                let _key = cursor.string();
-                let _value = cursor.string();
-            }
-            let body = cursor.string();
-            assert_eq!(cursor.at, fields.len(), "the body ends the publish record");
-            RecordKind::Publish { seq, delivery_count, message_id, body: body.to_vec() }
-        }
-        2 => RecordKind::Settle { seq: cursor.u64() },
-        3 => RecordKind::Delivered { seq: cursor.u64(), delivery_count: cursor.u32() },
-        kind => panic!("unknown record kind {kind}"),
-    }
-}
-
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> &'a [u8] {
-        let taken = self.bytes.get(self.at..self.at + n).expect("a field inside the record");
-        self.at += n;
-        taken
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take(4).try_into().expect("4 bytes"))
-    }
-
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take(8).try_into().expect("8 bytes"))
-    }
-
-    /// A `u32` length and that many bytes.
-    fn string(&mut self) -> &'a [u8] {
-        let len = self.u32() as usize;
-        self.take(len)
+    use hopper_broker::storage::record::{parse, Record as Stored};
+    match parse(bytes::Bytes::copy_from_slice(fields)).expect("a well-formed record") {
+        Stored::Publish(m) => RecordKind::Publish {
+            seq: m.seq,
+            delivery_count: m.delivery_count,
+            message_id: m.payload.id,
+            body: m.payload.body.to_vec(),
+        },
+        Stored::Settle { seq } => RecordKind::Settle { seq },
+        Stored::Delivered { seq, delivery_count } => RecordKind::Delivered { seq, delivery_count },
+        Stored::Failed { seq, delivery_count, .. } => RecordKind::Failed { seq, delivery_count },
     }
 }
 
@@ -167,25 +140,15 @@ impl<'a> Cursor<'a> {
 mod tests {
     use super::*;
 
-    /// A publish record encoded by hand from the table in docs/storage.md.
+    /// A publish record as the broker encodes it.
     fn publish_record(seq: u64, id: u64, body: &[u8]) -> Vec<u8> {
-        let mut fields = vec![1u8];
-        fields.extend_from_slice(&seq.to_le_bytes());
-        fields.extend_from_slice(&0u32.to_le_bytes());
-        fields.extend_from_slice(&id.to_le_bytes());
-        fields.extend_from_slice(&7u64.to_le_bytes());
-        fields.extend_from_slice(&4u32.to_le_bytes());
-        fields.extend_from_slice(b"text");
-        fields.extend_from_slice(&1u32.to_le_bytes());
-        for s in ["k", "v"] {
-            fields.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            fields.extend_from_slice(s.as_bytes());
-        }
-        fields.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        fields.extend_from_slice(body);
-        let mut record = (fields.len() as u32).to_le_bytes().to_vec();
-        record.extend_from_slice(&crc32c::crc32c(&fields).to_le_bytes());
-        record.extend_from_slice(&fields);
+        let payload = hopper_broker::message::Payload {
+            id,
+            body: bytes::Bytes::copy_from_slice(body),
+            ..Default::default()
+        };
+        let mut record = Vec::new();
+        hopper_broker::storage::record::encode_publish(&mut record, seq, 0, 0, 0, &payload);
         record
     }
 

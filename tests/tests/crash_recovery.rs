@@ -293,7 +293,7 @@ async fn crash_cycles(fsync_flags: &[&str]) {
             broker.restart();
         }
         let setup = connect(&broker).await;
-        setup.declare_queue(QUEUE, QueueOptions { durable: true }).await.unwrap();
+        setup.declare_queue(QUEUE, QueueOptions { durable: true, ..Default::default() }).await.unwrap();
         if cycle > 0 {
             check_recovered_queue(&setup, model.get_mut().unwrap()).await;
         }

@@ -13,7 +13,7 @@ use hopper_tests::{
 };
 
 fn durable() -> QueueOptions {
-    QueueOptions { durable: true }
+    QueueOptions { durable: true, ..Default::default() }
 }
 
 /// Bodies of varying length, so records do not all share one size.

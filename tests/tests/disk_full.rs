@@ -107,7 +107,7 @@ async fn a_full_disk_refuses_publishes_and_damages_nothing_confirmed() {
     let fsize = format!("--fsize={LIMIT}");
     let mut broker = Broker::start_wrapped(&["prlimit", &fsize], data_dir.path(), &[]);
     let conn = connect(&broker).await;
-    conn.declare_queue("full", QueueOptions { durable: true }).await.unwrap();
+    conn.declare_queue("full", QueueOptions { durable: true, ..Default::default() }).await.unwrap();
     let mut outcomes = Outcomes::default();
 
     publish_and_fill(&conn, data_dir.path(), &mut outcomes, "first", 100, ROOM).await;
@@ -153,7 +153,7 @@ async fn refused_writes_racing_deliveries_and_publishes_keep_confirmed_messages_
     let args = ["--queue-memory-bytes", "0"];
     let mut broker = Broker::start_wrapped(&["prlimit", &fsize], data_dir.path(), &args);
     let conn = connect(&broker).await;
-    conn.declare_queue("full", QueueOptions { durable: true }).await.unwrap();
+    conn.declare_queue("full", QueueOptions { durable: true, ..Default::default() }).await.unwrap();
     let mut outcomes = Outcomes::default();
     // Room for the delivered records and most of the small publishes below.
     publish_and_fill(&conn, data_dir.path(), &mut outcomes, "ping", 10, 48_000).await;
@@ -218,7 +218,7 @@ async fn a_shutdown_that_cannot_write_its_last_records_is_not_clean() {
     let fsize = format!("--fsize={LIMIT}");
     let mut broker = Broker::start_wrapped(&["prlimit", &fsize], data_dir.path(), &[]);
     let conn = connect(&broker).await;
-    conn.declare_queue("full", QueueOptions { durable: true }).await.unwrap();
+    conn.declare_queue("full", QueueOptions { durable: true, ..Default::default() }).await.unwrap();
     let mut outcomes = Outcomes::default();
     // 10 bytes of room: not even a delivered record fits.
     publish_and_fill(&conn, data_dir.path(), &mut outcomes, "delivered", 10, 10).await;

@@ -15,7 +15,7 @@ use hopper_tests::{
 };
 
 fn durable() -> QueueOptions {
-    QueueOptions { durable: true }
+    QueueOptions { durable: true, ..Default::default() }
 }
 
 fn now_ms() -> u64 {
@@ -35,6 +35,7 @@ fn assorted_messages() -> Vec<(Bytes, PublishOptions)> {
             PublishOptions {
                 headers: headers(&[("trace", "abc-123"), ("greeting", "h\u{e9}llo \u{2713}")]),
                 content_type: "application/json".into(),
+                ..Default::default()
             },
         ),
         (Bytes::new(), PublishOptions { headers: headers(&[("empty-body", "yes")]), ..Default::default() }),
@@ -82,7 +83,7 @@ async fn a_clean_restart_keeps_durable_queues_and_their_messages() {
     let info = conn.queue_exists("orders").await.unwrap();
     assert!(info.durable, "{info:?}");
     assert_eq!((info.ready, info.unacked), (sent.len() as u64, 0), "{info:?}");
-    match conn.declare_queue("orders", QueueOptions { durable: false }).await {
+    match conn.declare_queue("orders", QueueOptions { durable: false, ..Default::default() }).await {
         Err(Error::Broker { code: ErrorCode::PreconditionFailed, .. }) => {}
         other => panic!("redeclaring with other settings must fail, got {other:?}"),
     }

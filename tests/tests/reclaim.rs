@@ -14,7 +14,7 @@ use hopper_tests::{
 const SEGMENT_BYTES: &str = "4096";
 
 fn durable() -> QueueOptions {
-    QueueOptions { durable: true }
+    QueueOptions { durable: true, ..Default::default() }
 }
 
 fn body(i: usize) -> String {

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use hopper_proto::{pb, Body};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use super::{Confirm, Journal, Live, Queue, QueueState};
+use super::{Confirm, Dead, Journal, Live, Policy, Queue, QueueState, Subscriber};
 use crate::error::BrokerError;
-use crate::message::{Payload, QueuedMessage};
-use crate::storage::log::{encode_payload, LiveCount, LogBuffer, SegmentReader, SegmentWriter};
+use crate::message::{DeathReason, Payload, QueuedMessage};
+use crate::storage::log::{encode_message, LiveCount, LogBuffer, SegmentReader, SegmentWriter};
 use crate::storage::{segment, FsyncPolicy, Location, QueueMeta, StorageConfig};
 
 /// How long the sync thread waits before retrying after a failed write.
@@ -63,21 +63,34 @@ pub(super) struct DiskState {
 }
 
 struct PendingPublish {
-    seq: u64,
-    payload: Arc<Payload>,
+    message: QueuedMessage,
     range: Range<usize>,
     confirm: Confirm,
 }
 
-/// Creates the state of a new, empty durable queue in `dir` and starts its sync thread.
-pub(super) fn create(meta: &QueueMeta, dir: &Path, config: &StorageConfig) -> io::Result<Arc<Queue>> {
-    let writer = SegmentWriter::open(dir, 1, 0, config.segment_bytes)?;
-    let disk = DiskState::new(LogBuffer::new(BTreeMap::new(), 1));
-    Ok(start(meta, dir, config, QueueState::new(), disk, writer))
+/// A durable queue's pieces before they are put together into a [`Queue`].
+pub(super) struct Parts {
+    state: QueueState<Subscriber>,
+    disk: DiskState,
+    durable: Durable,
+    writer: SegmentWriter,
 }
 
-/// Rebuilds a durable queue from its directory and starts its sync thread. Messages come back
-/// as index entries only; bodies are read from disk when delivered.
+impl Parts {
+    pub(super) fn into_inner(self) -> (QueueState<Subscriber>, DiskState, Durable, SegmentWriter) {
+        (self.state, self.disk, self.durable, self.writer)
+    }
+}
+
+/// The pieces of a new, empty durable queue in `dir`.
+pub(super) fn create(dir: &Path, config: &StorageConfig, policy: Policy) -> io::Result<Parts> {
+    let writer = SegmentWriter::open(dir, 1, 0, config.segment_bytes)?;
+    let disk = DiskState::new(LogBuffer::new(BTreeMap::new(), 1));
+    Ok(Parts { state: QueueState::new(policy), disk, durable: Durable::new(dir, config), writer })
+}
+
+/// Rebuilds a durable queue from its directory. Messages come back as index entries only;
+/// bodies are read from disk when delivered.
 ///
 /// After a crash (`crashed`), the deliveries of the last moments may not have been recorded, so
 /// every recovered message is flagged as possibly delivered.
@@ -86,7 +99,7 @@ pub(super) fn recover(
     dir: &Path,
     config: &StorageConfig,
     crashed: bool,
-) -> io::Result<Arc<Queue>> {
+) -> io::Result<Parts> {
     let started = Instant::now();
     let scan = segment::scan(dir)?;
     for problem in &scan.problems {
@@ -98,18 +111,22 @@ pub(super) fn recover(
     }
     let mut live: BTreeMap<u64, LiveCount> =
         scan.segments.iter().map(|&(id, _)| (id, LiveCount::default())).collect();
-    let mut state = QueueState::new();
+    let mut state = QueueState::new(meta.settings.policy());
     state.set_next_seq(scan.next_seq);
-    for found in &scan.messages {
+    let messages = scan.messages.len();
+    for found in scan.messages {
         let count = live.entry(found.location.segment).or_default();
         count.messages += 1;
         count.bytes += u64::from(found.location.len);
         state.restore(QueuedMessage {
             seq: found.seq,
             delivery_count: found.delivery_count,
+            maybe_delivered: crashed,
+            expires_at_ms: found.expires_at_ms,
+            due_ms: found.due_ms,
             payload: None,
             location: Some(found.location),
-            maybe_delivered: crashed,
+            failure: found.failure,
         });
     }
     let (active, len) = scan.segments.last().copied().unwrap_or((1, 0));
@@ -117,38 +134,19 @@ pub(super) fn recover(
     let disk = DiskState::new(LogBuffer::new(live, active));
     tracing::info!(
         queue = %meta.name,
-        messages = scan.messages.len(),
+        messages,
         segments = scan.segments.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "durable queue recovered"
     );
-    Ok(start(meta, dir, config, state, disk, writer))
+    Ok(Parts { state, disk, durable: Durable::new(dir, config), writer })
 }
 
-fn start(
-    meta: &QueueMeta,
-    dir: &Path,
-    config: &StorageConfig,
-    state: QueueState<Arc<crate::outbox::Outbox>>,
-    disk: DiskState,
-    writer: SegmentWriter,
-) -> Arc<Queue> {
-    let queue = Arc::new(Queue {
-        name: meta.name.as_str().into(),
-        settings: meta.settings.clone(),
-        deleted: Default::default(),
-        state: Mutex::new(Live { state, deleted: false, disk: Some(disk) }),
-        durable: Some(Durable {
-            dir: dir.to_path_buf(),
-            config: config.clone(),
-            reader: SegmentReader::new(dir),
-            wake: Condvar::new(),
-            thread: Mutex::new(None),
-            syncs: Arc::default(),
-        }),
-    });
-    let short_name: String = meta.name.chars().take(8).collect();
-    let syncs = queue.durable.as_ref().expect("durable").syncs.clone();
+/// Starts the queue's log and fsync threads.
+pub(super) fn spawn_threads(queue: &Arc<Queue>, writer: SegmentWriter) {
+    let durable = queue.durable.as_ref().expect("durable queue");
+    let short_name: String = queue.name.chars().take(8).collect();
+    let syncs = durable.syncs.clone();
     let fsync = std::thread::Builder::new()
         .name(format!("fsync-{short_name}"))
         .spawn(move || fsync_loop(&syncs))
@@ -162,8 +160,7 @@ fn start(
             written && synced
         })
         .expect("spawning a log thread");
-    *queue.durable.as_ref().expect("durable").thread.lock() = Some(handle);
-    queue
+    *durable.thread.lock() = Some(handle);
 }
 
 impl DiskState {
@@ -176,28 +173,43 @@ impl DiskState {
             stopping: false,
         }
     }
+
+    /// Records that a stored message left the queue.
+    pub(super) fn log_settled(&mut self, seq: u64, location: Location) {
+        self.log.settled(seq, location);
+    }
 }
 
 impl Durable {
+    fn new(dir: &Path, config: &StorageConfig) -> Self {
+        Durable {
+            dir: dir.to_path_buf(),
+            config: config.clone(),
+            reader: SegmentReader::new(dir),
+            wake: Condvar::new(),
+            thread: Mutex::new(None),
+            syncs: Arc::default(),
+        }
+    }
+
     /// The queue's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    pub(super) fn journal<'a>(&'a self, disk: &'a mut DiskState) -> DiskJournal<'a> {
-        DiskJournal { disk, reader: &self.reader, budget: self.config.queue_memory_bytes }
+    pub(super) fn journal<'a>(
+        &'a self,
+        disk: &'a mut DiskState,
+        deaths: &'a mut Vec<Dead>,
+    ) -> DiskJournal<'a> {
+        DiskJournal { disk, reader: &self.reader, budget: self.config.queue_memory_bytes, deaths }
     }
 
-    /// Buffers a publish record; the message becomes visible once the sync thread wrote it.
-    pub(super) fn append_publish(
-        &self,
-        disk: &mut DiskState,
-        seq: u64,
-        payload: Arc<Payload>,
-        confirm: Confirm,
-    ) {
-        let range = disk.log.publish(seq, 0, &payload);
-        disk.pending.push(PendingPublish { seq, payload, range, confirm });
+    /// Buffers a publish record; the message becomes visible once the log thread wrote it.
+    pub(super) fn append_publish(&self, disk: &mut DiskState, message: QueuedMessage, confirm: Confirm) {
+        let payload = message.payload.clone().expect("a published message has its payload");
+        let range = disk.log.publish(&message, &payload);
+        disk.pending.push(PendingPublish { message, range, confirm });
         self.wake.notify_one();
     }
 
@@ -229,11 +241,22 @@ impl Durable {
 }
 
 /// The journal of a durable queue: records go to the log buffer; bodies beyond the memory
-/// budget are dropped from memory and read back from disk on delivery.
+/// budget are dropped from memory and read back from disk on delivery; dead messages are
+/// collected for routing (their settle record is written once the dead-letter queue holds
+/// them).
 pub(super) struct DiskJournal<'a> {
     disk: &'a mut DiskState,
     reader: &'a SegmentReader,
     budget: usize,
+    deaths: &'a mut Vec<Dead>,
+}
+
+impl DiskJournal<'_> {
+    fn release(&mut self, message: &QueuedMessage) {
+        if let Some(payload) = &message.payload {
+            self.disk.resident_bytes = self.disk.resident_bytes.saturating_sub(payload.body.len());
+        }
+    }
 }
 
 impl Journal for DiskJournal<'_> {
@@ -242,9 +265,7 @@ impl Journal for DiskJournal<'_> {
     }
 
     fn settled(&mut self, message: &QueuedMessage) {
-        if let Some(payload) = &message.payload {
-            self.disk.resident_bytes = self.disk.resident_bytes.saturating_sub(payload.body.len());
-        }
+        self.release(message);
         if let Some(location) = message.location {
             self.disk.log.settled(message.seq, location);
         }
@@ -258,17 +279,40 @@ impl Journal for DiskJournal<'_> {
         }
     }
 
+    fn failed(&mut self, message: &QueuedMessage) {
+        self.disk.log.failed(message);
+    }
+
+    fn dead(&mut self, mut message: QueuedMessage, reason: DeathReason) {
+        self.release(&message);
+        if message.payload.is_none() {
+            match self.load(&message) {
+                Ok(payload) => {
+                    self.release_loaded(&payload);
+                    message.payload = Some(payload);
+                }
+                Err(err) => {
+                    tracing::error!(seq = message.seq, error = %err, "dead message is unreadable; dropped");
+                    self.settled(&message);
+                    return;
+                }
+            }
+        }
+        self.deaths.push(Dead { message, reason });
+    }
+
     fn load(&mut self, message: &QueuedMessage) -> io::Result<Arc<Payload>> {
         let location = message.location.ok_or_else(|| io::Error::other("message has no stored copy"))?;
         let stored = self.reader.read(location)?;
-        self.disk.resident_bytes += stored.body.len();
-        Ok(Arc::new(Payload {
-            id: stored.id,
-            body: stored.body,
-            headers: stored.headers,
-            content_type: stored.content_type,
-            published_at_ms: stored.published_at_ms,
-        }))
+        self.disk.resident_bytes += stored.payload.body.len();
+        Ok(Arc::new(stored.payload))
+    }
+}
+
+impl DiskJournal<'_> {
+    /// Undoes the accounting of [`Journal::load`] for a payload that leaves at once.
+    fn release_loaded(&mut self, payload: &Payload) {
+        self.disk.resident_bytes = self.disk.resident_bytes.saturating_sub(payload.body.len());
     }
 }
 
@@ -445,6 +489,7 @@ fn apply_batch(
     written: Result<u64, String>,
 ) -> Vec<Confirmation> {
     let mut confirms = Vec::with_capacity(pending.len());
+    let mut deaths = Vec::new();
     let mut guard = queue.state.lock();
     let live = &mut *guard;
     let disk = live.disk.as_mut().expect("durable queue");
@@ -452,29 +497,25 @@ fn apply_batch(
         Ok(offset) => {
             let segment = writer.id();
             for publish in pending {
-                let location = Location {
-                    segment,
-                    offset: offset + publish.range.start as u64,
-                    len: publish.range.len() as u32,
-                };
+                let PendingPublish { mut message, range, confirm } = publish;
+                let location =
+                    Location { segment, offset: offset + range.start as u64, len: range.len() as u32 };
                 disk.log.add_live(location);
-                let size = publish.payload.body.len();
+                let payload = message.payload.take().expect("a published message has its payload");
+                let size = payload.body.len();
                 let resident = disk.resident_bytes + size <= durable.config.queue_memory_bytes;
                 if resident {
                     disk.resident_bytes += size;
                 }
-                let id = publish.payload.id;
-                live.state.push_ready(QueuedMessage {
-                    seq: publish.seq,
-                    delivery_count: 0,
-                    payload: resident.then_some(publish.payload),
-                    location: Some(location),
-                    maybe_delivered: false,
-                });
-                confirms.push((publish.confirm, Ok(Body::PublishOk(pb::PublishOk { message_id: id }))));
+                let id = payload.id;
+                message.payload = resident.then_some(payload);
+                message.location = Some(location);
+                live.state.admit(message);
+                confirms.push((confirm, Ok(Body::PublishOk(pb::PublishOk { message_id: id }))));
             }
-            let mut journal = durable.journal(disk);
-            live.state.dispatch(&mut journal);
+            let now = super::now_ms();
+            let mut journal = durable.journal(disk, &mut deaths);
+            live.state.dispatch(now, &mut journal);
         }
         Err(error) if !bytes.is_empty() => {
             let mut others = Vec::new();
@@ -499,6 +540,9 @@ fn apply_batch(
         }
         Err(_) => {}
     }
+    let next = live.state.next_timer();
+    drop(guard);
+    queue.after_unlock(deaths, next);
     confirms
 }
 
@@ -536,31 +580,25 @@ fn maintain(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
 /// Copies the live messages of the oldest segment to the active one when at most a quarter of
 /// its bytes are still live, so one slow message cannot pin a long run of settled segments.
 fn compact(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
-    let victims: Vec<(u64, Location, u32)> = {
+    let victims: Vec<QueuedMessage> = {
         let guard = queue.state.lock();
         let Some(disk) = guard.disk.as_ref() else { return };
         let Some(oldest) = disk.log.compaction_candidate(durable.config.segment_bytes) else { return };
-        let victims: Vec<_> = guard
+        guard
             .state
             .messages()
-            .filter_map(|m| m.location.filter(|l| l.segment == oldest).map(|l| (m.seq, l, m.delivery_count)))
-            .collect();
-        victims
+            .filter(|m| m.location.is_some_and(|l| l.segment == oldest))
+            .map(|m| QueuedMessage { payload: None, ..m.clone() })
+            .collect()
     };
     let mut bytes = Vec::new();
     let mut copies = Vec::with_capacity(victims.len());
-    for (seq, location, delivery_count) in victims {
+    for victim in victims {
+        let location = victim.location.expect("filtered on location");
         let Ok(stored) = durable.reader.read(location) else { continue };
         let start = bytes.len();
-        let payload = Payload {
-            id: stored.id,
-            body: stored.body,
-            headers: stored.headers,
-            content_type: stored.content_type,
-            published_at_ms: stored.published_at_ms,
-        };
-        encode_payload(&mut bytes, seq, delivery_count, &payload);
-        copies.push((seq, location.segment, start..bytes.len()));
+        encode_message(&mut bytes, &victim, &stored.payload);
+        copies.push((victim.seq, location.segment, start..bytes.len()));
     }
     let offset = match writer.append(&bytes).and_then(|offset| writer.sync().map(|()| offset)) {
         Ok(offset) => offset,

@@ -1,93 +1,185 @@
-//! Queues: the registry of named queues and the lock-protected shell around each queue's
-//! state machine. One lock per queue, so queues never slow each other down. Durable queues add
-//! a log and a sync thread (`durable`).
+//! Queues: the lock-protected shell around each queue's state machine. One lock per queue, so
+//! queues never slow each other down. The shell supplies the clock, runs the queue's timers,
+//! routes dead messages to their dead-letter queue, and, for durable queues, hands records to
+//! the log (`durable`).
 
 mod durable;
+mod registry;
 mod state;
+mod subscriber;
 mod window;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
 use hopper_proto::{pb, Body, Frame};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::audit::AuditEvent;
 use crate::error::BrokerError;
-use crate::message::Payload;
+use crate::message::{Death, DeathReason, Payload, QueuedMessage};
 use crate::outbox::Outbox;
-use crate::storage::{QueueMeta, StorageConfig, Store};
 
 pub use durable::Durable;
-pub use state::{Counters, Journal, NoJournal, QueueState, SettleError, Sink, Snapshot};
+pub use registry::{notify_cancelled, Declared, Deleted, Registry};
+pub use state::{Counters, Journal, Policy, QueueState, SettleError, Sink, Snapshot};
+pub use subscriber::{PullBox, Subscriber};
 pub use window::Window;
 
 use durable::DiskState;
 
-/// Properties fixed when a queue is declared.
+/// Properties fixed when a queue is declared. Zero / empty means "not set".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct QueueSettings {
     /// Messages are kept on disk and the queue survives restarts.
     pub durable: bool,
+    /// Queue that receives this queue's dead messages.
+    pub dead_letter: String,
+    /// Deliveries after which a failing message dies with `delivery_limit`.
+    pub max_deliveries: u32,
+    /// Delays before the 1st, 2nd, ... redelivery of a nacked message; the last repeats.
+    pub retry_backoff_ms: Vec<u64>,
+    /// Time to live of every message from when it enters the queue.
+    pub message_ttl_ms: u64,
+    /// Time a consumer has to settle a delivery before it is taken back.
+    pub ack_timeout_ms: u64,
+}
+
+impl QueueSettings {
+    /// The failure rules these settings describe.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            max_deliveries: self.max_deliveries,
+            retry_backoff_ms: self.retry_backoff_ms.clone(),
+            message_ttl_ms: self.message_ttl_ms,
+            ack_timeout_ms: self.ack_timeout_ms,
+        }
+    }
 }
 
 impl std::fmt::Display for QueueSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "durable={}", self.durable)
+        write!(f, "durable={}", self.durable)?;
+        if !self.dead_letter.is_empty() {
+            write!(f, " dead_letter={}", self.dead_letter)?;
+        }
+        if self.max_deliveries > 0 {
+            write!(f, " max_deliveries={}", self.max_deliveries)?;
+        }
+        if !self.retry_backoff_ms.is_empty() {
+            write!(f, " retry_backoff_ms={:?}", self.retry_backoff_ms)?;
+        }
+        if self.message_ttl_ms > 0 {
+            write!(f, " message_ttl_ms={}", self.message_ttl_ms)?;
+        }
+        if self.ack_timeout_ms > 0 {
+            write!(f, " ack_timeout_ms={}", self.ack_timeout_ms)?;
+        }
+        Ok(())
     }
 }
 
-/// Where the answer to a publish goes: the publishing connection and its request id.
-pub struct Confirm {
-    outbox: Arc<Outbox>,
-    request_id: u64,
+/// Where the answer to a request goes once it is due.
+pub enum Confirm {
+    /// A response frame to a client's request.
+    Client {
+        /// The client's connection.
+        outbox: Arc<Outbox>,
+        /// The request answered.
+        request_id: u64,
+    },
+    /// Broker-internal follow-up, e.g. settling a dead-lettered message in its old queue once
+    /// the dead-letter queue holds it.
+    Callback(Box<dyn FnOnce(Result<Body, BrokerError>) + Send>),
 }
 
 impl Confirm {
     /// A confirm to be sent to `outbox` for `request_id`.
     pub fn new(outbox: Arc<Outbox>, request_id: u64) -> Self {
-        Confirm { outbox, request_id }
+        Confirm::Client { outbox, request_id }
     }
 
     /// Sends the positive response (`PublishOk`, `SettleOk`) or the error.
     pub fn send(self, result: Result<Body, BrokerError>) {
-        let frame = match result {
-            Ok(body) => Frame::new(self.request_id, body),
-            Err(err) => Frame::error(self.request_id, err.code(), err.to_string()),
-        };
-        self.outbox.push(&frame);
+        match self {
+            Confirm::Client { outbox, request_id } => {
+                let frame = match result {
+                    Ok(body) => Frame::new(request_id, body),
+                    Err(err) => Frame::error(request_id, err.code(), err.to_string()),
+                };
+                outbox.push(&frame);
+            }
+            Confirm::Callback(callback) => callback(result),
+        }
     }
+}
+
+/// A message that died, on its way out of its queue (its payload loaded).
+pub(crate) struct Dead {
+    message: QueuedMessage,
+    reason: DeathReason,
 }
 
 /// One named queue.
 pub struct Queue {
+    me: Weak<Queue>,
     name: Arc<str>,
     settings: QueueSettings,
     deleted: AtomicBool,
     state: Mutex<Live>,
     durable: Option<Durable>,
+    registry: Weak<Registry>,
+    /// Unix ms of the earliest pending timer task; `u64::MAX` when none is pending.
+    timer_at: AtomicU64,
 }
 
 /// Everything behind the queue's lock.
 struct Live {
-    state: QueueState<Arc<Outbox>>,
+    state: QueueState<Subscriber>,
     deleted: bool,
     disk: Option<DiskState>,
 }
 
+/// The journal of a transient queue: nothing to persist; dead messages are collected.
+struct MemJournal<'a> {
+    deaths: &'a mut Vec<Dead>,
+}
+
+impl Journal for MemJournal<'_> {
+    fn delivered(&mut self, _: &QueuedMessage) {}
+    fn settled(&mut self, _: &QueuedMessage) {}
+    fn requeued(&mut self, _: &mut QueuedMessage) {}
+    fn failed(&mut self, _: &QueuedMessage) {}
+    fn dead(&mut self, message: QueuedMessage, reason: DeathReason) {
+        self.deaths.push(Dead { message, reason });
+    }
+    fn load(&mut self, _: &QueuedMessage) -> std::io::Result<Arc<Payload>> {
+        Err(std::io::Error::other("a transient message has no stored copy"))
+    }
+}
+
 impl Queue {
-    fn transient(name: &str, settings: QueueSettings) -> Self {
-        Queue {
+    fn build(
+        name: &str,
+        settings: QueueSettings,
+        state: QueueState<Subscriber>,
+        disk: Option<DiskState>,
+        durable: Option<Durable>,
+        registry: Weak<Registry>,
+    ) -> Arc<Queue> {
+        Arc::new_cyclic(|me| Queue {
+            me: me.clone(),
             name: name.into(),
             settings,
             deleted: AtomicBool::new(false),
-            state: Mutex::new(Live { state: QueueState::new(), deleted: false, disk: None }),
-            durable: None,
-        }
+            state: Mutex::new(Live { state, deleted: false, disk }),
+            durable,
+            registry,
+            timer_at: AtomicU64::new(u64::MAX),
+        })
     }
 
     /// The queue's name.
@@ -105,37 +197,55 @@ impl Queue {
         self.deleted.load(Ordering::Acquire)
     }
 
-    /// Runs `f` on the state under the queue's lock, with the queue's journal, then
-    /// dispatches whatever became deliverable. Fails with NOT_FOUND if the queue was deleted.
+    /// Runs `f` on the state under the queue's lock, with the queue's journal and the current
+    /// time, then dispatches whatever became deliverable. Afterwards, outside the lock, routes
+    /// messages that died and schedules the queue's next timer. Fails with NOT_FOUND if the
+    /// queue was deleted.
     pub fn with_state<R>(
         &self,
-        f: impl FnOnce(&mut QueueState<Arc<Outbox>>, &mut dyn Journal) -> R,
+        f: impl FnOnce(&mut QueueState<Subscriber>, &mut dyn Journal, u64) -> R,
     ) -> Result<R, BrokerError> {
-        let mut guard = self.state.lock();
-        let live = &mut *guard;
-        if live.deleted {
-            return Err(BrokerError::queue_not_found(&self.name));
-        }
-        let result = match (&mut live.disk, &self.durable) {
-            (Some(disk), Some(durable)) => {
-                let mut journal = durable.journal(disk);
-                let result = f(&mut live.state, &mut journal);
-                live.state.dispatch(&mut journal);
-                durable.wake_if_pending(disk);
-                result
+        let now = now_ms();
+        let mut deaths = Vec::new();
+        let (result, next) = {
+            let mut guard = self.state.lock();
+            let live = &mut *guard;
+            if live.deleted {
+                return Err(BrokerError::queue_not_found(&self.name));
             }
-            _ => {
-                let result = f(&mut live.state, &mut NoJournal);
-                live.state.dispatch(&mut NoJournal);
-                result
-            }
+            let result = match (&mut live.disk, &self.durable) {
+                (Some(disk), Some(durable)) => {
+                    let mut journal = durable.journal(disk, &mut deaths);
+                    let result = f(&mut live.state, &mut journal, now);
+                    live.state.dispatch(now, &mut journal);
+                    durable.wake_if_pending(disk);
+                    result
+                }
+                _ => {
+                    let mut journal = MemJournal { deaths: &mut deaths };
+                    let result = f(&mut live.state, &mut journal, now);
+                    live.state.dispatch(now, &mut journal);
+                    result
+                }
+            };
+            (result, live.state.next_timer())
         };
+        self.after_unlock(deaths, next);
         Ok(result)
     }
 
-    /// Accepts a published message. A transient queue confirms at once; a durable one once the
-    /// message is on disk (per the fsync policy).
-    pub fn publish(&self, payload: Arc<Payload>, confirm: Confirm) -> Result<(), BrokerError> {
+    /// Accepts a published message, visible after `delay_ms`, living at most `ttl_ms` (0 =
+    /// the queue's TTL). A transient queue confirms at once; a durable one once the message is
+    /// on disk (per the fsync policy).
+    pub fn publish(
+        &self,
+        payload: Arc<Payload>,
+        delay_ms: u64,
+        ttl_ms: u64,
+        confirm: Confirm,
+    ) -> Result<(), BrokerError> {
+        let now = now_ms();
+        let mut deaths = Vec::new();
         let mut guard = self.state.lock();
         let live = &mut *guard;
         if live.deleted {
@@ -143,22 +253,26 @@ impl Queue {
         }
         match (&mut live.disk, &self.durable) {
             (Some(disk), Some(durable)) => {
-                let seq = live.state.reserve_seq();
-                durable.append_publish(disk, seq, payload, confirm);
+                let mut message = QueuedMessage::transient(live.state.reserve_seq(), payload);
+                message.expires_at_ms = live.state.expiry_for(now, ttl_ms);
+                message.due_ms = if delay_ms > 0 { now + delay_ms } else { 0 };
+                durable.append_publish(disk, message, confirm);
             }
             _ => {
                 let id = payload.id;
-                live.state.publish(payload);
-                live.state.dispatch(&mut NoJournal);
+                live.state.publish(payload, now, delay_ms, ttl_ms);
+                live.state.dispatch(now, &mut MemJournal { deaths: &mut deaths });
+                let next = live.state.next_timer();
                 drop(guard);
                 confirm.send(Ok(Body::PublishOk(pb::PublishOk { message_id: id })));
+                self.after_unlock(deaths, next);
             }
         }
         Ok(())
     }
 
     /// Sends `response` once everything this queue has buffered for its log so far is as
-    /// durable as a publish confirm: at once for a transient queue or an empty buffer.
+    /// durable as a publish confirm: at once for a transient queue.
     pub fn confirm_when_durable(&self, confirm: Confirm, response: Body) {
         let mut guard = self.state.lock();
         if let (Some(disk), Some(durable)) = (guard.disk.as_mut(), &self.durable) {
@@ -173,155 +287,123 @@ impl Queue {
     pub fn snapshot(&self) -> Snapshot {
         self.state.lock().state.snapshot()
     }
-}
 
-/// All queues of a broker, by name.
-pub struct Registry {
-    queues: DashMap<Arc<str>, Arc<Queue>>,
-    store: Store,
-    storage: StorageConfig,
-}
-
-/// What a declare did.
-pub struct Declared {
-    /// The queue.
-    pub queue: Arc<Queue>,
-    /// True if this call created it.
-    pub created: bool,
-}
-
-/// What deleting a queue dropped.
-pub struct Deleted {
-    /// Messages (ready and unacked) dropped with the queue.
-    pub messages: u64,
-    /// Consumers that were subscribed, with their connections, to be told.
-    pub consumers: Vec<(u64, Arc<Outbox>)>,
-}
-
-impl Registry {
-    /// Opens the store and brings back every durable queue it holds. Problems with single
-    /// queues or segments are logged and skipped: one bad queue does not stop the broker.
-    pub fn recover(store: Store, storage: StorageConfig) -> std::io::Result<Registry> {
-        let crashed = !store.take_clean_shutdown()?;
-        let registry = Registry { queues: DashMap::new(), store, storage };
-        for entry in registry.store.list()? {
-            let (dir, meta) = match entry {
-                Ok(found) => found,
-                Err(problem) => {
-                    tracing::error!(problem = %problem, "durable queue skipped");
-                    continue;
-                }
-            };
-            match durable::recover(&meta, &dir, &registry.storage, crashed) {
-                Ok(queue) => {
-                    registry.queues.insert(meta.name.as_str().into(), queue);
-                }
-                Err(err) => {
-                    tracing::error!(queue = %meta.name, dir = %dir.display(), error = %err, "durable queue could not be recovered");
-                }
-            }
+    /// Routes dead messages and schedules the next timer; called with the lock released.
+    fn after_unlock(&self, deaths: Vec<Dead>, next_timer: Option<u64>) {
+        for dead in deaths {
+            self.route_dead(dead);
         }
-        Ok(registry)
-    }
-
-    /// Looks a queue up.
-    pub fn get(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
-        self.queues.get(name).map(|q| q.clone()).ok_or_else(|| BrokerError::queue_not_found(name))
-    }
-
-    /// Creates a queue, or returns the existing one if its settings match.
-    pub fn declare(&self, name: &str, settings: QueueSettings) -> Result<Declared, BrokerError> {
-        validate_queue_name(name)?;
-        match self.queues.entry(name.into()) {
-            Entry::Occupied(entry) => {
-                let queue = entry.get().clone();
-                if queue.settings != settings {
-                    return Err(BrokerError::PreconditionFailed(format!(
-                        "queue '{name}' exists with other settings ({}); requested {settings}",
-                        queue.settings
-                    )));
-                }
-                Ok(Declared { queue, created: false })
-            }
-            Entry::Vacant(entry) => {
-                let queue = if settings.durable {
-                    let meta = QueueMeta { name: name.to_owned(), settings: settings.clone() };
-                    let dir: PathBuf = self.store.create(&meta).map_err(|e| {
-                        BrokerError::ResourceLimit(format!("cannot create durable queue '{name}': {e}"))
-                    })?;
-                    durable::create(&meta, &dir, &self.storage).map_err(|e| {
-                        BrokerError::ResourceLimit(format!("cannot create durable queue '{name}': {e}"))
-                    })?
-                } else {
-                    Arc::new(Queue::transient(name, settings))
-                };
-                entry.insert(queue.clone());
-                tracing::info!(queue = %name, durable = queue.settings.durable, "queue declared");
-                Ok(Declared { queue, created: true })
-            }
+        if let Some(at) = next_timer {
+            self.schedule(at);
         }
     }
 
-    /// Deletes a queue, dropping its messages (and files) and cancelling its consumers.
-    pub fn delete(&self, name: &str, if_unused: bool, if_empty: bool) -> Result<Deleted, BrokerError> {
-        let queue = self.get(name)?;
-        let deleted = {
-            let mut live = queue.state.lock();
-            if live.deleted {
-                return Err(BrokerError::queue_not_found(name));
+    /// Makes sure a timer task runs [`QueueState::tick`] at `at` (Unix ms). One pending task
+    /// per queue at most for the earliest time, not one per message.
+    fn schedule(&self, at: u64) {
+        let mut current = self.timer_at.load(Ordering::Acquire);
+        loop {
+            if at >= current {
+                return;
             }
-            let snapshot = live.state.snapshot();
-            if if_unused && snapshot.consumers > 0 {
-                return Err(BrokerError::PreconditionFailed(format!(
-                    "queue '{name}' has {} consumer(s)",
-                    snapshot.consumers
-                )));
-            }
-            if if_empty && !live.state.is_empty() {
-                return Err(BrokerError::PreconditionFailed(format!(
-                    "queue '{name}' holds {} message(s)",
-                    live.state.len()
-                )));
-            }
-            live.deleted = true;
-            queue.deleted.store(true, Ordering::Release);
-            Deleted { messages: live.state.len() as u64, consumers: live.state.take_consumers() }
-        };
-        self.queues.remove(name);
-        if let Some(durable) = &queue.durable {
-            let _ = durable.stop(&queue);
-            if let Err(err) = self.store.remove(durable.dir()) {
-                tracing::error!(queue = %name, error = %err, "could not remove the queue's files");
+            match self.timer_at.compare_exchange(current, at, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(actual) => current = actual,
             }
         }
-        tracing::info!(queue = %name, dropped = deleted.messages, "queue deleted");
-        Ok(deleted)
+        let Some(registry) = self.registry.upgrade() else { return };
+        let me = self.me.clone();
+        registry.runtime().spawn(async move {
+            let wait = at.saturating_sub(now_ms());
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let Some(queue) = me.upgrade() else { return };
+            let _ = queue.timer_at.compare_exchange(at, u64::MAX, Ordering::AcqRel, Ordering::Acquire);
+            let _ = queue.with_state(|state, journal, now| state.tick(now, journal));
+        });
     }
 
-    /// Every queue, sorted by name.
-    pub fn list(&self) -> Vec<Arc<Queue>> {
-        let mut queues: Vec<Arc<Queue>> = self.queues.iter().map(|q| q.value().clone()).collect();
-        queues.sort_by(|a, b| a.name.cmp(&b.name));
-        queues
-    }
-
-    /// Writes out and syncs what every durable queue has buffered, stops their threads, and
-    /// records the clean shutdown.
-    pub fn close(&self) {
-        let mut clean = true;
-        for queue in self.list() {
-            if let Some(durable) = &queue.durable {
-                clean &= durable.stop(&queue);
-            }
-        }
-        if !clean {
-            tracing::error!(
-                "some queue could not write its last records; the next start recovers as after a crash"
-            );
+    /// Sends a dead message to the dead-letter queue (or drops it), records the death in the
+    /// audit trail, and settles it here once the dead-letter queue holds it.
+    fn route_dead(&self, dead: Dead) {
+        let Dead { message, reason } = dead;
+        let Some(payload) = message.payload.clone() else {
+            tracing::error!(queue = %self.name, seq = message.seq, "dead message without payload; dropped");
             return;
+        };
+        let failure = message.failure.as_deref().cloned().unwrap_or_default();
+        let now = now_ms();
+        let death = Death {
+            queue: self.name.to_string(),
+            reason,
+            count: message.delivery_count,
+            error: failure.error.clone(),
+            first_failure_ms: failure.first_ms,
+            last_failure_ms: failure.last_ms,
+            died_at_ms: now,
+        };
+        let registry = self.registry.upgrade();
+        let target = match (&registry, self.settings.dead_letter.as_str()) {
+            (Some(registry), name) if !name.is_empty() => registry.get(name).ok(),
+            _ => None,
+        };
+        let event = AuditEvent {
+            time_ms: now,
+            queue: self.name.to_string(),
+            message_id: payload.id,
+            reason: reason.as_str().to_owned(),
+            count: message.delivery_count,
+            consumer_id: failure.consumer_id,
+            connection_id: failure.connection_id,
+            error: failure.error,
+            dead_letter: target.as_ref().map(|q| q.name().to_owned()).unwrap_or_default(),
+        };
+        match &target {
+            Some(target) => tracing::info!(
+                queue = %self.name, message_id = payload.id, reason = reason.as_str(), count = message.delivery_count,
+                consumer_id = event.consumer_id, connection_id = event.connection_id, error = %event.error,
+                dead_letter = %target.name(), "message dead-lettered"
+            ),
+            None => tracing::warn!(
+                queue = %self.name, message_id = payload.id, reason = reason.as_str(), count = message.delivery_count,
+                consumer_id = event.consumer_id, connection_id = event.connection_id, error = %event.error,
+                "message died and was dropped: the queue has no dead-letter queue"
+            ),
         }
-        if let Err(err) = self.store.mark_clean_shutdown() {
-            tracing::warn!(error = %err, "could not record the clean shutdown");
+        if let Some(registry) = &registry {
+            registry.audit().record(&event);
+        }
+        let settle_here = {
+            let me = self.me.clone();
+            let (seq, location) = (message.seq, message.location);
+            move |result: Result<Body, BrokerError>| {
+                if let Err(err) = &result {
+                    tracing::error!(error = %err, "dead-letter queue refused a message; it stays in its queue's log");
+                    return;
+                }
+                if let (Some(queue), Some(location)) = (me.upgrade(), location) {
+                    queue.settle_stored(seq, location);
+                }
+            }
+        };
+        let Some(target) = target else {
+            settle_here(Ok(Body::SettleOk(pb::SettleOk { settled: 1 })));
+            return;
+        };
+        let mut deaths = payload.deaths.clone();
+        deaths.push(death);
+        let moved = Arc::new(Payload { deaths, ..(*payload).clone() });
+        if let Err(err) = target.publish(moved, 0, 0, Confirm::Callback(Box::new(settle_here))) {
+            tracing::error!(queue = %self.name, dead_letter = %target.name(), error = %err, "dead-lettering failed");
+        }
+    }
+
+    /// Records in the log that a stored message left the queue (it is already gone from
+    /// memory).
+    fn settle_stored(&self, seq: u64, location: crate::storage::Location) {
+        let mut guard = self.state.lock();
+        if let (Some(disk), Some(durable)) = (guard.disk.as_mut(), &self.durable) {
+            disk.log_settled(seq, location);
+            durable.wake_if_pending(disk);
         }
     }
 }
@@ -338,4 +420,12 @@ pub fn validate_queue_name(name: &str) -> Result<(), BrokerError> {
         return Err(BrokerError::InvalidArgument("queue name must not contain control characters".into()));
     }
     Ok(())
+}
+
+/// The wall clock in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -1,14 +1,17 @@
-//! A queue's state machine: ready messages, consumers and their prefetch windows.
+//! A queue's state machine: ready and delayed messages, consumers and their prefetch windows,
+//! and the failure rules (delivery limit, retry backoff, TTL, ack timeouts).
 //!
-//! Plain data with methods and no I/O. Deliveries leave through a [`Sink`], which the broker
-//! implements with a connection's outbox and the tests with a recorder. Every change a durable
-//! queue must persist is reported to a [`Journal`]; transient queues pass [`NoJournal`].
+//! Plain data with methods and no I/O; time comes in as `now_ms` arguments, so tests run on a
+//! made-up clock. Deliveries leave through a [`Sink`] (a connection's outbox, or a recorder in
+//! tests). Every change a durable queue must persist, and every message that dies, is reported
+//! to a [`Journal`].
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 
-use crate::message::{Payload, QueuedMessage};
+use crate::message::{clip_error, DeathReason, Failure, Payload, QueuedMessage};
 use crate::queue::window::Window;
 
 /// Where a consumer's deliveries go.
@@ -17,10 +20,14 @@ pub trait Sink {
     fn is_writable(&self) -> bool;
     /// Sends one delivery of `message`, whose payload is `payload`.
     fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload);
+    /// Tells the consumer that a delivery was taken back (its ack deadline passed).
+    fn expired(&self, consumer_id: u64, delivery_tag: u64);
+    /// The connection the consumer belongs to, for the audit trail.
+    fn connection_id(&self) -> u64;
 }
 
-/// What a queue reports for persistence. Called under the queue's lock, so implementations
-/// only buffer; the writing happens elsewhere.
+/// What a queue reports for persistence and dead-lettering. Called under the queue's lock, so
+/// implementations only buffer; writing and routing happen after it is released.
 pub trait Journal {
     /// `message` was just delivered; its delivery count is already raised.
     fn delivered(&mut self, message: &QueuedMessage);
@@ -28,21 +35,26 @@ pub trait Journal {
     fn settled(&mut self, message: &QueuedMessage);
     /// `message` went back to the ready messages; the journal may drop its payload from memory.
     fn requeued(&mut self, message: &mut QueuedMessage);
+    /// A delivery of `message` failed; its failure info and `due_ms` are updated.
+    fn failed(&mut self, message: &QueuedMessage);
+    /// `message` died and leaves the queue; the journal routes it to the dead-letter queue (or
+    /// drops it) and settles it here once that is done.
+    fn dead(&mut self, message: QueuedMessage, reason: DeathReason);
     /// Reads the payload of a message that is only on disk.
     fn load(&mut self, message: &QueuedMessage) -> io::Result<Arc<Payload>>;
 }
 
-/// The journal of a transient queue: nothing is persisted, every payload is in memory.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoJournal;
-
-impl Journal for NoJournal {
-    fn delivered(&mut self, _: &QueuedMessage) {}
-    fn settled(&mut self, _: &QueuedMessage) {}
-    fn requeued(&mut self, _: &mut QueuedMessage) {}
-    fn load(&mut self, _: &QueuedMessage) -> io::Result<Arc<Payload>> {
-        Err(io::Error::other("a transient message has no stored copy"))
-    }
+/// A queue's failure-handling arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Deliveries after which a failing message dies with `delivery_limit`; 0 = no limit.
+    pub max_deliveries: u32,
+    /// Delays before the 1st, 2nd, ... redelivery of a nacked message; the last one repeats.
+    pub retry_backoff_ms: Vec<u64>,
+    /// Time to live of every message from when it enters the queue; 0 = none.
+    pub message_ttl_ms: u64,
+    /// Time a consumer has to settle a delivery before it is taken back; 0 = none.
+    pub ack_timeout_ms: u64,
 }
 
 /// Why a settle request failed.
@@ -54,10 +66,13 @@ pub enum SettleError {
     /// The tag is not an outstanding delivery of the consumer.
     #[error("unknown delivery tag {0}")]
     UnknownTag(u64),
+    /// The delivery's ack deadline passed and the message was taken back.
+    #[error("delivery {0} expired: its ack deadline passed and the message was taken back")]
+    Expired(u64),
 }
 
 /// Lifetime counters of a queue.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Messages accepted.
     pub published: u64,
@@ -67,15 +82,19 @@ pub struct Counters {
     pub acked: u64,
     /// Deliveries of messages delivered before.
     pub redelivered: u64,
+    /// Messages that died, by reason.
+    pub dead: HashMap<DeathReason, u64>,
 }
 
 /// A point-in-time view of a queue.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// Messages waiting for a consumer.
     pub ready: u64,
     /// Deliveries not yet settled.
     pub unacked: u64,
+    /// Messages waiting for their delay or retry backoff to pass.
+    pub delayed: u64,
     /// Subscribed consumers.
     pub consumers: u32,
     /// Lifetime counters.
@@ -86,45 +105,56 @@ struct Consumer<S> {
     id: u64,
     window: Window,
     sink: S,
+    /// This consumer's ack timeout (its own, or the queue's); 0 = none.
+    ack_timeout_ms: u64,
+    /// For pull consumers: deliveries still wanted by the pending `Get`. `None` for push
+    /// consumers, which take whatever their window allows.
+    credit: Option<u32>,
 }
 
 /// The state of one queue.
 pub struct QueueState<S> {
     /// Ready messages, ordered by `seq`.
     ready: VecDeque<QueuedMessage>,
+    /// Delayed messages by (due time, seq): the earliest is first.
+    delayed: BTreeMap<(u64, u64), QueuedMessage>,
+    /// Due time of each delayed message, by seq, to find it when it expires.
+    delayed_due: HashMap<u64, u64>,
+    /// (expiry, seq) of messages with a TTL; entries of messages gone since are skipped.
+    expiries: BinaryHeap<Reverse<(u64, u64)>>,
+    /// (deadline, consumer, tag) of deliveries with an ack timeout; stale entries are skipped.
+    deadlines: BinaryHeap<Reverse<(u64, u64, u64)>>,
     next_seq: u64,
     consumers: Vec<Consumer<S>>,
     /// Index of the consumer that gets the next delivery (round-robin).
     cursor: usize,
     counters: Counters,
-}
-
-impl<S: Sink> Default for QueueState<S> {
-    fn default() -> Self {
-        Self::new()
-    }
+    policy: Policy,
 }
 
 impl<S: Sink> QueueState<S> {
-    /// An empty queue.
-    pub fn new() -> Self {
+    /// An empty queue with these failure rules.
+    pub fn new(policy: Policy) -> Self {
         QueueState {
             ready: VecDeque::new(),
+            delayed: BTreeMap::new(),
+            delayed_due: HashMap::new(),
+            expiries: BinaryHeap::new(),
+            deadlines: BinaryHeap::new(),
             next_seq: 0,
             consumers: Vec::new(),
             cursor: 0,
             counters: Counters::default(),
+            policy,
         }
     }
 
-    /// Appends an in-memory message at the tail.
-    pub fn publish(&mut self, payload: Arc<Payload>) {
-        let seq = self.reserve_seq();
-        self.push_ready(QueuedMessage::transient(seq, payload));
+    /// The queue's failure rules.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
-    /// Hands out the next arrival position, for a message that becomes ready later (once it
-    /// is on disk).
+    /// Hands out the next arrival position.
     pub fn reserve_seq(&mut self) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -136,49 +166,117 @@ impl<S: Sink> QueueState<S> {
         self.next_seq = self.next_seq.max(next_seq);
     }
 
-    /// Adds a newly published message whose seq was reserved to the ready messages.
-    pub fn push_ready(&mut self, message: QueuedMessage) {
+    /// The expiry of a message entering the queue now with its own TTL (`ttl_ms`, 0 = none):
+    /// the sooner of that and the queue's TTL.
+    pub fn expiry_for(&self, now_ms: u64, ttl_ms: u64) -> u64 {
+        [ttl_ms, self.policy.message_ttl_ms].into_iter().filter(|&t| t > 0).min().map_or(0, |t| now_ms + t)
+    }
+
+    /// Appends an in-memory message: ready at once, or after `delay_ms`.
+    pub fn publish(&mut self, payload: Arc<Payload>, now_ms: u64, delay_ms: u64, ttl_ms: u64) {
+        let seq = self.reserve_seq();
+        let mut message = QueuedMessage::transient(seq, payload);
+        message.expires_at_ms = self.expiry_for(now_ms, ttl_ms);
+        message.due_ms = if delay_ms > 0 { now_ms + delay_ms } else { 0 };
+        self.admit(message);
+    }
+
+    /// Adds a newly published message whose seq, expiry and due time are set.
+    pub fn admit(&mut self, message: QueuedMessage) {
         self.counters.published += 1;
         self.restore(message);
     }
 
-    /// Adds a recovered message to the ready messages, in seq order.
+    /// Adds a recovered message (ready, or delayed if its due time is set).
     pub fn restore(&mut self, message: QueuedMessage) {
         self.next_seq = self.next_seq.max(message.seq + 1);
-        requeue(&mut self.ready, message);
+        if message.expires_at_ms != 0 {
+            self.expiries.push(Reverse((message.expires_at_ms, message.seq)));
+        }
+        if message.due_ms != 0 {
+            self.delayed_due.insert(message.seq, message.due_ms);
+            self.delayed.insert((message.due_ms, message.seq), message);
+        } else {
+            insert_ready(&mut self.ready, message);
+        }
     }
 
-    /// The message with this seq, ready or delivered.
+    /// The message with this seq, ready, delayed or delivered.
     pub fn find_mut(&mut self, seq: u64) -> Option<&mut QueuedMessage> {
         let at = self.ready.partition_point(|m| m.seq < seq);
         if self.ready.get(at).is_some_and(|m| m.seq == seq) {
             return self.ready.get_mut(at);
         }
+        if let Some(&due) = self.delayed_due.get(&seq) {
+            return self.delayed.get_mut(&(due, seq));
+        }
         self.consumers.iter_mut().find_map(|c| c.window.find_mut(seq))
     }
 
-    /// Every message, ready or delivered.
+    /// Every message: ready, delayed and delivered.
     pub fn messages(&self) -> impl Iterator<Item = &QueuedMessage> + '_ {
-        self.ready.iter().chain(self.consumers.iter().flat_map(|c| c.window.messages()))
+        self.ready
+            .iter()
+            .chain(self.delayed.values())
+            .chain(self.consumers.iter().flat_map(|c| c.window.messages()))
     }
 
-    /// Subscribes a consumer with a prefetch window of `prefetch` (0 = unlimited).
-    pub fn add_consumer(&mut self, id: u64, prefetch: u32, sink: S) {
-        self.consumers.push(Consumer { id, window: Window::new(prefetch), sink });
+    /// Subscribes a consumer with a prefetch window of `prefetch` (0 = unlimited) and an ack
+    /// timeout (0 = the queue's).
+    pub fn add_consumer(&mut self, id: u64, prefetch: u32, ack_timeout_ms: u64, sink: S) {
+        let ack_timeout_ms = if ack_timeout_ms > 0 { ack_timeout_ms } else { self.policy.ack_timeout_ms };
+        self.consumers.push(Consumer {
+            id,
+            window: Window::new(prefetch),
+            sink,
+            ack_timeout_ms,
+            credit: None,
+        });
     }
 
-    /// Unsubscribes a consumer; its unacked deliveries return to the queue. Returns how many.
-    pub fn remove_consumer(&mut self, id: u64, journal: &mut dyn Journal) -> Option<usize> {
+    /// Subscribes a pull consumer: it receives nothing until [`QueueState::grant`]ed credit.
+    pub fn add_pull_consumer(&mut self, id: u64, sink: S) {
+        let ack_timeout_ms = self.policy.ack_timeout_ms;
+        self.consumers.push(Consumer { id, window: Window::new(0), sink, ack_timeout_ms, credit: Some(0) });
+    }
+
+    /// Lets a pull consumer receive up to `count` more messages, each invisible to others for
+    /// `visibility_ms`.
+    pub fn grant(&mut self, id: u64, count: u32, visibility_ms: u64) -> Result<(), SettleError> {
+        let consumer = self.consumer_mut(id)?;
+        consumer.credit = Some(count);
+        consumer.ack_timeout_ms = visibility_ms;
+        Ok(())
+    }
+
+    /// Stops deliveries to a pull consumer.
+    pub fn revoke(&mut self, id: u64) {
+        if let Ok(consumer) = self.consumer_mut(id) {
+            consumer.credit = Some(0);
+        }
+    }
+
+    /// Unsubscribes a consumer. Its unacked deliveries count as failed and return to the queue
+    /// (or die, past the delivery limit). Returns how many it held.
+    pub fn remove_consumer(
+        &mut self,
+        id: u64,
+        reason: &str,
+        now_ms: u64,
+        journal: &mut dyn Journal,
+    ) -> Option<usize> {
         let index = self.consumers.iter().position(|c| c.id == id)?;
         let mut consumer = self.consumers.remove(index);
         if self.cursor > index {
             self.cursor -= 1;
         }
-        let ready = &mut self.ready;
-        Some(consumer.window.take_all(|mut message| {
-            journal.requeued(&mut message);
-            requeue(ready, message);
-        }))
+        let mut returned = Vec::new();
+        let count = consumer.window.take_all(|message| returned.push(message));
+        let who = (consumer.id, consumer.sink.connection_id());
+        for message in returned {
+            self.fail(message, now_ms, reason, who, None, journal);
+        }
+        Some(count)
     }
 
     /// Removes every consumer without requeueing (the queue is going away).
@@ -206,46 +304,127 @@ impl<S: Sink> QueueState<S> {
         Ok(count)
     }
 
-    /// Negatively acknowledges: with `requeue` the messages go back to their place near the
-    /// head; without it they are dropped.
+    /// Negatively acknowledges. With `requeue` each message counts a failed delivery and goes
+    /// back (after `delay_ms`, or the queue's retry backoff); without it, it dies `rejected`.
+    /// `error` is kept with the message (and in its death).
+    #[allow(clippy::too_many_arguments)]
     pub fn nack(
         &mut self,
         consumer_id: u64,
         tag: u64,
         multiple: bool,
-        requeue_messages: bool,
+        requeue: bool,
+        error: &str,
+        delay_ms: Option<u64>,
+        now_ms: u64,
         journal: &mut dyn Journal,
     ) -> Result<usize, SettleError> {
         let index = self.consumer_index(consumer_id)?;
-        let ready = &mut self.ready;
-        settle(&mut self.consumers[index].window, tag, multiple, |mut message| {
-            if requeue_messages {
-                journal.requeued(&mut message);
-                requeue(ready, message);
+        let who = (consumer_id, self.consumers[index].sink.connection_id());
+        let mut settled = Vec::new();
+        let count = settle(&mut self.consumers[index].window, tag, multiple, |m| settled.push(m))?;
+        for mut message in settled {
+            if requeue {
+                let delay = delay_ms.or_else(|| self.backoff(message.delivery_count));
+                self.fail(message, now_ms, error, who, delay, journal);
             } else {
-                journal.settled(&message);
+                record_failure(&mut message, now_ms, error, who);
+                self.die(message, DeathReason::Rejected, journal);
             }
-        })
+        }
+        Ok(count)
     }
 
-    /// Drops every ready message; unacked deliveries are untouched. Returns how many.
+    /// Pushes a delivery's ack deadline to `extend_ms` from now.
+    pub fn extend(
+        &mut self,
+        consumer_id: u64,
+        tag: u64,
+        extend_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), SettleError> {
+        let consumer = self.consumer_mut(consumer_id)?;
+        let message = consumer.window.get_mut(tag).ok_or(SettleError::UnknownTag(tag))?;
+        message.due_ms = now_ms + extend_ms;
+        let due = message.due_ms;
+        self.deadlines.push(Reverse((due, consumer_id, tag)));
+        Ok(())
+    }
+
+    /// Drops every ready and delayed message; unacked deliveries are untouched. Returns how
+    /// many.
     pub fn purge(&mut self, journal: &mut dyn Journal) -> usize {
-        let count = self.ready.len();
-        for message in self.ready.drain(..) {
+        let count = self.ready.len() + self.delayed.len();
+        for message in self.ready.drain(..).chain(std::mem::take(&mut self.delayed).into_values()) {
             journal.settled(&message);
         }
+        self.delayed_due.clear();
         count
+    }
+
+    /// Earliest time at which [`QueueState::tick`] has work, if any.
+    pub fn next_timer(&self) -> Option<u64> {
+        let delayed = self.delayed.keys().next().map(|&(due, _)| due);
+        let expiry = self.expiries.peek().map(|Reverse((at, _))| *at);
+        let deadline = self.deadlines.peek().map(|Reverse((at, _, _))| *at);
+        [delayed, expiry, deadline].into_iter().flatten().min()
+    }
+
+    /// Runs whatever is due at `now_ms`: delayed messages become ready, expired ones die, and
+    /// deliveries past their ack deadline are taken back.
+    pub fn tick(&mut self, now_ms: u64, journal: &mut dyn Journal) {
+        while let Some((&(due, seq), _)) = self.delayed.first_key_value() {
+            if due > now_ms {
+                break;
+            }
+            let mut message = self.delayed.remove(&(due, seq)).expect("first key exists");
+            self.delayed_due.remove(&seq);
+            message.due_ms = 0;
+            insert_ready(&mut self.ready, message);
+        }
+        while let Some(&Reverse((at, seq))) = self.expiries.peek() {
+            if at > now_ms {
+                break;
+            }
+            self.expiries.pop();
+            // Skip stale entries: the message is gone, delivered (checked when it comes back),
+            // or its expiry changed.
+            if self.waiting_expiry(seq) == Some(at) {
+                let message = self.take_waiting(seq).expect("found waiting");
+                self.die(message, DeathReason::Expired, journal);
+            }
+        }
+        while let Some(&Reverse((at, consumer_id, tag))) = self.deadlines.peek() {
+            if at > now_ms {
+                break;
+            }
+            self.deadlines.pop();
+            let Ok(index) = self.consumer_index(consumer_id) else { continue };
+            let consumer = &mut self.consumers[index];
+            if consumer.window.get_mut(tag).map(|m| m.due_ms) != Some(at) {
+                continue;
+            }
+            let message = consumer.window.expire(tag).expect("outstanding");
+            consumer.sink.expired(consumer_id, tag);
+            let who = (consumer_id, consumer.sink.connection_id());
+            self.fail(message, now_ms, "ack timeout", who, None, journal);
+        }
     }
 
     /// Pushes ready messages to consumers with room in their window, round-robin. A message
     /// that is only on disk is loaded first; one that cannot be read is dropped with an error.
-    pub fn dispatch(&mut self, journal: &mut dyn Journal) {
+    /// Expired messages met on the way die instead of being delivered.
+    pub fn dispatch(&mut self, now_ms: u64, journal: &mut dyn Journal) {
         if self.consumers.is_empty() {
             return;
         }
         while !self.ready.is_empty() {
             let Some(index) = self.next_consumer() else { return };
             let mut message = self.ready.pop_front().expect("checked non-empty");
+            if message.is_expired(now_ms) {
+                self.die(message, DeathReason::Expired, journal);
+                continue;
+            }
             let payload = match &message.payload {
                 Some(payload) => payload.clone(),
                 None => match journal.load(&message) {
@@ -268,8 +447,16 @@ impl<S: Sink> QueueState<S> {
             journal.delivered(&message);
             let consumer = &mut self.consumers[index];
             let tag = consumer.window.next_tag();
+            message.due_ms = 0;
+            if consumer.ack_timeout_ms > 0 {
+                message.due_ms = now_ms + consumer.ack_timeout_ms;
+                self.deadlines.push(Reverse((message.due_ms, consumer.id, tag)));
+            }
             consumer.sink.deliver(consumer.id, tag, &message, &payload);
             consumer.window.add(message);
+            if let Some(credit) = &mut consumer.credit {
+                *credit -= 1;
+            }
             self.cursor = (index + 1) % self.consumers.len();
         }
     }
@@ -279,14 +466,17 @@ impl<S: Sink> QueueState<S> {
         Snapshot {
             ready: self.ready.len() as u64,
             unacked: self.consumers.iter().map(|c| c.window.outstanding() as u64).sum(),
+            delayed: self.delayed.len() as u64,
             consumers: self.consumers.len() as u32,
-            counters: self.counters,
+            counters: self.counters.clone(),
         }
     }
 
-    /// Every message the queue holds, ready and unacked.
+    /// Every message the queue holds: ready, delayed and unacked.
     pub fn len(&self) -> usize {
-        self.ready.len() + self.consumers.iter().map(|c| c.window.outstanding()).sum::<usize>()
+        self.ready.len()
+            + self.delayed.len()
+            + self.consumers.iter().map(|c| c.window.outstanding()).sum::<usize>()
     }
 
     /// True when the queue holds no message at all.
@@ -294,12 +484,80 @@ impl<S: Sink> QueueState<S> {
         self.len() == 0
     }
 
+    /// A failed delivery: recorded on the message, then the message dies (delivery limit,
+    /// expired) or goes back, ready or after `delay_ms`.
+    #[allow(clippy::too_many_arguments)]
+    fn fail(
+        &mut self,
+        mut message: QueuedMessage,
+        now_ms: u64,
+        error: &str,
+        who: (u64, u64),
+        delay_ms: Option<u64>,
+        journal: &mut dyn Journal,
+    ) {
+        record_failure(&mut message, now_ms, error, who);
+        let limit = self.policy.max_deliveries;
+        if limit > 0 && message.delivery_count >= limit {
+            self.die(message, DeathReason::DeliveryLimit, journal);
+            return;
+        }
+        if message.is_expired(now_ms) {
+            self.die(message, DeathReason::Expired, journal);
+            return;
+        }
+        message.due_ms = match delay_ms {
+            Some(delay) if delay > 0 => now_ms + delay,
+            _ => 0,
+        };
+        journal.failed(&message);
+        journal.requeued(&mut message);
+        if message.due_ms != 0 {
+            self.delayed_due.insert(message.seq, message.due_ms);
+            self.delayed.insert((message.due_ms, message.seq), message);
+        } else {
+            insert_ready(&mut self.ready, message);
+        }
+    }
+
+    /// The retry backoff before redelivery after `failures` failed deliveries.
+    fn backoff(&self, failures: u32) -> Option<u64> {
+        let schedule = &self.policy.retry_backoff_ms;
+        let index = (failures.max(1) as usize - 1).min(schedule.len().checked_sub(1)?);
+        Some(schedule[index])
+    }
+
+    fn die(&mut self, message: QueuedMessage, reason: DeathReason, journal: &mut dyn Journal) {
+        *self.counters.dead.entry(reason).or_insert(0) += 1;
+        journal.dead(message, reason);
+    }
+
+    /// The expiry of a message that is waiting (ready or delayed), by seq.
+    fn waiting_expiry(&self, seq: u64) -> Option<u64> {
+        let at = self.ready.partition_point(|m| m.seq < seq);
+        if let Some(message) = self.ready.get(at).filter(|m| m.seq == seq) {
+            return Some(message.expires_at_ms);
+        }
+        let due = self.delayed_due.get(&seq)?;
+        self.delayed.get(&(*due, seq)).map(|m| m.expires_at_ms)
+    }
+
+    /// Removes a message that is waiting (ready or delayed), by seq.
+    fn take_waiting(&mut self, seq: u64) -> Option<QueuedMessage> {
+        let at = self.ready.partition_point(|m| m.seq < seq);
+        if self.ready.get(at).is_some_and(|m| m.seq == seq) {
+            return self.ready.remove(at);
+        }
+        let due = self.delayed_due.remove(&seq)?;
+        self.delayed.remove(&(due, seq))
+    }
+
     /// The first consumer from the cursor on that can take a delivery.
     fn next_consumer(&self) -> Option<usize> {
         let n = self.consumers.len();
         (0..n).map(|i| (self.cursor + i) % n).find(|&i| {
             let consumer = &self.consumers[i];
-            !consumer.window.is_full() && consumer.sink.is_writable()
+            consumer.credit != Some(0) && !consumer.window.is_full() && consumer.sink.is_writable()
         })
     }
 
@@ -311,6 +569,15 @@ impl<S: Sink> QueueState<S> {
         let index = self.consumer_index(id)?;
         Ok(&mut self.consumers[index])
     }
+}
+
+/// Notes a failed delivery on the message: when, why, and by which (consumer, connection).
+fn record_failure(message: &mut QueuedMessage, now_ms: u64, error: &str, who: (u64, u64)) {
+    let failure =
+        message.failure.get_or_insert_with(|| Box::new(Failure { first_ms: now_ms, ..Failure::default() }));
+    failure.last_ms = now_ms;
+    failure.error = clip_error(error.to_owned());
+    (failure.consumer_id, failure.connection_id) = who;
 }
 
 /// Settles `tag` (or everything up to it) in `window`, passing each message to `settled`.
@@ -326,15 +593,20 @@ fn settle(
         }
         Ok(window.take_up_to(tag, settled))
     } else {
-        let message = window.take(tag).ok_or(SettleError::UnknownTag(tag))?;
-        settled(message);
-        Ok(1)
+        match window.take(tag) {
+            Some(message) => {
+                settled(message);
+                Ok(1)
+            }
+            None if window.was_expired(tag) => Err(SettleError::Expired(tag)),
+            None => Err(SettleError::UnknownTag(tag)),
+        }
     }
 }
 
-/// Puts a message back among the ready ones at the place its arrival order gives it, so a
-/// requeue restores FIFO order instead of reversing it.
-fn requeue(ready: &mut VecDeque<QueuedMessage>, message: QueuedMessage) {
+/// Puts a message among the ready ones at the place its arrival order gives it, so a requeue
+/// restores FIFO order instead of reversing it.
+fn insert_ready(ready: &mut VecDeque<QueuedMessage>, message: QueuedMessage) {
     let at = ready.partition_point(|m| m.seq < message.seq);
     ready.insert(at, message);
 }

@@ -4,7 +4,7 @@
 //! `tag - base_tag`. Settling a tag in the middle leaves a hole that is trimmed once it
 //! reaches the front, which makes every operation O(1) for in-order acks.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 use crate::message::QueuedMessage;
 
@@ -17,12 +17,17 @@ pub struct Window {
     base_tag: u64,
     entries: VecDeque<Option<QueuedMessage>>,
     outstanding: usize,
+    /// Recent tags taken back by an ack timeout, so a late settle gets a clear error.
+    expired: BTreeSet<u64>,
 }
+
+/// Most expired tags remembered per consumer.
+const EXPIRED_MEMORY: usize = 4096;
 
 impl Window {
     /// An empty window; `capacity` 0 means unlimited.
     pub fn new(capacity: u32) -> Self {
-        Window { capacity, base_tag: 1, entries: VecDeque::new(), outstanding: 0 }
+        Window { capacity, base_tag: 1, entries: VecDeque::new(), outstanding: 0, expired: BTreeSet::new() }
     }
 
     /// True when no further delivery may be sent.
@@ -85,6 +90,27 @@ impl Window {
         self.take_up_to(0, settled)
     }
 
+    /// The outstanding delivery with this tag.
+    pub fn get_mut(&mut self, tag: u64) -> Option<&mut QueuedMessage> {
+        let index = tag.checked_sub(self.base_tag)? as usize;
+        self.entries.get_mut(index)?.as_mut()
+    }
+
+    /// Takes back an outstanding delivery whose ack deadline passed, remembering its tag.
+    pub fn expire(&mut self, tag: u64) -> Option<QueuedMessage> {
+        let message = self.take(tag)?;
+        self.expired.insert(tag);
+        if self.expired.len() > EXPIRED_MEMORY {
+            self.expired.pop_first();
+        }
+        Some(message)
+    }
+
+    /// True if `tag` was taken back by [`Window::expire`] (recently enough to remember).
+    pub fn was_expired(&self, tag: u64) -> bool {
+        self.expired.contains(&tag)
+    }
+
     /// The outstanding delivery of the message with this seq.
     pub fn find_mut(&mut self, seq: u64) -> Option<&mut QueuedMessage> {
         self.entries.iter_mut().flatten().find(|m| m.seq == seq)
@@ -111,20 +137,8 @@ mod tests {
     use crate::message::Payload;
 
     fn message(seq: u64) -> QueuedMessage {
-        let payload = Payload {
-            id: seq,
-            body: bytes::Bytes::new(),
-            headers: Default::default(),
-            content_type: String::new(),
-            published_at_ms: 0,
-        };
-        QueuedMessage {
-            seq,
-            delivery_count: 1,
-            payload: Some(Arc::new(payload)),
-            location: None,
-            maybe_delivered: false,
-        }
+        let payload = Payload { id: seq, ..Payload::default() };
+        QueuedMessage { delivery_count: 1, ..QueuedMessage::transient(seq, Arc::new(payload)) }
     }
 
     #[test]
@@ -163,6 +177,18 @@ mod tests {
         assert_eq!(window.take(4).map(|m| m.seq), Some(4));
         assert_eq!(window.outstanding(), 0);
         assert_eq!(window.next_tag(), 5);
+    }
+
+    #[test]
+    fn expired_tags_are_remembered() {
+        let mut window = Window::new(10);
+        window.add(message(1));
+        window.add(message(2));
+        assert_eq!(window.expire(1).map(|m| m.seq), Some(1));
+        assert!(window.was_expired(1));
+        assert!(!window.was_expired(2));
+        assert!(window.take(1).is_none());
+        assert_eq!(window.outstanding(), 1);
     }
 
     #[test]

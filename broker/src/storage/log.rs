@@ -15,7 +15,7 @@ use parking_lot::RwLock;
 
 use super::record::{self, Record, StoredMessage};
 use super::segment::{self, Location};
-use crate::message::Payload;
+use crate::message::{Payload, QueuedMessage};
 
 /// Messages still live in one segment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -49,10 +49,23 @@ impl LogBuffer {
     }
 
     /// Appends a publish record; returns its byte range in the buffer.
-    pub fn publish(&mut self, seq: u64, delivery_count: u32, payload: &Payload) -> std::ops::Range<usize> {
+    pub fn publish(&mut self, message: &QueuedMessage, payload: &Payload) -> std::ops::Range<usize> {
         let start = self.buf.len();
-        encode_payload(&mut self.buf, seq, delivery_count, payload);
+        encode_message(&mut self.buf, message, payload);
         start..self.buf.len()
+    }
+
+    /// Records a failed delivery and when the message is due again.
+    pub fn failed(&mut self, message: &QueuedMessage) {
+        if let Some(failure) = &message.failure {
+            record::encode_failed(
+                &mut self.buf,
+                message.seq,
+                message.delivery_count,
+                message.due_ms,
+                failure,
+            );
+        }
     }
 
     /// Appends raw, already-encoded record bytes (compaction copies).
@@ -148,17 +161,15 @@ impl LogBuffer {
     }
 }
 
-/// Appends the publish record of `payload` to `dst`.
-pub fn encode_payload(dst: &mut Vec<u8>, seq: u64, delivery_count: u32, payload: &Payload) {
+/// Appends the publish record of `message` (whose payload is `payload`) to `dst`.
+pub fn encode_message(dst: &mut Vec<u8>, message: &QueuedMessage, payload: &Payload) {
     record::encode_publish(
         dst,
-        seq,
-        delivery_count,
-        payload.id,
-        payload.published_at_ms,
-        &payload.content_type,
-        &payload.headers,
-        &payload.body,
+        message.seq,
+        message.delivery_count,
+        message.expires_at_ms,
+        message.due_ms,
+        payload,
     );
 }
 
@@ -326,22 +337,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = SegmentWriter::open(dir.path(), 1, 0, 32).unwrap();
         let mut buf = Vec::new();
-        let payload = Payload {
-            id: 9,
-            body: bytes::Bytes::from_static(b"body"),
-            headers: HashMap::new(),
-            content_type: String::new(),
-            published_at_ms: 1,
-        };
+        let payload = Payload { id: 9, body: bytes::Bytes::from_static(b"body"), ..Payload::default() };
         let mut log = LogBuffer::new(BTreeMap::new(), 1);
-        let range = log.publish(4, 0, &payload);
+        let message = QueuedMessage::transient(4, std::sync::Arc::new(payload.clone()));
+        let range = log.publish(&message, &payload);
         buf.extend_from_slice(&log.take(Vec::new()));
         let offset = writer.append(&buf).unwrap();
         assert_eq!(offset, segment::MAGIC.len() as u64);
         let location = Location { segment: 1, offset: offset + range.start as u64, len: range.len() as u32 };
         let reader = SegmentReader::new(dir.path());
         let stored = reader.read(location).unwrap();
-        assert_eq!((stored.seq, stored.id, &stored.body[..]), (4, 9, &b"body"[..]));
+        assert_eq!((stored.seq, stored.payload.id, &stored.payload.body[..]), (4, 9, &b"body"[..]));
         assert!(writer.is_full());
         assert_eq!(writer.roll().unwrap(), 2);
         assert_eq!(segment::list(dir.path()).unwrap(), vec![1, 2]);

@@ -171,7 +171,10 @@ mod tests {
     fn catalog_round_trips_and_deletes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let meta = QueueMeta { name: "jobs\u{e9}".into(), settings: QueueSettings { durable: true } };
+        let meta = QueueMeta {
+            name: "jobs\u{e9}".into(),
+            settings: QueueSettings { durable: true, ..Default::default() },
+        };
         let queue_dir = store.create(&meta).unwrap();
         let listed = store.list().unwrap();
         assert_eq!(listed.len(), 1);

@@ -14,6 +14,8 @@ use std::collections::HashMap;
 
 use bytes::{Buf, BufMut, Bytes};
 
+use crate::message::{Death, DeathReason, Failure, Payload};
+
 /// Bytes in front of a record's kind: `len` and `crc`.
 pub const HEADER: usize = 8;
 /// Largest record accepted when reading; anything larger is corruption.
@@ -22,6 +24,16 @@ pub const MAX_RECORD: usize = 64 * 1024 * 1024;
 pub(crate) const KIND_PUBLISH: u8 = 1;
 pub(crate) const KIND_SETTLE: u8 = 2;
 pub(crate) const KIND_DELIVERED: u8 = 3;
+pub(crate) const KIND_FAILED: u8 = 4;
+
+/// Offsets of the fixed fields of a publish record (from the kind byte), which recovery reads
+/// without parsing the rest.
+pub(crate) mod publish_at {
+    pub const SEQ: usize = 1;
+    pub const DELIVERY_COUNT: usize = 9;
+    pub const EXPIRES_AT: usize = 13;
+    pub const DUE: usize = 21;
+}
 
 /// A message as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,16 +42,12 @@ pub struct StoredMessage {
     pub seq: u64,
     /// Deliveries so far.
     pub delivery_count: u32,
-    /// Broker-assigned id.
-    pub id: u64,
-    /// Unix milliseconds of the publish.
-    pub published_at_ms: u64,
-    /// MIME type, or empty.
-    pub content_type: String,
-    /// Application headers.
-    pub headers: HashMap<String, String>,
-    /// The body.
-    pub body: Bytes,
+    /// Unix ms of its expiry, 0 = never.
+    pub expires_at_ms: u64,
+    /// Unix ms at which a delayed message becomes ready, 0 = ready.
+    pub due_ms: u64,
+    /// Everything else.
+    pub payload: Payload,
 }
 
 /// One entry of a queue log.
@@ -47,7 +55,7 @@ pub struct StoredMessage {
 pub enum Record {
     /// A message entered the queue (or was copied forward by compaction).
     Publish(StoredMessage),
-    /// A message left the queue for good: acked, dropped, purged.
+    /// A message left the queue for good: acked, dropped, purged, dead-lettered.
     Settle {
         /// The message's seq.
         seq: u64,
@@ -58,6 +66,17 @@ pub enum Record {
         seq: u64,
         /// Deliveries so far.
         delivery_count: u32,
+    },
+    /// A delivery of a message failed; it waits until `due_ms` (0 = ready at once).
+    Failed {
+        /// The message's seq.
+        seq: u64,
+        /// Deliveries so far.
+        delivery_count: u32,
+        /// When it becomes ready again, 0 = at once.
+        due_ms: u64,
+        /// Its failures so far.
+        failure: Failure,
     },
 }
 
@@ -78,32 +97,40 @@ pub enum RecordError {
     Malformed(&'static str),
 }
 
-/// Appends the encoding of a publish record for `message` to `dst`. Takes the parts by
-/// reference so the broker can encode straight from its shared payload.
-#[allow(clippy::too_many_arguments)]
+/// Appends a publish record for `payload` to `dst`, encoding straight from the shared payload.
 pub fn encode_publish(
     dst: &mut Vec<u8>,
     seq: u64,
     delivery_count: u32,
-    id: u64,
-    published_at_ms: u64,
-    content_type: &str,
-    headers: &HashMap<String, String>,
-    body: &[u8],
+    expires_at_ms: u64,
+    due_ms: u64,
+    payload: &Payload,
 ) {
     let start = begin(dst, KIND_PUBLISH);
     dst.put_u64_le(seq);
     dst.put_u32_le(delivery_count);
-    dst.put_u64_le(id);
-    dst.put_u64_le(published_at_ms);
-    put_str(dst, content_type);
-    dst.put_u32_le(headers.len() as u32);
-    for (key, value) in headers {
+    dst.put_u64_le(expires_at_ms);
+    dst.put_u64_le(due_ms);
+    dst.put_u64_le(payload.id);
+    dst.put_u64_le(payload.published_at_ms);
+    put_str(dst, &payload.content_type);
+    dst.put_u32_le(payload.headers.len() as u32);
+    for (key, value) in &payload.headers {
         put_str(dst, key);
         put_str(dst, value);
     }
-    dst.put_u32_le(body.len() as u32);
-    dst.extend_from_slice(body);
+    dst.put_u32_le(payload.deaths.len() as u32);
+    for death in &payload.deaths {
+        put_str(dst, &death.queue);
+        put_str(dst, death.reason.as_str());
+        dst.put_u32_le(death.count);
+        put_str(dst, &death.error);
+        dst.put_u64_le(death.first_failure_ms);
+        dst.put_u64_le(death.last_failure_ms);
+        dst.put_u64_le(death.died_at_ms);
+    }
+    dst.put_u32_le(payload.body.len() as u32);
+    dst.extend_from_slice(&payload.body);
     finish(dst, start);
 }
 
@@ -122,22 +149,30 @@ pub fn encode_delivered(dst: &mut Vec<u8>, seq: u64, delivery_count: u32) {
     finish(dst, start);
 }
 
+/// Appends a failed-delivery record.
+pub fn encode_failed(dst: &mut Vec<u8>, seq: u64, delivery_count: u32, due_ms: u64, failure: &Failure) {
+    let start = begin(dst, KIND_FAILED);
+    dst.put_u64_le(seq);
+    dst.put_u32_le(delivery_count);
+    dst.put_u64_le(due_ms);
+    dst.put_u64_le(failure.first_ms);
+    dst.put_u64_le(failure.last_ms);
+    put_str(dst, &failure.error);
+    finish(dst, start);
+}
+
 impl Record {
     /// Appends this record's encoding to `dst`.
     pub fn encode(&self, dst: &mut Vec<u8>) {
         match self {
-            Record::Publish(m) => encode_publish(
-                dst,
-                m.seq,
-                m.delivery_count,
-                m.id,
-                m.published_at_ms,
-                &m.content_type,
-                &m.headers,
-                &m.body,
-            ),
+            Record::Publish(m) => {
+                encode_publish(dst, m.seq, m.delivery_count, m.expires_at_ms, m.due_ms, &m.payload)
+            }
             Record::Settle { seq } => encode_settle(dst, *seq),
             Record::Delivered { seq, delivery_count } => encode_delivered(dst, *seq, *delivery_count),
+            Record::Failed { seq, delivery_count, due_ms, failure } => {
+                encode_failed(dst, *seq, *delivery_count, *due_ms, failure)
+            }
         }
     }
 }
@@ -176,6 +211,8 @@ pub fn parse(mut b: Bytes) -> Result<Record, RecordError> {
         KIND_PUBLISH => {
             let seq = get_u64(&mut b)?;
             let delivery_count = get_u32(&mut b)?;
+            let expires_at_ms = get_u64(&mut b)?;
+            let due_ms = get_u64(&mut b)?;
             let id = get_u64(&mut b)?;
             let published_at_ms = get_u64(&mut b)?;
             let content_type = get_str(&mut b)?;
@@ -186,22 +223,42 @@ pub fn parse(mut b: Bytes) -> Result<Record, RecordError> {
                 let value = get_str(&mut b)?;
                 headers.insert(key, value);
             }
+            let count = get_u32(&mut b)? as usize;
+            let mut deaths = Vec::with_capacity(count.min(1024));
+            for _ in 0..count {
+                let queue = get_str(&mut b)?;
+                let reason =
+                    DeathReason::parse(&get_str(&mut b)?).ok_or(RecordError::Malformed("death reason"))?;
+                deaths.push(Death {
+                    queue,
+                    reason,
+                    count: get_u32(&mut b)?,
+                    error: get_str(&mut b)?,
+                    first_failure_ms: get_u64(&mut b)?,
+                    last_failure_ms: get_u64(&mut b)?,
+                    died_at_ms: get_u64(&mut b)?,
+                });
+            }
             let body_len = get_u32(&mut b)? as usize;
             if b.remaining() != body_len {
                 return Err(RecordError::Malformed("body length"));
             }
-            Record::Publish(StoredMessage {
-                seq,
-                delivery_count,
-                id,
-                published_at_ms,
-                content_type,
-                headers,
-                body: b,
-            })
+            let payload = Payload { id, body: b, headers, content_type, published_at_ms, deaths };
+            Record::Publish(StoredMessage { seq, delivery_count, expires_at_ms, due_ms, payload })
         }
         KIND_SETTLE => Record::Settle { seq: get_u64(&mut b)? },
         KIND_DELIVERED => Record::Delivered { seq: get_u64(&mut b)?, delivery_count: get_u32(&mut b)? },
+        KIND_FAILED => Record::Failed {
+            seq: get_u64(&mut b)?,
+            delivery_count: get_u32(&mut b)?,
+            due_ms: get_u64(&mut b)?,
+            failure: Failure {
+                first_ms: get_u64(&mut b)?,
+                last_ms: get_u64(&mut b)?,
+                error: get_str(&mut b)?,
+                ..Failure::default()
+            },
+        },
         _ => return Err(RecordError::Malformed("unknown kind")),
     };
     Ok(record)
@@ -263,21 +320,54 @@ mod tests {
         StoredMessage {
             seq: 7,
             delivery_count: 2,
-            id: 99,
-            published_at_ms: 1_700_000_000_000,
-            content_type: "application/json".into(),
-            headers: [("a".to_string(), "b".to_string()), ("trace".to_string(), "x".repeat(300))].into(),
-            body: Bytes::from_static(b"{\"hello\":1}"),
+            expires_at_ms: 1_700_000_060_000,
+            due_ms: 1_700_000_001_000,
+            payload: Payload {
+                id: 99,
+                published_at_ms: 1_700_000_000_000,
+                content_type: "application/json".into(),
+                headers: [("a".to_string(), "b".to_string()), ("trace".to_string(), "x".repeat(300))].into(),
+                body: Bytes::from_static(b"{\"hello\":1}"),
+                deaths: vec![Death {
+                    queue: "jobs".into(),
+                    reason: DeathReason::DeliveryLimit,
+                    count: 3,
+                    error: "boom".into(),
+                    first_failure_ms: 1,
+                    last_failure_ms: 2,
+                    died_at_ms: 3,
+                }],
+            },
         }
     }
 
     #[test]
     fn every_record_round_trips() {
+        let plain = StoredMessage {
+            payload: Payload {
+                headers: HashMap::new(),
+                body: Bytes::new(),
+                deaths: Vec::new(),
+                ..message().payload
+            },
+            ..message()
+        };
         let records = vec![
             Record::Publish(message()),
-            Record::Publish(StoredMessage { headers: HashMap::new(), body: Bytes::new(), ..message() }),
+            Record::Publish(plain),
             Record::Settle { seq: u64::MAX },
             Record::Delivered { seq: 3, delivery_count: 9 },
+            Record::Failed {
+                seq: 4,
+                delivery_count: 2,
+                due_ms: 5,
+                failure: Failure {
+                    first_ms: 6,
+                    last_ms: 7,
+                    error: "stack trace".into(),
+                    ..Failure::default()
+                },
+            },
         ];
         let mut buf = Vec::new();
         for record in &records {
@@ -290,6 +380,19 @@ mod tests {
             at += size;
         }
         assert_eq!(at, buf.len());
+    }
+
+    #[test]
+    fn fixed_offsets_match_the_encoding() {
+        let mut buf = Vec::new();
+        Record::Publish(message()).encode(&mut buf);
+        let fields = &buf[HEADER..];
+        let u64_at = |at: usize| u64::from_le_bytes(fields[at..at + 8].try_into().unwrap());
+        assert_eq!(fields[0], KIND_PUBLISH);
+        assert_eq!(u64_at(publish_at::SEQ), 7);
+        assert_eq!(u32::from_le_bytes(fields[publish_at::DELIVERY_COUNT..][..4].try_into().unwrap()), 2);
+        assert_eq!(u64_at(publish_at::EXPIRES_AT), 1_700_000_060_000);
+        assert_eq!(u64_at(publish_at::DUE), 1_700_000_001_000);
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use super::record::{self, RecordError};
+use super::record::{self, publish_at, Record, RecordError};
+use crate::message::Failure;
 
 /// First bytes of every segment file: "HOPSEG" and a format version.
 pub const MAGIC: &[u8; 8] = b"HOPSEG\x00\x01";
@@ -64,14 +65,20 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// A live message found by recovery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     /// Queue position.
     pub seq: u64,
     /// Deliveries recorded so far.
     pub delivery_count: u32,
+    /// Unix ms of its expiry, 0 = never.
+    pub expires_at_ms: u64,
+    /// Unix ms at which it becomes ready (delayed or backing off), 0 = ready.
+    pub due_ms: u64,
     /// Where its publish record is.
     pub location: Location,
+    /// Its failed deliveries, if any.
+    pub failure: Option<Box<Failure>>,
 }
 
 /// A problem recovery found.
@@ -183,19 +190,26 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
     Ok(result)
 }
 
-/// Applies one checksummed record. Only the fixed-size prefix is parsed: recovery never reads
-/// bodies or headers.
+/// Applies one checksummed record. Publish records are read by their fixed fields only:
+/// recovery never parses bodies or headers.
 fn apply(fields: &[u8], location: Location, live: &mut HashMap<u64, Found>, next_seq: &mut u64) {
     let u64_at =
         |at: usize| fields.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
     let u32_at =
         |at: usize| fields.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-    match (fields.first(), u64_at(1)) {
+    match (fields.first(), u64_at(publish_at::SEQ)) {
         (Some(&record::KIND_PUBLISH), Some(seq)) => {
-            let delivery_count = u32_at(9).unwrap_or(0);
+            let delivery_count = u32_at(publish_at::DELIVERY_COUNT).unwrap_or(0);
             *next_seq = (*next_seq).max(seq + 1);
             // A compaction copy supersedes the original; the higher delivery count wins.
-            let found = live.entry(seq).or_insert(Found { seq, delivery_count, location });
+            let found = live.entry(seq).or_insert(Found {
+                seq,
+                delivery_count,
+                expires_at_ms: u64_at(publish_at::EXPIRES_AT).unwrap_or(0),
+                due_ms: u64_at(publish_at::DUE).unwrap_or(0),
+                location,
+                failure: None,
+            });
             found.location = location;
             found.delivery_count = found.delivery_count.max(delivery_count);
         }
@@ -205,6 +219,16 @@ fn apply(fields: &[u8], location: Location, live: &mut HashMap<u64, Found>, next
         (Some(&record::KIND_DELIVERED), Some(seq)) => {
             if let (Some(found), Some(count)) = (live.get_mut(&seq), u32_at(9)) {
                 found.delivery_count = found.delivery_count.max(count);
+            }
+        }
+        (Some(&record::KIND_FAILED), Some(seq)) => {
+            let Some(found) = live.get_mut(&seq) else { return };
+            if let Ok(Record::Failed { delivery_count, due_ms, failure, .. }) =
+                record::parse(bytes::Bytes::copy_from_slice(fields))
+            {
+                found.delivery_count = found.delivery_count.max(delivery_count);
+                found.due_ms = due_ms;
+                found.failure = Some(Box::new(failure));
             }
         }
         _ => {}

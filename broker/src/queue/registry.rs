@@ -1,0 +1,227 @@
+//! The registry of named queues: declare, look up, delete, list, recover at start and close
+//! at shutdown.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+use super::{durable, validate_queue_name, Queue, QueueSettings, QueueState, Subscriber};
+use crate::audit::Audit;
+use crate::error::BrokerError;
+use crate::outbox::Outbox;
+use crate::storage::{QueueMeta, StorageConfig, Store};
+
+/// All queues of a broker, by name.
+pub struct Registry {
+    me: Weak<Registry>,
+    queues: DashMap<Arc<str>, Arc<Queue>>,
+    store: Store,
+    storage: StorageConfig,
+    audit: Audit,
+    runtime: tokio::runtime::Handle,
+}
+
+/// What a declare did.
+pub struct Declared {
+    /// The queue.
+    pub queue: Arc<Queue>,
+    /// True if this call created it.
+    pub created: bool,
+}
+
+/// What deleting a queue dropped.
+pub struct Deleted {
+    /// Messages (ready, delayed and unacked) dropped with the queue.
+    pub messages: u64,
+    /// Consumers that were subscribed, to be told.
+    pub consumers: Vec<(u64, Subscriber)>,
+}
+
+impl Registry {
+    /// Opens the store and brings back every durable queue it holds. Problems with single
+    /// queues or segments are logged and skipped: one bad queue does not stop the broker.
+    /// Timers run on `runtime`.
+    pub fn recover(
+        store: Store,
+        storage: StorageConfig,
+        audit: Audit,
+        runtime: tokio::runtime::Handle,
+    ) -> std::io::Result<Arc<Registry>> {
+        let crashed = !store.take_clean_shutdown()?;
+        let entries = store.list()?;
+        let registry = Arc::new_cyclic(|me| Registry {
+            me: me.clone(),
+            queues: DashMap::new(),
+            store,
+            storage,
+            audit,
+            runtime,
+        });
+        for entry in entries {
+            let (dir, meta) = match entry {
+                Ok(found) => found,
+                Err(problem) => {
+                    tracing::error!(problem = %problem, "durable queue skipped");
+                    continue;
+                }
+            };
+            match durable::recover(&meta, &dir, &registry.storage, crashed) {
+                Ok(parts) => {
+                    let queue = registry.assemble(&meta.name, meta.settings.clone(), parts);
+                    registry.queues.insert(meta.name.as_str().into(), queue.clone());
+                    // Recovered delayed messages and TTLs need their timer.
+                    let _ = queue.with_state(|_, _, _| ());
+                }
+                Err(err) => {
+                    tracing::error!(queue = %meta.name, dir = %dir.display(), error = %err, "durable queue could not be recovered");
+                }
+            }
+        }
+        Ok(registry)
+    }
+
+    /// Looks a queue up.
+    pub fn get(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
+        self.queues.get(name).map(|q| q.clone()).ok_or_else(|| BrokerError::queue_not_found(name))
+    }
+
+    /// Creates a queue, or returns the existing one if its settings match.
+    pub fn declare(&self, name: &str, settings: QueueSettings) -> Result<Declared, BrokerError> {
+        validate_queue_name(name)?;
+        if settings.dead_letter == name {
+            return Err(BrokerError::InvalidArgument(format!(
+                "queue '{name}' cannot be its own dead-letter queue"
+            )));
+        }
+        if !settings.dead_letter.is_empty() {
+            validate_queue_name(&settings.dead_letter)?;
+        }
+        match self.queues.entry(name.into()) {
+            Entry::Occupied(entry) => {
+                let queue = entry.get().clone();
+                if queue.settings != settings {
+                    return Err(BrokerError::PreconditionFailed(format!(
+                        "queue '{name}' exists with other settings ({}); requested {settings}",
+                        queue.settings
+                    )));
+                }
+                Ok(Declared { queue, created: false })
+            }
+            Entry::Vacant(entry) => {
+                let queue = if settings.durable {
+                    let meta = QueueMeta { name: name.to_owned(), settings: settings.clone() };
+                    let refuse = |e: std::io::Error| {
+                        BrokerError::ResourceLimit(format!("cannot create durable queue '{name}': {e}"))
+                    };
+                    let dir: PathBuf = self.store.create(&meta).map_err(refuse)?;
+                    let parts = durable::create(&dir, &self.storage, settings.policy()).map_err(refuse)?;
+                    self.assemble(name, settings, parts)
+                } else {
+                    let state = QueueState::new(settings.policy());
+                    Queue::build(name, settings, state, None, None, self.me.clone())
+                };
+                entry.insert(queue.clone());
+                tracing::info!(queue = %name, settings = %queue.settings, "queue declared");
+                Ok(Declared { queue, created: true })
+            }
+        }
+    }
+
+    fn assemble(&self, name: &str, settings: QueueSettings, parts: durable::Parts) -> Arc<Queue> {
+        let (state, disk, durable, writer) = parts.into_inner();
+        let queue = Queue::build(name, settings, state, Some(disk), Some(durable), self.me.clone());
+        durable::spawn_threads(&queue, writer);
+        queue
+    }
+
+    /// Deletes a queue, dropping its messages (and files) and cancelling its consumers.
+    pub fn delete(&self, name: &str, if_unused: bool, if_empty: bool) -> Result<Deleted, BrokerError> {
+        let queue = self.get(name)?;
+        let deleted = {
+            let mut live = queue.state.lock();
+            if live.deleted {
+                return Err(BrokerError::queue_not_found(name));
+            }
+            let snapshot = live.state.snapshot();
+            if if_unused && snapshot.consumers > 0 {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "queue '{name}' has {} consumer(s)",
+                    snapshot.consumers
+                )));
+            }
+            if if_empty && !live.state.is_empty() {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "queue '{name}' holds {} message(s)",
+                    live.state.len()
+                )));
+            }
+            live.deleted = true;
+            queue.deleted.store(true, Ordering::Release);
+            Deleted { messages: live.state.len() as u64, consumers: live.state.take_consumers() }
+        };
+        self.queues.remove(name);
+        if let Some(durable) = &queue.durable {
+            let _ = durable.stop(&queue);
+            if let Err(err) = self.store.remove(durable.dir()) {
+                tracing::error!(queue = %name, error = %err, "could not remove the queue's files");
+            }
+        }
+        tracing::info!(queue = %name, dropped = deleted.messages, "queue deleted");
+        Ok(deleted)
+    }
+
+    /// Every queue, sorted by name.
+    pub fn list(&self) -> Vec<Arc<Queue>> {
+        let mut queues: Vec<Arc<Queue>> = self.queues.iter().map(|q| q.value().clone()).collect();
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        queues
+    }
+
+    /// The audit trail of dead messages.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// The runtime the queues' timers run on.
+    pub(super) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    /// Writes out and syncs what every durable queue has buffered, stops their threads, and
+    /// records the clean shutdown.
+    pub fn close(&self) {
+        let mut clean = true;
+        for queue in self.list() {
+            if let Some(durable) = &queue.durable {
+                clean &= durable.stop(&queue);
+            }
+        }
+        if !clean {
+            tracing::error!(
+                "some queue could not write its last records; the next start recovers as after a crash"
+            );
+            return;
+        }
+        if let Err(err) = self.store.mark_clean_shutdown() {
+            tracing::warn!(error = %err, "could not record the clean shutdown");
+        }
+    }
+}
+
+/// Tells consumers of a deleted queue that they were cancelled.
+pub fn notify_cancelled(consumers: Vec<(u64, Subscriber)>, reason: &str) {
+    for (consumer_id, subscriber) in consumers {
+        if let Subscriber::Push(outbox) = subscriber {
+            push_cancelled(&outbox, consumer_id, reason);
+        }
+    }
+}
+
+fn push_cancelled(outbox: &Outbox, consumer_id: u64, reason: &str) {
+    use hopper_proto::{pb, Body, Frame};
+    let body = Body::ConsumerCancelled(pb::ConsumerCancelled { consumer_id, reason: reason.to_owned() });
+    outbox.push(&Frame::event(body));
+}
