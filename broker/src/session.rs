@@ -52,7 +52,7 @@ pub(crate) async fn run(
                 FrameCodec::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE),
                 READ_BUFFER,
             );
-            let mut session = Session::new(conn_id, shared, outbox.clone());
+            let mut session = Session::new(shared, outbox.clone());
             session.serve(frames, shutdown, &resume).await;
             session.release_consumers();
         } else {
@@ -106,7 +106,6 @@ enum Flow {
 }
 
 struct Session {
-    conn_id: u64,
     shared: Arc<Shared>,
     outbox: Arc<Outbox>,
     negotiated: Option<Negotiated>,
@@ -131,9 +130,8 @@ struct Puller {
 }
 
 impl Session {
-    fn new(conn_id: u64, shared: Arc<Shared>, outbox: Arc<Outbox>) -> Self {
+    fn new(shared: Arc<Shared>, outbox: Arc<Outbox>) -> Self {
         Session {
-            conn_id,
             shared,
             outbox,
             negotiated: None,

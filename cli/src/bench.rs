@@ -3,6 +3,11 @@
 //!
 //! Every body starts with the time it was built, as nanoseconds since the Unix epoch in
 //! little-endian order; consumers subtract it from their clock on arrival.
+//!
+//! With `--producers 0` the bench only drains: its consumers take `--count` messages that are
+//! already in `--queue` (left there by an earlier `--consumers 0` run, say), so it measures
+//! the consume rate of a backlog. With `--rss-pid` it also samples the resident memory of the
+//! broker process while it runs.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,10 +43,13 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 Prints sent and received counts, publish and consume rates (msg/s), end-to-end latency \
 percentiles (µs) and the elapsed time; with --json, one object with keys publish_rate, \
 consume_rate, p50_us, p99_us, p999_us, max_us, sent, received, elapsed_s, size, prefetch, \
-producers, consumers. Without --queue, a queue named bench-<pid> is declared and deleted at the end.")]
+producers, consumers, and broker_rss_mb with --rss-pid. Without --queue, a queue named bench-<pid> \
+is declared and deleted at the end. With --producers 0, --queue must name an existing queue \
+holding at least --count messages; they are consumed and acknowledged, and latency is measured \
+from the time each was published.")]
 pub struct BenchArgs {
-    /// Publishing connections.
-    #[arg(long, default_value_t = 1, value_parser = crate::at_least(1u32))]
+    /// Publishing connections; 0 only drains --count messages already in --queue.
+    #[arg(long, default_value_t = 1)]
     pub producers: u32,
     /// Consuming connections; 0 only publishes.
     #[arg(long, default_value_t = 1)]
@@ -49,7 +57,7 @@ pub struct BenchArgs {
     /// Body size in bytes (at least 16).
     #[arg(long, default_value_t = 256, value_parser = crate::at_least(16u64))]
     pub size: u64,
-    /// Messages to publish in total.
+    /// Messages to publish in total (with --producers 0: to consume).
     #[arg(long, default_value_t = 200_000, conflicts_with = "duration")]
     pub count: u64,
     /// Publish for this many seconds instead of a fixed count.
@@ -73,20 +81,60 @@ pub struct BenchArgs {
     /// Acknowledge every N deliveries at once (ack with multiple).
     #[arg(long, default_value_t = 1, value_parser = crate::at_least(1u64))]
     pub ack_every: u64,
+    /// Sample the resident memory (VmRSS) of this process, e.g. the broker's, during the run
+    /// and report its peak.
+    #[arg(long, value_name = "PID")]
+    pub rss_pid: Option<u32>,
     /// Print one JSON summary object.
     #[arg(long)]
     pub json: bool,
 }
 
+impl BenchArgs {
+    /// Whether this run only consumes messages already in the queue.
+    fn drain(&self) -> bool {
+        self.producers == 0
+    }
+
+    /// Rejects flag combinations that cannot make a run.
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.drain() {
+            if self.queue.is_none() {
+                bail!("--producers 0 drains an existing queue: name it with --queue");
+            }
+            if self.consumers == 0 {
+                bail!("--producers 0 needs at least one consumer");
+            }
+            if self.duration.is_some() {
+                bail!("--producers 0 consumes --count messages; --duration does not apply");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Runs `bench` against the broker at `server`.
 pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
+    args.validate()?;
     let (queue, temporary) = match &args.queue {
         Some(name) => (name.clone(), false),
         None => (format!("bench-{}", std::process::id()), true),
     };
     let admin = crate::connect(server, "bench").await?;
-    admin.declare_queue(&queue, QueueOptions { durable: args.durable }).await?;
-    let result = bench(server, &args, &queue).await;
+    if args.drain() {
+        // The backlog must already be there; declaring would create an empty queue instead.
+        admin.queue_exists(&queue).await.with_context(|| format!("queue '{queue}'"))?;
+    } else {
+        admin.declare_queue(&queue, QueueOptions { durable: args.durable, ..Default::default() }).await?;
+    }
+    let sampler = args.rss_pid.map(RssSampler::start).transpose()?;
+    let mut result = bench(server, &args, &queue).await;
+    if let Some(sampler) = sampler {
+        let peak = sampler.finish().await;
+        if let Ok(report) = &mut result {
+            report.broker_rss_mb = Some(peak);
+        }
+    }
     if temporary {
         if let Err(err) = admin.delete_queue(&queue, DeleteOptions::default()).await {
             eprintln!("hopper: warning: could not delete queue '{queue}': {err}");
@@ -148,11 +196,23 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
     let (done, _) = watch::channel(false);
     let progress = Arc::new(Progress { received: AtomicU64::new(0), target: AtomicU64::new(u64::MAX), done });
 
-    // Connect and subscribe before the clock starts, so that setup is not measured.
-    let mut consumers = JoinSet::new();
+    // Connect and subscribe before the clock starts, so that setup is not measured. A drain
+    // starts the clock before subscribing instead: deliveries begin as soon as it subscribes.
+    let mut consumer_conns = Vec::new();
     for i in 0..args.consumers {
-        let conn = crate::connect(server, &format!("bench consumer {i}")).await?;
-        let options = ConsumeOptions { prefetch: args.prefetch, tag: format!("bench-consumer-{i}") };
+        consumer_conns.push(crate::connect(server, &format!("bench consumer {i}")).await?);
+    }
+    let drain_start = args.drain().then(Instant::now);
+    if args.drain() {
+        progress.expect(args.count);
+    }
+    let mut consumers = JoinSet::new();
+    for (i, conn) in consumer_conns.into_iter().enumerate() {
+        let options = ConsumeOptions {
+            prefetch: args.prefetch,
+            tag: format!("bench-consumer-{i}"),
+            ..Default::default()
+        };
         let consumer = conn.consume(queue, options).await?;
         let progress = Arc::clone(&progress);
         let ack_every = args.ack_every;
@@ -167,7 +227,7 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
         producer_conns.push(crate::connect(server, &format!("bench producer {i}")).await?);
     }
 
-    let start = Instant::now();
+    let start = drain_start.unwrap_or_else(Instant::now);
     let mut producers = JoinSet::new();
     for (i, conn) in (0u64..).zip(producer_conns) {
         let plan = Plan {
@@ -192,7 +252,9 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
         sent += produced.sent;
         publish_end = publish_end.max(produced.finished);
     }
-    progress.expect(sent);
+    if !args.drain() {
+        progress.expect(sent);
+    }
 
     let mut latencies = new_histogram();
     let mut consume_end = None;
@@ -239,7 +301,69 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
         prefetch: args.prefetch,
         producers: args.producers,
         consumers: args.consumers,
+        broker_rss_mb: None,
     })
+}
+
+/// Samples a process's resident memory in the background and keeps the peak.
+struct RssSampler {
+    pid: u32,
+    peak_kib: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    /// How often the resident memory is read.
+    const INTERVAL: Duration = Duration::from_millis(50);
+
+    /// Takes a first sample, failing if the process cannot be read, and starts sampling.
+    fn start(pid: u32) -> anyhow::Result<RssSampler> {
+        let first = read_rss_kib(pid)
+            .with_context(|| format!("--rss-pid: cannot read the resident memory of process {pid}"))?;
+        let peak_kib = Arc::new(AtomicU64::new(first));
+        let peak = Arc::clone(&peak_kib);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Self::INTERVAL);
+            loop {
+                tick.tick().await;
+                // A process that went away mid-run keeps the peak seen so far.
+                if let Ok(kib) = read_rss_kib(pid) {
+                    peak.fetch_max(kib, Ordering::Relaxed);
+                }
+            }
+        });
+        Ok(RssSampler { pid, peak_kib, task })
+    }
+
+    /// Stops sampling after one last sample and returns the peak in MiB.
+    async fn finish(self) -> f64 {
+        self.task.abort();
+        let _ = self.task.await;
+        if let Ok(kib) = read_rss_kib(self.pid) {
+            self.peak_kib.fetch_max(kib, Ordering::Relaxed);
+        }
+        kib_to_mib(self.peak_kib.load(Ordering::Relaxed))
+    }
+}
+
+/// The resident memory of process `pid` in KiB, from `/proc/<pid>/status`.
+fn read_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_vm_rss_kib(&status).ok_or_else(|| anyhow!("{path} has no VmRSS line"))
+}
+
+/// The `VmRSS:   123456 kB` value of a `/proc/<pid>/status` text, in KiB (the kernel's "kB").
+fn parse_vm_rss_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?;
+    let mut fields = line.split_whitespace();
+    let value = fields.next()?.parse().ok()?;
+    matches!(fields.next(), Some("kB") | None).then_some(value)
+}
+
+/// KiB to MiB, rounded to one decimal.
+fn kib_to_mib(kib: u64) -> f64 {
+    (kib as f64 / 1024.0 * 10.0).round() / 10.0
 }
 
 /// One producer's assignment.
@@ -461,6 +585,45 @@ mod tests {
         assert!(!*rx.borrow());
         progress.record();
         assert!(*rx.borrow());
+    }
+
+    #[test]
+    fn vm_rss_is_read_from_a_status_text() {
+        let status = "Name:\thopperd\nVmPeak:\t  999999 kB\nVmRSS:\t   51200 kB\nThreads:\t3\n";
+        assert_eq!(parse_vm_rss_kib(status), Some(51_200));
+        // Kernel threads have no VmRSS line.
+        assert_eq!(parse_vm_rss_kib("Name:\tkthreadd\nThreads:\t1\n"), None);
+        assert_eq!(parse_vm_rss_kib("VmRSS:\t  lots kB\n"), None);
+        assert_eq!(parse_vm_rss_kib("VmRSS:\t  12 MB\n"), None);
+        assert_eq!(kib_to_mib(51_200), 50.0);
+        assert_eq!(kib_to_mib(1_500), 1.5);
+        assert_eq!(kib_to_mib(0), 0.0);
+    }
+
+    #[test]
+    fn rss_of_this_process_can_be_read() {
+        assert!(read_rss_kib(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn drain_needs_a_queue_and_a_consumer_and_takes_no_duration() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        let parse = |argv: &[&str]| Wrapper::try_parse_from(argv).unwrap().args;
+        let drain = parse(&["x", "--producers", "0", "--queue", "backlog", "--count", "5"]);
+        assert!(drain.drain());
+        assert!(drain.validate().is_ok());
+        assert!(parse(&["x", "--producers", "0"]).validate().is_err());
+        assert!(parse(&["x", "--producers", "0", "--queue", "q", "--consumers", "0"]).validate().is_err());
+        assert!(parse(&["x", "--producers", "0", "--queue", "q", "--duration", "2"]).validate().is_err());
+        // Without a producer count the bench publishes as before, to a queue of its own.
+        let default = parse(&["x", "--rss-pid", "42"]);
+        assert!(!default.drain() && default.validate().is_ok());
+        assert_eq!(default.rss_pid, Some(42));
     }
 
     #[test]

@@ -1,20 +1,24 @@
 //! `hopper consume`: print the messages of a queue, one per line, and settle each as asked.
 
-use std::io::Write;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
-use hopper_client::{Connection, ConsumeOptions, Delivery};
+use hopper_client::{Connection, ConsumeOptions, Delivery, NackOptions};
 
-use crate::output::{self, DeliveryJson};
+use crate::output;
+use crate::time::parse_duration;
 
 /// Flags of `consume`.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Each message is printed on its own line as soon as it arrives (stdout is flushed per line): the \
 body as text (invalid UTF-8 becomes U+FFFD), or with --json an object with keys body, headers, \
-redelivered, delivery_count, queue, message_id, content_type, published_at_ms, delivery_tag.
+redelivered, delivery_count, queue, message_id, content_type, published_at_ms, delivery_tag, \
+death and deaths. `deaths` lists every time the message died (it came through a dead-letter \
+queue), oldest first, each an object with keys reason, queue, count, error, first_time, \
+last_time and died_at (times in Unix milliseconds); `death` is the latest of them, or null.
 
 Without --count, runs until Ctrl-C or SIGTERM, then cancels the consumer (the broker requeues \
 whatever was not acknowledged) and exits 0.")]
@@ -30,6 +34,14 @@ pub struct ConsumeArgs {
     /// What to do with each message once it is printed.
     #[arg(long, value_enum, default_value_t = Action::Ack)]
     pub action: Action,
+    /// Why processing failed, sent with --action requeue or reject; it stays with the message
+    /// (its death record, should it die, and the audit trail).
+    #[arg(long, value_name = "TEXT")]
+    pub error: Option<String>,
+    /// Ack timeout of this consumer (e.g. 30s), instead of the queue's: a message not settled
+    /// in time goes back to the queue as a failed delivery.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub ack_timeout: Option<Duration>,
     /// Print one JSON object per message instead of the body.
     #[arg(long)]
     pub json: bool,
@@ -40,22 +52,49 @@ pub struct ConsumeArgs {
 pub enum Action {
     /// Acknowledge: the message is done.
     Ack,
-    /// Negative-acknowledge with requeue: the message goes back to the queue.
+    /// Negative-acknowledge with requeue: the message goes back to the queue (after the
+    /// queue's retry backoff), or dies once past its delivery limit.
     Requeue,
-    /// Reject without requeue: the message is dropped.
+    /// Reject without requeue: the message dies (moved to the dead-letter queue, or dropped).
     Reject,
     /// Never settle while running; the broker requeues the messages when the consumer ends.
     Hold,
 }
 
+impl Action {
+    /// Checks that an `--error` text goes with an action that sends it.
+    pub fn check_error(self, error: Option<&str>) -> anyhow::Result<()> {
+        if error.is_some() && !matches!(self, Action::Requeue | Action::Reject) {
+            let name = self.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
+            bail!("--error is sent with --action requeue or reject, not with --action {name}");
+        }
+        Ok(())
+    }
+
+    /// Settles a printed delivery this way, with `error` as the reason for a requeue or reject.
+    pub async fn settle(self, delivery: &Delivery, error: Option<&str>) -> hopper_client::Result<()> {
+        match self {
+            Action::Ack => delivery.ack().await,
+            Action::Requeue => {
+                let error = error.unwrap_or_default().to_string();
+                delivery.nack_with(true, NackOptions { error, ..Default::default() }).await
+            }
+            Action::Reject => delivery.reject_with(error.unwrap_or_default()).await,
+            Action::Hold => Ok(()),
+        }
+    }
+}
+
 /// Runs `consume` against the broker at `server`.
 pub async fn run(server: &str, args: ConsumeArgs) -> anyhow::Result<()> {
+    args.action.check_error(args.error.as_deref())?;
     // Installed before anything else so that a signal at any point ends the run cleanly.
     let mut shutdown = Shutdown::install()?;
     let conn = crate::connect(server, "consume").await?;
     let options = ConsumeOptions {
         prefetch: prefetch_for(args.prefetch, args.count),
         tag: "hopper consume".into(),
+        ack_timeout: args.ack_timeout,
         ..Default::default()
     };
     let result = receive(&conn, &args, options, &mut shutdown).await;
@@ -88,8 +127,8 @@ async fn receive(
                 break;
             }
         };
-        print(&mut out, &delivery, args.json).context("writing to stdout")?;
-        settle(&delivery, args.action).await?;
+        output::write_delivery(&mut out, &delivery, args.json).context("writing to stdout")?;
+        args.action.settle(&delivery, args.error.as_deref()).await?;
         received += 1;
     }
     // Cancelling returns anything held or prefetched but not yet printed to the queue.
@@ -106,28 +145,6 @@ fn prefetch_for(prefetch: u32, count: Option<u64>) -> u32 {
         count
     } else {
         prefetch.min(count)
-    }
-}
-
-/// Prints one delivery as a line and flushes, so a reader sees it immediately.
-fn print(out: &mut impl Write, delivery: &Delivery, json: bool) -> anyhow::Result<()> {
-    if json {
-        output::write_json_line(out, &DeliveryJson::from(delivery))?;
-    } else {
-        out.write_all(String::from_utf8_lossy(&delivery.body).as_bytes())?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()?;
-    Ok(())
-}
-
-/// Settles a printed delivery according to `action`.
-async fn settle(delivery: &Delivery, action: Action) -> hopper_client::Result<()> {
-    match action {
-        Action::Ack => delivery.ack().await,
-        Action::Requeue => delivery.nack(true).await,
-        Action::Reject => delivery.reject().await,
-        Action::Hold => Ok(()),
     }
 }
 
@@ -195,5 +212,39 @@ mod tests {
             assert_eq!(Action::from_str(name, false).unwrap(), action);
         }
         assert!(Action::from_str("drop", false).is_err());
+    }
+
+    #[test]
+    fn an_error_text_needs_an_action_that_sends_it() {
+        assert!(Action::Requeue.check_error(Some("boom")).is_ok());
+        assert!(Action::Reject.check_error(Some("boom")).is_ok());
+        assert!(Action::Ack.check_error(None).is_ok());
+        let err = Action::Ack.check_error(Some("boom")).unwrap_err().to_string();
+        assert!(err.ends_with("not with --action ack"), "{err}");
+        assert!(Action::Hold.check_error(Some("boom")).is_err());
+    }
+
+    #[test]
+    fn failure_flags_parse() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: ConsumeArgs,
+        }
+        let parsed = Wrapper::try_parse_from([
+            "x",
+            "q",
+            "--action",
+            "requeue",
+            "--error",
+            "smtp timeout",
+            "--ack-timeout",
+            "1.5s",
+        ])
+        .unwrap();
+        assert_eq!(parsed.args.error.as_deref(), Some("smtp timeout"));
+        assert_eq!(parsed.args.ack_timeout, Some(Duration::from_millis(1500)));
+        assert!(Wrapper::try_parse_from(["x", "q", "--ack-timeout", "soon"]).is_err());
     }
 }

@@ -3,11 +3,14 @@
 //! Each subcommand lives in its own module and owns its flags; all table and JSON rendering
 //! lives in [`output`].
 
+mod audit;
 mod bench;
 mod consume;
+mod get;
 mod output;
 mod publish;
 mod queue;
+mod time;
 
 use std::process::ExitCode;
 
@@ -39,6 +42,10 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Print the messages of a queue and acknowledge, requeue, reject or hold them.
     Consume(consume::ConsumeArgs),
+    /// Pull messages from a queue once (optionally waiting for one), print and settle them.
+    Get(get::GetArgs),
+    /// Print the audit trail of dead messages: where and why they died, where they went.
+    Audit(audit::AuditArgs),
     /// Measure throughput and end-to-end latency with concurrent producers and consumers.
     Bench(bench::BenchArgs),
 }
@@ -71,6 +78,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Queue(command) => queue::run(&cli.server, command).await,
         Command::Publish(args) => publish::run(&cli.server, args).await,
         Command::Consume(args) => consume::run(&cli.server, args).await,
+        Command::Get(args) => get::run(&cli.server, args).await,
+        Command::Audit(args) => audit::run(&cli.server, args).await,
         Command::Bench(args) => bench::run(&cli.server, args).await,
     }
 }

@@ -2,6 +2,7 @@
 //! publish confirm.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
@@ -10,6 +11,7 @@ use hopper_client::{Connection, PublishConfirm, PublishOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::queue::messages;
+use crate::time::parse_duration;
 
 /// Most publishes awaiting their confirm at once.
 const MAX_IN_FLIGHT: usize = 1000;
@@ -35,13 +37,25 @@ pub struct PublishArgs {
     /// MIME type of the bodies, e.g. application/json.
     #[arg(long, value_name = "TYPE", default_value = "", hide_default_value = true)]
     pub content_type: String,
+    /// Time to live of every message (e.g. 30s, 5m); the sooner of this and the queue's
+    /// message TTL applies. An expired message dies with reason `expired`.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Keep every message invisible to consumers for this long (e.g. 2s); it counts as
+    /// `delayed` in the queue's stats meanwhile.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub delay: Option<Duration>,
 }
 
 /// Runs `publish` against the broker at `server`.
 pub async fn run(server: &str, args: PublishArgs) -> anyhow::Result<()> {
     let conn = crate::connect(server, "publish").await?;
-    let options =
-        PublishOptions { headers: args.headers.into_iter().collect(), content_type: args.content_type };
+    let options = PublishOptions {
+        headers: args.headers.into_iter().collect(),
+        content_type: args.content_type,
+        delay: args.delay,
+        ttl: args.ttl,
+    };
     let mut pipeline = Pipeline::new(&conn, &args.queue, options);
     if args.bodies.is_empty() {
         let mut stdin = BufReader::with_capacity(64 * 1024, tokio::io::stdin());
@@ -182,5 +196,21 @@ mod tests {
         assert_eq!(parsed.args.bodies, ["a", "b"]);
         assert_eq!(parsed.args.headers, [("k".into(), "v".into()), ("x".into(), "y=z".into())]);
         assert!(Wrapper::try_parse_from(["x", "q", "--header", "bad"]).is_err());
+    }
+
+    #[test]
+    fn ttl_and_delay_take_durations() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: PublishArgs,
+        }
+        let parsed = Wrapper::try_parse_from(["x", "q", "a", "--ttl", "5m", "--delay", "250ms"]).unwrap();
+        assert_eq!(parsed.args.ttl, Some(Duration::from_secs(300)));
+        assert_eq!(parsed.args.delay, Some(Duration::from_millis(250)));
+        let plain = Wrapper::try_parse_from(["x", "q", "a"]).unwrap();
+        assert_eq!((plain.args.ttl, plain.args.delay), (None, None));
+        assert!(Wrapper::try_parse_from(["x", "q", "--delay", "later"]).is_err());
     }
 }

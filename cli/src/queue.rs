@@ -1,9 +1,12 @@
 //! `hopper queue ...`: declare, delete, purge, list and inspect queues.
 
+use std::time::Duration;
+
 use clap::{Args, Subcommand};
 use hopper_client::{Connection, DeleteOptions, ErrorCode, QueueOptions};
 
 use crate::output;
+use crate::time::parse_duration;
 
 /// The `queue` subcommands.
 #[derive(Debug, Subcommand)]
@@ -11,7 +14,7 @@ pub enum QueueCommand {
     /// Create a queue unless it exists.
     ///
     /// Prints `declared queue 'NAME'`, or `queue 'NAME' already exists` when it did (its
-    /// settings must match).
+    /// settings must match: declaring it with other settings fails).
     Declare(DeclareArgs),
     /// Delete a queue and the messages in it.
     ///
@@ -35,6 +38,38 @@ pub struct DeclareArgs {
     /// Keep the queue and its messages across broker restarts.
     #[arg(long)]
     pub durable: bool,
+    /// Queue that receives this queue's dead messages (rejected, past --max-deliveries,
+    /// expired); declare it first. Without one (or while it does not exist), dead messages
+    /// are dropped.
+    #[arg(long, value_name = "QUEUE")]
+    pub dead_letter: Option<String>,
+    /// Deliveries after which a message that keeps failing dies (reason delivery_limit).
+    #[arg(long, value_name = "N", value_parser = crate::at_least(1u32))]
+    pub max_deliveries: Option<u32>,
+    /// Delays before the 1st, 2nd, ... redelivery of a failed message, comma-separated
+    /// (e.g. 1s,10s,60s); the last one repeats.
+    #[arg(long, value_name = "DURS", value_delimiter = ',', value_parser = parse_duration)]
+    pub retry_backoff: Vec<Duration>,
+    /// How long a message may wait in the queue before it dies (reason expired).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub message_ttl: Option<Duration>,
+    /// How long a consumer has to settle a delivery before the broker takes it back.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub ack_timeout: Option<Duration>,
+}
+
+impl DeclareArgs {
+    /// The queue settings the flags ask for.
+    pub fn options(&self) -> QueueOptions {
+        QueueOptions {
+            durable: self.durable,
+            dead_letter: self.dead_letter.clone(),
+            max_deliveries: self.max_deliveries,
+            retry_backoff: self.retry_backoff.clone(),
+            message_ttl: self.message_ttl,
+            ack_timeout: self.ack_timeout,
+        }
+    }
 }
 
 /// Flags of `queue delete`.
@@ -61,7 +96,9 @@ pub struct NameArg {
 #[derive(Debug, Args)]
 pub struct JsonArg {
     /// Print a JSON array of objects with keys name, durable, ready, unacked, consumers,
-    /// published, delivered, acked, redelivered.
+    /// published, delivered, acked, redelivered, delayed, dead_lettered (reason -> count),
+    /// dead_letter, max_deliveries, retry_backoff_ms, message_ttl_ms, ack_timeout_ms (null
+    /// when unset).
     #[arg(long)]
     pub json: bool,
 }
@@ -72,7 +109,8 @@ pub struct StatsArgs {
     /// Name of the queue.
     pub name: String,
     /// Print one JSON object with keys name, durable, ready, unacked, consumers, published,
-    /// delivered, acked, redelivered.
+    /// delivered, acked, redelivered, delayed, dead_lettered (reason -> count), dead_letter,
+    /// max_deliveries, retry_backoff_ms, message_ttl_ms, ack_timeout_ms (null when unset).
     #[arg(long)]
     pub json: bool,
 }
@@ -98,7 +136,7 @@ async fn execute(conn: &Connection, command: QueueCommand) -> anyhow::Result<Str
                 Err(err) => return Err(err.into()),
             };
             // Declare even when it exists, so that conflicting settings are reported.
-            conn.declare_queue(&args.name, QueueOptions { durable: args.durable }).await?;
+            conn.declare_queue(&args.name, args.options()).await?;
             if existed {
                 format!("queue '{}' already exists\n", args.name)
             } else {
@@ -152,5 +190,54 @@ mod tests {
         assert_eq!(messages(0), "messages");
         assert_eq!(messages(1), "message");
         assert_eq!(messages(2), "messages");
+    }
+
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: DeclareArgs,
+    }
+
+    #[test]
+    fn declare_flags_become_queue_settings() {
+        use clap::Parser;
+        let parsed = Wrapper::try_parse_from([
+            "x",
+            "jobs",
+            "--durable",
+            "--dead-letter",
+            "jobs.dead",
+            "--max-deliveries",
+            "5",
+            "--retry-backoff",
+            "1s,10s,1m",
+            "--message-ttl",
+            "1h",
+            "--ack-timeout",
+            "30s",
+        ])
+        .unwrap();
+        let options = parsed.args.options();
+        assert_eq!(
+            options,
+            QueueOptions {
+                durable: true,
+                dead_letter: Some("jobs.dead".into()),
+                max_deliveries: Some(5),
+                retry_backoff: vec![Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)],
+                message_ttl: Some(Duration::from_secs(3600)),
+                ack_timeout: Some(Duration::from_secs(30)),
+            }
+        );
+        let plain = Wrapper::try_parse_from(["x", "q"]).unwrap();
+        assert_eq!(plain.args.options(), QueueOptions::default());
+    }
+
+    #[test]
+    fn bad_declare_flags_are_refused() {
+        use clap::Parser;
+        assert!(Wrapper::try_parse_from(["x", "q", "--max-deliveries", "0"]).is_err());
+        assert!(Wrapper::try_parse_from(["x", "q", "--retry-backoff", "1s,,2s"]).is_err());
+        assert!(Wrapper::try_parse_from(["x", "q", "--ack-timeout", "1x"]).is_err());
     }
 }

@@ -22,11 +22,12 @@ use tracing::debug;
 
 use crate::consumer::Consumer;
 use crate::error::{Error, Result};
+use crate::info::{AuditEvent, QueueInfo};
 use crate::io::{self, cancel_detached, READ_BUFFER};
-use crate::options::{
-    ConnectOptions, ConsumeOptions, DeleteOptions, PublishOptions, QueueInfo, QueueOptions,
-};
+use crate::options::{wire_ms, ConnectOptions, ConsumeOptions, DeleteOptions, PublishOptions, QueueOptions};
+use crate::pull::Pullers;
 use crate::shared::{body_name, unexpected, PendingRequest, Shared, HELLO_REQUEST_ID};
+use crate::tracker::DeliveryTracker;
 
 /// A connection to a Hopper broker.
 ///
@@ -44,6 +45,8 @@ struct Inner {
     server_version: String,
     heartbeat: Duration,
     max_frame_size: u32,
+    /// Settle state of the pull consumers the broker uses for this connection's `get`s.
+    pullers: Pullers,
 }
 
 impl Drop for Inner {
@@ -105,6 +108,7 @@ impl Connection {
             server_version: negotiated.server_version,
             heartbeat: negotiated.heartbeat,
             max_frame_size: negotiated.max_frame_size,
+            pullers: Pullers::default(),
         };
         Ok(Connection { inner: Arc::new(inner) })
     }
@@ -125,9 +129,10 @@ impl Connection {
     }
 
     /// Creates the queue `name` if it does not exist and returns its description. Declaring an
-    /// existing queue with other settings fails with `PRECONDITION_FAILED`.
+    /// existing queue with other settings fails with `PRECONDITION_FAILED`. A dead-letter
+    /// queue is not created for you: declare it first.
     pub async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
-        self.declare(name, Some(pb::QueueSettings { durable: options.durable }), false).await
+        self.declare(name, Some(options.to_wire()), false).await
     }
 
     /// Describes the queue `name` without creating it; fails with `NOT_FOUND`
@@ -193,9 +198,9 @@ impl Connection {
     ///
     /// The message is queued for sending before this returns, so many publishes can be in
     /// flight without awaiting each. The returned [`PublishConfirm`] resolves with the
-    /// broker-assigned message id once the broker holds the message; dropping it does not
-    /// withdraw the message. Publishing never waits: bound the publishes in flight by awaiting
-    /// their confirms.
+    /// broker-assigned message id once the broker holds the message (a delayed message too,
+    /// before its delay has passed); dropping it does not withdraw the message. Publishing
+    /// never waits: bound the publishes in flight by awaiting their confirms.
     pub fn publish(&self, queue: &str, body: impl Into<Bytes>, options: PublishOptions) -> PublishConfirm {
         let publish = pb::Publish {
             queue: queue.to_string(),
@@ -204,6 +209,8 @@ impl Connection {
             content_type: options.content_type,
             exchange: String::new(),
             routing_key: String::new(),
+            delay_ms: options.delay.map_or(0, wire_ms),
+            ttl_ms: options.ttl.map_or(0, wire_ms),
         };
         let (reply, response) = oneshot::channel();
         match self.shared().send_request(Body::Publish(publish), PendingRequest::Reply(reply)) {
@@ -216,17 +223,39 @@ impl Connection {
     pub async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer> {
         // Deliveries are bounded by the consumer's prefetch window; see `Consumer`.
         let (events_tx, events) = mpsc::unbounded_channel();
+        let tracker = Arc::new(DeliveryTracker::default());
         let (reply, response) = oneshot::channel();
-        let consume =
-            pb::Consume { queue: queue.to_string(), prefetch_count: options.prefetch, tag: options.tag };
-        self.shared()
-            .send_request(Body::Consume(consume), PendingRequest::Consume { reply, events: events_tx })?;
+        let consume = pb::Consume {
+            queue: queue.to_string(),
+            prefetch_count: options.prefetch,
+            tag: options.tag,
+            ack_timeout_ms: options.ack_timeout.map_or(0, wire_ms),
+        };
+        let pending = PendingRequest::Consume { reply, events: events_tx, tracker: tracker.clone() };
+        self.shared().send_request(Body::Consume(consume), pending)?;
         let answer = PendingConsume { shared: self.shared().clone(), response: Some(response) }.await;
         match answer? {
-            Body::ConsumeOk(ok) => {
-                Ok(Consumer::new(self.clone(), ok.consumer_id, queue, events, options.confirm_settlements))
-            }
+            Body::ConsumeOk(ok) => Ok(Consumer::new(
+                self.clone(),
+                ok.consumer_id,
+                queue,
+                events,
+                tracker,
+                options.confirm_settlements,
+            )),
             other => Err(unexpected("ConsumeOk", &other)),
+        }
+    }
+
+    /// Reads the broker's audit trail of dead messages (rejected, past their delivery limit,
+    /// expired, or pushed out by a length limit), oldest first: the last `limit` events (0 =
+    /// the broker's default of 1000) at or after `since_ms` (Unix milliseconds; 0 = all), of
+    /// the queue the messages died in, or of every queue when `queue` is `None`.
+    pub async fn audit(&self, queue: Option<&str>, since_ms: u64, limit: u32) -> Result<Vec<AuditEvent>> {
+        let query = pb::AuditQuery { queue: queue.unwrap_or_default().to_string(), since_ms, limit };
+        match self.call(Body::AuditQuery(query)).await? {
+            Body::AuditEvents(events) => Ok(events.events.into_iter().map(AuditEvent::from).collect()),
+            other => Err(unexpected("AuditEvents", &other)),
         }
     }
 
@@ -253,6 +282,10 @@ impl Connection {
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
+    }
+
+    pub(crate) fn pullers(&self) -> &Pullers {
+        &self.inner.pullers
     }
 
     /// Sends a request and waits for its response.

@@ -46,6 +46,16 @@ pub enum Error {
         delivery_tag: u64,
     },
 
+    /// The delivery's ack deadline passed and the broker took the message back (to redeliver
+    /// or dead-letter it); this delivery can no longer be settled or extended. Once the broker
+    /// has reported the expiry, settles and extends fail with this without sending anything;
+    /// a confirmed settle the broker refused because of the expiry fails with it too.
+    #[error("delivery {delivery_tag} expired: its ack deadline passed and the broker took the message back")]
+    DeliveryExpired {
+        /// Tag of the expired delivery.
+        delivery_tag: u64,
+    },
+
     /// The consumer was cancelled (by the broker, e.g. because its queue was deleted, or by
     /// this client); its deliveries can no longer be settled.
     #[error("consumer cancelled: {0}")]
@@ -113,6 +123,7 @@ mod tests {
         assert_eq!(Error::FrameTooLarge { len: 10, max: 5 }.code(), Some(ErrorCode::FrameTooLarge));
         assert_eq!(Error::Closed("bye".into()).code(), None);
         assert_eq!(Error::AlreadySettled { delivery_tag: 3 }.code(), None);
+        assert_eq!(Error::DeliveryExpired { delivery_tag: 3 }.code(), None);
         let rejected = Error::HandshakeRejected { message: "too new".into(), min_version: 1, max_version: 1 };
         assert_eq!(rejected.code(), Some(ErrorCode::UnsupportedVersion));
     }

@@ -19,6 +19,7 @@ use tracing::{debug, warn, Instrument as _, Span};
 use crate::consumer::ConsumerEvent;
 use crate::error::Error;
 use crate::shared::{body_name, CloseReason, OutboxState, PendingRequest, Shared};
+use crate::tracker::DeliveryTracker;
 
 /// Size of the reader's buffer: many small frames arrive per read.
 pub(crate) const READ_BUFFER: usize = 64 * 1024;
@@ -221,17 +222,29 @@ fn broker_silent(shared: &Shared, heartbeat: Duration) -> Stopped {
 struct Reader {
     shared: Arc<Shared>,
     frames: FramedRead<OwnedReadHalf, FrameCodec>,
-    /// Event channels of this connection's consumers. Only the reader touches the map, so
-    /// routing a delivery takes no lock.
-    consumers: HashMap<u64, mpsc::UnboundedSender<ConsumerEvent>>,
+    /// This connection's consumers. Only the reader touches the map, so routing a delivery
+    /// takes no lock.
+    consumers: HashMap<u64, Route>,
     /// The last connection-level error the broker sent, to explain a hang-up that follows.
     last_error: Option<String>,
+}
+
+/// Where the reader sends what concerns one consumer.
+struct Route {
+    /// Deliveries and the end of the stream.
+    events: mpsc::UnboundedSender<ConsumerEvent>,
+    /// Expiries and cancellations, recorded at once so that settles see them even before
+    /// the stream is read.
+    tracker: Arc<DeliveryTracker>,
 }
 
 /// One read off the wire, as `FramedRead` yields it.
 type ReadItem = Option<Result<Inbound, ProtoError>>;
 
 /// What woke the reader.
+// A short-lived local, moved once per wake-up: boxing the frame would cost an allocation per
+// read for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Wake {
     Stopped,
     Closing,
@@ -243,10 +256,10 @@ impl Reader {
     async fn run(mut self) {
         let reason = self.read_until_closed().await;
         let reason = self.shared.shut_down(reason);
-        for (_, events) in self.consumers.drain() {
+        for (_, route) in self.consumers.drain() {
             // A close the client asked for ends consumer streams quietly.
             if !reason.by_client {
-                let _ = events.send(ConsumerEvent::Closed(reason.message.clone()));
+                let _ = route.events.send(ConsumerEvent::Closed(reason.message.clone()));
             }
         }
         debug!(reason = %reason.message, "connection closed");
@@ -338,8 +351,8 @@ impl Reader {
         }
         let Some(request) = self.shared.take_request(request_id) else {
             match body {
-                // Acks, nacks and rejects have no success response: an error is all that can
-                // come back for them, and nothing waits for it.
+                // Unconfirmed acks, nacks and rejects have no success response: an error is all
+                // that can come back for them, and nothing waits for it.
                 Body::Error(error) => warn!(
                     request_id,
                     code = error_code(error.code).as_str_name(),
@@ -365,8 +378,8 @@ impl Reader {
             Body::Deliver(deliver) => {
                 let consumer_id = deliver.consumer_id;
                 match self.consumers.get(&consumer_id) {
-                    Some(events) => {
-                        if events.send(ConsumerEvent::Deliver(deliver)).is_err() {
+                    Some(route) => {
+                        if route.events.send(ConsumerEvent::Deliver(deliver)).is_err() {
                             // The Consumer was dropped and has sent a Cancel; the broker
                             // requeues what it delivered meanwhile.
                             self.consumers.remove(&consumer_id);
@@ -375,10 +388,22 @@ impl Reader {
                     None => debug!(consumer_id, "delivery for a consumer that is gone; dropped"),
                 }
             }
+            Body::DeliveryExpired(expired) => {
+                let (consumer_id, delivery_tag) = (expired.consumer_id, expired.delivery_tag);
+                debug!(
+                    consumer_id,
+                    delivery_tag, "delivery passed its ack deadline; the broker took it back"
+                );
+                match self.consumers.get(&consumer_id) {
+                    Some(route) => route.tracker.expire(delivery_tag),
+                    None => debug!(consumer_id, "expiry for a consumer that is gone; ignored"),
+                }
+            }
             Body::ConsumerCancelled(cancelled) => {
                 debug!(consumer_id = cancelled.consumer_id, reason = %cancelled.reason, "broker cancelled a consumer");
-                if let Some(events) = self.consumers.remove(&cancelled.consumer_id) {
-                    let _ = events.send(ConsumerEvent::Cancelled(cancelled.reason));
+                if let Some(route) = self.consumers.remove(&cancelled.consumer_id) {
+                    route.tracker.cancel();
+                    let _ = route.events.send(ConsumerEvent::Cancelled(cancelled.reason));
                 }
             }
             Body::Heartbeat(_) => {}
@@ -407,13 +432,13 @@ impl Reader {
             PendingRequest::Reply(reply) => {
                 let _ = reply.send(result);
             }
-            PendingRequest::Consume { reply, events } => {
+            PendingRequest::Consume { reply, events, tracker } => {
                 let consumer_id = match &result {
                     Ok(Body::ConsumeOk(ok)) => Some(ok.consumer_id),
                     _ => None,
                 };
                 if let Some(consumer_id) = consumer_id {
-                    self.consumers.insert(consumer_id, events);
+                    self.consumers.insert(consumer_id, Route { events, tracker });
                 }
                 if reply.send(result).is_err() {
                     if let Some(consumer_id) = consumer_id {

@@ -1,5 +1,5 @@
-//! Option structs for connecting, declaring, publishing and consuming, and [`QueueInfo`], the
-//! broker's description of a queue.
+//! Option structs for connecting, declaring, publishing, consuming, pulling and settling, and
+//! how durations travel on the wire.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -44,11 +44,43 @@ impl ConnectOptions {
     }
 }
 
-/// Settings of a queue, fixed when it is first declared.
-#[derive(Debug, Clone, Default)]
+/// Settings of a queue, fixed when it is first declared. Declaring an existing queue with
+/// different settings fails with `PRECONDITION_FAILED`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueOptions {
     /// Keep the queue and its messages across broker restarts.
     pub durable: bool,
+    /// Queue that receives this queue's dead messages: rejected, past `max_deliveries`,
+    /// expired, or pushed out by a length limit. Each arrives with a [`Death`](crate::Death)
+    /// appended to its history. `None` drops dead messages (they are still audited), and so
+    /// does a dead-letter queue that does not exist when the message dies: declare it first.
+    pub dead_letter: Option<String>,
+    /// Deliveries after which a message that keeps failing (nacked with requeue, or not acked
+    /// in time) dies with reason `delivery_limit`. `None` (or 0) means no limit.
+    pub max_deliveries: Option<u32>,
+    /// Delays before the 1st, 2nd, ... redelivery of a failed message; the last one repeats.
+    /// Empty: redeliver at once.
+    pub retry_backoff: Vec<Duration>,
+    /// How long a message may wait in the queue; past that it dies with reason `expired`.
+    pub message_ttl: Option<Duration>,
+    /// How long a consumer has to settle a delivery before the broker takes it back (as a
+    /// failed delivery) and the consumer's later settle fails with
+    /// [`Error::DeliveryExpired`](crate::Error::DeliveryExpired). `None`: no deadline.
+    pub ack_timeout: Option<Duration>,
+}
+
+impl QueueOptions {
+    /// The settings as a `QueueDeclare` carries them.
+    pub(crate) fn to_wire(&self) -> pb::QueueSettings {
+        pb::QueueSettings {
+            durable: self.durable,
+            dead_letter: self.dead_letter.clone().unwrap_or_default(),
+            max_deliveries: self.max_deliveries.unwrap_or(0),
+            retry_backoff_ms: self.retry_backoff.iter().copied().map(wire_ms).collect(),
+            message_ttl_ms: self.message_ttl.map_or(0, wire_ms),
+            ack_timeout_ms: self.ack_timeout.map_or(0, wire_ms),
+        }
+    }
 }
 
 /// Conditions on deleting a queue.
@@ -67,6 +99,11 @@ pub struct PublishOptions {
     pub headers: HashMap<String, String>,
     /// MIME type of the body, e.g. `application/json`; empty for none.
     pub content_type: String,
+    /// Keep the message invisible to consumers for this long after the broker accepts it.
+    pub delay: Option<Duration>,
+    /// Time to live of this message; the sooner of this and the queue's `message_ttl`
+    /// applies. An expired message dies with reason `expired`.
+    pub ttl: Option<Duration>,
 }
 
 /// How a consumer receives.
@@ -82,45 +119,49 @@ pub struct ConsumeOptions {
     /// once the request is queued for sending, and an ack lost in a broker crash means a
     /// redelivery.
     pub confirm_settlements: bool,
+    /// Ack timeout of this consumer's deliveries, instead of the queue's `ack_timeout`.
+    pub ack_timeout: Option<Duration>,
 }
 
-/// A queue as the broker describes it.
+/// What [`Connection::get`](crate::Connection::get) pulls and for how long it hides it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueInfo {
-    /// The queue's name.
-    pub name: String,
-    /// Whether the queue survives broker restarts.
-    pub durable: bool,
-    /// Messages waiting for a consumer.
-    pub ready: u64,
-    /// Messages delivered and not yet acknowledged.
-    pub unacked: u64,
-    /// Consumers attached now.
-    pub consumers: u32,
-    /// Messages published to the queue since it was created.
-    pub published_total: u64,
-    /// Deliveries made, redeliveries included.
-    pub delivered_total: u64,
-    /// Deliveries acknowledged.
-    pub acked_total: u64,
-    /// Deliveries of messages that had been delivered before.
-    pub redelivered_total: u64,
+pub struct GetOptions {
+    /// Most messages to return. Default 1.
+    pub count: u32,
+    /// How long the pulled messages stay invisible to other consumers. Not settled by then,
+    /// each returns to the queue as a failed delivery. `None`: the broker's default (30 s).
+    pub visibility: Option<Duration>,
+    /// Long poll: when the queue is empty, wait up to this long (the broker caps it at 20 s)
+    /// for a message. `None`: answer at once.
+    pub wait: Option<Duration>,
 }
 
-impl From<pb::QueueInfo> for QueueInfo {
-    fn from(info: pb::QueueInfo) -> Self {
-        QueueInfo {
-            name: info.name,
-            durable: info.settings.is_some_and(|s| s.durable),
-            ready: info.ready,
-            unacked: info.unacked,
-            consumers: info.consumers,
-            published_total: info.published_total,
-            delivered_total: info.delivered_total,
-            acked_total: info.acked_total,
-            redelivered_total: info.redelivered_total,
-        }
+impl Default for GetOptions {
+    fn default() -> Self {
+        GetOptions { count: 1, visibility: None, wait: None }
     }
+}
+
+/// Details of a negative acknowledgement, for
+/// [`Delivery::nack_with`](crate::Delivery::nack_with).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NackOptions {
+    /// Why processing failed (e.g. the error message or a stack trace). The broker keeps it
+    /// with the message, shows it in the message's [`Death`](crate::Death) if it dies, and in
+    /// the audit trail; it keeps at most 4 KiB.
+    pub error: String,
+    /// With requeue: redeliver after this delay instead of the queue's retry backoff
+    /// (`Some(Duration::ZERO)` redelivers at once).
+    pub delay: Option<Duration>,
+}
+
+/// A duration as the protocol carries it: whole milliseconds, at least 1 for any non-zero
+/// duration (0 means "not set" in most fields), saturating at `u64::MAX`.
+pub(crate) fn wire_ms(duration: Duration) -> u64 {
+    if duration.is_zero() {
+        return 0;
+    }
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 #[cfg(test)]
@@ -140,28 +181,44 @@ mod tests {
     }
 
     #[test]
-    fn queue_info_reads_settings_and_counters() {
-        let info = QueueInfo::from(pb::QueueInfo {
-            name: "jobs".into(),
-            settings: Some(pb::QueueSettings { durable: true }),
-            ready: 3,
-            unacked: 2,
-            consumers: 1,
-            published_total: 10,
-            delivered_total: 7,
-            acked_total: 5,
-            redelivered_total: 1,
-        });
-        assert_eq!(info.name, "jobs");
-        assert!(info.durable);
-        assert_eq!((info.ready, info.unacked, info.consumers), (3, 2, 1));
-        assert_eq!((info.published_total, info.delivered_total), (10, 7));
-        assert_eq!((info.acked_total, info.redelivered_total), (5, 1));
+    fn durations_travel_in_whole_milliseconds() {
+        assert_eq!(wire_ms(Duration::ZERO), 0);
+        assert_eq!(wire_ms(Duration::from_micros(1)), 1);
+        assert_eq!(wire_ms(Duration::from_millis(1500)), 1500);
+        assert_eq!(wire_ms(Duration::MAX), u64::MAX);
     }
 
     #[test]
-    fn missing_settings_mean_not_durable() {
-        let info = QueueInfo::from(pb::QueueInfo { name: "q".into(), ..Default::default() });
-        assert!(!info.durable);
+    fn default_queue_options_set_nothing_on_the_wire() {
+        assert_eq!(QueueOptions::default().to_wire(), pb::QueueSettings::default());
+    }
+
+    #[test]
+    fn queue_options_carry_every_setting() {
+        let options = QueueOptions {
+            durable: true,
+            dead_letter: Some("jobs.dead".into()),
+            max_deliveries: Some(5),
+            retry_backoff: vec![Duration::from_secs(1), Duration::from_millis(2500)],
+            message_ttl: Some(Duration::from_secs(60)),
+            ack_timeout: Some(Duration::from_secs(30)),
+        };
+        assert_eq!(
+            options.to_wire(),
+            pb::QueueSettings {
+                durable: true,
+                dead_letter: "jobs.dead".into(),
+                max_deliveries: 5,
+                retry_backoff_ms: vec![1000, 2500],
+                message_ttl_ms: 60_000,
+                ack_timeout_ms: 30_000,
+            }
+        );
+    }
+
+    #[test]
+    fn get_defaults_to_one_message_without_waiting() {
+        let options = GetOptions::default();
+        assert_eq!((options.count, options.visibility, options.wait), (1, None, None));
     }
 }

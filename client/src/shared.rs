@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use hopper_proto::{encode_frame, pb, Body, ErrorCode, Frame, ProtoError};
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer::ConsumerEvent;
 use crate::error::{Error, Result};
+use crate::tracker::DeliveryTracker;
 
 /// Request id of the `Hello` frame; requests made through [`Shared`] start after it.
 pub(crate) const HELLO_REQUEST_ID: u64 = 1;
@@ -23,9 +25,10 @@ pub(crate) type Reply = oneshot::Sender<Result<Body>>;
 pub(crate) enum PendingRequest {
     /// A plain request: the response (or error) goes to the caller.
     Reply(Reply),
-    /// A `Consume`: on `ConsumeOk` the reader registers `events` under the new consumer id
-    /// before it reads the next frame, so no delivery can arrive ahead of the registration.
-    Consume { reply: Reply, events: mpsc::UnboundedSender<ConsumerEvent> },
+    /// A `Consume`: on `ConsumeOk` the reader registers `events` and `tracker` under the new
+    /// consumer id before it reads the next frame, so no delivery (or expiry) can arrive ahead
+    /// of the registration.
+    Consume { reply: Reply, events: mpsc::UnboundedSender<ConsumerEvent>, tracker: Arc<DeliveryTracker> },
     /// A `Cancel`: whatever the answer, the reader forgets the consumer. `reply` is `None` when
     /// a dropped [`Consumer`](crate::Consumer) cancels itself.
     Cancel { consumer_id: u64, reply: Option<Reply> },
@@ -175,7 +178,8 @@ impl Shared {
         }
     }
 
-    /// Sends a request that has no success response (`Ack`, `Nack`, `Reject`). A fresh request
+    /// Sends a request that has no success response (`Ack`, `Nack`, `Reject` without
+    /// `confirm`). A fresh request
     /// id still goes with it so that an error the broker sends back can be told apart; the
     /// reader logs such an error because nothing is waiting for it.
     pub(crate) fn send_untracked(&self, body: Body) -> Result<()> {

@@ -38,22 +38,51 @@ pub fn binary(name: &str) -> PathBuf {
 /// environment removed so that only the arguments given here configure it.
 pub fn command(name: &str) -> Command {
     let mut command = Command::new(binary(name));
+    remove_hopper_env(&mut command);
+    command
+}
+
+/// Removes every `HOPPER_*` variable of the caller's environment from `command`.
+fn remove_hopper_env(command: &mut Command) {
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("HOPPER_") {
             command.env_remove(key);
         }
     }
-    command
 }
 
 /// A running `hopperd`. Dropping it kills the process.
+///
+/// A broker can be stopped ([`terminate`](Self::terminate), [`kill`](Self::kill)) and started
+/// again on the same data directory with the same flags ([`restart`](Self::restart)): that is
+/// how the durability tests crash and recover it.
 pub struct Broker {
     child: Child,
     addr: SocketAddr,
     stderr: Arc<Mutex<Vec<String>>>,
     /// The thread draining stderr; it ends when the broker exits and the pipe closes.
     stderr_reader: Option<JoinHandle<()>>,
-    data_dir: TempDir,
+    launch: Launch,
+    /// Owns the data directory when the harness made it, so it outlives every restart and is
+    /// removed with the broker.
+    _temp_dir: Option<TempDir>,
+}
+
+/// How `hopperd` was started, to start it again the same way.
+#[derive(Debug, Clone)]
+struct Launch {
+    /// A command `hopperd` runs under, e.g. `prlimit --fsize=65536`; empty for none.
+    wrapper: Vec<String>,
+    data_dir: PathBuf,
+    args: Vec<String>,
+}
+
+/// A freshly started `hopperd`: the process, its address, and its stderr as it comes in.
+struct Started {
+    child: Child,
+    addr: SocketAddr,
+    stderr: Arc<Mutex<Vec<String>>>,
+    stderr_reader: JoinHandle<()>,
 }
 
 impl Broker {
@@ -65,45 +94,41 @@ impl Broker {
     /// Starts `hopperd` like [`Broker::start`], passing `args` as extra flags.
     pub fn start_with(args: &[&str]) -> Broker {
         let data_dir = tempfile::tempdir().expect("create a temporary data directory");
-        let mut child = command("hopperd")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .args(args)
-            .env("HOPPER_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hopperd");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (stderr_reader, lines) =
-            drain_lines(child.stderr.take().expect("stderr is piped"), stderr.clone());
-        let deadline = Instant::now() + STARTUP_DEADLINE;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = listening_addr(&line) {
-                        break addr;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "hopperd printed no 'listening on' line within {STARTUP_DEADLINE:?}; stderr:\n{}",
-                        join(&stderr)
-                    );
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = child.wait().expect("wait for hopperd");
-                    panic!("hopperd exited with {status} before listening; stderr:\n{}", join(&stderr));
-                }
-            }
-        };
-        Broker { child, addr, stderr, stderr_reader: Some(stderr_reader), data_dir }
+        Broker::launch(Launch::new(&[], data_dir.path(), args), Some(data_dir))
+    }
+
+    /// Starts `hopperd` on `127.0.0.1:0` with `data_dir`, which the caller keeps alive, and
+    /// `args` as extra flags. A broker started later on the same directory finds what this one
+    /// stored.
+    pub fn start_in(data_dir: &Path, args: &[&str]) -> Broker {
+        Broker::start_wrapped(&[], data_dir, args)
+    }
+
+    /// Like [`Broker::start_in`], running `hopperd` under `wrapper`: a command that execs the
+    /// command line it is given, such as `["prlimit", "--fsize=65536"]` to cap the size of the
+    /// files the broker may write.
+    pub fn start_wrapped(wrapper: &[&str], data_dir: &Path, args: &[&str]) -> Broker {
+        Broker::launch(Launch::new(wrapper, data_dir, args), None)
+    }
+
+    fn launch(launch: Launch, temp_dir: Option<TempDir>) -> Broker {
+        let Started { child, addr, stderr, stderr_reader } = launch.start();
+        Broker { child, addr, stderr, stderr_reader: Some(stderr_reader), launch, _temp_dir: temp_dir }
+    }
+
+    /// Starts `hopperd` again on the same data directory, with the same flags and wrapper (on a
+    /// new port). The previous process must have exited: see [`terminate`](Self::terminate) and
+    /// [`kill`](Self::kill). From now on [`stderr`](Self::stderr) is the new process's.
+    pub fn restart(&mut self) {
+        assert!(!self.is_running(), "hopperd {} is still running; stop it before restarting", self.pid());
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
+        let Started { child, addr, stderr, stderr_reader } = self.launch.start();
+        self.child = child;
+        self.addr = addr;
+        self.stderr = stderr;
+        self.stderr_reader = Some(stderr_reader);
     }
 
     /// The address the broker listens on.
@@ -113,7 +138,12 @@ impl Broker {
 
     /// The broker's data directory.
     pub fn data_dir(&self) -> &Path {
-        self.data_dir.path()
+        &self.launch.data_dir
+    }
+
+    /// True until the process has exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("poll hopperd").is_none()
     }
 
     /// The process id of `hopperd`.
@@ -198,6 +228,68 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+impl Launch {
+    fn new(wrapper: &[&str], data_dir: &Path, args: &[&str]) -> Launch {
+        Launch {
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+            data_dir: data_dir.to_path_buf(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Spawns `hopperd` and waits until it prints its listening address.
+    fn start(&self) -> Started {
+        let mut command = match self.wrapper.split_first() {
+            None => command("hopperd"),
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(binary("hopperd"));
+                remove_hopper_env(&mut command);
+                command
+            }
+        };
+        let mut child = command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("HOPPER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn hopperd ({self:?}): {err}"));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (stderr_reader, lines) =
+            drain_lines(child.stderr.take().expect("stderr is piped"), stderr.clone());
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = listening_addr(&line) {
+                        break addr;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "hopperd printed no 'listening on' line within {STARTUP_DEADLINE:?}; stderr:\n{}",
+                        join(&stderr)
+                    );
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().expect("wait for hopperd");
+                    panic!("hopperd exited with {status} before listening; stderr:\n{}", join(&stderr));
+                }
+            }
+        };
+        Started { child, addr, stderr, stderr_reader }
     }
 }
 

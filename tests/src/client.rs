@@ -93,3 +93,19 @@ pub async fn next_deliveries(consumer: &mut Consumer, n: usize) -> Vec<Delivery>
 pub fn body_text(delivery: &Delivery) -> String {
     String::from_utf8_lossy(&delivery.body).into_owned()
 }
+
+/// Subscribes to `queue`, which must have no consumer, and receives every message it holds:
+/// as many deliveries as it had ready messages, none of them settled. Checks that nothing was
+/// left behind. Returns the consumer (cancel or drop it to requeue the deliveries) and the
+/// deliveries in the order they arrived.
+pub async fn receive_backlog(conn: &Connection, queue: &str) -> (Consumer, Vec<Delivery>) {
+    let before = conn.queue_stats(queue).await.expect("queue stats");
+    assert_eq!((before.unacked, before.consumers), (0, 0), "{queue} must be idle: {before:?}");
+    // No prefetch limit: the backlog is the bound on what the consumer receives.
+    let options = ConsumeOptions { prefetch: 0, ..Default::default() };
+    let mut consumer = conn.consume(queue, options).await.expect("consume");
+    let deliveries = next_deliveries(&mut consumer, before.ready as usize).await;
+    let after = conn.queue_stats(queue).await.expect("queue stats");
+    assert_eq!((after.ready, after.unacked), (0, before.ready), "{queue}: {after:?}");
+    (consumer, deliveries)
+}

@@ -213,7 +213,7 @@ async fn settling_an_unknown_delivery_tag_is_not_found_and_the_connection_contin
     let broker = Broker::start();
     let mut raw = RawConn::connect_hello(broker.addr()).await;
     assert!(matches!(raw.call(declare("tags")).await, Body::QueueDeclareOk(_)));
-    let consume = pb::Consume { queue: "tags".into(), prefetch_count: 10, tag: String::new() };
+    let consume = pb::Consume { queue: "tags".into(), prefetch_count: 10, ..Default::default() };
     let consumer_id = match raw.call(Body::Consume(consume)).await {
         Body::ConsumeOk(ok) => ok.consumer_id,
         other => panic!("expected ConsumeOk, got {other:?}"),
@@ -224,12 +224,11 @@ async fn settling_an_unknown_delivery_tag_is_not_found_and_the_connection_contin
     let (code, message) = raw.error_response(request_id).await;
     assert_eq!(code, ErrorCode::NotFound, "{message}");
 
-    let nack = pb::Nack { consumer_id, delivery_tag: 7, multiple: true, requeue: true, confirm: false };
+    let nack = pb::Nack { consumer_id, delivery_tag: 7, multiple: true, requeue: true, ..Default::default() };
     let request_id = raw.request(Body::Nack(nack)).await;
     assert_eq!(raw.error_response(request_id).await.0, ErrorCode::NotFound);
 
-    let reject =
-        pb::Reject { consumer_id: consumer_id + 1000, delivery_tag: 1, requeue: false, confirm: false };
+    let reject = pb::Reject { consumer_id: consumer_id + 1000, delivery_tag: 1, ..Default::default() };
     let request_id = raw.request(Body::Reject(reject)).await;
     assert_eq!(raw.error_response(request_id).await.0, ErrorCode::NotFound, "unknown consumer");
 
@@ -296,8 +295,8 @@ async fn invalid_queue_names_are_invalid_arguments() {
 async fn redeclaring_with_another_durability_is_a_precondition_failure() {
     let broker = Broker::start();
     let conn = connect(&broker).await;
-    conn.declare_queue("orders", QueueOptions { durable: true }).await.unwrap();
-    match conn.declare_queue("orders", QueueOptions { durable: false }).await {
+    conn.declare_queue("orders", QueueOptions { durable: true, ..Default::default() }).await.unwrap();
+    match conn.declare_queue("orders", QueueOptions { durable: false, ..Default::default() }).await {
         Err(err @ Error::Broker { code: ErrorCode::PreconditionFailed, .. }) => {
             assert_eq!(err.code(), Some(ErrorCode::PreconditionFailed));
         }

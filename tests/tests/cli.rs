@@ -40,7 +40,8 @@ async fn queue_commands_declare_list_stats_purge_and_delete() {
     let queues = queues.as_array().expect("a JSON array");
     assert_eq!(queues.len(), 2, "{list}");
     for queue in queues {
-        assert_eq!(keys(queue), QUEUE_KEYS.into_iter().collect(), "{list}");
+        let present = keys(queue);
+        assert!(QUEUE_KEYS.iter().all(|k| present.contains(k)), "at least the documented keys: {list}");
     }
     let orders = queues.iter().find(|q| q["name"] == "orders").expect("orders is listed");
     assert_eq!(orders["durable"], true);

@@ -130,7 +130,8 @@ async fn silent_peer_is_dropped_after_missed_heartbeats_and_its_delivery_moves_o
     let mut raw = RawConn::connect(broker.addr()).await;
     let ok = raw.hello(100, 0).await;
     assert_eq!(ok.heartbeat_ms, 100);
-    let consume = pb::Consume { queue: "hb".into(), prefetch_count: 1, tag: "silent".into() };
+    let consume =
+        pb::Consume { queue: "hb".into(), prefetch_count: 1, tag: "silent".into(), ..Default::default() };
     let request_id = raw.request(Body::Consume(consume)).await;
     assert!(matches!(raw.response(request_id).await, Body::ConsumeOk(_)));
     match raw.recv_skipping_heartbeats().await.and_then(|f| f.body) {

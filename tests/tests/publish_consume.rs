@@ -91,7 +91,11 @@ async fn message_properties_arrive_unchanged() {
     let headers: HashMap<String, String> = [("trace-id", "abc-123"), ("unicode", "grüße ✓"), ("empty", "")]
         .map(|(k, v)| (k.into(), v.into()))
         .into();
-    let options = PublishOptions { headers: headers.clone(), content_type: "application/json".into() };
+    let options = PublishOptions {
+        headers: headers.clone(),
+        content_type: "application/json".into(),
+        ..Default::default()
+    };
     let before = now_ms();
     let id = publisher.publish("props", r#"{"n":1}"#, options).await.unwrap();
     let binary =

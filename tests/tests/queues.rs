@@ -9,16 +9,19 @@ use hopper_tests::{connect, next_deliveries, publish_all, stats_eventually, with
 async fn declare_is_idempotent() {
     let broker = Broker::start();
     let conn = connect(&broker).await;
-    let created = conn.declare_queue("jobs", QueueOptions { durable: true }).await.unwrap();
+    let created =
+        conn.declare_queue("jobs", QueueOptions { durable: true, ..Default::default() }).await.unwrap();
     assert_eq!(created.name, "jobs");
     assert!(created.durable);
     assert_eq!((created.ready, created.unacked, created.consumers, created.published_total), (0, 0, 0, 0));
 
     publish_all(&conn, "jobs", ["a", "b"]).await;
-    let again = conn.declare_queue("jobs", QueueOptions { durable: true }).await.unwrap();
+    let again =
+        conn.declare_queue("jobs", QueueOptions { durable: true, ..Default::default() }).await.unwrap();
     assert_eq!((again.ready, again.published_total), (2, 2), "redeclaring keeps the queue and its messages");
     let other = connect(&broker).await;
-    let from_other = other.declare_queue("jobs", QueueOptions { durable: true }).await.unwrap();
+    let from_other =
+        other.declare_queue("jobs", QueueOptions { durable: true, ..Default::default() }).await.unwrap();
     assert_eq!(from_other.ready, 2);
     assert_eq!(conn.list_queues().await.unwrap().len(), 1);
 }
@@ -115,7 +118,7 @@ async fn list_reports_every_queue_with_its_statistics() {
     let conn = connect(&broker).await;
     assert!(conn.list_queues().await.unwrap().is_empty());
     for (name, durable) in [("beta", true), ("alpha", false), ("gamma", false)] {
-        conn.declare_queue(name, QueueOptions { durable }).await.unwrap();
+        conn.declare_queue(name, QueueOptions { durable, ..Default::default() }).await.unwrap();
     }
     publish_all(&conn, "alpha", ["1", "2", "3"]).await;
     publish_all(&conn, "beta", ["1"]).await;

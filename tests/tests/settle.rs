@@ -204,7 +204,7 @@ async fn confirmed_settlements_are_answered_for_transient_and_durable_queues() {
     for durable in [false, true] {
         let broker = Broker::start();
         let conn = connect(&broker).await;
-        conn.declare_queue("q", QueueOptions { durable }).await.unwrap();
+        conn.declare_queue("q", QueueOptions { durable, ..Default::default() }).await.unwrap();
         publish_all(&conn, "q", ["a", "b", "c"].map(String::from)).await;
         let options = ConsumeOptions { prefetch: 10, confirm_settlements: true, ..Default::default() };
         let mut consumer = conn.consume("q", options).await.unwrap();

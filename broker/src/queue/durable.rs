@@ -31,7 +31,7 @@ pub struct Durable {
     config: StorageConfig,
     reader: SegmentReader,
     wake: Condvar,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<bool>>>,
     syncs: Arc<Syncs>,
 }
 
@@ -103,7 +103,11 @@ pub(super) fn recover(
     let started = Instant::now();
     let scan = segment::scan(dir)?;
     for problem in &scan.problems {
-        tracing::warn!(queue = %meta.name, "{problem}");
+        if problem.is_error {
+            tracing::error!(queue = %meta.name, "{}", problem.message);
+        } else {
+            tracing::warn!(queue = %meta.name, "{}", problem.message);
+        }
     }
     let mut live: BTreeMap<u64, LiveCount> =
         scan.segments.iter().map(|&(id, _)| (id, LiveCount::default())).collect();
@@ -152,8 +156,9 @@ pub(super) fn spawn_threads(queue: &Arc<Queue>, writer: SegmentWriter) {
     let handle = std::thread::Builder::new()
         .name(format!("log-{short_name}"))
         .spawn(move || {
-            write_loop(&worker, writer);
-            let _ = fsync.join();
+            let written = write_loop(&worker, writer);
+            let synced = fsync.join().unwrap_or(false);
+            written && synced
         })
         .expect("spawning a log thread");
     *durable.thread.lock() = Some(handle);
@@ -227,14 +232,16 @@ impl Durable {
         }
     }
 
-    /// Flushes what is buffered and stops the log thread.
-    pub(super) fn stop(&self, queue: &Queue) {
+    /// Flushes what is buffered and stops the log thread. Returns true if everything was
+    /// written and synced.
+    pub(super) fn stop(&self, queue: &Queue) -> bool {
         if let Some(disk) = queue.state.lock().disk.as_mut() {
             disk.stopping = true;
         }
         self.wake.notify_one();
-        if let Some(handle) = self.thread.lock().take() {
-            let _ = handle.join();
+        match self.thread.lock().take() {
+            Some(handle) => handle.join().unwrap_or(false),
+            None => true,
         }
     }
 }
@@ -318,7 +325,7 @@ impl DiskJournal<'_> {
 /// The write thread: append a batch, make its messages visible, and hand its confirms to the
 /// fsync thread (or send them, when the policy does not wait for fsync); then delete emptied
 /// segments, roll and compact.
-fn write_loop(queue: &Queue, mut writer: SegmentWriter) {
+fn write_loop(queue: &Queue, mut writer: SegmentWriter) -> bool {
     let durable = queue.durable.as_ref().expect("durable queue");
     let policy = durable.config.fsync;
     let mut spare = Vec::with_capacity(64 * 1024);
@@ -383,7 +390,7 @@ fn write_loop(queue: &Queue, mut writer: SegmentWriter) {
         maintain(queue, durable, &mut writer);
         if stopping {
             durable.syncs.stop();
-            return;
+            return !failing;
         }
     }
 }
@@ -402,7 +409,8 @@ impl Syncs {
 
 /// The fsync thread: takes every batch written since its last round, syncs each file once, and
 /// releases their confirms — negative ones if the sync failed.
-fn fsync_loop(syncs: &Syncs) {
+fn fsync_loop(syncs: &Syncs) -> bool {
+    let mut all_synced = true;
     loop {
         let batches = {
             let mut waiting = syncs.waiting.lock();
@@ -410,7 +418,7 @@ fn fsync_loop(syncs: &Syncs) {
                 syncs.wake.wait(&mut waiting);
             }
             if waiting.batches.is_empty() {
-                return;
+                return all_synced;
             }
             std::mem::take(&mut waiting.batches)
         };
@@ -421,6 +429,7 @@ fn fsync_loop(syncs: &Syncs) {
                 Some((_, result)) => result.clone(),
                 None => {
                     let result = file.sync_data().map_err(|e| e.to_string());
+                    all_synced &= result.is_ok();
                     if let Err(err) = &result {
                         tracing::error!(error = %err, "log fsync failed; publishes are refused");
                     }
@@ -523,6 +532,12 @@ fn apply_batch(
                 at = publish.range.end;
             }
             others.extend_from_slice(&bytes[at..]);
+            // Publishes buffered while this batch was out now sit behind the records put
+            // back: their ranges move with them.
+            let shift = others.len();
+            for later in &mut disk.pending {
+                later.range = later.range.start + shift..later.range.end + shift;
+            }
             disk.log.restore(others);
             for publish in pending {
                 live.state.unreserve(u64::from(publish.message.size));

@@ -439,7 +439,8 @@ impl Queue {
             None => tracing::warn!(
                 queue = %self.name, message_id = payload.id, reason = reason.as_str(), count = message.delivery_count,
                 consumer_id = event.consumer_id, connection_id = event.connection_id, error = %event.error,
-                "message died and was dropped: the queue has no dead-letter queue"
+                dead_letter = %self.settings.dead_letter,
+                "message died and was dropped: no dead-letter queue is configured, or it does not exist"
             ),
         }
         if let Some(registry) = &registry {

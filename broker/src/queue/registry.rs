@@ -166,7 +166,7 @@ impl Registry {
         };
         self.queues.remove(name);
         if let Some(durable) = &queue.durable {
-            durable.stop(&queue);
+            let _ = durable.stop(&queue);
             if let Err(err) = self.store.remove(durable.dir()) {
                 tracing::error!(queue = %name, error = %err, "could not remove the queue's files");
             }
@@ -233,10 +233,17 @@ impl Registry {
     /// Writes out and syncs what every durable queue has buffered, stops their threads, and
     /// records the clean shutdown.
     pub fn close(&self) {
+        let mut clean = true;
         for queue in self.list() {
             if let Some(durable) = &queue.durable {
-                durable.stop(&queue);
+                clean &= durable.stop(&queue);
             }
+        }
+        if !clean {
+            tracing::error!(
+                "some queue could not write its last records; the next start recovers as after a crash"
+            );
+            return;
         }
         if let Err(err) = self.store.mark_clean_shutdown() {
             tracing::warn!(error = %err, "could not record the clean shutdown");

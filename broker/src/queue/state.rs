@@ -486,7 +486,12 @@ impl<S: Sink> QueueState<S> {
         now_ms: u64,
     ) -> Result<(), SettleError> {
         let consumer = self.consumer_mut(consumer_id)?;
-        let message = consumer.window.get_mut(tag).ok_or(SettleError::UnknownTag(tag))?;
+        let expired = consumer.window.was_expired(tag);
+        let message = consumer.window.get_mut(tag).ok_or(if expired {
+            SettleError::Expired(tag)
+        } else {
+            SettleError::UnknownTag(tag)
+        })?;
         message.due_ms = now_ms + extend_ms;
         let due = message.due_ms;
         self.deadlines.push(Reverse((due, consumer_id, tag)));

@@ -23,14 +23,18 @@ pub enum Subscriber {
 /// Deliveries gathered for a pending `Get`.
 pub struct PullBox {
     connection_id: u64,
+    /// The connection to tell when a pulled message's visibility timeout passes (none for
+    /// HTTP pulls, whose receipts outlive any connection).
+    outbox: Option<Arc<Outbox>>,
     collected: Mutex<Vec<pb::Deliver>>,
     arrived: Notify,
 }
 
 impl PullBox {
-    /// An empty box for a consumer of connection `connection_id`.
-    pub fn new(connection_id: u64) -> Self {
-        PullBox { connection_id, collected: Mutex::new(Vec::new()), arrived: Notify::new() }
+    /// An empty box for a pull consumer of the connection whose outbox this is.
+    pub fn new(outbox: Option<Arc<Outbox>>) -> Self {
+        let connection_id = outbox.as_ref().map_or(0, |o| o.connection_id());
+        PullBox { connection_id, outbox, collected: Mutex::new(Vec::new()), arrived: Notify::new() }
     }
 
     /// Takes what was collected.
@@ -99,7 +103,11 @@ impl Sink for Subscriber {
     }
 
     fn expired(&self, consumer_id: u64, delivery_tag: u64) {
-        if let Subscriber::Push(outbox) = self {
+        let outbox = match self {
+            Subscriber::Push(outbox) => Some(outbox),
+            Subscriber::Pull(pull) => pull.outbox.as_ref(),
+        };
+        if let Some(outbox) = outbox {
             let body = Body::DeliveryExpired(pb::DeliveryExpired { consumer_id, delivery_tag });
             outbox.push(&Frame::event(body));
         }

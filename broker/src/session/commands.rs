@@ -134,7 +134,7 @@ impl Session {
             self.pullers.get(queue.name()).is_some_and(|p| !self.consumers.contains_key(&p.consumer_id));
         if stale || !self.pullers.contains_key(queue.name()) {
             let consumer_id = self.shared.next_consumer_id.fetch_add(1, Ordering::Relaxed);
-            let inbox = Arc::new(PullBox::new(self.conn_id));
+            let inbox = Arc::new(PullBox::new(Some(self.outbox.clone())));
             let subscriber = Subscriber::Pull(inbox.clone());
             queue.with_state(|s, _, _| s.add_pull_consumer(consumer_id, subscriber))?;
             self.consumers.insert(consumer_id, queue.clone());

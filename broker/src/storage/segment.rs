@@ -83,6 +83,25 @@ pub struct Found {
     pub failure: Option<Box<Failure>>,
 }
 
+/// A problem recovery found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Damage beyond a torn tail: data was skipped.
+    pub is_error: bool,
+    /// What and where.
+    pub message: String,
+}
+
+impl Problem {
+    fn warning(message: String) -> Self {
+        Problem { is_error: false, message }
+    }
+
+    fn error(message: String) -> Self {
+        Problem { is_error: true, message }
+    }
+}
+
 /// What recovery learned from a queue directory.
 #[derive(Debug, Default)]
 pub struct Scan {
@@ -92,8 +111,9 @@ pub struct Scan {
     pub segments: Vec<(u64, u64)>,
     /// The seq the next publish should get.
     pub next_seq: u64,
-    /// Problems found and what was done about them, for the log.
-    pub problems: Vec<String>,
+    /// Problems found and what was done about them, for the log: torn tails (expected after a
+    /// crash) are warnings, damage elsewhere is an error.
+    pub problems: Vec<Problem>,
 }
 
 /// Replays every segment of `dir`: publishes add messages, settles remove them, delivered
@@ -114,12 +134,17 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
         if at == 0 {
             if newest && bytes.len() < MAGIC.len() && MAGIC.starts_with(&bytes) {
                 // Torn while being created: nothing in it yet.
-                result.problems.push(format!("{}: incomplete header; rewritten", file_path.display()));
+                result
+                    .problems
+                    .push(Problem::warning(format!("{}: incomplete header; rewritten", file_path.display())));
                 std::fs::write(&file_path, MAGIC)?;
                 result.segments.push((id, MAGIC.len() as u64));
                 continue;
             }
-            result.problems.push(format!("{}: not a segment file (bad magic); skipped", file_path.display()));
+            result.problems.push(Problem::error(format!(
+                "{}: not a segment file (bad magic); skipped",
+                file_path.display()
+            )));
             continue;
         }
         while at < bytes.len() {
@@ -137,11 +162,11 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
                 }
                 Err(err) if newest => {
                     let kind = if err == RecordError::Incomplete { "torn write" } else { "corrupt record" };
-                    result.problems.push(format!(
+                    result.problems.push(Problem::warning(format!(
                         "{}: {kind} at offset {at} ({err}); truncated {} byte(s) from the tail",
                         file_path.display(),
                         bytes.len() - at
-                    ));
+                    )));
                     let file = OpenOptions::new().write(true).open(&file_path)?;
                     file.set_len(at as u64)?;
                     file.sync_all()?;
@@ -149,11 +174,11 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
                     break;
                 }
                 Err(err) => {
-                    result.problems.push(format!(
+                    result.problems.push(Problem::error(format!(
                         "{}: corrupt record at offset {at} ({err}); the rest of this segment ({} bytes) was skipped",
                         file_path.display(),
                         bytes.len() - at
-                    ));
+                    )));
                     break;
                 }
             }

@@ -1,0 +1,323 @@
+//! Queues as `hopper queue list` and `queue stats` print them: the table, the listing and the
+//! JSON objects.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hopper_client::QueueInfo;
+use serde::Serialize;
+
+use super::{listing, table, yes_no, Align};
+use crate::time::format_duration;
+
+/// A queue as `--json` prints it. The key set is part of the CLI's interface.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct QueueJson<'a> {
+    /// The queue's name.
+    pub name: &'a str,
+    /// Whether the queue survives broker restarts.
+    pub durable: bool,
+    /// Messages waiting for a consumer.
+    pub ready: u64,
+    /// Messages delivered and not yet acknowledged.
+    pub unacked: u64,
+    /// Consumers attached now.
+    pub consumers: u32,
+    /// Messages published since the queue was created.
+    pub published: u64,
+    /// Deliveries made, redeliveries included.
+    pub delivered: u64,
+    /// Deliveries acknowledged.
+    pub acked: u64,
+    /// Deliveries of messages that had been delivered before.
+    pub redelivered: u64,
+    /// Messages waiting for a publish delay or retry backoff.
+    pub delayed: u64,
+    /// Messages that died in the queue, by reason; sorted so output is stable.
+    pub dead_lettered: BTreeMap<&'a str, u64>,
+    /// The dead-letter queue; null when dead messages are dropped.
+    pub dead_letter: Option<&'a str>,
+    /// Deliveries after which a failing message dies; null for no limit.
+    pub max_deliveries: Option<u32>,
+    /// Retry delays in milliseconds; empty for immediate redelivery.
+    pub retry_backoff_ms: Vec<u64>,
+    /// Time to live of messages in milliseconds; null for none.
+    pub message_ttl_ms: Option<u64>,
+    /// Ack timeout in milliseconds; null for none.
+    pub ack_timeout_ms: Option<u64>,
+}
+
+impl<'a> From<&'a QueueInfo> for QueueJson<'a> {
+    fn from(info: &'a QueueInfo) -> Self {
+        QueueJson {
+            name: &info.name,
+            durable: info.durable,
+            ready: info.ready,
+            unacked: info.unacked,
+            consumers: info.consumers,
+            published: info.published_total,
+            delivered: info.delivered_total,
+            acked: info.acked_total,
+            redelivered: info.redelivered_total,
+            delayed: info.delayed,
+            dead_lettered: info.dead_lettered.iter().map(|(reason, n)| (reason.as_str(), *n)).collect(),
+            dead_letter: info.dead_letter.as_deref(),
+            max_deliveries: info.max_deliveries,
+            retry_backoff_ms: info.retry_backoff.iter().map(|d| millis(*d)).collect(),
+            message_ttl_ms: info.message_ttl.map(millis),
+            ack_timeout_ms: info.ack_timeout.map(millis),
+        }
+    }
+}
+
+/// A duration in whole milliseconds, as the JSON output gives durations.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Renders queues as `--json` prints them: one array, pretty-printed.
+pub fn queues_json(queues: &[QueueInfo]) -> anyhow::Result<String> {
+    let rows: Vec<QueueJson<'_>> = queues.iter().map(QueueJson::from).collect();
+    Ok(serde_json::to_string_pretty(&rows)?)
+}
+
+/// Renders one queue as `--json` prints it.
+pub fn queue_json(queue: &QueueInfo) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(&QueueJson::from(queue))?)
+}
+
+/// Column headers of `hopper queue list`, in order.
+const QUEUE_COLUMNS: [&str; 11] = [
+    "NAME",
+    "READY",
+    "UNACKED",
+    "DELAYED",
+    "CONSUMERS",
+    "DURABLE",
+    "PUBLISHED",
+    "DELIVERED",
+    "ACKED",
+    "REDELIVERED",
+    "DLQ",
+];
+
+/// Renders queues as an aligned table with a header row, sorted by name.
+pub fn queue_table(queues: &[QueueInfo]) -> String {
+    let mut sorted: Vec<&QueueInfo> = queues.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let rows: Vec<Vec<String>> = sorted
+        .iter()
+        .map(|q| {
+            vec![
+                q.name.clone(),
+                q.ready.to_string(),
+                q.unacked.to_string(),
+                q.delayed.to_string(),
+                q.consumers.to_string(),
+                yes_no(q.durable).to_string(),
+                q.published_total.to_string(),
+                q.delivered_total.to_string(),
+                q.acked_total.to_string(),
+                q.redelivered_total.to_string(),
+                q.dead_letter.clone().unwrap_or_else(|| "-".to_string()),
+            ]
+        })
+        .collect();
+    // Names read best left-aligned, the counters right-aligned.
+    let mut align = [Align::Right; QUEUE_COLUMNS.len()];
+    align[0] = Align::Left;
+    align[5] = Align::Left;
+    align[10] = Align::Left;
+    table(&QUEUE_COLUMNS, &align, &rows)
+}
+
+/// Renders one queue as `key: value` lines with the values aligned.
+pub fn queue_listing(q: &QueueInfo) -> String {
+    let fields = [
+        ("name", q.name.clone()),
+        ("durable", yes_no(q.durable).to_string()),
+        ("ready", q.ready.to_string()),
+        ("unacked", q.unacked.to_string()),
+        ("delayed", q.delayed.to_string()),
+        ("consumers", q.consumers.to_string()),
+        ("published", q.published_total.to_string()),
+        ("delivered", q.delivered_total.to_string()),
+        ("acked", q.acked_total.to_string()),
+        ("redelivered", q.redelivered_total.to_string()),
+        ("dead lettered", dead_lettered(q)),
+        ("dead letter", q.dead_letter.clone().unwrap_or_else(|| "-".to_string())),
+        ("max deliveries", q.max_deliveries.map_or_else(|| "-".to_string(), |n| n.to_string())),
+        ("retry backoff", durations(&q.retry_backoff)),
+        ("message ttl", q.message_ttl.map_or_else(|| "-".to_string(), format_duration)),
+        ("ack timeout", q.ack_timeout.map_or_else(|| "-".to_string(), format_duration)),
+    ];
+    listing(&fields)
+}
+
+/// The dead-message count of a queue with its reasons, e.g. `3 (delivery_limit 1, rejected 2)`.
+fn dead_lettered(q: &QueueInfo) -> String {
+    let by_reason: BTreeMap<&str, u64> =
+        q.dead_lettered.iter().filter(|(_, n)| **n > 0).map(|(r, n)| (r.as_str(), *n)).collect();
+    let total: u64 = by_reason.values().sum();
+    if total == 0 {
+        return "0".to_string();
+    }
+    let reasons: Vec<String> = by_reason.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+    format!("{total} ({})", reasons.join(", "))
+}
+
+/// Durations as a flag would take them, e.g. `1s,5s,30s`; `-` for none.
+fn durations(list: &[Duration]) -> String {
+    if list.is_empty() {
+        return "-".to_string();
+    }
+    list.iter().map(|d| format_duration(*d)).collect::<Vec<_>>().join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn info(name: &str, ready: u64, durable: bool) -> QueueInfo {
+        QueueInfo {
+            name: name.to_string(),
+            durable,
+            ready,
+            unacked: 2,
+            consumers: 1,
+            published_total: 10,
+            delivered_total: 7,
+            acked_total: 5,
+            redelivered_total: 1,
+            delayed: 4,
+            dead_lettered: HashMap::new(),
+            dead_letter: None,
+            max_deliveries: None,
+            retry_backoff: Vec::new(),
+            message_ttl: None,
+            ack_timeout: None,
+        }
+    }
+
+    fn failing(name: &str) -> QueueInfo {
+        QueueInfo {
+            dead_lettered: HashMap::from([("rejected".to_string(), 2), ("delivery_limit".to_string(), 1)]),
+            dead_letter: Some(format!("{name}.dead")),
+            max_deliveries: Some(5),
+            retry_backoff: vec![Duration::from_secs(1), Duration::from_millis(1500), Duration::from_secs(60)],
+            message_ttl: Some(Duration::from_secs(3600)),
+            ack_timeout: Some(Duration::from_secs(30)),
+            ..info(name, 1, true)
+        }
+    }
+
+    #[test]
+    fn queue_table_has_a_header_and_sorted_rows() {
+        let text = queue_table(&[info("zeta", 3, true), info("alpha", 12345, false)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("NAME   READY  UNACKED  DELAYED  CONSUMERS  DURABLE"), "{}", lines[0]);
+        assert!(lines[0].ends_with("REDELIVERED  DLQ"), "{}", lines[0]);
+        assert!(lines[1].starts_with("alpha  12345"), "{}", lines[1]);
+        assert!(lines[2].starts_with("zeta       3"), "{}", lines[2]);
+        // Every line is as wide as the header except where trailing spaces were trimmed.
+        assert!(lines.iter().all(|l| !l.ends_with(' ')));
+    }
+
+    #[test]
+    fn empty_queue_table_is_just_the_header() {
+        assert_eq!(queue_table(&[]).lines().count(), 1);
+    }
+
+    #[test]
+    fn queue_json_has_exactly_the_documented_keys() {
+        let value: serde_json::Value =
+            serde_json::from_str(&queue_json(&info("q", 3, true)).unwrap()).unwrap();
+        let object = value.as_object().unwrap();
+        let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "ack_timeout_ms",
+                "acked",
+                "consumers",
+                "dead_letter",
+                "dead_lettered",
+                "delayed",
+                "delivered",
+                "durable",
+                "max_deliveries",
+                "message_ttl_ms",
+                "name",
+                "published",
+                "ready",
+                "redelivered",
+                "retry_backoff_ms",
+                "unacked"
+            ]
+        );
+        assert_eq!(object["durable"], serde_json::Value::Bool(true));
+        assert_eq!(object["ready"], serde_json::json!(3));
+        assert_eq!(object["published"], serde_json::json!(10));
+        assert_eq!(object["delayed"], serde_json::json!(4));
+        for unset in ["dead_letter", "max_deliveries", "message_ttl_ms", "ack_timeout_ms"] {
+            assert_eq!(object[unset], serde_json::Value::Null, "{unset}");
+        }
+        assert_eq!(object["retry_backoff_ms"], serde_json::json!([]));
+        assert_eq!(object["dead_lettered"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn queue_json_shows_failure_settings_and_deaths() {
+        let value: serde_json::Value = serde_json::from_str(&queue_json(&failing("jobs")).unwrap()).unwrap();
+        assert_eq!(value["dead_letter"], "jobs.dead");
+        assert_eq!(value["max_deliveries"], 5);
+        assert_eq!(value["retry_backoff_ms"], serde_json::json!([1000, 1500, 60000]));
+        assert_eq!(
+            (value["message_ttl_ms"].as_u64(), value["ack_timeout_ms"].as_u64()),
+            (Some(3_600_000), Some(30_000))
+        );
+        assert_eq!(value["dead_lettered"], serde_json::json!({"delivery_limit": 1, "rejected": 2}));
+    }
+
+    #[test]
+    fn queue_table_names_the_dead_letter_queue() {
+        let text = queue_table(&[failing("jobs"), info("plain", 0, false)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].starts_with("jobs "), "{}", lines[1]);
+        assert!(lines[1].ends_with("  jobs.dead"), "{}", lines[1]);
+        assert!(lines[2].ends_with("  -"), "{}", lines[2]);
+    }
+
+    #[test]
+    fn queue_listing_shows_failure_settings() {
+        let text = queue_listing(&failing("jobs"));
+        for line in [
+            "delayed:        4",
+            "dead lettered:  3 (delivery_limit 1, rejected 2)",
+            "dead letter:    jobs.dead",
+            "max deliveries: 5",
+            "retry backoff:  1s,1.5s,1m",
+            "message ttl:    1h",
+            "ack timeout:    30s",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing '{line}' in\n{text}");
+        }
+        let plain = queue_listing(&info("q", 0, false));
+        for line in ["dead lettered:  0", "dead letter:    -", "retry backoff:  -", "ack timeout:    -"] {
+            assert!(plain.lines().any(|l| l == line), "missing '{line}' in\n{plain}");
+        }
+    }
+
+    #[test]
+    fn queues_json_is_an_array() {
+        let value: serde_json::Value =
+            serde_json::from_str(&queues_json(&[info("a", 1, false), info("b", 2, false)]).unwrap()).unwrap();
+        assert_eq!(value.as_array().map(Vec::len), Some(2));
+        let empty: serde_json::Value = serde_json::from_str(&queues_json(&[]).unwrap()).unwrap();
+        assert_eq!(empty, serde_json::json!([]));
+    }
+}

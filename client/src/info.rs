@@ -1,0 +1,222 @@
+//! What the broker reports: [`QueueInfo`] (a queue's settings and counters), [`Death`] (one
+//! entry of a dead-lettered message's history) and [`AuditEvent`] (one entry of the audit
+//! trail of dead messages).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use hopper_proto::pb;
+
+/// A queue as the broker describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// The queue's name.
+    pub name: String,
+    /// Whether the queue survives broker restarts.
+    pub durable: bool,
+    /// Messages waiting for a consumer.
+    pub ready: u64,
+    /// Messages delivered and not yet acknowledged.
+    pub unacked: u64,
+    /// Consumers attached now.
+    pub consumers: u32,
+    /// Messages published to the queue since it was created.
+    pub published_total: u64,
+    /// Deliveries made, redeliveries included.
+    pub delivered_total: u64,
+    /// Deliveries acknowledged.
+    pub acked_total: u64,
+    /// Deliveries of messages that had been delivered before.
+    pub redelivered_total: u64,
+    /// Messages waiting for a publish delay or a retry backoff to pass.
+    pub delayed: u64,
+    /// Messages that died in this queue, by reason (`rejected`, `delivery_limit`, `expired`,
+    /// `maxlen`). Reasons with no deaths may be missing.
+    pub dead_lettered: HashMap<String, u64>,
+    /// Queue that receives this queue's dead messages; `None` when they are dropped.
+    pub dead_letter: Option<String>,
+    /// Deliveries after which a failing message dies; `None` for no limit.
+    pub max_deliveries: Option<u32>,
+    /// Delays before the 1st, 2nd, ... redelivery of a failed message; the last one repeats.
+    pub retry_backoff: Vec<Duration>,
+    /// Time to live of the queue's messages; `None` for no limit.
+    pub message_ttl: Option<Duration>,
+    /// Time a consumer has to settle a delivery; `None` for no deadline.
+    pub ack_timeout: Option<Duration>,
+}
+
+impl From<pb::QueueInfo> for QueueInfo {
+    fn from(info: pb::QueueInfo) -> Self {
+        let settings = info.settings.unwrap_or_default();
+        QueueInfo {
+            name: info.name,
+            durable: settings.durable,
+            ready: info.ready,
+            unacked: info.unacked,
+            consumers: info.consumers,
+            published_total: info.published_total,
+            delivered_total: info.delivered_total,
+            acked_total: info.acked_total,
+            redelivered_total: info.redelivered_total,
+            delayed: info.delayed,
+            dead_lettered: info.dead_lettered_total,
+            dead_letter: non_empty(settings.dead_letter),
+            max_deliveries: (settings.max_deliveries > 0).then_some(settings.max_deliveries),
+            retry_backoff: settings.retry_backoff_ms.into_iter().map(Duration::from_millis).collect(),
+            message_ttl: millis(settings.message_ttl_ms),
+            ack_timeout: millis(settings.ack_timeout_ms),
+        }
+    }
+}
+
+/// One time a message died: where, why, and what its consumer last said. A message that went
+/// through dead-letter queues carries one per death, oldest first
+/// ([`Delivery::deaths`](crate::Delivery::deaths)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Death {
+    /// The queue the message died in.
+    pub queue: String,
+    /// Why: `rejected`, `delivery_limit`, `expired` or `maxlen`.
+    pub reason: String,
+    /// Its delivery count in that queue.
+    pub count: u32,
+    /// The error text of its last failed delivery (from a nack or reject), or empty.
+    pub error: String,
+    /// Unix time in milliseconds of its first failed delivery there (0 if none failed).
+    pub first_failure_ms: u64,
+    /// Unix time in milliseconds of its last failed delivery there (0 if none failed).
+    pub last_failure_ms: u64,
+    /// Unix time in milliseconds at which it died.
+    pub died_at_ms: u64,
+}
+
+impl From<pb::Death> for Death {
+    fn from(death: pb::Death) -> Self {
+        Death {
+            queue: death.queue,
+            reason: death.reason,
+            count: death.count,
+            error: death.error,
+            first_failure_ms: death.first_failure_ms,
+            last_failure_ms: death.last_failure_ms,
+            died_at_ms: death.died_at_ms,
+        }
+    }
+}
+
+/// One entry of the broker's audit trail: a message died (and was dead-lettered or dropped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Unix time in milliseconds at which the message died.
+    pub time_ms: u64,
+    /// The queue the message died in.
+    pub queue: String,
+    /// The message's broker-assigned id.
+    pub message_id: u64,
+    /// Why: `rejected`, `delivery_limit`, `expired` or `maxlen`.
+    pub reason: String,
+    /// Its delivery count in that queue.
+    pub count: u32,
+    /// The consumer of its last failed delivery (0 if none).
+    pub consumer_id: u64,
+    /// The broker's id of that consumer's connection (0 if none).
+    pub connection_id: u64,
+    /// The error text of its last failed delivery, or empty.
+    pub error: String,
+    /// The queue it was moved to; `None` when it was dropped.
+    pub dead_letter: Option<String>,
+}
+
+impl From<pb::AuditEvent> for AuditEvent {
+    fn from(event: pb::AuditEvent) -> Self {
+        AuditEvent {
+            time_ms: event.time_ms,
+            queue: event.queue,
+            message_id: event.message_id,
+            reason: event.reason,
+            count: event.count,
+            consumer_id: event.consumer_id,
+            connection_id: event.connection_id,
+            error: event.error,
+            dead_letter: non_empty(event.dead_letter),
+        }
+    }
+}
+
+/// `None` for the wire's "not set" (empty) string.
+fn non_empty(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+/// `None` for the wire's "not set" (0) duration.
+fn millis(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_info_reads_settings_and_counters() {
+        let info = QueueInfo::from(pb::QueueInfo {
+            name: "jobs".into(),
+            settings: Some(pb::QueueSettings {
+                durable: true,
+                dead_letter: "jobs.dead".into(),
+                max_deliveries: 5,
+                retry_backoff_ms: vec![1000, 5000],
+                message_ttl_ms: 60_000,
+                ack_timeout_ms: 0,
+            }),
+            ready: 3,
+            unacked: 2,
+            consumers: 1,
+            published_total: 10,
+            delivered_total: 7,
+            acked_total: 5,
+            redelivered_total: 1,
+            delayed: 4,
+            dead_lettered_total: HashMap::from([("rejected".to_string(), 2)]),
+        });
+        assert_eq!(info.name, "jobs");
+        assert!(info.durable);
+        assert_eq!((info.ready, info.unacked, info.consumers, info.delayed), (3, 2, 1, 4));
+        assert_eq!((info.published_total, info.delivered_total), (10, 7));
+        assert_eq!((info.acked_total, info.redelivered_total), (5, 1));
+        assert_eq!(info.dead_lettered.get("rejected"), Some(&2));
+        assert_eq!(info.dead_letter.as_deref(), Some("jobs.dead"));
+        assert_eq!(info.max_deliveries, Some(5));
+        assert_eq!(info.retry_backoff, [Duration::from_secs(1), Duration::from_secs(5)]);
+        assert_eq!(info.message_ttl, Some(Duration::from_secs(60)));
+        assert_eq!(info.ack_timeout, None, "0 means not set");
+    }
+
+    #[test]
+    fn missing_settings_mean_defaults() {
+        let info = QueueInfo::from(pb::QueueInfo { name: "q".into(), ..Default::default() });
+        assert!(!info.durable);
+        assert_eq!((info.dead_letter, info.max_deliveries), (None, None));
+        assert!(info.retry_backoff.is_empty() && info.dead_lettered.is_empty());
+        assert_eq!((info.message_ttl, info.ack_timeout), (None, None));
+    }
+
+    #[test]
+    fn audit_event_without_a_dead_letter_queue_was_dropped() {
+        let event = AuditEvent::from(pb::AuditEvent {
+            time_ms: 1,
+            queue: "q".into(),
+            message_id: 9,
+            reason: "rejected".into(),
+            count: 1,
+            consumer_id: 3,
+            connection_id: 4,
+            error: "bad".into(),
+            dead_letter: String::new(),
+        });
+        assert_eq!(event.dead_letter, None);
+        assert_eq!((event.message_id, event.reason.as_str(), event.error.as_str()), (9, "rejected", "bad"));
+        let moved = AuditEvent::from(pb::AuditEvent { dead_letter: "q.dead".into(), ..Default::default() });
+        assert_eq!(moved.dead_letter.as_deref(), Some("q.dead"));
+    }
+}
