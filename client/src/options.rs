@@ -79,6 +79,7 @@ impl QueueOptions {
             retry_backoff_ms: self.retry_backoff.iter().copied().map(wire_ms).collect(),
             message_ttl_ms: self.message_ttl.map_or(0, wire_ms),
             ack_timeout_ms: self.ack_timeout.map_or(0, wire_ms),
+            ..Default::default()
         }
     }
 }

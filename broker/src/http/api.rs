@@ -322,7 +322,7 @@ fn http_puller(shared: &Shared, queue: &Arc<Queue>) -> ApiResult<Arc<HttpPuller>
         }
     }
     let consumer_id = shared.next_consumer_id.fetch_add(1, Ordering::Relaxed);
-    let inbox = Arc::new(PullBox::new(0));
+    let inbox = Arc::new(PullBox::new(None));
     let subscriber = Subscriber::Pull(inbox.clone());
     queue.with_state(|s, _, _| s.add_pull_consumer(consumer_id, subscriber))?;
     let puller = Arc::new(HttpPuller { consumer_id, inbox, turn: tokio::sync::Mutex::new(()) });
