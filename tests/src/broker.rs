@@ -59,6 +59,7 @@ fn remove_hopper_env(command: &mut Command) {
 pub struct Broker {
     child: Child,
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<String>>>,
     /// The thread draining stderr; it ends when the broker exits and the pipe closes.
     stderr_reader: Option<JoinHandle<()>>,
@@ -81,6 +82,7 @@ struct Launch {
 struct Started {
     child: Child,
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<String>>>,
     stderr_reader: JoinHandle<()>,
 }
@@ -112,8 +114,8 @@ impl Broker {
     }
 
     fn launch(launch: Launch, temp_dir: Option<TempDir>) -> Broker {
-        let Started { child, addr, stderr, stderr_reader } = launch.start();
-        Broker { child, addr, stderr, stderr_reader: Some(stderr_reader), launch, _temp_dir: temp_dir }
+        let Started { child, addr, http_addr, stderr, stderr_reader } = launch.start();
+        Broker { child, addr, http_addr, stderr, stderr_reader: Some(stderr_reader), launch, _temp_dir: temp_dir }
     }
 
     /// Starts `hopperd` again on the same data directory, with the same flags and wrapper (on a
@@ -124,9 +126,10 @@ impl Broker {
         if let Some(reader) = self.stderr_reader.take() {
             let _ = reader.join();
         }
-        let Started { child, addr, stderr, stderr_reader } = self.launch.start();
+        let Started { child, addr, http_addr, stderr, stderr_reader } = self.launch.start();
         self.child = child;
         self.addr = addr;
+        self.http_addr = http_addr;
         self.stderr = stderr;
         self.stderr_reader = Some(stderr_reader);
     }
@@ -134,6 +137,11 @@ impl Broker {
     /// The address the broker listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the broker's HTTP listener (metrics, API, dashboard).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr.expect("the broker runs its HTTP listener")
     }
 
     /// The broker's data directory.
@@ -251,6 +259,11 @@ impl Launch {
                 command
             }
         };
+        // The HTTP listener defaults to a fixed port; tests run side by side, so each broker
+        // takes a free one unless the test chose.
+        if !self.args.iter().any(|a| a == "--http") {
+            command.args(["--http", "127.0.0.1:0"]);
+        }
         let mut child = command
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -267,11 +280,14 @@ impl Launch {
         let (stderr_reader, lines) =
             drain_lines(child.stderr.take().expect("stderr is piped"), stderr.clone());
         let deadline = Instant::now() + STARTUP_DEADLINE;
+        let mut http_addr = None;
         let addr = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match lines.recv_timeout(left) {
                 Ok(line) => {
-                    if let Some(addr) = listening_addr(&line) {
+                    if let Some(addr) = http_listening_addr(&line) {
+                        http_addr = Some(addr);
+                    } else if let Some(addr) = listening_addr(&line) {
                         break addr;
                     }
                 }
@@ -289,7 +305,7 @@ impl Launch {
                 }
             }
         };
-        Started { child, addr, stderr, stderr_reader }
+        Started { child, addr, http_addr, stderr, stderr_reader }
     }
 }
 
@@ -318,9 +334,15 @@ fn drain_lines(
     (thread, rx)
 }
 
-/// The address in a `... listening on 127.0.0.1:46719 data_dir=...` log line.
+/// The address in a `... hopperd: listening on 127.0.0.1:46719 data_dir=...` log line.
 fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let (_, rest) = line.split_once("listening on ")?;
+    let (_, rest) = line.split_once("hopperd: listening on ")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The address in a `... hopperd: http listening on 127.0.0.1:8080 (dashboard ...)` log line.
+fn http_listening_addr(line: &str) -> Option<SocketAddr> {
+    let (_, rest) = line.split_once("hopperd: http listening on ")?;
     rest.split_whitespace().next()?.parse().ok()
 }
 
@@ -338,5 +360,8 @@ mod tests {
                     data_dir=/tmp/x version=\"0.1.0\"";
         assert_eq!(listening_addr(line), Some("127.0.0.1:46719".parse().unwrap()));
         assert_eq!(listening_addr("INFO hopperd: session open"), None);
+        let http = "INFO hopperd: http listening on 127.0.0.1:8080 (dashboard at http://127.0.0.1:8080/)";
+        assert_eq!(http_listening_addr(http), Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(listening_addr(http), None);
     }
 }
