@@ -46,6 +46,7 @@ pub(crate) struct Shared {
 /// let dir = tempfile::tempdir()?;
 /// let config = Config {
 ///     listen: "127.0.0.1:0".into(),
+///     http: "off".into(),
 ///     data_dir: dir.path().to_path_buf(),
 ///     ..Config::default()
 /// };
