@@ -73,7 +73,7 @@ pub struct MoveStatus {
     pub moved: u64,
     /// Messages left in the source because their destination is unknown.
     pub skipped: u64,
-    /// Waiting messages left in the source at the last look.
+    /// Ready messages left in the source (matching or not) at the last look.
     pub remaining: u64,
     /// Why it failed.
     pub error: String,
@@ -145,7 +145,11 @@ impl Moves {
             kind: "move_started".into(),
             queue: status.spec.source.clone(),
             value: status.id,
-            detail: format!("to '{}'", status.spec.destination),
+            detail: if status.spec.destination.is_empty() {
+                "to each message's original queue".to_owned()
+            } else {
+                format!("to '{}'", status.spec.destination)
+            },
         });
         tokio::spawn(run(task, Arc::downgrade(registry), source, events.clone()));
         Ok(status)
@@ -175,10 +179,8 @@ impl Move {
     fn snapshot(&self, registry: &Registry) -> MoveStatus {
         let mut status = self.status.lock().clone();
         status.moved = self.moved.load(Ordering::Acquire);
-        if status.state == MoveState::Running {
-            if let Ok(source) = registry.get(&status.spec.source) {
-                status.remaining = source.snapshot().ready;
-            }
+        if let Ok(source) = registry.get(&status.spec.source) {
+            status.remaining = source.snapshot().ready;
         }
         status
     }

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use hopper_client::{Connection, ConsumeOptions, Delivery, NackOptions};
 
 use crate::output;
+use crate::shutdown::Shutdown;
 use crate::time::parse_duration;
 
 /// Flags of `consume`.
@@ -16,9 +17,11 @@ use crate::time::parse_duration;
 Each message is printed on its own line as soon as it arrives (stdout is flushed per line): the \
 body as text (invalid UTF-8 becomes U+FFFD), or with --json an object with keys body, headers, \
 redelivered, delivery_count, queue, message_id, content_type, published_at_ms, delivery_tag, \
-death and deaths. `deaths` lists every time the message died (it came through a dead-letter \
-queue), oldest first, each an object with keys reason, queue, count, error, first_time, \
-last_time and died_at (times in Unix milliseconds); `death` is the latest of them, or null.
+death, deaths and replay_count. `deaths` lists every time the message died (it came through a \
+dead-letter queue), oldest first, each an object with keys reason, queue, count, error, \
+first_time, last_time and died_at (times in Unix milliseconds); `death` is the latest of them, \
+or null. `replay_count` counts the times the message was moved out of a queue \
+(`hopper queue move`).
 
 Without --count, runs until Ctrl-C or SIGTERM, then cancels the consumer (the broker requeues \
 whatever was not acknowledged) and exits 0.")]
@@ -145,45 +148,6 @@ fn prefetch_for(prefetch: u32, count: Option<u64>) -> u32 {
         count
     } else {
         prefetch.min(count)
-    }
-}
-
-/// Ctrl-C and (on Unix) SIGTERM, listened for from the moment of [`Shutdown::install`].
-struct Shutdown {
-    #[cfg(unix)]
-    interrupt: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl Shutdown {
-    #[cfg(unix)]
-    fn install() -> anyhow::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Shutdown {
-            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
-            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
-        })
-    }
-
-    #[cfg(not(unix))]
-    fn install() -> anyhow::Result<Self> {
-        Ok(Shutdown {})
-    }
-
-    /// Resolves when a shutdown signal arrives. Cancel-safe.
-    #[cfg(unix)]
-    async fn recv(&mut self) -> anyhow::Result<()> {
-        tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
-        }
-        Ok(())
-    }
-
-    #[cfg(not(unix))]
-    async fn recv(&mut self) -> anyhow::Result<()> {
-        Ok(tokio::signal::ctrl_c().await?)
     }
 }
 

@@ -6,11 +6,16 @@
 mod audit;
 mod bench;
 mod consume;
+mod events;
 mod get;
+mod moves;
 mod output;
 mod publish;
 mod queue;
+mod shutdown;
+mod status;
 mod time;
+mod top;
 
 use std::process::ExitCode;
 
@@ -35,7 +40,7 @@ struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Declare, delete, purge, list and inspect queues.
+    /// Declare, delete, purge, list, inspect and peek into queues; set alarms; move messages.
     #[command(subcommand)]
     Queue(queue::QueueCommand),
     /// Publish messages to a queue and wait for the broker to confirm every one.
@@ -46,6 +51,12 @@ enum Command {
     Get(get::GetArgs),
     /// Print the audit trail of dead messages: where and why they died, where they went.
     Audit(audit::AuditArgs),
+    /// Show the broker's health: uptime, connections, flow control, memory and disk.
+    Status(status::StatusArgs),
+    /// Print the broker's events (alarms, publisher blocks, moves) as they happen.
+    Events(events::EventsArgs),
+    /// Watch the queues live: depths, consumers, rates per second and alarms.
+    Top(top::TopArgs),
     /// Measure throughput and end-to-end latency with concurrent producers and consumers.
     Bench(bench::BenchArgs),
 }
@@ -80,6 +91,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consume(args) => consume::run(&cli.server, args).await,
         Command::Get(args) => get::run(&cli.server, args).await,
         Command::Audit(args) => audit::run(&cli.server, args).await,
+        Command::Status(args) => status::run(&cli.server, args).await,
+        Command::Events(args) => events::run(&cli.server, args).await,
+        Command::Top(args) => top::run(&cli.server, args).await,
         Command::Bench(args) => bench::run(&cli.server, args).await,
     }
 }

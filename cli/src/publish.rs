@@ -24,7 +24,10 @@ trailing \\n or \\r\\n is removed; empty lines are published as empty messages).
 
 On success `published N messages to 'QUEUE'` goes to stderr, so stdout stays empty. \
 The exit status is 0 only when the broker confirmed every message; otherwise stderr says how \
-many were not confirmed and why.")]
+many were not confirmed and why (e.g. RESOURCE_LIMIT when a bounded queue is full).
+
+While the broker blocks publishers (its memory or disk is short), stderr says so once and \
+publishing waits until the block ends.")]
 pub struct PublishArgs {
     /// Queue to publish to (it must exist).
     pub queue: String,
@@ -56,6 +59,7 @@ pub async fn run(server: &str, args: PublishArgs) -> anyhow::Result<()> {
         delay: args.delay,
         ttl: args.ttl,
     };
+    let watcher = tokio::spawn(report_block(conn.flow_changes()));
     let mut pipeline = Pipeline::new(&conn, &args.queue, options);
     if args.bodies.is_empty() {
         let mut stdin = BufReader::with_capacity(64 * 1024, tokio::io::stdin());
@@ -73,9 +77,24 @@ pub async fn run(server: &str, args: PublishArgs) -> anyhow::Result<()> {
         }
     }
     let outcome = pipeline.finish().await;
+    watcher.abort();
     let _ = conn.close().await;
     outcome?;
     Ok(())
+}
+
+/// Says on stderr, the first time it happens, that the broker blocks publishing; publishes
+/// then simply wait.
+async fn report_block(mut changes: tokio::sync::watch::Receiver<Option<String>>) {
+    loop {
+        if let Some(reason) = changes.borrow_and_update().clone() {
+            eprintln!("hopper: publishers are blocked by the broker: {reason}; waiting…");
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Publishes with at most [`MAX_IN_FLIGHT`] confirms outstanding and tallies the outcome.

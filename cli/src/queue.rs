@@ -1,10 +1,12 @@
-//! `hopper queue ...`: declare, delete, purge, list and inspect queues.
+//! `hopper queue ...`: declare, delete, purge, list, inspect and peek into queues, set their
+//! depth alarms; moving messages between queues lives in [`crate::moves`].
 
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
-use hopper_client::{Connection, DeleteOptions, ErrorCode, QueueOptions};
+use clap::{Args, Subcommand, ValueEnum};
+use hopper_client::{Connection, DeleteOptions, ErrorCode, Overflow, QueueOptions};
 
+use crate::moves::{MoveArgs, MovesArgs};
 use crate::output;
 use crate::time::parse_duration;
 
@@ -25,9 +27,28 @@ pub enum QueueCommand {
     /// Prints `purged N messages from 'NAME'`.
     Purge(NameArg),
     /// List every queue with its counters.
+    ///
+    /// While the broker blocks publishers (memory or disk), a line `publishers are blocked:
+    /// REASON` comes first (with --json it goes to stderr instead).
     List(JsonArg),
     /// Show the counters of one queue.
     Stats(StatsArgs),
+    /// Set or clear the depth alarm of a queue.
+    ///
+    /// The alarm is raised while more than DEPTH messages are ready (`hopper events` shows it
+    /// happen, `queue list` shows it in the ALARM column). Prints `alarm of 'NAME' set to ready >
+    /// DEPTH` or `alarm of 'NAME' cleared`.
+    Alarm(AlarmArgs),
+    /// Print the first waiting messages of a queue without taking them.
+    ///
+    /// Nothing is delivered, settled or counted. Prints each body on its own line, or with
+    /// --json one object per line with the keys of `hopper consume --json` (without
+    /// delivery_tag), replay_count included.
+    Peek(PeekArgs),
+    /// Move waiting messages between queues (e.g. out of a dead-letter queue) and follow it.
+    Move(MoveArgs),
+    /// List the broker's moves, running and recently ended.
+    Moves(MovesArgs),
 }
 
 /// Flags of `queue declare`.
@@ -56,6 +77,38 @@ pub struct DeclareArgs {
     /// How long a consumer has to settle a delivery before the broker takes it back.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub ack_timeout: Option<Duration>,
+    /// Most messages waiting in the queue (ready and delayed); see --overflow.
+    #[arg(long, value_name = "N", value_parser = crate::at_least(1u64))]
+    pub max_length: Option<u64>,
+    /// Most body bytes waiting in the queue; see --overflow.
+    #[arg(long, value_name = "N", value_parser = crate::at_least(1u64))]
+    pub max_bytes: Option<u64>,
+    /// What a full queue does with a new message: refuse the publish, or let the oldest
+    /// waiting message die (reason maxlen, dead-lettered if the queue has a dead-letter queue).
+    #[arg(long, value_enum, default_value_t = OverflowArg::RejectPublish)]
+    pub overflow: OverflowArg,
+    /// Raise the queue's alarm while more than N messages are ready (set after declaring;
+    /// like `queue alarm`).
+    #[arg(long, value_name = "N", value_parser = crate::at_least(1u64))]
+    pub alarm_depth: Option<u64>,
+}
+
+/// `--overflow` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OverflowArg {
+    /// Refuse publishes to a full queue (RESOURCE_LIMIT).
+    RejectPublish,
+    /// Accept them; the oldest waiting messages die with reason maxlen.
+    DropHead,
+}
+
+impl From<OverflowArg> for Overflow {
+    fn from(arg: OverflowArg) -> Self {
+        match arg {
+            OverflowArg::RejectPublish => Overflow::RejectPublish,
+            OverflowArg::DropHead => Overflow::DropHead,
+        }
+    }
 }
 
 impl DeclareArgs {
@@ -68,8 +121,34 @@ impl DeclareArgs {
             retry_backoff: self.retry_backoff.clone(),
             message_ttl: self.message_ttl,
             ack_timeout: self.ack_timeout,
+            max_length: self.max_length,
+            max_bytes: self.max_bytes,
+            overflow: self.overflow.into(),
         }
     }
+}
+
+/// Flags of `queue alarm`.
+#[derive(Debug, Args)]
+pub struct AlarmArgs {
+    /// Name of the queue.
+    pub name: String,
+    /// Raise the alarm while more than this many messages are ready; 0 clears the alarm.
+    #[arg(long, value_name = "N")]
+    pub depth: u64,
+}
+
+/// Flags of `queue peek`.
+#[derive(Debug, Args)]
+pub struct PeekArgs {
+    /// Name of the queue.
+    pub queue: String,
+    /// Most messages to print, from the head of the queue (the broker returns at most 10000).
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = crate::at_least(1u32))]
+    pub count: u32,
+    /// Print one JSON object per message instead of the body.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `queue delete`.
@@ -97,8 +176,8 @@ pub struct NameArg {
 pub struct JsonArg {
     /// Print a JSON array of objects with keys name, durable, ready, unacked, consumers,
     /// published, delivered, acked, redelivered, delayed, dead_lettered (reason -> count),
-    /// dead_letter, max_deliveries, retry_backoff_ms, message_ttl_ms, ack_timeout_ms (null
-    /// when unset).
+    /// dead_letter, max_deliveries, retry_backoff_ms, message_ttl_ms, ack_timeout_ms,
+    /// max_length, max_bytes, overflow, waiting_bytes, alarm_depth (null when unset) and alarm.
     #[arg(long)]
     pub json: bool,
 }
@@ -110,13 +189,18 @@ pub struct StatsArgs {
     pub name: String,
     /// Print one JSON object with keys name, durable, ready, unacked, consumers, published,
     /// delivered, acked, redelivered, delayed, dead_lettered (reason -> count), dead_letter,
-    /// max_deliveries, retry_backoff_ms, message_ttl_ms, ack_timeout_ms (null when unset).
+    /// max_deliveries, retry_backoff_ms, message_ttl_ms, ack_timeout_ms, max_length,
+    /// max_bytes, overflow, waiting_bytes, alarm_depth (null when unset) and alarm.
     #[arg(long)]
     pub json: bool,
 }
 
 /// Runs a `queue` subcommand against the broker at `server`.
 pub async fn run(server: &str, command: QueueCommand) -> anyhow::Result<()> {
+    // A move is followed as it runs rather than answered in one go.
+    if let QueueCommand::Move(args) = command {
+        return crate::moves::run(server, args).await;
+    }
     let conn = crate::connect(server, "queue").await?;
     let result = execute(&conn, command).await;
     // Closing is a courtesy; its failure must not hide the command's own result.
@@ -137,6 +221,9 @@ async fn execute(conn: &Connection, command: QueueCommand) -> anyhow::Result<Str
             };
             // Declare even when it exists, so that conflicting settings are reported.
             conn.declare_queue(&args.name, args.options()).await?;
+            if let Some(depth) = args.alarm_depth {
+                conn.set_alarm(&args.name, Some(depth)).await?;
+            }
             if existed {
                 format!("queue '{}' already exists\n", args.name)
             } else {
@@ -153,12 +240,19 @@ async fn execute(conn: &Connection, command: QueueCommand) -> anyhow::Result<Str
             format!("purged {purged} {} from '{}'\n", messages(purged), args.name)
         }
         QueueCommand::List(args) => {
-            let mut queues = conn.list_queues().await?;
+            let (queues, status) = tokio::join!(conn.list_queues(), conn.status());
+            let mut queues = queues?;
             queues.sort_by(|a, b| a.name.cmp(&b.name));
+            // The block is a hint next to the list; a broker that cannot tell does not fail it.
+            let blocked = status.ok().and_then(|status| status.blocked);
             if args.json {
+                if let Some(reason) = blocked {
+                    eprint!("hopper: {}", output::blocked_line(&reason));
+                }
                 output::queues_json(&queues)? + "\n"
             } else {
-                output::queue_table(&queues)
+                blocked.as_deref().map(output::blocked_line).unwrap_or_default()
+                    + &output::queue_table(&queues)
             }
         }
         QueueCommand::Stats(args) => {
@@ -169,6 +263,20 @@ async fn execute(conn: &Connection, command: QueueCommand) -> anyhow::Result<Str
                 output::queue_listing(&info)
             }
         }
+        QueueCommand::Alarm(args) => {
+            conn.set_alarm(&args.name, Some(args.depth)).await?;
+            if args.depth == 0 {
+                format!("alarm of '{}' cleared\n", args.name)
+            } else {
+                format!("alarm of '{}' set to ready > {}\n", args.name, args.depth)
+            }
+        }
+        QueueCommand::Peek(args) => {
+            let messages = conn.peek(&args.queue, args.count).await?;
+            output::peeked(&messages, &args.queue, args.json)?
+        }
+        QueueCommand::Moves(args) => crate::moves::list(conn, &args).await?,
+        QueueCommand::Move(_) => unreachable!("moves are followed by crate::moves::run"),
     })
 }
 
@@ -227,10 +335,38 @@ mod tests {
                 retry_backoff: vec![Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)],
                 message_ttl: Some(Duration::from_secs(3600)),
                 ack_timeout: Some(Duration::from_secs(30)),
+                ..Default::default()
             }
         );
         let plain = Wrapper::try_parse_from(["x", "q"]).unwrap();
         assert_eq!(plain.args.options(), QueueOptions::default());
+        assert_eq!(plain.args.alarm_depth, None);
+    }
+
+    #[test]
+    fn bounded_queue_flags_become_queue_settings() {
+        use clap::Parser;
+        let parsed = Wrapper::try_parse_from([
+            "x",
+            "q",
+            "--max-length",
+            "7",
+            "--max-bytes",
+            "4096",
+            "--overflow",
+            "drop-head",
+            "--alarm-depth",
+            "100",
+        ])
+        .unwrap();
+        let options = parsed.args.options();
+        assert_eq!((options.max_length, options.max_bytes), (Some(7), Some(4096)));
+        assert_eq!(options.overflow, Overflow::DropHead);
+        assert_eq!(parsed.args.alarm_depth, Some(100));
+        let rejecting = Wrapper::try_parse_from(["x", "q", "--overflow", "reject-publish"]).unwrap();
+        assert_eq!(rejecting.args.options().overflow, Overflow::RejectPublish);
+        assert!(Wrapper::try_parse_from(["x", "q", "--overflow", "drop-tail"]).is_err());
+        assert!(Wrapper::try_parse_from(["x", "q", "--max-length", "0"]).is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! [`Connection`]: the handshake, the request/response methods, and publish confirms.
+//! [`Connection`]: the handshake, the request/response methods, publish confirms, and the
+//! flow-control state the broker reports.
 
 use std::fmt;
 use std::future::Future;
@@ -16,13 +17,13 @@ use hopper_proto::{
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::FramedRead;
 use tracing::debug;
 
 use crate::consumer::Consumer;
 use crate::error::{Error, Result};
-use crate::info::{AuditEvent, QueueInfo};
+use crate::info::{AuditEvent, BrokerStatus, QueueInfo};
 use crate::io::{self, cancel_detached, READ_BUFFER};
 use crate::options::{wire_ms, ConnectOptions, ConsumeOptions, DeleteOptions, PublishOptions, QueueOptions};
 use crate::pull::Pullers;
@@ -194,6 +195,47 @@ impl Connection {
         }
     }
 
+    /// Sets the depth alarm of the queue `name`: the alarm is raised (an
+    /// [`EventKind::AlarmRaised`](crate::EventKind::AlarmRaised) event, and
+    /// [`QueueInfo::alarm`]) while more than `depth` messages are ready. `None` (or `Some(0)`)
+    /// removes the alarm. Returns the queue's description.
+    pub async fn set_alarm(&self, name: &str, depth: Option<u64>) -> Result<QueueInfo> {
+        let alarm = pb::QueueSetAlarm { name: name.to_string(), depth: depth.unwrap_or(0) };
+        match self.call(Body::QueueSetAlarm(alarm)).await? {
+            Body::QueueInfo(info) => Ok(info.into()),
+            other => Err(unexpected("QueueInfo", &other)),
+        }
+    }
+
+    /// The broker's health: version, uptime, connections, memory and disk against their
+    /// watermarks, and whether publishers are blocked.
+    pub async fn status(&self) -> Result<BrokerStatus> {
+        match self.call(Body::BrokerStatus(pb::BrokerStatus {})).await? {
+            Body::BrokerStatusOk(status) => Ok(status.into()),
+            other => Err(unexpected("BrokerStatusOk", &other)),
+        }
+    }
+
+    /// True while the broker blocks this connection's publishing (flow control): it has
+    /// stopped reading from the connection until its memory or disk recovers. Only a
+    /// connection that has published is ever blocked.
+    pub fn is_blocked(&self) -> bool {
+        self.shared().blocked().is_some()
+    }
+
+    /// Why the broker blocks this connection's publishing, while it does (e.g. `memory high
+    /// watermark: ...`).
+    pub fn blocked_reason(&self) -> Option<String> {
+        self.shared().blocked()
+    }
+
+    /// A receiver of this connection's flow-control state: `Some(reason)` while publishing is
+    /// blocked, `None` otherwise. `changed().await` wakes on every block and unblock; the state
+    /// goes back to `None` when the connection ends.
+    pub fn flow_changes(&self) -> watch::Receiver<Option<String>> {
+        self.shared().flow_changes()
+    }
+
     /// Publishes `body` to `queue`.
     ///
     /// The message is queued for sending before this returns, so many publishes can be in
@@ -201,6 +243,10 @@ impl Connection {
     /// broker-assigned message id once the broker holds the message (a delayed message too,
     /// before its delay has passed); dropping it does not withdraw the message. Publishing
     /// never waits: bound the publishes in flight by awaiting their confirms.
+    ///
+    /// A full queue (see [`QueueOptions::max_length`]) refuses the message: the confirm fails
+    /// with `RESOURCE_LIMIT`. While the broker blocks publishers ([`is_blocked`](Self::is_blocked))
+    /// confirms simply take longer: they resolve once the block ends.
     pub fn publish(&self, queue: &str, body: impl Into<Bytes>, options: PublishOptions) -> PublishConfirm {
         let publish = pb::Publish {
             queue: queue.to_string(),

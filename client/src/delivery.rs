@@ -61,6 +61,9 @@ pub struct Delivery {
     /// Every time the message died, oldest first; empty unless it came through a dead-letter
     /// queue.
     pub deaths: Vec<Death>,
+    /// How many times the message was moved (replayed) out of a queue, e.g. from a dead-letter
+    /// queue back to where it failed ([`Connection::start_move`](crate::Connection::start_move)).
+    pub replay_count: u32,
     /// Position of this delivery in its consumer's sequence (1, 2, ...).
     pub delivery_tag: u64,
     /// The consumer the message was delivered to (for a pulled message, the connection's pull
@@ -83,6 +86,7 @@ impl Delivery {
             delivery_count: message.delivery_count,
             redelivered: message.redelivered,
             deaths: message.deaths.into_iter().map(Death::from).collect(),
+            replay_count: message.replay_count,
             delivery_tag: deliver.delivery_tag,
             consumer_id: deliver.consumer_id,
             consumer,
@@ -242,6 +246,7 @@ impl fmt::Debug for Delivery {
             .field("delivery_count", &self.delivery_count)
             .field("redelivered", &self.redelivered)
             .field("deaths", &self.deaths)
+            .field("replay_count", &self.replay_count)
             .field("delivery_tag", &self.delivery_tag)
             .field("consumer_id", &self.consumer_id)
             .finish()

@@ -74,6 +74,11 @@ pub enum Error {
     #[error("protocol error: {0}")]
     Protocol(String),
 
+    /// An [`Events`](crate::Events) stream was not read fast enough: this many events were
+    /// dropped at this point of the stream. The stream goes on.
+    #[error("{0} broker events were dropped because the event stream was not read in time")]
+    EventsMissed(u64),
+
     /// An operation did not finish in time.
     #[error("timed out: {0}")]
     Timeout(String),

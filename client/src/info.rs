@@ -1,11 +1,13 @@
 //! What the broker reports: [`QueueInfo`] (a queue's settings and counters), [`Death`] (one
-//! entry of a dead-lettered message's history) and [`AuditEvent`] (one entry of the audit
-//! trail of dead messages).
+//! entry of a dead-lettered message's history), [`AuditEvent`] (one entry of the audit trail of
+//! dead messages) and [`BrokerStatus`] (the broker's health and flow-control state).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use hopper_proto::pb;
+
+use crate::options::Overflow;
 
 /// A queue as the broker describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,21 @@ pub struct QueueInfo {
     pub message_ttl: Option<Duration>,
     /// Time a consumer has to settle a delivery; `None` for no deadline.
     pub ack_timeout: Option<Duration>,
+    /// Most waiting messages; `None` for unbounded.
+    pub max_length: Option<u64>,
+    /// Most body bytes of the waiting messages; `None` for unbounded.
+    pub max_bytes: Option<u64>,
+    /// What the queue does with a publish once it is full.
+    pub overflow: Overflow,
+    /// Body bytes of the waiting (ready and delayed) messages.
+    pub waiting_bytes: u64,
+    /// Unix time in milliseconds at which the oldest waiting message entered the queue;
+    /// `None` when the queue is empty (or the broker does not know).
+    pub oldest_ready_ms: Option<u64>,
+    /// Ready depth above which the queue's alarm is raised; `None` when it has no alarm.
+    pub alarm_depth: Option<u64>,
+    /// True while the depth alarm is raised.
+    pub alarm: bool,
 }
 
 impl From<pb::QueueInfo> for QueueInfo {
@@ -65,6 +82,15 @@ impl From<pb::QueueInfo> for QueueInfo {
             retry_backoff: settings.retry_backoff_ms.into_iter().map(Duration::from_millis).collect(),
             message_ttl: millis(settings.message_ttl_ms),
             ack_timeout: millis(settings.ack_timeout_ms),
+            max_length: non_zero(settings.max_length),
+            max_bytes: non_zero(settings.max_bytes),
+            // A mode this client does not know yet is shown as the default rather than
+            // failing the whole description.
+            overflow: Overflow::from_wire(&settings.overflow).unwrap_or_default(),
+            waiting_bytes: info.waiting_bytes,
+            oldest_ready_ms: non_zero(info.oldest_ready_ms),
+            alarm_depth: non_zero(info.alarm_depth),
+            alarm: info.alarm,
         }
     }
 }
@@ -143,6 +169,59 @@ impl From<pb::AuditEvent> for AuditEvent {
     }
 }
 
+/// The broker's health and flow-control state ([`Connection::status`](crate::Connection::status)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerStatus {
+    /// The broker's version.
+    pub version: String,
+    /// How long the broker has been running.
+    pub uptime: Duration,
+    /// Client connections open now.
+    pub connections: u32,
+    /// `Some(reason)` while publishers are blocked (a memory or disk watermark is crossed).
+    pub blocked: Option<String>,
+    /// Connections currently held back by the block.
+    pub blocked_publishers: u32,
+    /// Message bytes the broker holds in memory.
+    pub memory_used: u64,
+    /// The memory high watermark: above it, publishers are blocked.
+    pub memory_high_watermark: u64,
+    /// Free bytes on the disk of the broker's data directory.
+    pub disk_free: u64,
+    /// The disk free low watermark: below it, publishers are blocked.
+    pub disk_free_low_watermark: u64,
+}
+
+impl From<pb::BrokerStatusOk> for BrokerStatus {
+    fn from(status: pb::BrokerStatusOk) -> Self {
+        BrokerStatus {
+            version: status.version,
+            uptime: Duration::from_millis(status.uptime_ms),
+            connections: status.connections,
+            blocked: status.blocked.then(|| block_reason(status.blocked_reason)),
+            blocked_publishers: status.blocked_publishers,
+            memory_used: status.memory_used,
+            memory_high_watermark: status.memory_high_watermark,
+            disk_free: status.disk_free,
+            disk_free_low_watermark: status.disk_free_low_watermark,
+        }
+    }
+}
+
+/// The reason of a block, never empty: a block is worth explaining even when the broker did not.
+pub(crate) fn block_reason(reason: String) -> String {
+    if reason.is_empty() {
+        "no reason given".to_string()
+    } else {
+        reason
+    }
+}
+
+/// `None` for the wire's "not set" (0) number.
+fn non_zero(value: u64) -> Option<u64> {
+    (value > 0).then_some(value)
+}
+
 /// `None` for the wire's "not set" (empty) string.
 fn non_empty(text: String) -> Option<String> {
     (!text.is_empty()).then_some(text)
@@ -168,6 +247,9 @@ mod tests {
                 retry_backoff_ms: vec![1000, 5000],
                 message_ttl_ms: 60_000,
                 ack_timeout_ms: 0,
+                max_length: 100,
+                max_bytes: 0,
+                overflow: "drop-head".into(),
             }),
             ready: 3,
             unacked: 2,
@@ -178,6 +260,10 @@ mod tests {
             redelivered_total: 1,
             delayed: 4,
             dead_lettered_total: HashMap::from([("rejected".to_string(), 2)]),
+            waiting_bytes: 700,
+            oldest_ready_ms: 1_700_000_000_000,
+            alarm_depth: 5,
+            alarm: true,
         });
         assert_eq!(info.name, "jobs");
         assert!(info.durable);
@@ -190,6 +276,9 @@ mod tests {
         assert_eq!(info.retry_backoff, [Duration::from_secs(1), Duration::from_secs(5)]);
         assert_eq!(info.message_ttl, Some(Duration::from_secs(60)));
         assert_eq!(info.ack_timeout, None, "0 means not set");
+        assert_eq!((info.max_length, info.max_bytes, info.overflow), (Some(100), None, Overflow::DropHead));
+        assert_eq!((info.waiting_bytes, info.oldest_ready_ms), (700, Some(1_700_000_000_000)));
+        assert_eq!((info.alarm_depth, info.alarm), (Some(5), true));
     }
 
     #[test]
@@ -199,6 +288,39 @@ mod tests {
         assert_eq!((info.dead_letter, info.max_deliveries), (None, None));
         assert!(info.retry_backoff.is_empty() && info.dead_lettered.is_empty());
         assert_eq!((info.message_ttl, info.ack_timeout), (None, None));
+        assert_eq!((info.max_length, info.max_bytes, info.overflow), (None, None, Overflow::RejectPublish));
+        assert_eq!((info.oldest_ready_ms, info.alarm_depth, info.alarm), (None, None, false));
+    }
+
+    #[test]
+    fn unknown_overflow_reads_as_the_default() {
+        let settings = pb::QueueSettings { overflow: "drop-tail".into(), ..Default::default() };
+        let info = QueueInfo::from(pb::QueueInfo { settings: Some(settings), ..Default::default() });
+        assert_eq!(info.overflow, Overflow::RejectPublish);
+    }
+
+    #[test]
+    fn broker_status_reads_the_block() {
+        let status = BrokerStatus::from(pb::BrokerStatusOk {
+            version: "0.1.0".into(),
+            uptime_ms: 1500,
+            connections: 3,
+            blocked: true,
+            blocked_reason: "memory high watermark".into(),
+            blocked_publishers: 1,
+            memory_used: 200,
+            memory_high_watermark: 100,
+            disk_free: 10,
+            disk_free_low_watermark: 5,
+        });
+        assert_eq!(status.uptime, Duration::from_millis(1500));
+        assert_eq!(status.blocked.as_deref(), Some("memory high watermark"));
+        assert_eq!((status.connections, status.blocked_publishers), (3, 1));
+        let unexplained = BrokerStatus::from(pb::BrokerStatusOk { blocked: true, ..Default::default() });
+        assert_eq!(unexplained.blocked.as_deref(), Some("no reason given"));
+        let free =
+            BrokerStatus::from(pb::BrokerStatusOk { blocked_reason: "stale".into(), ..Default::default() });
+        assert_eq!(free.blocked, None, "the reason only counts while blocked");
     }
 
     #[test]

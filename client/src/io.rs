@@ -18,6 +18,8 @@ use tracing::{debug, warn, Instrument as _, Span};
 
 use crate::consumer::ConsumerEvent;
 use crate::error::Error;
+use crate::events::EventRoute;
+use crate::info::block_reason;
 use crate::shared::{body_name, CloseReason, OutboxState, PendingRequest, Shared};
 use crate::tracker::DeliveryTracker;
 
@@ -48,7 +50,7 @@ pub(crate) fn spawn(
         wrote: false,
     };
     tokio::spawn(writer.run().instrument(span.clone()));
-    let reader = Reader { shared, frames, consumers: HashMap::new(), last_error: None };
+    let reader = Reader { shared, frames, consumers: HashMap::new(), events: Vec::new(), last_error: None };
     tokio::spawn(reader.run().instrument(span));
 }
 
@@ -225,6 +227,9 @@ struct Reader {
     /// This connection's consumers. Only the reader touches the map, so routing a delivery
     /// takes no lock.
     consumers: HashMap<u64, Route>,
+    /// The event streams of this connection; the broker sends one copy of each event, the
+    /// reader hands it to every stream.
+    events: Vec<EventRoute>,
     /// The last connection-level error the broker sent, to explain a hang-up that follows.
     last_error: Option<String>,
 }
@@ -262,6 +267,10 @@ impl Reader {
                 let _ = route.events.send(ConsumerEvent::Closed(reason.message.clone()));
             }
         }
+        // Event streams end when their route is dropped and read the reason from `shared`.
+        self.events.clear();
+        // A closed connection is blocked no more; whoever waits for the block to end can stop.
+        self.shared.set_blocked(None);
         debug!(reason = %reason.message, "connection closed");
         self.shared.finished.cancel();
     }
@@ -406,6 +415,20 @@ impl Reader {
                     let _ = route.events.send(ConsumerEvent::Cancelled(cancelled.reason));
                 }
             }
+            Body::FlowControl(flow) => {
+                let blocked = flow.blocked.then(|| block_reason(flow.reason));
+                match &blocked {
+                    Some(reason) => debug!(reason = %reason, "the broker blocks publishing"),
+                    None => debug!("the broker unblocked publishing"),
+                }
+                self.shared.set_blocked(blocked);
+            }
+            Body::Event(event) => {
+                if self.events.is_empty() {
+                    debug!(kind = %event.kind, "event without a subscriber; dropped");
+                }
+                self.events.retain_mut(|route| route.deliver(&event));
+            }
             Body::Heartbeat(_) => {}
             Body::Close(close) => {
                 let code = error_code(close.code);
@@ -448,6 +471,14 @@ impl Reader {
                         cancel_detached(&self.shared, consumer_id);
                     }
                 }
+            }
+            PendingRequest::Subscribe { reply, route } => {
+                if matches!(result, Ok(Body::SubscribeOk(_))) {
+                    self.events.push(route);
+                }
+                // A caller that gave up dropped the stream's receiver; the route goes at the
+                // next event.
+                let _ = reply.send(result);
             }
             PendingRequest::Cancel { consumer_id, reply } => {
                 self.consumers.remove(&consumer_id);

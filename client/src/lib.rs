@@ -78,6 +78,45 @@
 //! not settled within the queue's (or consumer's) ack timeout, or a pulled one within its
 //! visibility timeout, is taken back by the broker; [`Delivery::extend`] buys more time.
 //!
+//! # Backpressure and operations
+//!
+//! A queue can be bounded ([`QueueOptions::max_length`], [`QueueOptions::max_bytes`]): when
+//! full it either refuses publishes (their confirms fail with `RESOURCE_LIMIT`) or drops its
+//! oldest messages ([`Overflow::DropHead`]). When the broker runs short of memory or disk it
+//! blocks publishing connections until it recovers; [`Connection::is_blocked`] and
+//! [`Connection::flow_changes`] tell, and confirms just take longer meanwhile.
+//!
+//! For operators: [`Connection::status`] reports the broker's health, [`Connection::peek`]
+//! looks at waiting messages without taking them, [`Connection::start_move`] moves messages
+//! (e.g. out of a dead-letter queue back to where they failed) at a chosen rate,
+//! [`Connection::set_alarm`] sets a queue's depth alarm, and [`Connection::subscribe_events`]
+//! streams alarms, blocks and moves as they happen.
+//!
+//! ```no_run
+//! use futures::StreamExt;
+//! use hopper_client::{Connection, MoveOptions};
+//!
+//! # async fn demo() -> hopper_client::Result<()> {
+//! let conn = Connection::connect("127.0.0.1:5680").await?;
+//! for message in conn.peek("jobs.dead", 10).await? {
+//!     println!("{} died: {:?}", message.message_id, message.last_death().map(|d| &d.reason));
+//! }
+//! let mut events = conn.subscribe_events().await?;
+//! let expired = Some(("reason".to_string(), "expired".to_string()));
+//! let started = conn
+//!     .start_move(MoveOptions { source: "jobs.dead".into(), rate: Some(50), filter: expired, ..Default::default() })
+//!     .await?;
+//! while let Some(event) = events.next().await {
+//!     let event = event?;
+//!     println!("{} {:?} {}", event.kind, event.queue, event.detail);
+//!     if event.kind == hopper_client::EventKind::MoveEnded && event.value == started.id {
+//!         break;
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Errors the broker sends back are [`Error::Broker`] with a stable [`ErrorCode`]; a lost
 //! connection fails every request in flight with [`Error::Closed`].
 
@@ -85,8 +124,11 @@ mod connection;
 mod consumer;
 mod delivery;
 mod error;
+mod events;
 mod info;
 mod io;
+mod message;
+mod moves;
 mod options;
 mod pull;
 mod shared;
@@ -96,8 +138,12 @@ pub use connection::{Connection, PublishConfirm};
 pub use consumer::Consumer;
 pub use delivery::Delivery;
 pub use error::{Error, Result};
+pub use events::{Event, EventKind, Events, EVENT_BUFFER};
 pub use hopper_proto::ErrorCode;
-pub use info::{AuditEvent, Death, QueueInfo};
+pub use info::{AuditEvent, BrokerStatus, Death, QueueInfo};
+pub use message::Message;
+pub use moves::{MoveInfo, MoveState};
 pub use options::{
-    ConnectOptions, ConsumeOptions, DeleteOptions, GetOptions, NackOptions, PublishOptions, QueueOptions,
+    ConnectOptions, ConsumeOptions, DeleteOptions, GetOptions, MoveOptions, NackOptions, Overflow,
+    PublishOptions, QueueOptions,
 };

@@ -1,5 +1,5 @@
-//! Option structs for connecting, declaring, publishing, consuming, pulling and settling, and
-//! how durations travel on the wire.
+//! Option structs for connecting, declaring, publishing, consuming, pulling, settling and
+//! moving messages, and how durations travel on the wire.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -67,6 +67,60 @@ pub struct QueueOptions {
     /// failed delivery) and the consumer's later settle fails with
     /// [`Error::DeliveryExpired`](crate::Error::DeliveryExpired). `None`: no deadline.
     pub ack_timeout: Option<Duration>,
+    /// Most messages waiting (ready and delayed; unacknowledged deliveries do not count).
+    /// `None` (or 0): unbounded. What happens past it is [`overflow`](Self::overflow).
+    pub max_length: Option<u64>,
+    /// Most body bytes of the waiting messages. `None` (or 0): unbounded.
+    pub max_bytes: Option<u64>,
+    /// What a full queue (past `max_length` or `max_bytes`) does with a new message.
+    pub overflow: Overflow,
+}
+
+/// What a bounded queue does with a publish that would exceed its `max_length` or `max_bytes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Overflow {
+    /// Refuse the publish: its confirm fails with `RESOURCE_LIMIT` ("queue 'q' is full
+    /// (...)") and nothing is stored.
+    #[default]
+    RejectPublish,
+    /// Accept the publish; the oldest waiting messages die with reason `maxlen` (and go to the
+    /// dead-letter queue, if the queue has one).
+    DropHead,
+}
+
+impl Overflow {
+    /// The name the protocol (and the CLI) uses: `reject-publish` or `drop-head`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::RejectPublish => "reject-publish",
+            Overflow::DropHead => "drop-head",
+        }
+    }
+
+    /// The overflow named `name` on the wire; "" is the default. `None` for a name this client
+    /// does not know.
+    pub fn from_wire(name: &str) -> Option<Overflow> {
+        match name {
+            "" | "reject-publish" => Some(Overflow::RejectPublish),
+            "drop-head" => Some(Overflow::DropHead),
+            _ => None,
+        }
+    }
+
+    /// The wire value: empty for the default, so that a declaration without limits sets
+    /// nothing.
+    fn to_wire(self) -> String {
+        match self {
+            Overflow::RejectPublish => String::new(),
+            other => other.as_str().to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Overflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl QueueOptions {
@@ -79,7 +133,9 @@ impl QueueOptions {
             retry_backoff_ms: self.retry_backoff.iter().copied().map(wire_ms).collect(),
             message_ttl_ms: self.message_ttl.map_or(0, wire_ms),
             ack_timeout_ms: self.ack_timeout.map_or(0, wire_ms),
-            ..Default::default()
+            max_length: self.max_length.unwrap_or(0),
+            max_bytes: self.max_bytes.unwrap_or(0),
+            overflow: self.overflow.to_wire(),
         }
     }
 }
@@ -156,6 +212,38 @@ pub struct NackOptions {
     pub delay: Option<Duration>,
 }
 
+/// What [`Connection::start_move`](crate::Connection::start_move) moves, where, and how fast.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoveOptions {
+    /// Queue to take waiting messages from, head first (typically a dead-letter queue).
+    pub source: String,
+    /// Queue to put them in. `None`: each message goes back to the queue it last died in;
+    /// messages that never died, or whose queue no longer exists, are skipped and stay.
+    pub destination: Option<String>,
+    /// Most messages per second, spaced evenly. `None` (or 0): as fast as possible.
+    pub rate: Option<u32>,
+    /// Stop after this many messages. `None` (or 0): move all that match.
+    pub limit: Option<u64>,
+    /// Only messages whose header `.0` equals `.1`; for the keys `reason`, `queue`, `error`
+    /// and `count`, the field of the message's latest death (e.g. `("reason", "expired")`).
+    pub filter: Option<(String, String)>,
+}
+
+impl MoveOptions {
+    /// The request as the wire carries it.
+    pub(crate) fn to_wire(&self) -> pb::MoveStart {
+        let (filter_key, filter_value) = self.filter.clone().unwrap_or_default();
+        pb::MoveStart {
+            source: self.source.clone(),
+            destination: self.destination.clone().unwrap_or_default(),
+            rate: self.rate.unwrap_or(0),
+            limit: self.limit.unwrap_or(0),
+            filter_key,
+            filter_value,
+        }
+    }
+}
+
 /// A duration as the protocol carries it: whole milliseconds, at least 1 for any non-zero
 /// duration (0 means "not set" in most fields), saturating at `u64::MAX`.
 pub(crate) fn wire_ms(duration: Duration) -> u64 {
@@ -203,6 +291,9 @@ mod tests {
             retry_backoff: vec![Duration::from_secs(1), Duration::from_millis(2500)],
             message_ttl: Some(Duration::from_secs(60)),
             ack_timeout: Some(Duration::from_secs(30)),
+            max_length: Some(1000),
+            max_bytes: Some(1 << 20),
+            overflow: Overflow::DropHead,
         };
         assert_eq!(
             options.to_wire(),
@@ -213,6 +304,45 @@ mod tests {
                 retry_backoff_ms: vec![1000, 2500],
                 message_ttl_ms: 60_000,
                 ack_timeout_ms: 30_000,
+                max_length: 1000,
+                max_bytes: 1 << 20,
+                overflow: "drop-head".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn overflow_names_round_trip() {
+        for overflow in [Overflow::RejectPublish, Overflow::DropHead] {
+            assert_eq!(Overflow::from_wire(overflow.as_str()), Some(overflow));
+            assert_eq!(overflow.to_string(), overflow.as_str());
+        }
+        assert_eq!(Overflow::from_wire(""), Some(Overflow::RejectPublish), "empty is the default");
+        assert_eq!(Overflow::from_wire("drop-tail"), None);
+    }
+
+    #[test]
+    fn move_options_fill_the_request() {
+        assert_eq!(
+            MoveOptions { source: "jobs.dead".into(), ..Default::default() }.to_wire(),
+            pb::MoveStart { source: "jobs.dead".into(), ..Default::default() }
+        );
+        let options = MoveOptions {
+            source: "jobs.dead".into(),
+            destination: Some("jobs".into()),
+            rate: Some(50),
+            limit: Some(10),
+            filter: Some(("reason".into(), "expired".into())),
+        };
+        assert_eq!(
+            options.to_wire(),
+            pb::MoveStart {
+                source: "jobs.dead".into(),
+                destination: "jobs".into(),
+                rate: 50,
+                limit: 10,
+                filter_key: "reason".into(),
+                filter_value: "expired".into(),
             }
         );
     }

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use hopper_proto::{encode_frame, pb, Body, ErrorCode, Frame, ProtoError};
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::ConsumerEvent;
 use crate::error::{Error, Result};
+use crate::events::EventRoute;
 use crate::tracker::DeliveryTracker;
 
 /// Request id of the `Hello` frame; requests made through [`Shared`] start after it.
@@ -32,13 +33,18 @@ pub(crate) enum PendingRequest {
     /// A `Cancel`: whatever the answer, the reader forgets the consumer. `reply` is `None` when
     /// a dropped [`Consumer`](crate::Consumer) cancels itself.
     Cancel { consumer_id: u64, reply: Option<Reply> },
+    /// A `Subscribe`: on `SubscribeOk` the reader adds `route` to the event streams before it
+    /// reads the next frame, so no event that follows the answer is missed.
+    Subscribe { reply: Reply, route: EventRoute },
 }
 
 impl PendingRequest {
     /// Resolves the request with `error` (the connection ended before it was answered).
     pub(crate) fn fail(self, error: Error) {
         let reply = match self {
-            PendingRequest::Reply(reply) | PendingRequest::Consume { reply, .. } => Some(reply),
+            PendingRequest::Reply(reply)
+            | PendingRequest::Consume { reply, .. }
+            | PendingRequest::Subscribe { reply, .. } => Some(reply),
             PendingRequest::Cancel { reply, .. } => reply,
         };
         if let Some(reply) = reply {
@@ -116,6 +122,9 @@ pub(crate) struct Shared {
     pub(crate) stop: CancellationToken,
     /// Cancelled when the reader has exited and every consumer stream has been ended.
     pub(crate) finished: CancellationToken,
+    /// `Some(reason)` while the broker blocks this connection's publishing (flow control), as
+    /// the reader last heard.
+    blocked: watch::Sender<Option<String>>,
 }
 
 impl Shared {
@@ -131,7 +140,29 @@ impl Shared {
             closing: CancellationToken::new(),
             stop: CancellationToken::new(),
             finished: CancellationToken::new(),
+            blocked: watch::channel(None).0,
         }
+    }
+
+    /// Why the broker blocks this connection's publishing, if it does.
+    pub(crate) fn blocked(&self) -> Option<String> {
+        self.blocked.borrow().clone()
+    }
+
+    /// A receiver that sees every change of [`blocked`](Self::blocked).
+    pub(crate) fn flow_changes(&self) -> watch::Receiver<Option<String>> {
+        self.blocked.subscribe()
+    }
+
+    /// Records a flow-control change; watchers are woken only when it is one.
+    pub(crate) fn set_blocked(&self, reason: Option<String>) {
+        self.blocked.send_if_modified(|current| {
+            if *current == reason {
+                return false;
+            }
+            *current = reason;
+            true
+        });
     }
 
     /// True once the client started closing or the connection ended.
@@ -360,6 +391,21 @@ mod tests {
         assert!(matches!(err, Error::Closed(m) if m == "broker went away"));
         assert!(shared.send_untracked(Body::Heartbeat(pb::Heartbeat {})).is_err());
         assert!(shared.is_closed());
+    }
+
+    #[test]
+    fn flow_changes_are_seen_once_each() {
+        let shared = Shared::new(1024);
+        let mut changes = shared.flow_changes();
+        assert_eq!(shared.blocked(), None);
+        shared.set_blocked(Some("memory".into()));
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(changes.borrow_and_update().as_deref(), Some("memory"));
+        shared.set_blocked(Some("memory".into()));
+        assert!(!changes.has_changed().unwrap(), "the same state again is no change");
+        shared.set_blocked(None);
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(shared.blocked(), None);
     }
 
     #[test]

@@ -37,6 +37,7 @@ async fn settings_and_per_message_options_reach_the_wire() {
         retry_backoff: vec![Duration::from_secs(1), Duration::from_secs(30)],
         message_ttl: Some(Duration::from_secs(3600)),
         ack_timeout: Some(Duration::from_millis(1500)),
+        ..Default::default()
     };
     let (info, ()) = tokio::join!(conn.declare_queue("jobs", options.clone()), async {
         let (id, body) = peer.recv_request().await;

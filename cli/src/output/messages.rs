@@ -1,10 +1,10 @@
-//! Messages as `hopper consume` and `hopper get` print them, and the audit trail as
-//! `hopper audit` prints it.
+//! Messages as `hopper consume`, `hopper get` and `hopper queue peek` print them, and the audit
+//! trail as `hopper audit` prints it.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use hopper_client::{AuditEvent, Death, Delivery};
+use hopper_client::{AuditEvent, Death, Delivery, Message};
 use serde::Serialize;
 
 use super::{table, write_json_line, Align};
@@ -35,6 +35,70 @@ pub struct DeliveryJson<'a> {
     pub death: Option<DeathJson<'a>>,
     /// Every death of the message, oldest first.
     pub deaths: Vec<DeathJson<'a>>,
+    /// How many times the message was moved out of a queue (replayed).
+    pub replay_count: u32,
+}
+
+/// A waiting message as `hopper queue peek --json` prints it: the keys of [`DeliveryJson`]
+/// without `delivery_tag` (it was not delivered).
+#[derive(Debug, Serialize)]
+pub struct MessageJson<'a> {
+    /// The body as text; bytes that are not UTF-8 become U+FFFD.
+    pub body: std::borrow::Cow<'a, str>,
+    /// Application headers, sorted by key so output is stable.
+    pub headers: BTreeMap<&'a str, &'a str>,
+    /// Whether the message was delivered before.
+    pub redelivered: bool,
+    /// Deliveries of this message so far.
+    pub delivery_count: u32,
+    /// The queue the message waits in.
+    pub queue: &'a str,
+    /// Broker-assigned message id.
+    pub message_id: u64,
+    /// MIME type given at publish time; empty for none.
+    pub content_type: &'a str,
+    /// Unix time in milliseconds at which the broker accepted the message.
+    pub published_at_ms: u64,
+    /// The message's latest death; null when it never died.
+    pub death: Option<DeathJson<'a>>,
+    /// Every death of the message, oldest first.
+    pub deaths: Vec<DeathJson<'a>>,
+    /// How many times the message was moved out of a queue (replayed).
+    pub replay_count: u32,
+}
+
+impl<'a> MessageJson<'a> {
+    /// The JSON form of `message`, waiting in `queue`.
+    pub fn new(message: &'a Message, queue: &'a str) -> Self {
+        MessageJson {
+            body: String::from_utf8_lossy(&message.body),
+            headers: message.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            redelivered: message.redelivered,
+            delivery_count: message.delivery_count,
+            queue,
+            message_id: message.message_id,
+            content_type: &message.content_type,
+            published_at_ms: message.published_at_ms,
+            death: message.last_death().map(DeathJson::from),
+            deaths: message.deaths.iter().map(DeathJson::from).collect(),
+            replay_count: message.replay_count,
+        }
+    }
+}
+
+/// Renders peeked messages as `hopper queue peek` prints them: each body on its own line, or
+/// with `json` one [`MessageJson`] per line.
+pub fn peeked(messages: &[Message], queue: &str, json: bool) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    for message in messages {
+        if json {
+            write_json_line(&mut out, &MessageJson::new(message, queue))?;
+        } else {
+            out.extend_from_slice(String::from_utf8_lossy(&message.body).as_bytes());
+            out.push(b'\n');
+        }
+    }
+    Ok(String::from_utf8(out)?)
 }
 
 /// One death of a message as the `death` and `deaths` keys of a delivery print it.
@@ -84,6 +148,7 @@ impl<'a> From<&'a Delivery> for DeliveryJson<'a> {
             delivery_tag: delivery.delivery_tag,
             death: delivery.last_death().map(DeathJson::from),
             deaths: delivery.deaths.iter().map(DeathJson::from).collect(),
+            replay_count: delivery.replay_count,
         }
     }
 }
@@ -247,6 +312,54 @@ mod tests {
         assert!(lines[2].contains(" -  ") && lines[2].ends_with(" -"), "{}", lines[2]);
         assert!(lines[3].contains(&format!("{}…", "x".repeat(MAX_ERROR_CELL))), "{}", lines[3]);
         assert_eq!(audit_table(&[]).lines().count(), 1);
+    }
+
+    #[test]
+    fn peeked_messages_print_like_deliveries_without_a_tag() {
+        let message = Message {
+            message_id: 9,
+            body: bytes::Bytes::from_static(b"hello"),
+            headers: [("k".to_string(), "v".to_string())].into(),
+            content_type: String::new(),
+            published_at_ms: 1,
+            delivery_count: 0,
+            redelivered: false,
+            deaths: vec![Death {
+                queue: "jobs".into(),
+                reason: "expired".into(),
+                count: 0,
+                error: String::new(),
+                first_failure_ms: 0,
+                last_failure_ms: 0,
+                died_at_ms: 5,
+            }],
+            replay_count: 2,
+        };
+        assert_eq!(peeked(std::slice::from_ref(&message), "jobs.dead", false).unwrap(), "hello\n");
+        let line = peeked(std::slice::from_ref(&message), "jobs.dead", true).unwrap();
+        assert!(line.ends_with('\n') && line.lines().count() == 1, "{line}");
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let mut keys: Vec<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "body",
+                "content_type",
+                "death",
+                "deaths",
+                "delivery_count",
+                "headers",
+                "message_id",
+                "published_at_ms",
+                "queue",
+                "redelivered",
+                "replay_count"
+            ]
+        );
+        assert_eq!((value["queue"].as_str(), value["replay_count"].as_u64()), (Some("jobs.dead"), Some(2)));
+        assert_eq!(value["death"]["reason"], "expired");
+        assert_eq!(peeked(&[], "q", true).unwrap(), "");
     }
 
     #[test]

@@ -1,15 +1,23 @@
 //! Everything the CLI prints: aligned tables, `key: value` listings, and the JSON objects
-//! behind `--json`. Queues are in [`queues`], messages and audit events in [`messages`].
+//! behind `--json`. Queues are in [`queues`], messages and audit events in [`messages`], broker
+//! status, moves and events in [`ops`], and `hopper top`'s frame in [`top`].
 
 mod messages;
+mod ops;
 mod queues;
+mod top;
 
 use std::io::Write;
 
 use serde::Serialize;
 
-pub use messages::{audit_table, write_delivery, AuditJson};
-pub use queues::{queue_json, queue_listing, queue_table, queues_json};
+pub use messages::{audit_table, peeked, write_delivery, AuditJson};
+pub use ops::{
+    event_line, move_destination, move_summary, moves_json, moves_table, status_listing, EventJson,
+    StatusJson,
+};
+pub use queues::{blocked_line, queue_json, queue_listing, queue_table, queues_json};
+pub use top::{top_frame, TopFrame};
 
 /// Writes one value as a single line of JSON.
 pub fn write_json_line(out: &mut impl Write, value: &impl Serialize) -> anyhow::Result<()> {

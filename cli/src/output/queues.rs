@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use hopper_client::QueueInfo;
+use hopper_client::{Overflow, QueueInfo};
 use serde::Serialize;
 
 use super::{listing, table, yes_no, Align};
-use crate::time::format_duration;
+use crate::time::{format_duration, now_ms};
 
 /// A queue as `--json` prints it. The key set is part of the CLI's interface.
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -45,6 +45,18 @@ pub struct QueueJson<'a> {
     pub message_ttl_ms: Option<u64>,
     /// Ack timeout in milliseconds; null for none.
     pub ack_timeout_ms: Option<u64>,
+    /// Most waiting messages; null for unbounded.
+    pub max_length: Option<u64>,
+    /// Most waiting body bytes; null for unbounded.
+    pub max_bytes: Option<u64>,
+    /// What a full queue does: reject-publish or drop-head.
+    pub overflow: &'static str,
+    /// Body bytes of the waiting messages.
+    pub waiting_bytes: u64,
+    /// Ready depth above which the alarm is raised; null for no alarm.
+    pub alarm_depth: Option<u64>,
+    /// Whether the alarm is raised.
+    pub alarm: bool,
 }
 
 impl<'a> From<&'a QueueInfo> for QueueJson<'a> {
@@ -66,6 +78,12 @@ impl<'a> From<&'a QueueInfo> for QueueJson<'a> {
             retry_backoff_ms: info.retry_backoff.iter().map(|d| millis(*d)).collect(),
             message_ttl_ms: info.message_ttl.map(millis),
             ack_timeout_ms: info.ack_timeout.map(millis),
+            max_length: info.max_length,
+            max_bytes: info.max_bytes,
+            overflow: info.overflow.as_str(),
+            waiting_bytes: info.waiting_bytes,
+            alarm_depth: info.alarm_depth,
+            alarm: info.alarm,
         }
     }
 }
@@ -87,7 +105,7 @@ pub fn queue_json(queue: &QueueInfo) -> anyhow::Result<String> {
 }
 
 /// Column headers of `hopper queue list`, in order.
-const QUEUE_COLUMNS: [&str; 11] = [
+const QUEUE_COLUMNS: [&str; 12] = [
     "NAME",
     "READY",
     "UNACKED",
@@ -99,6 +117,7 @@ const QUEUE_COLUMNS: [&str; 11] = [
     "ACKED",
     "REDELIVERED",
     "DLQ",
+    "ALARM",
 ];
 
 /// Renders queues as an aligned table with a header row, sorted by name.
@@ -120,6 +139,7 @@ pub fn queue_table(queues: &[QueueInfo]) -> String {
                 q.acked_total.to_string(),
                 q.redelivered_total.to_string(),
                 q.dead_letter.clone().unwrap_or_else(|| "-".to_string()),
+                alarm_cell(q),
             ]
         })
         .collect();
@@ -128,7 +148,23 @@ pub fn queue_table(queues: &[QueueInfo]) -> String {
     align[0] = Align::Left;
     align[5] = Align::Left;
     align[10] = Align::Left;
+    align[11] = Align::Left;
     table(&QUEUE_COLUMNS, &align, &rows)
+}
+
+/// A queue's alarm as one cell: `ALARM >100` while raised, `>100` while armed, `-` without one.
+pub fn alarm_cell(q: &QueueInfo) -> String {
+    match (q.alarm_depth, q.alarm) {
+        (Some(depth), true) => format!("ALARM >{depth}"),
+        (Some(depth), false) => format!(">{depth}"),
+        (None, true) => "ALARM".to_string(),
+        (None, false) => "-".to_string(),
+    }
+}
+
+/// The line `queue list` prints above its table while publishers are blocked.
+pub fn blocked_line(reason: &str) -> String {
+    format!("publishers are blocked: {reason}\n")
 }
 
 /// Renders one queue as `key: value` lines with the values aligned.
@@ -150,8 +186,49 @@ pub fn queue_listing(q: &QueueInfo) -> String {
         ("retry backoff", durations(&q.retry_backoff)),
         ("message ttl", q.message_ttl.map_or_else(|| "-".to_string(), format_duration)),
         ("ack timeout", q.ack_timeout.map_or_else(|| "-".to_string(), format_duration)),
+        ("max length", q.max_length.map_or_else(|| "-".to_string(), |n| n.to_string())),
+        ("max bytes", q.max_bytes.map_or_else(|| "-".to_string(), |n| n.to_string())),
+        ("overflow", overflow(q)),
+        ("waiting bytes", q.waiting_bytes.to_string()),
+        ("oldest ready", oldest_ready(q.oldest_ready_ms, now_ms())),
+        ("alarm", alarm_state(q)),
     ];
     listing(&fields)
+}
+
+/// The overflow mode, `-` when the queue is unbounded (it then never applies).
+fn overflow(q: &QueueInfo) -> String {
+    if q.max_length.is_none() && q.max_bytes.is_none() && q.overflow == Overflow::RejectPublish {
+        return "-".to_string();
+    }
+    q.overflow.to_string()
+}
+
+/// How long the oldest waiting message has waited, e.g. `1.5s ago`; `-` for an empty queue.
+fn oldest_ready(oldest_ms: Option<u64>, now_ms: u64) -> String {
+    match oldest_ms {
+        Some(ms) => {
+            let ms = now_ms.saturating_sub(ms);
+            // Past a second, milliseconds are noise: tenths up to 10 s, then whole seconds.
+            let shown = match ms {
+                0..1_000 => ms,
+                1_000..10_000 => ms - ms % 100,
+                _ => ms - ms % 1000,
+            };
+            format!("{} ago", format_duration(Duration::from_millis(shown)))
+        }
+        None => "-".to_string(),
+    }
+}
+
+/// The alarm as the listing shows it: `raised (depth > 100)`, `armed (depth > 100)` or `-`.
+fn alarm_state(q: &QueueInfo) -> String {
+    match (q.alarm_depth, q.alarm) {
+        (Some(depth), true) => format!("raised (ready > {depth})"),
+        (Some(depth), false) => format!("armed (ready > {depth})"),
+        (None, true) => "raised".to_string(),
+        (None, false) => "-".to_string(),
+    }
 }
 
 /// The dead-message count of a queue with its reasons, e.g. `3 (delivery_limit 1, rejected 2)`.
@@ -198,6 +275,13 @@ mod tests {
             retry_backoff: Vec::new(),
             message_ttl: None,
             ack_timeout: None,
+            max_length: None,
+            max_bytes: None,
+            overflow: Overflow::RejectPublish,
+            waiting_bytes: 0,
+            oldest_ready_ms: None,
+            alarm_depth: None,
+            alarm: false,
         }
     }
 
@@ -219,7 +303,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("NAME   READY  UNACKED  DELAYED  CONSUMERS  DURABLE"), "{}", lines[0]);
-        assert!(lines[0].ends_with("REDELIVERED  DLQ"), "{}", lines[0]);
+        assert!(lines[0].ends_with("REDELIVERED  DLQ  ALARM"), "{}", lines[0]);
         assert!(lines[1].starts_with("alpha  12345"), "{}", lines[1]);
         assert!(lines[2].starts_with("zeta       3"), "{}", lines[2]);
         // Every line is as wide as the header except where trailing spaces were trimmed.
@@ -243,27 +327,44 @@ mod tests {
             [
                 "ack_timeout_ms",
                 "acked",
+                "alarm",
+                "alarm_depth",
                 "consumers",
                 "dead_letter",
                 "dead_lettered",
                 "delayed",
                 "delivered",
                 "durable",
+                "max_bytes",
                 "max_deliveries",
+                "max_length",
                 "message_ttl_ms",
                 "name",
+                "overflow",
                 "published",
                 "ready",
                 "redelivered",
                 "retry_backoff_ms",
-                "unacked"
+                "unacked",
+                "waiting_bytes"
             ]
         );
+        assert_eq!(object["overflow"], "reject-publish");
+        assert_eq!(object["alarm"], false);
+        assert_eq!(object["waiting_bytes"], 0);
         assert_eq!(object["durable"], serde_json::Value::Bool(true));
         assert_eq!(object["ready"], serde_json::json!(3));
         assert_eq!(object["published"], serde_json::json!(10));
         assert_eq!(object["delayed"], serde_json::json!(4));
-        for unset in ["dead_letter", "max_deliveries", "message_ttl_ms", "ack_timeout_ms"] {
+        for unset in [
+            "dead_letter",
+            "max_deliveries",
+            "message_ttl_ms",
+            "ack_timeout_ms",
+            "max_length",
+            "max_bytes",
+            "alarm_depth",
+        ] {
             assert_eq!(object[unset], serde_json::Value::Null, "{unset}");
         }
         assert_eq!(object["retry_backoff_ms"], serde_json::json!([]));
@@ -288,8 +389,71 @@ mod tests {
         let text = queue_table(&[failing("jobs"), info("plain", 0, false)]);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].starts_with("jobs "), "{}", lines[1]);
-        assert!(lines[1].ends_with("  jobs.dead"), "{}", lines[1]);
-        assert!(lines[2].ends_with("  -"), "{}", lines[2]);
+        assert!(lines[1].ends_with("  jobs.dead  -"), "{}", lines[1]);
+        assert!(lines[2].ends_with("  -          -"), "{}", lines[2]);
+    }
+
+    fn bounded(name: &str) -> QueueInfo {
+        QueueInfo {
+            max_length: Some(7),
+            max_bytes: Some(4096),
+            overflow: Overflow::DropHead,
+            waiting_bytes: 35,
+            alarm_depth: Some(100),
+            alarm: true,
+            ..info(name, 101, false)
+        }
+    }
+
+    #[test]
+    fn queue_table_shows_the_alarm() {
+        let armed = QueueInfo { alarm_depth: Some(5), ..info("armed", 1, false) };
+        let text = queue_table(&[bounded("hot"), armed, info("plain", 0, false)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].ends_with("  ALARM"), "{}", lines[0]);
+        assert!(lines[1].starts_with("armed ") && lines[1].ends_with("  >5"), "{}", lines[1]);
+        assert!(lines[2].starts_with("hot ") && lines[2].ends_with("  ALARM >100"), "{}", lines[2]);
+        assert!(lines[3].ends_with("  -"), "{}", lines[3]);
+        assert_eq!(blocked_line("memory"), "publishers are blocked: memory\n");
+    }
+
+    #[test]
+    fn queue_json_shows_limits_and_alarm() {
+        let value: serde_json::Value = serde_json::from_str(&queue_json(&bounded("q")).unwrap()).unwrap();
+        assert_eq!((value["max_length"].as_u64(), value["max_bytes"].as_u64()), (Some(7), Some(4096)));
+        assert_eq!(value["overflow"], "drop-head");
+        assert_eq!((value["waiting_bytes"].as_u64(), value["alarm_depth"].as_u64()), (Some(35), Some(100)));
+        assert_eq!(value["alarm"], true);
+    }
+
+    #[test]
+    fn queue_listing_shows_limits_and_alarm() {
+        let text = queue_listing(&bounded("q"));
+        for line in [
+            "max length:     7",
+            "max bytes:      4096",
+            "overflow:       drop-head",
+            "waiting bytes:  35",
+            "oldest ready:   -",
+            "alarm:          raised (ready > 100)",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing '{line}' in\n{text}");
+        }
+        let plain = queue_listing(&info("q", 0, false));
+        for line in ["max length:     -", "overflow:       -", "alarm:          -"] {
+            assert!(plain.lines().any(|l| l == line), "missing '{line}' in\n{plain}");
+        }
+    }
+
+    #[test]
+    fn oldest_ready_is_an_age() {
+        assert_eq!(oldest_ready(None, 10_000), "-");
+        assert_eq!(oldest_ready(Some(8_500), 10_000), "1.5s ago");
+        assert_eq!(oldest_ready(Some(8_345), 10_000), "1.6s ago");
+        assert_eq!(oldest_ready(Some(0), 35_552), "35s ago");
+        assert_eq!(oldest_ready(Some(9_750), 10_000), "250ms ago");
+        assert_eq!(oldest_ready(Some(0), 90_250), "90s ago");
+        assert_eq!(oldest_ready(Some(20_000), 10_000), "0s ago", "a clock behind the broker's is no error");
     }
 
     #[test]
