@@ -115,7 +115,15 @@ impl Broker {
 
     fn launch(launch: Launch, temp_dir: Option<TempDir>) -> Broker {
         let Started { child, addr, http_addr, stderr, stderr_reader } = launch.start();
-        Broker { child, addr, http_addr, stderr, stderr_reader: Some(stderr_reader), launch, _temp_dir: temp_dir }
+        Broker {
+            child,
+            addr,
+            http_addr,
+            stderr,
+            stderr_reader: Some(stderr_reader),
+            launch,
+            _temp_dir: temp_dir,
+        }
     }
 
     /// Starts `hopperd` again on the same data directory, with the same flags and wrapper (on a

@@ -1,7 +1,8 @@
 //! The harness shared by Hopper's integration tests: it starts the real `hopperd` as a child
 //! process (and restarts it on the same data directory), runs the `hopper` CLI against it,
-//! connects with `hopper-client`, speaks raw frames for the bad-input tests, and reads durable
-//! queues' files for the durability tests.
+//! connects with `hopper-client`, speaks raw frames for the bad-input tests, reads durable
+//! queues' files for the durability tests, and speaks HTTP to the broker's HTTP listener (and
+//! plays an alarm webhook) for the HTTP tests.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`; `make test` does it):
 //! they are looked up in the target directory next to the test executable.
@@ -9,9 +10,11 @@
 mod broker;
 mod cli;
 mod client;
+mod http;
 mod raw;
 mod storage;
 mod wait;
+mod webhook;
 
 pub use broker::{binary, command, send_signal, Broker};
 pub use cli::{cli, cli_at, run, run_cli, run_with_stdin, CliOutput};
@@ -19,9 +22,11 @@ pub use client::{
     assert_serves, body_text, connect, connect_with, next_deliveries, next_delivery, publish_all,
     receive_backlog, stats_eventually,
 };
+pub use http::{messages, read_request, receipt, segment, write_response, Http, HttpRequest, HttpResponse};
 pub use raw::RawConn;
 pub use storage::{
     clean_marker_present, parse_segment, queue_dir, read_segment, segment_files, Record, RecordKind,
     RECORD_HEADER, SEGMENT_MAGIC,
 };
 pub use wait::{eventually, within, DEADLINE};
+pub use webhook::{Received, WebhookReceiver};
