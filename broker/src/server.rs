@@ -30,7 +30,7 @@ pub(crate) struct Shared {
     pub(crate) moves: Moves,
     pub(crate) events: Arc<Events>,
     pub(crate) http_pullers:
-        parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::http::HttpPuller>>>,
+        parking_lot::Mutex<std::collections::HashMap<String, Vec<Arc<crate::http::HttpPuller>>>>,
     pub(crate) started: std::time::Instant,
     pub(crate) connections: std::sync::atomic::AtomicU32,
     pub(crate) next_message_id: AtomicU64,

@@ -23,13 +23,47 @@ use crate::server::Shared;
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The broker's pull consumer of one queue for HTTP clients, whose receipts stay valid across
-/// requests.
+/// A JSON request body whose problems are answered in the API's error shape. An empty body
+/// stands for the type's default (every field unset).
+pub(super) struct ApiJson<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let json_type = request
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let bytes = <Bytes as axum::extract::FromRequest<S>>::from_request(request, state)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(ApiJson(T::default()));
+        }
+        if !json_type {
+            let message = "the request body must be JSON (Content-Type: application/json)";
+            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "INVALID_ARGUMENT", message));
+        }
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
+            // Malformed JSON is a bad request; well-formed JSON of the wrong shape is
+            // unprocessable.
+            let status = match e.classify() {
+                serde_json::error::Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            ApiError::new(status, "INVALID_ARGUMENT", format!("invalid JSON body: {e}"))
+        })
+    }
+}
+
+/// A broker-side pull consumer for HTTP clients, whose receipts stay valid across requests.
 pub(crate) struct HttpPuller {
     consumer_id: u64,
     inbox: Arc<PullBox>,
-    /// One waiting pull at a time per queue.
-    turn: tokio::sync::Mutex<()>,
+    /// Held by the request using this consumer.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 pub(super) async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -122,9 +156,8 @@ pub(super) struct DeclareBody {
 pub(super) async fn declare_queue(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
-    body: Option<Json<DeclareBody>>,
+    ApiJson(body): ApiJson<DeclareBody>,
 ) -> ApiResult<impl IntoResponse> {
-    let body = body.map(|Json(b)| b).unwrap_or_default();
     let overflow = Overflow::parse(body.overflow.as_deref().unwrap_or(""))
         .ok_or_else(|| ApiError::bad_request("overflow must be reject-publish or drop-head"))?;
     let settings = QueueSettings {
@@ -166,7 +199,7 @@ pub(super) async fn purge(
 }
 
 /// Body of `PUT /api/queues/{name}/alarm`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AlarmBody {
     depth: u64,
@@ -175,7 +208,7 @@ pub(super) struct AlarmBody {
 pub(super) async fn set_alarm(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
-    Json(body): Json<AlarmBody>,
+    ApiJson(body): ApiJson<AlarmBody>,
 ) -> ApiResult<Json<Value>> {
     shared.queues.set_alarm(&name, body.depth)?;
     Ok(Json(json!({"queue": name, "alarm_depth": body.depth})))
@@ -215,7 +248,7 @@ pub(crate) fn parse_duration_ms(text: &str) -> Option<u64> {
 }
 
 /// Body of `POST /api/queues/{name}/messages`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PublishBody {
     body: Value,
@@ -230,7 +263,7 @@ pub(super) struct PublishBody {
 pub(super) async fn publish(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
-    Json(request): Json<PublishBody>,
+    ApiJson(request): ApiJson<PublishBody>,
 ) -> ApiResult<impl IntoResponse> {
     if let Some(reason) = shared.flow.blocked() {
         return Err(ApiError::new(
@@ -284,12 +317,14 @@ pub(super) async fn pull(
     let visibility = query.visibility.map_or(30_000, |s| (s.max(0.0) * 1000.0) as u64).max(1);
     let wait = Duration::from_secs_f64(query.wait.unwrap_or(0.0).clamp(0.0, 20.0));
     let queue = shared.queues.get(&name)?;
-    let puller = http_puller(&shared, &queue)?;
-    let _turn = puller.turn.lock().await;
+    let (puller, _turn) = http_puller(&shared, &queue)?;
     let consumer_id = puller.consumer_id;
     queue
         .with_state(|s, _, _| s.grant(consumer_id, count, visibility))?
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // If the client goes away mid-poll, this handler is dropped: the guard then stops the
+    // grant and puts back whatever was collected for nobody.
+    let mut guard = PullGuard { queue: queue.clone(), puller: puller.clone(), armed: true };
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
     while puller.inbox.is_empty() && !wait.is_zero() {
@@ -298,6 +333,7 @@ pub(super) async fn pull(
             _ = &mut deadline => break,
         }
     }
+    guard.armed = false;
     let deliveries = queue.with_state(|s, _, _| {
         s.revoke(consumer_id);
         puller.inbox.take()
@@ -312,22 +348,62 @@ pub(super) async fn pull(
     Ok(Json(json!({"messages": messages})))
 }
 
-/// The queue's HTTP pull consumer, created on first use (and again if the queue was recreated).
-fn http_puller(shared: &Shared, queue: &Arc<Queue>) -> ApiResult<Arc<HttpPuller>> {
+/// Undoes a pull whose request was abandoned.
+struct PullGuard {
+    queue: Arc<Queue>,
+    puller: Arc<HttpPuller>,
+    armed: bool,
+}
+
+impl Drop for PullGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let consumer_id = self.puller.consumer_id;
+        let inbox = &self.puller.inbox;
+        let _ = self.queue.with_state(|s, j, now| {
+            s.revoke(consumer_id);
+            for delivery in inbox.take() {
+                let _ = s.nack(
+                    consumer_id,
+                    delivery.delivery_tag,
+                    false,
+                    true,
+                    "pull abandoned",
+                    Some(0),
+                    now,
+                    j,
+                );
+            }
+        });
+    }
+}
+
+/// A free HTTP pull consumer of the queue, with its turn held: each concurrent pull gets its
+/// own, so a long poll never holds up another request. Consumers of a recreated queue are
+/// replaced.
+fn http_puller(
+    shared: &Shared,
+    queue: &Arc<Queue>,
+) -> ApiResult<(Arc<HttpPuller>, tokio::sync::OwnedMutexGuard<()>)> {
     let mut pullers = shared.http_pullers.lock();
-    if let Some(puller) = pullers.get(queue.name()) {
-        let alive = queue.with_state(|s, _, _| s.consumer_ids().any(|id| id == puller.consumer_id))?;
-        if alive {
-            return Ok(puller.clone());
+    let pool = pullers.entry(queue.name().to_owned()).or_default();
+    let alive: Vec<u64> = queue.with_state(|s, _, _| s.consumer_ids().collect())?;
+    pool.retain(|p| alive.contains(&p.consumer_id));
+    for puller in pool.iter() {
+        if let Ok(turn) = puller.turn.clone().try_lock_owned() {
+            return Ok((puller.clone(), turn));
         }
     }
     let consumer_id = shared.next_consumer_id.fetch_add(1, Ordering::Relaxed);
     let inbox = Arc::new(PullBox::new(None));
     let subscriber = Subscriber::Pull(inbox.clone());
     queue.with_state(|s, _, _| s.add_pull_consumer(consumer_id, subscriber))?;
-    let puller = Arc::new(HttpPuller { consumer_id, inbox, turn: tokio::sync::Mutex::new(()) });
-    pullers.insert(queue.name().to_owned(), puller.clone());
-    Ok(puller)
+    let puller = Arc::new(HttpPuller { consumer_id, inbox, turn: Arc::new(tokio::sync::Mutex::new(())) });
+    let turn = puller.turn.clone().try_lock_owned().expect("a new puller is free");
+    pool.push(puller.clone());
+    Ok((puller, turn))
 }
 
 /// A message as JSON: the same keys as `hopper consume --json`, plus the receipt if pulled.
@@ -387,9 +463,8 @@ pub(super) struct NackBody {
 pub(super) async fn nack(
     State(shared): State<Arc<Shared>>,
     Path((name, receipt)): Path<(String, String)>,
-    body: Option<Json<NackBody>>,
+    ApiJson(body): ApiJson<NackBody>,
 ) -> ApiResult<StatusCode> {
-    let body = body.map(|Json(b)| b).unwrap_or_default();
     let (consumer_id, tag) = parse_receipt(&receipt)?;
     let delay = match body.delay {
         None | Some(Value::Null) => None,
@@ -451,9 +526,8 @@ pub(super) struct MoveBody {
 pub(super) async fn start_move(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
-    body: Option<Json<MoveBody>>,
+    ApiJson(body): ApiJson<MoveBody>,
 ) -> ApiResult<impl IntoResponse> {
-    let body = body.map(|Json(b)| b).unwrap_or_default();
     let filter = match body.filter {
         None => None,
         Some(filter) => {

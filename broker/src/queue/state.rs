@@ -628,7 +628,12 @@ impl<S: Sink> QueueState<S> {
                 .front()
                 .and_then(|m| m.payload.as_ref())
                 .map_or(0, |p| p.published_at_ms),
-            consumers: self.consumers.len() as u32,
+            // An idle pull consumer (no pending get, nothing held) is not consuming.
+            consumers: self
+                .consumers
+                .iter()
+                .filter(|c| c.credit != Some(0) || c.window.outstanding() > 0)
+                .count() as u32,
             counters: self.counters.clone(),
         }
     }
