@@ -10,11 +10,11 @@ run:
 
 ## Every test: unit tests and the integration tests that start the real binaries.
 test:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --examples
 	$(CARGO) test --workspace
 
 build:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --examples
 
 release:
 	$(CARGO) build --release --workspace --bins

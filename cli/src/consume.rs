@@ -98,6 +98,9 @@ pub async fn run(server: &str, args: ConsumeArgs) -> anyhow::Result<()> {
         prefetch: prefetch_for(args.prefetch, args.count),
         tag: "hopper consume".into(),
         ack_timeout: args.ack_timeout,
+        // Exactly --count deliveries: settling one must not pull in a message this run will
+        // not print (its cancel would count that as a failed delivery).
+        limit: args.count,
         ..Default::default()
     };
     let result = receive(&conn, &args, options, &mut shutdown).await;

@@ -276,6 +276,7 @@ impl Connection {
             prefetch_count: options.prefetch,
             tag: options.tag,
             ack_timeout_ms: options.ack_timeout.map_or(0, wire_ms),
+            limit: options.limit.unwrap_or(0),
         };
         let pending = PendingRequest::Consume { reply, events: events_tx, tracker: tracker.clone() };
         self.shared().send_request(Body::Consume(consume), pending)?;

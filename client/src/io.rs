@@ -403,9 +403,13 @@ impl Reader {
                     consumer_id,
                     delivery_tag, "delivery passed its ack deadline; the broker took it back"
                 );
+                let pulled = || self.shared.pull_trackers.lock().get(&consumer_id).and_then(|t| t.upgrade());
                 match self.consumers.get(&consumer_id) {
                     Some(route) => route.tracker.expire(delivery_tag),
-                    None => debug!(consumer_id, "expiry for a consumer that is gone; ignored"),
+                    None => match pulled() {
+                        Some(tracker) => tracker.expire(delivery_tag),
+                        None => debug!(consumer_id, "expiry for a consumer that is gone; ignored"),
+                    },
                 }
             }
             Body::ConsumerCancelled(cancelled) => {

@@ -178,6 +178,10 @@ pub struct ConsumeOptions {
     pub confirm_settlements: bool,
     /// Ack timeout of this consumer's deliveries, instead of the queue's `ack_timeout`.
     pub ack_timeout: Option<Duration>,
+    /// Take at most this many deliveries, then receive nothing more (the consumer stays
+    /// subscribed until cancelled, so its deliveries can still be settled). Lets a client that
+    /// wants exactly N messages stop without the broker pushing more into freed window slots.
+    pub limit: Option<u64>,
 }
 
 /// What [`Connection::get`](crate::Connection::get) pulls and for how long it hides it.

@@ -43,6 +43,9 @@ impl Pullers {
             confirm: false,
         });
         by_consumer.insert(consumer_id, Arc::downgrade(&shared));
+        let mut trackers = conn.shared().pull_trackers.lock();
+        trackers.retain(|_, tracker| tracker.strong_count() > 0);
+        trackers.insert(consumer_id, Arc::downgrade(&shared.tracker));
         shared
     }
 }

@@ -125,11 +125,15 @@ pub(crate) struct Shared {
     /// `Some(reason)` while the broker blocks this connection's publishing (flow control), as
     /// the reader last heard.
     blocked: watch::Sender<Option<String>>,
+    /// Delivery trackers of this connection's pull consumers, by consumer id, so the reader can
+    /// mark pulled deliveries expired.
+    pub(crate) pull_trackers: Mutex<HashMap<u64, std::sync::Weak<crate::tracker::DeliveryTracker>>>,
 }
 
 impl Shared {
     pub(crate) fn new(max_frame_size: u32) -> Self {
         Shared {
+            pull_trackers: Mutex::new(HashMap::new()),
             max_frame_size,
             next_request_id: AtomicU64::new(HELLO_REQUEST_ID + 1),
             outbox: Mutex::new(Outbox { buf: BytesMut::with_capacity(64 * 1024), state: OutboxState::Open }),

@@ -127,6 +127,7 @@ fn every_body() -> Vec<Body> {
             prefetch_count: 100,
             tag: "worker-1".into(),
             ack_timeout_ms: 30_000,
+            limit: 25,
         }),
         Body::ConsumeOk(ConsumeOk { consumer_id: 3 }),
         Body::Cancel(Cancel { consumer_id: 3 }),

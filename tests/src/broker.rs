@@ -42,6 +42,25 @@ pub fn command(name: &str) -> Command {
     command
 }
 
+/// The path of an example of the client crate, or a panic saying how to build it.
+pub fn example(name: &str) -> PathBuf {
+    let path = bin_dir().join("examples").join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} not found; build the examples first: cargo build --examples -p hopper-client",
+        path.display()
+    );
+    path
+}
+
+/// A `Command` for an example of the client crate, with no `HOPPER_*` variable of the
+/// caller's environment (set `HOPPER_SERVER` to aim it at a test broker).
+pub fn example_command(name: &str) -> Command {
+    let mut command = Command::new(example(name));
+    remove_hopper_env(&mut command);
+    command
+}
+
 /// Removes every `HOPPER_*` variable of the caller's environment from `command`.
 fn remove_hopper_env(command: &mut Command) {
     for (key, _) in std::env::vars_os() {

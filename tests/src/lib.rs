@@ -4,24 +4,27 @@
 //! queues' files for the durability tests, and speaks HTTP to the broker's HTTP listener (and
 //! plays an alarm webhook) for the HTTP tests.
 //!
-//! The binaries must be built first (`cargo build --workspace --bins`; `make test` does it):
-//! they are looked up in the target directory next to the test executable.
+//! The binaries must be built first (`cargo build --workspace --bins --examples`; the client's
+//! examples are run too): they are looked up in the target directory next to the test
+//! executable.
 
 mod broker;
 mod cli;
 mod client;
+mod failure;
 mod http;
 mod raw;
 mod storage;
 mod wait;
 mod webhook;
 
-pub use broker::{binary, command, send_signal, Broker};
+pub use broker::{binary, command, example, example_command, send_signal, Broker};
 pub use cli::{cli, cli_at, run, run_cli, run_with_stdin, CliOutput};
 pub use client::{
     assert_serves, body_text, connect, connect_with, next_deliveries, next_delivery, publish_all,
     receive_backlog, stats_eventually,
 };
+pub use failure::{declare_with_dead_letter, declared_options, take_ready, unix_ms};
 pub use http::{messages, read_request, receipt, segment, write_response, Http, HttpRequest, HttpResponse};
 pub use raw::RawConn;
 pub use storage::{

@@ -366,14 +366,15 @@ impl<S: Sink> QueueState<S> {
     /// Subscribes a consumer with a prefetch window of `prefetch` (0 = unlimited) and an ack
     /// timeout (0 = the queue's).
     pub fn add_consumer(&mut self, id: u64, prefetch: u32, ack_timeout_ms: u64, sink: S) {
+        self.add_limited_consumer(id, prefetch, ack_timeout_ms, 0, sink);
+    }
+
+    /// Like [`QueueState::add_consumer`], for a consumer that takes at most `limit` deliveries
+    /// (0 = no limit).
+    pub fn add_limited_consumer(&mut self, id: u64, prefetch: u32, ack_timeout_ms: u64, limit: u64, sink: S) {
         let ack_timeout_ms = if ack_timeout_ms > 0 { ack_timeout_ms } else { self.policy.ack_timeout_ms };
-        self.consumers.push(Consumer {
-            id,
-            window: Window::new(prefetch),
-            sink,
-            ack_timeout_ms,
-            credit: None,
-        });
+        let credit = (limit > 0).then(|| limit.min(u64::from(u32::MAX)) as u32);
+        self.consumers.push(Consumer { id, window: Window::new(prefetch), sink, ack_timeout_ms, credit });
     }
 
     /// Subscribes a pull consumer: it receives nothing until [`QueueState::grant`]ed credit.

@@ -64,10 +64,11 @@ impl Session {
         let consumer_id = self.shared.next_consumer_id.fetch_add(1, Ordering::Relaxed);
         let outbox = self.outbox.clone();
         queue.with_state(|s, _, _| {
-            s.add_consumer(
+            s.add_limited_consumer(
                 consumer_id,
                 consume.prefetch_count,
                 consume.ack_timeout_ms,
+                consume.limit,
                 Subscriber::Push(outbox.clone()),
             );
             // Queued before the dispatch that follows, so the client learns the consumer id
