@@ -89,8 +89,8 @@ impl Config {
         if self.max_connections == 0 {
             return Err(StartError::Config("max_connections must be at least 1".into()));
         }
-        if self.segment_bytes < 4096 {
-            return Err(StartError::Config("segment_bytes must be at least 4096".into()));
+        if !(4096..=1 << 30).contains(&self.segment_bytes) {
+            return Err(StartError::Config("segment_bytes must be between 4096 and 1073741824".into()));
         }
         if self.fsync_interval_ms == 0 {
             return Err(StartError::Config("fsync_interval_ms must be at least 1".into()));

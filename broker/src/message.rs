@@ -106,17 +106,22 @@ pub struct QueuedMessage {
     /// Recovered after a crash, which may have hidden a delivery: the next delivery is flagged
     /// redelivered, as AMQP's "may have been delivered before".
     pub maybe_delivered: bool,
-    /// Unix ms after which the message expires; 0 = never.
-    pub expires_at_ms: u64,
-    /// While delayed: Unix ms at which it becomes ready. While delivered: its ack deadline.
-    /// 0 = none.
-    pub due_ms: u64,
+
     /// The message, when it is in memory. Always set for transient queues and for deliveries.
     pub payload: Option<Arc<Payload>>,
     /// Where the message is stored, for durable queues.
     pub location: Option<Location>,
-    /// Failed deliveries so far, if any.
-    pub failure: Option<Box<Failure>>,
+    /// Expiry, due time and failures: rare, so kept out of line (one pointer for the many
+    /// messages that have none; the index of a large backlog stays small).
+    pub(crate) extra: Option<Box<Extra>>,
+}
+
+/// The rarely set parts of a [`QueuedMessage`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Extra {
+    expires_at_ms: u64,
+    due_ms: u64,
+    failure: Option<Failure>,
 }
 
 impl QueuedMessage {
@@ -127,11 +132,22 @@ impl QueuedMessage {
             delivery_count: 0,
             size: payload.body.len() as u32,
             maybe_delivered: false,
-            expires_at_ms: 0,
-            due_ms: 0,
             payload: Some(payload),
             location: None,
-            failure: None,
+            extra: None,
+        }
+    }
+
+    /// A message known only by where it is stored (recovered from disk).
+    pub fn stored(seq: u64, delivery_count: u32, size: u32, location: Location) -> Self {
+        QueuedMessage {
+            seq,
+            delivery_count,
+            size,
+            maybe_delivered: false,
+            payload: None,
+            location: Some(location),
+            extra: None,
         }
     }
 
@@ -142,7 +158,55 @@ impl QueuedMessage {
 
     /// True when its time to live has run out at `now_ms`.
     pub fn is_expired(&self, now_ms: u64) -> bool {
-        self.expires_at_ms != 0 && self.expires_at_ms <= now_ms
+        let expires = self.expires_at_ms();
+        expires != 0 && expires <= now_ms
+    }
+
+    /// Unix ms after which the message expires; 0 = never.
+    pub fn expires_at_ms(&self) -> u64 {
+        self.extra.as_ref().map_or(0, |e| e.expires_at_ms)
+    }
+
+    /// While delayed: Unix ms at which it becomes ready. While delivered: its ack deadline.
+    /// 0 = none.
+    pub fn due_ms(&self) -> u64 {
+        self.extra.as_ref().map_or(0, |e| e.due_ms)
+    }
+
+    /// Its failed deliveries so far, if any.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.extra.as_ref().and_then(|e| e.failure.as_ref())
+    }
+
+    /// Sets the expiry (0 = never).
+    pub fn set_expires_at_ms(&mut self, expires_at_ms: u64) {
+        if expires_at_ms != 0 || self.extra.is_some() {
+            self.extra_mut().expires_at_ms = expires_at_ms;
+        }
+    }
+
+    /// Sets the due time (0 = none).
+    pub fn set_due_ms(&mut self, due_ms: u64) {
+        if due_ms != 0 || self.extra.is_some() {
+            self.extra_mut().due_ms = due_ms;
+        }
+    }
+
+    /// The failure record, started at `now_ms` if there was none.
+    pub fn failure_mut(&mut self, now_ms: u64) -> &mut Failure {
+        self.extra_mut().failure.get_or_insert_with(|| Failure { first_ms: now_ms, ..Failure::default() })
+    }
+
+    /// Sets every rare part at once (recovery).
+    pub fn with_extra(mut self, expires_at_ms: u64, due_ms: u64, failure: Option<Failure>) -> Self {
+        if expires_at_ms != 0 || due_ms != 0 || failure.is_some() {
+            self.extra = Some(Box::new(Extra { expires_at_ms, due_ms, failure }));
+        }
+        self
+    }
+
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
     }
 }
 

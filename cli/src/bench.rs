@@ -25,6 +25,7 @@ use hopper_client::{
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::bench_watch::{read_cpu_time, DepthSampler, RssSampler};
 use crate::output::{self, BenchReport};
 
 /// Bytes at the front of every body that hold the send time.
@@ -82,9 +83,20 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1, value_parser = crate::at_least(1u64))]
     pub ack_every: u64,
     /// Sample the resident memory (VmRSS) of this process, e.g. the broker's, during the run
-    /// and report its peak.
+    /// and report its peak, and the CPU time it used.
     #[arg(long, value_name = "PID")]
     pub rss_pid: Option<u32>,
+    /// Publish every message with this delay (e.g. 30s); latency is then measured from when
+    /// each message was due, i.e. how late the broker's timers fired.
+    #[arg(long, value_name = "DURATION", value_parser = crate::time::parse_duration)]
+    pub delay: Option<Duration>,
+    /// Consumers together settle at most this many messages per second (a steady worker
+    /// pool), 0 = as fast as possible.
+    #[arg(long, value_name = "MSG_PER_SEC", default_value_t = 0)]
+    pub consume_rate: u64,
+    /// Read the queue's depth (ready, unacked, delayed) at this interval and report it.
+    #[arg(long, value_name = "DURATION", value_parser = crate::time::parse_duration)]
+    pub sample_every: Option<Duration>,
     /// Print one JSON summary object.
     #[arg(long)]
     pub json: bool,
@@ -128,11 +140,31 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         admin.declare_queue(&queue, QueueOptions { durable: args.durable, ..Default::default() }).await?;
     }
     let sampler = args.rss_pid.map(RssSampler::start).transpose()?;
+    let cpu_before = args.rss_pid.map(read_cpu_time).transpose()?;
+    let depth = match args.sample_every {
+        Some(every) => {
+            let conn = crate::connect(server, "bench depth").await?;
+            Some(DepthSampler::start(conn, queue.clone(), every, Instant::now()))
+        }
+        None => None,
+    };
     let mut result = bench(server, &args, &queue).await;
     if let Some(sampler) = sampler {
         let peak = sampler.finish().await;
         if let Ok(report) = &mut result {
             report.broker_rss_mb = Some(peak);
+        }
+    }
+    if let (Some(pid), Some(before), Ok(report)) = (args.rss_pid, cpu_before, &mut result) {
+        if let Ok(after) = read_cpu_time(pid) {
+            report.broker_cpu_s = Some(after.saturating_sub(before).as_secs_f64());
+        }
+    }
+    if let Some(depth) = depth {
+        let samples = depth.finish().await;
+        if let Ok(report) = &mut result {
+            report.max_unacked = samples.iter().map(|s| s.unacked).max();
+            report.depth = samples;
         }
     }
     if temporary {
@@ -215,9 +247,13 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
         };
         let consumer = conn.consume(queue, options).await?;
         let progress = Arc::clone(&progress);
-        let ack_every = args.ack_every;
+        let pacing = Pacing {
+            ack_every: args.ack_every,
+            delay_ns: args.delay.map_or(0, |d| d.as_nanos() as u64),
+            interval: (args.consume_rate > 0).then(|| f64::from(args.consumers) / args.consume_rate as f64),
+        };
         consumers.spawn(async move {
-            let result = consume(consumer, ack_every, &progress).await;
+            let result = consume(consumer, pacing, &progress).await;
             let _ = conn.close().await;
             result
         });
@@ -238,6 +274,7 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
             deadline: args.duration.map(|d| start + d),
             interval: (args.rate > 0).then(|| f64::from(args.producers) / args.rate as f64),
             start,
+            delay: args.delay,
         };
         producers.spawn(async move {
             let result = produce(&conn, &plan).await;
@@ -272,7 +309,7 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
                 let received = progress.received.load(Ordering::SeqCst);
                 if received != last_seen.0 {
                     last_seen = (received, Instant::now());
-                } else if last_seen.1.elapsed() > STALL_TIMEOUT {
+                } else if last_seen.1.elapsed() > STALL_TIMEOUT + args.delay.unwrap_or_default() {
                     bail!(
                         "consumers received only {received} of {sent} messages \
                          (nothing arrived for {} s)",
@@ -302,68 +339,11 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
         producers: args.producers,
         consumers: args.consumers,
         broker_rss_mb: None,
+        broker_cpu_s: None,
+        delay_ms: args.delay.map(|d| d.as_millis() as u64),
+        max_unacked: None,
+        depth: Vec::new(),
     })
-}
-
-/// Samples a process's resident memory in the background and keeps the peak.
-struct RssSampler {
-    pid: u32,
-    peak_kib: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RssSampler {
-    /// How often the resident memory is read.
-    const INTERVAL: Duration = Duration::from_millis(50);
-
-    /// Takes a first sample, failing if the process cannot be read, and starts sampling.
-    fn start(pid: u32) -> anyhow::Result<RssSampler> {
-        let first = read_rss_kib(pid)
-            .with_context(|| format!("--rss-pid: cannot read the resident memory of process {pid}"))?;
-        let peak_kib = Arc::new(AtomicU64::new(first));
-        let peak = Arc::clone(&peak_kib);
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Self::INTERVAL);
-            loop {
-                tick.tick().await;
-                // A process that went away mid-run keeps the peak seen so far.
-                if let Ok(kib) = read_rss_kib(pid) {
-                    peak.fetch_max(kib, Ordering::Relaxed);
-                }
-            }
-        });
-        Ok(RssSampler { pid, peak_kib, task })
-    }
-
-    /// Stops sampling after one last sample and returns the peak in MiB.
-    async fn finish(self) -> f64 {
-        self.task.abort();
-        let _ = self.task.await;
-        if let Ok(kib) = read_rss_kib(self.pid) {
-            self.peak_kib.fetch_max(kib, Ordering::Relaxed);
-        }
-        kib_to_mib(self.peak_kib.load(Ordering::Relaxed))
-    }
-}
-
-/// The resident memory of process `pid` in KiB, from `/proc/<pid>/status`.
-fn read_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_vm_rss_kib(&status).ok_or_else(|| anyhow!("{path} has no VmRSS line"))
-}
-
-/// The `VmRSS:   123456 kB` value of a `/proc/<pid>/status` text, in KiB (the kernel's "kB").
-fn parse_vm_rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?;
-    let mut fields = line.split_whitespace();
-    let value = fields.next()?.parse().ok()?;
-    matches!(fields.next(), Some("kB") | None).then_some(value)
-}
-
-/// KiB to MiB, rounded to one decimal.
-fn kib_to_mib(kib: u64) -> f64 {
-    (kib as f64 / 1024.0 * 10.0).round() / 10.0
 }
 
 /// One producer's assignment.
@@ -377,6 +357,19 @@ struct Plan {
     /// Seconds between this producer's messages at a fixed rate.
     interval: Option<f64>,
     start: Instant,
+    /// Publish delay of every message.
+    delay: Option<Duration>,
+}
+
+/// How a consumer settles: in batches, at a steady rate, and what delay to discount from
+/// latencies.
+#[derive(Debug, Clone, Copy)]
+struct Pacing {
+    ack_every: u64,
+    /// Publish delay of the messages, subtracted so latency is lateness past the due time.
+    delay_ns: u64,
+    /// Seconds between this consumer's settles at a fixed consume rate.
+    interval: Option<f64>,
 }
 
 /// Publishes per `plan` with up to `plan.window` confirms outstanding; returns how many were
@@ -411,7 +404,8 @@ async fn produce(conn: &Connection, plan: &Plan) -> anyhow::Result<Produced> {
             }
         }
         let body = encode_body(&mut chunk, plan.size, unix_nanos());
-        in_flight.push_back(conn.publish(&plan.queue, body, PublishOptions::default()));
+        let options = PublishOptions { delay: plan.delay, ..Default::default() };
+        in_flight.push_back(conn.publish(&plan.queue, body, options));
         sent += 1;
     }
     while let Some(confirm) = in_flight.pop_front() {
@@ -423,9 +417,12 @@ async fn produce(conn: &Connection, plan: &Plan) -> anyhow::Result<Produced> {
 /// Receives until `progress` says every message has arrived, recording latencies.
 async fn consume(
     mut consumer: hopper_client::Consumer,
-    ack_every: u64,
+    pacing: Pacing,
     progress: &Progress,
 ) -> anyhow::Result<Consumed> {
+    let ack_every = pacing.ack_every;
+    let started = Instant::now();
+    let mut handled = 0u64;
     let mut done = progress.done.subscribe();
     let mut latencies = new_histogram();
     let mut last_delivery = None;
@@ -443,8 +440,16 @@ async fn consume(
         let now = unix_nanos();
         last_delivery = Some(Instant::now());
         if let Some(sent_at) = decode_timestamp(&delivery.body) {
-            latencies.saturating_record(now.saturating_sub(sent_at) / 1000);
+            latencies.saturating_record(now.saturating_sub(sent_at + pacing.delay_ns) / 1000);
         }
+        if let Some(interval) = pacing.interval {
+            // A worker that handles a steady number per second: settle on schedule.
+            let due = started + Duration::from_secs_f64(handled as f64 * interval);
+            if due > Instant::now() {
+                tokio::time::sleep_until(due.into()).await;
+            }
+        }
+        handled += 1;
         unacked += 1;
         if unacked >= ack_every {
             if ack_every == 1 {
@@ -585,24 +590,6 @@ mod tests {
         assert!(!*rx.borrow());
         progress.record();
         assert!(*rx.borrow());
-    }
-
-    #[test]
-    fn vm_rss_is_read_from_a_status_text() {
-        let status = "Name:\thopperd\nVmPeak:\t  999999 kB\nVmRSS:\t   51200 kB\nThreads:\t3\n";
-        assert_eq!(parse_vm_rss_kib(status), Some(51_200));
-        // Kernel threads have no VmRSS line.
-        assert_eq!(parse_vm_rss_kib("Name:\tkthreadd\nThreads:\t1\n"), None);
-        assert_eq!(parse_vm_rss_kib("VmRSS:\t  lots kB\n"), None);
-        assert_eq!(parse_vm_rss_kib("VmRSS:\t  12 MB\n"), None);
-        assert_eq!(kib_to_mib(51_200), 50.0);
-        assert_eq!(kib_to_mib(1_500), 1.5);
-        assert_eq!(kib_to_mib(0), 0.0);
-    }
-
-    #[test]
-    fn rss_of_this_process_can_be_read() {
-        assert!(read_rss_kib(std::process::id()).unwrap() > 0);
     }
 
     #[test]

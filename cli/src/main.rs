@@ -5,6 +5,7 @@
 
 mod audit;
 mod bench;
+mod bench_watch;
 mod consume;
 mod events;
 mod get;

@@ -115,20 +115,12 @@ pub(super) fn recover(
     state.set_next_seq(scan.next_seq);
     let messages = scan.messages.len();
     for found in scan.messages {
-        let count = live.entry(found.location.segment).or_default();
+        let count = live.entry(found.location.segment()).or_default();
         count.messages += 1;
-        count.bytes += u64::from(found.location.len);
-        state.restore(QueuedMessage {
-            seq: found.seq,
-            delivery_count: found.delivery_count,
-            size: found.size,
-            maybe_delivered: crashed,
-            expires_at_ms: found.expires_at_ms,
-            due_ms: found.due_ms,
-            payload: None,
-            location: Some(found.location),
-            failure: found.failure,
-        });
+        count.bytes += u64::from(found.location.bytes());
+        let mut message = QueuedMessage::stored(found.seq, found.delivery_count, found.size, found.location);
+        message.maybe_delivered = crashed;
+        state.restore(message.with_extra(found.expires_at_ms, found.due_ms, found.failure.map(|f| *f)));
     }
     let (active, len) = scan.segments.last().copied().unwrap_or((1, 0));
     let writer = SegmentWriter::open(dir, active, len, config.segment_bytes)?;
@@ -504,8 +496,7 @@ fn apply_batch(
             let segment = writer.id();
             for publish in pending {
                 let PendingPublish { mut message, range, confirm } = publish;
-                let location =
-                    Location { segment, offset: offset + range.start as u64, len: range.len() as u32 };
+                let location = Location::new(segment, offset + range.start as u64, range.len() as u32);
                 disk.log.add_live(location);
                 let payload = message.payload.take().expect("a published message has its payload");
                 let size = payload.body.len();
@@ -595,7 +586,7 @@ fn compact(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
         guard
             .state
             .messages()
-            .filter(|m| m.location.is_some_and(|l| l.segment == oldest))
+            .filter(|m| m.location.is_some_and(|l| l.segment() == oldest))
             .map(|m| QueuedMessage { payload: None, ..m.clone() })
             .collect()
     };
@@ -606,7 +597,7 @@ fn compact(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
         let Ok(stored) = durable.reader.read(location) else { continue };
         let start = bytes.len();
         encode_message(&mut bytes, &victim, &stored.payload);
-        copies.push((victim.seq, location.segment, start..bytes.len()));
+        copies.push((victim.seq, location.segment(), start..bytes.len()));
     }
     let offset = match writer.append(&bytes).and_then(|offset| writer.sync().map(|()| offset)) {
         Ok(offset) => offset,
@@ -623,14 +614,11 @@ fn compact(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
     for (seq, old_segment, range) in copies {
         // Settled while we copied: its settle record follows the copy in the log.
         let Some(message) = live.state.find_mut(seq) else { continue };
-        if message.location.map(|l| l.segment) != Some(old_segment) {
+        if message.location.map(|l| l.segment()) != Some(old_segment) {
             continue;
         }
-        let old = message.location.replace(Location {
-            segment,
-            offset: offset + range.start as u64,
-            len: range.len() as u32,
-        });
+        let old =
+            message.location.replace(Location::new(segment, offset + range.start as u64, range.len() as u32));
         disk.log.add_live(message.location.expect("just set"));
         if let Some(old) = old {
             disk.log.forget(old);

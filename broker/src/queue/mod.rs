@@ -303,8 +303,8 @@ impl Queue {
             (Some(disk), Some(durable)) => {
                 live.state.make_room(size, &mut durable.journal(disk, &mut deaths)).map(|()| {
                     let mut message = QueuedMessage::transient(live.state.reserve_seq(), payload);
-                    message.expires_at_ms = live.state.expiry_for(now, ttl_ms);
-                    message.due_ms = if delay_ms > 0 { now + delay_ms } else { 0 };
+                    message.set_expires_at_ms(live.state.expiry_for(now, ttl_ms));
+                    message.set_due_ms(if delay_ms > 0 { now + delay_ms } else { 0 });
                     live.state.reserve(size);
                     durable.append_publish(disk, message, confirm);
                     None
@@ -403,7 +403,7 @@ impl Queue {
             tracing::error!(queue = %self.name, seq = message.seq, "dead message without payload; dropped");
             return;
         };
-        let failure = message.failure.as_deref().cloned().unwrap_or_default();
+        let failure = message.failure().cloned().unwrap_or_default();
         let now = now_ms();
         let death = Death {
             queue: self.name.to_string(),

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 
-use crate::message::{clip_error, DeathReason, Failure, Payload, QueuedMessage};
+use crate::message::{clip_error, DeathReason, Payload, QueuedMessage};
 use crate::queue::window::Window;
 
 /// Where a consumer's deliveries go.
@@ -230,8 +230,8 @@ impl<S: Sink> QueueState<S> {
     pub fn publish(&mut self, payload: Arc<Payload>, now_ms: u64, delay_ms: u64, ttl_ms: u64) {
         let seq = self.reserve_seq();
         let mut message = QueuedMessage::transient(seq, payload);
-        message.expires_at_ms = self.expiry_for(now_ms, ttl_ms);
-        message.due_ms = if delay_ms > 0 { now_ms + delay_ms } else { 0 };
+        message.set_expires_at_ms(self.expiry_for(now_ms, ttl_ms));
+        message.set_due_ms(if delay_ms > 0 { now_ms + delay_ms } else { 0 });
         self.admit(message);
     }
 
@@ -244,8 +244,8 @@ impl<S: Sink> QueueState<S> {
     /// Adds a recovered message (ready, or delayed if its due time is set).
     pub fn restore(&mut self, message: QueuedMessage) {
         self.next_seq = self.next_seq.max(message.seq + 1);
-        if message.expires_at_ms != 0 {
-            self.expiries.push(Reverse((message.expires_at_ms, message.seq)));
+        if message.expires_at_ms() != 0 {
+            self.expiries.push(Reverse((message.expires_at_ms(), message.seq)));
         }
         self.push_waiting(message);
     }
@@ -493,8 +493,8 @@ impl<S: Sink> QueueState<S> {
         } else {
             SettleError::UnknownTag(tag)
         })?;
-        message.due_ms = now_ms + extend_ms;
-        let due = message.due_ms;
+        let due = now_ms + extend_ms;
+        message.set_due_ms(due);
         self.deadlines.push(Reverse((due, consumer_id, tag)));
         Ok(())
     }
@@ -528,7 +528,7 @@ impl<S: Sink> QueueState<S> {
             }
             let mut message = self.delayed.remove(&(due, seq)).expect("first key exists");
             self.delayed_due.remove(&seq);
-            message.due_ms = 0;
+            message.set_due_ms(0);
             insert_ready(&mut self.ready, message);
         }
         while let Some(&Reverse((at, seq))) = self.expiries.peek() {
@@ -550,7 +550,7 @@ impl<S: Sink> QueueState<S> {
             self.deadlines.pop();
             let Ok(index) = self.consumer_index(consumer_id) else { continue };
             let consumer = &mut self.consumers[index];
-            if consumer.window.get_mut(tag).map(|m| m.due_ms) != Some(at) {
+            if consumer.window.get_mut(tag).map(|m| m.due_ms()) != Some(at) {
                 continue;
             }
             let message = consumer.window.expire(tag).expect("outstanding");
@@ -597,10 +597,11 @@ impl<S: Sink> QueueState<S> {
             journal.delivered(&message);
             let consumer = &mut self.consumers[index];
             let tag = consumer.window.next_tag();
-            message.due_ms = 0;
+            message.set_due_ms(0);
             if consumer.ack_timeout_ms > 0 {
-                message.due_ms = now_ms + consumer.ack_timeout_ms;
-                self.deadlines.push(Reverse((message.due_ms, consumer.id, tag)));
+                let deadline = now_ms + consumer.ack_timeout_ms;
+                message.set_due_ms(deadline);
+                self.deadlines.push(Reverse((deadline, consumer.id, tag)));
             }
             consumer.sink.deliver(consumer.id, tag, &message, &payload);
             consumer.window.add(message);
@@ -673,10 +674,10 @@ impl<S: Sink> QueueState<S> {
             self.die(message, DeathReason::Expired, journal);
             return;
         }
-        message.due_ms = match delay_ms {
+        message.set_due_ms(match delay_ms {
             Some(delay) if delay > 0 => now_ms + delay,
             _ => 0,
-        };
+        });
         journal.failed(&message);
         journal.requeued(&mut message);
         self.push_waiting(message);
@@ -698,10 +699,10 @@ impl<S: Sink> QueueState<S> {
     fn waiting_expiry(&self, seq: u64) -> Option<u64> {
         let at = self.ready.partition_point(|m| m.seq < seq);
         if let Some(message) = self.ready.get(at).filter(|m| m.seq == seq) {
-            return Some(message.expires_at_ms);
+            return Some(message.expires_at_ms());
         }
         let due = self.delayed_due.get(&seq)?;
-        self.delayed.get(&(*due, seq)).map(|m| m.expires_at_ms)
+        self.delayed.get(&(*due, seq)).map(|m| m.expires_at_ms())
     }
 
     /// Removes a message that is waiting (ready or delayed), by seq.
@@ -734,9 +735,10 @@ impl<S: Sink> QueueState<S> {
     /// Adds a message to the waiting ones: delayed if it has a due time, else ready.
     fn push_waiting(&mut self, message: QueuedMessage) {
         self.waiting_bytes += u64::from(message.size);
-        if message.due_ms != 0 {
-            self.delayed_due.insert(message.seq, message.due_ms);
-            self.delayed.insert((message.due_ms, message.seq), message);
+        let due = message.due_ms();
+        if due != 0 {
+            self.delayed_due.insert(message.seq, due);
+            self.delayed.insert((due, message.seq), message);
         } else {
             insert_ready(&mut self.ready, message);
         }
@@ -763,8 +765,7 @@ impl<S: Sink> QueueState<S> {
 
 /// Notes a failed delivery on the message: when, why, and by which (consumer, connection).
 fn record_failure(message: &mut QueuedMessage, now_ms: u64, error: &str, who: (u64, u64)) {
-    let failure =
-        message.failure.get_or_insert_with(|| Box::new(Failure { first_ms: now_ms, ..Failure::default() }));
+    let failure = message.failure_mut(now_ms);
     failure.last_ms = now_ms;
     failure.error = clip_error(error.to_owned());
     (failure.consumer_id, failure.connection_id) = who;

@@ -57,12 +57,12 @@ impl LogBuffer {
 
     /// Records a failed delivery and when the message is due again.
     pub fn failed(&mut self, message: &QueuedMessage) {
-        if let Some(failure) = &message.failure {
+        if let Some(failure) = message.failure() {
             record::encode_failed(
                 &mut self.buf,
                 message.seq,
                 message.delivery_count,
-                message.due_ms,
+                message.due_ms(),
                 failure,
             );
         }
@@ -88,16 +88,16 @@ impl LogBuffer {
 
     /// Counts a message written at `location`.
     pub fn add_live(&mut self, location: Location) {
-        let live = self.live.entry(location.segment).or_default();
+        let live = self.live.entry(location.segment()).or_default();
         live.messages += 1;
-        live.bytes += u64::from(location.len);
+        live.bytes += u64::from(location.bytes());
     }
 
     /// Uncounts the message at `location` (settled, or moved by compaction).
     pub fn forget(&mut self, location: Location) {
-        if let Some(live) = self.live.get_mut(&location.segment) {
+        if let Some(live) = self.live.get_mut(&location.segment()) {
             live.messages = live.messages.saturating_sub(1);
-            live.bytes = live.bytes.saturating_sub(u64::from(location.len));
+            live.bytes = live.bytes.saturating_sub(u64::from(location.bytes()));
         }
         self.collect_garbage();
     }
@@ -167,8 +167,8 @@ pub fn encode_message(dst: &mut Vec<u8>, message: &QueuedMessage, payload: &Payl
         dst,
         message.seq,
         message.delivery_count,
-        message.expires_at_ms,
-        message.due_ms,
+        message.expires_at_ms(),
+        message.due_ms(),
         payload,
     );
 }
@@ -264,9 +264,9 @@ impl SegmentReader {
 
     /// Reads the raw bytes of the record at `location`.
     pub fn read_raw(&self, location: Location) -> io::Result<Vec<u8>> {
-        let file = self.file(location.segment)?;
-        let mut bytes = vec![0; location.len as usize];
-        file.read_exact_at(&mut bytes, location.offset)?;
+        let file = self.file(location.segment())?;
+        let mut bytes = vec![0; location.bytes() as usize];
+        file.read_exact_at(&mut bytes, location.offset())?;
         Ok(bytes)
     }
 
@@ -294,7 +294,7 @@ mod tests {
     use super::*;
 
     fn at(segment: u64, len: u32) -> Location {
-        Location { segment, offset: 8, len }
+        Location::new(segment, 8, len)
     }
 
     fn one(len: u64) -> LiveCount {
@@ -344,7 +344,7 @@ mod tests {
         buf.extend_from_slice(&log.take(Vec::new()));
         let offset = writer.append(&buf).unwrap();
         assert_eq!(offset, segment::MAGIC.len() as u64);
-        let location = Location { segment: 1, offset: offset + range.start as u64, len: range.len() as u32 };
+        let location = Location::new(1, offset + range.start as u64, range.len() as u32);
         let reader = SegmentReader::new(dir.path());
         let stored = reader.read(location).unwrap();
         assert_eq!((stored.seq, stored.payload.id, &stored.payload.body[..]), (4, 9, &b"body"[..]));

@@ -14,15 +14,36 @@ use crate::message::Failure;
 /// First bytes of every segment file: "HOPSEG" and a format version.
 pub const MAGIC: &[u8; 8] = b"HOPSEG\x00\x01";
 
-/// Where a record lives.
+/// Where a record lives. Kept to 12 bytes: one is held in memory per stored message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Location {
+    segment: u32,
+    offset: u32,
+    len: u32,
+}
+
+impl Location {
+    /// The record at `offset` of segment `segment`, `len` bytes long. Segments are at most
+    /// 4 GiB and their ids fit 32 bits (the configuration caps `segment_bytes`).
+    pub fn new(segment: u64, offset: u64, len: u32) -> Self {
+        debug_assert!(segment <= u64::from(u32::MAX) && offset <= u64::from(u32::MAX));
+        Location { segment: segment as u32, offset: offset as u32, len }
+    }
+
     /// Segment id.
-    pub segment: u64,
+    pub fn segment(&self) -> u64 {
+        self.segment.into()
+    }
+
     /// Byte offset of the record's header in the segment file.
-    pub offset: u64,
+    pub fn offset(&self) -> u64 {
+        self.offset.into()
+    }
+
     /// Total bytes of the record, header included.
-    pub len: u32,
+    pub fn bytes(&self) -> u32 {
+        self.len
+    }
 }
 
 /// Path of segment `id` in `dir`.
@@ -150,8 +171,7 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
         while at < bytes.len() {
             match record::frame_len(&bytes[at..]) {
                 Ok(len) => {
-                    let location =
-                        Location { segment: id, offset: at as u64, len: (record::HEADER + len) as u32 };
+                    let location = Location::new(id, at as u64, (record::HEADER + len) as u32);
                     apply(
                         &bytes[at + record::HEADER..at + record::HEADER + len],
                         location,

@@ -114,6 +114,18 @@ pub struct BenchReport {
     /// `--rss-pid`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_rss_mb: Option<f64>,
+    /// CPU seconds the `--rss-pid` process used during the run; only with `--rss-pid`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_cpu_s: Option<f64>,
+    /// Publish delay of every message (`--delay`), in ms; latencies are then lateness.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+    /// Most unacked deliveries seen by the depth samples; only with `--sample-every`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_unacked: Option<u64>,
+    /// The queue's depth over time; only with `--sample-every`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub depth: Vec<crate::bench_watch::DepthSample>,
 }
 
 /// Renders a bench report as `key: value` lines.
@@ -152,7 +164,29 @@ pub fn bench_listing(r: &BenchReport) -> String {
     if let Some(rss) = r.broker_rss_mb {
         fields.push(("broker rss", format!("peak {rss:.1} MB")));
     }
-    listing(&fields)
+    if let Some(cpu) = r.broker_cpu_s {
+        fields.push(("broker cpu", format!("{cpu:.2} s")));
+    }
+    if let Some(delay) = r.delay_ms {
+        fields.push(("delay", format!("{delay} ms (latency is lateness past the due time)")));
+    }
+    if let Some(max) = r.max_unacked {
+        fields.push(("max unacked", max.to_string()));
+    }
+    let mut text = listing(&fields);
+    if !r.depth.is_empty() {
+        text.push_str("depth:\n       t     ready   unacked   delayed\n");
+        for s in &r.depth {
+            text.push_str(&format!(
+                "{:>7.1}s {:>9} {:>9} {:>9}\n",
+                s.t_ms as f64 / 1000.0,
+                s.ready,
+                s.unacked,
+                s.delayed
+            ));
+        }
+    }
+    text
 }
 
 /// `noun` or `nouns`, to agree with a count.
@@ -210,6 +244,10 @@ mod tests {
             producers: 1,
             consumers: 2,
             broker_rss_mb: None,
+            broker_cpu_s: None,
+            delay_ms: None,
+            max_unacked: None,
+            depth: Vec::new(),
         };
         let value = serde_json::to_value(&report).unwrap();
         let mut keys: Vec<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();

@@ -41,7 +41,7 @@ impl Journal for Log {
     }
     fn dead(&mut self, message: QueuedMessage, reason: DeathReason) {
         let id = message.payload.as_ref().map_or(0, |p| p.id);
-        let error = message.failure.map(|f| f.error).unwrap_or_default();
+        let error = message.failure().map(|f| f.error.clone()).unwrap_or_default();
         self.dead.push((id, reason, message.delivery_count, error));
     }
     fn load(&mut self, _: &QueuedMessage) -> std::io::Result<Arc<Payload>> {
