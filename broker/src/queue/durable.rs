@@ -326,7 +326,10 @@ fn write_loop(queue: &Queue, mut writer: SegmentWriter) -> bool {
     let mut failing = false;
     loop {
         let mut guard = queue.state.lock();
-        let stopping = wait_for_work(durable, &mut guard, unsynced, last_sync, failing);
+        // Only `batch` has a sync falling due while idle; under `never` the unsynced bytes wait
+        // for the final sync at stop.
+        let sync_pending = unsynced && policy == FsyncPolicy::Batch;
+        let stopping = wait_for_work(durable, &mut guard, sync_pending, last_sync, failing);
         let disk = guard.disk.as_mut().expect("durable queue");
         let bytes = disk.log.take(std::mem::take(&mut spare));
         let pending = std::mem::take(&mut disk.pending);
