@@ -253,7 +253,9 @@ async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>, even
         } else {
             spec.destination.clone()
         };
-        let Some(destination) = registry.upgrade().and_then(|r| r.get(&destination_name).ok()) else {
+        // A message whose last death was in the source itself has nowhere to go back to.
+        let destination = registry.upgrade().and_then(|r| r.get(&destination_name).ok());
+        let Some(destination) = destination.filter(|d| d.name() != source.name()) else {
             skipped.insert(message.seq);
             task.status.lock().skipped += 1;
             let _ = source.with_state(|s, _, _| s.give_back(message));

@@ -193,9 +193,6 @@ async fn drop_head_without_a_dead_letter_queue_drops_the_oldest() {
 }
 
 #[tokio::test]
-#[ignore = "broker bug: a durable drop-head queue goes over max_length/max_bytes when publishes are \
-            pipelined: messages still being written to the log are only reserved, so make_room \
-            finds nothing waiting to drop and admits the new message anyway"]
 async fn a_durable_drop_head_queue_stays_within_its_bounds_under_pipelined_publishes() {
     let broker = Broker::start();
     let conn = connect(&broker).await;
@@ -238,9 +235,6 @@ async fn overflow_into_a_full_dead_letter_queue(conn: &Connection, durable: bool
 }
 
 #[tokio::test]
-#[ignore = "broker bug: a message whose dead-lettering a full dead-letter queue refuses is dropped, \
-            but its audit event names the dead-letter queue as where it went (Queue::route_dead \
-            records the audit event before the publish to the dead-letter queue fails)"]
 async fn a_dead_message_refused_by_a_full_dead_letter_queue_is_audited_as_dropped() {
     let broker = Broker::start();
     let conn = connect(&broker).await;
@@ -254,9 +248,6 @@ async fn a_dead_message_refused_by_a_full_dead_letter_queue_is_audited_as_droppe
 }
 
 #[tokio::test]
-#[ignore = "broker bug: when a full dead-letter queue refuses a dead message of a durable queue, the \
-            message leaves the queue in memory but not in its log (the settle callback never \
-            runs), so it comes back after a restart and the queue is over its max_length"]
 async fn a_dead_message_refused_by_a_full_dead_letter_queue_stays_gone_after_a_restart() {
     let mut broker = Broker::start();
     let conn = connect(&broker).await;

@@ -516,6 +516,7 @@ fn apply_batch(
             }
             let now = super::now_ms();
             let mut journal = durable.journal(disk, &mut deaths);
+            live.state.enforce_bounds(&mut journal);
             live.state.dispatch(now, &mut journal);
         }
         Err(error) if !bytes.is_empty() => {

@@ -419,6 +419,39 @@ impl Queue {
             (Some(registry), name) if !name.is_empty() => registry.get(name).ok(),
             _ => None,
         };
+        // Try the dead-letter queue first: a refusal (e.g. it is full) turns this into a drop,
+        // and the audit trail must say what happened, not what was meant.
+        let (seq, location) = (message.seq, message.location);
+        let delivered_to = target.and_then(|target| {
+            let settle_here = {
+                let me = self.me.clone();
+                move |result: Result<Body, BrokerError>| {
+                    if let Err(err) = &result {
+                        tracing::error!(error = %err, "dead-letter queue refused a message; it stays in its queue's log");
+                        return;
+                    }
+                    if let (Some(queue), Some(location)) = (me.upgrade(), location) {
+                        queue.settle_stored(seq, location);
+                    }
+                }
+            };
+            let mut deaths = payload.deaths.clone();
+            deaths.push(death);
+            let moved = Arc::new(Payload { deaths, ..(*payload).clone() });
+            match target.publish(moved, 0, 0, Confirm::Callback(Box::new(settle_here))) {
+                Ok(()) => Some(target),
+                Err(err) => {
+                    tracing::error!(queue = %self.name, dead_letter = %target.name(), error = %err, "dead-letter queue refused the message; dropped");
+                    None
+                }
+            }
+        });
+        if delivered_to.is_none() {
+            // Dropped: it leaves this queue's log now.
+            if let Some(location) = location {
+                self.settle_stored(seq, location);
+            }
+        }
         let event = AuditEvent {
             time_ms: now,
             queue: self.name.to_string(),
@@ -428,9 +461,9 @@ impl Queue {
             consumer_id: failure.consumer_id,
             connection_id: failure.connection_id,
             error: failure.error,
-            dead_letter: target.as_ref().map(|q| q.name().to_owned()).unwrap_or_default(),
+            dead_letter: delivered_to.as_ref().map(|q| q.name().to_owned()).unwrap_or_default(),
         };
-        match &target {
+        match &delivered_to {
             Some(target) => tracing::info!(
                 queue = %self.name, message_id = payload.id, reason = reason.as_str(), count = message.delivery_count,
                 consumer_id = event.consumer_id, connection_id = event.connection_id, error = %event.error,
@@ -440,34 +473,11 @@ impl Queue {
                 queue = %self.name, message_id = payload.id, reason = reason.as_str(), count = message.delivery_count,
                 consumer_id = event.consumer_id, connection_id = event.connection_id, error = %event.error,
                 dead_letter = %self.settings.dead_letter,
-                "message died and was dropped: no dead-letter queue is configured, or it does not exist"
+                "message died and was dropped: no dead-letter queue is configured, it does not exist, or it refused the message"
             ),
         }
         if let Some(registry) = &registry {
             registry.audit().record(&event);
-        }
-        let settle_here = {
-            let me = self.me.clone();
-            let (seq, location) = (message.seq, message.location);
-            move |result: Result<Body, BrokerError>| {
-                if let Err(err) = &result {
-                    tracing::error!(error = %err, "dead-letter queue refused a message; it stays in its queue's log");
-                    return;
-                }
-                if let (Some(queue), Some(location)) = (me.upgrade(), location) {
-                    queue.settle_stored(seq, location);
-                }
-            }
-        };
-        let Some(target) = target else {
-            settle_here(Ok(Body::SettleOk(pb::SettleOk { settled: 1 })));
-            return;
-        };
-        let mut deaths = payload.deaths.clone();
-        deaths.push(death);
-        let moved = Arc::new(Payload { deaths, ..(*payload).clone() });
-        if let Err(err) = target.publish(moved, 0, 0, Confirm::Callback(Box::new(settle_here))) {
-            tracing::error!(queue = %self.name, dead_letter = %target.name(), error = %err, "dead-lettering failed");
         }
     }
 

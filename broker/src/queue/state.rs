@@ -279,6 +279,26 @@ impl<S: Sink> QueueState<S> {
         Ok(())
     }
 
+    /// Lets the oldest waiting messages of a drop-head queue die (`maxlen`) while it is over its
+    /// bounds: publishes accepted before they could be counted (a durable queue's, while being
+    /// written) can take it over them.
+    pub fn enforce_bounds(&mut self, journal: &mut dyn Journal) {
+        let (max_length, max_bytes) = (self.policy.max_length, self.policy.max_bytes);
+        if self.policy.overflow != Overflow::DropHead || (max_length == 0 && max_bytes == 0) {
+            return;
+        }
+        loop {
+            let count = self.ready.len() as u64 + self.delayed.len() as u64;
+            let over =
+                (max_length > 0 && count > max_length) || (max_bytes > 0 && self.waiting_bytes > max_bytes);
+            if !over {
+                return;
+            }
+            let Some(oldest) = self.pop_oldest_waiting() else { return };
+            self.die(oldest, DeathReason::MaxLen, journal);
+        }
+    }
+
     /// Counts a publish accepted but not yet admitted (a durable queue's unwritten one).
     pub fn reserve(&mut self, size: u64) {
         self.reserved.0 += 1;
