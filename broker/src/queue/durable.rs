@@ -22,6 +22,11 @@ use crate::message::{DeathReason, Payload, QueuedMessage};
 use crate::storage::log::{encode_message, LiveCount, LogBuffer, SegmentReader, SegmentWriter};
 use crate::storage::{segment, FsyncPolicy, Location, QueueMeta, StorageConfig};
 
+/// Batches smaller than this wait [`COALESCE_FOR`] for more records before being written.
+const COALESCE_BELOW: usize = 16 * 1024;
+/// How long a small batch waits for more records.
+const COALESCE_FOR: Duration = Duration::from_micros(200);
+
 /// How long the sync thread waits before retrying after a failed write.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(100);
 
@@ -330,6 +335,13 @@ fn write_loop(queue: &Queue, mut writer: SegmentWriter) -> bool {
         // for the final sync at stop.
         let sync_pending = unsynced && policy == FsyncPolicy::Batch;
         let stopping = wait_for_work(durable, &mut guard, sync_pending, last_sync, failing);
+        if !stopping && guard.disk.as_ref().is_some_and(|d| d.log.pending_len() < COALESCE_BELOW) {
+            // A small batch: give publishers a moment to add to it, so a busy queue writes in
+            // fewer, larger batches instead of a syscall every few messages.
+            drop(guard);
+            std::thread::sleep(COALESCE_FOR);
+            guard = queue.state.lock();
+        }
         let disk = guard.disk.as_mut().expect("durable queue");
         let bytes = disk.log.take(std::mem::take(&mut spare));
         let pending = std::mem::take(&mut disk.pending);

@@ -107,6 +107,11 @@ impl LogBuffer {
         !self.buf.is_empty()
     }
 
+    /// Bytes waiting to be written.
+    pub fn pending_len(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Takes the records waiting to be written, leaving `spare` (cleared) in their place.
     pub fn take(&mut self, spare: Vec<u8>) -> Vec<u8> {
         std::mem::replace(&mut self.buf, spare)
