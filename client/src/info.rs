@@ -10,7 +10,7 @@ use hopper_proto::pb;
 use crate::options::Overflow;
 
 /// A queue as the broker describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct QueueInfo {
     /// The queue's name.
     pub name: String,

@@ -269,19 +269,7 @@ mod tests {
             acked_total: 5,
             redelivered_total: 1,
             delayed: 4,
-            dead_lettered: HashMap::new(),
-            dead_letter: None,
-            max_deliveries: None,
-            retry_backoff: Vec::new(),
-            message_ttl: None,
-            ack_timeout: None,
-            max_length: None,
-            max_bytes: None,
-            overflow: Overflow::RejectPublish,
-            waiting_bytes: 0,
-            oldest_ready_ms: None,
-            alarm_depth: None,
-            alarm: false,
+            ..QueueInfo::default()
         }
     }
 

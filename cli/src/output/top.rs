@@ -88,8 +88,6 @@ pub fn format_rate(rate: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use hopper_client::Overflow;
-
     use super::*;
 
     fn queue(name: &str, published: u64, delivered: u64, acked: u64) -> QueueInfo {
@@ -102,21 +100,7 @@ mod tests {
             published_total: published,
             delivered_total: delivered,
             acked_total: acked,
-            redelivered_total: 0,
-            delayed: 0,
-            dead_lettered: HashMap::new(),
-            dead_letter: None,
-            max_deliveries: None,
-            retry_backoff: Vec::new(),
-            message_ttl: None,
-            ack_timeout: None,
-            max_length: None,
-            max_bytes: None,
-            overflow: Overflow::RejectPublish,
-            waiting_bytes: 0,
-            oldest_ready_ms: None,
-            alarm_depth: None,
-            alarm: false,
+            ..QueueInfo::default()
         }
     }
 
