@@ -10,37 +10,19 @@ use serde::Serialize;
 use super::{table, write_json_line, Align};
 use crate::time::format_unix_ms;
 
-/// A delivery as `hopper consume --json` prints it, one object per line.
+/// A delivery as `hopper consume --json` prints it, one object per line: the keys of
+/// [`MessageJson`] plus the delivery's tag.
 #[derive(Debug, Serialize)]
 pub struct DeliveryJson<'a> {
-    /// The body as text; bytes that are not UTF-8 become U+FFFD.
-    pub body: std::borrow::Cow<'a, str>,
-    /// Application headers, sorted by key so output is stable.
-    pub headers: BTreeMap<&'a str, &'a str>,
-    /// Whether the message was delivered before.
-    pub redelivered: bool,
-    /// Deliveries of this message so far, this one included.
-    pub delivery_count: u32,
-    /// The queue the message came from.
-    pub queue: &'a str,
-    /// Broker-assigned message id.
-    pub message_id: u64,
-    /// MIME type given at publish time; empty for none.
-    pub content_type: &'a str,
-    /// Unix time in milliseconds at which the broker accepted the message.
-    pub published_at_ms: u64,
+    /// The message's keys.
+    #[serde(flatten)]
+    pub message: MessageJson<'a>,
     /// The delivery's tag within its consumer.
     pub delivery_tag: u64,
-    /// The message's latest death; null when it never died.
-    pub death: Option<DeathJson<'a>>,
-    /// Every death of the message, oldest first.
-    pub deaths: Vec<DeathJson<'a>>,
-    /// How many times the message was moved out of a queue (replayed).
-    pub replay_count: u32,
 }
 
-/// A waiting message as `hopper queue peek --json` prints it: the keys of [`DeliveryJson`]
-/// without `delivery_tag` (it was not delivered).
+/// A message as `hopper queue peek --json` prints it (and, with `delivery_tag` added, as
+/// `hopper consume --json` and `hopper get --json` do).
 #[derive(Debug, Serialize)]
 pub struct MessageJson<'a> {
     /// The body as text; bytes that are not UTF-8 become U+FFFD.
@@ -79,7 +61,7 @@ impl<'a> MessageJson<'a> {
             message_id: message.message_id,
             content_type: &message.content_type,
             published_at_ms: message.published_at_ms,
-            death: message.last_death().map(DeathJson::from),
+            death: message.deaths.last().map(DeathJson::from),
             deaths: message.deaths.iter().map(DeathJson::from).collect(),
             replay_count: message.replay_count,
         }
@@ -136,7 +118,7 @@ impl<'a> From<&'a Death> for DeathJson<'a> {
 
 impl<'a> From<&'a Delivery> for DeliveryJson<'a> {
     fn from(delivery: &'a Delivery) -> Self {
-        DeliveryJson {
+        let message = MessageJson {
             body: String::from_utf8_lossy(&delivery.body),
             headers: delivery.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
             redelivered: delivery.redelivered,
@@ -145,11 +127,11 @@ impl<'a> From<&'a Delivery> for DeliveryJson<'a> {
             message_id: delivery.message_id,
             content_type: &delivery.content_type,
             published_at_ms: delivery.published_at_ms,
-            delivery_tag: delivery.delivery_tag,
-            death: delivery.last_death().map(DeathJson::from),
+            death: delivery.deaths.last().map(DeathJson::from),
             deaths: delivery.deaths.iter().map(DeathJson::from).collect(),
             replay_count: delivery.replay_count,
-        }
+        };
+        DeliveryJson { message, delivery_tag: delivery.delivery_tag }
     }
 }
 
