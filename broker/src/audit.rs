@@ -17,7 +17,7 @@ pub struct AuditEvent {
     pub queue: String,
     /// The message's id.
     pub message_id: u64,
-    /// rejected, delivery_limit, expired or maxlen.
+    /// rejected, delivery_limit, expired, maxlen or corrupt.
     pub reason: String,
     /// Its delivery count.
     pub count: u32,

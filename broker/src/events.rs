@@ -25,7 +25,7 @@ pub struct BrokerEvent {
     /// Unix ms.
     pub time_ms: u64,
     /// alarm_raised, alarm_cleared, publishers_blocked, publishers_unblocked, move_started,
-    /// move_ended.
+    /// move_ended, reads_failing, reads_resumed.
     pub kind: String,
     /// The queue concerned, if any.
     pub queue: String,
@@ -54,7 +54,9 @@ impl Events {
 
     /// Publishes an event to every subscriber, and alarms to the webhook.
     pub fn emit(&self, event: BrokerEvent) {
-        if let (Some(url), true) = (&self.webhook, event.kind.starts_with("alarm")) {
+        if let (Some(url), true) =
+            (&self.webhook, event.kind.starts_with("alarm") || event.kind.starts_with("reads_"))
+        {
             let (url, event) = (url.clone(), event.clone());
             tokio::spawn(async move { deliver_webhook(&url, &event).await });
         }

@@ -67,6 +67,7 @@ impl Flow {
                     events.emit(event);
                 }
                 registry.check_alarms(&events);
+                registry.check_reads(&events);
             }
         });
         *self.monitor.lock() = Some(handle);

@@ -127,6 +127,9 @@ fn main() -> ExitCode {
             Err(err) => return fail(&err.to_string()),
         };
         ignore_file_size_signal();
+        // Raised before recovery opens every durable queue's files; logged once the broker
+        // started, so a startup error stays one line.
+        let file_limit = raise_open_file_limit();
         let data_dir = config.data_dir.display().to_string();
         let broker = match Broker::start(config).await {
             Ok(broker) => broker,
@@ -135,6 +138,7 @@ fn main() -> ExitCode {
         // Handlers are installed before the address is announced, so a SIGTERM sent as soon as
         // the broker says it listens already shuts it down gracefully.
         let shutdown = shutdown_signal();
+        file_limit.log();
         if let Some(http) = broker.http_addr() {
             tracing::info!("http listening on {http} (dashboard at http://{http}/)");
         }
@@ -166,6 +170,34 @@ fn ignore_file_size_signal() {
                     tracing::debug!("file size limit reached");
                 }
             });
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection and every segment
+/// being read takes a descriptor, and the usual soft default (1024) is far below what a busy
+/// broker needs, while the hard limit is the operator's real ceiling.
+fn raise_open_file_limit() -> FileLimit {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((was, hard)) => FileLimit { was, hard, raised: rlimit::increase_nofile_limit(hard) },
+        Err(err) => FileLimit { was: 0, hard: 0, raised: Err(err) },
+    }
+}
+
+/// What [`raise_open_file_limit`] found and did.
+struct FileLimit {
+    was: u64,
+    hard: u64,
+    raised: std::io::Result<u64>,
+}
+
+impl FileLimit {
+    fn log(&self) {
+        match &self.raised {
+            Ok(soft) => tracing::info!(soft, hard = self.hard, was = self.was, "open file limit"),
+            Err(err) => {
+                tracing::warn!(soft = self.was, hard = self.hard, error = %err, "cannot raise the open file limit")
+            }
         }
     }
 }

@@ -38,9 +38,21 @@ pub enum DeathReason {
     Expired,
     /// Pushed out of a full queue (`drop-head` overflow).
     MaxLen,
+    /// Its stored body failed its checksum or was cut short: the body is gone, the death
+    /// record says where it was.
+    Corrupt,
 }
 
 impl DeathReason {
+    /// Every reason.
+    pub const ALL: [DeathReason; 5] = [
+        DeathReason::Rejected,
+        DeathReason::DeliveryLimit,
+        DeathReason::Expired,
+        DeathReason::MaxLen,
+        DeathReason::Corrupt,
+    ];
+
     /// The reason as shown on the wire, in the CLI and the audit log.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -48,14 +60,13 @@ impl DeathReason {
             DeathReason::DeliveryLimit => "delivery_limit",
             DeathReason::Expired => "expired",
             DeathReason::MaxLen => "maxlen",
+            DeathReason::Corrupt => "corrupt",
         }
     }
 
     /// Parses [`DeathReason::as_str`]'s output.
     pub fn parse(s: &str) -> Option<Self> {
-        [DeathReason::Rejected, DeathReason::DeliveryLimit, DeathReason::Expired, DeathReason::MaxLen]
-            .into_iter()
-            .find(|r| r.as_str() == s)
+        DeathReason::ALL.into_iter().find(|r| r.as_str() == s)
     }
 }
 

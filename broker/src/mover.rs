@@ -19,6 +19,8 @@ use crate::queue::{now_ms, Confirm, Queue, Registry};
 const IN_FLIGHT: u32 = 256;
 /// Finished moves remembered for `hopper queue moves`.
 const KEEP_FINISHED: usize = 100;
+/// How long a move waits before trying again to read a body that could not be read.
+const UNREADABLE_RETRY: Duration = Duration::from_millis(500);
 
 /// What to move.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -243,8 +245,18 @@ async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>, even
             s.take_first(|m, p| !skipped.contains(&m.seq) && matches(p, &spec.filter), j)
         });
         let message = match taken {
-            Ok(Some(message)) => message,
-            Ok(None) => break (MoveState::Finished, String::new()),
+            Ok(Ok(Some(message))) => message,
+            Ok(Ok(None)) => break (MoveState::Finished, String::new()),
+            Ok(Err(unreadable)) => {
+                // A body that cannot be read now: wait and try again, never skip it.
+                drop(permit);
+                tracing::debug!(queue = %source.name(), error = %unreadable, "move waits: a message body cannot be read now");
+                tokio::select! {
+                    _ = tokio::time::sleep(UNREADABLE_RETRY) => {}
+                    _ = task.wake.notified() => {}
+                }
+                continue;
+            }
             Err(err) => break (MoveState::Failed, err.to_string()),
         };
         let payload = message.payload.clone().expect("taken messages carry their payload");

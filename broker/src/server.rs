@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -17,10 +18,15 @@ use crate::flow::Flow;
 use crate::mover::Moves;
 use crate::queue::Registry;
 
-/// Size at which the audit log is rotated.
-const AUDIT_FILE_BYTES: u64 = 16 * 1024 * 1024;
 use crate::session;
 use crate::storage::Store;
+
+/// Size at which the audit log is rotated.
+const AUDIT_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// Wait after a failed accept (out of file descriptors, say); it doubles while accepts fail.
+const ACCEPT_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// Longest wait between accepts while they fail.
+const ACCEPT_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// State shared by every connection of one broker.
 pub(crate) struct Shared {
@@ -155,6 +161,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::
     // Every session holds a clone; when all are dropped, every session has finished.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let mut next_conn_id: u64 = 1;
+    let mut accept_backoff = Duration::ZERO;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -163,12 +170,23 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::
         let (socket, peer) = match accepted {
             Ok(pair) => pair,
             Err(err) => {
-                // Out of file descriptors and the like: keep serving the connections we have.
-                tracing::warn!(error = %err, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                // Out of file descriptors and the like: keep serving the connections we have,
+                // and wait longer after each failure in a row (one log line per run of them).
+                if accept_backoff.is_zero() {
+                    tracing::warn!(error = %err, "accept failed; retrying with backoff");
+                }
+                accept_backoff = (accept_backoff * 2).clamp(ACCEPT_RETRY_FIRST, ACCEPT_RETRY_MAX);
+                tokio::select! {
+                    _ = tokio::time::sleep(accept_backoff) => {}
+                    _ = shutdown.changed() => break,
+                }
                 continue;
             }
         };
+        if !accept_backoff.is_zero() {
+            tracing::info!("accepting connections again");
+            accept_backoff = Duration::ZERO;
+        }
         let _ = socket.set_nodelay(true);
         let conn_id = next_conn_id;
         next_conn_id += 1;

@@ -60,6 +60,9 @@ pub struct QueueInfo {
     pub alarm_depth: Option<u64>,
     /// True while the depth alarm is raised.
     pub alarm: bool,
+    /// Why stored message bodies cannot be read right now; while set, delivery from the queue
+    /// is paused and retried (no message is dropped). `None` while reads work.
+    pub read_error: Option<String>,
 }
 
 impl From<pb::QueueInfo> for QueueInfo {
@@ -91,6 +94,7 @@ impl From<pb::QueueInfo> for QueueInfo {
             oldest_ready_ms: non_zero(info.oldest_ready_ms),
             alarm_depth: non_zero(info.alarm_depth),
             alarm: info.alarm,
+            read_error: non_empty(info.read_error),
         }
     }
 }
@@ -102,7 +106,7 @@ impl From<pb::QueueInfo> for QueueInfo {
 pub struct Death {
     /// The queue the message died in.
     pub queue: String,
-    /// Why: `rejected`, `delivery_limit`, `expired` or `maxlen`.
+    /// Why: `rejected`, `delivery_limit`, `expired`, `maxlen` or `corrupt`.
     pub reason: String,
     /// Its delivery count in that queue.
     pub count: u32,
@@ -139,7 +143,7 @@ pub struct AuditEvent {
     pub queue: String,
     /// The message's broker-assigned id.
     pub message_id: u64,
-    /// Why: `rejected`, `delivery_limit`, `expired` or `maxlen`.
+    /// Why: `rejected`, `delivery_limit`, `expired`, `maxlen` or `corrupt`.
     pub reason: String,
     /// Its delivery count in that queue.
     pub count: u32,
@@ -264,6 +268,7 @@ mod tests {
             oldest_ready_ms: 1_700_000_000_000,
             alarm_depth: 5,
             alarm: true,
+            read_error: "Too many open files (os error 24)".into(),
         });
         assert_eq!(info.name, "jobs");
         assert!(info.durable);
@@ -279,6 +284,7 @@ mod tests {
         assert_eq!((info.max_length, info.max_bytes, info.overflow), (Some(100), None, Overflow::DropHead));
         assert_eq!((info.waiting_bytes, info.oldest_ready_ms), (700, Some(1_700_000_000_000)));
         assert_eq!((info.alarm_depth, info.alarm), (Some(5), true));
+        assert_eq!(info.read_error.as_deref(), Some("Too many open files (os error 24)"));
     }
 
     #[test]

@@ -55,6 +55,7 @@ fn queue_info() -> QueueInfo {
         oldest_ready_ms: 1_700_000_000_000,
         alarm_depth: 100,
         alarm: true,
+        read_error: "Input/output error (os error 5)".into(),
     }
 }
 

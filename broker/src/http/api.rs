@@ -116,6 +116,7 @@ pub(crate) fn queue_json(queue: &Queue, dead_letter_targets: &[String]) -> Value
         "overflow": settings.overflow.as_str(),
         "alarm_depth": optional(queue.alarm_depth()),
         "alarm": queue.alarm_raised(),
+        "read_error": if snapshot.read_error.is_empty() { Value::Null } else { json!(snapshot.read_error) },
         "is_dead_letter_queue": dead_letter_targets.iter().any(|t| t == queue.name()),
     })
 }

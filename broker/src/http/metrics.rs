@@ -12,8 +12,7 @@ use crate::message::DeathReason;
 use crate::queue::now_ms;
 use crate::server::Shared;
 
-const REASONS: [DeathReason; 4] =
-    [DeathReason::Rejected, DeathReason::DeliveryLimit, DeathReason::Expired, DeathReason::MaxLen];
+const REASONS: [DeathReason; 5] = DeathReason::ALL;
 
 /// Renders every metric.
 pub(super) async fn render(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -118,6 +117,12 @@ fn text(shared: &Shared) -> String {
         "gauge",
         "Ready depth above which the alarm is raised (0 = none).",
         &mut per_queue(&|_, q| q.alarm_depth()).into_iter(),
+    );
+    family(
+        "hopper_queue_read_failing",
+        "gauge",
+        "1 while stored message bodies of the queue cannot be read (delivery paused and retried).",
+        &mut per_queue(&|s, _| (!s.read_error.is_empty()).into()).into_iter(),
     );
     let (memory_used, memory_limit, disk_free, disk_limit, held) = shared.flow.readings();
     let broker = |value: u64| std::iter::once((String::new(), value));

@@ -20,7 +20,7 @@ use super::{Confirm, Dead, Journal, Live, Policy, Queue, QueueState, Subscriber}
 use crate::error::BrokerError;
 use crate::message::{DeathReason, Payload, QueuedMessage};
 use crate::storage::log::{encode_message, LiveCount, LogBuffer, SegmentReader, SegmentWriter};
-use crate::storage::{segment, FsyncPolicy, Location, QueueMeta, StorageConfig};
+use crate::storage::{segment, FsyncPolicy, Location, QueueMeta, ReadError, StorageConfig};
 
 /// Batches smaller than this wait [`COALESCE_FOR`] for more records before being written.
 const COALESCE_BELOW: usize = 16 * 1024;
@@ -286,36 +286,28 @@ impl Journal for DiskJournal<'_> {
         self.disk.log.failed(message);
     }
 
-    fn dead(&mut self, mut message: QueuedMessage, reason: DeathReason) {
+    fn dead(&mut self, message: QueuedMessage, reason: DeathReason) {
+        // A body that is only on disk is read when the message is routed, outside the lock.
         self.release(&message);
-        if message.payload.is_none() {
-            match self.load(&message) {
-                Ok(payload) => {
-                    self.release_loaded(&payload);
-                    message.payload = Some(payload);
-                }
-                Err(err) => {
-                    tracing::error!(seq = message.seq, error = %err, "dead message is unreadable; dropped");
-                    self.settled(&message);
-                    return;
-                }
-            }
-        }
         self.deaths.push(Dead { message, reason });
     }
 
-    fn load(&mut self, message: &QueuedMessage) -> io::Result<Arc<Payload>> {
-        let location = message.location.ok_or_else(|| io::Error::other("message has no stored copy"))?;
-        let stored = self.reader.read(location)?;
-        self.disk.resident_bytes += stored.payload.body.len();
-        Ok(Arc::new(stored.payload))
+    fn load(&mut self, message: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
+        let payload = self.reader.load(message)?;
+        self.disk.resident_bytes += payload.body.len();
+        Ok(payload)
     }
 }
 
-impl DiskJournal<'_> {
-    /// Undoes the accounting of [`Journal::load`] for a payload that leaves at once.
-    fn release_loaded(&mut self, payload: &Payload) {
-        self.disk.resident_bytes = self.disk.resident_bytes.saturating_sub(payload.body.len());
+impl Durable {
+    /// Reads the stored body of `message`, without the queue's lock.
+    pub(super) fn load(&self, message: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
+        self.reader.load(message)
+    }
+
+    /// The id of a message whose stored copy is damaged, if it can still be made out.
+    pub(super) fn salvage_id(&self, message: &QueuedMessage) -> Option<u64> {
+        self.reader.salvage_id(message.seq, message.location?)
     }
 }
 
@@ -610,7 +602,8 @@ fn compact(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
     let mut copies = Vec::with_capacity(victims.len());
     for victim in victims {
         let location = victim.location.expect("filtered on location");
-        let Ok(stored) = durable.reader.read(location) else { continue };
+        // An unreadable copy stays where it is: its segment is kept, and delivery deals with it.
+        let Ok(stored) = durable.reader.read(victim.seq, location) else { continue };
         let start = bytes.len();
         encode_message(&mut bytes, &victim, &stored.payload);
         copies.push((victim.seq, location.segment(), start..bytes.len()));

@@ -21,10 +21,13 @@ use crate::audit::AuditEvent;
 use crate::error::BrokerError;
 use crate::message::{Death, DeathReason, Payload, QueuedMessage};
 use crate::outbox::Outbox;
+use crate::storage::{Location, ReadError};
 
 pub use durable::Durable;
 pub use registry::{notify_cancelled, Declared, Deleted, Registry};
-pub use state::{Counters, Journal, Overflow, Policy, QueueFull, QueueState, SettleError, Sink, Snapshot};
+pub use state::{
+    Counters, Journal, Overflow, Policy, QueueFull, QueueState, ReadStall, SettleError, Sink, Snapshot,
+};
 pub use subscriber::{message_to_wire, PullBox, Subscriber};
 pub use window::Window;
 
@@ -135,7 +138,10 @@ impl Confirm {
     }
 }
 
-/// A message that died, on its way out of its queue (its payload loaded).
+/// How long dead messages whose bodies could not be read wait before the next try.
+const PARKED_RETRY_MS: u64 = 500;
+
+/// A message that died, on its way out of its queue (its payload loaded when it is routed).
 pub(crate) struct Dead {
     message: QueuedMessage,
     reason: DeathReason,
@@ -155,6 +161,18 @@ pub struct Queue {
     /// Ready depth above which the queue's alarm is raised; 0 = no alarm.
     alarm_depth: AtomicU64,
     alarm_raised: AtomicBool,
+    /// Whether the last check of the queue's reads found them failing (see
+    /// [`Queue::check_reads`]).
+    reads_failing: AtomicBool,
+    /// Dead messages whose stored bodies could not be read yet: they stay in the log (not
+    /// settled) and are routed once their bodies can be read.
+    parked: Mutex<Parked>,
+}
+
+#[derive(Default)]
+struct Parked {
+    deaths: Vec<Dead>,
+    error: String,
 }
 
 /// Everything behind the queue's lock.
@@ -177,8 +195,8 @@ impl Journal for MemJournal<'_> {
     fn dead(&mut self, message: QueuedMessage, reason: DeathReason) {
         self.deaths.push(Dead { message, reason });
     }
-    fn load(&mut self, _: &QueuedMessage) -> std::io::Result<Arc<Payload>> {
-        Err(std::io::Error::other("a transient message has no stored copy"))
+    fn load(&mut self, _: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
+        Err(ReadError::Corrupt("a transient message has no stored copy".into()))
     }
 }
 
@@ -202,6 +220,8 @@ impl Queue {
             timer_at: AtomicU64::new(u64::MAX),
             alarm_depth: AtomicU64::new(0),
             alarm_raised: AtomicBool::new(false),
+            reads_failing: AtomicBool::new(false),
+            parked: Mutex::default(),
         })
     }
 
@@ -358,7 +378,23 @@ impl Queue {
 
     /// A snapshot of the queue's counts.
     pub fn snapshot(&self) -> Snapshot {
-        self.state.lock().state.snapshot()
+        let mut snapshot = self.state.lock().state.snapshot();
+        if snapshot.read_error.is_empty() {
+            let parked = self.parked.lock();
+            if !parked.deaths.is_empty() {
+                snapshot.read_error =
+                    format!("{} dead message(s) wait to be routed: {}", parked.deaths.len(), parked.error);
+            }
+        }
+        snapshot
+    }
+
+    /// Compares the queue's reads with the last check; returns `Some(error)` when they started
+    /// failing (the error) or work again (empty).
+    pub fn check_reads(&self) -> Option<String> {
+        let error = self.snapshot().read_error;
+        let failing = !error.is_empty();
+        (self.reads_failing.swap(failing, Ordering::AcqRel) != failing).then_some(error)
     }
 
     /// Routes dead messages and schedules the next timer; called with the lock released.
@@ -392,16 +428,67 @@ impl Queue {
             let Some(queue) = me.upgrade() else { return };
             let _ = queue.timer_at.compare_exchange(at, u64::MAX, Ordering::AcqRel, Ordering::Acquire);
             let _ = queue.with_state(|state, journal, now| state.tick(now, journal));
+            queue.route_parked();
         });
+    }
+
+    /// Tries again to route the dead messages whose bodies could not be read.
+    fn route_parked(&self) {
+        let deaths = std::mem::take(&mut self.parked.lock().deaths);
+        for dead in deaths {
+            self.route_dead(dead);
+        }
+    }
+
+    /// The payload of a dead message, read from its stored copy if it is not in memory.
+    /// `Err` when it cannot be read now: the message then waits (parked) for another try. A
+    /// corrupt copy yields an empty body, and the death says where the record was and why it
+    /// is unreadable.
+    fn dead_payload(
+        &self,
+        message: &mut QueuedMessage,
+        reason: &mut DeathReason,
+    ) -> Result<Arc<Payload>, String> {
+        if let Some(payload) = &message.payload {
+            return Ok(payload.clone());
+        }
+        let Some(durable) = &self.durable else {
+            return Err("the message has neither a body in memory nor a stored copy".into());
+        };
+        if *reason != DeathReason::Corrupt {
+            match durable.load(message) {
+                Ok(payload) => return Ok(payload),
+                Err(ReadError::Unavailable(err)) => return Err(err.to_string()),
+                Err(ReadError::Corrupt(detail)) => {
+                    let place = message.location.map_or_else(String::new, describe_location);
+                    let error = format!("stored body is unreadable: {detail}{place}");
+                    let failure = message.failure_mut(now_ms());
+                    failure.error = error;
+                    *reason = DeathReason::Corrupt;
+                }
+            }
+        }
+        let id = durable.salvage_id(message).unwrap_or(0);
+        Ok(Arc::new(Payload { id, ..Payload::default() }))
     }
 
     /// Sends a dead message to the dead-letter queue (or drops it), records the death in the
     /// audit trail, and settles it here once the dead-letter queue holds it.
     fn route_dead(&self, dead: Dead) {
-        let Dead { message, reason } = dead;
-        let Some(payload) = message.payload.clone() else {
-            tracing::error!(queue = %self.name, seq = message.seq, "dead message without payload; dropped");
-            return;
+        let Dead { mut message, mut reason } = dead;
+        let payload = match self.dead_payload(&mut message, &mut reason) {
+            Ok(payload) => payload,
+            Err(error) => {
+                let mut parked = self.parked.lock();
+                if parked.deaths.is_empty() {
+                    tracing::warn!(queue = %self.name, seq = message.seq, error = %error, "a dead message's body cannot be read now; it stays stored and is routed once it can be");
+                }
+                parked.error = error;
+                parked.deaths.push(Dead { message, reason });
+                drop(parked);
+                self.schedule(now_ms().saturating_add(PARKED_RETRY_MS));
+                return;
+            }
         };
         let failure = message.failure().cloned().unwrap_or_default();
         let now = now_ms();
@@ -483,13 +570,18 @@ impl Queue {
 
     /// Records in the log that a stored message left the queue (it is already gone from
     /// memory).
-    fn settle_stored(&self, seq: u64, location: crate::storage::Location) {
+    fn settle_stored(&self, seq: u64, location: Location) {
         let mut guard = self.state.lock();
         if let (Some(disk), Some(durable)) = (guard.disk.as_mut(), &self.durable) {
             disk.log_settled(seq, location);
             durable.wake_if_pending(disk);
         }
     }
+}
+
+/// Where a stored record is, for error texts.
+pub(crate) fn describe_location(location: Location) -> String {
+    format!(" (segment {}, offset {}, {} bytes)", location.segment(), location.offset(), location.bytes())
 }
 
 /// Queue names are 1 to 255 bytes of UTF-8 without control characters.

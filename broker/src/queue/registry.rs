@@ -213,6 +213,28 @@ impl Registry {
         }
     }
 
+    /// Announces queues whose stored bodies became unreadable, or readable again: one log
+    /// line and one event per change.
+    pub fn check_reads(&self, events: &crate::events::Events) {
+        for queue in self.list() {
+            let Some(error) = queue.check_reads() else { continue };
+            let (kind, detail) = if error.is_empty() {
+                tracing::info!(queue = %queue.name, "stored messages are readable again; delivery resumed");
+                ("reads_resumed", String::new())
+            } else {
+                tracing::error!(queue = %queue.name, error = %error, "stored messages cannot be read; delivery paused and retried, nothing is dropped");
+                ("reads_failing", error)
+            };
+            events.emit(crate::events::BrokerEvent {
+                time_ms: super::now_ms(),
+                kind: kind.into(),
+                queue: queue.name.to_string(),
+                value: 0,
+                detail,
+            });
+        }
+    }
+
     /// Every queue, sorted by name.
     pub fn list(&self) -> Vec<Arc<Queue>> {
         let mut queues: Vec<Arc<Queue>> = self.queues.iter().map(|q| q.value().clone()).collect();

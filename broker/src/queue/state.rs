@@ -8,11 +8,16 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::io;
 use std::sync::Arc;
 
 use crate::message::{clip_error, DeathReason, Payload, QueuedMessage};
 use crate::queue::window::Window;
+use crate::storage::ReadError;
+
+/// Wait before the first retry of a failed body read; it doubles with each failure in a row.
+const READ_RETRY_FIRST_MS: u64 = 10;
+/// Longest wait between retries of a failed body read.
+const READ_RETRY_MAX_MS: u64 = 1000;
 
 /// Where a consumer's deliveries go.
 pub trait Sink {
@@ -41,7 +46,7 @@ pub trait Journal {
     /// drops it) and settles it here once that is done.
     fn dead(&mut self, message: QueuedMessage, reason: DeathReason);
     /// Reads the payload of a message that is only on disk.
-    fn load(&mut self, message: &QueuedMessage) -> io::Result<Arc<Payload>>;
+    fn load(&mut self, message: &QueuedMessage) -> Result<Arc<Payload>, ReadError>;
 }
 
 /// A queue's failure-handling arguments.
@@ -146,6 +151,22 @@ pub struct Snapshot {
     pub consumers: u32,
     /// Lifetime counters.
     pub counters: Counters,
+    /// While stored bodies cannot be read (delivery is paused): why; empty when reads work.
+    pub read_error: String,
+}
+
+/// Reads of stored bodies are failing for a reason that may pass: delivery is paused and
+/// retried with backoff. No message is settled, dropped or dead-lettered because of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadStall {
+    /// What the last failed read said.
+    pub error: String,
+    /// Unix ms of the first failure of this run.
+    pub since_ms: u64,
+    /// Unix ms of the next attempt.
+    pub retry_at_ms: u64,
+    /// Failed attempts in a row.
+    pub attempts: u32,
 }
 
 struct Consumer<S> {
@@ -182,6 +203,8 @@ pub struct QueueState<S> {
     cursor: usize,
     counters: Counters,
     policy: Policy,
+    /// Set while stored bodies cannot be read.
+    stall: Option<ReadStall>,
 }
 
 impl<S: Sink> QueueState<S> {
@@ -200,7 +223,13 @@ impl<S: Sink> QueueState<S> {
             cursor: 0,
             counters: Counters::default(),
             policy,
+            stall: None,
         }
+    }
+
+    /// Set while delivery is paused because stored bodies cannot be read.
+    pub fn read_stall(&self) -> Option<&ReadStall> {
+        self.stall.as_ref()
     }
 
     /// The queue's failure rules.
@@ -314,31 +343,36 @@ impl<S: Sink> QueueState<S> {
     /// Removes and returns the first waiting message (from the head) for which `wanted` is
     /// true, to move it elsewhere; `load` supplies payloads that are only on disk. The message
     /// is out of the queue's counts until [`QueueState::give_back`] or the caller settles it.
+    ///
+    /// A message whose stored body is corrupt is passed over (delivery dead-letters it); a read
+    /// that may succeed later stops the search with its error, so no message is passed over
+    /// for a reason that passes.
     pub fn take_first(
         &mut self,
         mut wanted: impl FnMut(&QueuedMessage, &Payload) -> bool,
         journal: &mut dyn Journal,
-    ) -> Option<QueuedMessage> {
+    ) -> Result<Option<QueuedMessage>, ReadError> {
         let mut index = 0;
         while index < self.ready.len() {
             if self.ready[index].payload.is_none() {
                 match journal.load(&self.ready[index]) {
                     Ok(payload) => self.ready[index].payload = Some(payload),
-                    Err(_) => {
+                    Err(ReadError::Corrupt(_)) => {
                         index += 1;
                         continue;
                     }
+                    Err(err) => return Err(err),
                 }
             }
             let message = &self.ready[index];
             if wanted(message, message.payload.as_ref().expect("loaded above")) {
                 let message = self.ready.remove(index).expect("index in range");
                 self.waiting_bytes -= u64::from(message.size);
-                return Some(message);
+                return Ok(Some(message));
             }
             index += 1;
         }
-        None
+        Ok(None)
     }
 
     /// Puts back a message taken with [`QueueState::take_first`].
@@ -528,6 +562,7 @@ impl<S: Sink> QueueState<S> {
         }
         self.delayed_due.clear();
         self.waiting_bytes = 0;
+        self.stall = None;
         count
     }
 
@@ -536,7 +571,8 @@ impl<S: Sink> QueueState<S> {
         let delayed = self.delayed.keys().next().map(|&(due, _)| due);
         let expiry = self.expiries.peek().map(|Reverse((at, _))| *at);
         let deadline = self.deadlines.peek().map(|Reverse((at, _, _))| *at);
-        [delayed, expiry, deadline].into_iter().flatten().min()
+        let retry = self.stall.as_ref().filter(|_| !self.ready.is_empty()).map(|s| s.retry_at_ms);
+        [delayed, expiry, deadline, retry].into_iter().flatten().min()
     }
 
     /// Runs whatever is due at `now_ms`: delayed messages become ready, expired ones die, and
@@ -581,10 +617,12 @@ impl<S: Sink> QueueState<S> {
     }
 
     /// Pushes ready messages to consumers with room in their window, round-robin. A message
-    /// that is only on disk is loaded first; one that cannot be read is dropped with an error.
-    /// Expired messages met on the way die instead of being delivered.
+    /// that is only on disk is loaded first. If it cannot be read now, it stays at the head and
+    /// delivery pauses until a retry (see [`ReadStall`]); if its record is corrupt, it dies
+    /// `corrupt` with the damage described. Expired messages met on the way die instead of
+    /// being delivered.
     pub fn dispatch(&mut self, now_ms: u64, journal: &mut dyn Journal) {
-        if self.consumers.is_empty() {
+        if self.consumers.is_empty() || self.stall.as_ref().is_some_and(|s| now_ms < s.retry_at_ms) {
             return;
         }
         while !self.ready.is_empty() {
@@ -602,13 +640,22 @@ impl<S: Sink> QueueState<S> {
                         message.payload = Some(payload.clone());
                         payload
                     }
-                    Err(err) => {
-                        tracing::error!(seq = message.seq, location = ?message.location, error = %err, "stored message is unreadable; dropped");
-                        journal.settled(&message);
+                    Err(ReadError::Unavailable(err)) => {
+                        self.waiting_bytes += u64::from(message.size);
+                        self.ready.push_front(message);
+                        self.stall_reads(now_ms, err.to_string());
+                        return;
+                    }
+                    Err(ReadError::Corrupt(detail)) => {
+                        let place = message.location.map_or_else(String::new, super::describe_location);
+                        let error = format!("stored body is unreadable: {detail}{place}");
+                        record_failure(&mut message, now_ms, &error, (0, 0));
+                        self.die(message, DeathReason::Corrupt, journal);
                         continue;
                     }
                 },
             };
+            self.stall = None;
             message.delivery_count += 1;
             if message.redelivered() {
                 self.counters.redelivered += 1;
@@ -657,6 +704,7 @@ impl<S: Sink> QueueState<S> {
                 .filter(|c| c.credit != Some(0) || c.window.outstanding() > 0)
                 .count() as u32,
             counters: self.counters.clone(),
+            read_error: self.stall.as_ref().map(|s| s.error.clone()).unwrap_or_default(),
         }
     }
 
@@ -701,6 +749,18 @@ impl<S: Sink> QueueState<S> {
         journal.failed(&message);
         journal.requeued(&mut message);
         self.push_waiting(message);
+    }
+
+    /// Pauses delivery after a failed read; the next attempt waits twice as long as the last.
+    fn stall_reads(&mut self, now_ms: u64, error: String) {
+        let (since_ms, attempts) = self.stall.as_ref().map_or((now_ms, 0), |s| (s.since_ms, s.attempts));
+        let wait = READ_RETRY_FIRST_MS.saturating_mul(1 << attempts.min(16)).min(READ_RETRY_MAX_MS);
+        self.stall = Some(ReadStall {
+            error,
+            since_ms,
+            retry_at_ms: now_ms.saturating_add(wait),
+            attempts: attempts.saturating_add(1),
+        });
     }
 
     /// The retry backoff before redelivery after `failures` failed deliveries.
@@ -824,3 +884,5 @@ fn insert_ready(ready: &mut VecDeque<QueuedMessage>, message: QueuedMessage) {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod unreadable_tests;

@@ -83,6 +83,7 @@ pub(super) fn queue_info(queue: &Queue) -> pb::QueueInfo {
         oldest_ready_ms: snapshot.oldest_ready_ms,
         alarm_depth: queue.alarm_depth(),
         alarm: queue.alarm_raised(),
+        read_error: snapshot.read_error,
     }
 }
 

@@ -244,6 +244,17 @@ impl SegmentWriter {
     }
 }
 
+/// Why a stored message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The read failed for a reason that may pass; the record may well be intact.
+    #[error("{0}")]
+    Unavailable(io::Error),
+    /// The record's bytes are damaged: the message's body is gone.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
 /// Read access to a queue's segments, for loading paged-out bodies.
 #[derive(Debug)]
 pub struct SegmentReader {
@@ -257,22 +268,47 @@ impl SegmentReader {
         SegmentReader { dir: dir.to_path_buf(), files: RwLock::new(HashMap::new()) }
     }
 
-    /// Reads and decodes the publish record at `location`.
-    pub fn read(&self, location: Location) -> io::Result<StoredMessage> {
-        let bytes = self.read_raw(location)?;
+    /// Reads and decodes the publish record of message `seq` at `location`.
+    ///
+    /// A record that is cut short, fails its checksum, does not parse or belongs to another
+    /// message is [`ReadError::Corrupt`]: its bytes are known to be damaged. Anything else (no
+    /// file descriptor left, an I/O error, a missing file) is [`ReadError::Unavailable`]: the
+    /// record may be intact, and reading it again later may succeed.
+    pub fn read(&self, seq: u64, location: Location) -> Result<StoredMessage, ReadError> {
+        let file = self.file(location.segment()).map_err(ReadError::Unavailable)?;
+        let mut bytes = vec![0; location.bytes() as usize];
+        if let Err(err) = file.read_exact_at(&mut bytes, location.offset()) {
+            return Err(match err.kind() {
+                io::ErrorKind::UnexpectedEof => {
+                    ReadError::Corrupt("the segment ends before the record".into())
+                }
+                _ => ReadError::Unavailable(err),
+            });
+        }
         match record::decode(&bytes) {
-            Ok((Record::Publish(message), _)) => Ok(message),
-            Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "not a publish record")),
-            Err(err) => Err(io::Error::new(io::ErrorKind::InvalidData, err.to_string())),
+            Ok((Record::Publish(message), _)) if message.seq == seq => Ok(message),
+            Ok((Record::Publish(message), _)) => {
+                Err(ReadError::Corrupt(format!("found the record of message seq {} instead", message.seq)))
+            }
+            Ok(_) => Err(ReadError::Corrupt("not a publish record".into())),
+            Err(err) => Err(ReadError::Corrupt(err.to_string())),
         }
     }
 
-    /// Reads the raw bytes of the record at `location`.
-    pub fn read_raw(&self, location: Location) -> io::Result<Vec<u8>> {
-        let file = self.file(location.segment())?;
+    /// Reads the payload of `message` from its stored copy.
+    pub fn load(&self, message: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
+        let location =
+            message.location.ok_or_else(|| ReadError::Corrupt("the message has no stored copy".into()))?;
+        Ok(Arc::new(self.read(message.seq, location)?.payload))
+    }
+
+    /// The message id in the damaged record of message `seq` at `location`, if it can still be
+    /// made out (see [`record::salvage_id`]).
+    pub fn salvage_id(&self, seq: u64, location: Location) -> Option<u64> {
+        let file = self.file(location.segment()).ok()?;
         let mut bytes = vec![0; location.bytes() as usize];
-        file.read_exact_at(&mut bytes, location.offset())?;
-        Ok(bytes)
+        let read = file.read_at(&mut bytes, location.offset()).ok()?;
+        record::salvage_id(bytes.get(record::HEADER..read)?, seq)
     }
 
     /// Deletes a segment file and forgets its handle.
@@ -351,12 +387,46 @@ mod tests {
         assert_eq!(offset, segment::MAGIC.len() as u64);
         let location = Location::new(1, offset + range.start as u64, range.len() as u32);
         let reader = SegmentReader::new(dir.path());
-        let stored = reader.read(location).unwrap();
+        let stored = reader.read(4, location).unwrap();
         assert_eq!((stored.seq, stored.payload.id, &stored.payload.body[..]), (4, 9, &b"body"[..]));
         assert!(writer.is_full());
         assert_eq!(writer.roll().unwrap(), 2);
         assert_eq!(segment::list(dir.path()).unwrap(), vec![1, 2]);
         reader.delete(1).unwrap();
         assert_eq!(segment::list(dir.path()).unwrap(), vec![2]);
+    }
+
+    /// One stored message (seq 4, id 9) in segment 1 of a new directory, and its location.
+    fn one_stored() -> (tempfile::TempDir, Location) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = SegmentWriter::open(dir.path(), 1, 0, 1 << 20).unwrap();
+        let payload = Payload { id: 9, body: bytes::Bytes::from_static(b"a body"), ..Payload::default() };
+        let mut log = LogBuffer::new(BTreeMap::new(), 1);
+        let range = log.publish(&QueuedMessage::transient(4, std::sync::Arc::new(payload.clone())), &payload);
+        let offset = writer.append(&log.take(Vec::new())).unwrap();
+        (dir, Location::new(1, offset + range.start as u64, range.len() as u32))
+    }
+
+    #[test]
+    fn damaged_records_are_corrupt_and_failed_reads_are_not() {
+        let (dir, location) = one_stored();
+        let reader = SegmentReader::new(dir.path());
+        assert!(matches!(reader.read(5, location), Err(ReadError::Corrupt(_))), "another message's record");
+
+        let path = segment::path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x20;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = reader.read(4, location).unwrap_err();
+        assert!(matches!(&err, ReadError::Corrupt(text) if text.contains("checksum")), "{err}");
+        assert_eq!(reader.salvage_id(4, location), Some(9), "the id survives a damaged body");
+        assert_eq!(reader.salvage_id(5, location), None);
+
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(last as u64).unwrap();
+        assert!(matches!(reader.read(4, location), Err(ReadError::Corrupt(_))), "cut short");
+
+        let missing = Location::new(2, 8, location.bytes());
+        assert!(matches!(reader.read(4, missing), Err(ReadError::Unavailable(_))), "no such segment (yet)");
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use log::ReadError;
 pub use segment::Location;
 
 use crate::queue::QueueSettings;

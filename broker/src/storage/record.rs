@@ -34,6 +34,7 @@ pub(crate) mod publish_at {
     pub const EXPIRES_AT: usize = 13;
     pub const DUE: usize = 21;
     pub const BODY_LEN: usize = 29;
+    pub const ID: usize = 33;
 }
 
 /// A message as stored.
@@ -177,6 +178,15 @@ impl Record {
             }
         }
     }
+}
+
+/// The message id in the fields of a damaged publish record (its checksum failed, or it is
+/// cut short), if its fixed fields are there and name message `seq`; unverified, for reports.
+pub fn salvage_id(fields: &[u8], seq: u64) -> Option<u64> {
+    let u64_at =
+        |at: usize| fields.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    let publish = fields.first() == Some(&KIND_PUBLISH) && u64_at(publish_at::SEQ) == Some(seq);
+    publish.then(|| u64_at(publish_at::ID)).flatten()
 }
 
 /// Reads the record at the front of `src`; returns it and its total size on disk.

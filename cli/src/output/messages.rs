@@ -86,7 +86,7 @@ pub fn peeked(messages: &[Message], queue: &str, json: bool) -> anyhow::Result<S
 /// One death of a message as the `death` and `deaths` keys of a delivery print it.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct DeathJson<'a> {
-    /// Why it died: rejected, delivery_limit, expired or maxlen.
+    /// Why it died: rejected, delivery_limit, expired, maxlen or corrupt.
     pub reason: &'a str,
     /// The queue it died in.
     pub queue: &'a str,
@@ -157,7 +157,7 @@ pub struct AuditJson<'a> {
     pub queue: &'a str,
     /// The message's id.
     pub message_id: u64,
-    /// Why: rejected, delivery_limit, expired or maxlen.
+    /// Why: rejected, delivery_limit, expired, maxlen or corrupt.
     pub reason: &'a str,
     /// Its delivery count in that queue.
     pub count: u32,

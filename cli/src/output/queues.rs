@@ -57,6 +57,8 @@ pub struct QueueJson<'a> {
     pub alarm_depth: Option<u64>,
     /// Whether the alarm is raised.
     pub alarm: bool,
+    /// Why stored bodies cannot be read now (delivery paused); null while reads work.
+    pub read_error: Option<&'a str>,
 }
 
 impl<'a> From<&'a QueueInfo> for QueueJson<'a> {
@@ -84,6 +86,7 @@ impl<'a> From<&'a QueueInfo> for QueueJson<'a> {
             waiting_bytes: info.waiting_bytes,
             alarm_depth: info.alarm_depth,
             alarm: info.alarm,
+            read_error: info.read_error.as_deref(),
         }
     }
 }
@@ -192,6 +195,7 @@ pub fn queue_listing(q: &QueueInfo) -> String {
         ("waiting bytes", q.waiting_bytes.to_string()),
         ("oldest ready", oldest_ready(q.oldest_ready_ms, now_ms())),
         ("alarm", alarm_state(q)),
+        ("read error", q.read_error.clone().unwrap_or_else(|| "-".to_string())),
     ];
     listing(&fields)
 }
@@ -330,6 +334,7 @@ mod tests {
                 "name",
                 "overflow",
                 "published",
+                "read_error",
                 "ready",
                 "redelivered",
                 "retry_backoff_ms",
@@ -352,6 +357,7 @@ mod tests {
             "max_length",
             "max_bytes",
             "alarm_depth",
+            "read_error",
         ] {
             assert_eq!(object[unset], serde_json::Value::Null, "{unset}");
         }

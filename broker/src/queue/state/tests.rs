@@ -44,8 +44,8 @@ impl Journal for Log {
         let error = message.failure().map(|f| f.error.clone()).unwrap_or_default();
         self.dead.push((id, reason, message.delivery_count, error));
     }
-    fn load(&mut self, _: &QueuedMessage) -> std::io::Result<Arc<Payload>> {
-        Err(std::io::Error::other("in memory"))
+    fn load(&mut self, _: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
+        Err(ReadError::Corrupt("in memory".into()))
     }
 }
 
@@ -458,7 +458,7 @@ fn max_bytes_counts_waiting_body_bytes_and_frees_on_delivery() {
 fn taken_messages_can_be_given_back_in_place() {
     let mut queue = queue_with(1..=3);
     let mut log = j();
-    let taken = queue.take_first(|_, p| p.id == 2, &mut log).unwrap();
+    let taken = queue.take_first(|_, p| p.id == 2, &mut log).unwrap().unwrap();
     assert_eq!(queue.snapshot().ready, 2);
     queue.give_back(taken);
     let sink = Recorder::default();
