@@ -15,7 +15,8 @@ pub struct AuditEvent {
     pub time_ms: u64,
     /// The queue the message died in.
     pub queue: String,
-    /// The message's id.
+    /// The message's id; a string in the file, as in every JSON the broker writes.
+    #[serde(with = "hopper_proto::json::id_string")]
     pub message_id: u64,
     /// rejected, delivery_limit, expired, maxlen or corrupt.
     pub reason: String,

@@ -25,6 +25,9 @@ pub struct Config {
     pub max_connections: usize,
     /// How long a new connection may take to complete the handshake, in milliseconds.
     pub handshake_timeout_ms: u64,
+    /// How long a write to a client may make no progress before the client, which is then not
+    /// reading, is disconnected (its unacked deliveries go back), in milliseconds.
+    pub write_timeout_ms: u64,
     /// When durable queues flush to disk relative to the publish confirm.
     pub fsync: FsyncPolicy,
     /// Flush period for `fsync = "batch"`, in milliseconds.
@@ -52,6 +55,7 @@ impl Default for Config {
             heartbeat_ms: 10_000,
             max_connections: 10_000,
             handshake_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
             fsync: FsyncPolicy::Always,
             fsync_interval_ms: 100,
             segment_bytes: 32 * 1024 * 1024,
@@ -92,6 +96,9 @@ impl Config {
         if !(4096..=1 << 30).contains(&self.segment_bytes) {
             return Err(StartError::Config("segment_bytes must be between 4096 and 1073741824".into()));
         }
+        if self.write_timeout_ms == 0 {
+            return Err(StartError::Config("write_timeout_ms must be at least 1".into()));
+        }
         if self.fsync_interval_ms == 0 {
             return Err(StartError::Config("fsync_interval_ms must be at least 1".into()));
         }
@@ -114,6 +121,11 @@ impl Config {
     /// The handshake deadline.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// The write deadline.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
     }
 }
 

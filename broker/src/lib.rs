@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod events;
 pub mod flow;
@@ -13,11 +14,13 @@ pub mod message;
 pub mod mover;
 pub mod queue;
 pub mod server;
+pub mod settings;
 pub mod storage;
 
 mod http;
 mod outbox;
 mod session;
+mod wire;
 
 pub use config::Config;
 pub use error::{BrokerError, StartError};

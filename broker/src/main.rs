@@ -56,6 +56,10 @@ struct Args {
     /// http:// URL that queue depth alarms are POSTed to as JSON.
     #[arg(long, env = "HOPPER_ALARM_WEBHOOK")]
     alarm_webhook: Option<String>,
+    /// Milliseconds a write to a client may make no progress before the client is
+    /// disconnected [default: 30000].
+    #[arg(long, env = "HOPPER_WRITE_TIMEOUT_MS")]
+    write_timeout_ms: Option<u64>,
 }
 
 impl Args {
@@ -75,6 +79,9 @@ impl Args {
         }
         if let Some(max_frame_size) = self.max_frame_size {
             config.max_frame_size = max_frame_size;
+        }
+        if let Some(write_timeout_ms) = self.write_timeout_ms {
+            config.write_timeout_ms = write_timeout_ms;
         }
         if let Some(max_connections) = self.max_connections {
             config.max_connections = max_connections;

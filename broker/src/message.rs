@@ -5,8 +5,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::storage::Location;
-
 /// The part of a message that never changes after publish. Shared (not copied) between the
 /// queue, the unacked window and every delivery of it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -234,4 +232,36 @@ pub fn clip_error(mut error: String) -> String {
         error.truncate(end);
     }
     error
+}
+
+/// Where a record lives. Kept to 12 bytes: one is held in memory per stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Location {
+    segment: u32,
+    offset: u32,
+    len: u32,
+}
+
+impl Location {
+    /// The record at `offset` of segment `segment`, `len` bytes long. Segments are at most
+    /// 4 GiB and their ids fit 32 bits (the configuration caps `segment_bytes`).
+    pub fn new(segment: u64, offset: u64, len: u32) -> Self {
+        debug_assert!(segment <= u64::from(u32::MAX) && offset <= u64::from(u32::MAX));
+        Location { segment: segment as u32, offset: offset as u32, len }
+    }
+
+    /// Segment id.
+    pub fn segment(&self) -> u64 {
+        self.segment.into()
+    }
+
+    /// Byte offset of the record's header in the segment file.
+    pub fn offset(&self) -> u64 {
+        self.offset.into()
+    }
+
+    /// Total bytes of the record, header included.
+    pub fn bytes(&self) -> u32 {
+        self.len
+    }
 }

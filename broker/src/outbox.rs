@@ -8,6 +8,7 @@
 //! stops reading requests until the writer has drained it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use hopper_proto::{encode_frame, Frame};
@@ -88,6 +89,24 @@ impl Outbox {
         self.drained.notify_waiters();
     }
 
+    /// True once the outbox is closed (by the session, or by the writer after a failed write).
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().closed
+    }
+
+    /// Resolves once the outbox is closed.
+    pub async fn closed(&self) {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            drained.await;
+        }
+    }
+
     /// True when the buffer is below the high-water mark.
     pub fn has_room(&self) -> bool {
         self.inner.lock().buf.len() < Self::HIGH_WATER
@@ -129,12 +148,14 @@ impl Outbox {
         self.stalled.swap(false, Ordering::AcqRel)
     }
 
-    /// Sends buffered bytes until the outbox is closed and empty, or the socket fails.
-    /// `drained` is called after each write that brought the buffer below the high-water mark
-    /// while some queue was holding deliveries back.
+    /// Sends buffered bytes until the outbox is closed and empty, or the socket fails, or a
+    /// write makes no progress for `write_timeout` (the peer stopped reading); the outbox is
+    /// closed then. `on_drained` is called after each write while some queue was holding
+    /// deliveries back.
     pub async fn run_writer<W: AsyncWrite + Unpin>(
         &self,
         mut socket: W,
+        write_timeout: Duration,
         on_drained: impl Fn(),
     ) -> std::io::Result<()> {
         let mut spare = BytesMut::with_capacity(64 * 1024);
@@ -154,7 +175,7 @@ impl Outbox {
                 self.wake_writer.notified().await;
                 continue;
             };
-            if let Err(err) = socket.write_all(&chunk).await {
+            if let Err(err) = write_with_deadline(&mut socket, &chunk, write_timeout).await {
                 self.close();
                 return Err(err);
             }
@@ -168,4 +189,27 @@ impl Outbox {
         socket.flush().await?;
         socket.shutdown().await
     }
+}
+
+/// Writes all of `bytes`, failing with `TimedOut` if any single write makes no progress for
+/// `deadline`: a slow reader that keeps reading is never cut off, one that stopped is.
+async fn write_with_deadline<W: AsyncWrite + Unpin>(
+    socket: &mut W,
+    mut bytes: &[u8],
+    deadline: Duration,
+) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match tokio::time::timeout(deadline, socket.write(bytes)).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(written)) => bytes = &bytes[written..],
+            Ok(Err(err)) => return Err(err),
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer read nothing for {} ms", deadline.as_millis()),
+                ))
+            }
+        }
+    }
+    Ok(())
 }

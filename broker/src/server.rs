@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,12 +11,9 @@ use tokio::task::JoinHandle;
 
 use crate::audit::Audit;
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::error::StartError;
-use crate::events::Events;
-use crate::flow::Flow;
-use crate::mover::Moves;
 use crate::queue::Registry;
-
 use crate::session;
 use crate::storage::Store;
 
@@ -27,21 +23,8 @@ const AUDIT_FILE_BYTES: u64 = 16 * 1024 * 1024;
 const ACCEPT_RETRY_FIRST: Duration = Duration::from_millis(50);
 /// Longest wait between accepts while they fail.
 const ACCEPT_RETRY_MAX: Duration = Duration::from_secs(1);
-
-/// State shared by every connection of one broker.
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) queues: Arc<Registry>,
-    pub(crate) flow: Arc<Flow>,
-    pub(crate) moves: Moves,
-    pub(crate) events: Arc<Events>,
-    pub(crate) http_pullers:
-        parking_lot::Mutex<std::collections::HashMap<String, Vec<Arc<crate::http::HttpPuller>>>>,
-    pub(crate) started: std::time::Instant,
-    pub(crate) connections: std::sync::atomic::AtomicU32,
-    pub(crate) next_message_id: AtomicU64,
-    pub(crate) next_consumer_id: AtomicU64,
-}
+/// Longest wait at shutdown for the sessions to finish.
+const SESSIONS_DRAIN: Duration = Duration::from_secs(4);
 
 /// Entry point for running a broker inside another program (tests, embedding).
 ///
@@ -94,30 +77,12 @@ impl Broker {
         };
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let flow = Arc::new(Flow::new(
-            config.memory_high_watermark_bytes,
-            config.disk_free_low_watermark_bytes,
-            config.data_dir.clone(),
-        ));
-        let events = Arc::new(Events::new(config.alarm_webhook.clone()));
-        flow.start(Arc::downgrade(&queues), events.clone());
-        let shared = Arc::new(Shared {
-            config,
-            queues,
-            flow,
-            moves: Moves::default(),
-            events,
-            http_pullers: Default::default(),
-            started: std::time::Instant::now(),
-            connections: Default::default(),
-            next_message_id: AtomicU64::new(initial_message_id()),
-            next_consumer_id: AtomicU64::new(1),
-        });
+        let engine = Engine::new(config, queues);
         if let Some(listener) = http {
-            tokio::spawn(crate::http::serve(listener, shared.clone(), shutdown_rx.clone()));
+            tokio::spawn(crate::http::serve(listener, engine.clone(), shutdown_rx.clone()));
         }
         let task = tokio::spawn(async move {
-            serve(listener, shared, shutdown_rx).await;
+            serve(listener, engine, shutdown_rx).await;
             drop(data_lock);
         });
         Ok(BrokerHandle { local_addr, http_addr, shutdown_tx, task })
@@ -156,8 +121,8 @@ impl BrokerHandle {
     }
 }
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+async fn serve(listener: TcpListener, engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
+    let limit = Arc::new(Semaphore::new(engine.config().max_connections));
     // Every session holds a clone; when all are dropped, every session has finished.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let mut next_conn_id: u64 = 1;
@@ -191,22 +156,23 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::
         let conn_id = next_conn_id;
         next_conn_id += 1;
         let permit = limit.clone().try_acquire_owned().ok();
-        let shared = shared.clone();
+        let engine = engine.clone();
         let shutdown = shutdown.clone();
         let done = done_tx.clone();
         tokio::spawn(async move {
-            shared.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            session::run(socket, peer, conn_id, shared.clone(), shutdown, permit.is_some()).await;
-            shared.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            session::run(socket, peer, conn_id, engine, shutdown, permit.is_some()).await;
             drop(permit);
             drop(done);
         });
     }
     drop(listener);
     drop(done_tx);
-    let _ = done_rx.recv().await;
-    let closing = shared.clone();
-    let _ = tokio::task::spawn_blocking(move || closing.queues.close()).await;
+    // Sessions end at once on shutdown and give their peers a bounded time to take the last
+    // frames; this bound is a backstop, so no client can hold the shutdown up.
+    if tokio::time::timeout(SESSIONS_DRAIN, done_rx.recv()).await.is_err() {
+        tracing::warn!("some connections did not finish in time; closing the queues anyway");
+    }
+    engine.close().await;
     tracing::info!("broker stopped");
 }
 
@@ -223,14 +189,4 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
         .map_err(|e| fail(format!("not writable: {e}")))?;
     lock.try_lock().map_err(|_| fail("in use by another hopperd".into()))?;
     Ok(lock)
-}
-
-/// Message ids start from the current time in microseconds, scaled, so ids stay unique across
-/// restarts without persisting a counter.
-fn initial_message_id() -> u64 {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0);
-    micros.saturating_mul(1024)
 }

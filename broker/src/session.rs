@@ -1,7 +1,7 @@
 //! One client connection: the handshake, the read loop, heartbeats, and the translation of
-//! wire requests into queue operations. Wire types stop here; queues see domain types only.
+//! wire requests into engine calls. Wire types stop here; the engine sees domain values only.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,38 +13,44 @@ use tokio::sync::{watch, Notify};
 use tokio_util::codec::FramedRead;
 use tracing::Instrument;
 
+use crate::engine::{Caller, Engine};
 use crate::error::BrokerError;
+use crate::events::BrokerEvent;
 use crate::outbox::Outbox;
-use crate::queue::{PullBox, Queue};
-use crate::server::Shared;
+use crate::wire;
 
 mod commands;
-mod convert;
-
-pub(crate) use convert::death_to_wire;
+mod sink;
 
 /// Read buffer size: large enough that a burst of small publishes is one read.
 const READ_BUFFER: usize = 64 * 1024;
+/// How long a closing connection's last frames may take to reach the peer.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
 /// Serves one connection until the peer leaves, breaks the protocol beyond repair, goes
-/// silent, or the broker shuts down. Every unacked delivery returns to its queue afterwards.
+/// silent, stops reading what it is sent, or the broker shuts down. Every unacked delivery
+/// returns to its queue afterwards.
 pub(crate) async fn run(
     socket: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
-    shared: Arc<Shared>,
+    engine: Arc<Engine>,
     shutdown: watch::Receiver<bool>,
     admitted: bool,
 ) {
     let span = tracing::info_span!("conn", conn_id, %peer);
     async move {
+        let _counted = engine.connection_opened();
         let (read_half, write_half) = socket.into_split();
         let outbox = Arc::new(Outbox::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE, conn_id));
         let resume = Arc::new(Notify::new());
-        let writer = {
+        let mut writer = {
             let outbox = outbox.clone();
             let resume = resume.clone();
-            tokio::spawn(async move { outbox.run_writer(write_half, || resume.notify_one()).await })
+            let write_timeout = engine.config().write_timeout();
+            tokio::spawn(
+                async move { outbox.run_writer(write_half, write_timeout, || resume.notify_one()).await },
+            )
         };
         if admitted {
             let frames = FramedRead::with_capacity(
@@ -52,7 +58,7 @@ pub(crate) async fn run(
                 FrameCodec::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE),
                 READ_BUFFER,
             );
-            let mut session = Session::new(shared, outbox.clone());
+            let mut session = Session::new(engine, Caller::connection(conn_id), outbox.clone());
             session.serve(frames, shutdown, &resume).await;
             session.release_consumers();
         } else {
@@ -60,10 +66,15 @@ pub(crate) async fn run(
             outbox.push(&close_frame(ErrorCode::ResourceLimit, "too many connections"));
         }
         outbox.close();
-        match writer.await {
-            Ok(Err(err)) => tracing::info!(error = %err, "write failed"),
-            Err(err) => tracing::error!(error = %err, "writer task failed"),
-            Ok(Ok(())) => {}
+        // A peer that does not read does not hold the connection (or a shutdown) open.
+        match tokio::time::timeout(CLOSE_FLUSH, &mut writer).await {
+            Ok(Ok(Err(err))) => tracing::info!(error = %err, "write failed"),
+            Ok(Err(err)) => tracing::error!(error = %err, "writer task failed"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => {
+                writer.abort();
+                tracing::info!("the peer did not take the last frames; closed anyway");
+            }
         }
         tracing::debug!("connection closed");
     }
@@ -73,7 +84,7 @@ pub(crate) async fn run(
 
 /// Marks the connection as held back by flow control, and releases it on drop.
 struct Held {
-    flow: Arc<crate::flow::Flow>,
+    engine: Arc<Engine>,
     on: bool,
 }
 
@@ -81,7 +92,7 @@ impl Held {
     fn set(&mut self, on: bool) {
         if on != self.on {
             self.on = on;
-            self.flow.hold(on);
+            self.engine.hold_publisher(on);
         }
     }
 }
@@ -106,38 +117,26 @@ enum Flow {
 }
 
 struct Session {
-    shared: Arc<Shared>,
+    engine: Arc<Engine>,
+    caller: Caller,
     outbox: Arc<Outbox>,
     negotiated: Option<Negotiated>,
-    /// This connection's consumers and the queue each one is subscribed to.
-    consumers: HashMap<u64, Arc<Queue>>,
-    /// This connection's pull consumer per queue (created by its first `Get`).
-    pullers: HashMap<String, Puller>,
-    /// Queues this connection published to, so a publish skips the registry lookup.
-    publish_cache: HashMap<String, Arc<Queue>>,
+    /// This connection's push consumers.
+    consumers: HashSet<u64>,
     /// This connection has published: flow control applies to it.
     publisher: bool,
     /// Broker events this connection subscribed to.
-    events: Option<tokio::sync::broadcast::Receiver<crate::events::BrokerEvent>>,
-}
-
-/// The pull consumer a connection uses for `Get` on one queue.
-struct Puller {
-    consumer_id: u64,
-    inbox: Arc<PullBox>,
-    /// Set while a long-polling `Get` waits on it.
-    busy: Arc<std::sync::atomic::AtomicBool>,
+    events: Option<tokio::sync::broadcast::Receiver<BrokerEvent>>,
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, outbox: Arc<Outbox>) -> Self {
+    fn new(engine: Arc<Engine>, caller: Caller, outbox: Arc<Outbox>) -> Self {
         Session {
-            shared,
+            engine,
+            caller,
             outbox,
             negotiated: None,
-            consumers: HashMap::new(),
-            pullers: HashMap::new(),
-            publish_cache: HashMap::new(),
+            consumers: HashSet::new(),
             publisher: false,
             events: None,
         }
@@ -149,16 +148,16 @@ impl Session {
         mut shutdown: watch::Receiver<bool>,
         resume: &Notify,
     ) {
-        let handshake_deadline = tokio::time::sleep(self.shared.config.handshake_timeout());
+        let handshake_deadline = tokio::time::sleep(self.engine.config().handshake_timeout());
         tokio::pin!(handshake_deadline);
         let mut heartbeat: Option<tokio::time::Interval> = None;
         let mut last_seen = Instant::now();
-        let mut flow_changes = self.shared.flow.subscribe();
-        let mut held = Held { flow: self.shared.flow.clone(), on: false };
+        let mut flow_changes = self.engine.flow_changes();
+        let mut held = Held { engine: self.engine.clone(), on: false };
         loop {
             // A publishing connection is not read from while publishers are blocked; it is
             // told so, and its silence meanwhile does not count against its heartbeats.
-            let block = if self.publisher { self.shared.flow.blocked() } else { None };
+            let block = if self.publisher { self.engine.publishers_blocked() } else { None };
             if block.is_some() != held.on {
                 held.set(block.is_some());
                 let reason = block.unwrap_or_default();
@@ -166,10 +165,17 @@ impl Session {
                 self.outbox.push(&Frame::event(Body::FlowControl(event)));
                 last_seen = Instant::now();
             }
+            // Requests are not read while the peer is not reading the responses; everything
+            // else (heartbeats, shutdown, the write deadline) goes on meanwhile.
+            let room = self.outbox.has_room();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
                     self.outbox.push(&close_frame(ErrorCode::Unspecified, "broker is shutting down"));
+                    return;
+                }
+                _ = self.outbox.closed() => {
+                    tracing::info!("the peer stopped reading or the connection broke; closing");
                     return;
                 }
                 _ = flow_changes.changed() => {}
@@ -187,10 +193,14 @@ impl Session {
                 }
                 _ = resume.notified() => {
                     if self.outbox.take_stalled() {
-                        self.redispatch();
+                        self.engine.redispatch(self.consumers.iter().copied());
                     }
                 }
-                item = frames.next(), if !held.on => {
+                _ = self.outbox.wait_for_room(), if !room => {
+                    // Silence while we were not reading does not count against heartbeats.
+                    last_seen = Instant::now();
+                }
+                item = frames.next(), if !held.on && room => {
                     last_seen = Instant::now();
                     let inbound = match item {
                         Some(Ok(inbound)) => inbound,
@@ -208,7 +218,7 @@ impl Session {
                         }
                     };
                     let was_negotiated = self.negotiated.is_some();
-                    if self.handle(inbound, frames.decoder_mut()) == Flow::Close {
+                    if self.handle(inbound, frames.decoder_mut()).await == Flow::Close {
                         return;
                     }
                     if !was_negotiated {
@@ -216,12 +226,10 @@ impl Session {
                             heartbeat = Some(tokio::time::interval_at(tokio::time::Instant::now() + interval, interval));
                         }
                     }
-                    // Stop reading requests while the peer is not reading our responses.
-                    self.outbox.wait_for_room().await;
                 }
                 _ = tick(&mut heartbeat) => {
                     let interval = heartbeat.as_ref().map(|h| h.period()).unwrap_or_default();
-                    if !held.on && last_seen.elapsed() > interval * 2 {
+                    if !held.on && room && last_seen.elapsed() > interval * 2 {
                         tracing::info!(heartbeat_ms = interval.as_millis() as u64, "peer missed two heartbeats; closing");
                         self.outbox.push(&close_frame(ErrorCode::Unspecified, "missed heartbeats"));
                         return;
@@ -238,7 +246,7 @@ impl Session {
     }
 
     /// Handles one unit read off the wire.
-    fn handle(&mut self, inbound: Inbound, codec: &mut FrameCodec) -> Flow {
+    async fn handle(&mut self, inbound: Inbound, codec: &mut FrameCodec) -> Flow {
         let handshaken = self.negotiated.is_some();
         let frame = match inbound {
             Inbound::Frame(frame) => frame,
@@ -287,7 +295,7 @@ impl Session {
                 );
                 return Flow::Continue;
             }
-            body => match self.request(request_id, body) {
+            body => match self.request(request_id, body).await {
                 Ok(Some(response)) => self.outbox.push(&Frame::new(request_id, response)),
                 Ok(None) => {}
                 Err(err) => self.reply_error(request_id, err),
@@ -322,7 +330,7 @@ impl Session {
             self.outbox.push(&Frame::new(request_id, Body::HelloRejected(rejection)));
             return Flow::Close;
         }
-        let config = &self.shared.config;
+        let config = self.engine.config();
         let heartbeat_ms = match (hello.heartbeat_ms, config.heartbeat_ms) {
             (0, _) => 0,
             (client, 0) => client,
@@ -349,68 +357,59 @@ impl Session {
 
     /// Runs one request after the handshake. `Ok(None)` means no success response is due
     /// (settlements) or it was already queued.
-    fn request(&mut self, request_id: u64, body: Body) -> Result<Option<Body>, BrokerError> {
+    async fn request(&mut self, request_id: u64, body: Body) -> Result<Option<Body>, BrokerError> {
         match body {
             Body::Publish(publish) => self.publish(request_id, publish).map(|()| None),
-            Body::Ack(ack) => {
-                self.settle(request_id, ack.confirm, ack.consumer_id, ack.delivery_tag, |s, j, c, t, _| {
-                    s.ack(c, t, ack.multiple, j)
-                })
-            }
-            Body::Nack(nack) => {
-                let (requeue, multiple, delay) = (nack.requeue, nack.multiple, nack.delay_ms);
-                self.settle(
-                    request_id,
-                    nack.confirm,
-                    nack.consumer_id,
-                    nack.delivery_tag,
-                    |s, j, c, t, now| s.nack(c, t, multiple, requeue, &nack.error, delay, now, j),
-                )
-            }
-            Body::Reject(reject) => {
-                let requeue = reject.requeue;
-                self.settle(
-                    request_id,
-                    reject.confirm,
-                    reject.consumer_id,
-                    reject.delivery_tag,
-                    |s, j, c, t, now| s.nack(c, t, false, requeue, &reject.error, None, now, j),
-                )
-            }
+            Body::Ack(ack) => self.ack(request_id, ack).map(|()| None),
+            Body::Nack(nack) => self.nack(request_id, nack).map(|()| None),
+            Body::Reject(reject) => self.reject(request_id, reject).map(|()| None),
             Body::Extend(extend) => self.extend(extend).map(Some),
-            Body::Consume(consume) => self.consume(request_id, consume),
-            Body::Get(get) => self.get(request_id, get),
+            Body::Consume(consume) => self.consume(request_id, consume).map(|()| None),
+            Body::Get(get) => self.get(request_id, get).await,
             Body::Cancel(cancel) => self.cancel(cancel.consumer_id).map(Some),
-            Body::QueueDeclare(declare) => self.declare(declare).map(Some),
-            Body::QueueDelete(delete) => self.delete(delete).map(Some),
+            Body::QueueDeclare(declare) => self.declare(declare).await.map(Some),
+            Body::QueueDelete(delete) => self.delete(delete).await.map(Some),
             Body::QueuePurge(purge) => {
-                let queue = self.shared.queues.get(&purge.name)?;
-                let message_count = queue.with_state(|s, j, _| s.purge(j))? as u64;
-                tracing::info!(queue = %purge.name, message_count, "queue purged");
+                let message_count = self.engine.purge(&self.caller, &purge.name)?;
                 Ok(Some(Body::QueuePurgeOk(pb::QueuePurgeOk { message_count })))
             }
             Body::QueueStats(stats) => {
-                let queue = self.shared.queues.get(&stats.name)?;
-                Ok(Some(Body::QueueInfo(convert::queue_info(&queue))))
+                let info = self.engine.queue_info(&self.caller, &stats.name)?;
+                Ok(Some(Body::QueueInfo(wire::queue_info(info))))
             }
             Body::QueueList(_) => {
-                let queues = self.shared.queues.list().iter().map(|q| convert::queue_info(q)).collect();
+                let queues =
+                    self.engine.list_queues(&self.caller).into_iter().map(wire::queue_info).collect();
                 Ok(Some(Body::QueueListOk(pb::QueueListOk { queues })))
             }
-            Body::AuditQuery(query) => self.audit(query).map(Some),
-            Body::BrokerStatus(_) => Ok(Some(self.status())),
-            Body::MoveStart(start) => self.move_start(start).map(Some),
-            Body::MoveList(_) => Ok(Some(self.move_list())),
-            Body::MoveCancel(cancel) => self.move_cancel(cancel).map(Some),
-            Body::Peek(peek) => self.peek(peek).map(Some),
+            Body::AuditQuery(query) => self.audit(query).await.map(Some),
+            Body::BrokerStatus(_) => Ok(Some(Body::BrokerStatusOk(wire::status(self.engine.status())))),
+            Body::MoveStart(start) => {
+                let status = self.engine.start_move(&self.caller, wire::move_spec(start)?)?;
+                Ok(Some(Body::MoveInfo(wire::move_info(status))))
+            }
+            Body::MoveList(_) => {
+                let moves = self.engine.list_moves(&self.caller).into_iter().map(wire::move_info).collect();
+                Ok(Some(Body::MoveListOk(pb::MoveListOk { moves })))
+            }
+            Body::MoveCancel(cancel) => {
+                let status = self.engine.cancel_move(&self.caller, cancel.id)?;
+                Ok(Some(Body::MoveInfo(wire::move_info(status))))
+            }
+            Body::Peek(peek) => {
+                // Zero asks for the default.
+                let count = if peek.count == 0 { 10 } else { peek.count as usize };
+                let found = self.engine.peek(&self.caller, &peek.queue, count)?;
+                let messages = found.iter().map(wire::message).collect();
+                Ok(Some(Body::PeekOk(pb::PeekOk { messages })))
+            }
             Body::Subscribe(_) => {
-                self.events.get_or_insert_with(|| self.shared.events.subscribe());
+                self.events.get_or_insert_with(|| self.engine.subscribe_events());
                 Ok(Some(Body::SubscribeOk(pb::SubscribeOk {})))
             }
             Body::QueueSetAlarm(alarm) => {
-                self.shared.queues.set_alarm(&alarm.name, alarm.depth)?;
-                let queue = self.shared.queues.get(&alarm.name)?;
-                Ok(Some(Body::QueueInfo(convert::queue_info(&queue))))
+                let info = self.engine.set_alarm(&self.caller, &alarm.name, alarm.depth).await?;
+                Ok(Some(Body::QueueInfo(wire::queue_info(info))))
             }
             other => Err(BrokerError::ProtocolViolation(format!(
                 "{} is sent by the broker, not to it",
@@ -427,8 +426,8 @@ fn close_frame(code: ErrorCode, reason: &str) -> Frame {
 /// The next broker event of a subscribed connection; never resolves without a subscription.
 /// A subscriber that fell behind skips the events it missed.
 async fn next_event(
-    events: &mut Option<tokio::sync::broadcast::Receiver<crate::events::BrokerEvent>>,
-) -> Option<crate::events::BrokerEvent> {
+    events: &mut Option<tokio::sync::broadcast::Receiver<BrokerEvent>>,
+) -> Option<BrokerEvent> {
     let Some(receiver) = events else { return std::future::pending().await };
     loop {
         match receiver.recv().await {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use crate::output::{self, AuditJson};
+use crate::output;
 use crate::time::{now_ms, parse_duration};
 
 /// Flags of `audit`.
@@ -44,7 +44,7 @@ pub async fn run(server: &str, args: AuditArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if args.json {
         for event in &events {
-            output::write_json_line(&mut out, &AuditJson::from(event)).context("writing to stdout")?;
+            output::write_json_line(&mut out, &event.to_json()).context("writing to stdout")?;
         }
     } else {
         out.write_all(output::audit_table(&events).as_bytes()).context("writing to stdout")?;

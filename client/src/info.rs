@@ -63,6 +63,8 @@ pub struct QueueInfo {
     /// Why stored message bodies cannot be read right now; while set, delivery from the queue
     /// is paused and retried (no message is dropped). `None` while reads work.
     pub read_error: Option<String>,
+    /// True when some queue dead-letters into this one.
+    pub is_dead_letter_queue: bool,
 }
 
 impl From<pb::QueueInfo> for QueueInfo {
@@ -95,6 +97,7 @@ impl From<pb::QueueInfo> for QueueInfo {
             alarm_depth: non_zero(info.alarm_depth),
             alarm: info.alarm,
             read_error: non_empty(info.read_error),
+            is_dead_letter_queue: info.is_dead_letter_queue,
         }
     }
 }
@@ -269,6 +272,7 @@ mod tests {
             alarm_depth: 5,
             alarm: true,
             read_error: "Too many open files (os error 24)".into(),
+            is_dead_letter_queue: false,
         });
         assert_eq!(info.name, "jobs");
         assert!(info.durable);

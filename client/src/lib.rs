@@ -127,6 +127,7 @@ mod error;
 mod events;
 mod info;
 mod io;
+pub mod json;
 mod message;
 mod moves;
 mod options;

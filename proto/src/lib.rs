@@ -30,6 +30,8 @@ pub use pb::frame::Body;
 pub use pb::{ErrorCode, Frame};
 
 mod error;
+#[cfg(feature = "json")]
+pub mod json;
 #[cfg(feature = "tokio-codec")]
 mod tokio_codec;
 

@@ -56,6 +56,7 @@ fn queue_info() -> QueueInfo {
         alarm_depth: 100,
         alarm: true,
         read_error: "Input/output error (os error 5)".into(),
+        is_dead_letter_queue: true,
     }
 }
 

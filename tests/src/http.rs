@@ -126,8 +126,7 @@ impl Http {
     pub async fn publish(&self, queue: &str, body: &str) -> u64 {
         let request = serde_json::json!({ "body": body });
         let response = self.post_json(&format!("/api/queues/{}/messages", segment(queue)), &request).await;
-        response.assert_status(201).json()["message_id"]
-            .as_u64()
+        json_id(&response.assert_status(201).json()["message_id"])
             .unwrap_or_else(|| panic!("no message_id in {response}"))
     }
 
@@ -148,6 +147,11 @@ impl Http {
     pub async fn queue(&self, queue: &str) -> Value {
         self.get_json(&format!("/api/queues/{}", segment(queue))).await
     }
+}
+
+/// A message id as JSON carries it: a decimal string (ids exceed 2^53).
+pub fn json_id(value: &Value) -> Option<u64> {
+    value.as_str()?.parse().ok()
 }
 
 /// `name` as one path segment: every byte but the unreserved ones (RFC 3986) percent-encoded,

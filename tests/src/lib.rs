@@ -25,7 +25,9 @@ pub use client::{
     receive_backlog, stats_eventually,
 };
 pub use failure::{declare_with_dead_letter, declared_options, take_ready, unix_ms};
-pub use http::{messages, read_request, receipt, segment, write_response, Http, HttpRequest, HttpResponse};
+pub use http::{
+    json_id, messages, read_request, receipt, segment, write_response, Http, HttpRequest, HttpResponse,
+};
 pub use raw::RawConn;
 pub use storage::{
     clean_marker_present, parse_segment, queue_dir, read_segment, segment_files, Record, RecordKind,

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use hopper_client::{ConsumeOptions, PublishOptions, QueueOptions};
 use hopper_tests::{
-    body_text, cli, cli_at, connect, next_deliveries, next_delivery, publish_all, run, run_cli,
+    body_text, cli, cli_at, connect, json_id, next_deliveries, next_delivery, publish_all, run, run_cli,
     run_with_stdin, stats_eventually, Broker,
 };
 
@@ -141,7 +141,7 @@ async fn consume_count_json_prints_one_object_per_message_and_acks() {
         assert_eq!(line["redelivered"], false);
         assert_eq!(line["delivery_count"], 1);
         assert_eq!(line["queue"], "out");
-        assert_eq!(line["message_id"].as_u64(), Some(ids[i]));
+        assert_eq!(json_id(&line["message_id"]), Some(ids[i]));
     }
     // The default action acks: only the fourth message is left.
     let info = stats_eventually(&conn, "out", |info| info.acked_total == 3 && info.unacked == 0).await;
@@ -184,7 +184,7 @@ async fn consume_action_requeue_puts_messages_back() {
     let output = run_cli(&broker, &["consume", "rq", "--count", "1", "--action", "requeue", "--json"]).await;
     let lines = output.assert_success().json_lines();
     assert_eq!(lines.len(), 1, "{output}");
-    assert_eq!(lines[0]["message_id"].as_u64(), Some(ids[0]));
+    assert_eq!(json_id(&lines[0]["message_id"]), Some(ids[0]));
 
     let info = stats_eventually(&conn, "rq", |info| info.consumers == 0 && info.unacked == 0).await;
     assert_eq!((info.ready, info.acked_total), (1, 0), "{info:?}");

@@ -9,8 +9,8 @@ use futures::{FutureExt, StreamExt};
 use hopper_client::{ConnectOptions, ConsumeOptions, Delivery, Error, QueueOptions};
 use hopper_proto::{pb, Body, Frame};
 use hopper_tests::{
-    body_text, cli, command, connect, connect_with, next_deliveries, next_delivery, publish_all, run,
-    stats_eventually, within, Broker, RawConn,
+    body_text, cli, command, connect, connect_with, json_id, next_deliveries, next_delivery, publish_all,
+    run, stats_eventually, within, Broker, RawConn,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -57,7 +57,7 @@ async fn consumer_process_killed_mid_stream_loses_nothing() {
         let line =
             within("a line from hopper consume", lines.next_line()).await.unwrap().expect("a JSON line");
         let object: serde_json::Value = serde_json::from_str(&line).expect("JSON");
-        held.insert(object["message_id"].as_u64().expect("message_id"));
+        held.insert(json_id(&object["message_id"]).expect("message_id"));
     }
     assert_eq!(held.len(), 10);
     stats_eventually(&conn, "jobs", |info| info.unacked == 10).await;

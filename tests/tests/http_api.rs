@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use hopper_tests::{eventually, messages, receipt, Broker, Http, DEADLINE};
+use hopper_tests::{eventually, json_id, messages, receipt, Broker, Http, DEADLINE};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -219,17 +219,17 @@ async fn publish_bodies_headers_delay_and_ttl() {
 
     let text = json!({"body": "plain text", "headers": {"kind": "greeting", "lang": "en"}});
     let created = http.post_json("/api/queues/q/messages", &text).await;
-    let first_id = created.assert_status(201).json()["message_id"].as_u64().expect("a message id");
+    let first_id = json_id(&created.assert_status(201).json()["message_id"]).expect("a message id");
     let object = json!({"body": {"order": 17, "items": ["a", "b"]}});
-    let second_id = http.post_json("/api/queues/q/messages", &object).await.assert_status(201).json()
-        ["message_id"]
-        .as_u64()
-        .unwrap();
+    let second_id = json_id(
+        &http.post_json("/api/queues/q/messages", &object).await.assert_status(201).json()["message_id"],
+    )
+    .unwrap();
     assert!(second_id > first_id, "ids grow: {first_id} then {second_id}");
 
     let pulled = http.pull("q", 10, "").await;
     assert_eq!(pulled.len(), 2, "{pulled:?}");
-    assert_eq!(pulled[0]["message_id"], first_id);
+    assert_eq!(pulled[0]["message_id"], first_id.to_string());
     assert_eq!(pulled[0]["body"], "plain text");
     assert_eq!(pulled[0]["headers"], json!({"kind": "greeting", "lang": "en"}));
     assert_eq!(pulled[0]["content_type"], "");
@@ -336,7 +336,7 @@ async fn pull_with_visibility_then_ack_by_receipt() {
     // Not acked within its visibility, the message comes back.
     let first = http.pull("q", 1, "&visibility=0.2").await;
     assert_eq!(first.len(), 1);
-    assert_eq!((first[0]["message_id"].as_u64(), first[0]["body"].as_str()), (Some(id), Some("work")));
+    assert_eq!((json_id(&first[0]["message_id"]), first[0]["body"].as_str()), (Some(id), Some("work")));
     assert_eq!(
         (first[0]["delivery_count"].clone(), first[0]["redelivered"].clone()),
         (json!(1), json!(false))
@@ -344,7 +344,7 @@ async fn pull_with_visibility_then_ack_by_receipt() {
     assert_eq!(counts(http, "q").await, (0, 1, 0), "invisible while pulled");
     let second = http.pull("q", 1, "&wait=5").await;
     assert_eq!(second.len(), 1, "the message became visible again");
-    assert_eq!(second[0]["message_id"], id);
+    assert_eq!(second[0]["message_id"], id.to_string());
     assert_eq!(
         (second[0]["delivery_count"].clone(), second[0]["redelivered"].clone()),
         (json!(2), json!(true))
@@ -449,7 +449,7 @@ async fn long_poll_returns_when_a_message_is_published() {
     let woken = poll.await.expect("the poll task");
     assert!(started.elapsed() < Duration::from_secs(5), "woke after {:?}", started.elapsed());
     assert_eq!(woken.len(), 1);
-    assert_eq!((woken[0]["message_id"].as_u64(), woken[0]["body"].as_str()), (Some(id), Some("wake up")));
+    assert_eq!((json_id(&woken[0]["message_id"]), woken[0]["body"].as_str()), (Some(id), Some("wake up")));
     http.ack("q", &receipt(&woken[0])).await;
 }
 

@@ -104,7 +104,11 @@ async fn peek_shows_dead_messages_with_their_deaths_and_changes_nothing() {
     let lines = cli.json_lines();
     assert_eq!(lines.len(), 3, "{cli}");
     for (line, id) in lines.iter().zip(&ids) {
-        assert_eq!((&line["message_id"], &line["queue"]), (&(*id).into(), &dead.as_str().into()), "{line}");
+        assert_eq!(
+            (&line["message_id"], &line["queue"]),
+            (&id.to_string().into(), &dead.as_str().into()),
+            "{line}"
+        );
         assert_eq!(
             (&line["death"]["reason"], &line["death"]["error"]),
             (&"rejected".into(), &"card declined".into())

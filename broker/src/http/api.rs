@@ -1,7 +1,7 @@
-//! The JSON API: queues, publish, pull (SQS-style receipts), settle, peek, moves, status.
+//! The JSON API: queues, publish, pull (SQS-style receipts), settle, peek, moves, status. Each
+//! handler translates JSON into one engine call and its answer back.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,16 +10,18 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use bytes::Bytes;
-use hopper_proto::{pb, Body};
+use hopper_proto::json::{MessageJson, QueueJson};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::ApiError;
-use crate::message::{Payload, QueuedMessage};
+use crate::engine::{Caller, DeliveryRef, Engine, MessageView, NackOptions, NewMessage, QueueInfo};
+use crate::error::BrokerError;
 use crate::mover::{MoveSpec, MoveStatus};
-use crate::queue::{now_ms, Confirm, Overflow, PullBox, Queue, QueueSettings, Subscriber};
-use crate::server::Shared;
+use crate::queue::{Confirm, Outcome};
+use crate::settings::{Overflow, QueueSettings};
+use crate::wire;
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -58,84 +60,54 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::Fr
     }
 }
 
-/// A broker-side pull consumer for HTTP clients, whose receipts stay valid across requests.
-pub(crate) struct HttpPuller {
-    consumer_id: u64,
-    inbox: Arc<PullBox>,
-    /// Held by the request using this consumer.
-    turn: Arc<tokio::sync::Mutex<()>>,
+/// HTTP requests belong to no connection: pulled messages are settled by receipt.
+const CALLER: Caller = Caller { connection_id: 0 };
+/// Visibility of pulled messages when the request names none, in seconds (as SQS's default).
+const DEFAULT_VISIBILITY_S: f64 = 30.0;
+/// Longest long poll, in seconds.
+const MAX_WAIT_S: f64 = 20.0;
+/// Most messages one pull returns.
+const MAX_PULL: u32 = 1000;
+
+pub(super) async fn ready(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
+    Json(json!({"status": "ready", "publishers_blocked": engine.publishers_blocked().is_some()}))
 }
 
-pub(super) async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    Json(json!({"status": "ready", "publishers_blocked": shared.flow.blocked().is_some()}))
-}
-
-pub(super) async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let (memory_used, memory_limit, disk_free, disk_limit, held) = shared.flow.readings();
-    let blocked = shared.flow.blocked();
+pub(super) async fn status(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
+    let status = engine.status();
     Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": shared.started.elapsed().as_secs(),
-        "connections": shared.connections.load(Ordering::Relaxed),
-        "blocked": blocked.is_some(),
-        "blocked_reason": blocked.unwrap_or_default(),
-        "blocked_publishers": held,
-        "memory_used": memory_used,
-        "memory_high_watermark": memory_limit,
-        "disk_free": disk_free,
-        "disk_free_low_watermark": disk_limit,
+        "version": status.version,
+        "uptime_s": status.uptime_ms / 1000,
+        "connections": status.connections,
+        "blocked": status.blocked.is_some(),
+        "blocked_reason": status.blocked.unwrap_or_default(),
+        "blocked_publishers": status.blocked_publishers,
+        "memory_used": status.memory_used,
+        "memory_high_watermark": status.memory_high_watermark,
+        "disk_free": status.disk_free,
+        "disk_free_low_watermark": status.disk_free_low_watermark,
     }))
 }
 
-/// The JSON form of a queue: the same fields as `hopper queue list --json`, plus alarm state.
-pub(crate) fn queue_json(queue: &Queue, dead_letter_targets: &[String]) -> Value {
-    let snapshot = queue.snapshot();
-    let settings = queue.settings();
-    let dead: HashMap<&str, u64> = snapshot.counters.dead.iter().map(|(r, n)| (r.as_str(), *n)).collect();
-    let optional = |v: u64| if v == 0 { Value::Null } else { json!(v) };
-    json!({
-        "name": queue.name(),
-        "durable": settings.durable,
-        "ready": snapshot.ready,
-        "unacked": snapshot.unacked,
-        "delayed": snapshot.delayed,
-        "consumers": snapshot.consumers,
-        "published": snapshot.counters.published,
-        "delivered": snapshot.counters.delivered,
-        "acked": snapshot.counters.acked,
-        "redelivered": snapshot.counters.redelivered,
-        "dead_lettered": dead,
-        "waiting_bytes": snapshot.waiting_bytes,
-        "dead_letter": if settings.dead_letter.is_empty() { Value::Null } else { json!(settings.dead_letter) },
-        "max_deliveries": optional(settings.max_deliveries.into()),
-        "retry_backoff_ms": settings.retry_backoff_ms,
-        "message_ttl_ms": optional(settings.message_ttl_ms),
-        "ack_timeout_ms": optional(settings.ack_timeout_ms),
-        "max_length": optional(settings.max_length),
-        "max_bytes": optional(settings.max_bytes),
-        "overflow": settings.overflow.as_str(),
-        "alarm_depth": optional(queue.alarm_depth()),
-        "alarm": queue.alarm_raised(),
-        "read_error": if snapshot.read_error.is_empty() { Value::Null } else { json!(snapshot.read_error) },
-        "is_dead_letter_queue": dead_letter_targets.iter().any(|t| t == queue.name()),
-    })
+/// The JSON form of a queue: the same type `hopper queue list --json` prints.
+fn queue_json(info: QueueInfo) -> QueueJson {
+    QueueJson::from(&wire::queue_info(info))
 }
 
-fn dead_letter_targets(shared: &Shared) -> Vec<String> {
-    shared.queues.list().iter().map(|q| q.settings().dead_letter.clone()).filter(|d| !d.is_empty()).collect()
+/// The JSON form of a message: the same type `hopper consume --json` prints.
+fn message_json(message: &MessageView, queue: &str) -> MessageJson {
+    MessageJson::new(&wire::message(message), queue)
 }
 
-pub(super) async fn list_queues(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let targets = dead_letter_targets(&shared);
-    Json(Value::Array(shared.queues.list().iter().map(|q| queue_json(q, &targets)).collect()))
+pub(super) async fn list_queues(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
+    Json(engine.list_queues(&CALLER).into_iter().map(queue_json).collect::<Vec<_>>())
 }
 
 pub(super) async fn get_queue(
-    State(shared): State<Arc<Shared>>,
+    State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let queue = shared.queues.get(&name)?;
-    Ok(Json(queue_json(&queue, &dead_letter_targets(&shared))))
+) -> ApiResult<Json<QueueJson>> {
+    Ok(Json(queue_json(engine.queue_info(&CALLER, &name)?)))
 }
 
 /// Body of `PUT /api/queues/{name}`.
@@ -155,7 +127,7 @@ pub(super) struct DeclareBody {
 }
 
 pub(super) async fn declare_queue(
-    State(shared): State<Arc<Shared>>,
+    State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<DeclareBody>,
 ) -> ApiResult<impl IntoResponse> {
@@ -172,31 +144,24 @@ pub(super) async fn declare_queue(
         max_bytes: body.max_bytes.unwrap_or(0),
         overflow,
     };
-    let declared = shared.queues.declare(&name, settings)?;
-    if let Some(depth) = body.alarm_depth {
-        shared.queues.set_alarm(&name, depth)?;
-    }
-    let status = if declared.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(queue_json(&declared.queue, &dead_letter_targets(&shared)))))
+    let (info, created) = engine.declare(&CALLER, &name, settings, body.alarm_depth).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(queue_json(info))))
 }
 
 pub(super) async fn delete_queue(
-    State(shared): State<Arc<Shared>>,
+    State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let deleted = shared.queues.delete(&name, false, false)?;
-    crate::queue::notify_cancelled(deleted.consumers, &format!("queue '{name}' was deleted"));
-    shared.http_pullers.lock().remove(&name);
-    Ok(Json(json!({"deleted": name, "messages": deleted.messages})))
+    let messages = engine.delete_queue(&CALLER, &name, false, false).await?;
+    Ok(Json(json!({"deleted": name, "messages": messages})))
 }
 
 pub(super) async fn purge(
-    State(shared): State<Arc<Shared>>,
+    State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let queue = shared.queues.get(&name)?;
-    let purged = queue.with_state(|s, j, _| s.purge(j))?;
-    Ok(Json(json!({"purged": purged})))
+    Ok(Json(json!({"purged": engine.purge(&CALLER, &name)?})))
 }
 
 /// Body of `PUT /api/queues/{name}/alarm`.
@@ -207,11 +172,11 @@ pub(super) struct AlarmBody {
 }
 
 pub(super) async fn set_alarm(
-    State(shared): State<Arc<Shared>>,
+    State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<AlarmBody>,
 ) -> ApiResult<Json<Value>> {
-    shared.queues.set_alarm(&name, body.depth)?;
+    engine.set_alarm(&CALLER, &name, body.depth).await?;
     Ok(Json(json!({"queue": name, "alarm_depth": body.depth})))
 }
 
@@ -262,43 +227,42 @@ pub(super) struct PublishBody {
 }
 
 pub(super) async fn publish(
-    State(shared): State<Arc<Shared>>,
+    State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     ApiJson(request): ApiJson<PublishBody>,
 ) -> ApiResult<impl IntoResponse> {
-    if let Some(reason) = shared.flow.blocked() {
+    if let Some(reason) = engine.publishers_blocked() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "RESOURCE_LIMIT",
             format!("publishers are blocked: {reason}"),
         ));
     }
-    let delay = duration_ms(&request.delay, "delay")?;
-    let ttl = duration_ms(&request.ttl, "ttl")?;
-    let queue = shared.queues.get(&name)?;
+    let delay_ms = duration_ms(&request.delay, "delay")?;
+    let ttl_ms = duration_ms(&request.ttl, "ttl")?;
     let (body, content_type) = match request.body {
         Value::String(text) => (Bytes::from(text), String::new()),
         other => (Bytes::from(other.to_string()), "application/json".to_owned()),
     };
-    let payload = Arc::new(Payload {
-        id: shared.next_message_id.fetch_add(1, Ordering::Relaxed),
-        body,
-        headers: request.headers,
-        content_type,
-        published_at_ms: now_ms(),
-        deaths: Vec::new(),
-        replay_count: 0,
-    });
+    let message = NewMessage { body, headers: request.headers, content_type, delay_ms, ttl_ms };
+    let (confirm, confirmed) = confirm_channel();
+    engine.publish(&CALLER, &name, message, confirm)?;
+    match confirmed.await {
+        Ok(Ok(Outcome::Published { message_id })) => {
+            Ok((StatusCode::CREATED, Json(json!({"message_id": message_id.to_string()}))))
+        }
+        Ok(Err(err)) => Err(err.into()),
+        Ok(Ok(_)) | Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "no confirm")),
+    }
+}
+
+/// A confirm whose outcome arrives on the returned channel.
+fn confirm_channel() -> (Confirm, oneshot::Receiver<Result<Outcome, BrokerError>>) {
     let (tx, rx) = oneshot::channel();
     let confirm = Confirm::Callback(Box::new(move |result| {
         let _ = tx.send(result);
     }));
-    queue.publish(payload, delay, ttl, confirm)?;
-    match rx.await {
-        Ok(Ok(Body::PublishOk(ok))) => Ok((StatusCode::CREATED, Json(json!({"message_id": ok.message_id})))),
-        Ok(Ok(_)) | Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "no confirm")),
-        Ok(Err(err)) => Err(err.into()),
-    }
+    (confirm, rx)
 }
 
 /// Query of `GET /api/queues/{name}/messages`.
@@ -309,147 +273,48 @@ pub(super) struct PullQuery {
     wait: Option<f64>,
 }
 
+/// Seconds from a query parameter: a finite, non-negative number, at most `max`.
+fn seconds(value: Option<f64>, default: f64, max: f64, what: &str) -> ApiResult<Duration> {
+    let value = value.unwrap_or(default);
+    if !value.is_finite() || value < 0.0 {
+        return Err(ApiError::bad_request(format!("{what} must be a non-negative number of seconds")));
+    }
+    Ok(Duration::from_secs_f64(value.min(max)))
+}
+
 pub(super) async fn pull(
-    State(shared): State<Arc<Shared>>,
+    State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     Query(query): Query<PullQuery>,
 ) -> ApiResult<Json<Value>> {
-    let count = query.count.unwrap_or(1).clamp(1, 1000);
-    let visibility = query.visibility.map_or(30_000, |s| (s.max(0.0) * 1000.0) as u64).max(1);
-    let wait = Duration::from_secs_f64(query.wait.unwrap_or(0.0).clamp(0.0, 20.0));
-    let queue = shared.queues.get(&name)?;
-    let (puller, _turn) = http_puller(&shared, &queue)?;
-    let consumer_id = puller.consumer_id;
-    queue
-        .with_state(|s, _, _| s.grant(consumer_id, count, visibility))?
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    // If the client goes away mid-poll, this handler is dropped: the guard then stops the
-    // grant and puts back whatever was collected for nobody.
-    let mut guard = PullGuard { queue: queue.clone(), puller: puller.clone(), armed: true };
-    let deadline = tokio::time::sleep(wait);
-    tokio::pin!(deadline);
-    while puller.inbox.is_empty() && !wait.is_zero() {
-        tokio::select! {
-            _ = puller.inbox.arrived() => {}
-            _ = &mut deadline => break,
-        }
-    }
-    guard.armed = false;
-    let deliveries = queue.with_state(|s, _, _| {
-        s.revoke(consumer_id);
-        puller.inbox.take()
-    })?;
-    let messages: Vec<Value> = deliveries
-        .into_iter()
-        .map(|d| {
-            let receipt = format!("{}-{}", d.consumer_id, d.delivery_tag);
-            message_json(d.message.unwrap_or_default(), Some(receipt), &name)
+    let count = query.count.unwrap_or(1).clamp(1, MAX_PULL);
+    let visibility = seconds(query.visibility, DEFAULT_VISIBILITY_S, 12.0 * 3600.0, "visibility")?;
+    let visibility_ms = (visibility.as_millis() as u64).max(1);
+    let wait = seconds(query.wait, 0.0, MAX_WAIT_S, "wait")?;
+    let deliveries = engine.get(&CALLER, &name, count, visibility_ms, wait, None).await?;
+    let messages: Vec<MessageJson> = deliveries
+        .iter()
+        .map(|delivery| MessageJson {
+            receipt: Some(engine.receipt(delivery)),
+            ..message_json(&delivery.message, &name)
         })
         .collect();
     Ok(Json(json!({"messages": messages})))
 }
 
-/// Undoes a pull whose request was abandoned.
-struct PullGuard {
-    queue: Arc<Queue>,
-    puller: Arc<HttpPuller>,
-    armed: bool,
-}
-
-impl Drop for PullGuard {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let consumer_id = self.puller.consumer_id;
-        let inbox = &self.puller.inbox;
-        let _ = self.queue.with_state(|s, j, now| {
-            s.revoke(consumer_id);
-            for delivery in inbox.take() {
-                let _ = s.nack(
-                    consumer_id,
-                    delivery.delivery_tag,
-                    false,
-                    true,
-                    "pull abandoned",
-                    Some(0),
-                    now,
-                    j,
-                );
-            }
-        });
-    }
-}
-
-/// A free HTTP pull consumer of the queue, with its turn held: each concurrent pull gets its
-/// own, so a long poll never holds up another request. Consumers of a recreated queue are
-/// replaced.
-fn http_puller(
-    shared: &Shared,
-    queue: &Arc<Queue>,
-) -> ApiResult<(Arc<HttpPuller>, tokio::sync::OwnedMutexGuard<()>)> {
-    let mut pullers = shared.http_pullers.lock();
-    let pool = pullers.entry(queue.name().to_owned()).or_default();
-    let alive: Vec<u64> = queue.with_state(|s, _, _| s.consumer_ids().collect())?;
-    pool.retain(|p| alive.contains(&p.consumer_id));
-    for puller in pool.iter() {
-        if let Ok(turn) = puller.turn.clone().try_lock_owned() {
-            return Ok((puller.clone(), turn));
-        }
-    }
-    let consumer_id = shared.next_consumer_id.fetch_add(1, Ordering::Relaxed);
-    let inbox = Arc::new(PullBox::new(None));
-    let subscriber = Subscriber::Pull(inbox.clone());
-    queue.with_state(|s, _, _| s.add_pull_consumer(consumer_id, subscriber))?;
-    let puller = Arc::new(HttpPuller { consumer_id, inbox, turn: Arc::new(tokio::sync::Mutex::new(())) });
-    let turn = puller.turn.clone().try_lock_owned().expect("a new puller is free");
-    pool.push(puller.clone());
-    Ok((puller, turn))
-}
-
-/// A message as JSON: the same keys as `hopper consume --json`, plus the receipt if pulled.
-pub(crate) fn message_json(message: pb::Message, receipt: Option<String>, queue: &str) -> Value {
-    let death_json = |d: &pb::Death| {
-        json!({
-            "reason": d.reason, "queue": d.queue, "count": d.count, "error": d.error,
-            "first_time": d.first_failure_ms, "last_time": d.last_failure_ms, "died_at": d.died_at_ms,
-        })
-    };
-    let deaths: Vec<Value> = message.deaths.iter().map(death_json).collect();
-    let mut value = json!({
-        "message_id": message.message_id,
-        "queue": queue,
-        "body": String::from_utf8_lossy(&message.body),
-        "headers": message.headers,
-        "content_type": message.content_type,
-        "published_at_ms": message.published_at_ms,
-        "delivery_count": message.delivery_count,
-        "redelivered": message.redelivered,
-        "replay_count": message.replay_count,
-        "death": message.deaths.last().map(death_json),
-        "deaths": deaths,
-    });
-    if let Some(receipt) = receipt {
-        value["receipt"] = json!(receipt);
-    }
-    value
-}
-
-fn parse_receipt(receipt: &str) -> ApiResult<(u64, u64)> {
-    receipt
-        .split_once('-')
-        .and_then(|(c, t)| Some((c.parse().ok()?, t.parse().ok()?)))
-        .ok_or_else(|| ApiError::bad_request(format!("'{receipt}' is not a receipt")))
-}
-
+/// Acks a pulled message by its receipt; answers once the ack is as durable as a publish.
 pub(super) async fn ack(
-    State(shared): State<Arc<Shared>>,
+    State(engine): State<Arc<Engine>>,
     Path((name, receipt)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let (consumer_id, tag) = parse_receipt(&receipt)?;
-    let queue = shared.queues.get(&name)?;
-    queue.with_state(|s, j, _| s.ack(consumer_id, tag, false, j))?.map_err(settle_error)?;
-    Ok(StatusCode::NO_CONTENT)
+    let delivery = DeliveryRef::Receipt { queue: &name, receipt: &receipt };
+    let (confirm, settled) = confirm_channel();
+    engine.ack(&CALLER, delivery, false, Some(confirm))?;
+    match settled.await {
+        Ok(Ok(_)) => Ok(StatusCode::NO_CONTENT),
+        Ok(Err(err)) => Err(err.into()),
+        Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "no confirm")),
+    }
 }
 
 /// Body of `POST .../{receipt}/nack`.
@@ -462,34 +327,19 @@ pub(super) struct NackBody {
 }
 
 pub(super) async fn nack(
-    State(shared): State<Arc<Shared>>,
+    State(engine): State<Arc<Engine>>,
     Path((name, receipt)): Path<(String, String)>,
     ApiJson(body): ApiJson<NackBody>,
 ) -> ApiResult<StatusCode> {
-    let (consumer_id, tag) = parse_receipt(&receipt)?;
-    let delay = match body.delay {
+    let delay_ms = match body.delay {
         None | Some(Value::Null) => None,
         delay => Some(duration_ms(&delay, "delay")?),
     };
-    let requeue = body.requeue.unwrap_or(true);
-    let queue = shared.queues.get(&name)?;
-    queue
-        .with_state(|s, j, now| s.nack(consumer_id, tag, false, requeue, &body.error, delay, now, j))?
-        .map_err(settle_error)?;
+    let options =
+        NackOptions { multiple: false, requeue: body.requeue.unwrap_or(true), error: body.error, delay_ms };
+    let delivery = DeliveryRef::Receipt { queue: &name, receipt: &receipt };
+    engine.nack(&CALLER, delivery, options, None)?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-fn settle_error(err: crate::queue::SettleError) -> ApiError {
-    match err {
-        crate::queue::SettleError::Expired(_) => {
-            ApiError::new(StatusCode::CONFLICT, "PRECONDITION_FAILED", err.to_string())
-        }
-        _ => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("unknown or already settled receipt: {err}"),
-        ),
-    }
 }
 
 /// Query of `GET /api/queues/{name}/peek`.
@@ -499,18 +349,12 @@ pub(super) struct PeekQuery {
 }
 
 pub(super) async fn peek(
-    State(shared): State<Arc<Shared>>,
+    State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     Query(query): Query<PeekQuery>,
 ) -> ApiResult<Json<Value>> {
-    let queue = shared.queues.get(&name)?;
-    let found = queue.with_state(|s, j, _| s.peek(query.count.unwrap_or(10).min(10_000), j))?;
-    let messages: Vec<Value> = found
-        .iter()
-        .map(|(message, payload): &(QueuedMessage, Arc<Payload>)| {
-            message_json(crate::queue::message_to_wire(message, payload), None, &name)
-        })
-        .collect();
+    let found = engine.peek(&CALLER, &name, query.count.unwrap_or(10))?;
+    let messages: Vec<MessageJson> = found.iter().map(|m| message_json(m, &name)).collect();
     Ok(Json(json!({"messages": messages})))
 }
 
@@ -525,7 +369,7 @@ pub(super) struct MoveBody {
 }
 
 pub(super) async fn start_move(
-    State(shared): State<Arc<Shared>>,
+    State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<MoveBody>,
 ) -> ApiResult<impl IntoResponse> {
@@ -544,12 +388,12 @@ pub(super) async fn start_move(
         limit: body.limit,
         filter,
     };
-    let status = shared.moves.start(&shared.queues, &shared.events, spec)?;
+    let status = engine.start_move(&CALLER, spec)?;
     Ok((StatusCode::CREATED, Json(move_json(&status))))
 }
 
-pub(super) async fn list_moves(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    Json(Value::Array(shared.moves.list(&shared.queues).iter().map(move_json).collect()))
+pub(super) async fn list_moves(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
+    Json(Value::Array(engine.list_moves(&CALLER).iter().map(move_json).collect()))
 }
 
 fn move_json(status: &MoveStatus) -> Value {
@@ -579,28 +423,11 @@ mod tests {
     }
 
     #[test]
-    fn receipts_round_trip() {
-        assert_eq!(parse_receipt("12-7").unwrap(), (12, 7));
-        assert!(parse_receipt("12").is_err());
-    }
-
-    #[test]
-    fn deaths_show_as_the_latest_and_the_history() {
-        let death = |reason: &str| crate::message::Death {
-            queue: "q".into(),
-            reason: crate::message::DeathReason::parse(reason).unwrap(),
-            count: 1,
-            error: "e".into(),
-            first_failure_ms: 1,
-            last_failure_ms: 2,
-            died_at_ms: 3,
-        };
-        let message = pb::Message {
-            deaths: [death("rejected"), death("expired")].iter().map(crate::session::death_to_wire).collect(),
-            ..Default::default()
-        };
-        let value = message_json(message, None, "q.dlq");
-        assert_eq!(value["death"]["reason"], "expired");
-        assert_eq!(value["deaths"].as_array().unwrap().len(), 2);
+    fn query_seconds_refuse_what_is_not_a_duration() {
+        assert_eq!(seconds(None, 30.0, 60.0, "x").unwrap(), Duration::from_secs(30));
+        assert_eq!(seconds(Some(90.0), 0.0, 60.0, "x").unwrap(), Duration::from_secs(60));
+        for bad in [f64::NAN, f64::INFINITY, -1.0, f64::NEG_INFINITY] {
+            assert!(seconds(Some(bad), 0.0, 60.0, "wait").is_err(), "{bad}");
+        }
     }
 }

@@ -1,27 +1,25 @@
 //! `GET /metrics` in the Prometheus text format (version 0.0.4).
 
 use std::fmt::Write;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
+use crate::engine::{Caller, Engine, QueueInfo};
 use crate::message::DeathReason;
 use crate::queue::now_ms;
-use crate::server::Shared;
 
 const REASONS: [DeathReason; 5] = DeathReason::ALL;
 
 /// Renders every metric.
-pub(super) async fn render(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text(&shared))
+pub(super) async fn render(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text(&engine))
 }
 
-fn text(shared: &Shared) -> String {
-    let queues = shared.queues.list();
-    let snapshots: Vec<_> = queues.iter().map(|q| (q.clone(), q.snapshot())).collect();
+fn text(engine: &Engine) -> String {
+    let snapshots = engine.list_queues(&Caller::detached());
     let mut out = String::with_capacity(4096 + snapshots.len() * 2048);
     let now = now_ms();
     let mut family = |name: &str, kind: &str, help: &str, values: &mut dyn Iterator<Item = (String, u64)>| {
@@ -31,8 +29,8 @@ fn text(shared: &Shared) -> String {
         }
     };
     let label = |queue: &str| format!("{{queue=\"{}\"}}", escape(queue));
-    let per_queue = |f: &dyn Fn(&crate::queue::Snapshot, &crate::queue::Queue) -> u64| {
-        snapshots.iter().map(|(q, s)| (label(q.name()), f(s, q))).collect::<Vec<_>>()
+    let per_queue = |f: &dyn Fn(&crate::queue::Snapshot, &QueueInfo) -> u64| {
+        snapshots.iter().map(|q| (label(&q.name), f(&q.snapshot, q))).collect::<Vec<_>>()
     };
     family(
         "hopper_queue_messages_ready",
@@ -99,10 +97,10 @@ fn text(shared: &Shared) -> String {
         "hopper_queue_dead_lettered_total",
         "counter",
         "Messages that died in the queue, by reason (dead-lettered or dropped).",
-        &mut snapshots.iter().flat_map(|(q, s)| {
+        &mut snapshots.iter().flat_map(|q| {
             REASONS.iter().map(move |r| {
-                let labels = format!("{{queue=\"{}\",reason=\"{}\"}}", escape(q.name()), r.as_str());
-                (labels, s.counters.dead.get(r).copied().unwrap_or(0))
+                let labels = format!("{{queue=\"{}\",reason=\"{}\"}}", escape(&q.name), r.as_str());
+                (labels, q.snapshot.counters.dead.get(r).copied().unwrap_or(0))
             })
         }),
     );
@@ -110,13 +108,13 @@ fn text(shared: &Shared) -> String {
         "hopper_queue_alarm",
         "gauge",
         "1 while the queue's depth alarm is raised.",
-        &mut per_queue(&|_, q| q.alarm_raised().into()).into_iter(),
+        &mut per_queue(&|_, q| q.alarm.into()).into_iter(),
     );
     family(
         "hopper_queue_alarm_depth",
         "gauge",
         "Ready depth above which the alarm is raised (0 = none).",
-        &mut per_queue(&|_, q| q.alarm_depth()).into_iter(),
+        &mut per_queue(&|_, q| q.alarm_depth).into_iter(),
     );
     family(
         "hopper_queue_read_failing",
@@ -124,50 +122,45 @@ fn text(shared: &Shared) -> String {
         "1 while stored message bodies of the queue cannot be read (delivery paused and retried).",
         &mut per_queue(&|s, _| (!s.read_error.is_empty()).into()).into_iter(),
     );
-    let (memory_used, memory_limit, disk_free, disk_limit, held) = shared.flow.readings();
+    let status = engine.status();
     let broker = |value: u64| std::iter::once((String::new(), value));
-    family(
-        "hopper_connections",
-        "gauge",
-        "Open client connections.",
-        &mut broker(shared.connections.load(Ordering::Relaxed).into()),
-    );
-    family("hopper_memory_bytes", "gauge", "Message bytes held in memory.", &mut broker(memory_used));
+    family("hopper_connections", "gauge", "Open client connections.", &mut broker(status.connections.into()));
+    family("hopper_memory_bytes", "gauge", "Message bytes held in memory.", &mut broker(status.memory_used));
     family(
         "hopper_memory_high_watermark_bytes",
         "gauge",
         "Memory above which publishers are blocked.",
-        &mut broker(memory_limit),
+        &mut broker(status.memory_high_watermark),
     );
     family(
         "hopper_disk_free_bytes",
         "gauge",
         "Free bytes on the data directory's disk.",
-        &mut broker(disk_free),
+        &mut broker(status.disk_free),
     );
     family(
         "hopper_disk_free_low_watermark_bytes",
         "gauge",
         "Free disk below which publishers are blocked.",
-        &mut broker(disk_limit),
+        &mut broker(status.disk_free_low_watermark),
     );
     family(
         "hopper_publishers_blocked",
         "gauge",
         "1 while publishers are blocked.",
-        &mut broker(shared.flow.blocked().is_some().into()),
+        &mut broker(status.blocked.is_some().into()),
     );
     family(
         "hopper_blocked_publishers",
         "gauge",
         "Connections held back by flow control.",
-        &mut broker(held.into()),
+        &mut broker(status.blocked_publishers.into()),
     );
     family(
         "hopper_uptime_seconds",
         "gauge",
         "Seconds since the broker started.",
-        &mut broker(shared.started.elapsed().as_secs()),
+        &mut broker(status.uptime_ms / 1000),
     );
     family("hopper_queues", "gauge", "Queues.", &mut broker(snapshots.len() as u64));
     out

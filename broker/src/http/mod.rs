@@ -3,8 +3,6 @@
 //! (same queues, same flow control), it is not a second process.
 
 mod api;
-
-pub(crate) use api::HttpPuller;
 mod metrics;
 
 use std::sync::Arc;
@@ -17,15 +15,15 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::engine::Engine;
 use crate::error::BrokerError;
-use crate::server::Shared;
 
 /// The dashboard page, with its script and styles inline: nothing is fetched from elsewhere.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Serves HTTP on `listener` until `shutdown` turns true.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let app = router(shared);
+pub(crate) async fn serve(listener: TcpListener, engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
+    let app = router(engine);
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
@@ -34,7 +32,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdo
     }
 }
 
-fn router(shared: Arc<Shared>) -> Router {
+fn router(engine: Arc<Engine>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(DASHBOARD) }))
         .route("/metrics", get(metrics::render))
@@ -50,7 +48,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/queues/{name}/peek", get(api::peek))
         .route("/api/queues/{name}/move", post(api::start_move))
         .route("/api/moves", get(api::list_moves))
-        .with_state(shared)
+        .with_state(engine)
 }
 
 /// An API error: the broker's error code and message as JSON, with a fitting status.

@@ -13,10 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hopper_proto::{pb, Body};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use super::{Confirm, Dead, Journal, Live, Policy, Queue, QueueState, Subscriber};
+use super::{Confirm, Dead, Journal, Live, Outcome, Policy, Queue, QueueState, Subscriber};
 use crate::error::BrokerError;
 use crate::message::{DeathReason, Payload, QueuedMessage};
 use crate::storage::log::{encode_message, LiveCount, LogBuffer, SegmentReader, SegmentWriter};
@@ -61,7 +60,7 @@ pub(super) struct DiskState {
     pending: Vec<PendingPublish>,
     /// Responses to confirmed settlements, due once the records buffered before them are
     /// durable.
-    settle_confirms: Vec<(Confirm, Body)>,
+    settle_confirms: Vec<(Confirm, Outcome)>,
     /// Body bytes of this queue's messages held in memory.
     resident_bytes: usize,
     stopping: bool,
@@ -218,7 +217,7 @@ impl Durable {
 
     /// Holds `response` until the log thread has written (and, per policy, synced) everything
     /// buffered up to now.
-    pub(super) fn defer_confirm(&self, disk: &mut DiskState, confirm: Confirm, response: Body) {
+    pub(super) fn defer_confirm(&self, disk: &mut DiskState, confirm: Confirm, response: Outcome) {
         disk.settle_confirms.push((confirm, response));
         self.wake.notify_one();
     }
@@ -481,7 +480,7 @@ fn wait_for_work(
     }
 }
 
-type Confirmation = (Confirm, Result<Body, BrokerError>);
+type Confirmation = (Confirm, Result<Outcome, BrokerError>);
 
 /// Under the lock: make the written publishes ready (or, if the write failed, put the other
 /// records back for another try and refuse the publishes).
@@ -516,7 +515,7 @@ fn apply_batch(
                 message.location = Some(location);
                 live.state.unreserve(u64::from(message.size));
                 live.state.admit(message);
-                confirms.push((confirm, Ok(Body::PublishOk(pb::PublishOk { message_id: id }))));
+                confirms.push((confirm, Ok(Outcome::Published { message_id: id })));
             }
             let now = super::now_ms();
             let mut journal = durable.journal(disk, &mut deaths);

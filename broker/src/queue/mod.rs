@@ -6,137 +6,79 @@
 mod durable;
 mod registry;
 mod state;
-mod subscriber;
 mod window;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use hopper_proto::{pb, Body, Frame};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditEvent;
 use crate::error::BrokerError;
 use crate::message::{Death, DeathReason, Payload, QueuedMessage};
-use crate::outbox::Outbox;
 use crate::storage::{Location, ReadError};
 
+pub use crate::settings::{Overflow, Policy, QueueSettings};
 pub use durable::Durable;
 pub use registry::{notify_cancelled, Declared, Deleted, Registry};
-pub use state::{
-    Counters, Journal, Overflow, Policy, QueueFull, QueueState, ReadStall, SettleError, Sink, Snapshot,
-};
-pub use subscriber::{message_to_wire, PullBox, Subscriber};
+pub use state::{Counters, Journal, QueueFull, QueueState, ReadStall, SettleError, Sink, Snapshot};
 pub use window::Window;
 
 use durable::DiskState;
 
-/// Properties fixed when a queue is declared. Zero / empty means "not set".
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct QueueSettings {
-    /// Messages are kept on disk and the queue survives restarts.
-    pub durable: bool,
-    /// Queue that receives this queue's dead messages.
-    pub dead_letter: String,
-    /// Deliveries after which a failing message dies with `delivery_limit`.
-    pub max_deliveries: u32,
-    /// Delays before the 1st, 2nd, ... redelivery of a nacked message; the last repeats.
-    pub retry_backoff_ms: Vec<u64>,
-    /// Time to live of every message from when it enters the queue.
-    pub message_ttl_ms: u64,
-    /// Time a consumer has to settle a delivery before it is taken back.
-    pub ack_timeout_ms: u64,
-    /// Most waiting (ready + delayed) messages.
-    pub max_length: u64,
-    /// Most body bytes of waiting messages.
-    pub max_bytes: u64,
-    /// What a full queue does with a new message.
-    pub overflow: Overflow,
+/// What a confirmed request achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The message is held (on disk, for a durable queue).
+    Published {
+        /// Its id.
+        message_id: u64,
+    },
+    /// Deliveries were settled, and the settlement is as durable as a publish confirm.
+    Settled {
+        /// How many.
+        count: u64,
+    },
 }
 
-impl QueueSettings {
-    /// The failure rules these settings describe.
-    pub fn policy(&self) -> Policy {
-        Policy {
-            max_deliveries: self.max_deliveries,
-            retry_backoff_ms: self.retry_backoff_ms.clone(),
-            message_ttl_ms: self.message_ttl_ms,
-            ack_timeout_ms: self.ack_timeout_ms,
-            max_length: self.max_length,
-            max_bytes: self.max_bytes,
-            overflow: self.overflow,
-        }
-    }
-}
-
-impl std::fmt::Display for QueueSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "durable={}", self.durable)?;
-        if !self.dead_letter.is_empty() {
-            write!(f, " dead_letter={}", self.dead_letter)?;
-        }
-        if self.max_deliveries > 0 {
-            write!(f, " max_deliveries={}", self.max_deliveries)?;
-        }
-        if !self.retry_backoff_ms.is_empty() {
-            write!(f, " retry_backoff_ms={:?}", self.retry_backoff_ms)?;
-        }
-        if self.message_ttl_ms > 0 {
-            write!(f, " message_ttl_ms={}", self.message_ttl_ms)?;
-        }
-        if self.ack_timeout_ms > 0 {
-            write!(f, " ack_timeout_ms={}", self.ack_timeout_ms)?;
-        }
-        if self.max_length > 0 {
-            write!(f, " max_length={}", self.max_length)?;
-        }
-        if self.max_bytes > 0 {
-            write!(f, " max_bytes={}", self.max_bytes)?;
-        }
-        if self.max_length > 0 || self.max_bytes > 0 {
-            write!(f, " overflow={}", self.overflow.as_str())?;
-        }
-        Ok(())
-    }
+/// A front end's connection, which answers its requests once they are due.
+pub trait Replies: Send + Sync {
+    /// Answers request `request_id`.
+    fn reply(&self, request_id: u64, result: Result<Outcome, BrokerError>);
 }
 
 /// Where the answer to a request goes once it is due.
 pub enum Confirm {
-    /// A response frame to a client's request.
-    Client {
-        /// The client's connection.
-        outbox: Arc<Outbox>,
+    /// The answer to request `request_id` of a connection.
+    Reply {
+        /// The connection.
+        to: Arc<dyn Replies>,
         /// The request answered.
         request_id: u64,
     },
-    /// Broker-internal follow-up, e.g. settling a dead-lettered message in its old queue once
-    /// the dead-letter queue holds it.
-    Callback(Box<dyn FnOnce(Result<Body, BrokerError>) + Send>),
+    /// A follow-up in the broker or a front end, e.g. settling a dead-lettered message in its
+    /// old queue once the dead-letter queue holds it, or answering an HTTP request.
+    Callback(Box<dyn FnOnce(Result<Outcome, BrokerError>) + Send>),
 }
 
 impl Confirm {
-    /// A confirm to be sent to `outbox` for `request_id`.
-    pub fn new(outbox: Arc<Outbox>, request_id: u64) -> Self {
-        Confirm::Client { outbox, request_id }
+    /// The answer to `request_id`, sent to `to`.
+    pub fn reply(to: Arc<dyn Replies>, request_id: u64) -> Self {
+        Confirm::Reply { to, request_id }
     }
 
-    /// Sends the positive response (`PublishOk`, `SettleOk`) or the error.
-    pub fn send(self, result: Result<Body, BrokerError>) {
+    /// Delivers the outcome or the error.
+    pub fn send(self, result: Result<Outcome, BrokerError>) {
         match self {
-            Confirm::Client { outbox, request_id } => {
-                let frame = match result {
-                    Ok(body) => Frame::new(request_id, body),
-                    Err(err) => Frame::error(request_id, err.code(), err.to_string()),
-                };
-                outbox.push(&frame);
-            }
+            Confirm::Reply { to, request_id } => to.reply(request_id, result),
             Confirm::Callback(callback) => callback(result),
         }
     }
 }
+
+/// Where a consumer's deliveries go: a front end's connection, or a pull consumer's box.
+pub type Subscriber = Arc<dyn Sink + Send + Sync>;
 
 /// How long dead messages whose bodies could not be read wait before the next try.
 const PARKED_RETRY_MS: u64 = 500;
@@ -300,6 +242,11 @@ impl Queue {
         Ok(result)
     }
 
+    /// Dispatches whatever can be delivered now (a consumer's connection drained, say).
+    pub fn dispatch_now(&self) {
+        let _ = self.with_state(|_, _, _| ());
+    }
+
     /// Accepts a published message, visible after `delay_ms`, living at most `ttl_ms` (0 =
     /// the queue's TTL). A transient queue confirms at once; a durable one once the message is
     /// on disk (per the fsync policy).
@@ -346,7 +293,7 @@ impl Queue {
             // A durable queue confirms from its log thread.
             Ok(None) => Ok(()),
             Ok(Some(confirm)) => {
-                confirm.send(Ok(Body::PublishOk(pb::PublishOk { message_id: id })));
+                confirm.send(Ok(Outcome::Published { message_id: id }));
                 Ok(())
             }
             Err(full) => {
@@ -357,7 +304,7 @@ impl Queue {
 
     /// Sends `response` once everything this queue has buffered for its log so far is as
     /// durable as a publish confirm: at once for a transient queue.
-    pub fn confirm_when_durable(&self, confirm: Confirm, response: Body) {
+    pub fn confirm_when_durable(&self, confirm: Confirm, response: Outcome) {
         let mut guard = self.state.lock();
         if let (Some(disk), Some(durable)) = (guard.disk.as_mut(), &self.durable) {
             durable.defer_confirm(disk, confirm, response);
@@ -512,7 +459,7 @@ impl Queue {
         let delivered_to = target.and_then(|target| {
             let settle_here = {
                 let me = self.me.clone();
-                move |result: Result<Body, BrokerError>| {
+                move |result: Result<Outcome, BrokerError>| {
                     if let Err(err) = &result {
                         tracing::error!(error = %err, "dead-letter queue refused a message; it stays in its queue's log");
                         return;

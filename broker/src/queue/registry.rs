@@ -11,7 +11,6 @@ use dashmap::DashMap;
 use super::{durable, validate_queue_name, Queue, QueueSettings, QueueState, Subscriber};
 use crate::audit::Audit;
 use crate::error::BrokerError;
-use crate::outbox::Outbox;
 use crate::storage::{QueueMeta, StorageConfig, Store};
 
 /// All queues of a broker, by name.
@@ -100,34 +99,50 @@ impl Registry {
         if !settings.dead_letter.is_empty() {
             validate_queue_name(&settings.dead_letter)?;
         }
+        if let Some(existing) = self.queues.get(name).map(|q| q.clone()) {
+            return same_settings(existing, name, &settings);
+        }
+        // The files of a durable queue are made before taking the map's entry, so no lock is
+        // held across the fsyncs; a declare that lost a race gives its files back.
+        let queue = if settings.durable {
+            let meta = QueueMeta { name: name.to_owned(), settings: settings.clone(), alarm_depth: 0 };
+            let refuse = |e: std::io::Error| {
+                BrokerError::ResourceLimit(format!("cannot create durable queue '{name}': {e}"))
+            };
+            let dir: PathBuf = self.store.create(&meta).map_err(refuse)?;
+            let parts = match durable::create(&dir, &self.storage, settings.policy()) {
+                Ok(parts) => parts,
+                Err(err) => {
+                    let _ = self.store.remove(&dir);
+                    return Err(refuse(err));
+                }
+            };
+            self.assemble(name, settings.clone(), parts)
+        } else {
+            let state = QueueState::new(settings.policy());
+            Queue::build(name, settings.clone(), state, None, None, self.me.clone())
+        };
         match self.queues.entry(name.into()) {
             Entry::Occupied(entry) => {
-                let queue = entry.get().clone();
-                if queue.settings != settings {
-                    return Err(BrokerError::PreconditionFailed(format!(
-                        "queue '{name}' exists with other settings ({}); requested {settings}",
-                        queue.settings
-                    )));
-                }
-                Ok(Declared { queue, created: false })
+                let existing = entry.get().clone();
+                drop(entry);
+                self.discard(&queue);
+                same_settings(existing, name, &settings)
             }
             Entry::Vacant(entry) => {
-                let queue = if settings.durable {
-                    let meta =
-                        QueueMeta { name: name.to_owned(), settings: settings.clone(), alarm_depth: 0 };
-                    let refuse = |e: std::io::Error| {
-                        BrokerError::ResourceLimit(format!("cannot create durable queue '{name}': {e}"))
-                    };
-                    let dir: PathBuf = self.store.create(&meta).map_err(refuse)?;
-                    let parts = durable::create(&dir, &self.storage, settings.policy()).map_err(refuse)?;
-                    self.assemble(name, settings, parts)
-                } else {
-                    let state = QueueState::new(settings.policy());
-                    Queue::build(name, settings, state, None, None, self.me.clone())
-                };
                 entry.insert(queue.clone());
                 tracing::info!(queue = %name, settings = %queue.settings, "queue declared");
                 Ok(Declared { queue, created: true })
+            }
+        }
+    }
+
+    /// Stops and removes a queue that never entered the map.
+    fn discard(&self, queue: &Arc<Queue>) {
+        if let Some(durable) = &queue.durable {
+            let _ = durable.stop(queue);
+            if let Err(err) = self.store.remove(durable.dir()) {
+                tracing::warn!(queue = %queue.name, error = %err, "could not remove the files of a duplicate declare");
             }
         }
     }
@@ -273,17 +288,20 @@ impl Registry {
     }
 }
 
+/// The existing queue if it was declared with `settings`, else PRECONDITION_FAILED.
+fn same_settings(queue: Arc<Queue>, name: &str, settings: &QueueSettings) -> Result<Declared, BrokerError> {
+    if &queue.settings != settings {
+        return Err(BrokerError::PreconditionFailed(format!(
+            "queue '{name}' exists with other settings ({}); requested {settings}",
+            queue.settings
+        )));
+    }
+    Ok(Declared { queue, created: false })
+}
+
 /// Tells consumers of a deleted queue that they were cancelled.
 pub fn notify_cancelled(consumers: Vec<(u64, Subscriber)>, reason: &str) {
     for (consumer_id, subscriber) in consumers {
-        if let Subscriber::Push(outbox) = subscriber {
-            push_cancelled(&outbox, consumer_id, reason);
-        }
+        subscriber.cancelled(consumer_id, reason);
     }
-}
-
-fn push_cancelled(outbox: &Outbox, consumer_id: u64, reason: &str) {
-    use hopper_proto::{pb, Body, Frame};
-    let body = Body::ConsumerCancelled(pb::ConsumerCancelled { consumer_id, reason: reason.to_owned() });
-    outbox.push(&Frame::event(body));
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::message::{clip_error, DeathReason, Payload, QueuedMessage};
 use crate::queue::window::Window;
+use crate::settings::{Overflow, Policy};
 use crate::storage::ReadError;
 
 /// Wait before the first retry of a failed body read; it doubles with each failure in a row.
@@ -29,6 +30,26 @@ pub trait Sink {
     fn expired(&self, consumer_id: u64, delivery_tag: u64);
     /// The connection the consumer belongs to, for the audit trail.
     fn connection_id(&self) -> u64;
+    /// Tells the consumer it was cancelled by the broker (its queue was deleted).
+    fn cancelled(&self, consumer_id: u64, reason: &str);
+}
+
+impl<T: Sink + ?Sized> Sink for Arc<T> {
+    fn is_writable(&self) -> bool {
+        (**self).is_writable()
+    }
+    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload) {
+        (**self).deliver(consumer_id, delivery_tag, message, payload)
+    }
+    fn expired(&self, consumer_id: u64, delivery_tag: u64) {
+        (**self).expired(consumer_id, delivery_tag)
+    }
+    fn connection_id(&self) -> u64 {
+        (**self).connection_id()
+    }
+    fn cancelled(&self, consumer_id: u64, reason: &str) {
+        (**self).cancelled(consumer_id, reason)
+    }
 }
 
 /// What a queue reports for persistence and dead-lettering. Called under the queue's lock, so
@@ -47,55 +68,6 @@ pub trait Journal {
     fn dead(&mut self, message: QueuedMessage, reason: DeathReason);
     /// Reads the payload of a message that is only on disk.
     fn load(&mut self, message: &QueuedMessage) -> Result<Arc<Payload>, ReadError>;
-}
-
-/// A queue's failure-handling arguments.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Policy {
-    /// Deliveries after which a failing message dies with `delivery_limit`; 0 = no limit.
-    pub max_deliveries: u32,
-    /// Delays before the 1st, 2nd, ... redelivery of a nacked message; the last one repeats.
-    pub retry_backoff_ms: Vec<u64>,
-    /// Time to live of every message from when it enters the queue; 0 = none.
-    pub message_ttl_ms: u64,
-    /// Time a consumer has to settle a delivery before it is taken back; 0 = none.
-    pub ack_timeout_ms: u64,
-    /// Most waiting (ready + delayed) messages; 0 = unbounded.
-    pub max_length: u64,
-    /// Most body bytes of waiting messages; 0 = unbounded.
-    pub max_bytes: u64,
-    /// What a new message meets when the queue is full.
-    pub overflow: Overflow,
-}
-
-/// What a full queue does with a new message.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Overflow {
-    /// Refuse it: the publisher gets a negative confirm.
-    #[default]
-    RejectPublish,
-    /// Accept it; the oldest waiting messages die with reason `maxlen`.
-    DropHead,
-}
-
-impl Overflow {
-    /// The policy's name in flags and on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Overflow::RejectPublish => "reject-publish",
-            Overflow::DropHead => "drop-head",
-        }
-    }
-
-    /// Parses a name; empty means the default.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "" | "reject-publish" => Some(Overflow::RejectPublish),
-            "drop-head" => Some(Overflow::DropHead),
-            _ => None,
-        }
-    }
 }
 
 /// The queue is full and refuses new messages.

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 pub use log::ReadError;
 pub use segment::Location;
 
-use crate::queue::QueueSettings;
+use crate::settings::QueueSettings;
 
 /// When the log is flushed to stable storage, relative to the publish confirm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

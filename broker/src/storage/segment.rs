@@ -10,41 +10,10 @@ use std::path::{Path, PathBuf};
 
 use super::record::{self, publish_at, Record, RecordError};
 use crate::message::Failure;
+pub use crate::message::Location;
 
 /// First bytes of every segment file: "HOPSEG" and a format version.
 pub const MAGIC: &[u8; 8] = b"HOPSEG\x00\x01";
-
-/// Where a record lives. Kept to 12 bytes: one is held in memory per stored message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Location {
-    segment: u32,
-    offset: u32,
-    len: u32,
-}
-
-impl Location {
-    /// The record at `offset` of segment `segment`, `len` bytes long. Segments are at most
-    /// 4 GiB and their ids fit 32 bits (the configuration caps `segment_bytes`).
-    pub fn new(segment: u64, offset: u64, len: u32) -> Self {
-        debug_assert!(segment <= u64::from(u32::MAX) && offset <= u64::from(u32::MAX));
-        Location { segment: segment as u32, offset: offset as u32, len }
-    }
-
-    /// Segment id.
-    pub fn segment(&self) -> u64 {
-        self.segment.into()
-    }
-
-    /// Byte offset of the record's header in the segment file.
-    pub fn offset(&self) -> u64 {
-        self.offset.into()
-    }
-
-    /// Total bytes of the record, header included.
-    pub fn bytes(&self) -> u32 {
-        self.len
-    }
-}
 
 /// Path of segment `id` in `dir`.
 pub fn path(dir: &Path, id: u64) -> PathBuf {

@@ -1,80 +1,20 @@
 //! Messages as `hopper consume`, `hopper get` and `hopper queue peek` print them, and the audit
 //! trail as `hopper audit` prints it.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 
-use hopper_client::{AuditEvent, Death, Delivery, Message};
-use serde::Serialize;
+use hopper_client::{AuditEvent, Delivery, Message};
 
 use super::{table, write_json_line, Align};
 use crate::time::format_unix_ms;
 
-/// A delivery as `hopper consume --json` prints it, one object per line: the keys of
-/// [`MessageJson`] plus the delivery's tag.
-#[derive(Debug, Serialize)]
-pub struct DeliveryJson<'a> {
-    /// The message's keys.
-    #[serde(flatten)]
-    pub message: MessageJson<'a>,
-    /// The delivery's tag within its consumer.
-    pub delivery_tag: u64,
-}
-
-/// A message as `hopper queue peek --json` prints it (and, with `delivery_tag` added, as
-/// `hopper consume --json` and `hopper get --json` do).
-#[derive(Debug, Serialize)]
-pub struct MessageJson<'a> {
-    /// The body as text; bytes that are not UTF-8 become U+FFFD.
-    pub body: std::borrow::Cow<'a, str>,
-    /// Application headers, sorted by key so output is stable.
-    pub headers: BTreeMap<&'a str, &'a str>,
-    /// Whether the message was delivered before.
-    pub redelivered: bool,
-    /// Deliveries of this message so far.
-    pub delivery_count: u32,
-    /// The queue the message waits in.
-    pub queue: &'a str,
-    /// Broker-assigned message id.
-    pub message_id: u64,
-    /// MIME type given at publish time; empty for none.
-    pub content_type: &'a str,
-    /// Unix time in milliseconds at which the broker accepted the message.
-    pub published_at_ms: u64,
-    /// The message's latest death; null when it never died.
-    pub death: Option<DeathJson<'a>>,
-    /// Every death of the message, oldest first.
-    pub deaths: Vec<DeathJson<'a>>,
-    /// How many times the message was moved out of a queue (replayed).
-    pub replay_count: u32,
-}
-
-impl<'a> MessageJson<'a> {
-    /// The JSON form of `message`, waiting in `queue`.
-    pub fn new(message: &'a Message, queue: &'a str) -> Self {
-        MessageJson {
-            body: String::from_utf8_lossy(&message.body),
-            headers: message.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
-            redelivered: message.redelivered,
-            delivery_count: message.delivery_count,
-            queue,
-            message_id: message.message_id,
-            content_type: &message.content_type,
-            published_at_ms: message.published_at_ms,
-            death: message.deaths.last().map(DeathJson::from),
-            deaths: message.deaths.iter().map(DeathJson::from).collect(),
-            replay_count: message.replay_count,
-        }
-    }
-}
-
 /// Renders peeked messages as `hopper queue peek` prints them: each body on its own line, or
-/// with `json` one [`MessageJson`] per line.
+/// with `json` one message object per line.
 pub fn peeked(messages: &[Message], queue: &str, json: bool) -> anyhow::Result<String> {
     let mut out = Vec::new();
     for message in messages {
         if json {
-            write_json_line(&mut out, &MessageJson::new(message, queue))?;
+            write_json_line(&mut out, &message.to_json(queue))?;
         } else {
             out.extend_from_slice(String::from_utf8_lossy(&message.body).as_bytes());
             out.push(b'\n');
@@ -83,108 +23,17 @@ pub fn peeked(messages: &[Message], queue: &str, json: bool) -> anyhow::Result<S
     Ok(String::from_utf8(out)?)
 }
 
-/// One death of a message as the `death` and `deaths` keys of a delivery print it.
-#[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct DeathJson<'a> {
-    /// Why it died: rejected, delivery_limit, expired, maxlen or corrupt.
-    pub reason: &'a str,
-    /// The queue it died in.
-    pub queue: &'a str,
-    /// Its delivery count in that queue.
-    pub count: u32,
-    /// The error text of its last failed delivery, or empty.
-    pub error: &'a str,
-    /// Unix ms of its first failed delivery there (0 if none).
-    pub first_time: u64,
-    /// Unix ms of its last failed delivery there (0 if none).
-    pub last_time: u64,
-    /// Unix ms at which it died.
-    pub died_at: u64,
-}
-
-impl<'a> From<&'a Death> for DeathJson<'a> {
-    fn from(death: &'a Death) -> Self {
-        DeathJson {
-            reason: &death.reason,
-            queue: &death.queue,
-            count: death.count,
-            error: &death.error,
-            first_time: death.first_failure_ms,
-            last_time: death.last_failure_ms,
-            died_at: death.died_at_ms,
-        }
-    }
-}
-
-impl<'a> From<&'a Delivery> for DeliveryJson<'a> {
-    fn from(delivery: &'a Delivery) -> Self {
-        let message = MessageJson {
-            body: String::from_utf8_lossy(&delivery.body),
-            headers: delivery.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
-            redelivered: delivery.redelivered,
-            delivery_count: delivery.delivery_count,
-            queue: delivery.queue(),
-            message_id: delivery.message_id,
-            content_type: &delivery.content_type,
-            published_at_ms: delivery.published_at_ms,
-            death: delivery.deaths.last().map(DeathJson::from),
-            deaths: delivery.deaths.iter().map(DeathJson::from).collect(),
-            replay_count: delivery.replay_count,
-        };
-        DeliveryJson { message, delivery_tag: delivery.delivery_tag }
-    }
-}
-
-/// Prints one delivery as a line — its body as text, or with `json` a [`DeliveryJson`] — and
+/// Prints one delivery as a line — its body as text, or with `json` its JSON object — and
 /// flushes, so a reader sees it immediately.
 pub fn write_delivery(out: &mut impl Write, delivery: &Delivery, json: bool) -> anyhow::Result<()> {
     if json {
-        write_json_line(out, &DeliveryJson::from(delivery))?;
+        write_json_line(out, &delivery.to_json())?;
     } else {
         out.write_all(String::from_utf8_lossy(&delivery.body).as_bytes())?;
         out.write_all(b"\n")?;
     }
     out.flush()?;
     Ok(())
-}
-
-/// An audit event as `hopper audit --json` prints it: the wire's field names.
-#[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct AuditJson<'a> {
-    /// Unix ms at which the message died.
-    pub time_ms: u64,
-    /// The queue it died in.
-    pub queue: &'a str,
-    /// The message's id.
-    pub message_id: u64,
-    /// Why: rejected, delivery_limit, expired, maxlen or corrupt.
-    pub reason: &'a str,
-    /// Its delivery count in that queue.
-    pub count: u32,
-    /// The consumer of its last failed delivery (0 if none).
-    pub consumer_id: u64,
-    /// That consumer's connection (0 if none).
-    pub connection_id: u64,
-    /// The error text of its last failed delivery, or empty.
-    pub error: &'a str,
-    /// Where it was moved; null when it was dropped.
-    pub dead_letter: Option<&'a str>,
-}
-
-impl<'a> From<&'a AuditEvent> for AuditJson<'a> {
-    fn from(event: &'a AuditEvent) -> Self {
-        AuditJson {
-            time_ms: event.time_ms,
-            queue: &event.queue,
-            message_id: event.message_id,
-            reason: &event.reason,
-            count: event.count,
-            consumer_id: event.consumer_id,
-            connection_id: event.connection_id,
-            error: &event.error,
-            dead_letter: event.dead_letter.as_deref(),
-        }
-    }
 }
 
 /// Longest error text a table cell shows; the JSON output has all of it.
@@ -229,6 +78,8 @@ fn error_cell(error: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use hopper_client::Death;
+
     use super::*;
 
     #[test]
@@ -243,7 +94,7 @@ mod tests {
             died_at_ms: 3,
         };
         assert_eq!(
-            serde_json::to_value(DeathJson::from(&death)).unwrap(),
+            serde_json::to_value(death.to_json()).unwrap(),
             serde_json::json!({
                 "reason": "delivery_limit",
                 "queue": "jobs",
@@ -346,7 +197,7 @@ mod tests {
 
     #[test]
     fn audit_json_uses_the_wire_field_names() {
-        let value = serde_json::to_value(AuditJson::from(&event(9, "boom", None))).unwrap();
+        let value = serde_json::to_value(event(9, "boom", None).to_json()).unwrap();
         let mut keys: Vec<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort_unstable();
         assert_eq!(
@@ -364,5 +215,6 @@ mod tests {
             ]
         );
         assert_eq!(value["dead_letter"], serde_json::Value::Null);
+        assert_eq!(value["message_id"], "9", "ids are strings");
     }
 }

@@ -11,7 +11,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
-pub use messages::{audit_table, peeked, write_delivery, AuditJson};
+pub use messages::{audit_table, peeked, write_delivery};
 pub use ops::{
     event_line, move_destination, move_summary, moves_json, moves_table, status_listing, EventJson,
     StatusJson,

@@ -4,107 +4,21 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use hopper_client::json::QueueJson;
 use hopper_client::{Overflow, QueueInfo};
-use serde::Serialize;
 
 use super::{listing, table, yes_no, Align};
 use crate::time::{format_duration, now_ms};
 
-/// A queue as `--json` prints it. The key set is part of the CLI's interface.
-#[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct QueueJson<'a> {
-    /// The queue's name.
-    pub name: &'a str,
-    /// Whether the queue survives broker restarts.
-    pub durable: bool,
-    /// Messages waiting for a consumer.
-    pub ready: u64,
-    /// Messages delivered and not yet acknowledged.
-    pub unacked: u64,
-    /// Consumers attached now.
-    pub consumers: u32,
-    /// Messages published since the queue was created.
-    pub published: u64,
-    /// Deliveries made, redeliveries included.
-    pub delivered: u64,
-    /// Deliveries acknowledged.
-    pub acked: u64,
-    /// Deliveries of messages that had been delivered before.
-    pub redelivered: u64,
-    /// Messages waiting for a publish delay or retry backoff.
-    pub delayed: u64,
-    /// Messages that died in the queue, by reason; sorted so output is stable.
-    pub dead_lettered: BTreeMap<&'a str, u64>,
-    /// The dead-letter queue; null when dead messages are dropped.
-    pub dead_letter: Option<&'a str>,
-    /// Deliveries after which a failing message dies; null for no limit.
-    pub max_deliveries: Option<u32>,
-    /// Retry delays in milliseconds; empty for immediate redelivery.
-    pub retry_backoff_ms: Vec<u64>,
-    /// Time to live of messages in milliseconds; null for none.
-    pub message_ttl_ms: Option<u64>,
-    /// Ack timeout in milliseconds; null for none.
-    pub ack_timeout_ms: Option<u64>,
-    /// Most waiting messages; null for unbounded.
-    pub max_length: Option<u64>,
-    /// Most waiting body bytes; null for unbounded.
-    pub max_bytes: Option<u64>,
-    /// What a full queue does: reject-publish or drop-head.
-    pub overflow: &'static str,
-    /// Body bytes of the waiting messages.
-    pub waiting_bytes: u64,
-    /// Ready depth above which the alarm is raised; null for no alarm.
-    pub alarm_depth: Option<u64>,
-    /// Whether the alarm is raised.
-    pub alarm: bool,
-    /// Why stored bodies cannot be read now (delivery paused); null while reads work.
-    pub read_error: Option<&'a str>,
-}
-
-impl<'a> From<&'a QueueInfo> for QueueJson<'a> {
-    fn from(info: &'a QueueInfo) -> Self {
-        QueueJson {
-            name: &info.name,
-            durable: info.durable,
-            ready: info.ready,
-            unacked: info.unacked,
-            consumers: info.consumers,
-            published: info.published_total,
-            delivered: info.delivered_total,
-            acked: info.acked_total,
-            redelivered: info.redelivered_total,
-            delayed: info.delayed,
-            dead_lettered: info.dead_lettered.iter().map(|(reason, n)| (reason.as_str(), *n)).collect(),
-            dead_letter: info.dead_letter.as_deref(),
-            max_deliveries: info.max_deliveries,
-            retry_backoff_ms: info.retry_backoff.iter().map(|d| millis(*d)).collect(),
-            message_ttl_ms: info.message_ttl.map(millis),
-            ack_timeout_ms: info.ack_timeout.map(millis),
-            max_length: info.max_length,
-            max_bytes: info.max_bytes,
-            overflow: info.overflow.as_str(),
-            waiting_bytes: info.waiting_bytes,
-            alarm_depth: info.alarm_depth,
-            alarm: info.alarm,
-            read_error: info.read_error.as_deref(),
-        }
-    }
-}
-
-/// A duration in whole milliseconds, as the JSON output gives durations.
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
 /// Renders queues as `--json` prints them: one array, pretty-printed.
 pub fn queues_json(queues: &[QueueInfo]) -> anyhow::Result<String> {
-    let rows: Vec<QueueJson<'_>> = queues.iter().map(QueueJson::from).collect();
+    let rows: Vec<QueueJson> = queues.iter().map(QueueInfo::to_json).collect();
     Ok(serde_json::to_string_pretty(&rows)?)
 }
 
 /// Renders one queue as `--json` prints it.
 pub fn queue_json(queue: &QueueInfo) -> anyhow::Result<String> {
-    Ok(serde_json::to_string_pretty(&QueueJson::from(queue))?)
+    Ok(serde_json::to_string_pretty(&queue.to_json())?)
 }
 
 /// Column headers of `hopper queue list`, in order.
@@ -327,6 +241,7 @@ mod tests {
                 "delayed",
                 "delivered",
                 "durable",
+                "is_dead_letter_queue",
                 "max_bytes",
                 "max_deliveries",
                 "max_length",

@@ -76,6 +76,8 @@ impl Sink for Recorder {
         1
     }
 
+    fn cancelled(&self, _: u64, _: &str) {}
+
     fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload) {
         self.sent.borrow_mut().push(Sent {
             consumer: consumer_id,

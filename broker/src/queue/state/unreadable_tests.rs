@@ -23,6 +23,7 @@ impl Sink for Ids {
     fn connection_id(&self) -> u64 {
         1
     }
+    fn cancelled(&self, _: u64, _: &str) {}
 }
 
 impl Ids {

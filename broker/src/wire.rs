@@ -1,15 +1,18 @@
-//! Conversions between wire types and the broker's domain types, kept at the edge so queues
-//! never see protobuf.
+//! Conversions between protobuf types and the engine's domain values, for the front ends that
+//! speak them (the binary protocol, and HTTP on its way to JSON). Nothing below the front ends
+//! sees protobuf.
 
 use hopper_proto::pb;
 
+use crate::audit::AuditEvent;
+use crate::engine::{Delivery, MessageView, QueueInfo, Status};
 use crate::error::BrokerError;
-use crate::message::Death;
+use crate::message::{Death, Payload};
 use crate::mover::{MoveSpec, MoveStatus};
-use crate::queue::{Overflow, Queue, QueueSettings};
+use crate::settings::{Overflow, QueueSettings};
 
 /// The wire form of a death.
-pub(crate) fn death_to_wire(death: &Death) -> pb::Death {
+pub fn death_to_wire(death: &Death) -> pb::Death {
     pb::Death {
         queue: death.queue.clone(),
         reason: death.reason.as_str().to_owned(),
@@ -22,7 +25,7 @@ pub(crate) fn death_to_wire(death: &Death) -> pb::Death {
 }
 
 /// Queue settings from a declare request.
-pub(super) fn settings_from_wire(settings: pb::QueueSettings) -> Result<QueueSettings, BrokerError> {
+pub fn settings_from_wire(settings: pb::QueueSettings) -> Result<QueueSettings, BrokerError> {
     if settings.retry_backoff_ms.len() > 64 {
         return Err(BrokerError::InvalidArgument("retry_backoff_ms takes at most 64 delays".into()));
     }
@@ -45,7 +48,7 @@ pub(super) fn settings_from_wire(settings: pb::QueueSettings) -> Result<QueueSet
     })
 }
 
-fn settings_to_wire(settings: &QueueSettings) -> pb::QueueSettings {
+pub fn settings_to_wire(settings: &QueueSettings) -> pb::QueueSettings {
     pb::QueueSettings {
         durable: settings.durable,
         max_length: settings.max_length,
@@ -60,11 +63,11 @@ fn settings_to_wire(settings: &QueueSettings) -> pb::QueueSettings {
 }
 
 /// A queue's settings and counts, as `QueueInfo`.
-pub(super) fn queue_info(queue: &Queue) -> pb::QueueInfo {
-    let snapshot = queue.snapshot();
+pub fn queue_info(info: QueueInfo) -> pb::QueueInfo {
+    let QueueInfo { name, settings, snapshot, alarm_depth, alarm, is_dead_letter_queue } = info;
     pb::QueueInfo {
-        name: queue.name().to_owned(),
-        settings: Some(settings_to_wire(queue.settings())),
+        name,
+        settings: Some(settings_to_wire(&settings)),
         ready: snapshot.ready,
         unacked: snapshot.unacked,
         consumers: snapshot.consumers,
@@ -81,14 +84,75 @@ pub(super) fn queue_info(queue: &Queue) -> pb::QueueInfo {
             .collect(),
         waiting_bytes: snapshot.waiting_bytes,
         oldest_ready_ms: snapshot.oldest_ready_ms,
-        alarm_depth: queue.alarm_depth(),
-        alarm: queue.alarm_raised(),
+        alarm_depth,
+        alarm,
         read_error: snapshot.read_error,
+        is_dead_letter_queue,
+    }
+}
+
+/// A message as consumers and peeks see it.
+pub fn message(view: &MessageView) -> pb::Message {
+    message_of(&view.payload, view.delivery_count, view.redelivered)
+}
+
+/// A message from its payload and delivery state.
+pub fn message_of(payload: &Payload, delivery_count: u32, redelivered: bool) -> pb::Message {
+    pb::Message {
+        message_id: payload.id,
+        body: payload.body.clone(),
+        headers: payload.headers.clone(),
+        content_type: payload.content_type.clone(),
+        published_at_ms: payload.published_at_ms,
+        delivery_count,
+        redelivered,
+        deaths: payload.deaths.iter().map(death_to_wire).collect(),
+        replay_count: payload.replay_count,
+    }
+}
+
+/// A delivery as `Deliver`.
+pub fn deliver(delivery: &Delivery) -> pb::Deliver {
+    pb::Deliver {
+        consumer_id: delivery.consumer_id,
+        delivery_tag: delivery.delivery_tag,
+        message: Some(message(&delivery.message)),
+    }
+}
+
+/// The broker's status as `BrokerStatusOk`.
+pub fn status(status: Status) -> pb::BrokerStatusOk {
+    pb::BrokerStatusOk {
+        version: status.version.into(),
+        uptime_ms: status.uptime_ms,
+        connections: status.connections,
+        blocked: status.blocked.is_some(),
+        blocked_reason: status.blocked.unwrap_or_default(),
+        blocked_publishers: status.blocked_publishers,
+        memory_used: status.memory_used,
+        memory_high_watermark: status.memory_high_watermark,
+        disk_free: status.disk_free,
+        disk_free_low_watermark: status.disk_free_low_watermark,
+    }
+}
+
+/// One death from the audit trail as `AuditEvent`.
+pub fn audit_event(event: AuditEvent) -> pb::AuditEvent {
+    pb::AuditEvent {
+        time_ms: event.time_ms,
+        queue: event.queue,
+        message_id: event.message_id,
+        reason: event.reason,
+        count: event.count,
+        consumer_id: event.consumer_id,
+        connection_id: event.connection_id,
+        error: event.error,
+        dead_letter: event.dead_letter,
     }
 }
 
 /// A move's status, as `MoveInfo`.
-pub(super) fn move_info(status: MoveStatus) -> pb::MoveInfo {
+pub fn move_info(status: MoveStatus) -> pb::MoveInfo {
     let (filter_key, filter_value) = status.spec.filter.unwrap_or_default();
     pb::MoveInfo {
         id: status.id,
@@ -109,7 +173,7 @@ pub(super) fn move_info(status: MoveStatus) -> pb::MoveInfo {
 }
 
 /// A move request, checked.
-pub(super) fn move_spec(start: pb::MoveStart) -> Result<MoveSpec, BrokerError> {
+pub fn move_spec(start: pb::MoveStart) -> Result<MoveSpec, BrokerError> {
     let filter = match (start.filter_key.is_empty(), start.filter_value) {
         (true, _) => None,
         (false, value) => Some((start.filter_key, value)),

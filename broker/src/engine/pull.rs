@@ -1,0 +1,188 @@
+//! Pull consumers (`get`, SQS-style): one type for every front end. A pull consumer takes
+//! nothing until a get grants it credit; its deliveries are collected in a [`PullBox`] and
+//! handed back as the get's answer, each invisible to others until it is settled or its
+//! visibility timeout passes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::{Caller, Delivery, Engine, MessageView, Owned};
+use crate::error::BrokerError;
+use crate::message::{Payload, QueuedMessage};
+use crate::queue::{Queue, Sink, Subscriber};
+
+/// Deliveries gathered for a pending get.
+pub struct PullBox {
+    connection_id: u64,
+    /// Where to tell that a pulled message's visibility passed (the connection, if there is
+    /// one; HTTP pulls have none).
+    notices: Option<Subscriber>,
+    collected: Mutex<Vec<Delivery>>,
+    arrived: Notify,
+}
+
+impl PullBox {
+    fn new(connection_id: u64, notices: Option<Subscriber>) -> Self {
+        PullBox { connection_id, notices, collected: Mutex::new(Vec::new()), arrived: Notify::new() }
+    }
+
+    fn take(&self) -> Vec<Delivery> {
+        std::mem::take(&mut self.collected.lock())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.collected.lock().is_empty()
+    }
+}
+
+impl Sink for PullBox {
+    fn is_writable(&self) -> bool {
+        true
+    }
+
+    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload) {
+        let message = MessageView::of(message, payload);
+        self.collected.lock().push(Delivery { consumer_id, delivery_tag, message });
+        self.arrived.notify_one();
+    }
+
+    fn expired(&self, consumer_id: u64, delivery_tag: u64) {
+        if let Some(notices) = &self.notices {
+            notices.expired(consumer_id, delivery_tag);
+        }
+    }
+
+    fn connection_id(&self) -> u64 {
+        self.connection_id
+    }
+
+    fn cancelled(&self, _: u64, _: &str) {}
+}
+
+/// A pull consumer, used by one get at a time.
+pub(super) struct Puller {
+    pub(super) consumer_id: u64,
+    queue: Arc<Queue>,
+    inbox: Arc<PullBox>,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Engine {
+    /// Pulls up to `count` messages from a queue, each invisible to others for
+    /// `visibility_ms`; waits up to `wait` for the first one. Visibility expiries of a
+    /// connection's pulls are told to `notices`. Deliveries of a caller without a connection
+    /// are settled by [`Engine::receipt`].
+    ///
+    /// Each concurrent get uses a pull consumer of its own, so a long poll never holds up
+    /// another request. If the returned future is dropped midway (the client went away), what
+    /// it had collected goes back to the queue.
+    pub async fn get(
+        &self,
+        caller: &Caller,
+        queue: &str,
+        count: u32,
+        visibility_ms: u64,
+        wait: Duration,
+        notices: Option<Subscriber>,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        if count == 0 {
+            return Err(BrokerError::InvalidArgument("get needs a count of at least 1".into()));
+        }
+        let queue = self.queues.get(queue)?;
+        let (puller, _turn) = self.puller(caller, &queue, notices)?;
+        let consumer_id = puller.consumer_id;
+        queue
+            .with_state(|s, _, _| s.grant(consumer_id, count, visibility_ms))?
+            .map_err(|e| BrokerError::Internal(format!("pull consumer {consumer_id} vanished: {e}")))?;
+        let mut guard = Abandoned { puller: puller.clone(), armed: true };
+        if !wait.is_zero() {
+            let deadline = tokio::time::sleep(wait);
+            tokio::pin!(deadline);
+            while puller.inbox.is_empty() {
+                tokio::select! {
+                    _ = puller.inbox.arrived.notified() => {}
+                    _ = &mut deadline => break,
+                }
+            }
+        }
+        guard.armed = false;
+        queue.with_state(|s, _, _| {
+            s.revoke(consumer_id);
+            puller.inbox.take()
+        })
+    }
+
+    /// A free pull consumer of the caller on `queue`, with its turn taken. A connection has
+    /// one per queue, and one get at a time on it; callers without a connection (each HTTP
+    /// request) get a new one when every one is busy. Consumers of a deleted queue are
+    /// dropped.
+    fn puller(
+        &self,
+        caller: &Caller,
+        queue: &Arc<Queue>,
+        notices: Option<Subscriber>,
+    ) -> Result<(Arc<Puller>, tokio::sync::OwnedMutexGuard<()>), BrokerError> {
+        let mut pullers = self.pullers.lock();
+        let pool = pullers.entry((caller.connection_id, queue.name().to_owned())).or_default();
+        pool.retain(|p| !p.queue.is_deleted() && Arc::ptr_eq(&p.queue, queue));
+        for puller in pool.iter() {
+            if let Ok(turn) = puller.turn.clone().try_lock_owned() {
+                return Ok((puller.clone(), turn));
+            }
+        }
+        if caller.connection_id != 0 && !pool.is_empty() {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "a get on queue '{}' is already waiting on this connection",
+                queue.name()
+            )));
+        }
+        let consumer_id = self.next_consumer_id();
+        let inbox = Arc::new(PullBox::new(caller.connection_id, notices));
+        let subscriber: Subscriber = inbox.clone();
+        queue.with_state(|s, _, _| s.add_pull_consumer(consumer_id, subscriber))?;
+        self.consumers
+            .insert(consumer_id, Owned { queue: queue.clone(), connection_id: caller.connection_id });
+        let puller = Arc::new(Puller {
+            consumer_id,
+            queue: queue.clone(),
+            inbox,
+            turn: Arc::new(tokio::sync::Mutex::new(())),
+        });
+        let turn = puller.turn.clone().try_lock_owned().expect("a new puller is free");
+        pool.push(puller.clone());
+        Ok((puller, turn))
+    }
+}
+
+/// Undoes a get whose caller went away: stops the grant and puts back what was collected.
+struct Abandoned {
+    puller: Arc<Puller>,
+    armed: bool,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (consumer_id, inbox) = (self.puller.consumer_id, &self.puller.inbox);
+        let _ = self.puller.queue.with_state(|s, j, now| {
+            s.revoke(consumer_id);
+            for delivery in inbox.take() {
+                let _ = s.nack(
+                    consumer_id,
+                    delivery.delivery_tag,
+                    false,
+                    true,
+                    "pull abandoned",
+                    Some(0),
+                    now,
+                    j,
+                );
+            }
+        });
+    }
+}

@@ -1,0 +1,122 @@
+//! Queue management through the engine: declare, delete, purge, describe, alarms, peek and
+//! moves.
+
+use super::{blocking, Caller, Engine, MessageView, QueueInfo};
+use crate::error::BrokerError;
+use crate::mover::{MoveSpec, MoveStatus};
+use crate::queue::{notify_cancelled, QueueSettings};
+
+/// Most messages one peek returns.
+const MAX_PEEK: usize = 10_000;
+
+impl Engine {
+    /// Declares a queue: creates it, or finds an identical one (`created` false). With
+    /// `alarm_depth`, sets its depth alarm too. A durable queue's files are created on a
+    /// blocking thread.
+    pub async fn declare(
+        &self,
+        _caller: &Caller,
+        name: &str,
+        settings: QueueSettings,
+        alarm_depth: Option<u64>,
+    ) -> Result<(QueueInfo, bool), BrokerError> {
+        let registry = self.queues.clone();
+        let owned = name.to_owned();
+        let created = blocking(move || {
+            let declared = registry.declare(&owned, settings)?;
+            if let Some(depth) = alarm_depth {
+                registry.set_alarm(&owned, depth)?;
+            }
+            Ok(declared.created)
+        })
+        .await?;
+        Ok((self.queue_info(&Caller::detached(), name)?, created))
+    }
+
+    /// Deletes a queue, its messages and (durable) files; its consumers are told they were
+    /// cancelled. Returns how many messages it held.
+    pub async fn delete_queue(
+        &self,
+        _caller: &Caller,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u64, BrokerError> {
+        let registry = self.queues.clone();
+        let owned = name.to_owned();
+        let deleted = blocking(move || registry.delete(&owned, if_unused, if_empty)).await?;
+        for (consumer_id, _) in &deleted.consumers {
+            self.consumers.remove(consumer_id);
+        }
+        self.pullers.lock().retain(|(_, queue), _| queue != name);
+        notify_cancelled(deleted.consumers, &format!("queue '{name}' was deleted"));
+        Ok(deleted.messages)
+    }
+
+    /// Drops every ready and delayed message of a queue; returns how many.
+    pub fn purge(&self, _caller: &Caller, name: &str) -> Result<u64, BrokerError> {
+        let queue = self.queues.get(name)?;
+        let purged = queue.with_state(|s, j, _| s.purge(j))? as u64;
+        tracing::info!(queue = %name, purged, "queue purged");
+        Ok(purged)
+    }
+
+    /// One queue's settings, counts and alarm state.
+    pub fn queue_info(&self, _caller: &Caller, name: &str) -> Result<QueueInfo, BrokerError> {
+        let queue = self.queues.get(name)?;
+        Ok(QueueInfo::of(&queue, &self.dead_letter_targets()))
+    }
+
+    /// Every queue, sorted by name.
+    pub fn list_queues(&self, _caller: &Caller) -> Vec<QueueInfo> {
+        let targets = self.dead_letter_targets();
+        self.queues.list().iter().map(|q| QueueInfo::of(q, &targets)).collect()
+    }
+
+    /// Sets a queue's depth alarm threshold (0 = none); durable queues keep it on disk, which
+    /// is written on a blocking thread.
+    pub async fn set_alarm(
+        &self,
+        _caller: &Caller,
+        name: &str,
+        depth: u64,
+    ) -> Result<QueueInfo, BrokerError> {
+        let registry = self.queues.clone();
+        let owned = name.to_owned();
+        blocking(move || registry.set_alarm(&owned, depth)).await?;
+        self.queue_info(&Caller::detached(), name)
+    }
+
+    /// The first `count` ready messages of a queue (at most 10,000), unchanged.
+    pub fn peek(&self, _caller: &Caller, name: &str, count: usize) -> Result<Vec<MessageView>, BrokerError> {
+        let queue = self.queues.get(name)?;
+        let count = count.min(MAX_PEEK);
+        let found = queue.with_state(|s, j, _| s.peek(count, j))?;
+        Ok(found.iter().map(|(message, payload)| MessageView::of(message, payload)).collect())
+    }
+
+    /// Starts moving messages out of a queue (redrive); returns the move's first status.
+    pub fn start_move(&self, _caller: &Caller, spec: MoveSpec) -> Result<MoveStatus, BrokerError> {
+        self.moves.start(&self.queues, &self.events, spec)
+    }
+
+    /// Every remembered move, oldest first.
+    pub fn list_moves(&self, _caller: &Caller) -> Vec<MoveStatus> {
+        self.moves.list(&self.queues)
+    }
+
+    /// Asks a running move to stop.
+    pub fn cancel_move(&self, _caller: &Caller, id: u64) -> Result<MoveStatus, BrokerError> {
+        self.moves.cancel(id, &self.queues)
+    }
+
+    /// The queues some queue dead-letters into.
+    fn dead_letter_targets(&self) -> Vec<String> {
+        self.queues
+            .list()
+            .iter()
+            .map(|q| q.settings().dead_letter.clone())
+            .filter(|d| !d.is_empty())
+            .collect()
+    }
+}
