@@ -60,7 +60,12 @@ impl Broker {
         let store = Store::open(&config.data_dir).map_err(data_dir_error)?;
         let audit = Audit::open(&config.data_dir.join("audit"), AUDIT_FILE_BYTES).map_err(data_dir_error)?;
         let runtime = tokio::runtime::Handle::current();
-        let queues = Registry::recover(store, config.storage(), audit, runtime).map_err(data_dir_error)?;
+        // Recovery reads every durable queue's files: a blocking thread's work.
+        let storage = config.storage();
+        let queues = tokio::task::spawn_blocking(move || Registry::recover(store, storage, audit, runtime))
+            .await
+            .map_err(|e| data_dir_error(std::io::Error::other(e)))?
+            .map_err(data_dir_error)?;
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen.clone(), source })?;

@@ -1,7 +1,7 @@
 //! One client connection: the handshake, the read loop, heartbeats, and the translation of
 //! wire requests into engine calls. Wire types stop here; the engine sees domain values only.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::codec::FramedRead;
 use tracing::Instrument;
 
-use crate::engine::{Caller, Engine};
+use crate::engine::{Caller, Engine, PublishTarget};
 use crate::error::BrokerError;
 use crate::events::BrokerEvent;
 use crate::outbox::Outbox;
@@ -116,6 +116,25 @@ enum Flow {
     Close,
 }
 
+/// What became of a frame: handled, or a request to await.
+enum Handled {
+    Done(Flow),
+    Slow(u64, Body),
+}
+
+/// Requests that wait on blocking work or a long poll; the others are answered at once, with
+/// no future built per request on the hot path.
+fn is_slow(body: &Body) -> bool {
+    matches!(
+        body,
+        Body::Get(_)
+            | Body::QueueDeclare(_)
+            | Body::QueueDelete(_)
+            | Body::AuditQuery(_)
+            | Body::QueueSetAlarm(_)
+    )
+}
+
 struct Session {
     engine: Arc<Engine>,
     caller: Caller,
@@ -123,6 +142,8 @@ struct Session {
     negotiated: Option<Negotiated>,
     /// This connection's push consumers.
     consumers: HashSet<u64>,
+    /// Queues this connection published to, so a publish skips the lookup.
+    publish_cache: HashMap<String, PublishTarget>,
     /// This connection has published: flow control applies to it.
     publisher: bool,
     /// Broker events this connection subscribed to.
@@ -137,6 +158,7 @@ impl Session {
             outbox,
             negotiated: None,
             consumers: HashSet::new(),
+            publish_cache: HashMap::new(),
             publisher: false,
             events: None,
         }
@@ -218,8 +240,10 @@ impl Session {
                         }
                     };
                     let was_negotiated = self.negotiated.is_some();
-                    if self.handle(inbound, frames.decoder_mut()).await == Flow::Close {
-                        return;
+                    match self.handle(inbound, frames.decoder_mut()) {
+                        Handled::Done(Flow::Continue) => {}
+                        Handled::Done(Flow::Close) => return,
+                        Handled::Slow(request_id, body) => self.slow_request(request_id, body).await,
                     }
                     if !was_negotiated {
                         if let Some(interval) = self.negotiated.and_then(|n| n.heartbeat) {
@@ -245,8 +269,9 @@ impl Session {
         }
     }
 
-    /// Handles one unit read off the wire.
-    async fn handle(&mut self, inbound: Inbound, codec: &mut FrameCodec) -> Flow {
+    /// Handles one unit read off the wire; a request that waits on blocking work or a long
+    /// poll is handed back to be awaited.
+    fn handle(&mut self, inbound: Inbound, codec: &mut FrameCodec) -> Handled {
         let handshaken = self.negotiated.is_some();
         let frame = match inbound {
             Inbound::Frame(frame) => frame,
@@ -258,17 +283,17 @@ impl Session {
                     format!("frame of {len} bytes exceeds the {max} max frame size; it was skipped"),
                 ));
                 // Before the handshake the peer may not speak this protocol at all.
-                return if handshaken { Flow::Continue } else { Flow::Close };
+                return Handled::Done(if handshaken { Flow::Continue } else { Flow::Close });
             }
             Inbound::Malformed(err) => {
                 tracing::info!(error = %err, "malformed frame");
                 let message = format!("malformed frame: {err}");
                 if !handshaken {
                     self.outbox.push(&close_frame(ErrorCode::ProtocolViolation, &message));
-                    return Flow::Close;
+                    return Handled::Done(Flow::Close);
                 }
                 self.outbox.push(&Frame::error(0, ErrorCode::ProtocolViolation, message));
-                return Flow::Continue;
+                return Handled::Done(Flow::Continue);
             }
         };
         let request_id = frame.request_id;
@@ -277,15 +302,15 @@ impl Session {
                 request_id,
                 BrokerError::ProtocolViolation("frame has no known command (unknown message type)".into()),
             );
-            return Flow::Continue;
+            return Handled::Done(Flow::Continue);
         };
         match body {
-            Body::Hello(hello) => return self.hello(request_id, hello, codec),
+            Body::Hello(hello) => return Handled::Done(self.hello(request_id, hello, codec)),
             Body::Close(close) => {
                 tracing::info!(reason = %close.reason, "peer closed the session");
-                return Flow::Close;
+                return Handled::Done(Flow::Close);
             }
-            Body::Heartbeat(_) => return Flow::Continue,
+            Body::Heartbeat(_) => return Handled::Done(Flow::Continue),
             _ if !handshaken => {
                 self.reply_error(
                     request_id,
@@ -293,15 +318,40 @@ impl Session {
                         "handshake required: the first frame must be Hello".into(),
                     ),
                 );
-                return Flow::Continue;
+                return Handled::Done(Flow::Continue);
             }
-            body => match self.request(request_id, body).await {
-                Ok(Some(response)) => self.outbox.push(&Frame::new(request_id, response)),
-                Ok(None) => {}
-                Err(err) => self.reply_error(request_id, err),
-            },
+            body if is_slow(&body) => return Handled::Slow(request_id, body),
+            body => {
+                let result = self.request(request_id, body);
+                self.answer(request_id, result);
+            }
         }
-        Flow::Continue
+        Handled::Done(Flow::Continue)
+    }
+
+    /// Runs a request that waits (blocking file work, a long poll) and answers it.
+    async fn slow_request(&mut self, request_id: u64, body: Body) {
+        let result = match body {
+            Body::Get(get) => self.get(request_id, get).await,
+            Body::QueueDeclare(declare) => self.declare(declare).await.map(Some),
+            Body::QueueDelete(delete) => self.delete(delete).await.map(Some),
+            Body::AuditQuery(query) => self.audit(query).await.map(Some),
+            Body::QueueSetAlarm(alarm) => self
+                .engine
+                .set_alarm(&self.caller, &alarm.name, alarm.depth)
+                .await
+                .map(|info| Some(Body::QueueInfo(wire::queue_info(info)))),
+            other => self.request(request_id, other),
+        };
+        self.answer(request_id, result);
+    }
+
+    fn answer(&self, request_id: u64, result: Result<Option<Body>, BrokerError>) {
+        match result {
+            Ok(Some(response)) => self.outbox.push(&Frame::new(request_id, response)),
+            Ok(None) => {}
+            Err(err) => self.reply_error(request_id, err),
+        }
     }
 
     fn reply_error(&self, request_id: u64, err: BrokerError) {
@@ -357,7 +407,7 @@ impl Session {
 
     /// Runs one request after the handshake. `Ok(None)` means no success response is due
     /// (settlements) or it was already queued.
-    async fn request(&mut self, request_id: u64, body: Body) -> Result<Option<Body>, BrokerError> {
+    fn request(&mut self, request_id: u64, body: Body) -> Result<Option<Body>, BrokerError> {
         match body {
             Body::Publish(publish) => self.publish(request_id, publish).map(|()| None),
             Body::Ack(ack) => self.ack(request_id, ack).map(|()| None),
@@ -365,10 +415,7 @@ impl Session {
             Body::Reject(reject) => self.reject(request_id, reject).map(|()| None),
             Body::Extend(extend) => self.extend(extend).map(Some),
             Body::Consume(consume) => self.consume(request_id, consume).map(|()| None),
-            Body::Get(get) => self.get(request_id, get).await,
             Body::Cancel(cancel) => self.cancel(cancel.consumer_id).map(Some),
-            Body::QueueDeclare(declare) => self.declare(declare).await.map(Some),
-            Body::QueueDelete(delete) => self.delete(delete).await.map(Some),
             Body::QueuePurge(purge) => {
                 let message_count = self.engine.purge(&self.caller, &purge.name)?;
                 Ok(Some(Body::QueuePurgeOk(pb::QueuePurgeOk { message_count })))
@@ -382,7 +429,6 @@ impl Session {
                     self.engine.list_queues(&self.caller).into_iter().map(wire::queue_info).collect();
                 Ok(Some(Body::QueueListOk(pb::QueueListOk { queues })))
             }
-            Body::AuditQuery(query) => self.audit(query).await.map(Some),
             Body::BrokerStatus(_) => Ok(Some(Body::BrokerStatusOk(wire::status(self.engine.status())))),
             Body::MoveStart(start) => {
                 let status = self.engine.start_move(&self.caller, wire::move_spec(start)?)?;
@@ -406,10 +452,6 @@ impl Session {
             Body::Subscribe(_) => {
                 self.events.get_or_insert_with(|| self.engine.subscribe_events());
                 Ok(Some(Body::SubscribeOk(pb::SubscribeOk {})))
-            }
-            Body::QueueSetAlarm(alarm) => {
-                let info = self.engine.set_alarm(&self.caller, &alarm.name, alarm.depth).await?;
-                Ok(Some(Body::QueueInfo(wire::queue_info(info))))
             }
             other => Err(BrokerError::ProtocolViolation(format!(
                 "{} is sent by the broker, not to it",

@@ -78,21 +78,18 @@ impl Message {
 impl Delivery {
     /// The JSON form of this delivery: its message's, with its `delivery_tag`.
     pub fn to_json(&self) -> MessageJson {
-        MessageJson {
+        let message = Message {
             message_id: self.message_id,
-            queue: self.queue().to_owned(),
-            body: String::from_utf8_lossy(&self.body).into_owned(),
-            headers: self.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            body: self.body.clone(),
+            headers: self.headers.clone(),
             content_type: self.content_type.clone(),
             published_at_ms: self.published_at_ms,
             delivery_count: self.delivery_count,
             redelivered: self.redelivered,
+            deaths: self.deaths.clone(),
             replay_count: self.replay_count,
-            death: self.deaths.last().map(Death::to_json),
-            deaths: self.deaths.iter().map(Death::to_json).collect(),
-            delivery_tag: Some(self.delivery_tag),
-            receipt: None,
-        }
+        };
+        MessageJson { delivery_tag: Some(self.delivery_tag), ..message.to_json(self.queue()) }
     }
 }
 

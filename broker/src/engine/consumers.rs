@@ -71,17 +71,46 @@ pub struct NackOptions {
     pub delay_ms: Option<u64>,
 }
 
+/// A queue looked up once for many publishes: a connection keeps the queues it publishes to.
+#[derive(Clone)]
+pub struct PublishTarget {
+    queue: Arc<Queue>,
+}
+
+impl PublishTarget {
+    /// True once the queue was deleted: look it up again (a new queue may have its name).
+    pub fn is_stale(&self) -> bool {
+        self.queue.is_deleted()
+    }
+}
+
 impl Engine {
+    /// Looks up a queue to publish to.
+    pub fn publish_target(&self, _caller: &Caller, queue: &str) -> Result<PublishTarget, BrokerError> {
+        Ok(PublishTarget { queue: self.queues.get(queue)? })
+    }
+
     /// Publishes a message to a queue; `confirm` hears when the queue holds it (on disk, for a
     /// durable queue). Returns the message's id.
     pub fn publish(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         queue: &str,
         message: NewMessage,
         confirm: Confirm,
     ) -> Result<u64, BrokerError> {
-        let queue = self.queues.get(queue)?;
+        self.publish_to(caller, &self.publish_target(caller, queue)?, message, confirm)
+    }
+
+    /// Like [`Engine::publish`], to a queue looked up before.
+    pub fn publish_to(
+        &self,
+        _caller: &Caller,
+        target: &PublishTarget,
+        message: NewMessage,
+        confirm: Confirm,
+    ) -> Result<u64, BrokerError> {
+        let queue = &target.queue;
         let id = self.next_message_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let payload = Arc::new(Payload {
             id,

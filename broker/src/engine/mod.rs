@@ -29,7 +29,7 @@ use crate::flow::Flow;
 use crate::mover::Moves;
 use crate::queue::{Queue, Registry};
 
-pub use consumers::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage};
+pub use consumers::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage, PublishTarget};
 pub use pull::PullBox;
 pub use view::{Delivery, MessageView, QueueInfo, Status};
 
