@@ -94,18 +94,7 @@ impl Outbox {
         self.inner.lock().closed
     }
 
-    /// Resolves once the outbox is closed.
-    pub async fn closed(&self) {
-        loop {
-            let drained = self.drained.notified();
-            tokio::pin!(drained);
-            drained.as_mut().enable();
-            if self.is_closed() {
-                return;
-            }
-            drained.await;
-        }
-    }
+
 
     /// True when the buffer is below the high-water mark.
     pub fn has_room(&self) -> bool {
@@ -150,13 +139,13 @@ impl Outbox {
 
     /// Sends buffered bytes until the outbox is closed and empty, or the socket fails, or a
     /// write makes no progress for `write_timeout` (the peer stopped reading); the outbox is
-    /// closed then. `on_drained` is called after each write while some queue was holding
-    /// deliveries back.
+    /// closed then. `wake` is called after each write while some queue was holding deliveries
+    /// back, and when the writer gives up.
     pub async fn run_writer<W: AsyncWrite + Unpin>(
         &self,
         mut socket: W,
         write_timeout: Duration,
-        on_drained: impl Fn(),
+        wake: impl Fn(),
     ) -> std::io::Result<()> {
         let mut spare = BytesMut::with_capacity(64 * 1024);
         loop {
@@ -177,13 +166,14 @@ impl Outbox {
             };
             if let Err(err) = write_with_deadline(&mut socket, &chunk, write_timeout).await {
                 self.close();
+                wake();
                 return Err(err);
             }
             chunk.clear();
             spare = chunk;
             self.drained.notify_waiters();
             if self.stalled.load(Ordering::Acquire) {
-                on_drained();
+                wake();
             }
         }
         socket.flush().await?;

@@ -119,7 +119,7 @@ enum Flow {
 /// What became of a frame: handled, or a request to await.
 enum Handled {
     Done(Flow),
-    Slow(u64, Body),
+    Slow(u64, Box<Body>),
 }
 
 /// Requests that wait on blocking work or a long poll; the others are answered at once, with
@@ -196,10 +196,6 @@ impl Session {
                     self.outbox.push(&close_frame(ErrorCode::Unspecified, "broker is shutting down"));
                     return;
                 }
-                _ = self.outbox.closed() => {
-                    tracing::info!("the peer stopped reading or the connection broke; closing");
-                    return;
-                }
                 _ = flow_changes.changed() => {}
                 event = next_event(&mut self.events) => {
                     if let Some(event) = event {
@@ -214,6 +210,11 @@ impl Session {
                     }
                 }
                 _ = resume.notified() => {
+                    // The writer wakes us when it drained the outbox, or when it gave up.
+                    if self.outbox.is_closed() {
+                        tracing::info!("the peer stopped reading or the connection broke; closing");
+                        return;
+                    }
                     if self.outbox.take_stalled() {
                         self.engine.redispatch(self.consumers.iter().copied());
                     }
@@ -243,7 +244,7 @@ impl Session {
                     match self.handle(inbound, frames.decoder_mut()) {
                         Handled::Done(Flow::Continue) => {}
                         Handled::Done(Flow::Close) => return,
-                        Handled::Slow(request_id, body) => self.slow_request(request_id, body).await,
+                        Handled::Slow(request_id, body) => self.slow_request(request_id, *body).await,
                     }
                     if !was_negotiated {
                         if let Some(interval) = self.negotiated.and_then(|n| n.heartbeat) {
@@ -320,7 +321,7 @@ impl Session {
                 );
                 return Handled::Done(Flow::Continue);
             }
-            body if is_slow(&body) => return Handled::Slow(request_id, body),
+            body if is_slow(&body) => return Handled::Slow(request_id, Box::new(body)),
             body => {
                 let result = self.request(request_id, body);
                 self.answer(request_id, result);

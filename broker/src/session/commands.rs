@@ -7,7 +7,7 @@ use std::time::Duration;
 use hopper_proto::{pb, Body, Frame};
 
 use super::Session;
-use crate::engine::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage, PublishTarget};
+use crate::engine::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage};
 use crate::error::BrokerError;
 use crate::queue::{Confirm, Replies, Subscriber};
 use crate::wire;
@@ -35,18 +35,13 @@ impl Session {
             ttl_ms: publish.ttl_ms,
         };
         let confirm = Confirm::reply(self.replies(), request_id);
-        let target = self.publish_target(&publish.queue)?;
-        self.engine.publish_to(&self.caller, &target, message, confirm).map(|_| ())
-    }
-
-    /// The queue to publish to, from this connection's cache unless it was deleted since.
-    fn publish_target(&mut self, name: &str) -> Result<PublishTarget, BrokerError> {
-        if let Some(target) = self.publish_cache.get(name).filter(|t| !t.is_stale()) {
-            return Ok(target.clone());
+        // The connection keeps the queues it publishes to, unless one was deleted since.
+        if self.publish_cache.get(&publish.queue).is_none_or(|t| t.is_stale()) {
+            let target = self.engine.publish_target(&self.caller, &publish.queue)?;
+            self.publish_cache.insert(publish.queue.clone(), target);
         }
-        let target = self.engine.publish_target(&self.caller, name)?;
-        self.publish_cache.insert(name.to_owned(), target.clone());
-        Ok(target)
+        let target = &self.publish_cache[&publish.queue];
+        self.engine.publish_to(&self.caller, target, message, confirm).map(|_| ())
     }
 
     pub(super) fn consume(&mut self, request_id: u64, consume: pb::Consume) -> Result<(), BrokerError> {
