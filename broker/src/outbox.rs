@@ -94,8 +94,6 @@ impl Outbox {
         self.inner.lock().closed
     }
 
-
-
     /// True when the buffer is below the high-water mark.
     pub fn has_room(&self) -> bool {
         self.inner.lock().buf.len() < Self::HIGH_WATER

@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use hopper_client::{ConsumeOptions, Delivery, QueueOptions};
+use hopper_client::{Connection, ConsumeOptions, Delivery, QueueOptions};
 use hopper_tests::{
     connect, eventually, next_deliveries, publish_all, queue_dir, read_segment, segment_files,
-    stats_eventually, Broker, RecordKind, DEADLINE,
+    stats_eventually, within, Broker, RecordKind, DEADLINE,
 };
 
 fn durable() -> QueueOptions {
@@ -265,4 +265,26 @@ async fn a_dead_message_whose_body_cannot_be_read_waits_and_is_then_dead_lettere
     broker.restart();
     let conn = connect(&broker).await;
     assert_eq!(conn.queue_stats("jobs").await.unwrap().ready, 5);
+}
+
+#[tokio::test]
+async fn out_of_descriptors_new_connections_wait_and_are_served_once_there_are_some() {
+    let broker = Broker::start();
+    let pid = broker.pid();
+    let (soft, _) = open_file_limits(pid);
+    assert!(broker.stderr().contains("open file limit"), "the limits are logged at start");
+    set_soft_open_file_limit(pid, &lowest_free_descriptor(pid).to_string());
+
+    // The kernel completes the TCP handshake; the broker cannot accept it yet.
+    let waiting = tokio::spawn(Connection::connect(broker.addr()));
+    eventually("the failed accept is logged", DEADLINE, || async {
+        lines_with(&broker, "accept failed") == 1
+    })
+    .await;
+    set_soft_open_file_limit(pid, &soft);
+    let conn =
+        within("the waiting connection", waiting).await.unwrap().expect("served once descriptors are free");
+    conn.declare_queue("after", QueueOptions::default()).await.unwrap();
+    assert_eq!(lines_with(&broker, "accept failed"), 1, "one line per run of failures, not one per retry");
+    assert_eq!(lines_with(&broker, "accepting connections again"), 1);
 }
