@@ -39,16 +39,19 @@ pub enum DeathReason {
     /// Its stored body failed its checksum or was cut short: the body is gone, the death
     /// record says where it was.
     Corrupt,
+    /// A delivery of it would be larger than its consumer's max frame size.
+    TooLarge,
 }
 
 impl DeathReason {
     /// Every reason.
-    pub const ALL: [DeathReason; 5] = [
+    pub const ALL: [DeathReason; 6] = [
         DeathReason::Rejected,
         DeathReason::DeliveryLimit,
         DeathReason::Expired,
         DeathReason::MaxLen,
         DeathReason::Corrupt,
+        DeathReason::TooLarge,
     ];
 
     /// The reason as shown on the wire, in the CLI and the audit log.
@@ -59,6 +62,7 @@ impl DeathReason {
             DeathReason::Expired => "expired",
             DeathReason::MaxLen => "maxlen",
             DeathReason::Corrupt => "corrupt",
+            DeathReason::TooLarge => "too_large",
         }
     }
 
@@ -110,7 +114,7 @@ pub struct QueuedMessage {
     pub seq: u64,
     /// Deliveries so far.
     pub delivery_count: u32,
-    /// Body size in bytes (known even when the body is only on disk).
+    /// Its size as [`Payload::size`] counts it (known even when the body is only on disk).
     pub size: u32,
     /// Recovered after a crash, which may have hidden a delivery: the next delivery is flagged
     /// redelivered, as AMQP's "may have been delivered before".
@@ -133,13 +137,31 @@ pub(crate) struct Extra {
     failure: Option<Failure>,
 }
 
+impl Payload {
+    /// Bytes of the message that a client sent or a death added: body, header keys and values,
+    /// content type, and the text of its deaths. What `max_bytes`, `waiting_bytes` and the
+    /// memory watermark count, so large headers cannot slip past them.
+    pub fn size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let deaths: usize = self.deaths.iter().map(|d| d.queue.len() + d.error.len() + DEATH_FIXED_BYTES).sum();
+        self.body.len() + headers + self.content_type.len() + deaths
+    }
+}
+
+/// Bytes counted for a death besides its texts: its reason, counters and times.
+const DEATH_FIXED_BYTES: usize = 48;
+
+/// Memory one queued message takes besides its payload: its index entry. Counted against the
+/// memory watermark.
+pub const INDEX_ENTRY_BYTES: u64 = std::mem::size_of::<QueuedMessage>() as u64;
+
 impl QueuedMessage {
     /// A new message held in memory only.
     pub fn transient(seq: u64, payload: Arc<Payload>) -> Self {
         QueuedMessage {
             seq,
             delivery_count: 0,
-            size: payload.body.len() as u32,
+            size: u32::try_from(payload.size()).unwrap_or(u32::MAX),
             maybe_delivered: false,
             payload: Some(payload),
             location: None,

@@ -2,7 +2,6 @@
 //! of a dead-letter queue back to where they died), rate-limited, filtered, cancellable, and
 //! crash-safe: a message leaves its source only once its destination holds it.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -13,7 +12,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::error::BrokerError;
 use crate::events::{BrokerEvent, Events};
 use crate::message::{Payload, QueuedMessage};
-use crate::queue::{now_ms, Confirm, Queue, Registry};
+use crate::queue::{now_ms, Confirm, Queue, Registry, Scan};
 
 /// Messages of one move in flight at once (published to the destination, not yet confirmed).
 const IN_FLIGHT: u32 = 256;
@@ -153,7 +152,10 @@ impl Moves {
                 format!("to '{}'", status.spec.destination)
             },
         });
-        tokio::spawn(run(task, Arc::downgrade(registry), source, events.clone()));
+        // Only what the source holds now is moved: messages that come in later (some may be
+        // pushed in by this very move) are left alone, so a move always ends.
+        let bound = source.with_state(|s, _, _| s.next_seq())?;
+        tokio::spawn(run(task, Arc::downgrade(registry), source, bound, events.clone()));
         Ok(status)
     }
 
@@ -213,12 +215,42 @@ fn matches(payload: &Payload, filter: &Option<(String, String)>) -> bool {
     }
 }
 
-async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>, events: Arc<Events>) {
+/// What the next look into the source found.
+enum Next {
+    Message(QueuedMessage),
+    Done,
+    Unreadable(crate::storage::ReadError),
+    Gone(BrokerError),
+}
+
+/// The next message to move at or after `from_seq` and before `bound`; `from_seq` moves past
+/// everything looked at, so the source is scanned once however little the filter matches.
+async fn next_message(source: &Queue, from_seq: &mut u64, bound: u64, filter: &Option<(String, String)>) -> Next {
+    loop {
+        let scan = source.with_state(|s, j, _| s.take_first(*from_seq, bound, |_, p| matches(p, filter), j));
+        match scan {
+            Ok(Ok(Scan::Taken(message))) => {
+                *from_seq = message.seq + 1;
+                return Next::Message(message);
+            }
+            Ok(Ok(Scan::Passed { next_seq })) => {
+                *from_seq = next_seq;
+                // Let other work in between batches of a long scan.
+                tokio::task::yield_now().await;
+            }
+            Ok(Ok(Scan::Done)) => return Next::Done,
+            Ok(Err(unreadable)) => return Next::Unreadable(unreadable),
+            Err(err) => return Next::Gone(err),
+        }
+    }
+}
+
+async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>, bound: u64, events: Arc<Events>) {
     let spec = task.status.lock().spec.clone();
     let window = Arc::new(Semaphore::new(IN_FLIGHT as usize));
     let interval = (spec.rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(spec.rate)));
     let mut next_at = tokio::time::Instant::now();
-    let mut skipped: HashSet<u64> = HashSet::new();
+    let mut from_seq = 0;
     let failure: Arc<Mutex<Option<String>>> = Arc::default();
     let mut started = 0u64;
     let outcome = loop {
@@ -241,13 +273,10 @@ async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>, even
         let Ok(permit) = window.clone().acquire_owned().await else {
             break (MoveState::Failed, "closed".into());
         };
-        let taken = source.with_state(|s, j, _| {
-            s.take_first(|m, p| !skipped.contains(&m.seq) && matches(p, &spec.filter), j)
-        });
-        let message = match taken {
-            Ok(Ok(Some(message))) => message,
-            Ok(Ok(None)) => break (MoveState::Finished, String::new()),
-            Ok(Err(unreadable)) => {
+        let message = match next_message(&source, &mut from_seq, bound, &spec.filter).await {
+            Next::Message(message) => message,
+            Next::Done => break (MoveState::Finished, String::new()),
+            Next::Unreadable(unreadable) => {
                 // A body that cannot be read now: wait and try again, never skip it.
                 drop(permit);
                 tracing::debug!(queue = %source.name(), error = %unreadable, "move waits: a message body cannot be read now");
@@ -257,7 +286,7 @@ async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>, even
                 }
                 continue;
             }
-            Err(err) => break (MoveState::Failed, err.to_string()),
+            Next::Gone(err) => break (MoveState::Failed, err.to_string()),
         };
         let payload = message.payload.clone().expect("taken messages carry their payload");
         let destination_name = if spec.destination.is_empty() {
@@ -268,7 +297,6 @@ async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>, even
         // A message whose last death was in the source itself has nowhere to go back to.
         let destination = registry.upgrade().and_then(|r| r.get(&destination_name).ok());
         let Some(destination) = destination.filter(|d| d.name() != source.name()) else {
-            skipped.insert(message.seq);
             task.status.lock().skipped += 1;
             let _ = source.with_state(|s, _, _| s.give_back(message));
             continue;

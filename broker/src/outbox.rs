@@ -57,6 +57,11 @@ impl Outbox {
         }
     }
 
+    /// The largest frame this connection takes.
+    pub fn max_frame_size(&self) -> u32 {
+        self.inner.lock().max_frame_size
+    }
+
     /// Changes the max frame size (after the handshake).
     pub fn set_max_frame_size(&self, max_frame_size: u32) {
         self.inner.lock().max_frame_size = max_frame_size;
@@ -79,6 +84,24 @@ impl Outbox {
         if was_empty {
             self.wake_writer.notify_one();
         }
+    }
+
+    /// Queues a frame if it fits the max frame size; otherwise leaves the outbox as it was and
+    /// returns the frame's size and the limit.
+    pub fn push_if_fits(&self, frame: &Frame) -> Result<(), (usize, usize)> {
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return Ok(());
+        }
+        let was_empty = inner.buf.is_empty();
+        let max = inner.max_frame_size;
+        if let Err(hopper_proto::ProtoError::FrameTooLarge { len, max }) = encode_frame(frame, max, &mut inner.buf) {
+            return Err((len, max as usize));
+        }
+        if was_empty {
+            self.wake_writer.notify_one();
+        }
+        Ok(())
     }
 
     /// Marks the outbox closed: nothing more is queued, and the writer stops once it has sent

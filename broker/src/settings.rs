@@ -3,6 +3,26 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::BrokerError;
+
+/// Longest duration any request may name (TTL, delay, ack timeout, visibility, extension,
+/// retry backoff): 2^32 − 1 ms, about 49.7 days, as RabbitMQ's limit on message TTLs. Longer
+/// ones are refused with INVALID_ARGUMENT rather than silently shortened.
+pub const MAX_DURATION_MS: u64 = u32::MAX as u64;
+
+/// Most retry backoff steps a queue may name.
+pub const MAX_BACKOFF_STEPS: usize = 64;
+
+/// Refuses a duration above [`MAX_DURATION_MS`], naming the field and the limit.
+pub fn check_duration(what: &str, ms: u64) -> Result<u64, BrokerError> {
+    if ms > MAX_DURATION_MS {
+        return Err(BrokerError::InvalidArgument(format!(
+            "{what} must be at most {MAX_DURATION_MS} ms (about 49.7 days), got {ms}"
+        )));
+    }
+    Ok(ms)
+}
+
 /// Properties fixed when a queue is declared. Zero / empty means "not set".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -28,6 +48,22 @@ pub struct QueueSettings {
 }
 
 impl QueueSettings {
+    /// Refuses settings outside the documented limits.
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        check_duration("message_ttl_ms", self.message_ttl_ms)?;
+        check_duration("ack_timeout_ms", self.ack_timeout_ms)?;
+        if self.retry_backoff_ms.len() > MAX_BACKOFF_STEPS {
+            return Err(BrokerError::InvalidArgument(format!(
+                "retry_backoff_ms takes at most {MAX_BACKOFF_STEPS} delays, got {}",
+                self.retry_backoff_ms.len()
+            )));
+        }
+        for &delay in &self.retry_backoff_ms {
+            check_duration("each retry_backoff_ms delay", delay)?;
+        }
+        Ok(())
+    }
+
     /// The failure rules these settings describe.
     pub fn policy(&self) -> Policy {
         Policy {

@@ -26,9 +26,6 @@ pub fn death_to_wire(death: &Death) -> pb::Death {
 
 /// Queue settings from a declare request.
 pub fn settings_from_wire(settings: pb::QueueSettings) -> Result<QueueSettings, BrokerError> {
-    if settings.retry_backoff_ms.len() > 64 {
-        return Err(BrokerError::InvalidArgument("retry_backoff_ms takes at most 64 delays".into()));
-    }
     let overflow = Overflow::parse(&settings.overflow).ok_or_else(|| {
         BrokerError::InvalidArgument(format!(
             "overflow must be reject-publish or drop-head, not '{}'",

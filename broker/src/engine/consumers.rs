@@ -10,6 +10,7 @@ use super::{Caller, Engine, Owned};
 use crate::error::BrokerError;
 use crate::message::Payload;
 use crate::queue::{now_ms, Confirm, Journal, Outcome, Queue, QueueState, SettleError, Subscriber};
+use crate::settings::check_duration;
 
 /// A message to publish.
 #[derive(Debug, Clone, Default)]
@@ -110,6 +111,8 @@ impl Engine {
         message: NewMessage,
         confirm: Confirm,
     ) -> Result<u64, BrokerError> {
+        check_duration("delay_ms", message.delay_ms)?;
+        check_duration("ttl_ms", message.ttl_ms)?;
         let queue = &target.queue;
         let id = self.next_message_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let payload = Arc::new(Payload {
@@ -135,6 +138,7 @@ impl Engine {
         sink: Subscriber,
         announce: impl FnOnce(u64),
     ) -> Result<u64, BrokerError> {
+        check_duration("ack_timeout_ms", options.ack_timeout_ms)?;
         let queue = self.queues.get(queue)?;
         let consumer_id = self.next_consumer_id();
         self.consumers
@@ -211,6 +215,9 @@ impl Engine {
         confirm: Option<Confirm>,
     ) -> Result<(), BrokerError> {
         let NackOptions { multiple, requeue, error, delay_ms } = options;
+        if let Some(delay) = delay_ms {
+            check_duration("delay_ms", delay)?;
+        }
         self.settle(caller, delivery, confirm, |s, j, consumer, tag, now| {
             s.nack(consumer, tag, multiple, requeue, &error, delay_ms, now, j)
         })
@@ -224,6 +231,7 @@ impl Engine {
         delivery: DeliveryRef<'_>,
         extend_ms: u64,
     ) -> Result<(), BrokerError> {
+        check_duration("extend_ms", extend_ms)?;
         let (queue, consumer_id, tag) = self.resolve(caller, delivery)?;
         queue
             .with_state(|s, _, now| s.extend(consumer_id, tag, extend_ms, now))?

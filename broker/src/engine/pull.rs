@@ -12,7 +12,10 @@ use tokio::sync::Notify;
 use super::{Caller, Delivery, Engine, MessageView, Owned};
 use crate::error::BrokerError;
 use crate::message::{Payload, QueuedMessage};
-use crate::queue::{Queue, Sink, Subscriber};
+use crate::queue::{Queue, Refusal, Sink, Subscriber};
+
+/// Most messages one get may ask for.
+pub const MAX_GET_COUNT: u32 = 1000;
 
 /// Deliveries gathered for a pending get.
 pub struct PullBox {
@@ -20,21 +23,38 @@ pub struct PullBox {
     /// Where to tell that a pulled message's visibility passed (the connection, if there is
     /// one; HTTP pulls have none).
     notices: Option<Subscriber>,
-    collected: Mutex<Vec<Delivery>>,
+    collected: Mutex<Collected>,
     arrived: Notify,
+}
+
+/// What a get has gathered, and how much its answer may hold.
+#[derive(Default)]
+struct Collected {
+    deliveries: Vec<Delivery>,
+    /// Estimated bytes of the deliveries on the wire.
+    bytes: usize,
+    /// Most bytes the answer may carry (the caller's frame budget).
+    budget: usize,
 }
 
 impl PullBox {
     fn new(connection_id: u64, notices: Option<Subscriber>) -> Self {
-        PullBox { connection_id, notices, collected: Mutex::new(Vec::new()), arrived: Notify::new() }
+        PullBox { connection_id, notices, collected: Mutex::default(), arrived: Notify::new() }
     }
 
+    /// Takes what was gathered; the next get sets its own budget.
     fn take(&self) -> Vec<Delivery> {
-        std::mem::take(&mut self.collected.lock())
+        let mut collected = self.collected.lock();
+        collected.bytes = 0;
+        std::mem::take(&mut collected.deliveries)
     }
 
     fn is_empty(&self) -> bool {
-        self.collected.lock().is_empty()
+        self.collected.lock().deliveries.is_empty()
+    }
+
+    fn set_budget(&self, budget: usize) {
+        self.collected.lock().budget = budget;
     }
 }
 
@@ -43,10 +63,30 @@ impl Sink for PullBox {
         true
     }
 
-    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload) {
+    /// Gathers a delivery while the answer stays within its budget, so a get never takes
+    /// messages it cannot send back.
+    fn deliver(
+        &self,
+        consumer_id: u64,
+        delivery_tag: u64,
+        message: &QueuedMessage,
+        payload: &Payload,
+    ) -> Result<(), Refusal> {
         let message = MessageView::of(message, payload);
-        self.collected.lock().push(Delivery { consumer_id, delivery_tag, message });
+        let size = message.wire_size();
+        let mut collected = self.collected.lock();
+        if collected.bytes + size > collected.budget {
+            return Err(if collected.deliveries.is_empty() {
+                Refusal::TooLarge { bytes: size, limit: collected.budget }
+            } else {
+                Refusal::Full
+            });
+        }
+        collected.bytes += size;
+        collected.deliveries.push(Delivery { consumer_id, delivery_tag, message });
+        drop(collected);
         self.arrived.notify_one();
+        Ok(())
     }
 
     fn expired(&self, consumer_id: u64, delivery_tag: u64) {
@@ -71,10 +111,11 @@ pub(super) struct Puller {
 }
 
 impl Engine {
-    /// Pulls up to `count` messages from a queue, each invisible to others for
-    /// `visibility_ms`; waits up to `wait` for the first one. Visibility expiries of a
-    /// connection's pulls are told to `notices`. Deliveries of a caller without a connection
-    /// are settled by [`Engine::receipt`].
+    /// Pulls up to `count` messages (at most [`MAX_GET_COUNT`]) from a queue, as many as fit
+    /// in `budget` bytes on the wire, each invisible to others for `visibility_ms`; waits up to
+    /// `wait` for the first one. A message that alone exceeds the budget dies `too_large`.
+    /// Visibility expiries of a connection's pulls are told to `notices`. Deliveries of a
+    /// caller without a connection are settled by [`Engine::receipt`].
     ///
     /// Each concurrent get uses a pull consumer of its own, so a long poll never holds up
     /// another request. If the returned future is dropped midway (the client went away), what
@@ -86,14 +127,19 @@ impl Engine {
         count: u32,
         visibility_ms: u64,
         wait: Duration,
+        budget: usize,
         notices: Option<Subscriber>,
     ) -> Result<Vec<Delivery>, BrokerError> {
-        if count == 0 {
-            return Err(BrokerError::InvalidArgument("get needs a count of at least 1".into()));
+        if count == 0 || count > MAX_GET_COUNT {
+            return Err(BrokerError::InvalidArgument(format!(
+                "get takes a count of 1 to {MAX_GET_COUNT}, got {count}"
+            )));
         }
+        crate::settings::check_duration("visibility_ms", visibility_ms)?;
         let queue = self.queues.get(queue)?;
         let (puller, _turn) = self.puller(caller, &queue, notices)?;
         let consumer_id = puller.consumer_id;
+        puller.inbox.set_budget(budget);
         queue
             .with_state(|s, _, _| s.grant(consumer_id, count, visibility_ms))?
             .map_err(|e| BrokerError::Internal(format!("pull consumer {consumer_id} vanished: {e}")))?;

@@ -59,6 +59,18 @@ impl MessageView {
     }
 }
 
+impl MessageView {
+    /// About how many bytes this message takes in a frame (never less): body, headers, content
+    /// type, deaths, and room for the fixed fields.
+    pub fn wire_size(&self) -> usize {
+        let payload = &self.payload;
+        let headers: usize = payload.headers.iter().map(|(k, v)| k.len() + v.len() + 12).sum();
+        let deaths: usize =
+            payload.deaths.iter().map(|d| d.queue.len() + d.error.len() + d.reason.as_str().len() + 64).sum();
+        payload.body.len() + headers + payload.content_type.len() + deaths + 96
+    }
+}
+
 /// One delivery to a consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {

@@ -67,7 +67,9 @@ const DEFAULT_VISIBILITY_S: f64 = 30.0;
 /// Longest long poll, in seconds.
 const MAX_WAIT_S: f64 = 20.0;
 /// Most messages one pull returns.
-const MAX_PULL: u32 = 1000;
+const MAX_PULL: u32 = crate::engine::MAX_GET_COUNT;
+/// Most message bytes one pull returns.
+const HTTP_PULL_BYTES: usize = 64 * 1024 * 1024;
 
 pub(super) async fn ready(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
     Json(json!({"status": "ready", "publishers_blocked": engine.publishers_blocked().is_some()}))
@@ -273,11 +275,11 @@ pub(super) struct PullQuery {
     wait: Option<f64>,
 }
 
-/// Seconds from a query parameter: a finite, non-negative number, at most `max`.
+/// Seconds from a query parameter: a finite, non-negative number; above `max` it is `max`.
 fn seconds(value: Option<f64>, default: f64, max: f64, what: &str) -> ApiResult<Duration> {
     let value = value.unwrap_or(default);
     if !value.is_finite() || value < 0.0 {
-        return Err(ApiError::bad_request(format!("{what} must be a non-negative number of seconds")));
+        return Err(ApiError::bad_request(format!("{what} must be a finite, non-negative number of seconds")));
     }
     Ok(Duration::from_secs_f64(value.min(max)))
 }
@@ -288,10 +290,11 @@ pub(super) async fn pull(
     Query(query): Query<PullQuery>,
 ) -> ApiResult<Json<Value>> {
     let count = query.count.unwrap_or(1).clamp(1, MAX_PULL);
-    let visibility = seconds(query.visibility, DEFAULT_VISIBILITY_S, 12.0 * 3600.0, "visibility")?;
-    let visibility_ms = (visibility.as_millis() as u64).max(1);
+    // Far beyond the longest duration: the engine refuses it, naming the limit.
+    let visibility = seconds(query.visibility, DEFAULT_VISIBILITY_S, 1e12, "visibility")?;
+    let visibility_ms = u64::try_from(visibility.as_millis()).unwrap_or(u64::MAX).max(1);
     let wait = seconds(query.wait, 0.0, MAX_WAIT_S, "wait")?;
-    let deliveries = engine.get(&CALLER, &name, count, visibility_ms, wait, None).await?;
+    let deliveries = engine.get(&CALLER, &name, count, visibility_ms, wait, HTTP_PULL_BYTES, None).await?;
     let messages: Vec<MessageJson> = deliveries
         .iter()
         .map(|delivery| MessageJson {

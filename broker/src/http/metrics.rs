@@ -11,7 +11,7 @@ use crate::engine::{Caller, Engine, QueueInfo};
 use crate::message::DeathReason;
 use crate::queue::now_ms;
 
-const REASONS: [DeathReason; 5] = DeathReason::ALL;
+const REASONS: [DeathReason; 6] = DeathReason::ALL;
 
 /// Renders every metric.
 pub(super) async fn render(State(engine): State<Arc<Engine>>) -> impl IntoResponse {

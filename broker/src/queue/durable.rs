@@ -19,7 +19,7 @@ use super::{Confirm, Dead, Journal, Live, Outcome, Policy, Queue, QueueState, Su
 use crate::error::BrokerError;
 use crate::message::{DeathReason, Payload, QueuedMessage};
 use crate::storage::log::{encode_message, LiveCount, LogBuffer, SegmentReader, SegmentWriter};
-use crate::storage::{segment, FsyncPolicy, Location, QueueMeta, ReadError, StorageConfig};
+use crate::storage::{record, segment, FsyncPolicy, Location, QueueMeta, ReadError, StorageConfig};
 
 /// Batches smaller than this wait [`COALESCE_FOR`] for more records before being written.
 const COALESCE_BELOW: usize = 16 * 1024;
@@ -61,7 +61,7 @@ pub(super) struct DiskState {
     /// Responses to confirmed settlements, due once the records buffered before them are
     /// durable.
     settle_confirms: Vec<(Confirm, Outcome)>,
-    /// Body bytes of this queue's messages held in memory.
+    /// Bytes of this queue's payloads held in memory ([`Payload::size`]).
     resident_bytes: usize,
     stopping: bool,
 }
@@ -122,7 +122,9 @@ pub(super) fn recover(
         let count = live.entry(found.location.segment()).or_default();
         count.messages += 1;
         count.bytes += u64::from(found.location.bytes());
-        let mut message = QueuedMessage::stored(found.seq, found.delivery_count, found.size, found.location);
+        // Sized by its record, less the fixed fields: the body, headers and deaths it carries.
+        let size = found.location.bytes().saturating_sub(record::FIXED_PUBLISH_BYTES);
+        let mut message = QueuedMessage::stored(found.seq, found.delivery_count, size, found.location);
         message.maybe_delivered = crashed;
         state.restore(message.with_extra(found.expires_at_ms, found.due_ms, found.failure.map(|f| *f)));
     }
@@ -174,6 +176,11 @@ impl DiskState {
     /// Body bytes held in memory.
     pub(super) fn resident_bytes(&self) -> usize {
         self.resident_bytes
+    }
+
+    /// Bytes of records buffered and not yet written.
+    pub(super) fn pending_bytes(&self) -> usize {
+        self.log.pending_len()
     }
 
     /// Records that a stored message left the queue.
@@ -256,7 +263,7 @@ pub(super) struct DiskJournal<'a> {
 impl DiskJournal<'_> {
     fn release(&mut self, message: &QueuedMessage) {
         if let Some(payload) = &message.payload {
-            self.disk.resident_bytes = self.disk.resident_bytes.saturating_sub(payload.body.len());
+            self.disk.resident_bytes = self.disk.resident_bytes.saturating_sub(payload.size());
         }
     }
 }
@@ -276,7 +283,7 @@ impl Journal for DiskJournal<'_> {
     fn requeued(&mut self, message: &mut QueuedMessage) {
         if self.disk.resident_bytes > self.budget {
             if let Some(payload) = message.payload.take() {
-                self.disk.resident_bytes = self.disk.resident_bytes.saturating_sub(payload.body.len());
+                self.disk.resident_bytes = self.disk.resident_bytes.saturating_sub(payload.size());
             }
         }
     }
@@ -292,9 +299,11 @@ impl Journal for DiskJournal<'_> {
     }
 
     fn load(&mut self, message: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
-        let payload = self.reader.load(message)?;
-        self.disk.resident_bytes += payload.body.len();
-        Ok(payload)
+        self.reader.load(message)
+    }
+
+    fn hold(&mut self, payload: &Payload) {
+        self.disk.resident_bytes += payload.size();
     }
 }
 
@@ -505,7 +514,7 @@ fn apply_batch(
                 let location = Location::new(segment, offset + range.start as u64, range.len() as u32);
                 disk.log.add_live(location);
                 let payload = message.payload.take().expect("a published message has its payload");
-                let size = payload.body.len();
+                let size = payload.size();
                 let resident = disk.resident_bytes + size <= durable.config.queue_memory_bytes;
                 if resident {
                     disk.resident_bytes += size;

@@ -22,7 +22,9 @@ use crate::storage::{Location, ReadError};
 pub use crate::settings::{Overflow, Policy, QueueSettings};
 pub use durable::Durable;
 pub use registry::{notify_cancelled, Declared, Deleted, Registry};
-pub use state::{Counters, Journal, QueueFull, QueueState, ReadStall, SettleError, Sink, Snapshot};
+pub use state::{
+    Counters, Journal, QueueFull, QueueState, ReadStall, Refusal, Scan, SettleError, Sink, Snapshot,
+};
 pub use window::Window;
 
 use durable::DiskState;
@@ -140,6 +142,7 @@ impl Journal for MemJournal<'_> {
     fn load(&mut self, _: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
         Err(ReadError::Corrupt("a transient message has no stored copy".into()))
     }
+    fn hold(&mut self, _: &Payload) {}
 }
 
 impl Queue {
@@ -258,7 +261,7 @@ impl Queue {
         confirm: Confirm,
     ) -> Result<(), BrokerError> {
         let now = now_ms();
-        let size = payload.body.len() as u64;
+        let size = payload.size() as u64;
         let id = payload.id;
         let mut deaths = Vec::new();
         let mut guard = self.state.lock();
@@ -271,7 +274,7 @@ impl Queue {
                 live.state.make_room(size, &mut durable.journal(disk, &mut deaths)).map(|()| {
                     let mut message = QueuedMessage::transient(live.state.reserve_seq(), payload);
                     message.set_expires_at_ms(live.state.expiry_for(now, ttl_ms));
-                    message.set_due_ms(if delay_ms > 0 { now + delay_ms } else { 0 });
+                    message.set_due_ms(if delay_ms > 0 { state::deadline(now, delay_ms) } else { 0 });
                     live.state.reserve(size);
                     durable.append_publish(disk, message, confirm);
                     None
@@ -314,12 +317,14 @@ impl Queue {
         confirm.send(Ok(response));
     }
 
-    /// Bytes of message bodies this queue holds in memory (for the memory watermark).
+    /// Bytes of messages this queue holds in memory, for the memory watermark: payloads in
+    /// memory, one index entry per message, and records waiting to be written.
     pub fn memory_bytes(&self) -> u64 {
         let live = self.state.lock();
+        let index = live.state.len() as u64 * crate::message::INDEX_ENTRY_BYTES;
         match &live.disk {
-            Some(disk) => disk.resident_bytes() as u64,
-            None => live.state.held_bytes(),
+            Some(disk) => disk.resident_bytes() as u64 + disk.pending_bytes() as u64 + index,
+            None => live.state.held_bytes() + index,
         }
     }
 

@@ -91,6 +91,7 @@ impl Registry {
     /// Creates a queue, or returns the existing one if its settings match.
     pub fn declare(&self, name: &str, settings: QueueSettings) -> Result<Declared, BrokerError> {
         validate_queue_name(name)?;
+        settings.validate()?;
         if settings.dead_letter == name {
             return Err(BrokerError::InvalidArgument(format!(
                 "queue '{name}' cannot be its own dead-letter queue"

@@ -19,13 +19,22 @@ use crate::storage::ReadError;
 const READ_RETRY_FIRST_MS: u64 = 10;
 /// Longest wait between retries of a failed body read.
 const READ_RETRY_MAX_MS: u64 = 1000;
+/// Stale timer entries tolerated beyond as many as there are live ones, before the timer heaps
+/// are rebuilt from the messages the queue holds.
+const TIMER_SLACK: usize = 1024;
 
 /// Where a consumer's deliveries go.
 pub trait Sink {
     /// False while the consumer's connection cannot take more bytes; dispatch skips it then.
     fn is_writable(&self) -> bool;
-    /// Sends one delivery of `message`, whose payload is `payload`.
-    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload);
+    /// Sends one delivery of `message`, whose payload is `payload`, or says why it cannot.
+    fn deliver(
+        &self,
+        consumer_id: u64,
+        delivery_tag: u64,
+        message: &QueuedMessage,
+        payload: &Payload,
+    ) -> Result<(), Refusal>;
     /// Tells the consumer that a delivery was taken back (its ack deadline passed).
     fn expired(&self, consumer_id: u64, delivery_tag: u64);
     /// The connection the consumer belongs to, for the audit trail.
@@ -34,11 +43,32 @@ pub trait Sink {
     fn cancelled(&self, consumer_id: u64, reason: &str);
 }
 
+/// Why a sink did not take a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// It takes no more now (a pull's answer is as large as it may be); the message keeps its
+    /// place.
+    Full,
+    /// The delivery would be larger than the consumer can ever receive (its max frame size).
+    TooLarge {
+        /// The delivery's size.
+        bytes: usize,
+        /// The most the consumer takes.
+        limit: usize,
+    },
+}
+
 impl<T: Sink + ?Sized> Sink for Arc<T> {
     fn is_writable(&self) -> bool {
         (**self).is_writable()
     }
-    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload) {
+    fn deliver(
+        &self,
+        consumer_id: u64,
+        delivery_tag: u64,
+        message: &QueuedMessage,
+        payload: &Payload,
+    ) -> Result<(), Refusal> {
         (**self).deliver(consumer_id, delivery_tag, message, payload)
     }
     fn expired(&self, consumer_id: u64, delivery_tag: u64) {
@@ -66,8 +96,29 @@ pub trait Journal {
     /// `message` died and leaves the queue; the journal routes it to the dead-letter queue (or
     /// drops it) and settles it here once that is done.
     fn dead(&mut self, message: QueuedMessage, reason: DeathReason);
-    /// Reads the payload of a message that is only on disk.
+    /// Reads the payload of a message that is only on disk. It is not counted as held in
+    /// memory until [`Journal::hold`] says it is kept.
     fn load(&mut self, message: &QueuedMessage) -> Result<Arc<Payload>, ReadError>;
+    /// A payload read with [`Journal::load`] is now kept with its message (delivered, or taken
+    /// to be moved); a peeked one is not.
+    fn hold(&mut self, payload: &Payload);
+}
+
+/// Messages one [`QueueState::take_first`] call looks at, at most.
+pub const SCAN_BATCH: usize = 1024;
+
+/// What [`QueueState::take_first`] found.
+#[derive(Debug)]
+pub enum Scan {
+    /// This message, taken out of the queue.
+    Taken(QueuedMessage),
+    /// Nothing yet; the search goes on from this seq.
+    Passed {
+        /// Where to look next.
+        next_seq: u64,
+    },
+    /// Nothing in the range.
+    Done,
 }
 
 /// The queue is full and refuses new messages.
@@ -216,6 +267,11 @@ impl<S: Sink> QueueState<S> {
         seq
     }
 
+    /// The seq the next message will get: every message in the queue now has a smaller one.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Continues numbering after recovered messages.
     pub fn set_next_seq(&mut self, next_seq: u64) {
         self.next_seq = self.next_seq.max(next_seq);
@@ -224,7 +280,7 @@ impl<S: Sink> QueueState<S> {
     /// The expiry of a message entering the queue now with its own TTL (`ttl_ms`, 0 = none):
     /// the sooner of that and the queue's TTL.
     pub fn expiry_for(&self, now_ms: u64, ttl_ms: u64) -> u64 {
-        [ttl_ms, self.policy.message_ttl_ms].into_iter().filter(|&t| t > 0).min().map_or(0, |t| now_ms + t)
+        [ttl_ms, self.policy.message_ttl_ms].into_iter().filter(|&t| t > 0).min().map_or(0, |t| deadline(now_ms, t))
     }
 
     /// Appends an in-memory message: ready at once, or after `delay_ms`.
@@ -232,7 +288,7 @@ impl<S: Sink> QueueState<S> {
         let seq = self.reserve_seq();
         let mut message = QueuedMessage::transient(seq, payload);
         message.set_expires_at_ms(self.expiry_for(now_ms, ttl_ms));
-        message.set_due_ms(if delay_ms > 0 { now_ms + delay_ms } else { 0 });
+        message.set_due_ms(if delay_ms > 0 { deadline(now_ms, delay_ms) } else { 0 });
         self.admit(message);
     }
 
@@ -312,39 +368,51 @@ impl<S: Sink> QueueState<S> {
         self.reserved.1 = self.reserved.1.saturating_sub(size);
     }
 
-    /// Removes and returns the first waiting message (from the head) for which `wanted` is
-    /// true, to move it elsewhere; `load` supplies payloads that are only on disk. The message
-    /// is out of the queue's counts until [`QueueState::give_back`] or the caller settles it.
+    /// Looks through the ready messages with `from_seq <= seq < below_seq`, oldest first, for
+    /// the first one `wanted` accepts, and removes it to move it elsewhere; bodies only on disk
+    /// are read for the look and dropped again unless taken. The message is out of the queue's
+    /// counts until [`QueueState::give_back`] or the caller settles it.
     ///
-    /// A message whose stored body is corrupt is passed over (delivery dead-letters it); a read
-    /// that may succeed later stops the search with its error, so no message is passed over
-    /// for a reason that passes.
+    /// One call looks at no more than [`SCAN_BATCH`] messages, so a filter that matches little
+    /// does not hold the queue's lock for long: it then says where to go on. A message whose
+    /// stored body is corrupt is passed over (delivery dead-letters it); a read that may succeed
+    /// later stops the search with its error, so nothing is passed over for a reason that
+    /// passes.
     pub fn take_first(
         &mut self,
+        from_seq: u64,
+        below_seq: u64,
         mut wanted: impl FnMut(&QueuedMessage, &Payload) -> bool,
         journal: &mut dyn Journal,
-    ) -> Result<Option<QueuedMessage>, ReadError> {
-        let mut index = 0;
-        while index < self.ready.len() {
-            if self.ready[index].payload.is_none() {
-                match journal.load(&self.ready[index]) {
-                    Ok(payload) => self.ready[index].payload = Some(payload),
+    ) -> Result<Scan, ReadError> {
+        let mut index = self.ready.partition_point(|m| m.seq < from_seq);
+        for _ in 0..SCAN_BATCH {
+            let Some(message) = self.ready.get(index).filter(|m| m.seq < below_seq) else {
+                return Ok(Scan::Done);
+            };
+            let payload = match &message.payload {
+                Some(payload) => payload.clone(),
+                None => match journal.load(message) {
+                    Ok(payload) => payload,
                     Err(ReadError::Corrupt(_)) => {
                         index += 1;
                         continue;
                     }
                     Err(err) => return Err(err),
+                },
+            };
+            if wanted(message, &payload) {
+                let mut message = self.ready.remove(index).expect("index in range");
+                if message.payload.is_none() {
+                    journal.hold(&payload);
+                    message.payload = Some(payload);
                 }
-            }
-            let message = &self.ready[index];
-            if wanted(message, message.payload.as_ref().expect("loaded above")) {
-                let message = self.ready.remove(index).expect("index in range");
                 self.waiting_bytes -= u64::from(message.size);
-                return Ok(Some(message));
+                return Ok(Scan::Taken(message));
             }
             index += 1;
         }
-        Ok(None)
+        Ok(self.ready.get(index).map_or(Scan::Done, |m| Scan::Passed { next_seq: m.seq }))
     }
 
     /// Puts back a message taken with [`QueueState::take_first`].
@@ -519,7 +587,7 @@ impl<S: Sink> QueueState<S> {
         } else {
             SettleError::UnknownTag(tag)
         })?;
-        let due = now_ms + extend_ms;
+        let due = deadline(now_ms, extend_ms);
         message.set_due_ms(due);
         self.deadlines.push(Reverse((due, consumer_id, tag)));
         Ok(())
@@ -594,6 +662,7 @@ impl<S: Sink> QueueState<S> {
     /// `corrupt` with the damage described. Expired messages met on the way die instead of
     /// being delivered.
     pub fn dispatch(&mut self, now_ms: u64, journal: &mut dyn Journal) {
+        self.compact_timers();
         if self.consumers.is_empty() || self.stall.as_ref().is_some_and(|s| now_ms < s.retry_at_ms) {
             return;
         }
@@ -609,6 +678,7 @@ impl<S: Sink> QueueState<S> {
                 Some(payload) => payload.clone(),
                 None => match journal.load(&message) {
                     Ok(payload) => {
+                        journal.hold(&payload);
                         message.payload = Some(payload.clone());
                         payload
                     }
@@ -629,26 +699,80 @@ impl<S: Sink> QueueState<S> {
             };
             self.stall = None;
             message.delivery_count += 1;
+            let consumer = &mut self.consumers[index];
+            let tag = consumer.window.next_tag();
+            match consumer.sink.deliver(consumer.id, tag, &message, &payload) {
+                Ok(()) => {}
+                Err(Refusal::Full) => {
+                    message.delivery_count -= 1;
+                    self.waiting_bytes += u64::from(message.size);
+                    self.ready.push_front(message);
+                    match &mut consumer.credit {
+                        // The pull's answer is full: it takes what it has.
+                        Some(credit) => *credit = 0,
+                        None => return,
+                    }
+                    continue;
+                }
+                Err(Refusal::TooLarge { bytes, limit }) => {
+                    message.delivery_count -= 1;
+                    let who = (consumer.id, consumer.sink.connection_id());
+                    let error = format!(
+                        "a delivery of {bytes} bytes is larger than consumer {}'s max frame size of {limit} bytes",
+                        consumer.id
+                    );
+                    record_failure(&mut message, now_ms, &error, who);
+                    self.die(message, DeathReason::TooLarge, journal);
+                    continue;
+                }
+            }
             if message.redelivered() {
                 self.counters.redelivered += 1;
             }
             self.counters.delivered += 1;
             journal.delivered(&message);
             let consumer = &mut self.consumers[index];
-            let tag = consumer.window.next_tag();
             message.set_due_ms(0);
             if consumer.ack_timeout_ms > 0 {
-                let deadline = now_ms + consumer.ack_timeout_ms;
-                message.set_due_ms(deadline);
-                self.deadlines.push(Reverse((deadline, consumer.id, tag)));
+                let due = deadline(now_ms, consumer.ack_timeout_ms);
+                message.set_due_ms(due);
+                self.deadlines.push(Reverse((due, consumer.id, tag)));
             }
-            consumer.sink.deliver(consumer.id, tag, &message, &payload);
             consumer.window.add(message);
             if let Some(credit) = &mut consumer.credit {
                 *credit -= 1;
             }
             self.cursor = (index + 1) % self.consumers.len();
         }
+    }
+
+    /// The timer heaps delete lazily: an entry of a message that was acked, purged or died stays
+    /// until its time comes. Once such entries outnumber the live ones (plus a slack), the heaps
+    /// are rebuilt from what the queue holds, so settled messages cost no memory (a queue with a
+    /// day-long TTL that is published to and purged would otherwise grow without bound).
+    fn compact_timers(&mut self) {
+        if self.expiries.len() > 2 * self.len() + TIMER_SLACK {
+            self.expiries = self
+                .messages()
+                .filter(|m| m.expires_at_ms() != 0)
+                .map(|m| Reverse((m.expires_at_ms(), m.seq)))
+                .collect();
+        }
+        let outstanding: usize = self.consumers.iter().map(|c| c.window.outstanding()).sum();
+        if self.deadlines.len() > 2 * outstanding + TIMER_SLACK {
+            self.deadlines = self
+                .consumers
+                .iter()
+                .flat_map(|c| {
+                    c.window.tagged().filter(|(_, m)| m.due_ms() != 0).map(|(tag, m)| Reverse((m.due_ms(), c.id, tag)))
+                })
+                .collect();
+        }
+    }
+
+    /// Entries in the timer heaps (expiries, ack deadlines), live or stale.
+    pub fn timer_entries(&self) -> usize {
+        self.expiries.len() + self.deadlines.len()
     }
 
     /// Body bytes of every message held: waiting and unacked.
@@ -715,7 +839,7 @@ impl<S: Sink> QueueState<S> {
             return;
         }
         message.set_due_ms(match delay_ms {
-            Some(delay) if delay > 0 => now_ms + delay,
+            Some(delay) if delay > 0 => deadline(now_ms, delay),
             _ => 0,
         });
         journal.failed(&message);
@@ -815,6 +939,13 @@ impl<S: Sink> QueueState<S> {
     }
 }
 
+/// The Unix ms `after_ms` after `now_ms`: every due time, expiry and ack deadline is computed
+/// here. It saturates, so no duration, however large, wraps a deadline into the past (the
+/// engine also refuses durations above [`crate::settings::MAX_DURATION_MS`]).
+pub fn deadline(now_ms: u64, after_ms: u64) -> u64 {
+    now_ms.saturating_add(after_ms)
+}
+
 /// Notes a failed delivery on the message: when, why, and by which (consumer, connection).
 fn record_failure(message: &mut QueuedMessage, now_ms: u64, error: &str, who: (u64, u64)) {
     let failure = message.failure_mut(now_ms);
@@ -856,5 +987,7 @@ fn insert_ready(ready: &mut VecDeque<QueuedMessage>, message: QueuedMessage) {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod timer_tests;
 #[cfg(test)]
 mod unreadable_tests;

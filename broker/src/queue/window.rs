@@ -138,6 +138,11 @@ impl Window {
         self.entries.iter().flatten()
     }
 
+    /// Every outstanding message with its tag, in tag order.
+    pub fn tagged(&self) -> impl Iterator<Item = (u64, &QueuedMessage)> + '_ {
+        (self.base_tag..).zip(self.entries.iter()).filter_map(|(tag, m)| Some((tag, m.as_ref()?)))
+    }
+
     fn trim(&mut self) {
         while let Some(None) = self.entries.front() {
             self.entries.pop_front();

@@ -16,6 +16,8 @@ use crate::wire;
 const DEFAULT_VISIBILITY_MS: u64 = 30_000;
 /// Longest long poll.
 const MAX_WAIT_MS: u64 = 20_000;
+/// Bytes of a `GetOk` frame besides its deliveries' messages.
+const GET_OK_OVERHEAD: usize = 1024;
 
 impl Session {
     /// Publishes to a queue, which confirms (at once, or once the message is on disk).
@@ -69,8 +71,10 @@ impl Session {
         let visibility = if get.visibility_ms > 0 { get.visibility_ms } else { DEFAULT_VISIBILITY_MS };
         let wait = Duration::from_millis(get.wait_ms.min(MAX_WAIT_MS));
         let (engine, caller, notices) = (self.engine.clone(), self.caller, Some(self.sink()));
+        // The answer is one frame: room for its own fields besides the deliveries.
+        let budget = (self.outbox.max_frame_size() as usize).saturating_sub(GET_OK_OVERHEAD);
         let pull = async move {
-            let deliveries = engine.get(&caller, &get.queue, get.count, visibility, wait, notices).await?;
+            let deliveries = engine.get(&caller, &get.queue, get.count, visibility, wait, budget, notices).await?;
             Ok(Body::GetOk(pb::GetOk { deliveries: deliveries.iter().map(wire::deliver).collect() }))
         };
         if wait.is_zero() {

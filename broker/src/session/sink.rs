@@ -6,7 +6,7 @@ use hopper_proto::{pb, Body, Frame};
 use crate::error::BrokerError;
 use crate::message::{Payload, QueuedMessage};
 use crate::outbox::Outbox;
-use crate::queue::{Outcome, Replies, Sink};
+use crate::queue::{Outcome, Refusal, Replies, Sink};
 use crate::wire;
 
 impl Sink for Outbox {
@@ -14,10 +14,17 @@ impl Sink for Outbox {
         self.accepts_deliveries()
     }
 
-    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload) {
+    fn deliver(
+        &self,
+        consumer_id: u64,
+        delivery_tag: u64,
+        message: &QueuedMessage,
+        payload: &Payload,
+    ) -> Result<(), Refusal> {
         let message = wire::message_of(payload, message.delivery_count, message.redelivered());
         let deliver = pb::Deliver { consumer_id, delivery_tag, message: Some(message) };
-        self.push(&Frame::event(Body::Deliver(deliver)));
+        self.push_if_fits(&Frame::event(Body::Deliver(deliver)))
+            .map_err(|(bytes, limit)| Refusal::TooLarge { bytes, limit })
     }
 
     fn expired(&self, consumer_id: u64, delivery_tag: u64) {

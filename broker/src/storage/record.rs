@@ -18,6 +18,10 @@ use crate::message::{Death, DeathReason, Failure, Payload};
 
 /// Bytes in front of a record's kind: `len` and `crc`.
 pub const HEADER: usize = 8;
+/// Bytes of a publish record that do not depend on the message: the header, the kind, the fixed
+/// fields and the three length prefixes (content type, header count, death count).
+pub const FIXED_PUBLISH_BYTES: u32 = (HEADER + publish_at::ID + 8 + 8 + 4 + 4 + 4 + 4) as u32;
+
 /// Largest record accepted when reading; anything larger is corruption.
 pub const MAX_RECORD: usize = 64 * 1024 * 1024;
 

@@ -47,6 +47,7 @@ impl Journal for Log {
     fn load(&mut self, _: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
         Err(ReadError::Corrupt("in memory".into()))
     }
+    fn hold(&mut self, _: &Payload) {}
 }
 
 fn j() -> Log {
@@ -78,13 +79,20 @@ impl Sink for Recorder {
 
     fn cancelled(&self, _: u64, _: &str) {}
 
-    fn deliver(&self, consumer_id: u64, delivery_tag: u64, message: &QueuedMessage, payload: &Payload) {
+    fn deliver(
+        &self,
+        consumer_id: u64,
+        delivery_tag: u64,
+        message: &QueuedMessage,
+        payload: &Payload,
+    ) -> Result<(), Refusal> {
         self.sent.borrow_mut().push(Sent {
             consumer: consumer_id,
             tag: delivery_tag,
             id: payload.id,
             count: message.delivery_count,
         });
+        Ok(())
     }
 }
 
@@ -460,7 +468,9 @@ fn max_bytes_counts_waiting_body_bytes_and_frees_on_delivery() {
 fn taken_messages_can_be_given_back_in_place() {
     let mut queue = queue_with(1..=3);
     let mut log = j();
-    let taken = queue.take_first(|_, p| p.id == 2, &mut log).unwrap().unwrap();
+    let Scan::Taken(taken) = queue.take_first(0, u64::MAX, |_, p| p.id == 2, &mut log).unwrap() else {
+        panic!("message 2 is taken")
+    };
     assert_eq!(queue.snapshot().ready, 2);
     queue.give_back(taken);
     let sink = Recorder::default();

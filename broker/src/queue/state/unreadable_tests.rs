@@ -16,8 +16,9 @@ impl Sink for Ids {
     fn is_writable(&self) -> bool {
         true
     }
-    fn deliver(&self, _: u64, _: u64, _: &QueuedMessage, payload: &Payload) {
+    fn deliver(&self, _: u64, _: u64, _: &QueuedMessage, payload: &Payload) -> Result<(), Refusal> {
         self.0.borrow_mut().push(payload.id);
+        Ok(())
     }
     fn expired(&self, _: u64, _: u64) {}
     fn connection_id(&self) -> u64 {
@@ -43,6 +44,8 @@ struct Disk {
     settled: Vec<u64>,
     dead: Vec<(u64, DeathReason, String)>,
     loads: usize,
+    /// Bytes of loaded bodies kept in memory.
+    held: usize,
 }
 
 impl Journal for Disk {
@@ -65,6 +68,9 @@ impl Journal for Disk {
             return Err(ReadError::Corrupt("checksum mismatch".into()));
         }
         Ok(self.bodies[&message.seq].clone())
+    }
+    fn hold(&mut self, payload: &Payload) {
+        self.held += payload.size();
     }
 }
 
@@ -158,12 +164,14 @@ fn a_corrupt_record_kills_only_its_message() {
 fn a_move_stops_at_an_unreadable_body_instead_of_skipping_it() {
     let (mut queue, mut disk) = stored_queue(3);
     disk.unavailable = Some("EMFILE".into());
-    assert!(matches!(queue.take_first(|_, _| true, &mut disk), Err(ReadError::Unavailable(_))));
+    assert!(matches!(queue.take_first(0, u64::MAX, |_, _| true, &mut disk), Err(ReadError::Unavailable(_))));
     assert_eq!(queue.snapshot().ready, 3);
 
     disk.unavailable = None;
     disk.corrupt.insert(0);
-    let taken = queue.take_first(|_, _| true, &mut disk).unwrap().unwrap();
+    let Ok(Scan::Taken(taken)) = queue.take_first(0, u64::MAX, |_, _| true, &mut disk) else {
+        panic!("a message is taken")
+    };
     assert_eq!(taken.seq, 1, "a corrupt body is passed over, for delivery to dead-letter");
 }
 
@@ -177,4 +185,31 @@ fn purging_clears_a_read_stall() {
     queue.purge(&mut disk);
     assert_eq!(queue.snapshot().read_error, "");
     assert_eq!(queue.next_timer(), None);
+}
+
+#[test]
+fn a_filtered_scan_keeps_no_bodies_it_passes_over_and_stops_at_its_bound() {
+    let (mut queue, mut disk) = stored_queue(3000);
+    let bound = queue.next_seq();
+    queue.restore(QueuedMessage::stored(bound, 0, 4, Location::new(1, 8, 64)));
+    disk.bodies.insert(bound, Arc::new(Payload { id: 9999, body: "late".into(), ..Payload::default() }));
+
+    // Only message 2500 matches: the scan goes in batches, reading bodies it drops again.
+    let mut from = 0;
+    let taken = loop {
+        match queue.take_first(from, bound, |_, p| p.id == 100 + 2500, &mut disk).unwrap() {
+            Scan::Taken(message) => break message,
+            Scan::Passed { next_seq } => {
+                assert!(next_seq > from, "the scan moves on");
+                from = next_seq;
+            }
+            Scan::Done => panic!("message 2500 is in range"),
+        }
+    };
+    assert_eq!(taken.seq, 2500);
+    assert_eq!(disk.held, 4, "only the taken body is kept");
+    assert!(queue.ready.iter().all(|m| m.payload.is_none()), "no passed-over body stays in memory");
+    // The message published after the bound is not looked at.
+    assert!(matches!(queue.take_first(2501, bound, |_, _| true, &mut disk).unwrap(), Scan::Taken(m) if m.seq == 2501));
+    assert!(matches!(queue.take_first(bound, bound, |_, _| true, &mut disk).unwrap(), Scan::Done));
 }
