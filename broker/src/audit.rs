@@ -1,9 +1,12 @@
 //! The audit trail: one JSON line per dead message in `<data_dir>/audit/audit.log`, rotated by
 //! size, readable through the protocol (`hopper audit`).
 
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -32,22 +35,59 @@ pub struct AuditEvent {
     pub dead_letter: String,
 }
 
-/// Appends audit events to a size-rotated file.
+/// Appends audit events to a size-rotated file, and keeps an index of them in memory (time,
+/// queue, where the line is), so a query reads only the lines it returns.
 pub struct Audit {
     dir: PathBuf,
-    file: Mutex<Option<(File, u64)>>,
+    inner: Mutex<Inner>,
     max_bytes: u64,
 }
 
+struct Inner {
+    /// The current file and its length, once opened.
+    file: Option<(File, u64)>,
+    /// Generation of the current file; `audit.log.N` holds generation `current - N`.
+    current: u64,
+    /// Every event in the files kept, oldest first.
+    index: VecDeque<Entry>,
+    /// Queue names, shared by their entries.
+    names: HashMap<String, Arc<str>>,
+}
+
+/// Where one event's line is.
+struct Entry {
+    time_ms: u64,
+    queue: Arc<str>,
+    generation: u64,
+    offset: u64,
+    len: u32,
+}
+
 /// Rotated files kept besides the current one (`audit.log.1` is the newest of them).
-const KEEP: usize = 3;
+const KEEP: u64 = 3;
 const NAME: &str = "audit.log";
 
 impl Audit {
-    /// An audit trail in `dir` whose files rotate at `max_bytes`.
+    /// An audit trail in `dir` whose files rotate at `max_bytes`; indexes the files there.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Audit> {
         std::fs::create_dir_all(dir)?;
-        Ok(Audit { dir: dir.to_path_buf(), file: Mutex::new(None), max_bytes })
+        let mut inner = Inner { file: None, current: KEEP, index: VecDeque::new(), names: HashMap::new() };
+        for generation in 0..=KEEP {
+            let file = match File::open(path_of(dir, KEEP, generation)) {
+                Ok(file) => file,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err),
+            };
+            let mut offset = 0u64;
+            for line in BufReader::new(file).split(b'\n') {
+                let line = line?;
+                if let Ok(event) = serde_json::from_slice::<AuditEvent>(&line) {
+                    inner.add(&event, generation, offset, line.len() as u32);
+                }
+                offset += line.len() as u64 + 1;
+            }
+        }
+        Ok(Audit { dir: dir.to_path_buf(), inner: Mutex::new(inner), max_bytes })
     }
 
     /// Appends `event`. A failure to write is logged, never passed on: the audit trail must not
@@ -61,19 +101,27 @@ impl Audit {
     fn append(&self, event: &AuditEvent) -> io::Result<()> {
         let mut line = serde_json::to_vec(event).map_err(io::Error::other)?;
         line.push(b'\n');
-        let mut slot = self.file.lock();
-        if slot.as_ref().is_some_and(|(_, len)| *len + line.len() as u64 > self.max_bytes) {
-            *slot = None;
+        let mut inner = self.inner.lock();
+        if inner.file.as_ref().is_some_and(|(_, len)| *len + line.len() as u64 > self.max_bytes) {
+            inner.file = None;
             self.rotate()?;
+            inner.current += 1;
+            let oldest = inner.current - KEEP;
+            while inner.index.front().is_some_and(|e| e.generation < oldest) {
+                inner.index.pop_front();
+            }
         }
-        if slot.is_none() {
+        if inner.file.is_none() {
             let file = OpenOptions::new().create(true).append(true).open(self.dir.join(NAME))?;
             let len = file.metadata()?.len();
-            *slot = Some((file, len));
+            inner.file = Some((file, len));
         }
-        let (file, len) = slot.as_mut().expect("opened above");
+        let (file, len) = inner.file.as_mut().expect("opened above");
         file.write_all(&line)?;
+        let offset = *len;
         *len += line.len() as u64;
+        let generation = inner.current;
+        inner.add(event, generation, offset, line.len() as u32 - 1);
         Ok(())
     }
 
@@ -88,27 +136,49 @@ impl Audit {
     }
 
     /// Events of `queue` (all when empty) at or after `since_ms`, oldest first, at most the
-    /// `limit` newest.
+    /// `limit` newest. The index picks them; only their lines are read.
     pub fn query(&self, queue: &str, since_ms: u64, limit: usize) -> io::Result<Vec<AuditEvent>> {
-        let mut files: Vec<PathBuf> =
-            (1..=KEEP).rev().map(|n| self.dir.join(format!("{NAME}.{n}"))).collect();
-        files.push(self.dir.join(NAME));
-        let mut events = Vec::new();
-        for path in files {
-            let file = match File::open(&path) {
-                Ok(file) => file,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                Err(err) => return Err(err),
-            };
-            for line in BufReader::new(file).lines() {
-                let Ok(event) = serde_json::from_str::<AuditEvent>(&line?) else { continue };
-                if (queue.is_empty() || event.queue == queue) && event.time_ms >= since_ms {
-                    events.push(event);
+        let inner = self.inner.lock();
+        let mut picked: Vec<&Entry> = inner
+            .index
+            .iter()
+            .rev()
+            .filter(|e| (queue.is_empty() || &*e.queue == queue) && e.time_ms >= since_ms)
+            .take(limit)
+            .collect();
+        picked.reverse();
+        let mut files: HashMap<u64, File> = HashMap::new();
+        let mut events = Vec::with_capacity(picked.len());
+        for entry in picked {
+            let file = match files.entry(entry.generation) {
+                std::collections::hash_map::Entry::Occupied(file) => file.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(File::open(path_of(&self.dir, inner.current, entry.generation))?)
                 }
+            };
+            let mut line = vec![0; entry.len as usize];
+            file.read_exact_at(&mut line, entry.offset)?;
+            if let Ok(event) = serde_json::from_slice(&line) {
+                events.push(event);
             }
         }
-        let skip = events.len().saturating_sub(limit);
-        Ok(events.split_off(skip))
+        Ok(events)
+    }
+}
+
+impl Inner {
+    fn add(&mut self, event: &AuditEvent, generation: u64, offset: u64, len: u32) {
+        let queue =
+            self.names.entry(event.queue.clone()).or_insert_with(|| event.queue.as_str().into()).clone();
+        self.index.push_back(Entry { time_ms: event.time_ms, queue, generation, offset, len });
+    }
+}
+
+/// The file holding `generation` while `current` is the newest.
+fn path_of(dir: &Path, current: u64, generation: u64) -> PathBuf {
+    match current - generation {
+        0 => dir.join(NAME),
+        n => dir.join(format!("{NAME}.{n}")),
     }
 }
 
@@ -147,5 +217,22 @@ mod tests {
             audit.query("", 0, 2).unwrap().iter().map(|e| e.time_ms).collect::<Vec<_>>(),
             vec![19, 20]
         );
+    }
+
+    #[test]
+    fn a_reopened_trail_is_indexed_from_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open(dir.path(), 600).unwrap();
+        for n in 1..=20 {
+            audit.record(&event(n, if n % 3 == 0 { "three" } else { "other" }));
+        }
+        let before = audit.query("three", 0, 1000).unwrap();
+        drop(audit);
+        let reopened = Audit::open(dir.path(), 600).unwrap();
+        assert_eq!(reopened.query("three", 0, 1000).unwrap(), before);
+        reopened.record(&event(21, "three"));
+        let after = reopened.query("three", 0, 1000).unwrap();
+        assert_eq!(after.last().map(|e| e.time_ms), Some(21));
+        assert_eq!(after.len(), before.len() + 1);
     }
 }

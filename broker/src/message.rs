@@ -19,8 +19,11 @@ pub struct Payload {
     pub content_type: String,
     /// Unix time in milliseconds at which the broker first accepted the message.
     pub published_at_ms: u64,
-    /// Every time the message died, oldest first (empty for a message that never died).
+    /// Its deaths, oldest first (empty for a message that never died): the first and the
+    /// latest ones, at most [`MAX_DEATHS`] in all.
     pub deaths: Vec<Death>,
+    /// Deaths left out between the first and the latest ones kept.
+    pub deaths_omitted: u32,
     /// How many times the message was moved (replayed) out of a queue.
     pub replay_count: u32,
 }
@@ -137,13 +140,35 @@ pub(crate) struct Extra {
     failure: Option<Failure>,
 }
 
+/// Most deaths a message keeps: the first, and the latest ones. A message that cycles (A
+/// dead-letters to B, B back to A, or a move-and-reject loop) does not grow without bound.
+pub const MAX_DEATHS: usize = 16;
+
 impl Payload {
+    /// This payload with one more death: kept are the first and the latest [`MAX_DEATHS`] − 1,
+    /// and a count of those left out.
+    pub fn with_death(&self, death: Death) -> Payload {
+        let mut deaths = Vec::with_capacity((self.deaths.len() + 1).min(MAX_DEATHS));
+        let mut omitted = self.deaths_omitted;
+        if self.deaths.len() < MAX_DEATHS {
+            deaths.extend_from_slice(&self.deaths);
+        } else {
+            deaths.push(self.deaths[0].clone());
+            let latest = &self.deaths[self.deaths.len() - (MAX_DEATHS - 2)..];
+            deaths.extend_from_slice(latest);
+            omitted = omitted.saturating_add((self.deaths.len() - 1 - latest.len()) as u32);
+        }
+        deaths.push(death);
+        Payload { deaths, deaths_omitted: omitted, ..self.clone() }
+    }
+
     /// Bytes of the message that a client sent or a death added: body, header keys and values,
     /// content type, and the text of its deaths. What `max_bytes`, `waiting_bytes` and the
     /// memory watermark count, so large headers cannot slip past them.
     pub fn size(&self) -> usize {
         let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-        let deaths: usize = self.deaths.iter().map(|d| d.queue.len() + d.error.len() + DEATH_FIXED_BYTES).sum();
+        let deaths: usize =
+            self.deaths.iter().map(|d| d.queue.len() + d.error.len() + DEATH_FIXED_BYTES).sum();
         self.body.len() + headers + self.content_type.len() + deaths
     }
 }
@@ -285,5 +310,37 @@ impl Location {
     /// Total bytes of the record, header included.
     pub fn bytes(&self) -> u32 {
         self.len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn death(n: u64) -> Death {
+        Death {
+            queue: format!("q{n}"),
+            reason: DeathReason::Rejected,
+            count: 1,
+            error: "x".repeat(100),
+            first_failure_ms: n,
+            last_failure_ms: n,
+            died_at_ms: n,
+        }
+    }
+
+    #[test]
+    fn a_cycling_message_keeps_its_first_and_latest_deaths_and_a_count() {
+        let mut payload = Payload::default();
+        for n in 0..1000 {
+            payload = payload.with_death(death(n));
+            assert!(payload.deaths.len() <= MAX_DEATHS);
+        }
+        let times: Vec<u64> = payload.deaths.iter().map(|d| d.died_at_ms).collect();
+        let mut expected = vec![0];
+        expected.extend(1000 - (MAX_DEATHS as u64 - 1)..1000);
+        assert_eq!(times, expected, "the first death and the latest ones");
+        assert_eq!(payload.deaths_omitted as usize, 1000 - MAX_DEATHS);
+        assert!(payload.size() < 4096, "bounded: {}", payload.size());
     }
 }

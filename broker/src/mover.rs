@@ -225,7 +225,12 @@ enum Next {
 
 /// The next message to move at or after `from_seq` and before `bound`; `from_seq` moves past
 /// everything looked at, so the source is scanned once however little the filter matches.
-async fn next_message(source: &Queue, from_seq: &mut u64, bound: u64, filter: &Option<(String, String)>) -> Next {
+async fn next_message(
+    source: &Queue,
+    from_seq: &mut u64,
+    bound: u64,
+    filter: &Option<(String, String)>,
+) -> Next {
     loop {
         let scan = source.with_state(|s, j, _| s.take_first(*from_seq, bound, |_, p| matches(p, filter), j));
         match scan {

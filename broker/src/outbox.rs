@@ -95,7 +95,9 @@ impl Outbox {
         }
         let was_empty = inner.buf.is_empty();
         let max = inner.max_frame_size;
-        if let Err(hopper_proto::ProtoError::FrameTooLarge { len, max }) = encode_frame(frame, max, &mut inner.buf) {
+        if let Err(hopper_proto::ProtoError::FrameTooLarge { len, max }) =
+            encode_frame(frame, max, &mut inner.buf)
+        {
             return Err((len, max as usize));
         }
         if was_empty {

@@ -1,7 +1,7 @@
 //! One client connection: the handshake, the read loop, heartbeats, and the translation of
 //! wire requests into engine calls. Wire types stop here; the engine sees domain values only.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +24,9 @@ mod sink;
 
 /// Read buffer size: large enough that a burst of small publishes is one read.
 const READ_BUFFER: usize = 64 * 1024;
+/// Body bytes of publishes a blocked connection may send before it is not read any more. Up to
+/// this much, its acks and other requests behind the publishes are still served.
+const MAX_HELD_BYTES: usize = 1024 * 1024;
 /// How long a closing connection's last frames may take to reach the peer.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -146,6 +149,12 @@ struct Session {
     publish_cache: HashMap<String, PublishTarget>,
     /// This connection has published: flow control applies to it.
     publisher: bool,
+    /// Set while publishers are blocked and this connection is a publisher.
+    holding: bool,
+    /// Publishes read while holding, answered once publishers are unblocked, in order.
+    held_publishes: VecDeque<(u64, pb::Publish)>,
+    /// Body bytes of `held_publishes`.
+    held_bytes: usize,
     /// Broker events this connection subscribed to.
     events: Option<tokio::sync::broadcast::Receiver<BrokerEvent>>,
 }
@@ -160,6 +169,9 @@ impl Session {
             consumers: HashSet::new(),
             publish_cache: HashMap::new(),
             publisher: false,
+            holding: false,
+            held_publishes: VecDeque::new(),
+            held_bytes: 0,
             events: None,
         }
     }
@@ -177,8 +189,10 @@ impl Session {
         let mut flow_changes = self.engine.flow_changes();
         let mut held = Held { engine: self.engine.clone(), on: false };
         loop {
-            // A publishing connection is not read from while publishers are blocked; it is
-            // told so, and its silence meanwhile does not count against its heartbeats.
+            // While publishers are blocked, a publishing connection is told so and its publishes
+            // are held back (up to MAX_HELD_BYTES, then it is not read any more); its acks and
+            // other requests are still served, so a worker that consumes and republishes on one
+            // connection can drain what blocks it.
             let block = if self.publisher { self.engine.publishers_blocked() } else { None };
             if block.is_some() != held.on {
                 held.set(block.is_some());
@@ -186,6 +200,10 @@ impl Session {
                 let event = pb::FlowControl { blocked: held.on, reason };
                 self.outbox.push(&Frame::event(Body::FlowControl(event)));
                 last_seen = Instant::now();
+            }
+            self.holding = held.on;
+            if !self.holding && !self.held_publishes.is_empty() {
+                self.release_publishes();
             }
             // Requests are not read while the peer is not reading the responses; everything
             // else (heartbeats, shutdown, the write deadline) goes on meanwhile.
@@ -223,7 +241,7 @@ impl Session {
                     // Silence while we were not reading does not count against heartbeats.
                     last_seen = Instant::now();
                 }
-                item = frames.next(), if !held.on && room => {
+                item = frames.next(), if room && self.held_bytes < MAX_HELD_BYTES => {
                     last_seen = Instant::now();
                     let inbound = match item {
                         Some(Ok(inbound)) => inbound,
@@ -406,10 +424,24 @@ impl Session {
         Flow::Continue
     }
 
+    /// Answers the publishes held back while publishers were blocked, in order.
+    fn release_publishes(&mut self) {
+        while let Some((request_id, publish)) = self.held_publishes.pop_front() {
+            let result = self.publish(request_id, publish).map(|()| None);
+            self.answer(request_id, result);
+        }
+        self.held_bytes = 0;
+    }
+
     /// Runs one request after the handshake. `Ok(None)` means no success response is due
     /// (settlements) or it was already queued.
     fn request(&mut self, request_id: u64, body: Body) -> Result<Option<Body>, BrokerError> {
         match body {
+            Body::Publish(publish) if self.holding || !self.held_publishes.is_empty() => {
+                self.held_bytes += publish.body.len();
+                self.held_publishes.push_back((request_id, publish));
+                Ok(None)
+            }
             Body::Publish(publish) => self.publish(request_id, publish).map(|()| None),
             Body::Ack(ack) => self.ack(request_id, ack).map(|()| None),
             Body::Nack(nack) => self.nack(request_id, nack).map(|()| None),

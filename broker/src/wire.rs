@@ -105,6 +105,7 @@ pub fn message_of(payload: &Payload, delivery_count: u32, redelivered: bool) -> 
         redelivered,
         deaths: payload.deaths.iter().map(death_to_wire).collect(),
         replay_count: payload.replay_count,
+        deaths_omitted: payload.deaths_omitted,
     }
 }
 

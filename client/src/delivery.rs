@@ -64,6 +64,9 @@ pub struct Delivery {
     /// How many times the message was moved (replayed) out of a queue, e.g. from a dead-letter
     /// queue back to where it failed ([`Connection::start_move`](crate::Connection::start_move)).
     pub replay_count: u32,
+    /// Deaths left out of `deaths` between the first and the latest ones (the broker keeps at
+    /// most 16).
+    pub deaths_omitted: u32,
     /// Position of this delivery in its consumer's sequence (1, 2, ...).
     pub delivery_tag: u64,
     /// The consumer the message was delivered to (for a pulled message, the connection's pull
@@ -87,6 +90,7 @@ impl Delivery {
             redelivered: message.redelivered,
             deaths: message.deaths.into_iter().map(Death::from).collect(),
             replay_count: message.replay_count,
+            deaths_omitted: message.deaths_omitted,
             delivery_tag: deliver.delivery_tag,
             consumer_id: deliver.consumer_id,
             consumer,

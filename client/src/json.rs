@@ -69,6 +69,7 @@ impl Message {
             replay_count: self.replay_count,
             death: self.deaths.last().map(Death::to_json),
             deaths: self.deaths.iter().map(Death::to_json).collect(),
+            deaths_omitted: self.deaths_omitted,
             delivery_tag: None,
             receipt: None,
         }
@@ -88,6 +89,7 @@ impl Delivery {
             redelivered: self.redelivered,
             deaths: self.deaths.clone(),
             replay_count: self.replay_count,
+            deaths_omitted: self.deaths_omitted,
         };
         MessageJson { delivery_tag: Some(self.delivery_tag), ..message.to_json(self.queue()) }
     }

@@ -33,6 +33,9 @@ pub struct Message {
     pub deaths: Vec<Death>,
     /// How many times the message was moved (replayed) out of a queue.
     pub replay_count: u32,
+    /// Deaths left out of `deaths` between the first and the latest ones (the broker keeps at
+    /// most 16).
+    pub deaths_omitted: u32,
 }
 
 impl Message {
@@ -54,6 +57,7 @@ impl From<pb::Message> for Message {
             redelivered: message.redelivered,
             deaths: message.deaths.into_iter().map(Death::from).collect(),
             replay_count: message.replay_count,
+            deaths_omitted: message.deaths_omitted,
         }
     }
 }
@@ -88,6 +92,7 @@ mod tests {
             redelivered: true,
             deaths: vec![pb::Death { queue: "jobs".into(), reason: "expired".into(), ..Default::default() }],
             replay_count: 3,
+            deaths_omitted: 0,
         });
         assert_eq!((message.message_id, &message.body[..], message.replay_count), (7, &b"hi"[..], 3));
         assert_eq!(message.headers.get("k").map(String::as_str), Some("v"));

@@ -122,8 +122,11 @@ pub struct MessageJson {
     pub replay_count: u32,
     /// Its latest death; null when it never died.
     pub death: Option<DeathJson>,
-    /// Every death, oldest first.
+    /// Its deaths, oldest first: the first and the latest ones, at most 16.
     pub deaths: Vec<DeathJson>,
+    /// Deaths left out of `deaths` between the first and the latest ones; absent when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deaths_omitted: u32,
     /// The delivery's tag within its consumer (deliveries to push consumers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery_tag: Option<u64>,
@@ -147,6 +150,7 @@ impl MessageJson {
             replay_count: message.replay_count,
             death: message.deaths.last().map(DeathJson::from),
             deaths: message.deaths.iter().map(DeathJson::from).collect(),
+            deaths_omitted: message.deaths_omitted,
             delivery_tag: None,
             receipt: None,
         }
@@ -224,6 +228,10 @@ impl From<&pb::AuditEvent> for AuditJson {
             dead_letter: (!event.dead_letter.is_empty()).then(|| event.dead_letter.clone()),
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A u64 written as a decimal string, read from a string or a number.

@@ -16,6 +16,7 @@ fn sample_message() -> Message {
         delivery_count: 3,
         redelivered: true,
         replay_count: 2,
+        deaths_omitted: 4,
         deaths: vec![Death {
             queue: "jobs".into(),
             reason: "delivery_limit".into(),

@@ -74,10 +74,14 @@ async fn metrics_count_what_happened() {
     for series in ["hopper_memory_bytes", "hopper_disk_free_bytes", "hopper_uptime_seconds"] {
         assert!(sample(&text, series).is_some(), "no sample {series} in:\n{text}");
     }
-    // Memory is sampled every 100 ms: body bytes of "message 3", "message 4" (q), "message 2"
-    // (q.dlq) and "not yet" (later).
-    eventually("hopper_memory_bytes to count the bodies held", DEADLINE, move || async move {
-        sample(&http.metrics().await, "hopper_memory_bytes") == Some(9 + 9 + 9 + 7)
+    // Memory is sampled every 100 ms: the bodies of "message 3", "message 4" (q), "message 2"
+    // (q.dlq, with its death: the queue name, the error text and 48 bytes of fields) and
+    // "not yet" (later), and an index entry for each of the four.
+    let bodies = 9 + 9 + 9 + 7;
+    let death = "q".len() + "cannot parse".len() + 48;
+    let expected = (bodies + death) as u64 + 4 * hopper_broker::message::INDEX_ENTRY_BYTES;
+    eventually("hopper_memory_bytes to count the messages held", DEADLINE, move || async move {
+        sample(&http.metrics().await, "hopper_memory_bytes") == Some(expected)
     })
     .await;
     assert!(sample(&text, "hopper_disk_free_bytes").unwrap() > 0, "{text}");

@@ -122,6 +122,7 @@ impl Engine {
             content_type: message.content_type,
             published_at_ms: now_ms(),
             deaths: Vec::new(),
+            deaths_omitted: 0,
             replay_count: 0,
         });
         queue.publish(payload, message.delay_ms, message.ttl_ms, confirm)?;

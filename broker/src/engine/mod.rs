@@ -30,7 +30,7 @@ use crate::mover::Moves;
 use crate::queue::{Queue, Registry};
 
 pub use consumers::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage, PublishTarget};
-pub use pull::{PullBox, MAX_GET_COUNT};
+pub use pull::{Pull, PullBox, MAX_GET_COUNT};
 pub use view::{Delivery, MessageView, QueueInfo, Status};
 
 use pull::Puller;

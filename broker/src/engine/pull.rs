@@ -17,6 +17,19 @@ use crate::queue::{Queue, Refusal, Sink, Subscriber};
 /// Most messages one get may ask for.
 pub const MAX_GET_COUNT: u32 = 1000;
 
+/// What a get asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Pull {
+    /// Most messages (1 to [`MAX_GET_COUNT`]).
+    pub count: u32,
+    /// How long each pulled message stays invisible to others.
+    pub visibility_ms: u64,
+    /// How long to wait for the first message.
+    pub wait: Duration,
+    /// Most bytes the answer may carry on the wire.
+    pub budget: usize,
+}
+
 /// Deliveries gathered for a pending get.
 pub struct PullBox {
     connection_id: u64,
@@ -124,12 +137,10 @@ impl Engine {
         &self,
         caller: &Caller,
         queue: &str,
-        count: u32,
-        visibility_ms: u64,
-        wait: Duration,
-        budget: usize,
+        pull: Pull,
         notices: Option<Subscriber>,
     ) -> Result<Vec<Delivery>, BrokerError> {
+        let Pull { count, visibility_ms, wait, budget } = pull;
         if count == 0 || count > MAX_GET_COUNT {
             return Err(BrokerError::InvalidArgument(format!(
                 "get takes a count of 1 to {MAX_GET_COUNT}, got {count}"
@@ -137,7 +148,7 @@ impl Engine {
         }
         crate::settings::check_duration("visibility_ms", visibility_ms)?;
         let queue = self.queues.get(queue)?;
-        let (puller, _turn) = self.puller(caller, &queue, notices)?;
+        let (puller, turn) = self.puller(caller, &queue, notices)?;
         let consumer_id = puller.consumer_id;
         puller.inbox.set_budget(budget);
         queue
@@ -155,10 +166,41 @@ impl Engine {
             }
         }
         guard.armed = false;
-        queue.with_state(|s, _, _| {
+        let deliveries = queue.with_state(|s, _, _| {
             s.revoke(consumer_id);
             puller.inbox.take()
-        })
+        });
+        drop(turn);
+        if caller.connection_id == 0 {
+            self.reclaim_idle_pullers(queue.clone());
+        }
+        deliveries
+    }
+
+    /// Drops idle pull consumers of callers without a connection. Each concurrent HTTP pull
+    /// needs one, and without this the pool would keep its peak size for as long as the queue
+    /// lives. One idle consumer stays for the next pull; a consumer whose deliveries are not
+    /// settled yet stays too (their receipts name it).
+    fn reclaim_idle_pullers(&self, queue: Arc<Queue>) {
+        let mut pullers = self.pullers.lock();
+        let Some(pool) = pullers.get_mut(&(0, queue.name().to_owned())) else { return };
+        let mut reclaimed = Vec::new();
+        let _ = queue.with_state(|s, j, now| {
+            let mut kept_idle = false;
+            pool.retain(|puller| {
+                let idle = puller.turn.try_lock().is_ok() && s.outstanding(puller.consumer_id) == Some(0);
+                if !idle || !std::mem::replace(&mut kept_idle, true) {
+                    return true;
+                }
+                s.remove_consumer(puller.consumer_id, "idle pull consumer", now, j);
+                reclaimed.push(puller.consumer_id);
+                false
+            });
+        });
+        drop(pullers);
+        for consumer_id in reclaimed {
+            self.consumers.remove(&consumer_id);
+        }
     }
 
     /// A free pull consumer of the caller on `queue`, with its turn taken. A connection has

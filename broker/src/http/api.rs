@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::ApiError;
-use crate::engine::{Caller, DeliveryRef, Engine, MessageView, NackOptions, NewMessage, QueueInfo};
+use crate::engine::{Caller, DeliveryRef, Engine, MessageView, NackOptions, NewMessage, Pull, QueueInfo};
 use crate::error::BrokerError;
 use crate::mover::{MoveSpec, MoveStatus};
 use crate::queue::{Confirm, Outcome};
@@ -279,7 +279,9 @@ pub(super) struct PullQuery {
 fn seconds(value: Option<f64>, default: f64, max: f64, what: &str) -> ApiResult<Duration> {
     let value = value.unwrap_or(default);
     if !value.is_finite() || value < 0.0 {
-        return Err(ApiError::bad_request(format!("{what} must be a finite, non-negative number of seconds")));
+        return Err(ApiError::bad_request(format!(
+            "{what} must be a finite, non-negative number of seconds"
+        )));
     }
     Ok(Duration::from_secs_f64(value.min(max)))
 }
@@ -294,7 +296,8 @@ pub(super) async fn pull(
     let visibility = seconds(query.visibility, DEFAULT_VISIBILITY_S, 1e12, "visibility")?;
     let visibility_ms = u64::try_from(visibility.as_millis()).unwrap_or(u64::MAX).max(1);
     let wait = seconds(query.wait, 0.0, MAX_WAIT_S, "wait")?;
-    let deliveries = engine.get(&CALLER, &name, count, visibility_ms, wait, HTTP_PULL_BYTES, None).await?;
+    let pull = Pull { count, visibility_ms, wait, budget: HTTP_PULL_BYTES };
+    let deliveries = engine.get(&CALLER, &name, pull, None).await?;
     let messages: Vec<MessageJson> = deliveries
         .iter()
         .map(|delivery| MessageJson {

@@ -111,6 +111,8 @@ pub struct Queue {
     /// Dead messages whose stored bodies could not be read yet: they stay in the log (not
     /// settled) and are routed once their bodies can be read.
     parked: Mutex<Parked>,
+    /// Held while the queue's metadata file is rewritten.
+    meta_lock: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -167,6 +169,7 @@ impl Queue {
             alarm_raised: AtomicBool::new(false),
             reads_failing: AtomicBool::new(false),
             parked: Mutex::default(),
+            meta_lock: Mutex::default(),
         })
     }
 
@@ -474,9 +477,7 @@ impl Queue {
                     }
                 }
             };
-            let mut deaths = payload.deaths.clone();
-            deaths.push(death);
-            let moved = Arc::new(Payload { deaths, ..(*payload).clone() });
+            let moved = Arc::new(payload.with_death(death));
             match target.publish(moved, 0, 0, Confirm::Callback(Box::new(settle_here))) {
                 Ok(()) => Some(target),
                 Err(err) => {

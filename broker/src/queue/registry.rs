@@ -195,6 +195,9 @@ impl Registry {
     /// queues.
     pub fn set_alarm(&self, name: &str, depth: u64) -> Result<(), BrokerError> {
         let queue = self.get(name)?;
+        // One metadata write at a time per queue, the threshold set under the same lock, so
+        // the file always ends with the last value set.
+        let _writing = queue.meta_lock.lock();
         queue.alarm_depth.store(depth, Ordering::Release);
         if let Some(durable) = &queue.durable {
             let meta =

@@ -280,7 +280,11 @@ impl<S: Sink> QueueState<S> {
     /// The expiry of a message entering the queue now with its own TTL (`ttl_ms`, 0 = none):
     /// the sooner of that and the queue's TTL.
     pub fn expiry_for(&self, now_ms: u64, ttl_ms: u64) -> u64 {
-        [ttl_ms, self.policy.message_ttl_ms].into_iter().filter(|&t| t > 0).min().map_or(0, |t| deadline(now_ms, t))
+        [ttl_ms, self.policy.message_ttl_ms]
+            .into_iter()
+            .filter(|&t| t > 0)
+            .min()
+            .map_or(0, |t| deadline(now_ms, t))
     }
 
     /// Appends an in-memory message: ready at once, or after `delay_ms`.
@@ -520,6 +524,11 @@ impl<S: Sink> QueueState<S> {
     pub fn take_consumers(&mut self) -> Vec<(u64, S)> {
         self.cursor = 0;
         self.consumers.drain(..).map(|c| (c.id, c.sink)).collect()
+    }
+
+    /// Deliveries a consumer holds, if it is subscribed.
+    pub fn outstanding(&self, consumer_id: u64) -> Option<usize> {
+        self.consumers.iter().find(|c| c.id == consumer_id).map(|c| c.window.outstanding())
     }
 
     /// Ids of the subscribed consumers.
@@ -764,7 +773,10 @@ impl<S: Sink> QueueState<S> {
                 .consumers
                 .iter()
                 .flat_map(|c| {
-                    c.window.tagged().filter(|(_, m)| m.due_ms() != 0).map(|(tag, m)| Reverse((m.due_ms(), c.id, tag)))
+                    c.window
+                        .tagged()
+                        .filter(|(_, m)| m.due_ms() != 0)
+                        .map(|(tag, m)| Reverse((m.due_ms(), c.id, tag)))
                 })
                 .collect();
         }

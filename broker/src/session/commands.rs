@@ -7,7 +7,7 @@ use std::time::Duration;
 use hopper_proto::{pb, Body, Frame};
 
 use super::Session;
-use crate::engine::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage};
+use crate::engine::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage, Pull};
 use crate::error::BrokerError;
 use crate::queue::{Confirm, Replies, Subscriber};
 use crate::wire;
@@ -74,7 +74,8 @@ impl Session {
         // The answer is one frame: room for its own fields besides the deliveries.
         let budget = (self.outbox.max_frame_size() as usize).saturating_sub(GET_OK_OVERHEAD);
         let pull = async move {
-            let deliveries = engine.get(&caller, &get.queue, get.count, visibility, wait, budget, notices).await?;
+            let options = Pull { count: get.count, visibility_ms: visibility, wait, budget };
+            let deliveries = engine.get(&caller, &get.queue, options, notices).await?;
             Ok(Body::GetOk(pb::GetOk { deliveries: deliveries.iter().map(wire::deliver).collect() }))
         };
         if wait.is_zero() {

@@ -73,6 +73,8 @@ pub struct QueueMeta {
 pub struct Store {
     root: PathBuf,
     next_id: AtomicU64,
+    /// Numbers the temporary files of metadata writes.
+    next_tmp: AtomicU64,
 }
 
 const META: &str = "queue.json";
@@ -94,7 +96,7 @@ impl Store {
                 max_id = max_id.max(id);
             }
         }
-        Ok(Store { root, next_id: AtomicU64::new(max_id + 1) })
+        Ok(Store { root, next_id: AtomicU64::new(max_id + 1), next_tmp: AtomicU64::new(0) })
     }
 
     /// Whether the previous run shut down cleanly (everything flushed); consumes the marker,
@@ -153,9 +155,12 @@ impl Store {
         Ok(dir)
     }
 
-    /// Replaces a queue's metadata atomically (write, sync, rename, sync the directory).
+    /// Replaces a queue's metadata atomically (write, sync, rename, sync the directory). Each
+    /// write has a temporary file of its own, so concurrent writers never share one; callers
+    /// serialize writes of one queue so the last one wins.
     pub fn rewrite(&self, dir: &Path, meta: &QueueMeta) -> io::Result<()> {
-        let tmp = dir.join("queue.json.tmp");
+        let unique = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!("queue.json.{unique}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec_pretty(meta).map_err(io::Error::other)?)?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, dir.join(META))?;

@@ -22,6 +22,9 @@ pub const HEADER: usize = 8;
 /// fields and the three length prefixes (content type, header count, death count).
 pub const FIXED_PUBLISH_BYTES: u32 = (HEADER + publish_at::ID + 8 + 8 + 4 + 4 + 4 + 4) as u32;
 
+/// Set in a publish record's death count when a count of omitted deaths follows it.
+const DEATHS_OMITTED_FLAG: u32 = 1 << 31;
+
 /// Largest record accepted when reading; anything larger is corruption.
 pub const MAX_RECORD: usize = 64 * 1024 * 1024;
 
@@ -127,7 +130,14 @@ pub fn encode_publish(
         put_str(dst, key);
         put_str(dst, value);
     }
-    dst.put_u32_le(payload.deaths.len() as u32);
+    // The death count's top bit says that a count of omitted deaths follows (a record written
+    // before deaths were bounded never has it set).
+    if payload.deaths_omitted > 0 {
+        dst.put_u32_le(payload.deaths.len() as u32 | DEATHS_OMITTED_FLAG);
+        dst.put_u32_le(payload.deaths_omitted);
+    } else {
+        dst.put_u32_le(payload.deaths.len() as u32);
+    }
     for death in &payload.deaths {
         put_str(dst, &death.queue);
         put_str(dst, death.reason.as_str());
@@ -241,7 +251,9 @@ pub fn parse(mut b: Bytes) -> Result<Record, RecordError> {
                 let value = get_str(&mut b)?;
                 headers.insert(key, value);
             }
-            let count = get_u32(&mut b)? as usize;
+            let flagged = get_u32(&mut b)?;
+            let deaths_omitted = if flagged & DEATHS_OMITTED_FLAG != 0 { get_u32(&mut b)? } else { 0 };
+            let count = (flagged & !DEATHS_OMITTED_FLAG) as usize;
             let mut deaths = Vec::with_capacity(count.min(1024));
             for _ in 0..count {
                 let queue = get_str(&mut b)?;
@@ -260,8 +272,16 @@ pub fn parse(mut b: Bytes) -> Result<Record, RecordError> {
             if b.remaining() != body_len {
                 return Err(RecordError::Malformed("body length"));
             }
-            let payload =
-                Payload { id, body: b, headers, content_type, published_at_ms, deaths, replay_count };
+            let payload = Payload {
+                id,
+                body: b,
+                headers,
+                content_type,
+                published_at_ms,
+                deaths,
+                deaths_omitted,
+                replay_count,
+            };
             Record::Publish(StoredMessage { seq, delivery_count, expires_at_ms, due_ms, payload })
         }
         KIND_SETTLE => Record::Settle { seq: get_u64(&mut b)? },
@@ -347,6 +367,7 @@ mod tests {
                 headers: [("a".to_string(), "b".to_string()), ("trace".to_string(), "x".repeat(300))].into(),
                 body: Bytes::from_static(b"{\"hello\":1}"),
                 replay_count: 2,
+                deaths_omitted: 5,
                 deaths: vec![Death {
                     queue: "jobs".into(),
                     reason: DeathReason::DeliveryLimit,

@@ -167,6 +167,7 @@ mod tests {
                 died_at_ms: 5,
             }],
             replay_count: 2,
+            deaths_omitted: 0,
         };
         assert_eq!(peeked(std::slice::from_ref(&message), "jobs.dead", false).unwrap(), "hello\n");
         let line = peeked(std::slice::from_ref(&message), "jobs.dead", true).unwrap();

@@ -82,7 +82,11 @@ fn acked_deliveries_leave_no_deadline_entries_behind() {
         queue.ack(1, last, true, &mut Nothing).unwrap();
         queue.dispatch(0, &mut Nothing);
     }
-    assert!(queue.timer_entries() <= TIMER_SLACK + 1, "{} entries, nothing outstanding", queue.timer_entries());
+    assert!(
+        queue.timer_entries() <= TIMER_SLACK + 1,
+        "{} entries, nothing outstanding",
+        queue.timer_entries()
+    );
 
     // An outstanding delivery keeps its deadline through a rebuild.
     queue.publish(payload(5), 0, 0, 0);

@@ -210,6 +210,8 @@ fn a_filtered_scan_keeps_no_bodies_it_passes_over_and_stops_at_its_bound() {
     assert_eq!(disk.held, 4, "only the taken body is kept");
     assert!(queue.ready.iter().all(|m| m.payload.is_none()), "no passed-over body stays in memory");
     // The message published after the bound is not looked at.
-    assert!(matches!(queue.take_first(2501, bound, |_, _| true, &mut disk).unwrap(), Scan::Taken(m) if m.seq == 2501));
+    assert!(
+        matches!(queue.take_first(2501, bound, |_, _| true, &mut disk).unwrap(), Scan::Taken(m) if m.seq == 2501)
+    );
     assert!(matches!(queue.take_first(bound, bound, |_, _| true, &mut disk).unwrap(), Scan::Done));
 }
