@@ -274,3 +274,64 @@ impl Drop for Abandoned {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Audit;
+    use crate::config::Config;
+    use crate::engine::{DeliveryRef, NewMessage};
+    use crate::queue::{Confirm, Registry};
+    use crate::settings::QueueSettings;
+    use crate::storage::Store;
+
+    /// An engine over a fresh data directory.
+    fn engine(dir: &std::path::Path) -> Arc<Engine> {
+        let config = Config { data_dir: dir.to_path_buf(), ..Config::default() };
+        let store = Store::open(dir).unwrap();
+        let audit = Audit::open(&dir.join("audit"), 1 << 20).unwrap();
+        let registry =
+            Registry::recover(store, config.storage(), audit, tokio::runtime::Handle::current()).unwrap();
+        Engine::new(config, registry)
+    }
+
+    fn pull(wait: Duration) -> Pull {
+        Pull { count: 1, visibility_ms: 60_000, wait, budget: 1 << 20 }
+    }
+
+    #[tokio::test]
+    async fn idle_http_pull_consumers_are_reclaimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let http = Caller::detached();
+        engine.declare(&http, "q", QueueSettings::default(), None).await.unwrap();
+
+        // Five long polls at once: five pull consumers.
+        let polls: Vec<_> = (0..5)
+            .map(|_| {
+                let engine = engine.clone();
+                tokio::spawn(async move { engine.get(&http, "q", pull(Duration::from_secs(30)), None).await })
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while engine.queue_info(&http, "q").unwrap().snapshot.consumers < 5 {
+            assert!(tokio::time::Instant::now() < deadline, "the five polls never all waited");
+            tokio::task::yield_now().await;
+        }
+        for i in 0..5 {
+            let message = NewMessage { body: format!("m{i}").into(), ..NewMessage::default() };
+            engine.publish(&http, "q", message, Confirm::Callback(Box::new(|_| {}))).unwrap();
+        }
+        for poll in polls {
+            let delivery = poll.await.unwrap().unwrap().remove(0);
+            let receipt = engine.receipt(&delivery);
+            engine.ack(&http, DeliveryRef::Receipt { queue: "q", receipt: &receipt }, false, None).unwrap();
+        }
+        assert!(engine.pullers.lock()[&(0, "q".to_string())].len() <= 5);
+
+        // The next pull finds them all idle: one stays.
+        engine.get(&http, "q", pull(Duration::ZERO), None).await.unwrap();
+        assert_eq!(engine.pullers.lock()[&(0, "q".to_string())].len(), 1);
+        assert_eq!(engine.consumers.len(), 1, "the reclaimed consumers are gone from the queue too");
+    }
+}
