@@ -52,7 +52,13 @@ async fn durations_beyond_the_limit_are_refused_and_nothing_changes() {
     let declare = pb::QueueDeclare { name: "forever".into(), settings: Some(settings), ..Default::default() };
     assert_duration_refused(refused(&mut raw, Body::QueueDeclare(declare)).await, "ack_timeout_ms");
     let publish = |ttl_ms, delay_ms| {
-        Body::Publish(pb::Publish { queue: "q".into(), body: "x".into(), ttl_ms, delay_ms, ..Default::default() })
+        Body::Publish(pb::Publish {
+            queue: "q".into(),
+            body: "x".into(),
+            ttl_ms,
+            delay_ms,
+            ..Default::default()
+        })
     };
     assert_duration_refused(refused(&mut raw, publish(max, 0)).await, "ttl_ms");
     assert_duration_refused(refused(&mut raw, publish(0, max)).await, "delay_ms");
@@ -70,7 +76,8 @@ async fn durations_beyond_the_limit_are_refused_and_nothing_changes() {
     let tag = next_deliver(&mut raw).await.delivery_tag;
     let extend = pb::Extend { consumer_id, delivery_tag: tag, extend_ms: max };
     assert_duration_refused(refused(&mut raw, Body::Extend(extend)).await, "extend_ms");
-    let nack = pb::Nack { consumer_id, delivery_tag: tag, requeue: true, delay_ms: Some(max), ..Default::default() };
+    let nack =
+        pb::Nack { consumer_id, delivery_tag: tag, requeue: true, delay_ms: Some(max), ..Default::default() };
     assert_duration_refused(refused(&mut raw, Body::Nack(nack)).await, "delay_ms");
     let ack = pb::Ack { consumer_id, delivery_tag: tag, confirm: true, ..Default::default() };
     assert!(matches!(raw.call(Body::Ack(ack)).await, Body::SettleOk(ok) if ok.settled == 1));
@@ -232,7 +239,8 @@ async fn peeking_at_stored_bodies_does_not_count_them_as_held_in_memory() {
     }
     // A known amount published afterwards shows once the monitor has sampled past the peeks.
     publish_all(&conn, "probe", ["z".repeat(10_000)]).await;
-    eventually("the memory reading to take in the probe", DEADLINE, || async { memory().await > start }).await;
+    eventually("the memory reading to take in the probe", DEADLINE, || async { memory().await > start })
+        .await;
     let after = memory().await;
     assert!(after < start + 10_000 + 1024, "peeks were counted: {start} then {after}");
 }
@@ -241,8 +249,12 @@ async fn peeking_at_stored_bodies_does_not_count_them_as_held_in_memory() {
 async fn a_message_cycling_between_dead_letter_queues_keeps_a_bounded_history() {
     let broker = Broker::start();
     let conn = connect(&broker).await;
-    conn.declare_queue("a", QueueOptions { dead_letter: Some("b".into()), ..Default::default() }).await.unwrap();
-    conn.declare_queue("b", QueueOptions { dead_letter: Some("a".into()), ..Default::default() }).await.unwrap();
+    conn.declare_queue("a", QueueOptions { dead_letter: Some("b".into()), ..Default::default() })
+        .await
+        .unwrap();
+    conn.declare_queue("b", QueueOptions { dead_letter: Some("a".into()), ..Default::default() })
+        .await
+        .unwrap();
     let id = publish_all(&conn, "a", ["ping-pong"]).await[0];
     let mut queue = "a";
     for round in 0..40 {
@@ -258,7 +270,10 @@ async fn a_message_cycling_between_dead_letter_queues_keeps_a_bounded_history() 
         .await;
         assert_eq!(got[0].message_id, id);
         assert_eq!(got[0].deaths.len(), round.min(16), "round {round}");
-        got[0].nack_with(false, NackOptions { error: format!("round {round}"), ..Default::default() }).await.unwrap();
+        got[0]
+            .nack_with(false, NackOptions { error: format!("round {round}"), ..Default::default() })
+            .await
+            .unwrap();
         queue = if queue == "a" { "b" } else { "a" };
     }
     let last = conn.get(queue, GetOptions { wait: Some(DEADLINE), ..Default::default() }).await.unwrap();
@@ -274,7 +289,8 @@ async fn header_bytes_count_against_max_bytes() {
     let conn = connect(&broker).await;
     let bounded = QueueOptions { max_bytes: Some(1000), ..Default::default() };
     conn.declare_queue("q", bounded).await.unwrap();
-    let headers = || PublishOptions { headers: [("k".to_string(), "v".repeat(600))].into(), ..Default::default() };
+    let headers =
+        || PublishOptions { headers: [("k".to_string(), "v".repeat(600))].into(), ..Default::default() };
     conn.publish("q", "", headers()).await.expect("the first fits");
     let second = conn.publish("q", "", headers()).await.unwrap_err();
     assert_eq!(second.code(), Some(ErrorCode::ResourceLimit), "{second}");
@@ -291,7 +307,8 @@ async fn a_worker_that_consumes_and_publishes_on_one_connection_drains_a_blocked
     feeder.declare_queue("out", QueueOptions::default()).await.unwrap();
     // The worker is a publisher before the block.
     worker.publish("out", "hello", PublishOptions::default()).await.unwrap();
-    let mut deliveries = worker.consume("in", ConsumeOptions { prefetch: 10, ..Default::default() }).await.unwrap();
+    let mut deliveries =
+        worker.consume("in", ConsumeOptions { prefetch: 10, ..Default::default() }).await.unwrap();
     publish_all(&feeder, "in", (0..5).map(|i| format!("{i}{}", "w".repeat(8000)))).await;
     eventually("publishers to be blocked", DEADLINE, || async {
         feeder.status().await.unwrap().blocked.is_some()
