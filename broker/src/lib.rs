@@ -13,6 +13,7 @@ pub mod flow;
 pub mod message;
 pub mod mover;
 pub mod queue;
+pub mod routing;
 pub mod server;
 pub mod settings;
 pub mod storage;
