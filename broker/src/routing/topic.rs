@@ -95,7 +95,7 @@ fn walk<'a, D>(node: &'a Node<D>, key: &[&str], found: &mut impl FnMut(&'a D)) {
         }
     }
     let Some((first, rest)) = key.split_first() else {
-        node.bound.iter().for_each(|d| found(d));
+        node.bound.iter().for_each(found);
         return;
     };
     if let Some(child) = node.words.get(*first) {
