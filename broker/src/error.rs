@@ -26,9 +26,27 @@ pub enum BrokerError {
     /// The broker failed.
     #[error("{0}")]
     Internal(String),
+    /// A mandatory message that no queue takes; it was returned, not stored.
+    #[error("{0}")]
+    NoRoute(String),
 }
 
 impl BrokerError {
+    /// The same error, its message prefixed with the queue it came from.
+    pub fn named(&self, queue: &str) -> BrokerError {
+        let prefix = |m: &String| format!("queue '{queue}': {m}");
+        match self {
+            BrokerError::NotFound(m) => BrokerError::NotFound(prefix(m)),
+            BrokerError::PreconditionFailed(m) => BrokerError::PreconditionFailed(prefix(m)),
+            BrokerError::InvalidArgument(m) => BrokerError::InvalidArgument(prefix(m)),
+            BrokerError::ProtocolViolation(m) => BrokerError::ProtocolViolation(prefix(m)),
+            BrokerError::NotAllowed(m) => BrokerError::NotAllowed(prefix(m)),
+            BrokerError::ResourceLimit(m) => BrokerError::ResourceLimit(prefix(m)),
+            BrokerError::Internal(m) => BrokerError::Internal(prefix(m)),
+            BrokerError::NoRoute(m) => BrokerError::NoRoute(m.clone()),
+        }
+    }
+
     /// NOT_FOUND for a queue name.
     pub fn queue_not_found(name: &str) -> Self {
         BrokerError::NotFound(format!("no queue named '{name}'"))
@@ -44,6 +62,7 @@ impl BrokerError {
             BrokerError::NotAllowed(_) => ErrorCode::NotAllowed,
             BrokerError::ResourceLimit(_) => ErrorCode::ResourceLimit,
             BrokerError::Internal(_) => ErrorCode::Internal,
+            BrokerError::NoRoute(_) => ErrorCode::NoRoute,
         }
     }
 }

@@ -26,6 +26,11 @@ pub struct Payload {
     pub deaths_omitted: u32,
     /// How many times the message was moved (replayed) out of a queue.
     pub replay_count: u32,
+    /// The exchange it was published to; empty for the default exchange (to a queue by name).
+    pub exchange: String,
+    /// The routing key it was published with; for the default exchange, the queue's name or
+    /// empty.
+    pub routing_key: String,
 }
 
 /// Why a message left its queue without being acknowledged.
@@ -92,6 +97,10 @@ pub struct Death {
     pub last_failure_ms: u64,
     /// Unix ms of the death.
     pub died_at_ms: u64,
+    /// The exchange the message had been published (or dead-lettered) to before it died.
+    pub exchange: String,
+    /// The routing key it had then.
+    pub routing_key: String,
 }
 
 /// Failed deliveries of a message in its current queue.
@@ -326,6 +335,8 @@ mod tests {
             first_failure_ms: n,
             last_failure_ms: n,
             died_at_ms: n,
+            exchange: String::new(),
+            routing_key: String::new(),
         }
     }
 

@@ -366,6 +366,7 @@ fn error_codes_are_stable() {
         (ErrorCode::ResourceLimit, 7),
         (ErrorCode::Internal, 8),
         (ErrorCode::UnsupportedVersion, 9),
+        (ErrorCode::NoRoute, 10),
     ];
     for (code, number) in codes {
         assert_eq!(code as i32, number);

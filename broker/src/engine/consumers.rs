@@ -113,10 +113,22 @@ impl Engine {
     ) -> Result<u64, BrokerError> {
         check_duration("delay_ms", message.delay_ms)?;
         check_duration("ttl_ms", message.ttl_ms)?;
-        let queue = &target.queue;
-        let id = self.next_message_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let payload = Arc::new(Payload {
-            id,
+        let (delay_ms, ttl_ms) = (message.delay_ms, message.ttl_ms);
+        let payload = self.new_payload(message, String::new(), String::new());
+        let id = payload.id;
+        target.queue.publish(payload, delay_ms, ttl_ms, confirm)?;
+        Ok(id)
+    }
+
+    /// The payload of a new message, with a fresh id.
+    pub(super) fn new_payload(
+        &self,
+        message: NewMessage,
+        exchange: String,
+        routing_key: String,
+    ) -> Arc<Payload> {
+        Arc::new(Payload {
+            id: self.next_message_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             body: message.body,
             headers: message.headers,
             content_type: message.content_type,
@@ -124,9 +136,9 @@ impl Engine {
             deaths: Vec::new(),
             deaths_omitted: 0,
             replay_count: 0,
-        });
-        queue.publish(payload, message.delay_ms, message.ttl_ms, confirm)?;
-        Ok(id)
+            exchange,
+            routing_key,
+        })
     }
 
     /// Subscribes a push consumer of the caller's connection; deliveries go to `sink`.

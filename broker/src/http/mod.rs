@@ -78,6 +78,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::NotAllowed(_) => StatusCode::FORBIDDEN,
             BrokerError::ResourceLimit(_) => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            BrokerError::NoRoute(_) => StatusCode::UNPROCESSABLE_ENTITY,
         };
         ApiError { status, code: err.code().as_str_name(), message: err.to_string() }
     }

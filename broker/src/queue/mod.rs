@@ -4,6 +4,7 @@
 //! the log (`durable`).
 
 mod durable;
+mod exchanges;
 mod registry;
 mod state;
 mod window;
@@ -21,6 +22,7 @@ use crate::storage::{Location, ReadError};
 
 pub use crate::settings::{Overflow, Policy, QueueSettings};
 pub use durable::Durable;
+pub use exchanges::{ExchangeCounters, ExchangeView, Routed};
 pub use registry::{notify_cancelled, Declared, Deleted, Registry};
 pub use state::{
     Counters, Journal, QueueFull, QueueState, ReadStall, Refusal, Scan, SettleError, Sink, Snapshot,
@@ -76,6 +78,52 @@ impl Confirm {
             Confirm::Reply { to, request_id } => to.reply(request_id, result),
             Confirm::Callback(callback) => callback(result),
         }
+    }
+}
+
+impl Confirm {
+    /// One confirm per target queue (named in `targets`), that together answer `self` once every
+    /// one of them was answered: with the first refusal, naming its queue, or else with the
+    /// outcome of the last. For a message routed to several queues.
+    pub fn split(self, targets: &[&str]) -> Vec<Confirm> {
+        if targets.len() == 1 {
+            return vec![self];
+        }
+        struct Shared {
+            remaining: std::sync::atomic::AtomicUsize,
+            refused: Mutex<Option<BrokerError>>,
+            confirm: Mutex<Option<Confirm>>,
+        }
+        let shared = Arc::new(Shared {
+            remaining: std::sync::atomic::AtomicUsize::new(targets.len()),
+            refused: Mutex::new(None),
+            confirm: Mutex::new(Some(self)),
+        });
+        targets
+            .iter()
+            .map(|queue| {
+                let shared = shared.clone();
+                let queue = queue.to_string();
+                Confirm::Callback(Box::new(move |result| {
+                    if let Err(err) = &result {
+                        let mut refused = shared.refused.lock();
+                        if refused.is_none() {
+                            *refused = Some(err.named(&queue));
+                        }
+                    }
+                    if shared.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        let confirm = shared.confirm.lock().take();
+                        let refused = shared.refused.lock().take();
+                        if let Some(confirm) = confirm {
+                            confirm.send(match refused {
+                                Some(err) => Err(err),
+                                None => result,
+                            });
+                        }
+                    }
+                }))
+            })
+            .collect()
     }
 }
 
@@ -455,6 +503,8 @@ impl Queue {
             first_failure_ms: failure.first_ms,
             last_failure_ms: failure.last_ms,
             died_at_ms: now,
+            exchange: payload.exchange.clone(),
+            routing_key: payload.routing_key.clone(),
         };
         let registry = self.registry.upgrade();
         let target = match (&registry, self.settings.dead_letter.as_str()) {

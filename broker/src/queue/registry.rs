@@ -17,10 +17,11 @@ use crate::storage::{QueueMeta, StorageConfig, Store};
 pub struct Registry {
     me: Weak<Registry>,
     queues: DashMap<Arc<str>, Arc<Queue>>,
-    store: Store,
+    pub(super) store: Store,
     storage: StorageConfig,
     audit: Audit,
     runtime: tokio::runtime::Handle,
+    pub(super) exchanges: super::exchanges::Exchanges,
 }
 
 /// What a declare did.
@@ -58,6 +59,7 @@ impl Registry {
             storage,
             audit,
             runtime,
+            exchanges: Default::default(),
         });
         for entry in entries {
             let (dir, meta) = match entry {
@@ -80,6 +82,7 @@ impl Registry {
                 }
             }
         }
+        registry.recover_topology()?;
         Ok(registry)
     }
 
@@ -181,6 +184,7 @@ impl Registry {
             Deleted { messages: live.state.len() as u64, consumers: live.state.take_consumers() }
         };
         self.queues.remove(name);
+        self.unbind_queue(name);
         if let Some(durable) = &queue.durable {
             let _ = durable.stop(&queue);
             if let Err(err) = self.store.remove(durable.dir()) {

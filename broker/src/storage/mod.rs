@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 pub use log::ReadError;
 pub use segment::Location;
 
+use crate::routing::{Binding, ExchangeSpec};
 use crate::settings::QueueSettings;
 
 /// When the log is flushed to stable storage, relative to the publish confirm.
@@ -77,7 +78,26 @@ pub struct Store {
     next_tmp: AtomicU64,
 }
 
+/// The durable exchanges and bindings, as `topology.json` holds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedTopology {
+    /// Durable exchanges.
+    pub exchanges: Vec<ExchangeSpec>,
+    /// Durable bindings: from a durable exchange to a durable queue or exchange.
+    pub bindings: Vec<SavedBinding>,
+}
+
+/// One saved binding and its source exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedBinding {
+    /// The exchange it binds.
+    pub source: String,
+    /// Where it leads, with its key and arguments.
+    pub binding: Binding,
+}
+
 const META: &str = "queue.json";
+const TOPOLOGY: &str = "topology.json";
 const CLEAN: &str = "CLEAN";
 
 impl Store {
@@ -165,6 +185,28 @@ impl Store {
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, dir.join(META))?;
         segment::sync_dir(dir)
+    }
+
+    /// The saved exchanges and bindings (none for a new data directory).
+    pub fn read_topology(&self) -> io::Result<SavedTopology> {
+        match std::fs::read(self.root.join(TOPOLOGY)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("{TOPOLOGY} is not valid: {e}"))
+            }),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(SavedTopology::default()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Replaces the saved exchanges and bindings atomically (write, sync, rename, sync the
+    /// directory); callers serialize the writes.
+    pub fn write_topology(&self, topology: &SavedTopology) -> io::Result<()> {
+        let unique = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join(format!("{TOPOLOGY}.{unique}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(topology).map_err(io::Error::other)?)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, self.root.join(TOPOLOGY))?;
+        segment::sync_dir(&self.root)
     }
 
     /// Removes a queue's directory. It is renamed first, so a crash midway never brings back a

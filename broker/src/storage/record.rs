@@ -24,6 +24,10 @@ pub const FIXED_PUBLISH_BYTES: u32 = (HEADER + publish_at::ID + 8 + 8 + 4 + 4 + 
 
 /// Set in a publish record's death count when a count of omitted deaths follows it.
 const DEATHS_OMITTED_FLAG: u32 = 1 << 31;
+/// Set in a publish record's death count when each death carries an exchange and routing key.
+const DEATHS_ROUTED_FLAG: u32 = 1 << 30;
+/// Set in a publish record's header count when the exchange and routing key follow it.
+const ROUTED_FLAG: u32 = 1 << 31;
 
 /// Largest record accepted when reading; anything larger is corruption.
 pub const MAX_RECORD: usize = 64 * 1024 * 1024;
@@ -125,18 +129,31 @@ pub fn encode_publish(
     dst.put_u64_le(payload.published_at_ms);
     dst.put_u32_le(payload.replay_count);
     put_str(dst, &payload.content_type);
-    dst.put_u32_le(payload.headers.len() as u32);
+    // Flag bits in the counts mark optional fields, so records written before those fields
+    // existed (flags clear) still read: the header count's top bit says the exchange and routing
+    // key follow it; the death count's top bit that a count of omitted deaths follows, its next
+    // bit that every death carries its exchange and routing key.
+    let routed = !payload.exchange.is_empty() || !payload.routing_key.is_empty();
+    dst.put_u32_le(payload.headers.len() as u32 | if routed { ROUTED_FLAG } else { 0 });
+    if routed {
+        put_str(dst, &payload.exchange);
+        put_str(dst, &payload.routing_key);
+    }
     for (key, value) in &payload.headers {
         put_str(dst, key);
         put_str(dst, value);
     }
-    // The death count's top bit says that a count of omitted deaths follows (a record written
-    // before deaths were bounded never has it set).
+    let deaths_routed = payload.deaths.iter().any(|d| !d.exchange.is_empty() || !d.routing_key.is_empty());
+    let mut count = payload.deaths.len() as u32;
     if payload.deaths_omitted > 0 {
-        dst.put_u32_le(payload.deaths.len() as u32 | DEATHS_OMITTED_FLAG);
+        count |= DEATHS_OMITTED_FLAG;
+    }
+    if deaths_routed {
+        count |= DEATHS_ROUTED_FLAG;
+    }
+    dst.put_u32_le(count);
+    if payload.deaths_omitted > 0 {
         dst.put_u32_le(payload.deaths_omitted);
-    } else {
-        dst.put_u32_le(payload.deaths.len() as u32);
     }
     for death in &payload.deaths {
         put_str(dst, &death.queue);
@@ -146,6 +163,10 @@ pub fn encode_publish(
         dst.put_u64_le(death.first_failure_ms);
         dst.put_u64_le(death.last_failure_ms);
         dst.put_u64_le(death.died_at_ms);
+        if deaths_routed {
+            put_str(dst, &death.exchange);
+            put_str(dst, &death.routing_key);
+        }
     }
     dst.extend_from_slice(&payload.body);
     finish(dst, start);
@@ -244,7 +265,13 @@ pub fn parse(mut b: Bytes) -> Result<Record, RecordError> {
             let published_at_ms = get_u64(&mut b)?;
             let replay_count = get_u32(&mut b)?;
             let content_type = get_str(&mut b)?;
-            let count = get_u32(&mut b)? as usize;
+            let flagged = get_u32(&mut b)?;
+            let (exchange, routing_key) = if flagged & ROUTED_FLAG != 0 {
+                (get_str(&mut b)?, get_str(&mut b)?)
+            } else {
+                (String::new(), String::new())
+            };
+            let count = (flagged & !ROUTED_FLAG) as usize;
             let mut headers = HashMap::with_capacity(count.min(1024));
             for _ in 0..count {
                 let key = get_str(&mut b)?;
@@ -253,13 +280,14 @@ pub fn parse(mut b: Bytes) -> Result<Record, RecordError> {
             }
             let flagged = get_u32(&mut b)?;
             let deaths_omitted = if flagged & DEATHS_OMITTED_FLAG != 0 { get_u32(&mut b)? } else { 0 };
-            let count = (flagged & !DEATHS_OMITTED_FLAG) as usize;
+            let deaths_routed = flagged & DEATHS_ROUTED_FLAG != 0;
+            let count = (flagged & !(DEATHS_OMITTED_FLAG | DEATHS_ROUTED_FLAG)) as usize;
             let mut deaths = Vec::with_capacity(count.min(1024));
             for _ in 0..count {
                 let queue = get_str(&mut b)?;
                 let reason =
                     DeathReason::parse(&get_str(&mut b)?).ok_or(RecordError::Malformed("death reason"))?;
-                deaths.push(Death {
+                let mut death = Death {
                     queue,
                     reason,
                     count: get_u32(&mut b)?,
@@ -267,7 +295,14 @@ pub fn parse(mut b: Bytes) -> Result<Record, RecordError> {
                     first_failure_ms: get_u64(&mut b)?,
                     last_failure_ms: get_u64(&mut b)?,
                     died_at_ms: get_u64(&mut b)?,
-                });
+                    exchange: String::new(),
+                    routing_key: String::new(),
+                };
+                if deaths_routed {
+                    death.exchange = get_str(&mut b)?;
+                    death.routing_key = get_str(&mut b)?;
+                }
+                deaths.push(death);
             }
             if b.remaining() != body_len {
                 return Err(RecordError::Malformed("body length"));
@@ -281,6 +316,8 @@ pub fn parse(mut b: Bytes) -> Result<Record, RecordError> {
                 deaths,
                 deaths_omitted,
                 replay_count,
+                exchange,
+                routing_key,
             };
             Record::Publish(StoredMessage { seq, delivery_count, expires_at_ms, due_ms, payload })
         }
@@ -376,7 +413,11 @@ mod tests {
                     first_failure_ms: 1,
                     last_failure_ms: 2,
                     died_at_ms: 3,
+                    exchange: "orders".into(),
+                    routing_key: "eu.paid".into(),
                 }],
+                exchange: "events".into(),
+                routing_key: "order.eu.paid".into(),
             },
         }
     }
