@@ -135,6 +135,10 @@ fn is_slow(body: &Body) -> bool {
             | Body::QueueDelete(_)
             | Body::AuditQuery(_)
             | Body::QueueSetAlarm(_)
+            | Body::ExchangeDeclare(_)
+            | Body::ExchangeDelete(_)
+            | Body::Bind(_)
+            | Body::Unbind(_)
     )
 }
 
@@ -360,6 +364,14 @@ impl Session {
                 .set_alarm(&self.caller, &alarm.name, alarm.depth)
                 .await
                 .map(|info| Some(Body::QueueInfo(wire::queue_info(info)))),
+            Body::ExchangeDeclare(declare) => self.declare_exchange(declare).await.map(Some),
+            Body::ExchangeDelete(delete) => self
+                .engine
+                .delete_exchange(&self.caller, &delete.name, delete.if_unused)
+                .await
+                .map(|()| Some(Body::ExchangeDeleteOk(pb::ExchangeDeleteOk {}))),
+            Body::Bind(bind) => self.bind(bind).await.map(Some),
+            Body::Unbind(unbind) => self.unbind(unbind).await.map(Some),
             other => self.request(request_id, other),
         };
         self.answer(request_id, result);
@@ -482,6 +494,12 @@ impl Session {
                 let messages = found.iter().map(wire::message).collect();
                 Ok(Some(Body::PeekOk(pb::PeekOk { messages })))
             }
+            Body::ExchangeList(_) => {
+                let exchanges =
+                    self.engine.list_exchanges(&self.caller).into_iter().map(wire::exchange_info).collect();
+                Ok(Some(Body::ExchangeListOk(pb::ExchangeListOk { exchanges })))
+            }
+            Body::BindingList(list) => Ok(Some(self.bindings(list))),
             Body::Subscribe(_) => {
                 self.events.get_or_insert_with(|| self.engine.subscribe_events());
                 Ok(Some(Body::SubscribeOk(pb::SubscribeOk {})))

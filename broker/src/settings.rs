@@ -31,6 +31,10 @@ pub struct QueueSettings {
     pub durable: bool,
     /// Queue that receives this queue's dead messages.
     pub dead_letter: String,
+    /// Exchange that dead messages are published to (besides `dead_letter`, if both are set).
+    pub dead_letter_exchange: String,
+    /// Routing key of dead messages published to `dead_letter_exchange`; empty keeps their own.
+    pub dead_letter_routing_key: String,
     /// Deliveries after which a failing message dies with `delivery_limit`.
     pub max_deliveries: u32,
     /// Delays before the 1st, 2nd, ... redelivery of a nacked message; the last repeats.
@@ -81,6 +85,12 @@ impl QueueSettings {
 impl std::fmt::Display for QueueSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "durable={}", self.durable)?;
+        if !self.dead_letter_exchange.is_empty() {
+            write!(f, " dead_letter_exchange={}", self.dead_letter_exchange)?;
+            if !self.dead_letter_routing_key.is_empty() {
+                write!(f, " dead_letter_routing_key={}", self.dead_letter_routing_key)?;
+            }
+        }
         if !self.dead_letter.is_empty() {
             write!(f, " dead_letter={}", self.dead_letter)?;
         }

@@ -9,6 +9,8 @@ use crate::engine::{Delivery, MessageView, QueueInfo, Status};
 use crate::error::BrokerError;
 use crate::message::{Death, Payload};
 use crate::mover::{MoveSpec, MoveStatus};
+use crate::queue::ExchangeView;
+use crate::routing::{Binding, Destination, ExchangeKind, ExchangeSpec};
 use crate::settings::{Overflow, QueueSettings};
 
 /// The wire form of a death.
@@ -21,6 +23,8 @@ pub fn death_to_wire(death: &Death) -> pb::Death {
         first_failure_ms: death.first_failure_ms,
         last_failure_ms: death.last_failure_ms,
         died_at_ms: death.died_at_ms,
+        exchange: death.exchange.clone(),
+        routing_key: death.routing_key.clone(),
     }
 }
 
@@ -38,6 +42,8 @@ pub fn settings_from_wire(settings: pb::QueueSettings) -> Result<QueueSettings, 
         max_bytes: settings.max_bytes,
         overflow,
         dead_letter: settings.dead_letter,
+        dead_letter_exchange: settings.dead_letter_exchange,
+        dead_letter_routing_key: settings.dead_letter_routing_key,
         max_deliveries: settings.max_deliveries,
         retry_backoff_ms: settings.retry_backoff_ms,
         message_ttl_ms: settings.message_ttl_ms,
@@ -52,6 +58,8 @@ pub fn settings_to_wire(settings: &QueueSettings) -> pb::QueueSettings {
         max_bytes: settings.max_bytes,
         overflow: settings.overflow.as_str().to_owned(),
         dead_letter: settings.dead_letter.clone(),
+        dead_letter_exchange: settings.dead_letter_exchange.clone(),
+        dead_letter_routing_key: settings.dead_letter_routing_key.clone(),
         max_deliveries: settings.max_deliveries,
         retry_backoff_ms: settings.retry_backoff_ms.clone(),
         message_ttl_ms: settings.message_ttl_ms,
@@ -106,6 +114,8 @@ pub fn message_of(payload: &Payload, delivery_count: u32, redelivered: bool) -> 
         deaths: payload.deaths.iter().map(death_to_wire).collect(),
         replay_count: payload.replay_count,
         deaths_omitted: payload.deaths_omitted,
+        exchange: payload.exchange.clone(),
+        routing_key: payload.routing_key.clone(),
     }
 }
 
@@ -183,4 +193,68 @@ pub fn move_spec(start: pb::MoveStart) -> Result<MoveSpec, BrokerError> {
         limit: start.limit,
         filter,
     })
+}
+
+/// An exchange as `ExchangeInfo`.
+pub fn exchange_info(view: ExchangeView) -> pb::ExchangeInfo {
+    pb::ExchangeInfo {
+        name: view.spec.name,
+        kind: view.spec.kind.as_str().to_owned(),
+        durable: view.spec.durable,
+        alternate: view.spec.alternate.unwrap_or_default(),
+        bindings: view.bindings as u32,
+        published_total: view.published,
+        unroutable_total: view.unroutable,
+        returned_total: view.returned,
+    }
+}
+
+/// An exchange declaration, checked.
+pub fn exchange_spec(declare: &pb::ExchangeDeclare) -> Result<ExchangeSpec, BrokerError> {
+    let kind = ExchangeKind::parse(&declare.kind).ok_or_else(|| {
+        BrokerError::InvalidArgument(format!(
+            "exchange kind must be direct, fanout, topic or headers, not '{}'",
+            declare.kind
+        ))
+    })?;
+    Ok(ExchangeSpec {
+        name: declare.name.clone(),
+        kind,
+        durable: declare.durable,
+        alternate: (!declare.alternate.is_empty()).then(|| declare.alternate.clone()),
+    })
+}
+
+/// A binding request: its source exchange and the binding.
+pub fn binding_from_wire(binding: Option<pb::Binding>) -> Result<(String, Binding), BrokerError> {
+    let binding = binding.ok_or_else(|| BrokerError::InvalidArgument("the binding is missing".into()))?;
+    let destination = match binding.destination_kind.as_str() {
+        "" | "queue" => Destination::Queue(binding.destination),
+        "exchange" => Destination::Exchange(binding.destination),
+        other => {
+            return Err(BrokerError::InvalidArgument(format!(
+                "a binding leads to a queue or an exchange, not '{other}'"
+            )))
+        }
+    };
+    if binding.source.is_empty() {
+        return Err(BrokerError::InvalidArgument("the default exchange takes no bindings".into()));
+    }
+    let arguments = binding.arguments.into_iter().collect();
+    Ok((binding.source, Binding { destination, key: binding.routing_key, arguments }))
+}
+
+/// A binding as `Binding`.
+pub fn binding_to_wire(source: String, binding: Binding) -> pb::Binding {
+    let (destination, destination_kind) = match binding.destination {
+        Destination::Queue(name) => (name, "queue"),
+        Destination::Exchange(name) => (name, "exchange"),
+    };
+    pb::Binding {
+        source,
+        destination,
+        destination_kind: destination_kind.to_owned(),
+        routing_key: binding.key,
+        arguments: binding.arguments.into_iter().collect(),
+    }
 }

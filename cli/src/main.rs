@@ -8,6 +8,7 @@ mod bench;
 mod bench_watch;
 mod consume;
 mod events;
+mod exchange;
 mod get;
 mod moves;
 mod output;
@@ -44,7 +45,17 @@ enum Command {
     /// Declare, delete, purge, list, inspect and peek into queues; set alarms; move messages.
     #[command(subcommand)]
     Queue(queue::QueueCommand),
-    /// Publish messages to a queue and wait for the broker to confirm every one.
+    /// Declare, list and delete exchanges.
+    #[command(subcommand)]
+    Exchange(exchange::ExchangeCommand),
+    /// Bind a queue (or, with --exchange, an exchange) to an exchange.
+    Bind(exchange::BindArgs),
+    /// Remove a binding.
+    Unbind(exchange::BindArgs),
+    /// List bindings.
+    Bindings(exchange::BindingsArgs),
+    /// Publish messages to a queue (or through an exchange) and wait for the broker to confirm
+    /// every one.
     Publish(publish::PublishArgs),
     /// Print the messages of a queue and acknowledge, requeue, reject or hold them.
     Consume(consume::ConsumeArgs),
@@ -88,6 +99,10 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Queue(command) => queue::run(&cli.server, command).await,
+        Command::Exchange(command) => exchange::run(&cli.server, command).await,
+        Command::Bind(args) => exchange::run_bind(&cli.server, args, false).await,
+        Command::Unbind(args) => exchange::run_bind(&cli.server, args, true).await,
+        Command::Bindings(args) => exchange::run_bindings(&cli.server, args).await,
         Command::Publish(args) => publish::run(&cli.server, args).await,
         Command::Consume(args) => consume::run(&cli.server, args).await,
         Command::Get(args) => get::run(&cli.server, args).await,

@@ -29,11 +29,21 @@ many were not confirmed and why (e.g. RESOURCE_LIMIT when a bounded queue is ful
 While the broker blocks publishers (its memory or disk is short), stderr says so once and \
 publishing waits until the block ends.")]
 pub struct PublishArgs {
-    /// Queue to publish to (it must exist).
+    /// Queue to publish to (it must exist); with --exchange, the first body.
+    #[arg(value_name = "QUEUE")]
     pub queue: String,
     /// Message bodies, one message each; without any, stdin is read line by line.
     #[arg(value_name = "BODY")]
     pub bodies: Vec<String>,
+    /// Publish through this exchange instead of to a queue; then every argument is a body.
+    #[arg(long, value_name = "EXCHANGE")]
+    pub exchange: Option<String>,
+    /// The routing key the exchange routes by.
+    #[arg(long, value_name = "KEY", default_value = "", hide_default_value = true, requires = "exchange")]
+    pub routing_key: String,
+    /// Through an exchange: fail (NO_ROUTE) instead of dropping a message no queue takes.
+    #[arg(long, requires = "exchange")]
+    pub mandatory: bool,
     /// Header to attach to every message, as KEY=VALUE; repeat for more.
     #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
@@ -58,10 +68,19 @@ pub async fn run(server: &str, args: PublishArgs) -> anyhow::Result<()> {
         content_type: args.content_type,
         delay: args.delay,
         ttl: args.ttl,
+        mandatory: args.mandatory,
+    };
+    let (target, bodies) = match &args.exchange {
+        Some(exchange) => {
+            let mut bodies = vec![args.queue.clone()];
+            bodies.extend(args.bodies);
+            (Target::Exchange { exchange: exchange.as_str(), routing_key: args.routing_key.as_str() }, bodies)
+        }
+        None => (Target::Queue(args.queue.as_str()), args.bodies),
     };
     let watcher = tokio::spawn(report_block(conn.flow_changes()));
-    let mut pipeline = Pipeline::new(&conn, &args.queue, options);
-    if args.bodies.is_empty() {
+    let mut pipeline = Pipeline::new(&conn, target, options);
+    if bodies.is_empty() {
         let mut stdin = BufReader::with_capacity(64 * 1024, tokio::io::stdin());
         let mut line = Vec::new();
         loop {
@@ -72,7 +91,7 @@ pub async fn run(server: &str, args: PublishArgs) -> anyhow::Result<()> {
             pipeline.publish(Bytes::copy_from_slice(strip_newline(&line))).await;
         }
     } else {
-        for body in args.bodies {
+        for body in bodies {
             pipeline.publish(Bytes::from(body)).await;
         }
     }
@@ -97,10 +116,30 @@ async fn report_block(mut changes: tokio::sync::watch::Receiver<Option<String>>)
     }
 }
 
+/// Where `publish` sends its messages.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    /// A queue, by name.
+    Queue(&'a str),
+    /// Through an exchange, with a routing key.
+    Exchange { exchange: &'a str, routing_key: &'a str },
+}
+
+impl std::fmt::Display for Target<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Queue(queue) => write!(f, "'{queue}'"),
+            Target::Exchange { exchange, routing_key } => {
+                write!(f, "exchange '{exchange}' with routing key '{routing_key}'")
+            }
+        }
+    }
+}
+
 /// Publishes with at most [`MAX_IN_FLIGHT`] confirms outstanding and tallies the outcome.
 struct Pipeline<'a> {
     conn: &'a Connection,
-    queue: &'a str,
+    target: Target<'a>,
     options: PublishOptions,
     in_flight: VecDeque<PublishConfirm>,
     sent: u64,
@@ -109,10 +148,10 @@ struct Pipeline<'a> {
 }
 
 impl<'a> Pipeline<'a> {
-    fn new(conn: &'a Connection, queue: &'a str, options: PublishOptions) -> Self {
+    fn new(conn: &'a Connection, target: Target<'a>, options: PublishOptions) -> Self {
         Pipeline {
             conn,
-            queue,
+            target,
             options,
             in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
             sent: 0,
@@ -126,7 +165,14 @@ impl<'a> Pipeline<'a> {
         if self.in_flight.len() >= MAX_IN_FLIGHT {
             self.settle_oldest().await;
         }
-        self.in_flight.push_back(self.conn.publish(self.queue, body, self.options.clone()));
+        let options = self.options.clone();
+        let confirm = match self.target {
+            Target::Queue(queue) => self.conn.publish(queue, body, options),
+            Target::Exchange { exchange, routing_key } => {
+                self.conn.publish_to(exchange, routing_key, body, options)
+            }
+        };
+        self.in_flight.push_back(confirm);
         self.sent += 1;
     }
 
@@ -147,7 +193,7 @@ impl<'a> Pipeline<'a> {
         if let Some(err) = self.first_error {
             bail!("{} of {} {} not confirmed: {err}", self.failed, self.sent, were(self.sent));
         }
-        eprintln!("published {} {} to '{}'", self.sent, messages(self.sent), self.queue);
+        eprintln!("published {} {} to {}", self.sent, messages(self.sent), self.target);
         Ok(())
     }
 }

@@ -64,6 +64,12 @@ pub struct DeclareArgs {
     /// are dropped.
     #[arg(long, value_name = "QUEUE")]
     pub dead_letter: Option<String>,
+    /// Exchange that dead messages are published to (besides --dead-letter, if both are set).
+    #[arg(long, value_name = "EXCHANGE")]
+    pub dead_letter_exchange: Option<String>,
+    /// Routing key of dead messages published to --dead-letter-exchange (default: their own).
+    #[arg(long, value_name = "KEY", requires = "dead_letter_exchange")]
+    pub dead_letter_routing_key: Option<String>,
     /// Deliveries after which a message that keeps failing dies (reason delivery_limit).
     #[arg(long, value_name = "N", value_parser = crate::at_least(1u32))]
     pub max_deliveries: Option<u32>,
@@ -117,6 +123,8 @@ impl DeclareArgs {
         QueueOptions {
             durable: self.durable,
             dead_letter: self.dead_letter.clone(),
+            dead_letter_exchange: self.dead_letter_exchange.clone(),
+            dead_letter_routing_key: self.dead_letter_routing_key.clone(),
             max_deliveries: self.max_deliveries,
             retry_backoff: self.retry_backoff.clone(),
             message_ttl: self.message_ttl,

@@ -257,6 +257,7 @@ impl Connection {
             routing_key: String::new(),
             delay_ms: options.delay.map_or(0, wire_ms),
             ttl_ms: options.ttl.map_or(0, wire_ms),
+            mandatory: false,
         };
         let (reply, response) = oneshot::channel();
         match self.shared().send_request(Body::Publish(publish), PendingRequest::Reply(reply)) {
@@ -464,10 +465,10 @@ impl Drop for PendingConsume {
 /// or with the error that prevented the publish.
 #[must_use = "a publish is confirmed (or refused) through this future"]
 pub struct PublishConfirm {
-    state: ConfirmState,
+    pub(crate) state: ConfirmState,
 }
 
-enum ConfirmState {
+pub(crate) enum ConfirmState {
     Waiting(oneshot::Receiver<Result<Body>>),
     /// Refused before sending; the error is handed out on first poll.
     Failed(Option<Error>),

@@ -67,6 +67,10 @@ pub struct Delivery {
     /// Deaths left out of `deaths` between the first and the latest ones (the broker keeps at
     /// most 16).
     pub deaths_omitted: u32,
+    /// The exchange the message was published to; empty for a publish to a queue.
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
     /// Position of this delivery in its consumer's sequence (1, 2, ...).
     pub delivery_tag: u64,
     /// The consumer the message was delivered to (for a pulled message, the connection's pull
@@ -91,6 +95,8 @@ impl Delivery {
             deaths: message.deaths.into_iter().map(Death::from).collect(),
             replay_count: message.replay_count,
             deaths_omitted: message.deaths_omitted,
+            exchange: message.exchange.clone(),
+            routing_key: message.routing_key.clone(),
             delivery_tag: deliver.delivery_tag,
             consumer_id: deliver.consumer_id,
             consumer,

@@ -37,6 +37,10 @@ pub struct QueueInfo {
     pub dead_lettered: HashMap<String, u64>,
     /// Queue that receives this queue's dead messages; `None` when they are dropped.
     pub dead_letter: Option<String>,
+    /// Exchange that this queue's dead messages are published to, if any.
+    pub dead_letter_exchange: Option<String>,
+    /// Routing key they are published with; `None` keeps their own.
+    pub dead_letter_routing_key: Option<String>,
     /// Deliveries after which a failing message dies; `None` for no limit.
     pub max_deliveries: Option<u32>,
     /// Delays before the 1st, 2nd, ... redelivery of a failed message; the last one repeats.
@@ -83,6 +87,8 @@ impl From<pb::QueueInfo> for QueueInfo {
             delayed: info.delayed,
             dead_lettered: info.dead_lettered_total,
             dead_letter: non_empty(settings.dead_letter),
+            dead_letter_exchange: non_empty(settings.dead_letter_exchange),
+            dead_letter_routing_key: non_empty(settings.dead_letter_routing_key),
             max_deliveries: (settings.max_deliveries > 0).then_some(settings.max_deliveries),
             retry_backoff: settings.retry_backoff_ms.into_iter().map(Duration::from_millis).collect(),
             message_ttl: millis(settings.message_ttl_ms),
@@ -121,6 +127,11 @@ pub struct Death {
     pub last_failure_ms: u64,
     /// Unix time in milliseconds at which it died.
     pub died_at_ms: u64,
+    /// The exchange the message had been published (or dead-lettered) to when it died;
+    /// empty for a publish to a queue.
+    pub exchange: String,
+    /// Its routing key then.
+    pub routing_key: String,
 }
 
 impl From<pb::Death> for Death {
@@ -133,6 +144,8 @@ impl From<pb::Death> for Death {
             first_failure_ms: death.first_failure_ms,
             last_failure_ms: death.last_failure_ms,
             died_at_ms: death.died_at_ms,
+            exchange: death.exchange,
+            routing_key: death.routing_key,
         }
     }
 }
@@ -257,6 +270,7 @@ mod tests {
                 max_length: 100,
                 max_bytes: 0,
                 overflow: "drop-head".into(),
+                ..Default::default()
             }),
             ready: 3,
             unacked: 2,

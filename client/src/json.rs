@@ -24,6 +24,8 @@ impl QueueInfo {
             dead_lettered: self.dead_lettered.iter().map(|(r, n)| (r.clone(), *n)).collect(),
             waiting_bytes: self.waiting_bytes,
             dead_letter: self.dead_letter.clone(),
+            dead_letter_exchange: self.dead_letter_exchange.clone(),
+            dead_letter_routing_key: self.dead_letter_routing_key.clone(),
             max_deliveries: self.max_deliveries,
             retry_backoff_ms: self.retry_backoff.iter().copied().map(millis).collect(),
             message_ttl_ms: self.message_ttl.map(millis),
@@ -50,6 +52,8 @@ impl Death {
             first_time: self.first_failure_ms,
             last_time: self.last_failure_ms,
             died_at: self.died_at_ms,
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
         }
     }
 }
@@ -60,6 +64,8 @@ impl Message {
         MessageJson {
             message_id: self.message_id,
             queue: queue.to_owned(),
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
             body: String::from_utf8_lossy(&self.body).into_owned(),
             headers: self.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             content_type: self.content_type.clone(),
@@ -90,6 +96,8 @@ impl Delivery {
             deaths: self.deaths.clone(),
             replay_count: self.replay_count,
             deaths_omitted: self.deaths_omitted,
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
         };
         MessageJson { delivery_tag: Some(self.delivery_tag), ..message.to_json(self.queue()) }
     }

@@ -36,6 +36,10 @@ pub struct Message {
     /// Deaths left out of `deaths` between the first and the latest ones (the broker keeps at
     /// most 16).
     pub deaths_omitted: u32,
+    /// The exchange the message was published to; empty for a publish to a queue.
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
 }
 
 impl Message {
@@ -58,6 +62,8 @@ impl From<pb::Message> for Message {
             deaths: message.deaths.into_iter().map(Death::from).collect(),
             replay_count: message.replay_count,
             deaths_omitted: message.deaths_omitted,
+            exchange: message.exchange,
+            routing_key: message.routing_key,
         }
     }
 }
@@ -93,6 +99,8 @@ mod tests {
             deaths: vec![pb::Death { queue: "jobs".into(), reason: "expired".into(), ..Default::default() }],
             replay_count: 3,
             deaths_omitted: 0,
+            exchange: String::new(),
+            routing_key: String::new(),
         });
         assert_eq!((message.message_id, &message.body[..], message.replay_count), (7, &b"hi"[..], 3));
         assert_eq!(message.headers.get("k").map(String::as_str), Some("v"));

@@ -55,6 +55,12 @@ pub struct QueueOptions {
     /// appended to its history. `None` drops dead messages (they are still audited), and so
     /// does a dead-letter queue that does not exist when the message dies: declare it first.
     pub dead_letter: Option<String>,
+    /// Exchange that dead messages are published to (besides `dead_letter`, if both are set),
+    /// as RabbitMQ's `x-dead-letter-exchange`.
+    pub dead_letter_exchange: Option<String>,
+    /// Routing key of dead messages published to `dead_letter_exchange`; `None` keeps their
+    /// own, as RabbitMQ's `x-dead-letter-routing-key`.
+    pub dead_letter_routing_key: Option<String>,
     /// Deliveries after which a message that keeps failing (nacked with requeue, or not acked
     /// in time) dies with reason `delivery_limit`. `None` (or 0) means no limit.
     pub max_deliveries: Option<u32>,
@@ -129,6 +135,8 @@ impl QueueOptions {
         pb::QueueSettings {
             durable: self.durable,
             dead_letter: self.dead_letter.clone().unwrap_or_default(),
+            dead_letter_exchange: self.dead_letter_exchange.clone().unwrap_or_default(),
+            dead_letter_routing_key: self.dead_letter_routing_key.clone().unwrap_or_default(),
             max_deliveries: self.max_deliveries.unwrap_or(0),
             retry_backoff_ms: self.retry_backoff.iter().copied().map(wire_ms).collect(),
             message_ttl_ms: self.message_ttl.map_or(0, wire_ms),
@@ -161,6 +169,10 @@ pub struct PublishOptions {
     /// Time to live of this message; the sooner of this and the queue's `message_ttl`
     /// applies. An expired message dies with reason `expired`.
     pub ttl: Option<Duration>,
+    /// Through an exchange ([`Connection::publish_to`](crate::Connection::publish_to)): when no
+    /// queue takes the message, the broker returns it and the confirm fails with `NO_ROUTE`,
+    /// instead of dropping it.
+    pub mandatory: bool,
 }
 
 /// How a consumer receives.
@@ -291,6 +303,8 @@ mod tests {
         let options = QueueOptions {
             durable: true,
             dead_letter: Some("jobs.dead".into()),
+            dead_letter_exchange: Some("dead".into()),
+            dead_letter_routing_key: Some("jobs".into()),
             max_deliveries: Some(5),
             retry_backoff: vec![Duration::from_secs(1), Duration::from_millis(2500)],
             message_ttl: Some(Duration::from_secs(60)),
@@ -304,6 +318,8 @@ mod tests {
             pb::QueueSettings {
                 durable: true,
                 dead_letter: "jobs.dead".into(),
+                dead_letter_exchange: "dead".into(),
+                dead_letter_routing_key: "jobs".into(),
                 max_deliveries: 5,
                 retry_backoff_ms: vec![1000, 2500],
                 message_ttl_ms: 60_000,

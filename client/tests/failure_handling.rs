@@ -79,7 +79,7 @@ async fn settings_and_per_message_options_reach_the_wire() {
     let (id, body) = peer.recv_request().await;
     let Body::Publish(publish) = body else { panic!("{body:?}") };
     assert_eq!((publish.delay_ms, publish.ttl_ms), (2000, 250));
-    peer.send(id, Body::PublishOk(pb::PublishOk { message_id: 5 })).await;
+    peer.send(id, Body::PublishOk(pb::PublishOk { message_id: 5, routed: 1 })).await;
     assert_eq!(confirm.await.unwrap(), 5);
 
     let consume_options = ConsumeOptions { ack_timeout: Some(Duration::from_secs(10)), ..Default::default() };
@@ -224,6 +224,7 @@ async fn pulled_deliveries_settle_under_the_pull_consumer() {
         first_failure_ms: 10,
         last_failure_ms: 20,
         died_at_ms: 30,
+        ..Default::default()
     };
     let (pulled, ()) = tokio::join!(conn.get("orders.dead", options), async {
         let (id, body) = peer.recv_request().await;

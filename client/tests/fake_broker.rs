@@ -53,7 +53,7 @@ async fn pipelined_publishes_are_confirmed_out_of_order() {
     }
     // Answer in reverse order; the message id tells which request each answer was for.
     for (i, id) in requests.iter().enumerate().rev() {
-        peer.send(*id, Body::PublishOk(pb::PublishOk { message_id: 1000 + i as u64 })).await;
+        peer.send(*id, Body::PublishOk(pb::PublishOk { message_id: 1000 + i as u64, routed: 1 })).await;
     }
     for (i, confirm) in confirms.into_iter().enumerate() {
         assert_eq!(confirm.await.unwrap(), 1000 + i as u64);
@@ -108,7 +108,7 @@ async fn oversize_publish_fails_locally_and_sends_nothing() {
     let confirm = conn.publish("q", "small", PublishOptions::default());
     let (id, body) = peer.recv_request().await;
     assert!(matches!(body, Body::Publish(ref p) if p.body == "small"), "{body:?}");
-    peer.send(id, Body::PublishOk(pb::PublishOk { message_id: 1 })).await;
+    peer.send(id, Body::PublishOk(pb::PublishOk { message_id: 1, routed: 1 })).await;
     assert_eq!(confirm.await.unwrap(), 1);
 }
 
@@ -253,7 +253,7 @@ async fn close_flushes_sends_close_and_ends_consumers_quietly() {
         let (_, body) = peer.recv_request().await;
         assert!(matches!(body, Body::Close(_)), "{body:?}");
         // Requests in flight are still answered before the broker hangs up.
-        peer.send(id, Body::PublishOk(pb::PublishOk { message_id: 42 })).await;
+        peer.send(id, Body::PublishOk(pb::PublishOk { message_id: 42, routed: 1 })).await;
         peer.expect_eof().await;
         drop(peer);
     });

@@ -89,7 +89,7 @@ async fn flow_control_is_tracked_and_publishes_wait_it_out() {
     tokio::time::timeout(PATIENCE, changes.changed()).await.unwrap().unwrap();
     assert_eq!(*changes.borrow_and_update(), None);
     assert!(!conn.is_blocked());
-    peer.send(id, Body::PublishOk(pb::PublishOk { message_id: 9 })).await;
+    peer.send(id, Body::PublishOk(pb::PublishOk { message_id: 9, routed: 1 })).await;
     assert_eq!(confirm.await.unwrap(), 9);
 
     // A block without a reason still says something.

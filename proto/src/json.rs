@@ -40,6 +40,10 @@ pub struct QueueJson {
     pub waiting_bytes: u64,
     /// The dead-letter queue; null when dead messages are dropped.
     pub dead_letter: Option<String>,
+    /// The exchange dead messages are published to; null for none.
+    pub dead_letter_exchange: Option<String>,
+    /// Their routing key there; null keeps their own.
+    pub dead_letter_routing_key: Option<String>,
     /// Deliveries after which a failing message dies; null for no limit.
     pub max_deliveries: Option<u32>,
     /// Retry delays in milliseconds; empty for immediate redelivery.
@@ -82,6 +86,10 @@ impl From<&pb::QueueInfo> for QueueJson {
             dead_lettered: info.dead_lettered_total.iter().map(|(r, n)| (r.clone(), *n)).collect(),
             waiting_bytes: info.waiting_bytes,
             dead_letter: (!settings.dead_letter.is_empty()).then_some(settings.dead_letter),
+            dead_letter_exchange: (!settings.dead_letter_exchange.is_empty())
+                .then_some(settings.dead_letter_exchange),
+            dead_letter_routing_key: (!settings.dead_letter_routing_key.is_empty())
+                .then_some(settings.dead_letter_routing_key),
             max_deliveries: (settings.max_deliveries > 0).then_some(settings.max_deliveries),
             retry_backoff_ms: settings.retry_backoff_ms,
             message_ttl_ms: set(settings.message_ttl_ms),
@@ -106,6 +114,10 @@ pub struct MessageJson {
     pub message_id: u64,
     /// The queue the message was taken from.
     pub queue: String,
+    /// The exchange it was published to; empty for a publish to a queue.
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
     /// The body as text; bytes that are not UTF-8 become U+FFFD.
     pub body: String,
     /// Application headers, sorted by key.
@@ -141,6 +153,8 @@ impl MessageJson {
         MessageJson {
             message_id: message.message_id,
             queue: queue.to_owned(),
+            exchange: message.exchange.clone(),
+            routing_key: message.routing_key.clone(),
             body: String::from_utf8_lossy(&message.body).into_owned(),
             headers: message.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             content_type: message.content_type.clone(),
@@ -174,6 +188,10 @@ pub struct DeathJson {
     pub last_time: u64,
     /// Unix ms at which it died.
     pub died_at: u64,
+    /// The exchange it had been published to then; empty for a publish to a queue.
+    pub exchange: String,
+    /// Its routing key then.
+    pub routing_key: String,
 }
 
 impl From<&pb::Death> for DeathJson {
@@ -186,6 +204,8 @@ impl From<&pb::Death> for DeathJson {
             first_time: death.first_failure_ms,
             last_time: death.last_failure_ms,
             died_at: death.died_at_ms,
+            exchange: death.exchange.clone(),
+            routing_key: death.routing_key.clone(),
         }
     }
 }

@@ -122,6 +122,18 @@ impl Body {
             Body::SubscribeOk(_) => "SubscribeOk",
             Body::Event(_) => "Event",
             Body::QueueSetAlarm(_) => "QueueSetAlarm",
+            Body::ExchangeDeclare(_) => "ExchangeDeclare",
+            Body::ExchangeDeclareOk(_) => "ExchangeDeclareOk",
+            Body::ExchangeDelete(_) => "ExchangeDelete",
+            Body::ExchangeDeleteOk(_) => "ExchangeDeleteOk",
+            Body::ExchangeList(_) => "ExchangeList",
+            Body::ExchangeListOk(_) => "ExchangeListOk",
+            Body::Bind(_) => "Bind",
+            Body::BindOk(_) => "BindOk",
+            Body::Unbind(_) => "Unbind",
+            Body::UnbindOk(_) => "UnbindOk",
+            Body::BindingList(_) => "BindingList",
+            Body::BindingListOk(_) => "BindingListOk",
         }
     }
 }

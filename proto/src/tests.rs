@@ -25,7 +25,11 @@ fn sample_message() -> Message {
             first_failure_ms: 1,
             last_failure_ms: 2,
             died_at_ms: 3,
+            exchange: "events".into(),
+            routing_key: "job.failed".into(),
         }],
+        exchange: "events".into(),
+        routing_key: "job.created".into(),
     }
 }
 
@@ -42,6 +46,8 @@ fn queue_info() -> QueueInfo {
             max_length: 10_000,
             max_bytes: 1 << 20,
             overflow: "drop-head".into(),
+            dead_letter_exchange: "dead".into(),
+            dead_letter_routing_key: "jobs".into(),
         }),
         ready: 5,
         unacked: 2,
@@ -119,12 +125,48 @@ fn every_body() -> Vec<Body> {
             body: Bytes::from_static(b"hello"),
             headers: [("a".to_string(), "b".to_string())].into(),
             content_type: "text/plain".into(),
-            exchange: String::new(),
-            routing_key: String::new(),
+            exchange: "events".into(),
+            routing_key: "order.eu.paid".into(),
             delay_ms: 1500,
             ttl_ms: 60_000,
+            mandatory: true,
         }),
-        Body::PublishOk(PublishOk { message_id: 99 }),
+        Body::PublishOk(PublishOk { message_id: 99, routed: 3 }),
+        Body::ExchangeDeclare(ExchangeDeclare {
+            name: "events".into(),
+            kind: "topic".into(),
+            durable: true,
+            alternate: "unrouted".into(),
+            passive: false,
+        }),
+        Body::Bind(Bind {
+            binding: Some(Binding {
+                source: "events".into(),
+                destination: "emails".into(),
+                destination_kind: "queue".into(),
+                routing_key: "user.*".into(),
+                arguments: [("x-match".to_string(), "any".to_string())].into(),
+            }),
+        }),
+        Body::BindingListOk(BindingListOk { bindings: vec![Binding::default()] }),
+        Body::ExchangeListOk(ExchangeListOk {
+            exchanges: vec![ExchangeInfo { bindings: 4, ..Default::default() }],
+        }),
+        Body::ExchangeDeclareOk(ExchangeDeclareOk {
+            exchange: Some(ExchangeInfo {
+                name: "events".into(),
+                kind: "topic".into(),
+                ..Default::default()
+            }),
+            created: true,
+        }),
+        Body::ExchangeDelete(ExchangeDelete { name: "events".into(), if_unused: true }),
+        Body::ExchangeDeleteOk(ExchangeDeleteOk {}),
+        Body::ExchangeList(ExchangeList {}),
+        Body::BindOk(BindOk { created: true }),
+        Body::Unbind(Unbind { binding: Some(Binding { source: "a".into(), ..Default::default() }) }),
+        Body::UnbindOk(UnbindOk { removed: false }),
+        Body::BindingList(BindingList { exchange: "events".into(), queue: String::new() }),
         Body::Consume(Consume {
             queue: "jobs".into(),
             prefetch_count: 100,
@@ -244,7 +286,7 @@ fn every_variant_is_covered() {
     // The schema's oneof field numbers; keep in step with hopper.proto.
     let names: std::collections::HashSet<String> = every_body().iter().map(variant_name).collect();
     assert_eq!(names.len(), every_body().len(), "a variant is listed twice");
-    assert_eq!(names.len(), 48, "a Body variant was added: add it to every_body()");
+    assert_eq!(names.len(), 60, "a Body variant was added: add it to every_body()");
 }
 
 #[test]

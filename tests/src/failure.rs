@@ -36,6 +36,8 @@ pub fn declared_options(info: &QueueInfo) -> QueueOptions {
     QueueOptions {
         durable: info.durable,
         dead_letter: info.dead_letter.clone(),
+        dead_letter_exchange: info.dead_letter_exchange.clone(),
+        dead_letter_routing_key: info.dead_letter_routing_key.clone(),
         max_deliveries: info.max_deliveries,
         retry_backoff: info.retry_backoff.clone(),
         message_ttl: info.message_ttl,

@@ -139,7 +139,7 @@ async fn unknown_message_type_is_a_protocol_violation_and_the_connection_continu
 async fn frames_only_the_broker_sends_are_protocol_violations() {
     let broker = Broker::start();
     let mut raw = RawConn::connect_hello(broker.addr()).await;
-    let request_id = raw.request(Body::PublishOk(pb::PublishOk { message_id: 1 })).await;
+    let request_id = raw.request(Body::PublishOk(pb::PublishOk { message_id: 1, routed: 1 })).await;
     let (code, message) = raw.error_response(request_id).await;
     assert_eq!(code, ErrorCode::ProtocolViolation, "{message}");
     assert!(matches!(raw.call(declare("after-publish-ok")).await, Body::QueueDeclareOk(_)));
@@ -259,7 +259,7 @@ async fn settling_an_unknown_delivery_tag_is_not_found_and_the_connection_contin
 }
 
 #[tokio::test]
-async fn publish_through_an_exchange_is_not_allowed() {
+async fn a_publish_naming_a_queue_and_an_exchange_is_refused() {
     let broker = Broker::start();
     let mut raw = RawConn::connect_hello(broker.addr()).await;
     assert!(matches!(raw.call(declare("direct")).await, Body::QueueDeclareOk(_)));
@@ -270,7 +270,9 @@ async fn publish_through_an_exchange_is_not_allowed() {
         ..Default::default()
     });
     let request_id = raw.request(body).await;
-    assert_eq!(raw.error_response(request_id).await.0, ErrorCode::NotAllowed);
+    let (code, message) = raw.error_response(request_id).await;
+    assert_eq!(code, ErrorCode::InvalidArgument, "{message}");
+    assert!(message.contains("not both"), "{message}");
 }
 
 #[tokio::test]

@@ -132,7 +132,7 @@ async fn broker_errors_fail_only_their_request() {
     let second = conn.publish("b", "2", PublishOptions::default());
     let ids: Vec<u64> = [peer.recv().await.unwrap(), peer.recv().await.unwrap()].map(|f| f.request_id).into();
     // Answer out of order: the client matches answers by request id.
-    peer.send(&Frame::new(ids[1], Body::PublishOk(pb::PublishOk { message_id: 77 }))).await;
+    peer.send(&Frame::new(ids[1], Body::PublishOk(pb::PublishOk { message_id: 77, routed: 1 }))).await;
     peer.send(&Frame::error(ids[0], ErrorCode::NotFound, "no queue named 'a'")).await;
     assert_eq!(within("the second confirm", second).await.unwrap(), 77);
     match within("the first confirm", first).await {

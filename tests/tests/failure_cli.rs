@@ -13,22 +13,25 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The keys of a message printed by `consume --json` and `get --json`.
-const DELIVERY_KEYS: [&str; 12] = [
+const DELIVERY_KEYS: [&str; 14] = [
     "body",
     "content_type",
     "death",
     "deaths",
     "delivery_count",
     "delivery_tag",
+    "exchange",
     "headers",
     "message_id",
     "published_at_ms",
     "queue",
     "redelivered",
     "replay_count",
+    "routing_key",
 ];
 /// The keys of a death in `consume --json`.
-const DEATH_KEYS: [&str; 7] = ["count", "died_at", "error", "first_time", "last_time", "queue", "reason"];
+const DEATH_KEYS: [&str; 9] =
+    ["count", "died_at", "error", "exchange", "first_time", "last_time", "queue", "reason", "routing_key"];
 /// The keys of an event printed by `audit --json`.
 const AUDIT_KEYS: [&str; 9] = [
     "connection_id",

@@ -10,6 +10,7 @@
 //! async workers and never under a lock.
 
 mod consumers;
+mod exchanges;
 mod pull;
 mod queues;
 mod receipts;
@@ -30,6 +31,7 @@ use crate::mover::Moves;
 use crate::queue::{Queue, Registry};
 
 pub use consumers::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage, PublishTarget};
+pub use exchanges::Route;
 pub use pull::{Pull, PullBox, MAX_GET_COUNT};
 pub use view::{Delivery, MessageView, QueueInfo, Status};
 

@@ -118,6 +118,8 @@ pub(super) async fn get_queue(
 pub(super) struct DeclareBody {
     durable: bool,
     dead_letter: Option<String>,
+    dead_letter_exchange: Option<String>,
+    dead_letter_routing_key: Option<String>,
     max_deliveries: Option<u32>,
     retry_backoff_ms: Vec<u64>,
     message_ttl_ms: Option<u64>,
@@ -138,6 +140,8 @@ pub(super) async fn declare_queue(
     let settings = QueueSettings {
         durable: body.durable,
         dead_letter: body.dead_letter.unwrap_or_default(),
+        dead_letter_exchange: body.dead_letter_exchange.unwrap_or_default(),
+        dead_letter_routing_key: body.dead_letter_routing_key.unwrap_or_default(),
         max_deliveries: body.max_deliveries.unwrap_or(0),
         retry_backoff_ms: body.retry_backoff_ms,
         message_ttl_ms: body.message_ttl_ms.unwrap_or(0),
@@ -250,7 +254,7 @@ pub(super) async fn publish(
     let (confirm, confirmed) = confirm_channel();
     engine.publish(&CALLER, &name, message, confirm)?;
     match confirmed.await {
-        Ok(Ok(Outcome::Published { message_id })) => {
+        Ok(Ok(Outcome::Published { message_id, .. })) => {
             Ok((StatusCode::CREATED, Json(json!({"message_id": message_id.to_string()}))))
         }
         Ok(Err(err)) => Err(err.into()),

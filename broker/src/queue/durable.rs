@@ -524,7 +524,7 @@ fn apply_batch(
                 message.location = Some(location);
                 live.state.unreserve(u64::from(message.size));
                 live.state.admit(message);
-                confirms.push((confirm, Ok(Outcome::Published { message_id: id })));
+                confirms.push((confirm, Ok(Outcome::Published { message_id: id, routed: 1 })));
             }
             let now = super::now_ms();
             let mut journal = durable.journal(disk, &mut deaths);

@@ -38,6 +38,8 @@ pub enum Outcome {
     Published {
         /// Its id.
         message_id: u64,
+        /// How many queues took it.
+        routed: u32,
     },
     /// Deliveries were settled, and the settlement is as durable as a publish confirm.
     Settled {
@@ -90,11 +92,13 @@ impl Confirm {
             return vec![self];
         }
         struct Shared {
+            routed: u32,
             remaining: std::sync::atomic::AtomicUsize,
             refused: Mutex<Option<BrokerError>>,
             confirm: Mutex<Option<Confirm>>,
         }
         let shared = Arc::new(Shared {
+            routed: targets.len() as u32,
             remaining: std::sync::atomic::AtomicUsize::new(targets.len()),
             refused: Mutex::new(None),
             confirm: Mutex::new(Some(self)),
@@ -115,9 +119,12 @@ impl Confirm {
                         let confirm = shared.confirm.lock().take();
                         let refused = shared.refused.lock().take();
                         if let Some(confirm) = confirm {
-                            confirm.send(match refused {
-                                Some(err) => Err(err),
-                                None => result,
+                            confirm.send(match (refused, result) {
+                                (Some(err), _) => Err(err),
+                                (None, Ok(Outcome::Published { message_id, .. })) => {
+                                    Ok(Outcome::Published { message_id, routed: shared.routed })
+                                }
+                                (None, other) => other,
                             });
                         }
                     }
@@ -129,6 +136,36 @@ impl Confirm {
 
 /// Where a consumer's deliveries go: a front end's connection, or a pull consumer's box.
 pub type Subscriber = Arc<dyn Sink + Send + Sync>;
+
+/// The targets of one dead message still to confirm, and what to do once they all have.
+struct PendingDeath {
+    remaining: std::sync::atomic::AtomicUsize,
+    refused: AtomicBool,
+    settle: Mutex<Option<Settle>>,
+}
+
+/// What runs once every target of a dead message answered.
+type Settle = Box<dyn FnOnce(Result<Outcome, BrokerError>) + Send>;
+
+impl PendingDeath {
+    /// One share answered; the last one settles (or, if a target failed later, keeps the
+    /// message in its old queue's log).
+    fn answer(&self, ok: bool) {
+        if !ok {
+            self.refused.store(true, Ordering::Release);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(settle) = self.settle.lock().take() {
+                let result = if self.refused.load(Ordering::Acquire) {
+                    Err(BrokerError::ResourceLimit("a dead-letter target failed to store the message".into()))
+                } else {
+                    Ok(Outcome::Settled { count: 1 })
+                };
+                settle(result);
+            }
+        }
+    }
+}
 
 /// How long dead messages whose bodies could not be read wait before the next try.
 const PARKED_RETRY_MS: u64 = 500;
@@ -311,6 +348,36 @@ impl Queue {
         ttl_ms: u64,
         confirm: Confirm,
     ) -> Result<(), BrokerError> {
+        self.offer(payload, delay_ms, ttl_ms, confirm).map_err(|(err, _)| err)
+    }
+
+    /// Like [`Queue::publish`], but a refusal is answered through `confirm` too: for a message
+    /// routed to several queues, whose one confirm waits for every queue's answer.
+    pub fn publish_or_refuse(&self, payload: Arc<Payload>, delay_ms: u64, ttl_ms: u64, confirm: Confirm) {
+        if let Err((err, confirm)) = self.offer(payload, delay_ms, ttl_ms, confirm) {
+            confirm.send(Err(err));
+        }
+    }
+
+    /// Like [`Queue::publish`], giving the confirm back with a refusal.
+    pub(crate) fn try_publish(
+        &self,
+        payload: Arc<Payload>,
+        delay_ms: u64,
+        ttl_ms: u64,
+        confirm: Confirm,
+    ) -> Result<(), (BrokerError, Confirm)> {
+        self.offer(payload, delay_ms, ttl_ms, confirm)
+    }
+
+    /// Takes the message, or gives the confirm back with the reason it did not.
+    fn offer(
+        &self,
+        payload: Arc<Payload>,
+        delay_ms: u64,
+        ttl_ms: u64,
+        confirm: Confirm,
+    ) -> Result<(), (BrokerError, Confirm)> {
         let now = now_ms();
         let size = payload.size() as u64;
         let id = payload.id;
@@ -318,42 +385,45 @@ impl Queue {
         let mut guard = self.state.lock();
         let live = &mut *guard;
         if live.deleted {
-            return Err(BrokerError::queue_not_found(&self.name));
+            return Err((BrokerError::queue_not_found(&self.name), confirm));
         }
-        let outcome = match (&mut live.disk, &self.durable) {
+        let room = match (&mut live.disk, &self.durable) {
             (Some(disk), Some(durable)) => {
-                live.state.make_room(size, &mut durable.journal(disk, &mut deaths)).map(|()| {
-                    let mut message = QueuedMessage::transient(live.state.reserve_seq(), payload);
-                    message.set_expires_at_ms(live.state.expiry_for(now, ttl_ms));
-                    message.set_due_ms(if delay_ms > 0 { state::deadline(now, delay_ms) } else { 0 });
-                    live.state.reserve(size);
-                    durable.append_publish(disk, message, confirm);
-                    None
-                })
+                live.state.make_room(size, &mut durable.journal(disk, &mut deaths))
+            }
+            _ => live.state.make_room(size, &mut MemJournal { deaths: &mut deaths }),
+        };
+        if let Err(full) = room {
+            let next = live.state.next_timer();
+            drop(guard);
+            self.after_unlock(deaths, next);
+            let err = BrokerError::ResourceLimit(format!("queue '{}' is full ({})", self.name, full.0));
+            return Err((err, confirm));
+        }
+        let now_confirmed = match (&mut live.disk, &self.durable) {
+            (Some(disk), Some(durable)) => {
+                let mut message = QueuedMessage::transient(live.state.reserve_seq(), payload);
+                message.set_expires_at_ms(live.state.expiry_for(now, ttl_ms));
+                message.set_due_ms(if delay_ms > 0 { state::deadline(now, delay_ms) } else { 0 });
+                live.state.reserve(size);
+                durable.append_publish(disk, message, confirm);
+                // A durable queue confirms from its log thread.
+                None
             }
             _ => {
                 let mut journal = MemJournal { deaths: &mut deaths };
-                live.state.make_room(size, &mut journal).map(|()| {
-                    live.state.publish(payload, now, delay_ms, ttl_ms);
-                    live.state.dispatch(now, &mut journal);
-                    Some(confirm)
-                })
+                live.state.publish(payload, now, delay_ms, ttl_ms);
+                live.state.dispatch(now, &mut journal);
+                Some(confirm)
             }
         };
         let next = live.state.next_timer();
         drop(guard);
         self.after_unlock(deaths, next);
-        match outcome {
-            // A durable queue confirms from its log thread.
-            Ok(None) => Ok(()),
-            Ok(Some(confirm)) => {
-                confirm.send(Ok(Outcome::Published { message_id: id }));
-                Ok(())
-            }
-            Err(full) => {
-                Err(BrokerError::ResourceLimit(format!("queue '{}' is full ({})", self.name, full.0)))
-            }
+        if let Some(confirm) = now_confirmed {
+            confirm.send(Ok(Outcome::Published { message_id: id, routed: 1 }));
         }
+        Ok(())
     }
 
     /// Sends `response` once everything this queue has buffered for its log so far is as
@@ -507,35 +577,46 @@ impl Queue {
             routing_key: payload.routing_key.clone(),
         };
         let registry = self.registry.upgrade();
-        let target = match (&registry, self.settings.dead_letter.as_str()) {
-            (Some(registry), name) if !name.is_empty() => registry.get(name).ok(),
-            _ => None,
-        };
-        // Try the dead-letter queue first: a refusal (e.g. it is full) turns this into a drop,
+        let (targets, moved) = self.dead_letter_targets(registry.as_deref(), &payload, death);
+        // Offer it to every target first: a refusal (e.g. a full queue) turns this into a drop,
         // and the audit trail must say what happened, not what was meant.
         let (seq, location) = (message.seq, message.location);
-        let delivered_to = target.and_then(|target| {
-            let settle_here = {
-                let me = self.me.clone();
-                move |result: Result<Outcome, BrokerError>| {
-                    if let Err(err) = &result {
-                        tracing::error!(error = %err, "dead-letter queue refused a message; it stays in its queue's log");
-                        return;
-                    }
-                    if let (Some(queue), Some(location)) = (me.upgrade(), location) {
-                        queue.settle_stored(seq, location);
-                    }
+        let settle_here = {
+            let me = self.me.clone();
+            move |result: Result<Outcome, BrokerError>| {
+                if let Err(err) = &result {
+                    tracing::error!(error = %err, "dead-letter queue refused a message; it stays in its queue's log");
+                    return;
                 }
-            };
-            let moved = Arc::new(payload.with_death(death));
-            match target.publish(moved, 0, 0, Confirm::Callback(Box::new(settle_here))) {
-                Ok(()) => Some(target),
-                Err(err) => {
-                    tracing::error!(queue = %self.name, dead_letter = %target.name(), error = %err, "dead-letter queue refused the message; dropped");
-                    None
+                if let (Some(queue), Some(location)) = (me.upgrade(), location) {
+                    queue.settle_stored(seq, location);
                 }
             }
+        };
+        // Each target that takes the message holds a share; the router holds one more while it
+        // offers, so the settle runs once, after the last accepted target confirmed.
+        let pending = Arc::new(PendingDeath {
+            remaining: std::sync::atomic::AtomicUsize::new(1),
+            refused: AtomicBool::new(false),
+            settle: Mutex::new(Some(Box::new(settle_here))),
         });
+        let mut taken_by = Vec::new();
+        for target in &targets {
+            pending.remaining.fetch_add(1, Ordering::AcqRel);
+            let share = pending.clone();
+            let confirm = Confirm::Callback(Box::new(move |result| share.answer(result.is_ok())));
+            match target.try_publish(moved.clone(), 0, 0, confirm) {
+                Ok(()) => taken_by.push(target.name().to_owned()),
+                Err((err, _)) => {
+                    pending.remaining.fetch_sub(1, Ordering::AcqRel);
+                    tracing::error!(queue = %self.name, dead_letter = %target.name(), error = %err, "dead-letter queue refused the message");
+                }
+            }
+        }
+        let delivered_to = (!taken_by.is_empty()).then(|| taken_by.join(","));
+        if delivered_to.is_some() {
+            pending.answer(true);
+        }
         if delivered_to.is_none() {
             // Dropped: it leaves this queue's log now.
             if let Some(location) = location {
@@ -551,13 +632,13 @@ impl Queue {
             consumer_id: failure.consumer_id,
             connection_id: failure.connection_id,
             error: failure.error,
-            dead_letter: delivered_to.as_ref().map(|q| q.name().to_owned()).unwrap_or_default(),
+            dead_letter: delivered_to.clone().unwrap_or_default(),
         };
         match &delivered_to {
             Some(target) => tracing::info!(
                 queue = %self.name, message_id = payload.id, reason = reason.as_str(), count = message.delivery_count,
                 consumer_id = event.consumer_id, connection_id = event.connection_id, error = %event.error,
-                dead_letter = %target.name(), "message dead-lettered"
+                dead_letter = %target, "message dead-lettered"
             ),
             None => tracing::warn!(
                 queue = %self.name, message_id = payload.id, reason = reason.as_str(), count = message.delivery_count,
@@ -569,6 +650,43 @@ impl Queue {
         if let Some(registry) = &registry {
             registry.audit().record(&event);
         }
+    }
+
+    /// Where a dead message goes: the dead-letter queue, and the queues the dead-letter exchange
+    /// routes it to (with the dead-letter routing key, or its own), each once; and the message
+    /// as it goes there, with its death added and, through an exchange, its new exchange and key.
+    fn dead_letter_targets(
+        &self,
+        registry: Option<&Registry>,
+        payload: &Payload,
+        death: Death,
+    ) -> (Vec<Arc<Queue>>, Arc<Payload>) {
+        let mut moved = payload.with_death(death);
+        let Some(registry) = registry else { return (Vec::new(), Arc::new(moved)) };
+        let mut targets: Vec<Arc<Queue>> = Vec::new();
+        if !self.settings.dead_letter.is_empty() {
+            targets.extend(registry.get(&self.settings.dead_letter).ok());
+        }
+        let exchange = &self.settings.dead_letter_exchange;
+        if !exchange.is_empty() {
+            let key = match self.settings.dead_letter_routing_key.as_str() {
+                "" => payload.routing_key.clone(),
+                key => key.to_owned(),
+            };
+            match registry.route(exchange, &key, &payload.headers) {
+                Ok(routed) => {
+                    for queue in routed.queues {
+                        if !targets.iter().any(|t| Arc::ptr_eq(t, &queue)) {
+                            targets.push(queue);
+                        }
+                    }
+                    moved.exchange = exchange.clone();
+                    moved.routing_key = key;
+                }
+                Err(err) => tracing::warn!(queue = %self.name, error = %err, "dead-letter exchange unusable"),
+            }
+        }
+        (targets, Arc::new(moved))
     }
 
     /// Records in the log that a stored message left the queue (it is already gone from

@@ -7,7 +7,7 @@ use std::time::Duration;
 use hopper_proto::{pb, Body, Frame};
 
 use super::Session;
-use crate::engine::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage, Pull};
+use crate::engine::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage, Pull, Route};
 use crate::error::BrokerError;
 use crate::queue::{Confirm, Replies, Subscriber};
 use crate::wire;
@@ -22,13 +22,28 @@ const GET_OK_OVERHEAD: usize = 1024;
 impl Session {
     /// Publishes to a queue, which confirms (at once, or once the message is on disk).
     pub(super) fn publish(&mut self, request_id: u64, publish: pb::Publish) -> Result<(), BrokerError> {
-        if !publish.exchange.is_empty() || !publish.routing_key.is_empty() {
-            return Err(BrokerError::NotAllowed(
-                "exchanges and routing keys are not supported in protocol version 1; publish to a queue by name"
-                    .into(),
+        self.publisher = true;
+        if !publish.queue.is_empty() && (!publish.exchange.is_empty() || !publish.routing_key.is_empty()) {
+            return Err(BrokerError::InvalidArgument(
+                "a publish names a queue, or an exchange and a routing key, not both".into(),
             ));
         }
-        self.publisher = true;
+        if publish.queue.is_empty() {
+            let message = NewMessage {
+                body: publish.body,
+                headers: publish.headers,
+                content_type: publish.content_type,
+                delay_ms: publish.delay_ms,
+                ttl_ms: publish.ttl_ms,
+            };
+            let route = Route {
+                exchange: &publish.exchange,
+                routing_key: &publish.routing_key,
+                mandatory: publish.mandatory,
+            };
+            let confirm = Confirm::reply(self.replies(), request_id);
+            return self.engine.publish_routed(&self.caller, route, message, confirm).map(|_| ());
+        }
         let message = NewMessage {
             body: publish.body,
             headers: publish.headers,
@@ -152,6 +167,51 @@ impl Session {
     pub(super) async fn audit(&mut self, query: pb::AuditQuery) -> Result<Body, BrokerError> {
         let events = self.engine.audit(&self.caller, query.queue, query.since_ms, query.limit).await?;
         Ok(Body::AuditEvents(pb::AuditEvents { events: events.into_iter().map(wire::audit_event).collect() }))
+    }
+
+    pub(super) async fn declare_exchange(
+        &mut self,
+        declare: pb::ExchangeDeclare,
+    ) -> Result<Body, BrokerError> {
+        let spec = wire::exchange_spec(&declare).or_else(|err| match declare.passive {
+            // A passive declare only names the exchange.
+            true => Ok(crate::routing::ExchangeSpec {
+                name: declare.name.clone(),
+                kind: crate::routing::ExchangeKind::Direct,
+                durable: false,
+                alternate: None,
+            }),
+            false => Err(err),
+        })?;
+        let (view, created) = self.engine.declare_exchange(&self.caller, spec, declare.passive).await?;
+        Ok(Body::ExchangeDeclareOk(pb::ExchangeDeclareOk {
+            exchange: Some(wire::exchange_info(view)),
+            created,
+        }))
+    }
+
+    pub(super) async fn bind(&mut self, bind: pb::Bind) -> Result<Body, BrokerError> {
+        let (source, binding) = wire::binding_from_wire(bind.binding)?;
+        let created = self.engine.bind(&self.caller, &source, binding).await?;
+        Ok(Body::BindOk(pb::BindOk { created }))
+    }
+
+    pub(super) async fn unbind(&mut self, unbind: pb::Unbind) -> Result<Body, BrokerError> {
+        let (source, binding) = wire::binding_from_wire(unbind.binding)?;
+        let removed = self.engine.unbind(&self.caller, &source, binding).await?;
+        Ok(Body::UnbindOk(pb::UnbindOk { removed }))
+    }
+
+    pub(super) fn bindings(&self, list: pb::BindingList) -> Body {
+        let exchange = (!list.exchange.is_empty()).then_some(list.exchange.as_str());
+        let queue = (!list.queue.is_empty()).then_some(list.queue.as_str());
+        let bindings = self
+            .engine
+            .list_bindings(&self.caller, exchange, queue)
+            .into_iter()
+            .map(|(source, binding)| wire::binding_to_wire(source, binding))
+            .collect();
+        Body::BindingListOk(pb::BindingListOk { bindings })
     }
 
     /// Unsubscribes every consumer of this connection; their unacked messages go back, each

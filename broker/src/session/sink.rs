@@ -45,8 +45,8 @@ impl Sink for Outbox {
 impl Replies for Outbox {
     fn reply(&self, request_id: u64, result: Result<Outcome, BrokerError>) {
         let frame = match result {
-            Ok(Outcome::Published { message_id }) => {
-                Frame::new(request_id, Body::PublishOk(pb::PublishOk { message_id }))
+            Ok(Outcome::Published { message_id, routed }) => {
+                Frame::new(request_id, Body::PublishOk(pb::PublishOk { message_id, routed }))
             }
             Ok(Outcome::Settled { count }) => {
                 Frame::new(request_id, Body::SettleOk(pb::SettleOk { settled: count }))

@@ -92,6 +92,8 @@ mod tests {
             first_failure_ms: 1,
             last_failure_ms: 2,
             died_at_ms: 3,
+            exchange: String::new(),
+            routing_key: String::new(),
         };
         assert_eq!(
             serde_json::to_value(death.to_json()).unwrap(),
@@ -102,7 +104,9 @@ mod tests {
                 "error": "boom",
                 "first_time": 1,
                 "last_time": 2,
-                "died_at": 3
+                "died_at": 3,
+                "exchange": "",
+                "routing_key": ""
             })
         );
     }
@@ -165,9 +169,13 @@ mod tests {
                 first_failure_ms: 0,
                 last_failure_ms: 0,
                 died_at_ms: 5,
+                exchange: String::new(),
+                routing_key: String::new(),
             }],
             replay_count: 2,
             deaths_omitted: 0,
+            exchange: String::new(),
+            routing_key: String::new(),
         };
         assert_eq!(peeked(std::slice::from_ref(&message), "jobs.dead", false).unwrap(), "hello\n");
         let line = peeked(std::slice::from_ref(&message), "jobs.dead", true).unwrap();
@@ -183,12 +191,14 @@ mod tests {
                 "death",
                 "deaths",
                 "delivery_count",
+                "exchange",
                 "headers",
                 "message_id",
                 "published_at_ms",
                 "queue",
                 "redelivered",
-                "replay_count"
+                "replay_count",
+                "routing_key"
             ]
         );
         assert_eq!((value["queue"].as_str(), value["replay_count"].as_u64()), (Some("jobs.dead"), Some(2)));

@@ -199,7 +199,7 @@ fn plural(count: u32, noun: &str) -> String {
 }
 
 /// `yes` or `no`, for boolean columns.
-fn yes_no(value: bool) -> &'static str {
+pub fn yes_no(value: bool) -> &'static str {
     if value {
         "yes"
     } else {

@@ -237,6 +237,8 @@ mod tests {
                 "alarm_depth",
                 "consumers",
                 "dead_letter",
+                "dead_letter_exchange",
+                "dead_letter_routing_key",
                 "dead_lettered",
                 "delayed",
                 "delivered",
@@ -266,6 +268,8 @@ mod tests {
         assert_eq!(object["delayed"], serde_json::json!(4));
         for unset in [
             "dead_letter",
+            "dead_letter_exchange",
+            "dead_letter_routing_key",
             "max_deliveries",
             "message_ttl_ms",
             "ack_timeout_ms",
