@@ -27,7 +27,7 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// A JSON request body whose problems are answered in the API's error shape. An empty body
 /// stands for the type's default (every field unset).
-pub(super) struct ApiJson<T>(T);
+pub(super) struct ApiJson<T>(pub(super) T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
@@ -61,7 +61,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::Fr
 }
 
 /// HTTP requests belong to no connection: pulled messages are settled by receipt.
-const CALLER: Caller = Caller { connection_id: 0 };
+pub(super) const CALLER: Caller = Caller { connection_id: 0 };
 /// Visibility of pulled messages when the request names none, in seconds (as SQS's default).
 const DEFAULT_VISIBILITY_S: f64 = 30.0;
 /// Longest long poll, in seconds.
@@ -187,7 +187,7 @@ pub(super) async fn set_alarm(
 }
 
 /// A duration in a request: a number of seconds, or a string like "500ms", "2s", "1m".
-fn duration_ms(value: &Option<Value>, what: &str) -> ApiResult<u64> {
+pub(super) fn duration_ms(value: &Option<Value>, what: &str) -> ApiResult<u64> {
     match value {
         None | Some(Value::Null) => Ok(0),
         Some(Value::Number(n)) => {
@@ -263,7 +263,7 @@ pub(super) async fn publish(
 }
 
 /// A confirm whose outcome arrives on the returned channel.
-fn confirm_channel() -> (Confirm, oneshot::Receiver<Result<Outcome, BrokerError>>) {
+pub(super) fn confirm_channel() -> (Confirm, oneshot::Receiver<Result<Outcome, BrokerError>>) {
     let (tx, rx) = oneshot::channel();
     let confirm = Confirm::Callback(Box::new(move |result| {
         let _ = tx.send(result);

@@ -3,6 +3,7 @@
 //! (same queues, same flow control), it is not a second process.
 
 mod api;
+mod exchanges;
 mod metrics;
 
 use std::sync::Arc;
@@ -48,6 +49,10 @@ fn router(engine: Arc<Engine>) -> Router {
         .route("/api/queues/{name}/peek", get(api::peek))
         .route("/api/queues/{name}/move", post(api::start_move))
         .route("/api/moves", get(api::list_moves))
+        .route("/api/exchanges", get(exchanges::list))
+        .route("/api/exchanges/{name}", put(exchanges::declare).delete(exchanges::delete))
+        .route("/api/exchanges/{name}/messages", post(exchanges::publish))
+        .route("/api/bindings", get(exchanges::bindings).post(exchanges::bind).delete(exchanges::unbind))
         .with_state(engine)
 }
 
