@@ -259,4 +259,6 @@ pub fn error_code(code: i32) -> ErrorCode {
 }
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
