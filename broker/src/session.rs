@@ -308,14 +308,16 @@ impl Session {
                 // Before the handshake the peer may not speak this protocol at all.
                 return Handled::Done(if handshaken { Flow::Continue } else { Flow::Close });
             }
-            Inbound::Malformed(err) => {
-                tracing::info!(error = %err, "malformed frame");
-                let message = format!("malformed frame: {err}");
+            Inbound::Malformed { request_id, error } => {
+                tracing::info!(request_id, %error, "malformed frame");
+                let message = format!("malformed frame: {error}");
                 if !handshaken {
                     self.outbox.push(&close_frame(ErrorCode::ProtocolViolation, &message));
                     return Handled::Done(Flow::Close);
                 }
-                self.outbox.push(&Frame::error(0, ErrorCode::ProtocolViolation, message));
+                // Answering the id the frame declared lets the client fail that request now
+                // rather than at its timeout.
+                self.outbox.push(&Frame::error(request_id, ErrorCode::ProtocolViolation, message));
                 return Handled::Done(Flow::Continue);
             }
         };

@@ -337,8 +337,14 @@ impl Reader {
                 }
                 None
             }
-            Some(Ok(Inbound::Malformed(err))) => {
-                warn!(error = %err, "broker sent a malformed frame; skipped");
+            Some(Ok(Inbound::Malformed { request_id, error })) => {
+                warn!(request_id, %error, "broker sent a malformed frame; skipped");
+                if let Some(request) = self.shared.take_request(request_id) {
+                    self.complete(
+                        request,
+                        Err(Error::Protocol(format!("the broker's response is malformed: {error}"))),
+                    );
+                }
                 None
             }
             Some(Err(err)) => Some(CloseReason::lost(format!("reading from the broker failed: {err}"))),

@@ -5,12 +5,14 @@ mod support;
 
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures::StreamExt;
 use hopper_client::{
     ConnectOptions, Connection, ConsumeOptions, Error, ErrorCode, PublishOptions, QueueOptions,
 };
-use hopper_proto::{pb, Body};
+use hopper_proto::{encode_frame, pb, Body, Frame, LENGTH_PREFIX};
 use support::{connect, connect_with, consume, deliver, hello_ok};
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
 async fn handshake_reports_negotiated_values() {
@@ -94,6 +96,29 @@ async fn declare_returns_the_queue_description() {
     });
     let info = info.unwrap();
     assert_eq!((info.name.as_str(), info.durable, info.ready), ("jobs", true, 4));
+}
+
+#[tokio::test]
+async fn a_malformed_answer_fails_the_request_it_names() {
+    let (conn, mut peer) = connect().await;
+    let (result, ()) = tokio::join!(conn.queue_stats("q"), async {
+        let (id, _) = peer.recv_request().await;
+        // The request id (field 1), then a `QueueInfo` field declaring more bytes than follow.
+        let mut frame = BytesMut::new();
+        encode_frame(&Frame { request_id: id, body: None }, u32::MAX, &mut frame).unwrap();
+        frame.extend_from_slice(&[0x9a, 0x01, 50, 1, 2]);
+        let len = (frame.len() - LENGTH_PREFIX) as u32;
+        frame[..LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+        peer.write.write_all(&frame).await.unwrap();
+    });
+    // Failed at once, not at the request timeout, and the connection goes on.
+    let err = result.unwrap_err();
+    assert!(matches!(err, Error::Protocol(ref message) if message.contains("malformed")), "{err}");
+    let (result, ()) = tokio::join!(conn.queue_stats("q"), async {
+        let (id, _) = peer.recv_request().await;
+        peer.send(id, Body::QueueInfo(pb::QueueInfo { name: "q".into(), ..Default::default() })).await;
+    });
+    assert_eq!(result.unwrap().name, "q");
 }
 
 #[tokio::test]

@@ -15,7 +15,9 @@
 //! first) and exactly one command or event in its `body` oneof. A receiver that meets a frame
 //! longer than the negotiated maximum skips its bytes and reports
 //! [`Inbound::Oversize`] with the request id read from the frame's first bytes, so the
-//! connection can go on. See `docs/protocol.md` for the session rules.
+//! connection can go on. A frame of the right length whose bytes do not decode is reported as
+//! [`Inbound::Malformed`] with the request id read the same way, so the sender learns which of
+//! its requests failed. See `docs/protocol.md` for the session rules.
 
 use bytes::{Buf, BufMut, BytesMut};
 use prost::Message as _;
@@ -170,7 +172,13 @@ pub enum Inbound {
     },
     /// A frame whose length was fine but whose bytes are not a valid `Frame`. Framing is intact,
     /// so the next frame can still be read.
-    Malformed(prost::DecodeError),
+    Malformed {
+        /// Request id read from the frame's first bytes (0 if it could not be read), so the
+        /// error can answer the request instead of leaving it to time out.
+        request_id: u64,
+        /// Why the bytes did not decode.
+        error: prost::DecodeError,
+    },
 }
 
 /// Splits a byte stream into frames. Keeps the state needed to skip oversize frames.
@@ -229,10 +237,15 @@ impl FrameDecoder {
             return None;
         }
         src.advance(LENGTH_PREFIX);
+        // Decoding consumes the bytes, so the few that may hold the request id are copied
+        // aside first: cheaper than keeping a second handle on the frame for the rare error.
+        let mut head = [0u8; REQUEST_ID_PREFIX];
+        let head_len = len.min(REQUEST_ID_PREFIX);
+        head[..head_len].copy_from_slice(&src[..head_len]);
         let bytes = src.split_to(len).freeze();
         Some(match Frame::decode(bytes) {
             Ok(frame) => Inbound::Frame(frame),
-            Err(err) => Inbound::Malformed(err),
+            Err(error) => Inbound::Malformed { request_id: peek_request_id(&head[..head_len]), error },
         })
     }
 
@@ -257,5 +270,7 @@ pub fn error_code(code: i32) -> ErrorCode {
     ErrorCode::try_from(code).unwrap_or(ErrorCode::Unspecified)
 }
 
+#[cfg(test)]
+mod prop_tests;
 #[cfg(test)]
 mod tests;

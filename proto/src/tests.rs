@@ -368,9 +368,81 @@ fn garbage_bytes_are_malformed_not_a_panic() {
     buf.put_u32(6);
     buf.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
     buf.put_u32(0);
-    assert!(matches!(decoder.decode(&mut buf), Some(Inbound::Malformed(_))));
+    // Garbage does not start with field 1, so there is no request id to report.
+    assert!(matches!(decoder.decode(&mut buf), Some(Inbound::Malformed { request_id: 0, .. })));
     // Framing survived: the empty frame behind the garbage decodes.
     assert_eq!(decoder.decode(&mut buf), Some(Inbound::Frame(Frame::default())));
+}
+
+/// A frame declaring `payload.len()` bytes and holding `payload`.
+fn raw_frame(payload: &[u8]) -> BytesMut {
+    let mut buf = BytesMut::new();
+    buf.put_u32(payload.len() as u32);
+    buf.extend_from_slice(payload);
+    buf
+}
+
+/// A frame that starts with `request_id` (field 1) and goes on with `rest`.
+fn frame_with_request_id(request_id: u64, rest: &[u8]) -> BytesMut {
+    let mut payload = vec![0x08];
+    prost::encoding::encode_varint(request_id, &mut payload);
+    payload.extend_from_slice(rest);
+    raw_frame(&payload)
+}
+
+// Field 2 (`hello`), length-delimited, declaring 100 bytes of which only 3 follow.
+const CUT_SHORT_HELLO: &[u8] = &[0x12, 100, 1, 2, 3];
+
+#[test]
+fn malformed_frame_keeps_its_request_id() {
+    for request_id in [1, 300, 1 << 40, u64::MAX] {
+        let mut buf = frame_with_request_id(request_id, CUT_SHORT_HELLO);
+        encode_frame(&Frame::new(9, Body::Heartbeat(Heartbeat {})), DEFAULT_MAX_FRAME_SIZE, &mut buf)
+            .unwrap();
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_SIZE);
+        match decoder.decode(&mut buf) {
+            Some(Inbound::Malformed { request_id: got, .. }) => assert_eq!(got, request_id),
+            other => panic!("expected a malformed frame, got {other:?}"),
+        }
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Some(Inbound::Frame(Frame::new(9, Body::Heartbeat(Heartbeat {}))))
+        );
+    }
+}
+
+#[test]
+fn malformed_frame_with_an_unreadable_request_id_reports_zero() {
+    let cases: [&[u8]; 3] = [
+        // The tag of field 1 and nothing else: the varint is missing.
+        &[0x08],
+        // A varint that never ends within the frame.
+        &[0x08, 0xff, 0xff, 0xff],
+        // Eleven continuation bytes: longer than any u64 varint.
+        &[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+    ];
+    for payload in cases {
+        let mut buf = raw_frame(payload);
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_SIZE);
+        assert!(
+            matches!(decoder.decode(&mut buf), Some(Inbound::Malformed { request_id: 0, .. })),
+            "payload {payload:02x?}"
+        );
+        assert!(buf.is_empty(), "the whole frame is consumed: {payload:02x?}");
+    }
+}
+
+#[test]
+fn malformed_frame_split_across_reads_keeps_its_request_id() {
+    let wire = frame_with_request_id(77, CUT_SHORT_HELLO);
+    let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_SIZE);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for byte in wire.iter() {
+        buf.put_u8(*byte);
+        out.extend(decoder.decode(&mut buf));
+    }
+    assert!(matches!(out.as_slice(), [Inbound::Malformed { request_id: 77, .. }]), "{out:?}");
 }
 
 #[test]

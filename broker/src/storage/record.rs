@@ -388,6 +388,9 @@ fn get_str(b: &mut Bytes) -> Result<String, RecordError> {
 }
 
 #[cfg(test)]
+mod prop_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

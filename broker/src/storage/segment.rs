@@ -15,6 +15,9 @@ pub use crate::message::Location;
 /// First bytes of every segment file: "HOPSEG" and a format version.
 pub const MAGIC: &[u8; 8] = b"HOPSEG\x00\x01";
 
+/// Largest segment id a [`Location`] can name.
+pub const MAX_ID: u64 = u32::MAX as u64;
+
 /// Path of segment `id` in `dir`.
 pub fn path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.seg"))
@@ -111,9 +114,19 @@ pub struct Scan {
 /// truncated there. A bad record in an older segment is reported with its file and offset and
 /// the rest of that segment is skipped; the other segments still load.
 pub fn scan(dir: &Path) -> io::Result<Scan> {
-    let ids = list(dir)?;
-    let mut live: HashMap<u64, Found> = HashMap::new();
     let mut result = Scan::default();
+    let mut ids = list(dir)?;
+    // A message's location holds its segment id in 32 bits. Ids count up from 1, so a larger
+    // one was not written by the broker: such a file is left alone rather than read under a
+    // truncated id that names another segment.
+    for &id in ids.iter().filter(|&&id| id > MAX_ID) {
+        result.problems.push(Problem::error(format!(
+            "{}: segment id is above {MAX_ID}; skipped",
+            path(dir, id).display()
+        )));
+    }
+    ids.retain(|&id| id <= MAX_ID);
+    let mut live: HashMap<u64, Found> = HashMap::new();
     let mut next_seq = 0u64;
     for (index, &id) in ids.iter().enumerate() {
         let newest = index + 1 == ids.len();
@@ -141,12 +154,13 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
             match record::frame_len(&bytes[at..]) {
                 Ok(len) => {
                     let location = Location::new(id, at as u64, (record::HEADER + len) as u32);
-                    apply(
-                        &bytes[at + record::HEADER..at + record::HEADER + len],
-                        location,
-                        &mut live,
-                        &mut next_seq,
-                    );
+                    let fields = &bytes[at + record::HEADER..at + record::HEADER + len];
+                    if let Err(why) = apply(fields, location, &mut live, &mut next_seq) {
+                        result.problems.push(Problem::error(format!(
+                            "{}: record at offset {at} {why}; skipped",
+                            file_path.display()
+                        )));
+                    }
                     at += record::HEADER + len;
                 }
                 Err(err) if newest => {
@@ -182,16 +196,24 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
 }
 
 /// Applies one checksummed record. Publish records are read by their fixed fields only:
-/// recovery never parses bodies or headers.
-fn apply(fields: &[u8], location: Location, live: &mut HashMap<u64, Found>, next_seq: &mut u64) {
+/// recovery never parses bodies or headers. A record that cannot be applied says why.
+fn apply(
+    fields: &[u8],
+    location: Location,
+    live: &mut HashMap<u64, Found>,
+    next_seq: &mut u64,
+) -> Result<(), &'static str> {
     let u64_at =
         |at: usize| fields.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
     let u32_at =
         |at: usize| fields.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
     match (fields.first(), u64_at(publish_at::SEQ)) {
         (Some(&record::KIND_PUBLISH), Some(seq)) => {
+            // Seqs count up from 0 and never reach the last one, so there is always a seq after
+            // every stored message for the next publish; a record claiming it is forged.
+            let after = seq.checked_add(1).ok_or("claims the last possible seq")?;
             let delivery_count = u32_at(publish_at::DELIVERY_COUNT).unwrap_or(0);
-            *next_seq = (*next_seq).max(seq + 1);
+            *next_seq = (*next_seq).max(after);
             // A compaction copy supersedes the original; the higher delivery count wins.
             let found = live.entry(seq).or_insert(Found {
                 seq,
@@ -214,7 +236,7 @@ fn apply(fields: &[u8], location: Location, live: &mut HashMap<u64, Found>, next
             }
         }
         (Some(&record::KIND_FAILED), Some(seq)) => {
-            let Some(found) = live.get_mut(&seq) else { return };
+            let Some(found) = live.get_mut(&seq) else { return Ok(()) };
             if let Ok(Record::Failed { delivery_count, due_ms, failure, .. }) =
                 record::parse(bytes::Bytes::copy_from_slice(fields))
             {
@@ -224,5 +246,53 @@ fn apply(fields: &[u8], location: Location, live: &mut HashMap<u64, Found>, next
             }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Payload;
+
+    /// A segment file: the magic, then a publish record for each of `seqs`.
+    fn segment_with(seqs: &[u64]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        for &seq in seqs {
+            record::encode_publish(&mut bytes, seq, 0, 0, 0, &Payload::default());
+        }
+        bytes
+    }
+
+    fn seqs(scan: &Scan) -> Vec<u64> {
+        scan.messages.iter().map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn a_segment_id_beyond_32_bits_is_reported_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(path(dir.path(), 1), segment_with(&[0, 1])).unwrap();
+        let stray = path(dir.path(), MAX_ID + 2);
+        std::fs::write(&stray, segment_with(&[5])).unwrap();
+
+        let scan = scan(dir.path()).unwrap();
+        assert_eq!(seqs(&scan), vec![0, 1], "segment {} would be read as segment 1", MAX_ID + 2);
+        assert_eq!(scan.segments, vec![(1, segment_with(&[0, 1]).len() as u64)]);
+        assert_eq!(scan.next_seq, 2);
+        assert!(matches!(scan.problems.as_slice(), [p] if p.is_error && p.message.contains("above")));
+        assert_eq!(std::fs::read(&stray).unwrap(), segment_with(&[5]), "the stray file is not touched");
+    }
+
+    #[test]
+    fn a_record_claiming_the_last_seq_is_reported_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(path(dir.path(), 1), segment_with(&[3, u64::MAX, 4])).unwrap();
+
+        let scan = scan(dir.path()).unwrap();
+        assert_eq!(seqs(&scan), vec![3, 4], "the records around it still load");
+        assert_eq!(scan.next_seq, 5);
+        assert!(
+            matches!(scan.problems.as_slice(), [p] if p.is_error && p.message.contains("last possible seq"))
+        );
     }
 }
