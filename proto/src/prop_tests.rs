@@ -36,6 +36,7 @@ fn settings() -> impl Strategy<Value = pb::QueueSettings> {
             max_length: limits[2],
             max_bytes: limits[3],
             overflow,
+            ..Default::default()
         },
     )
 }
@@ -74,12 +75,19 @@ fn death() -> impl Strategy<Value = pb::Death> {
             queue,
             reason,
             count,
+            exchange: queue_of(&error),
             error,
             first_failure_ms: times[0],
             last_failure_ms: times[1],
             died_at_ms: times[2],
+            routing_key: String::new(),
         },
     )
+}
+
+/// A name derived from another field, so routing fields vary without widening the tuples.
+fn queue_of(text: &str) -> String {
+    text.chars().rev().collect()
 }
 
 /// A message with a body, headers and deaths.
@@ -97,12 +105,15 @@ fn message() -> impl Strategy<Value = pb::Message> {
             message_id,
             body: Bytes::from(body),
             headers,
+            exchange: queue_of(&content_type),
+            routing_key: content_type.clone(),
             content_type,
             published_at_ms: u64::from(counts[0]) << 10,
             delivery_count: counts[1],
             redelivered,
             deaths,
             replay_count: counts[2],
+            deaths_omitted: counts[2] % 3,
         })
 }
 

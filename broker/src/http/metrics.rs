@@ -129,30 +129,33 @@ fn text(engine: &Engine) -> String {
             .map(|x| (format!("{{exchange=\"{}\"}}", escape(&x.spec.name)), f(x)))
             .collect::<Vec<_>>()
     };
-    family(
-        "hopper_exchange_published_total",
-        "counter",
-        "Messages published to the exchange.",
-        &mut per_exchange(&|x| x.published).into_iter(),
-    );
-    family(
-        "hopper_exchange_unroutable_total",
-        "counter",
-        "Messages the exchange routed to no queue (dropped, or returned when mandatory).",
-        &mut per_exchange(&|x| x.unroutable).into_iter(),
-    );
-    family(
-        "hopper_exchange_returned_total",
-        "counter",
-        "Mandatory messages the exchange returned to their publisher.",
-        &mut per_exchange(&|x| x.returned).into_iter(),
-    );
-    family(
-        "hopper_exchange_bindings",
-        "gauge",
-        "Bindings of the exchange.",
-        &mut per_exchange(&|x| x.bindings as u64).into_iter(),
-    );
+    // Exchange families only once there are exchanges: every family listed has samples.
+    if !exchanges.is_empty() {
+        family(
+            "hopper_exchange_published_total",
+            "counter",
+            "Messages published to the exchange.",
+            &mut per_exchange(&|x| x.published).into_iter(),
+        );
+        family(
+            "hopper_exchange_unroutable_total",
+            "counter",
+            "Messages the exchange routed to no queue (dropped, or returned when mandatory).",
+            &mut per_exchange(&|x| x.unroutable).into_iter(),
+        );
+        family(
+            "hopper_exchange_returned_total",
+            "counter",
+            "Mandatory messages the exchange returned to their publisher.",
+            &mut per_exchange(&|x| x.returned).into_iter(),
+        );
+        family(
+            "hopper_exchange_bindings",
+            "gauge",
+            "Bindings of the exchange.",
+            &mut per_exchange(&|x| x.bindings as u64).into_iter(),
+        );
+    }
     let status = engine.status();
     let broker = |value: u64| std::iter::once((String::new(), value));
     family("hopper_connections", "gauge", "Open client connections.", &mut broker(status.connections.into()));

@@ -24,8 +24,15 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 fn death() -> impl Strategy<Value = Death> {
-    (text(), proptest::sample::select(DeathReason::ALL.to_vec()), any::<u32>(), text(), any::<[u64; 3]>())
-        .prop_map(|(queue, reason, count, error, times)| Death {
+    (
+        text(),
+        proptest::sample::select(DeathReason::ALL.to_vec()),
+        any::<u32>(),
+        text(),
+        any::<[u64; 3]>(),
+        (text(), text()),
+    )
+        .prop_map(|(queue, reason, count, error, times, (exchange, routing_key))| Death {
             queue,
             reason,
             count,
@@ -33,6 +40,8 @@ fn death() -> impl Strategy<Value = Death> {
             first_failure_ms: times[0],
             last_failure_ms: times[1],
             died_at_ms: times[2],
+            exchange,
+            routing_key,
         })
 }
 
@@ -44,17 +53,32 @@ fn payload() -> impl Strategy<Value = Payload> {
         text(),
         any::<u64>(),
         vec(death(), 0..3),
-        any::<u32>(),
+        (any::<u32>(), 0..3u32, text(), text()),
     )
-        .prop_map(|(id, body, headers, content_type, published_at_ms, deaths, replay_count)| Payload {
-            id,
-            body: Bytes::from(body),
-            headers: headers.into_iter().collect::<HashMap<_, _>>(),
-            content_type,
-            published_at_ms,
-            deaths,
-            replay_count,
-        })
+        .prop_map(
+            |(
+                id,
+                body,
+                headers,
+                content_type,
+                published_at_ms,
+                deaths,
+                (replay_count, omitted, exchange, key),
+            )| {
+                Payload {
+                    id,
+                    body: Bytes::from(body),
+                    headers: headers.into_iter().collect::<HashMap<_, _>>(),
+                    content_type,
+                    published_at_ms,
+                    deaths,
+                    deaths_omitted: omitted,
+                    replay_count,
+                    exchange,
+                    routing_key: key,
+                }
+            },
+        )
 }
 
 /// Any record the broker can write. A failure's consumer and connection are not stored, so
