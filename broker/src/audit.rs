@@ -33,6 +33,12 @@ pub struct AuditEvent {
     pub error: String,
     /// The dead-letter queue it went to; empty when it was dropped.
     pub dead_letter: String,
+    /// The exchange the message had been published to; empty for a publish to a queue.
+    #[serde(default)]
+    pub exchange: String,
+    /// Its routing key.
+    #[serde(default)]
+    pub routing_key: String,
 }
 
 /// Appends audit events to a size-rotated file, and keeps an index of them in memory (time,
@@ -197,6 +203,8 @@ mod tests {
             connection_id: 3,
             error: "bad payload".into(),
             dead_letter: "dlq".into(),
+            exchange: "events".into(),
+            routing_key: format!("{queue}.{n}"),
         }
     }
 

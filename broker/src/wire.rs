@@ -156,6 +156,8 @@ pub fn audit_event(event: AuditEvent) -> pb::AuditEvent {
         connection_id: event.connection_id,
         error: event.error,
         dead_letter: event.dead_letter,
+        exchange: event.exchange,
+        routing_key: event.routing_key,
     }
 }
 

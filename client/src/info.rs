@@ -171,6 +171,10 @@ pub struct AuditEvent {
     pub error: String,
     /// The queue it was moved to; `None` when it was dropped.
     pub dead_letter: Option<String>,
+    /// The exchange it had been published to; empty for a publish to a queue.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
 }
 
 impl From<pb::AuditEvent> for AuditEvent {
@@ -185,6 +189,8 @@ impl From<pb::AuditEvent> for AuditEvent {
             connection_id: event.connection_id,
             error: event.error,
             dead_letter: non_empty(event.dead_letter),
+            exchange: event.exchange,
+            routing_key: event.routing_key,
         }
     }
 }
@@ -359,7 +365,10 @@ mod tests {
             connection_id: 4,
             error: "bad".into(),
             dead_letter: String::new(),
+            exchange: "work".into(),
+            routing_key: "job".into(),
         });
+        assert_eq!((event.exchange.as_str(), event.routing_key.as_str()), ("work", "job"));
         assert_eq!(event.dead_letter, None);
         assert_eq!((event.message_id, event.reason.as_str(), event.error.as_str()), (9, "rejected", "bad"));
         let moved = AuditEvent::from(pb::AuditEvent { dead_letter: "q.dead".into(), ..Default::default() });

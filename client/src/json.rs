@@ -116,6 +116,8 @@ impl AuditEvent {
             connection_id: self.connection_id,
             error: self.error.clone(),
             dead_letter: self.dead_letter.clone(),
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
         }
     }
 }

@@ -295,6 +295,7 @@ async fn audit_asks_for_the_window_and_reads_the_events() {
             connection_id: 9,
             error: "bad payload".into(),
             dead_letter: "orders.dead".into(),
+            ..Default::default()
         };
         peer.send(id, Body::AuditEvents(pb::AuditEvents { events: vec![event] })).await;
     });

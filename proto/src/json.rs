@@ -232,6 +232,12 @@ pub struct AuditJson {
     pub error: String,
     /// Where it was moved; null when it was dropped.
     pub dead_letter: Option<String>,
+    /// The exchange it had been published to; empty for a publish to a queue.
+    #[serde(default)]
+    pub exchange: String,
+    /// Its routing key.
+    #[serde(default)]
+    pub routing_key: String,
 }
 
 impl From<&pb::AuditEvent> for AuditJson {
@@ -246,6 +252,8 @@ impl From<&pb::AuditEvent> for AuditJson {
             connection_id: event.connection_id,
             error: event.error.clone(),
             dead_letter: (!event.dead_letter.is_empty()).then(|| event.dead_letter.clone()),
+            exchange: event.exchange.clone(),
+            routing_key: event.routing_key.clone(),
         }
     }
 }

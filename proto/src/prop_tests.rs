@@ -122,12 +122,14 @@ fn audit_event() -> impl Strategy<Value = pb::AuditEvent> {
     (any::<[u64; 4]>(), text(), text(), any::<u32>(), text(), text()).prop_map(
         |(numbers, queue, reason, count, error, dead_letter)| pb::AuditEvent {
             time_ms: numbers[0],
+            routing_key: queue.clone(),
             queue,
             message_id: numbers[1],
             reason,
             count,
             consumer_id: numbers[2],
             connection_id: numbers[3],
+            exchange: queue_of(&error),
             error,
             dead_letter,
         },

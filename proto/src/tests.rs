@@ -252,6 +252,8 @@ fn every_body() -> Vec<Body> {
                 connection_id: 5,
                 error: "bad json".into(),
                 dead_letter: "jobs.dlq".into(),
+                exchange: "work".into(),
+                routing_key: "job".into(),
             }],
         }),
         Body::ConsumerCancelled(ConsumerCancelled { consumer_id: 3, reason: "queue deleted".into() }),

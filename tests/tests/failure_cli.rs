@@ -33,15 +33,17 @@ const DELIVERY_KEYS: [&str; 14] = [
 const DEATH_KEYS: [&str; 9] =
     ["count", "died_at", "error", "exchange", "first_time", "last_time", "queue", "reason", "routing_key"];
 /// The keys of an event printed by `audit --json`.
-const AUDIT_KEYS: [&str; 9] = [
+const AUDIT_KEYS: [&str; 11] = [
     "connection_id",
     "consumer_id",
     "count",
     "dead_letter",
     "error",
+    "exchange",
     "message_id",
     "queue",
     "reason",
+    "routing_key",
     "time_ms",
 ];
 

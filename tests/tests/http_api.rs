@@ -600,7 +600,8 @@ async fn the_documented_curl_examples_send_json_as_json() {
     // must set one, or a reader copying it gets an error.
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/http-api.md");
     let text = std::fs::read_to_string(&docs).unwrap();
-    let with_bodies: Vec<&str> = text.lines().filter(|l| l.starts_with("curl") && l.contains(" -X P")).collect();
+    let with_bodies: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("curl") && l.contains(" -X P")).collect();
     assert!(with_bodies.len() >= 5, "the examples are where they were: {with_bodies:?}");
     for line in with_bodies {
         assert!(line.contains(r#"-H "$J""#), "no JSON content type: {line}");

@@ -633,6 +633,8 @@ impl Queue {
             connection_id: failure.connection_id,
             error: failure.error,
             dead_letter: delivered_to.clone().unwrap_or_default(),
+            exchange: payload.exchange.clone(),
+            routing_key: payload.routing_key.clone(),
         };
         match &delivered_to {
             Some(target) => tracing::info!(

@@ -122,6 +122,8 @@ mod tests {
             connection_id: 3,
             error: error.into(),
             dead_letter: dead_letter.map(str::to_string),
+            exchange: String::new(),
+            routing_key: String::new(),
         }
     }
 
@@ -219,9 +221,11 @@ mod tests {
                 "count",
                 "dead_letter",
                 "error",
+                "exchange",
                 "message_id",
                 "queue",
                 "reason",
+                "routing_key",
                 "time_ms"
             ]
         );
