@@ -34,6 +34,9 @@ pub struct MoveSpec {
     pub limit: u64,
     /// Only messages whose header (or latest death field) `filter.0` equals `filter.1`.
     pub filter: Option<(String, String)>,
+    /// With no destination: back through the exchange and routing key each message had when it
+    /// died, instead of to the queue it died in.
+    pub through_exchange: bool,
 }
 
 /// Where a move stands.
@@ -199,6 +202,23 @@ impl Move {
     }
 }
 
+/// Where a moved message goes: the move's destination, or back where it died — its queue, or
+/// with `through_exchange` every queue its exchange and routing key route to then.
+fn destinations(registry: &Weak<Registry>, spec: &MoveSpec, payload: &Payload) -> Vec<Arc<Queue>> {
+    let Some(registry) = registry.upgrade() else { return Vec::new() };
+    if !spec.destination.is_empty() {
+        return registry.get(&spec.destination).ok().into_iter().collect();
+    }
+    let Some(death) = payload.deaths.last() else { return Vec::new() };
+    if spec.through_exchange && !death.exchange.is_empty() {
+        return registry
+            .route(&death.exchange, &death.routing_key, &payload.headers)
+            .map(|r| r.queues)
+            .unwrap_or_default();
+    }
+    registry.get(&death.queue).ok().into_iter().collect()
+}
+
 /// True if the message matches the move's filter: a header, or a field of its latest death.
 fn matches(payload: &Payload, filter: &Option<(String, String)>) -> bool {
     let Some((key, value)) = filter else { return true };
@@ -294,24 +314,29 @@ async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>, boun
             Next::Gone(err) => break (MoveState::Failed, err.to_string()),
         };
         let payload = message.payload.clone().expect("taken messages carry their payload");
-        let destination_name = if spec.destination.is_empty() {
-            payload.deaths.last().map(|d| d.queue.clone()).unwrap_or_default()
-        } else {
-            spec.destination.clone()
-        };
+        let destinations = destinations(&registry, &spec, &payload);
         // A message whose last death was in the source itself has nowhere to go back to.
-        let destination = registry.upgrade().and_then(|r| r.get(&destination_name).ok());
-        let Some(destination) = destination.filter(|d| d.name() != source.name()) else {
+        let destinations: Vec<Arc<Queue>> =
+            destinations.into_iter().filter(|d| d.name() != source.name()).collect();
+        if destinations.is_empty() {
             task.status.lock().skipped += 1;
             let _ = source.with_state(|s, _, _| s.give_back(message));
             continue;
-        };
+        }
         started += 1;
-        let moved = Payload { replay_count: payload.replay_count + 1, ..(*payload).clone() };
+        let moved = Arc::new(Payload { replay_count: payload.replay_count + 1, ..(*payload).clone() });
         let confirm = settle_when_held(&task, &source, message.clone(), permit, failure.clone());
-        if let Err(err) = destination.publish(Arc::new(moved), 0, 0, confirm) {
-            let _ = source.with_state(|s, _, _| s.give_back(message));
-            break (MoveState::Failed, format!("destination '{destination_name}' refused a message: {err}"));
+        if let [destination] = destinations.as_slice() {
+            if let Err(err) = destination.publish(moved, 0, 0, confirm) {
+                let _ = source.with_state(|s, _, _| s.give_back(message));
+                let name = destination.name();
+                break (MoveState::Failed, format!("destination '{name}' refused a message: {err}"));
+            }
+            continue;
+        }
+        let names: Vec<&str> = destinations.iter().map(|d| d.name()).collect();
+        for (destination, confirm) in destinations.iter().zip(confirm.split(&names)) {
+            destination.publish_or_refuse(moved.clone(), 0, 0, confirm);
         }
     };
     // Wait for the messages in flight before reporting the end.

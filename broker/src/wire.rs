@@ -179,6 +179,7 @@ pub fn move_info(status: MoveStatus) -> pb::MoveInfo {
         error: status.error,
         started_ms: status.started_ms,
         finished_ms: status.finished_ms,
+        through_exchange: status.spec.through_exchange,
     }
 }
 
@@ -194,6 +195,7 @@ pub fn move_spec(start: pb::MoveStart) -> Result<MoveSpec, BrokerError> {
         rate: start.rate,
         limit: start.limit,
         filter,
+        through_exchange: start.through_exchange,
     })
 }
 

@@ -46,6 +46,10 @@ pub struct MoveArgs {
     /// this value in their latest death (e.g. reason=expired).
     #[arg(long, value_name = "KEY=VALUE", value_parser = parse_filter)]
     pub filter: Option<(String, String)>,
+    /// Without --to: send each message back through the exchange and routing key it had when
+    /// it died, instead of to the queue it died in.
+    #[arg(long, conflicts_with = "to")]
+    pub through_exchange: bool,
     /// Print the move's id and return at once instead of following it.
     #[arg(long)]
     pub detach: bool,
@@ -63,6 +67,7 @@ impl MoveArgs {
             rate: self.rate,
             limit: self.limit,
             filter: self.filter.clone(),
+            through_exchange: self.through_exchange,
         })
     }
 }
@@ -223,6 +228,7 @@ mod tests {
                 rate: Some(50),
                 limit: Some(10),
                 filter: Some(("reason".into(), "expired".into())),
+                through_exchange: false,
             })
         );
         let plain = Wrapper::try_parse_from(["x", "q.dead"]).unwrap();

@@ -243,6 +243,9 @@ pub struct MoveOptions {
     /// Only messages whose header `.0` equals `.1`; for the keys `reason`, `queue`, `error`
     /// and `count`, the field of the message's latest death (e.g. `("reason", "expired")`).
     pub filter: Option<(String, String)>,
+    /// With no destination: send each message back through the exchange and routing key it
+    /// had when it died (to every queue they route to now), instead of to the queue it died in.
+    pub through_exchange: bool,
 }
 
 impl MoveOptions {
@@ -256,6 +259,7 @@ impl MoveOptions {
             limit: self.limit.unwrap_or(0),
             filter_key,
             filter_value,
+            through_exchange: self.through_exchange,
         }
     }
 }
@@ -353,6 +357,7 @@ mod tests {
             rate: Some(50),
             limit: Some(10),
             filter: Some(("reason".into(), "expired".into())),
+            through_exchange: true,
         };
         assert_eq!(
             options.to_wire(),
@@ -363,6 +368,7 @@ mod tests {
                 limit: 10,
                 filter_key: "reason".into(),
                 filter_value: "expired".into(),
+                through_exchange: true,
             }
         );
     }

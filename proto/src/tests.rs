@@ -83,6 +83,7 @@ fn move_info() -> MoveInfo {
         error: String::new(),
         started_ms: 1,
         finished_ms: 0,
+        through_exchange: false,
     }
 }
 
@@ -223,6 +224,7 @@ fn every_body() -> Vec<Body> {
             limit: 10,
             filter_key: "reason".into(),
             filter_value: "expired".into(),
+            through_exchange: true,
         }),
         Body::MoveInfo(move_info()),
         Body::MoveList(MoveList {}),

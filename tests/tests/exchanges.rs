@@ -312,3 +312,28 @@ async fn the_cli_declares_binds_publishes_and_lists() {
     ok(&["unbind", "emails", "events", "--key", "user.*"]).await;
     ok(&["exchange", "delete", "events", "--if-unused"]).await;
 }
+
+#[tokio::test]
+async fn a_move_can_send_messages_back_through_their_exchange() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    conn.declare_exchange("work", ExchangeKind::Direct, ExchangeOptions::default()).await.unwrap();
+    queues(&conn, &["jobs.dead", "jobs.audit"]).await;
+    let options = QueueOptions { dead_letter: Some("jobs.dead".into()), ..Default::default() };
+    conn.declare_queue("jobs", options).await.unwrap();
+    conn.bind_queue("jobs", "work", "job", no_args()).await.unwrap();
+    publish(&conn, "work", "job", "retry me").await;
+    let mut consumer = conn.consume("jobs", ConsumeOptions::default()).await.unwrap();
+    let delivery = within("the job", consumer.next()).await.unwrap().unwrap();
+    delivery.nack(false).await.unwrap();
+    consumer.cancel().await.unwrap();
+    stats_eventually(&conn, "jobs.dead", |info| info.ready == 1).await;
+
+    // Bound since: a move through the exchange reaches it too.
+    conn.bind_queue("jobs.audit", "work", "job", no_args()).await.unwrap();
+    let moved = run_cli(&broker, &["queue", "move", "jobs.dead", "--through-exchange"]).await;
+    assert!(moved.assert_success().stdout.contains("moved 1"), "{moved}");
+    assert_eq!(drain(&conn, "jobs").await, ["retry me"]);
+    assert_eq!(drain(&conn, "jobs.audit").await, ["retry me"]);
+    assert_eq!(conn.queue_stats("jobs.dead").await.unwrap().ready, 0);
+}

@@ -376,6 +376,7 @@ pub(super) struct MoveBody {
     rate: u32,
     limit: u64,
     filter: Option<String>,
+    through_exchange: bool,
 }
 
 pub(super) async fn start_move(
@@ -397,6 +398,7 @@ pub(super) async fn start_move(
         rate: body.rate,
         limit: body.limit,
         filter,
+        through_exchange: body.through_exchange,
     };
     let status = engine.start_move(&CALLER, spec)?;
     Ok((StatusCode::CREATED, Json(move_json(&status))))
