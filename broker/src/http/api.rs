@@ -237,6 +237,22 @@ pub(super) async fn publish(
     Path(name): Path<String>,
     ApiJson(request): ApiJson<PublishBody>,
 ) -> ApiResult<impl IntoResponse> {
+    let message = new_message(&engine, request.body, request.headers, &request.delay, &request.ttl)?;
+    let (confirm, confirmed) = confirm_channel();
+    engine.publish(&CALLER, &name, message, confirm)?;
+    let (message_id, _) = published(confirmed).await?;
+    Ok((StatusCode::CREATED, Json(json!({"message_id": message_id.to_string()}))))
+}
+
+/// The message a publish request describes: a string body as is, any other JSON value as its
+/// text with content type `application/json`. Refused while publishers are blocked.
+pub(super) fn new_message(
+    engine: &Engine,
+    body: Value,
+    headers: HashMap<String, String>,
+    delay: &Option<Value>,
+    ttl: &Option<Value>,
+) -> ApiResult<NewMessage> {
     if let Some(reason) = engine.publishers_blocked() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -244,19 +260,21 @@ pub(super) async fn publish(
             format!("publishers are blocked: {reason}"),
         ));
     }
-    let delay_ms = duration_ms(&request.delay, "delay")?;
-    let ttl_ms = duration_ms(&request.ttl, "ttl")?;
-    let (body, content_type) = match request.body {
+    let delay_ms = duration_ms(delay, "delay")?;
+    let ttl_ms = duration_ms(ttl, "ttl")?;
+    let (body, content_type) = match body {
         Value::String(text) => (Bytes::from(text), String::new()),
         other => (Bytes::from(other.to_string()), "application/json".to_owned()),
     };
-    let message = NewMessage { body, headers: request.headers, content_type, delay_ms, ttl_ms };
-    let (confirm, confirmed) = confirm_channel();
-    engine.publish(&CALLER, &name, message, confirm)?;
+    Ok(NewMessage { body, headers, content_type, delay_ms, ttl_ms })
+}
+
+/// Waits for a publish confirm: the message id and how many queues took it.
+pub(super) async fn published(
+    confirmed: oneshot::Receiver<Result<Outcome, BrokerError>>,
+) -> ApiResult<(u64, u32)> {
     match confirmed.await {
-        Ok(Ok(Outcome::Published { message_id, .. })) => {
-            Ok((StatusCode::CREATED, Json(json!({"message_id": message_id.to_string()}))))
-        }
+        Ok(Ok(Outcome::Published { message_id, routed })) => Ok((message_id, routed)),
         Ok(Err(err)) => Err(err.into()),
         Ok(Ok(_)) | Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "no confirm")),
     }

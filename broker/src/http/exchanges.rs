@@ -11,10 +11,10 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::api::{confirm_channel, duration_ms, ApiJson, CALLER};
+use super::api::{confirm_channel, new_message, published, ApiJson, CALLER};
 use super::ApiError;
-use crate::engine::{Engine, NewMessage, Route};
-use crate::queue::{ExchangeView, Outcome};
+use crate::engine::{Engine, Route};
+use crate::queue::ExchangeView;
 use crate::routing::{Binding, Destination, ExchangeKind, ExchangeSpec};
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -183,32 +183,10 @@ pub(super) async fn publish(
     Path(name): Path<String>,
     ApiJson(request): ApiJson<PublishBody>,
 ) -> ApiResult<impl IntoResponse> {
-    if let Some(reason) = engine.publishers_blocked() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "RESOURCE_LIMIT",
-            format!("publishers are blocked: {reason}"),
-        ));
-    }
-    let (body, content_type) = match request.body {
-        Value::String(text) => (bytes::Bytes::from(text), String::new()),
-        other => (bytes::Bytes::from(other.to_string()), "application/json".to_owned()),
-    };
-    let message = NewMessage {
-        body,
-        headers: request.headers,
-        content_type,
-        delay_ms: duration_ms(&request.delay, "delay")?,
-        ttl_ms: duration_ms(&request.ttl, "ttl")?,
-    };
+    let message = new_message(&engine, request.body, request.headers, &request.delay, &request.ttl)?;
     let route = Route { exchange: &name, routing_key: &request.routing_key, mandatory: request.mandatory };
     let (confirm, confirmed) = confirm_channel();
     engine.publish_routed(&CALLER, route, message, confirm)?;
-    match confirmed.await {
-        Ok(Ok(Outcome::Published { message_id, routed })) => {
-            Ok((StatusCode::CREATED, Json(json!({"message_id": message_id.to_string(), "routed": routed}))))
-        }
-        Ok(Err(err)) => Err(err.into()),
-        Ok(Ok(_)) | Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "no confirm")),
-    }
+    let (message_id, routed) = published(confirmed).await?;
+    Ok((StatusCode::CREATED, Json(json!({"message_id": message_id.to_string(), "routed": routed}))))
 }
