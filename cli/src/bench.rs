@@ -9,7 +9,7 @@
 //! the consume rate of a backlog. With `--rss-pid` it also samples the resident memory of the
 //! broker process while it runs.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,7 +20,8 @@ use clap::Args;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use hopper_client::{
-    Connection, ConsumeOptions, DeleteOptions, Delivery, PublishConfirm, PublishOptions, QueueOptions,
+    Connection, ConsumeOptions, DeleteOptions, Delivery, ExchangeOptions, PublishConfirm, PublishOptions,
+    QueueOptions,
 };
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -97,6 +98,18 @@ pub struct BenchArgs {
     /// Read the queue's depth (ready, unacked, delayed) at this interval and report it.
     #[arg(long, value_name = "DURATION", value_parser = crate::time::parse_duration)]
     pub sample_every: Option<Duration>,
+    /// Publish through an exchange of this type (bench-x-<pid>) instead of to the queue; see
+    /// --queues and --bindings.
+    #[arg(long = "exchange", value_name = "TYPE", value_enum)]
+    pub exchange: Option<crate::exchange::KindArg>,
+    /// With --exchange: this many queues (QUEUE-0, QUEUE-1, ...) take every message, one
+    /// consumer each at least.
+    #[arg(long, default_value_t = 1, value_parser = crate::at_least(1u32), requires = "exchange")]
+    pub queues: u32,
+    /// With --exchange topic: bind this many patterns in all; those beyond one per queue are
+    /// random 3 to 5 word patterns (a quarter with * or #) that match nothing published.
+    #[arg(long, default_value_t = 0, requires = "exchange")]
+    pub bindings: u32,
     /// Print one JSON summary object.
     #[arg(long)]
     pub json: bool,
@@ -110,6 +123,9 @@ impl BenchArgs {
 
     /// Rejects flag combinations that cannot make a run.
     fn validate(&self) -> anyhow::Result<()> {
+        if self.drain() && self.exchange.is_some() {
+            bail!("--producers 0 drains a queue; --exchange does not apply");
+        }
         if self.drain() {
             if self.queue.is_none() {
                 bail!("--producers 0 drains an existing queue: name it with --queue");
@@ -133,10 +149,15 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         None => (format!("bench-{}", std::process::id()), true),
     };
     let admin = crate::connect(server, "bench").await?;
+    let route = match args.exchange {
+        Some(kind) => Some(Route::declare(&admin, kind, &queue, &args).await?),
+        None => None,
+    };
+    let queues = route.as_ref().map_or_else(|| vec![queue.clone()], |r| r.queues.clone());
     if args.drain() {
         // The backlog must already be there; declaring would create an empty queue instead.
         admin.queue_exists(&queue).await.with_context(|| format!("queue '{queue}'"))?;
-    } else {
+    } else if route.is_none() {
         admin.declare_queue(&queue, QueueOptions { durable: args.durable, ..Default::default() }).await?;
     }
     let sampler = args.rss_pid.map(RssSampler::start).transpose()?;
@@ -148,7 +169,7 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut result = bench(server, &args, &queue).await;
+    let mut result = bench(server, &args, &queues, route.as_ref()).await;
     if let Some(sampler) = sampler {
         let peak = sampler.finish().await;
         if let Ok(report) = &mut result {
@@ -168,8 +189,15 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     if temporary {
-        if let Err(err) = admin.delete_queue(&queue, DeleteOptions::default()).await {
-            eprintln!("hopper: warning: could not delete queue '{queue}': {err}");
+        for queue in &queues {
+            if let Err(err) = admin.delete_queue(queue, DeleteOptions::default()).await {
+                eprintln!("hopper: warning: could not delete queue '{queue}': {err}");
+            }
+        }
+    }
+    if let Some(route) = &route {
+        if let Err(err) = admin.delete_exchange(&route.exchange, false).await {
+            eprintln!("hopper: warning: could not delete exchange '{}': {err}", route.exchange);
         }
     }
     let _ = admin.close().await;
@@ -222,7 +250,15 @@ struct Consumed {
 }
 
 /// Connects everyone, runs the producers to completion and waits for the consumers.
-async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<BenchReport> {
+async fn bench(
+    server: &str,
+    args: &BenchArgs,
+    queues: &[String],
+    route: Option<&Route>,
+) -> anyhow::Result<BenchReport> {
+    // Through an exchange every queue takes every message, and each has a consumer.
+    let consumers_wanted =
+        if route.is_some() { args.consumers.max(queues.len() as u32) } else { args.consumers };
     let size = usize::try_from(args.size).context("--size is too large")?;
     let window = usize::try_from(args.confirm_window).unwrap_or(usize::MAX);
     let (done, _) = watch::channel(false);
@@ -231,7 +267,7 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
     // Connect and subscribe before the clock starts, so that setup is not measured. A drain
     // starts the clock before subscribing instead: deliveries begin as soon as it subscribes.
     let mut consumer_conns = Vec::new();
-    for i in 0..args.consumers {
+    for i in 0..consumers_wanted {
         consumer_conns.push(crate::connect(server, &format!("bench consumer {i}")).await?);
     }
     let drain_start = args.drain().then(Instant::now);
@@ -245,12 +281,12 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
             tag: format!("bench-consumer-{i}"),
             ..Default::default()
         };
-        let consumer = conn.consume(queue, options).await?;
+        let consumer = conn.consume(&queues[i % queues.len()], options).await?;
         let progress = Arc::clone(&progress);
         let pacing = Pacing {
             ack_every: args.ack_every,
             delay_ns: args.delay.map_or(0, |d| d.as_nanos() as u64),
-            interval: (args.consume_rate > 0).then(|| f64::from(args.consumers) / args.consume_rate as f64),
+            interval: (args.consume_rate > 0).then(|| f64::from(consumers_wanted) / args.consume_rate as f64),
         };
         consumers.spawn(async move {
             let result = consume(consumer, pacing, &progress).await;
@@ -267,7 +303,8 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
     let mut producers = JoinSet::new();
     for (i, conn) in (0u64..).zip(producer_conns) {
         let plan = Plan {
-            queue: queue.to_string(),
+            queue: queues[0].clone(),
+            route: route.map(|r| (r.exchange.clone(), r.routing_key.clone(), r.headers.clone())),
             size,
             window,
             count: args.duration.is_none().then(|| share(args.count, args.producers.into(), i)),
@@ -290,7 +327,7 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
         publish_end = publish_end.max(produced.finished);
     }
     if !args.drain() {
-        progress.expect(sent);
+        progress.expect(sent * queues.len() as u64);
     }
 
     let mut latencies = new_histogram();
@@ -349,6 +386,8 @@ async fn bench(server: &str, args: &BenchArgs, queue: &str) -> anyhow::Result<Be
 /// One producer's assignment.
 struct Plan {
     queue: String,
+    /// Through an exchange: its name, the routing key and the headers to publish with.
+    route: Option<(String, String, HashMap<String, String>)>,
     size: usize,
     window: usize,
     /// Messages to send, or `None` to send until `deadline`.
@@ -404,8 +443,17 @@ async fn produce(conn: &Connection, plan: &Plan) -> anyhow::Result<Produced> {
             }
         }
         let body = encode_body(&mut chunk, plan.size, unix_nanos());
-        let options = PublishOptions { delay: plan.delay, ..Default::default() };
-        in_flight.push_back(conn.publish(&plan.queue, body, options));
+        let confirm = match &plan.route {
+            Some((exchange, key, headers)) => {
+                let options =
+                    PublishOptions { delay: plan.delay, headers: headers.clone(), ..Default::default() };
+                conn.publish_to(exchange, key, body, options)
+            }
+            None => {
+                conn.publish(&plan.queue, body, PublishOptions { delay: plan.delay, ..Default::default() })
+            }
+        };
+        in_flight.push_back(confirm);
         sent += 1;
     }
     while let Some(confirm) = in_flight.pop_front() {
@@ -495,6 +543,67 @@ fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The exchange a routed run publishes through, and the queues it binds.
+struct Route {
+    exchange: String,
+    routing_key: String,
+    headers: HashMap<String, String>,
+    queues: Vec<String>,
+}
+
+impl Route {
+    /// Declares the exchange, the queues (`base-0`, `base-1`, ...) and their bindings: one per
+    /// queue that matches what is published, then, for a topic exchange, non-matching random
+    /// patterns up to `--bindings` in all.
+    async fn declare(
+        admin: &Connection,
+        kind: crate::exchange::KindArg,
+        base: &str,
+        args: &BenchArgs,
+    ) -> anyhow::Result<Route> {
+        use crate::exchange::KindArg;
+        let exchange = format!("bench-x-{}", std::process::id());
+        let options = ExchangeOptions { durable: args.durable, alternate: None };
+        admin.declare_exchange(&exchange, kind.into(), options).await?;
+        let routing_key = "bench.route.key".to_string();
+        let headers: HashMap<String, String> = [("bench".to_string(), "yes".to_string())].into();
+        let queues: Vec<String> = (0..args.queues).map(|i| format!("{base}-{i}")).collect();
+        for queue in &queues {
+            admin.declare_queue(queue, QueueOptions { durable: args.durable, ..Default::default() }).await?;
+            let (key, arguments) = match kind {
+                KindArg::Direct => (routing_key.clone(), HashMap::new()),
+                KindArg::Fanout => (String::new(), HashMap::new()),
+                KindArg::Topic => ("bench.*.key".to_string(), HashMap::new()),
+                KindArg::Headers => (String::new(), headers.clone()),
+            };
+            admin.bind_queue(queue, &exchange, &key, arguments).await?;
+        }
+        if kind == KindArg::Topic {
+            let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+            let mut next = move |n: u64| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed % n
+            };
+            for i in queues.len() as u32..args.bindings {
+                // Words from their own alphabet, so no pattern matches the published key.
+                let words = 3 + next(3);
+                let pattern: Vec<String> = (0..words)
+                    .map(|w| match next(8) {
+                        0 if w > 0 => "*".to_string(),
+                        1 if w > 0 => "#".to_string(),
+                        _ => format!("w{}", next(50)),
+                    })
+                    .collect();
+                let queue = &queues[i as usize % queues.len()];
+                admin.bind_queue(queue, &exchange, &pattern.join("."), HashMap::new()).await?;
+            }
+        }
+        Ok(Route { exchange, routing_key, headers, queues })
+    }
 }
 
 /// Producer `index`'s part of `total` messages split over `parts` producers.
