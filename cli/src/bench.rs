@@ -256,9 +256,12 @@ async fn bench(
     queues: &[String],
     route: Option<&Route>,
 ) -> anyhow::Result<BenchReport> {
-    // Through an exchange every queue takes every message, and each has a consumer.
-    let consumers_wanted =
-        if route.is_some() { args.consumers.max(queues.len() as u32) } else { args.consumers };
+    // Through an exchange every queue takes every message, and each has a consumer (unless
+    // the run only publishes, to measure a backlog).
+    let consumers_wanted = match route {
+        Some(_) if args.consumers > 0 => args.consumers.max(queues.len() as u32),
+        _ => args.consumers,
+    };
     let size = usize::try_from(args.size).context("--size is too large")?;
     let window = usize::try_from(args.confirm_window).unwrap_or(usize::MAX);
     let (done, _) = watch::channel(false);
