@@ -214,6 +214,53 @@ async fn dashboard_follows_the_queue_while_open() {
     assert_eq!(points.len(), refreshes(&dom), "{orders:?}");
 }
 
+#[tokio::test]
+async fn dashboard_shows_exchanges_and_where_they_route() {
+    if !browser_available() {
+        return;
+    }
+    let broker = Broker::start();
+    let http = Http::of(&broker);
+    for queue in ["eu.orders", "all.orders", "lost"] {
+        http.declare(queue, json!({})).await;
+    }
+    http.put_json("/api/exchanges/lost-and-found", &json!({"type": "fanout"})).await.assert_status(201);
+    let events = json!({"type": "topic", "durable": true, "alternate": "lost-and-found"});
+    http.put_json("/api/exchanges/events", &events).await.assert_status(201);
+    for (source, destination, key) in [
+        ("events", "eu.orders", "orders.eu.*"),
+        ("events", "all.orders", "orders.#"),
+        ("lost-and-found", "lost", ""),
+    ] {
+        let binding = json!({"source": source, "destination": destination, "key": key});
+        http.post_json("/api/bindings", &binding).await.assert_status(201);
+    }
+    for key in ["orders.eu.created", "orders.us.created", "payments.eu.settled"] {
+        let message = json!({"body": key, "routing_key": key});
+        http.post_json("/api/exchanges/events/messages", &message).await.assert_status(201);
+    }
+
+    let dom = dump_dom(&format!("http://{}/", broker.http_addr())).await;
+    let row = exchange_row(&dom, "events");
+    for shown in ["topic", "eu.orders", "orders.eu.*", "all.orders", "orders.#", "alternate: lost-and-found"]
+    {
+        assert!(row.contains(shown), "the events row shows {shown}:\n{row}");
+    }
+    assert!(row.contains("<td class=\"count\">2</td>"), "two bindings:\n{row}");
+    let fallback = exchange_row(&dom, "lost-and-found");
+    assert!(fallback.contains("fanout (transient)") && fallback.contains("lost"), "{fallback}");
+    let ready = |queue| queue_view(&dom, queue).ready;
+    assert_eq!([ready("eu.orders"), ready("all.orders"), ready("lost")], ["1", "2", "1"]);
+}
+
+/// The dashboard's row of `exchange` in `dom`, as HTML; fails the test if it is missing.
+fn exchange_row(dom: &str, exchange: &str) -> String {
+    let (start, _) = find_tag(dom, "tr", "data-exchange", exchange)
+        .unwrap_or_else(|| panic!("no row tr[data-exchange={exchange}] in the DOM:\n{dom}"));
+    let end = start + dom[start..].find("</tr>").expect("the row ends");
+    dom[start..end].to_owned()
+}
+
 /// An HTTP proxy in front of a broker's HTTP listener (keep-alive, one request at a time per
 /// connection) that publishes to a queue before answering a given poll of `/api/queues`.
 struct PublishingProxy {
