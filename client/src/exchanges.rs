@@ -4,39 +4,13 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+pub use hopper_proto::ExchangeKind;
 use hopper_proto::{pb, Body};
 
 use crate::connection::{ConfirmState, Connection, PublishConfirm};
 use crate::error::Result;
 use crate::options::{wire_ms, PublishOptions};
 use crate::shared::{unexpected, PendingRequest};
-
-/// How an exchange routes: the AMQP 0-9-1 exchange types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ExchangeKind {
-    /// To the queues whose binding key equals the routing key.
-    Direct,
-    /// To every bound queue.
-    Fanout,
-    /// To the queues whose binding pattern matches the routing key: words separated by `.`,
-    /// `*` for exactly one word, `#` for any number.
-    Topic,
-    /// To the queues whose binding arguments match the message's headers (`x-match` `all`, the
-    /// default, or `any`).
-    Headers,
-}
-
-impl ExchangeKind {
-    /// The kind's name on the wire and in the CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExchangeKind::Direct => "direct",
-            ExchangeKind::Fanout => "fanout",
-            ExchangeKind::Topic => "topic",
-            ExchangeKind::Headers => "headers",
-        }
-    }
-}
 
 /// Settings of an exchange, fixed when it is declared.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

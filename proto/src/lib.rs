@@ -32,12 +32,14 @@ pub use pb::frame::Body;
 pub use pb::{ErrorCode, Frame};
 
 mod error;
+mod exchange;
 #[cfg(feature = "json")]
 pub mod json;
 #[cfg(feature = "tokio-codec")]
 mod tokio_codec;
 
 pub use error::ProtoError;
+pub use exchange::ExchangeKind;
 #[cfg(feature = "tokio-codec")]
 pub use tokio_codec::FrameCodec;
 

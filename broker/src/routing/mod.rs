@@ -8,40 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+pub use hopper_proto::ExchangeKind;
 pub use topic::TopicTrie;
-
-/// How an exchange picks the bindings a message follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExchangeKind {
-    /// The routing key equals the binding key.
-    Direct,
-    /// Every binding.
-    Fanout,
-    /// The routing key matches the binding's pattern (`*` one word, `#` any number).
-    Topic,
-    /// The message's headers match the binding's arguments (`x-match` `all` or `any`).
-    Headers,
-}
-
-impl ExchangeKind {
-    /// The kind's name in flags and on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExchangeKind::Direct => "direct",
-            ExchangeKind::Fanout => "fanout",
-            ExchangeKind::Topic => "topic",
-            ExchangeKind::Headers => "headers",
-        }
-    }
-
-    /// Parses [`ExchangeKind::as_str`]'s output.
-    pub fn parse(text: &str) -> Option<Self> {
-        [ExchangeKind::Direct, ExchangeKind::Fanout, ExchangeKind::Topic, ExchangeKind::Headers]
-            .into_iter()
-            .find(|k| k.as_str() == text)
-    }
-}
 
 /// Where a binding leads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
