@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use hopper_proto::{pb, Body, ErrorCode, Frame, FrameCodec, Inbound, ProtoError};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
@@ -27,6 +27,9 @@ const READ_BUFFER: usize = 64 * 1024;
 /// Body bytes of publishes a blocked connection may send before it is not read any more. Up to
 /// this much, its acks and other requests behind the publishes are still served.
 const MAX_HELD_BYTES: usize = 1024 * 1024;
+/// Most frames handled one after another before the loop looks at shutdown, heartbeats and
+/// flow control again.
+const FRAMES_PER_TURN: usize = 64;
 /// How long a closing connection's last frames may take to reach the peer.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -247,30 +250,19 @@ impl Session {
                 }
                 item = frames.next(), if room && self.held_bytes < MAX_HELD_BYTES => {
                     last_seen = Instant::now();
-                    let inbound = match item {
-                        Some(Ok(inbound)) => inbound,
-                        None => {
-                            tracing::info!("peer closed the connection");
-                            return;
-                        }
-                        Some(Err(ProtoError::Io(err))) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
-                            tracing::info!("peer closed the connection in the middle of a frame");
-                            return;
-                        }
-                        Some(Err(err)) => {
-                            tracing::info!(error = %err, "read failed");
-                            return;
-                        }
-                    };
-                    let was_negotiated = self.negotiated.is_some();
-                    match self.handle(inbound, frames.decoder_mut()) {
-                        Handled::Done(Flow::Continue) => {}
-                        Handled::Done(Flow::Close) => return,
-                        Handled::Slow(request_id, body) => self.slow_request(request_id, *body).await,
+                    if self.on_frame(item, &mut frames, &mut heartbeat).await == Flow::Close {
+                        return;
                     }
-                    if !was_negotiated {
-                        if let Some(interval) = self.negotiated.and_then(|n| n.heartbeat) {
-                            heartbeat = Some(tokio::time::interval_at(tokio::time::Instant::now() + interval, interval));
+                    // Frames already read are handled without going around the loop, a burst
+                    // at a time, while nothing the loop watches for has changed.
+                    for _ in 1..FRAMES_PER_TURN {
+                        let block_changed = self.publisher && self.engine.publishers_blocked().is_some() != held.on;
+                        if block_changed || self.held_bytes >= MAX_HELD_BYTES || !self.outbox.has_room() {
+                            break;
+                        }
+                        let Some(item) = frames.next().now_or_never() else { break };
+                        if self.on_frame(item, &mut frames, &mut heartbeat).await == Flow::Close {
+                            return;
                         }
                     }
                 }
@@ -290,6 +282,42 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Handles one item of the frame stream; starts heartbeats once the handshake agreed them.
+    async fn on_frame(
+        &mut self,
+        item: Option<Result<Inbound, ProtoError>>,
+        frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+        heartbeat: &mut Option<tokio::time::Interval>,
+    ) -> Flow {
+        let inbound = match item {
+            Some(Ok(inbound)) => inbound,
+            None => {
+                tracing::info!("peer closed the connection");
+                return Flow::Close;
+            }
+            Some(Err(ProtoError::Io(err))) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+                tracing::info!("peer closed the connection in the middle of a frame");
+                return Flow::Close;
+            }
+            Some(Err(err)) => {
+                tracing::info!(error = %err, "read failed");
+                return Flow::Close;
+            }
+        };
+        let was_negotiated = self.negotiated.is_some();
+        match self.handle(inbound, frames.decoder_mut()) {
+            Handled::Done(Flow::Continue) => {}
+            Handled::Done(Flow::Close) => return Flow::Close,
+            Handled::Slow(request_id, body) => self.slow_request(request_id, *body).await,
+        }
+        if !was_negotiated {
+            if let Some(interval) = self.negotiated.and_then(|n| n.heartbeat) {
+                *heartbeat = Some(tokio::time::interval_at(tokio::time::Instant::now() + interval, interval));
+            }
+        }
+        Flow::Continue
     }
 
     /// Handles one unit read off the wire; a request that waits on blocking work or a long

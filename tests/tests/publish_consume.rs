@@ -3,10 +3,12 @@
 
 use std::collections::{HashMap, HashSet};
 
+use bytes::BytesMut;
 use futures::{FutureExt, StreamExt};
 use hopper_client::{ConsumeOptions, Error, ErrorCode, PublishOptions, QueueOptions};
+use hopper_proto::{encode_frame, pb, Body, Frame};
 use hopper_tests::{
-    body_text, connect, next_deliveries, next_delivery, publish_all, stats_eventually, Broker,
+    body_text, connect, next_deliveries, next_delivery, publish_all, stats_eventually, Broker, RawConn,
 };
 
 #[tokio::test]
@@ -29,6 +31,30 @@ async fn pipelined_publishes_are_all_confirmed_with_distinct_ids() {
         assert_eq!(delivery.message_id, ids[i]);
         assert_eq!(body_text(delivery), format!("m{i}"));
     }
+}
+
+#[tokio::test]
+async fn every_request_of_a_long_pipelined_burst_is_answered_in_order() {
+    let broker = Broker::start();
+    let mut raw = RawConn::connect_hello(broker.addr()).await;
+    let declare = pb::QueueDeclare { name: "burst".into(), settings: None, passive: false };
+    assert!(matches!(raw.call(Body::QueueDeclare(declare)).await, Body::QueueDeclareOk(_)));
+
+    // A thousand publishes in one write: the broker reads them in bursts and answers each.
+    let mut wire = BytesMut::new();
+    let ids: Vec<u64> = (0..1000).map(|_| raw.next_request_id()).collect();
+    for (i, &request_id) in ids.iter().enumerate() {
+        let publish =
+            pb::Publish { queue: "burst".into(), body: format!("m{i}").into(), ..Default::default() };
+        encode_frame(&Frame::new(request_id, Body::Publish(publish)), u32::MAX, &mut wire).expect("encode");
+    }
+    raw.send_bytes(&wire).await;
+    for &request_id in &ids {
+        assert!(matches!(raw.response(request_id).await, Body::PublishOk(_)));
+    }
+    let stats = pb::QueueStats { name: "burst".into() };
+    let Body::QueueInfo(info) = raw.call(Body::QueueStats(stats)).await else { panic!("no queue info") };
+    assert_eq!(info.ready, 1000);
 }
 
 #[tokio::test]

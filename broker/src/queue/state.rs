@@ -993,6 +993,11 @@ fn settle(
 /// Puts a message among the ready ones at the place its arrival order gives it, so a requeue
 /// restores FIFO order instead of reversing it.
 fn insert_ready(ready: &mut VecDeque<QueuedMessage>, message: QueuedMessage) {
+    // New messages arrive in order: only a requeue needs the search.
+    if ready.back().is_none_or(|last| last.seq < message.seq) {
+        ready.push_back(message);
+        return;
+    }
     let at = ready.partition_point(|m| m.seq < message.seq);
     ready.insert(at, message);
 }
