@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use hopper_proto::{encode_frame, Frame};
 use parking_lot::Mutex;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -86,20 +86,28 @@ impl Outbox {
         }
     }
 
-    /// Queues a frame if it fits the max frame size; otherwise leaves the outbox as it was and
-    /// returns the frame's size and the limit.
-    pub fn push_if_fits(&self, frame: &Frame) -> Result<(), (usize, usize)> {
+    /// Queues a frame of `len` bytes that `encode` writes (without the length prefix), if it
+    /// fits the max frame size; otherwise leaves the outbox as it was and returns the size and
+    /// the limit.
+    pub fn push_encoded_if_fits(
+        &self,
+        len: usize,
+        encode: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), (usize, usize)> {
         let mut inner = self.inner.lock();
         if inner.closed {
             return Ok(());
         }
-        let was_empty = inner.buf.is_empty();
-        let max = inner.max_frame_size;
-        if let Err(hopper_proto::ProtoError::FrameTooLarge { len, max }) =
-            encode_frame(frame, max, &mut inner.buf)
-        {
-            return Err((len, max as usize));
+        let max = inner.max_frame_size as usize;
+        if len > max {
+            return Err((len, max));
         }
+        let was_empty = inner.buf.is_empty();
+        inner.buf.reserve(hopper_proto::LENGTH_PREFIX + len);
+        inner.buf.put_u32(len as u32);
+        let start = inner.buf.len();
+        encode(&mut inner.buf);
+        debug_assert_eq!(inner.buf.len() - start, len, "the frame's length was computed wrong");
         if was_empty {
             self.wake_writer.notify_one();
         }

@@ -13,6 +13,10 @@ use crate::queue::ExchangeView;
 use crate::routing::{Binding, Destination, ExchangeKind, ExchangeSpec};
 use crate::settings::{Overflow, QueueSettings};
 
+mod deliver;
+
+pub use deliver::DeliverFrame;
+
 /// The wire form of a death.
 pub fn death_to_wire(death: &Death) -> pb::Death {
     pb::Death {

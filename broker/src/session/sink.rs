@@ -21,9 +21,14 @@ impl Sink for Outbox {
         message: &QueuedMessage,
         payload: &Payload,
     ) -> Result<(), Refusal> {
-        let message = wire::message_of(payload, message.delivery_count, message.redelivered());
-        let deliver = pb::Deliver { consumer_id, delivery_tag, message: Some(message) };
-        self.push_if_fits(&Frame::event(Body::Deliver(deliver)))
+        let frame = wire::DeliverFrame {
+            consumer_id,
+            delivery_tag,
+            payload,
+            delivery_count: message.delivery_count,
+            redelivered: message.redelivered(),
+        };
+        self.push_encoded_if_fits(frame.encoded_len(), |buf| frame.encode(buf))
             .map_err(|(bytes, limit)| Refusal::TooLarge { bytes, limit })
     }
 
