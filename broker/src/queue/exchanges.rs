@@ -94,8 +94,9 @@ impl Registry {
         if let Destination::Queue(queue) = &binding.destination {
             self.get(queue)?;
         }
-        let created = self.exchanges.topology.write().bind(source, binding).map_err(topology_error)?;
-        if created {
+        let created =
+            self.exchanges.topology.write().bind(source, binding.clone()).map_err(topology_error)?;
+        if created && self.is_durable_binding(&self.exchanges.topology.read(), source, &binding) {
             self.save_topology()?;
         }
         Ok(created)
@@ -104,10 +105,21 @@ impl Registry {
     /// Removes a binding; false if there was none.
     pub fn unbind(&self, source: &str, binding: &Binding) -> Result<bool, BrokerError> {
         let removed = self.exchanges.topology.write().unbind(source, binding).map_err(topology_error)?;
-        if removed {
+        if removed && self.is_durable_binding(&self.exchanges.topology.read(), source, binding) {
             self.save_topology()?;
         }
         Ok(removed)
+    }
+
+    /// True when a binding from `source` is saved: its exchange and its destination are both
+    /// durable. Transient ones change nothing on disk.
+    fn is_durable_binding(&self, topology: &Topology, source: &str, binding: &Binding) -> bool {
+        let durable_exchange = |name: &str| topology.get(name).is_some_and(|x| x.spec.durable);
+        durable_exchange(source)
+            && match &binding.destination {
+                Destination::Queue(name) => self.get(name).is_ok_and(|q| q.settings().durable),
+                Destination::Exchange(name) => durable_exchange(name),
+            }
     }
 
     /// Forgets the bindings to a deleted queue.
@@ -127,9 +139,12 @@ impl Registry {
         key: &str,
         headers: &HashMap<String, String>,
     ) -> Result<Routed, BrokerError> {
-        let route = self.exchanges.topology.read().route(exchange, key, headers).map_err(topology_error)?;
+        let queues = {
+            let topology = self.exchanges.topology.read();
+            let route = topology.route(exchange, key, headers).map_err(topology_error)?;
+            route.queues.iter().filter_map(|name| self.get(name).ok()).collect()
+        };
         let counters = self.exchanges.counters.get(exchange).map(|c| c.clone()).unwrap_or_default();
-        let queues = route.queues.iter().filter_map(|name| self.get(name).ok()).collect();
         Ok(Routed { queues, counters })
     }
 
@@ -196,11 +211,6 @@ impl Registry {
         let _saving = self.exchanges.saving.lock();
         let saved = {
             let topology = self.exchanges.topology.read();
-            let durable_exchange = |name: &str| topology.get(name).is_some_and(|x| x.spec.durable);
-            let durable = |destination: &Destination| match destination {
-                Destination::Queue(name) => self.get(name).is_ok_and(|q| q.settings().durable),
-                Destination::Exchange(name) => durable_exchange(name),
-            };
             let mut exchanges: Vec<ExchangeSpec> =
                 topology.exchanges().filter(|x| x.spec.durable).map(|x| x.spec.clone()).collect();
             exchanges.sort_by(|a, b| a.name.cmp(&b.name));
@@ -210,7 +220,7 @@ impl Registry {
                 .flat_map(|x| {
                     x.bindings
                         .iter()
-                        .filter(|b| durable(&b.destination))
+                        .filter(|b| self.is_durable_binding(&topology, &x.spec.name, b))
                         .map(|b| SavedBinding { source: x.spec.name.clone(), binding: b.clone() })
                 })
                 .collect();

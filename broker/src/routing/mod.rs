@@ -6,6 +6,7 @@ mod topic;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use indexmap::IndexSet;
 use serde::{Deserialize, Serialize};
 
 pub use hopper_proto::ExchangeKind;
@@ -22,7 +23,7 @@ pub enum Destination {
 }
 
 /// One binding of an exchange.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Binding {
     /// Where it leads.
     pub destination: Destination,
@@ -50,15 +51,36 @@ pub struct ExchangeSpec {
 pub struct Exchange {
     /// What it was declared with.
     pub spec: ExchangeSpec,
-    /// Its bindings, in the order they were made.
-    pub bindings: Vec<Binding>,
+    /// Its bindings, in the order they were made; a set, so binding again finds a duplicate
+    /// without a scan.
+    pub bindings: IndexSet<Binding>,
     direct: HashMap<String, Vec<Destination>>,
     topic: TopicTrie<Destination>,
 }
 
 impl Exchange {
+    /// Takes a removed binding out of the index that routes by it.
+    fn unindex(&mut self, binding: &Binding) {
+        match self.spec.kind {
+            ExchangeKind::Direct => {
+                if let Some(list) = self.direct.get_mut(&binding.key) {
+                    if let Some(i) = list.iter().position(|d| d == &binding.destination) {
+                        list.remove(i);
+                    }
+                    if list.is_empty() {
+                        self.direct.remove(&binding.key);
+                    }
+                }
+            }
+            ExchangeKind::Topic => {
+                self.topic.remove(&binding.key, &binding.destination);
+            }
+            ExchangeKind::Fanout | ExchangeKind::Headers => {}
+        }
+    }
+
     fn new(spec: ExchangeSpec) -> Self {
-        Exchange { spec, bindings: Vec::new(), direct: HashMap::new(), topic: TopicTrie::default() }
+        Exchange { spec, bindings: IndexSet::new(), direct: HashMap::new(), topic: TopicTrie::default() }
     }
 
     /// The destinations a message with `key` and `headers` takes from this exchange.
@@ -118,9 +140,9 @@ pub enum TopologyError {
 
 /// Where a routed message goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Route {
+pub struct Route<'a> {
     /// Queues that take it, each once.
-    pub queues: Vec<String>,
+    pub queues: Vec<&'a str>,
     /// True when only an alternate exchange routed it.
     pub by_alternate: bool,
 }
@@ -182,7 +204,7 @@ impl Topology {
             }
             ExchangeKind::Fanout | ExchangeKind::Headers => {}
         }
-        exchange.bindings.push(binding);
+        exchange.bindings.insert(binding);
         Ok(true)
     }
 
@@ -190,44 +212,29 @@ impl Topology {
     pub fn unbind(&mut self, source: &str, binding: &Binding) -> Result<bool, TopologyError> {
         let exchange =
             self.exchanges.get_mut(source).ok_or_else(|| TopologyError::NoExchange(source.into()))?;
-        let Some(at) = exchange.bindings.iter().position(|b| b == binding) else { return Ok(false) };
-        exchange.bindings.remove(at);
-        match exchange.spec.kind {
-            ExchangeKind::Direct => {
-                if let Some(list) = exchange.direct.get_mut(&binding.key) {
-                    if let Some(i) = list.iter().position(|d| d == &binding.destination) {
-                        list.remove(i);
-                    }
-                    if list.is_empty() {
-                        exchange.direct.remove(&binding.key);
-                    }
-                }
-            }
-            ExchangeKind::Topic => {
-                exchange.topic.remove(&binding.key, &binding.destination);
-            }
-            ExchangeKind::Fanout | ExchangeKind::Headers => {}
+        if !exchange.bindings.shift_remove(binding) {
+            return Ok(false);
         }
+        exchange.unindex(binding);
         Ok(true)
     }
 
     /// Removes every binding that leads to `destination` (a queue or exchange going away);
     /// returns the sources that had one.
     pub fn unbind_destination(&mut self, destination: &Destination) -> Vec<String> {
-        let sources: Vec<(String, Vec<Binding>)> = self
-            .exchanges
-            .iter()
-            .map(|(name, x)| {
-                (name.clone(), x.bindings.iter().filter(|b| &b.destination == destination).cloned().collect())
-            })
-            .filter(|(_, bindings): &(String, Vec<Binding>)| !bindings.is_empty())
-            .collect();
-        for (source, bindings) in &sources {
-            for binding in bindings {
-                let _ = self.unbind(source, binding);
+        let mut sources = Vec::new();
+        for (name, exchange) in &mut self.exchanges {
+            let leading: Vec<Binding> =
+                exchange.bindings.iter().filter(|b| &b.destination == destination).cloned().collect();
+            if leading.is_empty() {
+                continue;
             }
+            // One pass over the bindings, whatever the number removed.
+            exchange.bindings.retain(|b| &b.destination != destination);
+            leading.iter().for_each(|b| exchange.unindex(b));
+            sources.push(name.clone());
         }
-        sources.into_iter().map(|(source, _)| source).collect()
+        sources
     }
 
     /// The queues a message published to `exchange` with `key` and `headers` reaches, each once,
@@ -238,7 +245,7 @@ impl Topology {
         exchange: &str,
         key: &str,
         headers: &HashMap<String, String>,
-    ) -> Result<Route, TopologyError> {
+    ) -> Result<Route<'_>, TopologyError> {
         let start = self.exchanges.get(exchange).ok_or_else(|| TopologyError::NoExchange(exchange.into()))?;
         let mut route = Route::default();
         let mut seen_queues = HashSet::new();
@@ -266,7 +273,7 @@ impl Topology {
         exchange: &'a Exchange,
         key: &str,
         headers: &HashMap<String, String>,
-        queues: &mut Vec<String>,
+        queues: &mut Vec<&'a str>,
         seen_queues: &mut HashSet<&'a str>,
         seen_exchanges: &mut HashSet<&'a str>,
     ) {
@@ -277,7 +284,7 @@ impl Topology {
         exchange.destinations(key, headers, &mut |destination| match destination {
             Destination::Queue(name) => {
                 if seen_queues.insert(name.as_str()) {
-                    queues.push(name.clone());
+                    queues.push(name.as_str());
                 }
             }
             Destination::Exchange(name) => next.push(name.as_str()),

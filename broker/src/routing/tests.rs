@@ -18,7 +18,7 @@ fn to_exchange(exchange: &str, key: &str) -> Binding {
     }
 }
 
-fn queues(topology: &Topology, exchange: &str, key: &str) -> Vec<String> {
+fn queues<'a>(topology: &'a Topology, exchange: &str, key: &str) -> Vec<&'a str> {
     let mut queues = topology.route(exchange, key, &HashMap::new()).unwrap().queues;
     queues.sort();
     queues
@@ -99,9 +99,9 @@ fn an_alternate_exchange_takes_what_cannot_be_routed() {
     topology.declare(with_alternate).unwrap();
     topology.bind("orders", to_queue("paid", "paid")).unwrap();
     let routed = topology.route("orders", "paid", &HashMap::new()).unwrap();
-    assert_eq!((routed.queues, routed.by_alternate), (vec!["paid".to_string()], false));
+    assert_eq!((routed.queues, routed.by_alternate), (vec!["paid"], false));
     let alternate = topology.route("orders", "refunded", &HashMap::new()).unwrap();
-    assert_eq!((alternate.queues, alternate.by_alternate), (vec!["lost".to_string()], true));
+    assert_eq!((alternate.queues, alternate.by_alternate), (vec!["lost"], true));
 }
 
 #[test]
