@@ -164,6 +164,17 @@ struct Session {
     held_bytes: usize,
     /// Broker events this connection subscribed to.
     events: Option<tokio::sync::broadcast::Receiver<BrokerEvent>>,
+    /// Acks without confirm read in this burst and not applied yet, in order: applied together
+    /// before any other request and at the end of the burst.
+    acks: Vec<PendingAck>,
+}
+
+/// An ack read and not applied yet.
+struct PendingAck {
+    request_id: u64,
+    consumer_id: u64,
+    delivery_tag: u64,
+    multiple: bool,
 }
 
 impl Session {
@@ -180,6 +191,7 @@ impl Session {
             held_publishes: VecDeque::new(),
             held_bytes: 0,
             events: None,
+            acks: Vec::new(),
         }
     }
 
@@ -250,20 +262,10 @@ impl Session {
                 }
                 item = frames.next(), if room && self.held_bytes < MAX_HELD_BYTES => {
                     last_seen = Instant::now();
-                    if self.on_frame(item, &mut frames, &mut heartbeat).await == Flow::Close {
+                    let flow = self.on_burst(item, &mut frames, &mut heartbeat, held.on).await;
+                    self.apply_acks();
+                    if flow == Flow::Close {
                         return;
-                    }
-                    // Frames already read are handled without going around the loop, a burst
-                    // at a time, while nothing the loop watches for has changed.
-                    for _ in 1..FRAMES_PER_TURN {
-                        let block_changed = self.publisher && self.engine.publishers_blocked().is_some() != held.on;
-                        if block_changed || self.held_bytes >= MAX_HELD_BYTES || !self.outbox.has_room() {
-                            break;
-                        }
-                        let Some(item) = frames.next().now_or_never() else { break };
-                        if self.on_frame(item, &mut frames, &mut heartbeat).await == Flow::Close {
-                            return;
-                        }
                     }
                 }
                 _ = tick(&mut heartbeat) => {
@@ -282,6 +284,56 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Handles `item` and then the frames already read behind it, a burst at a time, while
+    /// nothing the loop watches for has changed.
+    async fn on_burst(
+        &mut self,
+        item: Option<Result<Inbound, ProtoError>>,
+        frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+        heartbeat: &mut Option<tokio::time::Interval>,
+        held: bool,
+    ) -> Flow {
+        if self.on_frame(item, frames, heartbeat).await == Flow::Close {
+            return Flow::Close;
+        }
+        for _ in 1..FRAMES_PER_TURN {
+            let block_changed = self.publisher && self.engine.publishers_blocked().is_some() != held;
+            if block_changed || self.held_bytes >= MAX_HELD_BYTES || !self.outbox.has_room() {
+                break;
+            }
+            let Some(item) = frames.next().now_or_never() else { break };
+            if self.on_frame(item, frames, heartbeat).await == Flow::Close {
+                return Flow::Close;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Applies the acks read so far, a run of one consumer's at a time, and answers those that
+    /// failed.
+    fn apply_acks(&mut self) {
+        let mut acks = std::mem::take(&mut self.acks);
+        for run in acks.chunk_by(|a, b| a.consumer_id == b.consumer_id) {
+            let tags: Vec<(u64, bool)> = run.iter().map(|a| (a.delivery_tag, a.multiple)).collect();
+            match self.engine.ack_all(&self.caller, run[0].consumer_id, &tags) {
+                Ok(results) => {
+                    for (ack, result) in run.iter().zip(results) {
+                        if let Err(err) = result {
+                            self.reply_error(ack.request_id, err);
+                        }
+                    }
+                }
+                Err(err) => {
+                    for ack in run {
+                        self.reply_error(ack.request_id, err.clone());
+                    }
+                }
+            }
+        }
+        acks.clear();
+        self.acks = acks;
     }
 
     /// Handles one item of the frame stream; starts heartbeats once the handshake agreed them.
@@ -373,8 +425,17 @@ impl Session {
                 );
                 return Handled::Done(Flow::Continue);
             }
-            body if is_slow(&body) => return Handled::Slow(request_id, Box::new(body)),
+            Body::Ack(ack) if !ack.confirm => {
+                let pb::Ack { consumer_id, delivery_tag, multiple, .. } = ack;
+                self.acks.push(PendingAck { request_id, consumer_id, delivery_tag, multiple });
+                return Handled::Done(Flow::Continue);
+            }
+            body if is_slow(&body) => {
+                self.apply_acks();
+                return Handled::Slow(request_id, Box::new(body));
+            }
             body => {
+                self.apply_acks();
                 let result = self.request(request_id, body);
                 self.answer(request_id, result);
             }

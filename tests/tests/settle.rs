@@ -220,3 +220,61 @@ async fn confirmed_settlements_are_answered_for_transient_and_durable_queues() {
         assert_eq!(body_text(&next_delivery(&mut consumer).await), "b", "durable={durable}");
     }
 }
+
+/// Acks read together are applied together; each still stands alone: a bad one in the middle
+/// is answered under its own request id and changes nothing for its neighbours, and acks
+/// followed at once by a close are applied before the connection's deliveries go back.
+#[tokio::test]
+async fn a_burst_of_acks_is_applied_with_each_one_answered_on_its_own() {
+    use bytes::BytesMut;
+    use hopper_proto::{encode_frame, pb, Body, Frame};
+    use hopper_tests::RawConn;
+
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    conn.declare_queue("q", QueueOptions::default()).await.unwrap();
+    publish_all(&conn, "q", (0..20).map(|i| format!("m{i}"))).await;
+
+    let mut raw = RawConn::connect_hello(broker.addr()).await;
+    let consume = pb::Consume { queue: "q".into(), prefetch_count: 20, ..Default::default() };
+    let Body::ConsumeOk(ok) = raw.call(Body::Consume(consume)).await else { panic!("not subscribed") };
+    let mut tags = Vec::new();
+    while tags.len() < 20 {
+        if let Some(Body::Deliver(deliver)) = raw.recv_skipping_heartbeats().await.and_then(|f| f.body) {
+            tags.push(deliver.delivery_tag);
+        }
+    }
+
+    // Tags 1..=10 one by one, an unknown tag in the middle, then a close in the same write.
+    let mut wire = BytesMut::new();
+    let mut ack = |raw: &mut RawConn, delivery_tag: u64, wire: &mut BytesMut| {
+        let request_id = raw.next_request_id();
+        let body = Body::Ack(pb::Ack { consumer_id: ok.consumer_id, delivery_tag, ..Default::default() });
+        encode_frame(&Frame::new(request_id, body), u32::MAX, wire).expect("encode");
+        request_id
+    };
+    for &tag in &tags[..5] {
+        ack(&mut raw, tag, &mut wire);
+    }
+    let unknown = ack(&mut raw, 999, &mut wire);
+    for &tag in &tags[5..10] {
+        ack(&mut raw, tag, &mut wire);
+    }
+    raw.send_bytes(&wire).await;
+    let (code, message) = raw.error_response(unknown).await;
+    assert_eq!(code, pb::ErrorCode::NotFound, "{message}");
+    assert!(message.contains("unknown delivery tag 999"), "{message}");
+
+    let mut wire = BytesMut::new();
+    for &tag in &tags[10..15] {
+        ack(&mut raw, tag, &mut wire);
+    }
+    let close = Body::Close(pb::Close { reason: "done".into(), ..Default::default() });
+    encode_frame(&Frame::new(0, close), u32::MAX, &mut wire).expect("encode");
+    raw.send_bytes(&wire).await;
+    raw.expect_eof().await;
+
+    // Fifteen acked; the five left unacked are back, ready again.
+    let info = stats_eventually(&conn, "q", |info| info.consumers == 0 && info.ready == 5).await;
+    assert_eq!((info.acked_total, info.unacked), (15, 0), "{info:?}");
+}

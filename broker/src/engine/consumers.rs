@@ -219,6 +219,25 @@ impl Engine {
         self.settle(caller, delivery, confirm, |s, j, consumer, tag, _| s.ack(consumer, tag, multiple, j))
     }
 
+    /// Acknowledges deliveries of one consumer, `(tag, multiple)` each, in order, under one
+    /// lock of its queue and one dispatch after them all: a burst of acks read together costs
+    /// that once, not once per ack. Each ack gets its own answer; the outer error (an unknown
+    /// consumer) is every ack's.
+    pub fn ack_all(
+        &self,
+        caller: &Caller,
+        consumer_id: u64,
+        acks: &[(u64, bool)],
+    ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
+        let queue = self.owned_queue(caller, consumer_id)?;
+        queue.with_state(|s, j, _| {
+            let mut ack = |&(tag, multiple): &(u64, bool)| {
+                s.ack(consumer_id, tag, multiple, j).map(|_| ()).map_err(|e| settle_error(consumer_id, e))
+            };
+            acks.iter().map(&mut ack).collect()
+        })
+    }
+
     /// Negatively acknowledges a delivery: requeued as a failed delivery, or dead (`rejected`).
     pub fn nack(
         &self,
