@@ -71,7 +71,7 @@ pub struct Engine {
     next_message_id: AtomicU64,
     next_consumer_id: AtomicU64,
     /// Every consumer, with its queue and the connection that owns it.
-    consumers: DashMap<u64, Owned>,
+    consumers: DashMap<u64, Owned, foldhash::fast::RandomState>,
     /// Pull consumers by (connection, queue); several per key when gets run concurrently.
     pullers: Mutex<Pullers>,
     receipts: Receipts,
@@ -106,7 +106,7 @@ impl Engine {
             connections: AtomicU32::new(0),
             next_message_id: AtomicU64::new(initial_message_id()),
             next_consumer_id: AtomicU64::new(1),
-            consumers: DashMap::new(),
+            consumers: DashMap::default(),
             pullers: Mutex::default(),
             receipts: Receipts::new(),
         })

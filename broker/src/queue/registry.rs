@@ -16,7 +16,8 @@ use crate::storage::{QueueMeta, StorageConfig, Store};
 /// All queues of a broker, by name.
 pub struct Registry {
     me: Weak<Registry>,
-    queues: DashMap<Arc<str>, Arc<Queue>>,
+    /// Looked up on every publish: hashed with a fast, per-process seeded hasher.
+    queues: DashMap<Arc<str>, Arc<Queue>, foldhash::fast::RandomState>,
     pub(super) store: Store,
     storage: StorageConfig,
     audit: Audit,
@@ -54,7 +55,7 @@ impl Registry {
         let entries = store.list()?;
         let registry = Arc::new_cyclic(|me| Registry {
             me: me.clone(),
-            queues: DashMap::new(),
+            queues: DashMap::default(),
             store,
             storage,
             audit,

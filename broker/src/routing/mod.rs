@@ -248,8 +248,8 @@ impl Topology {
     ) -> Result<Route<'_>, TopologyError> {
         let start = self.exchanges.get(exchange).ok_or_else(|| TopologyError::NoExchange(exchange.into()))?;
         let mut route = Route::default();
-        let mut seen_queues = HashSet::new();
-        let mut seen_exchanges = HashSet::new();
+        let mut seen_queues = Seen::default();
+        let mut seen_exchanges = Seen::default();
         self.follow(start, key, headers, &mut route.queues, &mut seen_queues, &mut seen_exchanges);
         // Alternate exchanges, in turn, while nothing took the message.
         let mut current = start;
@@ -261,7 +261,7 @@ impl Topology {
             if !seen_exchanges.insert(alternate.spec.name.as_str()) {
                 break;
             }
-            self.follow(alternate, key, headers, &mut route.queues, &mut seen_queues, &mut HashSet::new());
+            self.follow(alternate, key, headers, &mut route.queues, &mut seen_queues, &mut Seen::default());
             route.by_alternate = !route.queues.is_empty();
             current = alternate;
         }
@@ -274,8 +274,8 @@ impl Topology {
         key: &str,
         headers: &HashMap<String, String>,
         queues: &mut Vec<&'a str>,
-        seen_queues: &mut HashSet<&'a str>,
-        seen_exchanges: &mut HashSet<&'a str>,
+        seen_queues: &mut Seen<'a>,
+        seen_exchanges: &mut Seen<'a>,
     ) {
         if !seen_exchanges.insert(exchange.spec.name.as_str()) {
             return;
@@ -304,6 +304,35 @@ impl Topology {
     /// Every exchange, by name.
     pub fn exchanges(&self) -> impl Iterator<Item = &Exchange> {
         self.exchanges.values()
+    }
+}
+
+/// Names met while routing one message. Most routes reach a few queues, which a scan of a
+/// short list dedupes faster than hashing; past [`Seen::SCAN_MAX`] names a hash set takes over.
+#[derive(Default)]
+struct Seen<'a> {
+    few: Vec<&'a str>,
+    many: HashSet<&'a str>,
+}
+
+impl<'a> Seen<'a> {
+    const SCAN_MAX: usize = 16;
+
+    /// Adds `name`; false if it was there already.
+    fn insert(&mut self, name: &'a str) -> bool {
+        if !self.many.is_empty() {
+            return self.many.insert(name);
+        }
+        if self.few.contains(&name) {
+            return false;
+        }
+        if self.few.len() < Self::SCAN_MAX {
+            self.few.push(name);
+        } else {
+            self.many.extend(self.few.drain(..));
+            self.many.insert(name);
+        }
+        true
     }
 }
 

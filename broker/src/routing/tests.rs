@@ -122,3 +122,17 @@ fn declares_compare_and_deletes_clean_up() {
     assert!(queues(&topology, "y", "").is_empty());
     assert!(matches!(topology.route("x", "", &HashMap::new()), Err(TopologyError::NoExchange(_))));
 }
+
+proptest::proptest! {
+    #[test]
+    fn seen_names_dedupe_as_a_set_does_on_either_side_of_the_switch(
+        names in proptest::collection::vec(0u8..40, 0..80),
+    ) {
+        let names: Vec<String> = names.iter().map(|n| format!("q{n}")).collect();
+        let mut seen = super::Seen::default();
+        let mut reference = std::collections::HashSet::new();
+        for name in &names {
+            proptest::prop_assert_eq!(seen.insert(name), reference.insert(name.as_str()), "{}", name);
+        }
+    }
+}
