@@ -247,7 +247,7 @@ async fn a_burst_of_acks_is_applied_with_each_one_answered_on_its_own() {
 
     // Tags 1..=10 one by one, an unknown tag in the middle, then a close in the same write.
     let mut wire = BytesMut::new();
-    let mut ack = |raw: &mut RawConn, delivery_tag: u64, wire: &mut BytesMut| {
+    let ack = |raw: &mut RawConn, delivery_tag: u64, wire: &mut BytesMut| {
         let request_id = raw.next_request_id();
         let body = Body::Ack(pb::Ack { consumer_id: ok.consumer_id, delivery_tag, ..Default::default() });
         encode_frame(&Frame::new(request_id, body), u32::MAX, wire).expect("encode");
