@@ -473,6 +473,7 @@ async fn consume(
 ) -> anyhow::Result<Consumed> {
     let ack_every = pacing.ack_every;
     let started = Instant::now();
+    let clock = UnixClock::new();
     let mut handled = 0u64;
     let mut done = progress.done.subscribe();
     let mut latencies = new_histogram();
@@ -488,8 +489,10 @@ async fn consume(
             },
             _ = done.wait_for(|done| *done) => break,
         };
-        let now = unix_nanos();
-        last_delivery = Some(Instant::now());
+        // One clock read per delivery: Unix time is derived from the monotonic one.
+        let received = Instant::now();
+        let now = clock.unix_nanos(received);
+        last_delivery = Some(received);
         if let Some(sent_at) = decode_timestamp(&delivery.body) {
             latencies.saturating_record(now.saturating_sub(sent_at + pacing.delay_ns) / 1000);
         }
@@ -542,6 +545,23 @@ pub fn decode_timestamp(body: &[u8]) -> Option<u64> {
 
 /// Nanoseconds since the Unix epoch, by the wall clock (producers and consumers may be in
 /// different processes, so a monotonic clock would not compare).
+/// Unix time from `Instant`s: a reading of both clocks taken once.
+struct UnixClock {
+    base: Instant,
+    base_unix_ns: u64,
+}
+
+impl UnixClock {
+    fn new() -> Self {
+        UnixClock { base: Instant::now(), base_unix_ns: unix_nanos() }
+    }
+
+    /// Unix nanoseconds at `at`.
+    fn unix_nanos(&self, at: Instant) -> u64 {
+        self.base_unix_ns.saturating_add(at.saturating_duration_since(self.base).as_nanos() as u64)
+    }
+}
+
 fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -605,6 +625,9 @@ impl Route {
                 admin.bind_queue(queue, &exchange, &pattern.join("."), HashMap::new()).await?;
             }
         }
+        // Only a headers exchange routes by them; the other runs publish none, as a publish
+        // straight to a queue does.
+        let headers = if kind == KindArg::Headers { headers } else { HashMap::new() };
         Ok(Route { exchange, routing_key, headers, queues })
     }
 }
