@@ -42,6 +42,13 @@ pub struct Config {
     pub disk_free_low_watermark_bytes: u64,
     /// Address of the HTTP listener (metrics, API, dashboard); "off" disables it.
     pub http: String,
+    /// Host names the HTTP listener answers to besides IP addresses and `localhost` (matched
+    /// against the `Host` header in any case, any port). Requests for other names are refused,
+    /// which defeats DNS rebinding.
+    pub http_allow_hosts: Vec<String>,
+    /// Origins (`scheme://host[:port]`) besides the listener's own whose web pages may call the
+    /// HTTP API.
+    pub http_allow_origins: Vec<String>,
     /// `http://` URL that depth alarms are POSTed to.
     pub alarm_webhook: Option<String>,
 }
@@ -63,6 +70,8 @@ impl Default for Config {
             memory_high_watermark_bytes: default_memory_watermark(),
             disk_free_low_watermark_bytes: 50 * 1024 * 1024,
             http: "127.0.0.1:15680".into(),
+            http_allow_hosts: Vec::new(),
+            http_allow_origins: Vec::new(),
             alarm_webhook: None,
         }
     }
@@ -105,6 +114,8 @@ impl Config {
         if self.listen.is_empty() {
             return Err(StartError::Config("listen address is empty".into()));
         }
+        crate::http::allow::Allowed::new(&self.http_allow_hosts, &self.http_allow_origins)
+            .map_err(StartError::Config)?;
         Ok(())
     }
 
@@ -177,6 +188,24 @@ mod tests {
         assert!(error.contains("lisen") && error.contains(":1:1"), "{error}");
         assert_eq!(error.lines().count(), 1, "{error}");
         let config = Config { max_frame_size: 10, ..Config::default() };
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn http_allow_lists_come_from_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hopper.toml");
+        let text =
+            "http_allow_hosts = [\"hopper.internal\"]\nhttp_allow_origins = [\"https://ops.example.com\"]\n";
+        std::fs::write(&path, text).unwrap();
+        let config = Config::from_file(&path).unwrap();
+        assert_eq!(config.http_allow_hosts, ["hopper.internal"]);
+        assert_eq!(config.http_allow_origins, ["https://ops.example.com"]);
+        config.validate().unwrap();
+        let config = Config { http_allow_origins: vec!["null".into()], ..Config::default() };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("--http-allow-origin") && error.contains("'null'"), "{error}");
+        let config = Config { http_allow_hosts: vec!["hopper.internal:80".into()], ..Config::default() };
         assert!(config.validate().is_err());
     }
 }

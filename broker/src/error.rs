@@ -29,6 +29,12 @@ pub enum BrokerError {
     /// A mandatory message that no queue takes; it was returned, not stored.
     #[error("{0}")]
     NoRoute(String),
+    /// The user may not do this; nothing was changed.
+    #[error("{0}")]
+    AccessRefused(String),
+    /// Authentication failed, or was needed and missing.
+    #[error("{0}")]
+    Unauthenticated(String),
 }
 
 impl BrokerError {
@@ -44,6 +50,8 @@ impl BrokerError {
             BrokerError::ResourceLimit(m) => BrokerError::ResourceLimit(prefix(m)),
             BrokerError::Internal(m) => BrokerError::Internal(prefix(m)),
             BrokerError::NoRoute(m) => BrokerError::NoRoute(m.clone()),
+            BrokerError::AccessRefused(m) => BrokerError::AccessRefused(m.clone()),
+            BrokerError::Unauthenticated(m) => BrokerError::Unauthenticated(m.clone()),
         }
     }
 
@@ -63,6 +71,8 @@ impl BrokerError {
             BrokerError::ResourceLimit(_) => ErrorCode::ResourceLimit,
             BrokerError::Internal(_) => ErrorCode::Internal,
             BrokerError::NoRoute(_) => ErrorCode::NoRoute,
+            BrokerError::AccessRefused(_) => ErrorCode::AccessRefused,
+            BrokerError::Unauthenticated(_) => ErrorCode::Unauthenticated,
         }
     }
 }

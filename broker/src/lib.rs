@@ -5,6 +5,7 @@
 //! each queue's state machine behind its own lock; `outbox` batches a connection's writes.
 
 pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -53,6 +53,25 @@ struct Args {
     /// [default: 127.0.0.1:15680; port 0 picks a free port].
     #[arg(long, env = "HOPPER_HTTP")]
     http: Option<String>,
+    /// A host name the HTTP listener answers to besides IP addresses and localhost, in any
+    /// case, on any port; repeat the flag for more (the variable takes a comma-separated
+    /// list). Requests by other names are refused: this defeats DNS rebinding.
+    #[arg(
+        long = "http-allow-host",
+        value_name = "NAME",
+        env = "HOPPER_HTTP_ALLOW_HOST",
+        value_delimiter = ','
+    )]
+    http_allow_host: Vec<String>,
+    /// An origin (scheme://host[:port]) besides the listener's own whose web pages may call
+    /// the HTTP API; repeat the flag for more (the variable takes a comma-separated list).
+    #[arg(
+        long = "http-allow-origin",
+        value_name = "ORIGIN",
+        env = "HOPPER_HTTP_ALLOW_ORIGIN",
+        value_delimiter = ','
+    )]
+    http_allow_origin: Vec<String>,
     /// http:// URL that queue depth alarms are POSTed to as JSON.
     #[arg(long, env = "HOPPER_ALARM_WEBHOOK")]
     alarm_webhook: Option<String>,
@@ -106,6 +125,13 @@ impl Args {
         }
         if let Some(http) = self.http {
             config.http = http;
+        }
+        // Given at all, a list replaces the file's, as any other flag does.
+        if !self.http_allow_host.is_empty() {
+            config.http_allow_hosts = self.http_allow_host;
+        }
+        if !self.http_allow_origin.is_empty() {
+            config.http_allow_origins = self.http_allow_origin;
         }
         if let Some(url) = self.alarm_webhook {
             config.alarm_webhook = Some(url);

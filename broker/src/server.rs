@@ -82,7 +82,8 @@ impl Broker {
         };
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let engine = Engine::new(config, queues);
+        let users = crate::auth::Users::open(&config.data_dir).map_err(data_dir_error)?;
+        let engine = Engine::new(config, queues, Arc::new(users));
         if let Some(listener) = http {
             tokio::spawn(crate::http::serve(listener, engine.clone(), shutdown_rx.clone()));
         }

@@ -20,6 +20,7 @@ use crate::outbox::Outbox;
 use crate::wire;
 
 mod commands;
+mod login;
 mod sink;
 
 /// Read buffer size: large enough that a burst of small publishes is one read.
@@ -64,7 +65,7 @@ pub(crate) async fn run(
                 FrameCodec::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE),
                 READ_BUFFER,
             );
-            let mut session = Session::new(engine, Caller::connection(conn_id), outbox.clone());
+            let mut session = Session::new(engine, conn_id, peer, outbox.clone());
             session.serve(frames, shutdown, &resume).await;
             session.release_consumers();
         } else {
@@ -142,12 +143,23 @@ fn is_slow(body: &Body) -> bool {
             | Body::ExchangeDelete(_)
             | Body::Bind(_)
             | Body::Unbind(_)
+            | Body::UserPut(_)
+            | Body::UserDelete(_)
+            | Body::PermissionsSet(_)
     )
 }
 
 struct Session {
     engine: Arc<Engine>,
+    /// The connection and, once logged in, its user; before that, a user that may do nothing.
     caller: Caller,
+    peer: SocketAddr,
+    /// A SCRAM exchange waiting for the client's response.
+    login: Option<login::Pending>,
+    /// The Hello whose login is under way.
+    hello: Option<pb::Hello>,
+    /// How the user logged in.
+    mechanism: &'static str,
     outbox: Arc<Outbox>,
     negotiated: Option<Negotiated>,
     /// This connection's push consumers.
@@ -178,10 +190,14 @@ struct PendingAck {
 }
 
 impl Session {
-    fn new(engine: Arc<Engine>, caller: Caller, outbox: Arc<Outbox>) -> Self {
+    fn new(engine: Arc<Engine>, conn_id: u64, peer: SocketAddr, outbox: Arc<Outbox>) -> Self {
         Session {
             engine,
-            caller,
+            caller: Caller::connection(conn_id, ""),
+            peer,
+            login: None,
+            hello: None,
+            mechanism: "",
             outbox,
             negotiated: None,
             consumers: HashSet::new(),
@@ -358,8 +374,22 @@ impl Session {
                 return Flow::Close;
             }
         };
+        if let Inbound::Frame(Frame { request_id, body: Some(Body::Hello(hello)) }) = &inbound {
+            return self.on_hello(*request_id, hello.clone(), frames.decoder_mut(), heartbeat).await;
+        }
+        if let Inbound::Frame(Frame { request_id, body: Some(Body::AuthResponse(response)) }) = &inbound {
+            let Some(pending) = self.login.take() else {
+                self.reply_error(
+                    *request_id,
+                    BrokerError::ProtocolViolation("AuthResponse without a challenge".into()),
+                );
+                return Flow::Continue;
+            };
+            let step = login::finish(self.engine.users(), self.peer.ip(), pending, &response.response);
+            return self.login_step(*request_id, step, frames.decoder_mut(), heartbeat).await;
+        }
         let was_negotiated = self.negotiated.is_some();
-        match self.handle(inbound, frames.decoder_mut()) {
+        match self.handle(inbound) {
             Handled::Done(Flow::Continue) => {}
             Handled::Done(Flow::Close) => return Flow::Close,
             Handled::Slow(request_id, body) => self.slow_request(request_id, *body).await,
@@ -374,7 +404,7 @@ impl Session {
 
     /// Handles one unit read off the wire; a request that waits on blocking work or a long
     /// poll is handed back to be awaited.
-    fn handle(&mut self, inbound: Inbound, codec: &mut FrameCodec) -> Handled {
+    fn handle(&mut self, inbound: Inbound) -> Handled {
         let handshaken = self.negotiated.is_some();
         let frame = match inbound {
             Inbound::Frame(frame) => frame,
@@ -410,7 +440,10 @@ impl Session {
             return Handled::Done(Flow::Continue);
         };
         match body {
-            Body::Hello(hello) => return Handled::Done(self.hello(request_id, hello, codec)),
+            Body::Hello(_) | Body::AuthResponse(_) => {
+                self.reply_error(request_id, BrokerError::ProtocolViolation("Hello sent twice".into()));
+                return Handled::Done(Flow::Continue);
+            }
             Body::Close(close) => {
                 tracing::info!(reason = %close.reason, "peer closed the session");
                 return Handled::Done(Flow::Close);
@@ -463,6 +496,23 @@ impl Session {
                 .map(|()| Some(Body::ExchangeDeleteOk(pb::ExchangeDeleteOk {}))),
             Body::Bind(bind) => self.bind(bind).await.map(Some),
             Body::Unbind(unbind) => self.unbind(unbind).await.map(Some),
+            Body::UserPut(put) => {
+                let password = (!put.keep_password).then_some(put.password);
+                self.engine
+                    .put_user(&self.caller, put.name, password, put.tags, put.update)
+                    .await
+                    .map(|()| Some(Body::AccessOk(pb::AccessOk {})))
+            }
+            Body::UserDelete(delete) => self
+                .engine
+                .delete_user(&self.caller, delete.name)
+                .await
+                .map(|()| Some(Body::AccessOk(pb::AccessOk {}))),
+            Body::PermissionsSet(set) => self
+                .engine
+                .set_permissions(&self.caller, set.user, wire::permissions_from_wire(set.permissions))
+                .await
+                .map(|()| Some(Body::AccessOk(pb::AccessOk {}))),
             other => self.request(request_id, other),
         };
         self.answer(request_id, result);
@@ -481,27 +531,92 @@ impl Session {
         self.outbox.push(&Frame::error(request_id, err.code(), err.to_string()));
     }
 
-    fn hello(&mut self, request_id: u64, hello: pb::Hello, codec: &mut FrameCodec) -> Flow {
-        if self.negotiated.is_some() {
+    /// A Hello: checks the version, then starts the login it asks for.
+    async fn on_hello(
+        &mut self,
+        request_id: u64,
+        hello: pb::Hello,
+        codec: &mut FrameCodec,
+        heartbeat: &mut Option<tokio::time::Interval>,
+    ) -> Flow {
+        if self.negotiated.is_some() || self.hello.is_some() {
             self.reply_error(request_id, BrokerError::ProtocolViolation("Hello sent twice".into()));
             return Flow::Continue;
         }
         let supported = hopper_proto::MIN_PROTOCOL_VERSION..=hopper_proto::PROTOCOL_VERSION;
         if !supported.contains(&hello.protocol_version) {
             tracing::info!(version = hello.protocol_version, "unsupported protocol version");
-            let rejection = pb::HelloRejected {
-                message: format!(
-                    "protocol version {} is not supported; this broker speaks versions {} to {}",
-                    hello.protocol_version,
-                    supported.start(),
-                    supported.end()
-                ),
-                min_version: *supported.start(),
-                max_version: *supported.end(),
-            };
-            self.outbox.push(&Frame::new(request_id, Body::HelloRejected(rejection)));
+            let message = format!(
+                "protocol version {} is not supported; this broker speaks versions {} to {}",
+                hello.protocol_version,
+                supported.start(),
+                supported.end()
+            );
+            self.refuse_hello(request_id, ErrorCode::UnsupportedVersion, message);
             return Flow::Close;
         }
+        let step = login::start(self.engine.users(), self.peer.ip(), &hello.mechanism, &hello.auth, false);
+        self.hello = Some(pb::Hello { auth: Default::default(), ..hello });
+        self.login_step(request_id, step, codec, heartbeat).await
+    }
+
+    /// Goes on with a login: sends the challenge, or opens the session, or refuses and closes.
+    async fn login_step(
+        &mut self,
+        request_id: u64,
+        step: login::Step,
+        codec: &mut FrameCodec,
+        heartbeat: &mut Option<tokio::time::Interval>,
+    ) -> Flow {
+        match step {
+            login::Step::Challenge(challenge, pending) => {
+                self.login = Some(pending);
+                let body = Body::AuthChallenge(pb::AuthChallenge { challenge: challenge.into() });
+                self.outbox.push(&Frame::new(request_id, body));
+                Flow::Continue
+            }
+            login::Step::Done { user, mechanism, auth } => {
+                let Some(hello) = self.hello.take() else {
+                    self.reply_error(request_id, BrokerError::ProtocolViolation("no Hello to answer".into()));
+                    return Flow::Close;
+                };
+                self.caller = Caller::connection(self.caller.connection_id, &user);
+                self.mechanism = mechanism;
+                let ok = self.negotiate(&hello, codec, user, auth);
+                if let Some(interval) = self.negotiated.and_then(|n| n.heartbeat) {
+                    *heartbeat =
+                        Some(tokio::time::interval_at(tokio::time::Instant::now() + interval, interval));
+                }
+                self.outbox.push(&Frame::new(request_id, Body::HelloOk(ok)));
+                Flow::Continue
+            }
+            login::Step::Refused { reason, delay } => {
+                // Slows guessing from this address; nobody else waits.
+                tokio::time::sleep(delay).await;
+                self.refuse_hello(request_id, ErrorCode::Unauthenticated, reason);
+                Flow::Close
+            }
+        }
+    }
+
+    fn refuse_hello(&self, request_id: u64, code: ErrorCode, message: String) {
+        let rejection = pb::HelloRejected {
+            code: code.into(),
+            message,
+            min_version: hopper_proto::MIN_PROTOCOL_VERSION,
+            max_version: hopper_proto::PROTOCOL_VERSION,
+        };
+        self.outbox.push(&Frame::new(request_id, Body::HelloRejected(rejection)));
+    }
+
+    /// Agrees on heartbeats and frame size with a logged-in client.
+    fn negotiate(
+        &mut self,
+        hello: &pb::Hello,
+        codec: &mut FrameCodec,
+        user: String,
+        auth: Vec<u8>,
+    ) -> pb::HelloOk {
         let config = self.engine.config();
         let heartbeat_ms = match (hello.heartbeat_ms, config.heartbeat_ms) {
             (0, _) => 0,
@@ -516,15 +631,16 @@ impl Session {
         self.outbox.set_max_frame_size(max_frame_size);
         let heartbeat = (heartbeat_ms > 0).then(|| Duration::from_millis(heartbeat_ms.into()));
         self.negotiated = Some(Negotiated { heartbeat });
-        tracing::info!(client = %hello.client_name, heartbeat_ms, max_frame_size, "session open");
-        let ok = pb::HelloOk {
-            protocol_version: hopper_proto::PROTOCOL_VERSION,
+        tracing::info!(client = %hello.client_name, %user, mechanism = self.mechanism, heartbeat_ms, max_frame_size, "session open");
+        pb::HelloOk {
+            // A client of an older version gets its own version back.
+            protocol_version: hello.protocol_version.min(hopper_proto::PROTOCOL_VERSION),
             server_version: env!("CARGO_PKG_VERSION").into(),
             heartbeat_ms,
             max_frame_size,
-        };
-        self.outbox.push(&Frame::new(request_id, Body::HelloOk(ok)));
-        Flow::Continue
+            auth: auth.into(),
+            user,
+        }
     }
 
     /// Answers the publishes held back while publishers were blocked, in order.
@@ -566,6 +682,15 @@ impl Session {
                 Ok(Some(Body::QueueListOk(pb::QueueListOk { queues })))
             }
             Body::BrokerStatus(_) => Ok(Some(Body::BrokerStatusOk(wire::status(self.engine.status())))),
+            Body::WhoAmI(_) => {
+                let user = wire::user_info(self.engine.whoami(&self.caller)?);
+                Ok(Some(Body::WhoAmIOk(pb::WhoAmIOk { user: Some(user), mechanism: self.mechanism.into() })))
+            }
+            Body::UserList(_) => {
+                let (users, default_user) = self.engine.list_users(&self.caller)?;
+                let users = users.into_iter().map(wire::user_info).collect();
+                Ok(Some(Body::UserListOk(pb::UserListOk { users, default_user })))
+            }
             Body::MoveStart(start) => {
                 let status = self.engine.start_move(&self.caller, wire::move_spec(start)?)?;
                 Ok(Some(Body::MoveInfo(wire::move_info(status))))

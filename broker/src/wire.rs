@@ -5,7 +5,8 @@
 use hopper_proto::pb;
 
 use crate::audit::AuditEvent;
-use crate::engine::{Delivery, MessageView, QueueInfo, Status};
+use crate::auth::SavedPermissions;
+use crate::engine::{Delivery, MessageView, QueueInfo, Status, UserView};
 use crate::error::BrokerError;
 use crate::message::{Death, Payload};
 use crate::mover::{MoveSpec, MoveStatus};
@@ -16,6 +17,22 @@ use crate::settings::{Overflow, QueueSettings};
 mod deliver;
 
 pub use deliver::DeliverFrame;
+
+/// A user as `UserInfo`.
+pub fn user_info(user: UserView) -> pb::UserInfo {
+    let p = user.permissions;
+    pb::UserInfo {
+        name: user.name,
+        tags: user.tags,
+        permissions: Some(pb::Permissions { configure: p.configure, write: p.write, read: p.read }),
+    }
+}
+
+/// Permission patterns from the wire; absent means none.
+pub fn permissions_from_wire(permissions: Option<pb::Permissions>) -> SavedPermissions {
+    let p = permissions.unwrap_or_default();
+    SavedPermissions { configure: p.configure, write: p.write, read: p.read }
+}
 
 /// The wire form of a death.
 pub fn death_to_wire(death: &Death) -> pb::Death {

@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module and owns its flags; all table and JSON rendering
 //! lives in [`output`].
 
+mod access;
 mod audit;
 mod bench;
 mod bench_watch;
@@ -20,10 +21,11 @@ mod time;
 mod top;
 
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
-use hopper_client::{ConnectOptions, Connection};
+use hopper_client::{ConnectOptions, Connection, Credentials};
 
 /// Exit status of a process ended by SIGPIPE, used when stdout is closed under us.
 const BROKEN_PIPE_EXIT: u8 = 141;
@@ -32,9 +34,17 @@ const BROKEN_PIPE_EXIT: u8 = 141;
 #[derive(Debug, Parser)]
 #[command(name = "hopper", version, propagate_version = true)]
 struct Cli {
-    /// Broker address, HOST:PORT.
+    /// Broker address, HOST:PORT, or hopper://USER:PASSWORD@HOST:PORT.
     #[arg(long, global = true, env = "HOPPER_SERVER", default_value = "127.0.0.1:5680", display_order = 100)]
     server: String,
+    /// User to log in as (SCRAM-SHA-256: the password never crosses the wire). Without one,
+    /// the broker's built-in guest, which works from the broker's own host until an admin
+    /// user exists.
+    #[arg(long, global = true, env = "HOPPER_USER", display_order = 101)]
+    user: Option<String>,
+    /// The user's password.
+    #[arg(long, global = true, env = "HOPPER_PASSWORD", hide_env_values = true, display_order = 102)]
+    password: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -71,7 +81,18 @@ enum Command {
     Top(top::TopArgs),
     /// Measure throughput and end-to-end latency with concurrent producers and consumers.
     Bench(bench::BenchArgs),
+    /// Add, delete, list users and change passwords (admin).
+    #[command(subcommand)]
+    User(access::UserCommand),
+    /// Set and list what users may do (admin).
+    #[command(subcommand)]
+    Permissions(access::PermissionsCommand),
+    /// Show who you are logged in as and what you may do.
+    Whoami(access::JsonArgs),
 }
+
+/// The user and password given with --user/--password or their environment variables.
+static CREDENTIALS: OnceLock<Option<Credentials>> = OnceLock::new();
 
 /// `hopper bench` and `hopper consume` allocate per delivery; jemalloc keeps that cheap on
 /// the cores the broker shares.
@@ -102,6 +123,12 @@ fn main() -> ExitCode {
 
 /// Runs the chosen subcommand.
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let credentials = match (cli.user, cli.password) {
+        (Some(user), password) => Some(Credentials::new(user, password.unwrap_or_default())),
+        (None, Some(_)) => anyhow::bail!("--password (or HOPPER_PASSWORD) needs --user (or HOPPER_USER)"),
+        (None, None) => None,
+    };
+    let _ = CREDENTIALS.set(credentials);
     match cli.command {
         Command::Queue(command) => queue::run(&cli.server, command).await,
         Command::Exchange(command) => exchange::run(&cli.server, command).await,
@@ -116,20 +143,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(args) => events::run(&cli.server, args).await,
         Command::Top(args) => top::run(&cli.server, args).await,
         Command::Bench(args) => bench::run(&cli.server, args).await,
+        Command::User(command) => access::run_user(&cli.server, command).await,
+        Command::Permissions(command) => access::run_permissions(&cli.server, command).await,
+        Command::Whoami(args) => access::run_whoami(&cli.server, args).await,
     }
 }
 
 /// Connects to the broker, turning a failure into one readable line such as
 /// `cannot connect to 127.0.0.1:5680: Connection refused`.
 pub(crate) async fn connect(server: &str, role: &str) -> anyhow::Result<Connection> {
+    let (server, from_url) = parse_server(server)?;
+    let server = server.as_str();
     let options = ConnectOptions {
         client_name: format!("hopper-cli/{} {role}", env!("CARGO_PKG_VERSION")),
+        credentials: from_url.or_else(|| CREDENTIALS.get().cloned().flatten()),
         ..ConnectOptions::default()
     };
     Connection::connect_with(server, options).await.map_err(|err| match err {
         hopper_client::Error::Io(io) => anyhow!("cannot connect to {server}: {}", io_reason(&io)),
         other => anyhow!("cannot connect to {server}: {other}"),
     })
+}
+
+/// Splits `--server` into the address and, for a `hopper://user:password@host:port` URL, the
+/// credentials in it (percent-encoded where they hold `:`, `@` or `/`).
+fn parse_server(server: &str) -> anyhow::Result<(String, Option<Credentials>)> {
+    if server.starts_with("hoppers://") {
+        anyhow::bail!("hoppers:// (TLS) is not supported by this version of hopper; use hopper://");
+    }
+    let Some(rest) = server.strip_prefix("hopper://") else {
+        return Ok((server.to_owned(), None));
+    };
+    let rest = rest.trim_end_matches('/');
+    let Some((userinfo, address)) = rest.rsplit_once('@') else {
+        return Ok((rest.to_owned(), None));
+    };
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8()
+            .map(|t| t.into_owned())
+            .map_err(|_| anyhow!("the user or password in '{server}' is not valid UTF-8 once decoded"))
+    };
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    if address.is_empty() {
+        anyhow::bail!("'{server}' names no host: use hopper://USER:PASSWORD@HOST:PORT");
+    }
+    Ok((address.to_owned(), Some(Credentials::new(decode(user)?, decode(password)?))))
 }
 
 /// A flag value parser for whole numbers no smaller than `min`, with a readable error.

@@ -11,8 +11,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt as _, StreamExt as _};
 use hopper_proto::{
-    encode_frame, pb, Body, Frame, FrameCodec, Inbound, DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_MAX_FRAME_SIZE,
-    PROTOCOL_VERSION,
+    encode_frame, pb, scram, Body, ErrorCode, Frame, FrameCodec, Inbound, DEFAULT_MAX_FRAME_SIZE,
+    HANDSHAKE_MAX_FRAME_SIZE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -43,6 +43,7 @@ pub struct Connection {
 
 struct Inner {
     shared: Arc<Shared>,
+    user: String,
     server_version: String,
     heartbeat: Duration,
     max_frame_size: u32,
@@ -58,6 +59,7 @@ impl Drop for Inner {
 
 /// What the broker agreed to in the handshake.
 struct Negotiated {
+    user: String,
     server_version: String,
     heartbeat: Duration,
     max_frame_size: u32,
@@ -106,12 +108,18 @@ impl Connection {
         io::spawn(shared.clone(), frames, write, negotiated.heartbeat, span);
         let inner = Inner {
             shared,
+            user: negotiated.user,
             server_version: negotiated.server_version,
             heartbeat: negotiated.heartbeat,
             max_frame_size: negotiated.max_frame_size,
             pullers: Pullers::default(),
         };
         Ok(Connection { inner: Arc::new(inner) })
+    }
+
+    /// The user this connection logged in as.
+    pub fn user(&self) -> &str {
+        &self.inner.user
     }
 
     /// The version string the broker reported in the handshake.
@@ -355,28 +363,28 @@ impl fmt::Debug for Connection {
     }
 }
 
-/// Sends `Hello` and waits for the broker's answer.
+/// Sends `Hello`, logs in, and waits for the broker's answer.
 async fn handshake(
     frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
     write: &mut OwnedWriteHalf,
     options: &ConnectOptions,
 ) -> Result<Negotiated> {
-    let hello = Frame::new(
-        HELLO_REQUEST_ID,
-        Body::Hello(pb::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            client_name: options.client_name.clone(),
-            heartbeat_ms: options.heartbeat_ms(),
-            max_frame_size: options.max_frame_size,
-        }),
-    );
-    let mut buf = BytesMut::new();
-    encode_frame(&hello, HANDSHAKE_MAX_FRAME_SIZE, &mut buf).map_err(|err| {
-        Error::Protocol(format!(
-            "the Hello frame does not fit the handshake limit (client name too long?): {err}"
-        ))
-    })?;
-    write.write_all(&buf).await?;
+    let (mechanism, auth, mut scram) = match &options.credentials {
+        Some(credentials) => {
+            let (client, first) = scram::Client::start(&credentials.user);
+            (scram::MECHANISM.to_string(), first.into_bytes(), Some(Login::Started(client)))
+        }
+        None => (String::new(), Vec::new(), None),
+    };
+    let hello = Body::Hello(pb::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client_name: options.client_name.clone(),
+        heartbeat_ms: options.heartbeat_ms(),
+        max_frame_size: options.max_frame_size,
+        mechanism,
+        auth: auth.into(),
+    });
+    send_handshake_frame(write, hello).await?;
 
     let ok = loop {
         let body = match frames.next().await {
@@ -392,12 +400,30 @@ async fn handshake(
         };
         match body {
             Body::HelloOk(ok) => break ok,
+            Body::AuthChallenge(challenge) => {
+                let (Some(Login::Started(client)), Some(credentials)) = (scram.take(), &options.credentials)
+                else {
+                    return Err(Error::Protocol("the broker sent an unexpected AuthChallenge".into()));
+                };
+                let server_first = std::str::from_utf8(&challenge.challenge)
+                    .map_err(|_| Error::Protocol("the broker's challenge is not UTF-8".into()))?;
+                let (last, client_final) = client
+                    .respond(server_first, &credentials.password)
+                    .map_err(|e| Error::Authentication(e.to_string()))?;
+                scram = Some(Login::Answered(last));
+                let response =
+                    Body::AuthResponse(pb::AuthResponse { response: client_final.into_bytes().into() });
+                send_handshake_frame(write, response).await?;
+            }
             Body::HelloRejected(rejected) => {
+                if hopper_proto::error_code(rejected.code) == ErrorCode::Unauthenticated {
+                    return Err(Error::Authentication(rejected.message));
+                }
                 return Err(Error::HandshakeRejected {
                     message: rejected.message,
                     min_version: rejected.min_version,
                     max_version: rejected.max_version,
-                })
+                });
             }
             Body::Error(error) => return Err(Error::from_frame(error)),
             Body::Close(close) => {
@@ -409,9 +435,23 @@ async fn handshake(
             }
         }
     };
-    if ok.protocol_version != PROTOCOL_VERSION {
+    match scram {
+        // The broker proves it holds this user's verifier: a man in the middle cannot.
+        Some(Login::Answered(last)) => {
+            let server_final = std::str::from_utf8(&ok.auth)
+                .map_err(|_| Error::Authentication("the broker's final message is not UTF-8".into()))?;
+            last.finish(server_final).map_err(|e| Error::Authentication(e.to_string()))?;
+        }
+        Some(Login::Started(_)) => {
+            return Err(Error::Authentication(
+                "the broker accepted the login without checking the password".into(),
+            ))
+        }
+        None => {}
+    }
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&ok.protocol_version) {
         return Err(Error::Protocol(format!(
-            "the broker answered with protocol version {}, this client speaks {PROTOCOL_VERSION}",
+            "the broker answered with protocol version {}, this client speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}",
             ok.protocol_version
         )));
     }
@@ -421,10 +461,29 @@ async fn handshake(
         (negotiated, _) => negotiated,
     };
     Ok(Negotiated {
+        user: ok.user,
         server_version: ok.server_version,
         heartbeat: Duration::from_millis(ok.heartbeat_ms.into()),
         max_frame_size,
     })
+}
+
+/// Where a SCRAM login stands on the client's side.
+enum Login {
+    Started(scram::Client),
+    Answered(scram::ClientFinal),
+}
+
+/// Writes one handshake frame under the Hello's request id.
+async fn send_handshake_frame(write: &mut OwnedWriteHalf, body: Body) -> Result<()> {
+    let mut buf = BytesMut::new();
+    encode_frame(&Frame::new(HELLO_REQUEST_ID, body), HANDSHAKE_MAX_FRAME_SIZE, &mut buf).map_err(|err| {
+        Error::Protocol(format!(
+            "the handshake frame does not fit the handshake limit (client name too long?): {err}"
+        ))
+    })?;
+    write.write_all(&buf).await?;
+    Ok(())
 }
 
 /// Waits for the answer to a `Consume`. If the caller gives up first, the consumer the broker

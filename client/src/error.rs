@@ -33,6 +33,11 @@ pub enum Error {
         max_version: u32,
     },
 
+    /// The broker refused the user or password (or, with no credentials, requires them). The
+    /// text says why and what to do.
+    #[error("authentication failed: {0}")]
+    Authentication(String),
+
     /// The connection is closed; the text says why (closed by the client, by the broker, lost,
     /// or the broker stopped answering heartbeats).
     #[error("connection closed: {0}")]
@@ -96,6 +101,7 @@ impl Error {
             Error::Broker { code, .. } => Some(*code),
             Error::FrameTooLarge { .. } => Some(ErrorCode::FrameTooLarge),
             Error::HandshakeRejected { .. } => Some(ErrorCode::UnsupportedVersion),
+            Error::Authentication(_) => Some(ErrorCode::Unauthenticated),
             _ => None,
         }
     }

@@ -120,6 +120,7 @@
 //! Errors the broker sends back are [`Error::Broker`] with a stable [`ErrorCode`]; a lost
 //! connection fails every request in flight with [`Error::Closed`].
 
+mod access;
 mod connection;
 mod consumer;
 mod delivery;
@@ -136,6 +137,7 @@ mod pull;
 mod shared;
 mod tracker;
 
+pub use access::{Permissions, UserInfo, UserList};
 pub use connection::{Connection, PublishConfirm};
 pub use consumer::Consumer;
 pub use delivery::Delivery;
@@ -147,6 +149,6 @@ pub use info::{AuditEvent, BrokerStatus, Death, QueueInfo};
 pub use message::Message;
 pub use moves::{MoveInfo, MoveState};
 pub use options::{
-    ConnectOptions, ConsumeOptions, DeleteOptions, GetOptions, MoveOptions, NackOptions, Overflow,
-    PublishOptions, QueueOptions,
+    ConnectOptions, ConsumeOptions, Credentials, DeleteOptions, GetOptions, MoveOptions, NackOptions,
+    Overflow, PublishOptions, QueueOptions,
 };

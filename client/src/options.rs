@@ -20,6 +20,32 @@ pub struct ConnectOptions {
     /// Limit on the TCP connect and the handshake together; [`Duration::ZERO`] waits forever.
     /// Default 10 s.
     pub connect_timeout: Duration,
+    /// Who to log in as, with SCRAM-SHA-256 (the password never crosses the wire). `None`
+    /// logs in as the broker's built-in guest, which only works from the broker's own host
+    /// while no admin user exists.
+    pub credentials: Option<Credentials>,
+}
+
+/// A user name and password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl Credentials {
+    /// `user` with `password`.
+    pub fn new(user: impl Into<String>, password: impl Into<String>) -> Self {
+        Credentials { user: user.into(), password: password.into() }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).field("password", &"***").finish()
+    }
 }
 
 impl Default for ConnectOptions {
@@ -29,6 +55,7 @@ impl Default for ConnectOptions {
             heartbeat: Duration::from_secs(10),
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             connect_timeout: Duration::from_secs(10),
+            credentials: None,
         }
     }
 }

@@ -31,6 +31,7 @@ async fn rejected_handshake_names_the_supported_versions() {
         message: "unsupported protocol version".into(),
         min_version: 7,
         max_version: 9,
+        ..Default::default()
     });
     let (conn, _peer) = connect_with(ConnectOptions::default(), rejected).await;
     match conn {

@@ -35,6 +35,7 @@ mod error;
 mod exchange;
 #[cfg(feature = "json")]
 pub mod json;
+pub mod scram;
 #[cfg(feature = "tokio-codec")]
 mod tokio_codec;
 
@@ -44,7 +45,7 @@ pub use exchange::ExchangeKind;
 pub use tokio_codec::FrameCodec;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version a broker built from this crate accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Size of the length prefix in front of every frame.
@@ -138,6 +139,16 @@ impl Body {
             Body::UnbindOk(_) => "UnbindOk",
             Body::BindingList(_) => "BindingList",
             Body::BindingListOk(_) => "BindingListOk",
+            Body::AuthChallenge(_) => "AuthChallenge",
+            Body::AuthResponse(_) => "AuthResponse",
+            Body::UserPut(_) => "UserPut",
+            Body::UserDelete(_) => "UserDelete",
+            Body::UserList(_) => "UserList",
+            Body::UserListOk(_) => "UserListOk",
+            Body::PermissionsSet(_) => "PermissionsSet",
+            Body::WhoAmI(_) => "WhoAmI",
+            Body::WhoAmIOk(_) => "WhoAmIOk",
+            Body::AccessOk(_) => "AccessOk",
         }
     }
 }

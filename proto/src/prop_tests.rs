@@ -140,7 +140,13 @@ fn audit_event() -> impl Strategy<Value = pb::AuditEvent> {
 fn body() -> impl Strategy<Value = Body> {
     prop_oneof![
         (any::<u32>(), text(), any::<u32>(), any::<u32>()).prop_map(|(v, name, hb, max)| Body::Hello(
-            pb::Hello { protocol_version: v, client_name: name, heartbeat_ms: hb, max_frame_size: max }
+            pb::Hello {
+                protocol_version: v,
+                client_name: name,
+                heartbeat_ms: hb,
+                max_frame_size: max,
+                ..Default::default()
+            }
         )),
         (any::<i32>(), text()).prop_map(|(code, message)| Body::Error(pb::Error { code, message })),
         (proptest::option::of(queue_info()), any::<bool>())

@@ -96,14 +96,52 @@ fn every_body() -> Vec<Body> {
             client_name: "t".into(),
             heartbeat_ms: 5000,
             max_frame_size: 1 << 20,
+            mechanism: "SCRAM-SHA-256".into(),
+            auth: Bytes::from_static(b"n,,n=user,r=abc"),
         }),
         Body::HelloOk(HelloOk {
             protocol_version: 1,
             server_version: "0.1.0".into(),
             heartbeat_ms: 5000,
             max_frame_size: 1 << 20,
+            auth: Bytes::from_static(b"v=xyz"),
+            user: "user".into(),
         }),
-        Body::HelloRejected(HelloRejected { message: "no".into(), min_version: 1, max_version: 1 }),
+        Body::HelloRejected(HelloRejected {
+            message: "no".into(),
+            min_version: 1,
+            max_version: 1,
+            code: ErrorCode::Unauthenticated as i32,
+        }),
+        Body::AuthChallenge(pb::AuthChallenge {
+            challenge: Bytes::from_static(b"r=abcdef,s=c2FsdA==,i=4096"),
+        }),
+        Body::AuthResponse(pb::AuthResponse { response: Bytes::from_static(b"c=biws,r=abcdef,p=cHJvb2Y=") }),
+        Body::UserPut(pb::UserPut {
+            name: "u".into(),
+            password: "p".into(),
+            tags: vec!["admin".into()],
+            update: true,
+            keep_password: false,
+        }),
+        Body::UserDelete(pb::UserDelete { name: "u".into() }),
+        Body::UserList(pb::UserList {}),
+        Body::UserListOk(pb::UserListOk {
+            users: vec![pb::UserInfo {
+                name: "u".into(),
+                tags: vec![],
+                permissions: Some(pb::Permissions {
+                    configure: ".*".into(),
+                    write: "q".into(),
+                    read: String::new(),
+                }),
+            }],
+            default_user: true,
+        }),
+        Body::PermissionsSet(pb::PermissionsSet { user: "u".into(), permissions: None }),
+        Body::WhoAmI(pb::WhoAmI {}),
+        Body::WhoAmIOk(pb::WhoAmIOk { user: None, mechanism: "default".into() }),
+        Body::AccessOk(pb::AccessOk {}),
         Body::Heartbeat(Heartbeat {}),
         Body::Close(Close { code: ErrorCode::Internal as i32, reason: "shutting down".into() }),
         Body::Error(Error { code: ErrorCode::NotFound as i32, message: "no queue 'x'".into() }),
@@ -290,7 +328,7 @@ fn every_variant_is_covered() {
     // The schema's oneof field numbers; keep in step with hopper.proto.
     let names: std::collections::HashSet<String> = every_body().iter().map(variant_name).collect();
     assert_eq!(names.len(), every_body().len(), "a variant is listed twice");
-    assert_eq!(names.len(), 60, "a Body variant was added: add it to every_body()");
+    assert_eq!(names.len(), 70, "a Body variant was added: add it to every_body()");
 }
 
 #[test]

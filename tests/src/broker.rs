@@ -291,9 +291,10 @@ impl Launch {
         if !self.args.iter().any(|a| a == "--http") {
             command.args(["--http", "127.0.0.1:0"]);
         }
+        if !self.args.iter().any(|a| a == "--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
         let mut child = command
-            .arg("--listen")
-            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)

@@ -18,6 +18,10 @@ use crate::wait::within;
 /// Largest request head a test server accepts, so a confused peer cannot make it buffer forever.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// The header the broker requires on a state-changing request without a body (a `DELETE`, a
+/// bodiless `POST`): web pages of other sites cannot send it (docs/http-api.md).
+pub const REQUEST_HEADER: (&str, &str) = ("X-Hopper-Request", "1");
+
 /// A client of one broker's HTTP listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Http {
@@ -51,11 +55,36 @@ impl Http {
         self.addr
     }
 
-    /// Sends `method path` with an optional body of the given content type and returns the
-    /// response; fails the test if that takes longer than the deadline.
+    /// Sends `method path` as a program using the API does, and returns the response; fails the
+    /// test if that takes longer than the deadline. It sends `Host` (the listener's address),
+    /// the body with its content type when there is one (`""` for none), and on a
+    /// state-changing request without a body [`REQUEST_HEADER`], as the broker requires.
     pub async fn request(&self, method: &str, path: &str, body: Option<(&str, &[u8])>) -> HttpResponse {
+        let host = self.addr.to_string();
+        let mut headers = vec![("Host", host.as_str())];
+        match body {
+            Some((content_type, _)) if !content_type.is_empty() => {
+                headers.push(("Content-Type", content_type))
+            }
+            Some(_) => {}
+            None if !matches!(method, "GET" | "HEAD" | "OPTIONS") => headers.push(REQUEST_HEADER),
+            None => {}
+        }
+        self.request_with(method, path, &headers, body.map(|(_, bytes)| bytes)).await
+    }
+
+    /// Sends `method path` with exactly `headers` (no `Host` unless given: see [`Http::host`])
+    /// and `Content-Length` when there is a body, and returns the response; fails the test if
+    /// that takes longer than the deadline. For the tests of what the broker refuses.
+    pub async fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> HttpResponse {
         let what = format!("{method} {path}");
-        within(&what, self.exchange(method, path, body))
+        within(&what, self.exchange(method, path, headers, body))
             .await
             .unwrap_or_else(|err| panic!("{what} on {}: {err}", self.addr))
     }
@@ -64,24 +93,30 @@ impl Http {
         &self,
         method: &str,
         path: &str,
-        body: Option<(&str, &[u8])>,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
     ) -> io::Result<HttpResponse> {
         let mut stream = TcpStream::connect(self.addr).await?;
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
-        if let Some((content_type, bytes)) = body {
-            if !content_type.is_empty() {
-                head.push_str(&format!("Content-Type: {content_type}\r\n"));
-            }
+        let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if let Some(bytes) = body {
             head.push_str(&format!("Content-Length: {}\r\n", bytes.len()));
         }
         head.push_str("\r\n");
         stream.write_all(head.as_bytes()).await?;
-        if let Some((_, bytes)) = body {
+        if let Some(bytes) = body {
             stream.write_all(bytes).await?;
         }
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await?;
         parse_response(&raw)
+    }
+
+    /// The `Host` header a request to this listener carries: its address.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
     }
 
     /// `GET path`.

@@ -27,6 +27,7 @@ pub use client::{
 pub use failure::{declare_with_dead_letter, declared_options, take_ready, unix_ms};
 pub use http::{
     json_id, messages, read_request, receipt, segment, write_response, Http, HttpRequest, HttpResponse,
+    REQUEST_HEADER,
 };
 pub use raw::RawConn;
 pub use storage::{

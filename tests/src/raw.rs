@@ -90,6 +90,7 @@ impl RawConn {
             client_name: "raw test connection".into(),
             heartbeat_ms,
             max_frame_size,
+            ..Default::default()
         };
         match self.send_hello(hello).await.body {
             Some(Body::HelloOk(ok)) => ok,

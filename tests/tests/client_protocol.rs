@@ -51,6 +51,7 @@ async fn hello_carries_the_requested_settings() {
         server_version: "9.9.9-test".into(),
         heartbeat_ms: 0,
         max_frame_size: 70_000,
+        ..Default::default()
     };
     peer.send(&Frame::new(hello.request_id, Body::HelloOk(ok))).await;
     let conn = within("the handshake", client).await.unwrap().expect("connected");
@@ -64,8 +65,12 @@ async fn rejected_handshake_names_the_supported_versions() {
     let (listener, addr) = fake_broker().await;
     let client = tokio::spawn(Connection::connect(addr));
     let (mut peer, hello) = accept_hello(&listener).await;
-    let rejected =
-        pb::HelloRejected { message: "only version 7 here".into(), min_version: 7, max_version: 8 };
+    let rejected = pb::HelloRejected {
+        message: "only version 7 here".into(),
+        min_version: 7,
+        max_version: 8,
+        ..Default::default()
+    };
     peer.send(&Frame::new(hello.request_id, Body::HelloRejected(rejected))).await;
     match within("the handshake", client).await.unwrap() {
         Err(err @ Error::HandshakeRejected { min_version: 7, max_version: 8, .. }) => {
@@ -99,6 +104,7 @@ async fn a_silent_broker_is_detected_by_heartbeats() {
         server_version: "silent".into(),
         heartbeat_ms: 100,
         max_frame_size: 0,
+        ..Default::default()
     };
     peer.send(&Frame::new(hello.request_id, Body::HelloOk(ok))).await;
     let conn = within("the handshake", client).await.unwrap().expect("connected");
@@ -123,8 +129,7 @@ async fn broker_errors_fail_only_their_request() {
     let (listener, addr) = fake_broker().await;
     let client = tokio::spawn(Connection::connect(addr));
     let (mut peer, hello) = accept_hello(&listener).await;
-    let ok =
-        pb::HelloOk { protocol_version: 1, server_version: "x".into(), heartbeat_ms: 0, max_frame_size: 0 };
+    let ok = pb::HelloOk { protocol_version: 1, server_version: "x".into(), ..Default::default() };
     peer.send(&Frame::new(hello.request_id, Body::HelloOk(ok))).await;
     let conn = within("the handshake", client).await.unwrap().expect("connected");
 

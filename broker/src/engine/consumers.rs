@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{Caller, Engine, Owned};
+use crate::auth::{Access, Resource};
 use crate::error::BrokerError;
 use crate::message::Payload;
 use crate::queue::{now_ms, Confirm, Journal, Outcome, Queue, QueueState, SettleError, Subscriber};
@@ -87,7 +88,8 @@ impl PublishTarget {
 
 impl Engine {
     /// Looks up a queue to publish to.
-    pub fn publish_target(&self, _caller: &Caller, queue: &str) -> Result<PublishTarget, BrokerError> {
+    pub fn publish_target(&self, caller: &Caller, queue: &str) -> Result<PublishTarget, BrokerError> {
+        self.check(caller, Access::Write, Resource::Queue(queue))?;
         Ok(PublishTarget { queue: self.queues.get(queue)? })
     }
 
@@ -106,11 +108,13 @@ impl Engine {
     /// Like [`Engine::publish`], to a queue looked up before.
     pub fn publish_to(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         target: &PublishTarget,
         message: NewMessage,
         confirm: Confirm,
     ) -> Result<u64, BrokerError> {
+        // Checked again per publish: permissions may have changed since the lookup.
+        self.check(caller, Access::Write, Resource::Queue(target.queue.name()))?;
         check_duration("delay_ms", message.delay_ms)?;
         check_duration("ttl_ms", message.ttl_ms)?;
         let (delay_ms, ttl_ms) = (message.delay_ms, message.ttl_ms);
@@ -152,6 +156,7 @@ impl Engine {
         announce: impl FnOnce(u64),
     ) -> Result<u64, BrokerError> {
         check_duration("ack_timeout_ms", options.ack_timeout_ms)?;
+        self.check(caller, Access::Read, Resource::Queue(queue))?;
         let queue = self.queues.get(queue)?;
         let consumer_id = self.next_consumer_id();
         self.consumers

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{blocking, Caller, Engine, NewMessage};
+use crate::auth::{Access, Resource};
 use crate::error::BrokerError;
 use crate::queue::{Confirm, ExchangeView, Outcome};
 use crate::routing::{Binding, Destination, ExchangeSpec};
@@ -26,10 +27,11 @@ impl Engine {
     /// created it. A durable one is saved on a blocking thread.
     pub async fn declare_exchange(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         spec: ExchangeSpec,
         passive: bool,
     ) -> Result<(ExchangeView, bool), BrokerError> {
+        self.check(caller, Access::Configure, Resource::Exchange(&spec.name))?;
         let name = spec.name.clone();
         let created = if passive {
             false
@@ -44,27 +46,26 @@ impl Engine {
     /// Deletes an exchange; with `if_unused`, only while it has no bindings.
     pub async fn delete_exchange(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         name: &str,
         if_unused: bool,
     ) -> Result<(), BrokerError> {
+        self.check(caller, Access::Configure, Resource::Exchange(name))?;
         let (registry, name) = (self.queues.clone(), name.to_owned());
         blocking(move || registry.delete_exchange(&name, if_unused)).await
     }
 
     /// Binds exchange `source` to a queue or exchange; false if the binding existed.
-    pub async fn bind(&self, _caller: &Caller, source: &str, binding: Binding) -> Result<bool, BrokerError> {
+    /// Needs read on the source exchange and write on the destination.
+    pub async fn bind(&self, caller: &Caller, source: &str, binding: Binding) -> Result<bool, BrokerError> {
+        self.check_binding(caller, source, &binding)?;
         let (registry, source) = (self.queues.clone(), source.to_owned());
         blocking(move || registry.bind(&source, binding)).await
     }
 
     /// Removes a binding; false if there was none.
-    pub async fn unbind(
-        &self,
-        _caller: &Caller,
-        source: &str,
-        binding: Binding,
-    ) -> Result<bool, BrokerError> {
+    pub async fn unbind(&self, caller: &Caller, source: &str, binding: Binding) -> Result<bool, BrokerError> {
+        self.check_binding(caller, source, &binding)?;
         let (registry, source) = (self.queues.clone(), source.to_owned());
         blocking(move || registry.unbind(&source, &binding)).await
     }
@@ -96,11 +97,16 @@ impl Engine {
     /// (confirmed with `routed` 0). Returns the message's id.
     pub fn publish_routed(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         route: Route<'_>,
         message: NewMessage,
         confirm: Confirm,
     ) -> Result<u64, BrokerError> {
+        if route.exchange.is_empty() {
+            self.check(caller, Access::Write, Resource::Queue(route.routing_key))?;
+        } else {
+            self.check(caller, Access::Write, Resource::Exchange(route.exchange))?;
+        }
         check_duration("delay_ms", message.delay_ms)?;
         check_duration("ttl_ms", message.ttl_ms)?;
         let (queues, counters) = if route.exchange.is_empty() {
@@ -135,6 +141,16 @@ impl Engine {
             queue.publish_or_refuse(payload.clone(), delay_ms, ttl_ms, confirm);
         }
         Ok(id)
+    }
+
+    fn check_binding(&self, caller: &Caller, source: &str, binding: &Binding) -> Result<(), BrokerError> {
+        self.check(caller, Access::Read, Resource::Exchange(source))?;
+        match &binding.destination {
+            Destination::Queue(queue) => self.check(caller, Access::Write, Resource::Queue(queue)),
+            Destination::Exchange(exchange) => {
+                self.check(caller, Access::Write, Resource::Exchange(exchange))
+            }
+        }
     }
 
     fn exchange(&self, name: &str) -> Result<ExchangeView, BrokerError> {

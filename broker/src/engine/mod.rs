@@ -9,6 +9,7 @@
 //! reading the audit log) runs on blocking threads behind `async` operations, never on the
 //! async workers and never under a lock.
 
+mod access;
 mod consumers;
 mod exchanges;
 mod pull;
@@ -23,6 +24,7 @@ use std::time::Instant;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
+use crate::auth::{Access, Account, Resource, Users};
 use crate::config::Config;
 use crate::error::BrokerError;
 use crate::events::{BrokerEvent, Events};
@@ -30,6 +32,7 @@ use crate::flow::Flow;
 use crate::mover::Moves;
 use crate::queue::{Queue, Registry};
 
+pub use access::UserView;
 pub use consumers::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage, PublishTarget};
 pub use exchanges::Route;
 pub use pull::{Pull, PullBox, MAX_GET_COUNT};
@@ -38,24 +41,31 @@ pub use view::{Delivery, MessageView, QueueInfo, Status};
 use pull::Puller;
 use receipts::Receipts;
 
-/// Who is asking: the connection a request came in on. Front ends without connections (HTTP)
-/// use [`Caller::detached`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who is asking: the connection a request came in on, and the user it authenticated as.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    /// The connection's id; 0 for a caller without a connection.
+    /// The connection's id; 0 for a caller without a connection (an HTTP request), whose
+    /// pulled deliveries are settled by receipt.
     pub connection_id: u64,
+    /// The authenticated user, whose permissions every operation is checked against; `None`
+    /// for the broker's own work, which is checked against nothing.
+    pub user: Option<Arc<str>>,
 }
 
 impl Caller {
-    /// A request on connection `connection_id`.
-    pub fn connection(connection_id: u64) -> Self {
-        Caller { connection_id }
+    /// A request of `user` on connection `connection_id`.
+    pub fn connection(connection_id: u64, user: &str) -> Self {
+        Caller { connection_id, user: Some(user.into()) }
     }
 
-    /// A request that belongs to no connection (an HTTP request): its pulled deliveries are
-    /// settled by receipt.
-    pub fn detached() -> Self {
-        Caller { connection_id: 0 }
+    /// A request of `user` that belongs to no connection (an HTTP request).
+    pub fn detached(user: &str) -> Self {
+        Caller { connection_id: 0, user: Some(user.into()) }
+    }
+
+    /// The broker's own work (metrics, recovery): no user, no checks.
+    pub const fn broker() -> Self {
+        Caller { connection_id: 0, user: None }
     }
 }
 
@@ -75,6 +85,7 @@ pub struct Engine {
     /// Pull consumers by (connection, queue); several per key when gets run concurrently.
     pullers: Mutex<Pullers>,
     receipts: Receipts,
+    users: Arc<Users>,
 }
 
 /// Pull consumers by (connection id, queue name).
@@ -88,7 +99,7 @@ struct Owned {
 
 impl Engine {
     /// An engine over recovered `queues`, starting the flow-control and alarm monitor.
-    pub fn new(config: Config, queues: Arc<Registry>) -> Arc<Engine> {
+    pub fn new(config: Config, queues: Arc<Registry>, users: Arc<Users>) -> Arc<Engine> {
         let flow = Arc::new(Flow::new(
             config.memory_high_watermark_bytes,
             config.disk_free_low_watermark_bytes,
@@ -109,6 +120,7 @@ impl Engine {
             consumers: DashMap::default(),
             pullers: Mutex::default(),
             receipts: Receipts::new(),
+            users,
         })
     }
 
@@ -164,11 +176,16 @@ impl Engine {
     /// since `since_ms`, oldest first. Read on a blocking thread.
     pub async fn audit(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         queue: String,
         since_ms: u64,
         limit: u32,
     ) -> Result<Vec<crate::audit::AuditEvent>, BrokerError> {
+        if queue.is_empty() {
+            self.require_admin(caller, "reading every queue's dead-letter trail")?;
+        } else {
+            self.check(caller, Access::Read, Resource::Queue(&queue))?;
+        }
         let limit = if limit == 0 { 1000 } else { limit as usize };
         let registry = self.queues.clone();
         blocking(move || {

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::{Caller, Delivery, Engine, MessageView, Owned};
+use crate::auth::{Access, Resource};
 use crate::error::BrokerError;
 use crate::message::{Payload, QueuedMessage};
 use crate::queue::{Queue, Refusal, Sink, Subscriber};
@@ -147,6 +148,7 @@ impl Engine {
             )));
         }
         crate::settings::check_duration("visibility_ms", visibility_ms)?;
+        self.check(caller, Access::Read, Resource::Queue(queue))?;
         let queue = self.queues.get(queue)?;
         let (puller, turn) = self.puller(caller, &queue, notices)?;
         let consumer_id = puller.consumer_id;
@@ -292,7 +294,8 @@ mod tests {
         let audit = Audit::open(&dir.join("audit"), 1 << 20).unwrap();
         let registry =
             Registry::recover(store, config.storage(), audit, tokio::runtime::Handle::current()).unwrap();
-        Engine::new(config, registry)
+        let users = crate::auth::Users::open(dir).unwrap();
+        Engine::new(config, registry, Arc::new(users))
     }
 
     fn pull(wait: Duration) -> Pull {
@@ -303,13 +306,13 @@ mod tests {
     async fn idle_http_pull_consumers_are_reclaimed() {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(dir.path());
-        let http = Caller::detached();
+        let http = Caller::broker();
         engine.declare(&http, "q", QueueSettings::default(), None).await.unwrap();
 
         // Five long polls at once: five pull consumers.
         let polls: Vec<_> = (0..5)
             .map(|_| {
-                let engine = engine.clone();
+                let (engine, http) = (engine.clone(), http.clone());
                 tokio::spawn(async move { engine.get(&http, "q", pull(Duration::from_secs(30)), None).await })
             })
             .collect();

@@ -2,6 +2,7 @@
 //! moves.
 
 use super::{blocking, Caller, Engine, MessageView, QueueInfo};
+use crate::auth::{Access, Resource};
 use crate::error::BrokerError;
 use crate::mover::{MoveSpec, MoveStatus};
 use crate::queue::{notify_cancelled, QueueSettings};
@@ -15,11 +16,12 @@ impl Engine {
     /// blocking thread.
     pub async fn declare(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         name: &str,
         settings: QueueSettings,
         alarm_depth: Option<u64>,
     ) -> Result<(QueueInfo, bool), BrokerError> {
+        self.check(caller, Access::Configure, Resource::Queue(name))?;
         let registry = self.queues.clone();
         let owned = name.to_owned();
         let created = blocking(move || {
@@ -30,18 +32,19 @@ impl Engine {
             Ok(declared.created)
         })
         .await?;
-        Ok((self.queue_info(&Caller::detached(), name)?, created))
+        Ok((self.queue_info(&Caller::broker(), name)?, created))
     }
 
     /// Deletes a queue, its messages and (durable) files; its consumers are told they were
     /// cancelled. Returns how many messages it held.
     pub async fn delete_queue(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         name: &str,
         if_unused: bool,
         if_empty: bool,
     ) -> Result<u64, BrokerError> {
+        self.check(caller, Access::Configure, Resource::Queue(name))?;
         let registry = self.queues.clone();
         let owned = name.to_owned();
         let deleted = blocking(move || registry.delete(&owned, if_unused, if_empty)).await?;
@@ -54,7 +57,8 @@ impl Engine {
     }
 
     /// Drops every ready and delayed message of a queue; returns how many.
-    pub fn purge(&self, _caller: &Caller, name: &str) -> Result<u64, BrokerError> {
+    pub fn purge(&self, caller: &Caller, name: &str) -> Result<u64, BrokerError> {
+        self.check(caller, Access::Configure, Resource::Queue(name))?;
         let queue = self.queues.get(name)?;
         let purged = queue.with_state(|s, j, _| s.purge(j))? as u64;
         tracing::info!(queue = %name, purged, "queue purged");
@@ -75,20 +79,17 @@ impl Engine {
 
     /// Sets a queue's depth alarm threshold (0 = none); durable queues keep it on disk, which
     /// is written on a blocking thread.
-    pub async fn set_alarm(
-        &self,
-        _caller: &Caller,
-        name: &str,
-        depth: u64,
-    ) -> Result<QueueInfo, BrokerError> {
+    pub async fn set_alarm(&self, caller: &Caller, name: &str, depth: u64) -> Result<QueueInfo, BrokerError> {
+        self.check(caller, Access::Configure, Resource::Queue(name))?;
         let registry = self.queues.clone();
         let owned = name.to_owned();
         blocking(move || registry.set_alarm(&owned, depth)).await?;
-        self.queue_info(&Caller::detached(), name)
+        self.queue_info(&Caller::broker(), name)
     }
 
     /// The first `count` ready messages of a queue (at most 10,000), unchanged.
-    pub fn peek(&self, _caller: &Caller, name: &str, count: usize) -> Result<Vec<MessageView>, BrokerError> {
+    pub fn peek(&self, caller: &Caller, name: &str, count: usize) -> Result<Vec<MessageView>, BrokerError> {
+        self.check(caller, Access::Read, Resource::Queue(name))?;
         let queue = self.queues.get(name)?;
         let count = count.min(MAX_PEEK);
         let found = queue.with_state(|s, j, _| s.peek(count, j))?;
@@ -96,7 +97,15 @@ impl Engine {
     }
 
     /// Starts moving messages out of a queue (redrive); returns the move's first status.
-    pub fn start_move(&self, _caller: &Caller, spec: MoveSpec) -> Result<MoveStatus, BrokerError> {
+    /// Needs read on the source and write on the destination; a move with no destination
+    /// (back where each message died, wherever that is) needs the admin tag.
+    pub fn start_move(&self, caller: &Caller, spec: MoveSpec) -> Result<MoveStatus, BrokerError> {
+        self.check(caller, Access::Read, Resource::Queue(&spec.source))?;
+        if spec.destination.is_empty() {
+            self.require_admin(caller, "a move back to where messages died")?;
+        } else {
+            self.check(caller, Access::Write, Resource::Queue(&spec.destination))?;
+        }
         self.moves.start(&self.queues, &self.events, spec)
     }
 
@@ -106,7 +115,10 @@ impl Engine {
     }
 
     /// Asks a running move to stop.
-    pub fn cancel_move(&self, _caller: &Caller, id: u64) -> Result<MoveStatus, BrokerError> {
+    pub fn cancel_move(&self, caller: &Caller, id: u64) -> Result<MoveStatus, BrokerError> {
+        if let Some(status) = self.moves.list(&self.queues).iter().find(|m| m.id == id) {
+            self.check(caller, Access::Read, Resource::Queue(&status.spec.source))?;
+        }
         self.moves.cancel(id, &self.queues)
     }
 

@@ -61,7 +61,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::Fr
 }
 
 /// HTTP requests belong to no connection: pulled messages are settled by receipt.
-pub(super) const CALLER: Caller = Caller { connection_id: 0 };
+pub(super) const CALLER: Caller = Caller::broker();
 /// Visibility of pulled messages when the request names none, in seconds (as SQS's default).
 const DEFAULT_VISIBILITY_S: f64 = 30.0;
 /// Longest long poll, in seconds.

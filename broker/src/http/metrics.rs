@@ -19,7 +19,7 @@ pub(super) async fn render(State(engine): State<Arc<Engine>>) -> impl IntoRespon
 }
 
 fn text(engine: &Engine) -> String {
-    let snapshots = engine.list_queues(&Caller::detached());
+    let snapshots = engine.list_queues(&Caller::broker());
     let mut out = String::with_capacity(4096 + snapshots.len() * 2048);
     let now = now_ms();
     let mut family = |name: &str, kind: &str, help: &str, values: &mut dyn Iterator<Item = (String, u64)>| {
@@ -122,7 +122,7 @@ fn text(engine: &Engine) -> String {
         "1 while stored message bodies of the queue cannot be read (delivery paused and retried).",
         &mut per_queue(&|s, _| (!s.read_error.is_empty()).into()).into_iter(),
     );
-    let exchanges = engine.list_exchanges(&Caller::detached());
+    let exchanges = engine.list_exchanges(&Caller::broker());
     let per_exchange = |f: &dyn Fn(&crate::queue::ExchangeView) -> u64| {
         exchanges
             .iter()

@@ -1,14 +1,18 @@
 //! The HTTP listener: Prometheus metrics, a JSON API for producers and consumers that do not
 //! speak the binary protocol, health checks and the live dashboard. It shares the broker's state
-//! (same queues, same flow control), it is not a second process.
+//! (same queues, same flow control), it is not a second process. Every request first passes
+//! the [`guard`], which keeps web pages the operator visits from driving the API.
 
+pub(crate) mod allow;
 mod api;
 mod exchanges;
+mod guard;
 mod metrics;
 
 use std::sync::Arc;
 
 use axum::http::{header, StatusCode};
+use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
@@ -18,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::engine::Engine;
 use crate::error::BrokerError;
+use allow::Allowed;
 
 /// The dashboard page, with its script and styles inline: nothing is fetched from elsewhere.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -34,6 +39,13 @@ pub(crate) async fn serve(listener: TcpListener, engine: Arc<Engine>, mut shutdo
 }
 
 fn router(engine: Arc<Engine>) -> Router {
+    let config = engine.config();
+    // Config::validate already refused bad entries; should one slip through, allowing only
+    // what is always allowed fails closed.
+    let allowed = Allowed::new(&config.http_allow_hosts, &config.http_allow_origins).unwrap_or_else(|err| {
+        tracing::error!(error = %err, "ignoring the http allow lists");
+        Allowed::default()
+    });
     Router::new()
         .route("/", get(|| async { Html(DASHBOARD) }))
         .route("/metrics", get(metrics::render))
@@ -54,6 +66,7 @@ fn router(engine: Arc<Engine>) -> Router {
         .route("/api/exchanges/{name}/messages", post(exchanges::publish))
         .route("/api/bindings", get(exchanges::bindings).post(exchanges::bind).delete(exchanges::unbind))
         .with_state(engine)
+        .layer(middleware::from_fn_with_state(Arc::new(allowed), guard::guard))
 }
 
 /// An API error: the broker's error code and message as JSON, with a fitting status.
@@ -84,6 +97,8 @@ impl From<BrokerError> for ApiError {
             BrokerError::ResourceLimit(_) => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             BrokerError::NoRoute(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            BrokerError::AccessRefused(_) => StatusCode::FORBIDDEN,
+            BrokerError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         };
         ApiError { status, code: err.code().as_str_name(), message: err.to_string() }
     }

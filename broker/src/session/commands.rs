@@ -85,7 +85,7 @@ impl Session {
     pub(super) async fn get(&mut self, request_id: u64, get: pb::Get) -> Result<Option<Body>, BrokerError> {
         let visibility = if get.visibility_ms > 0 { get.visibility_ms } else { DEFAULT_VISIBILITY_MS };
         let wait = Duration::from_millis(get.wait_ms.min(MAX_WAIT_MS));
-        let (engine, caller, notices) = (self.engine.clone(), self.caller, Some(self.sink()));
+        let (engine, caller, notices) = (self.engine.clone(), self.caller.clone(), Some(self.sink()));
         // The answer is one frame: room for its own fields besides the deliveries.
         let budget = (self.outbox.max_frame_size() as usize).saturating_sub(GET_OK_OVERHEAD);
         let pull = async move {

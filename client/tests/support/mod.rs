@@ -65,6 +65,7 @@ pub fn hello_ok(heartbeat_ms: u32, max_frame_size: u32) -> Body {
         server_version: "fake-0.1".into(),
         heartbeat_ms,
         max_frame_size,
+        ..Default::default()
     })
 }
 

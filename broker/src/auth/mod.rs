@@ -1,0 +1,351 @@
+//! Who may connect and what they may do: users with SCRAM-SHA-256 verifiers (never passwords),
+//! their tags and permissions, kept in `<data_dir>/users.json`, and the slowing of failed
+//! logins.
+//!
+//! While no user is tagged `admin`, the built-in user `guest` (password `guest`, every
+//! permission, admin) is in effect, from loopback addresses only: a fresh broker works with no
+//! set-up, and cannot be reached from the network with a well-known password. Once an admin
+//! exists, only the users in the file can connect.
+
+mod permissions;
+mod throttle;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use hopper_proto::scram::{self, Verifier};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+pub use permissions::{refused, Access, Permissions, Resource};
+pub use throttle::LoginThrottle;
+
+use crate::error::BrokerError;
+
+/// The built-in user's name and password.
+pub const DEFAULT_USER: &str = "guest";
+/// The tag that lets a user manage users and permissions.
+pub const ADMIN_TAG: &str = "admin";
+
+/// File the users are kept in, in the data directory.
+const USERS_FILE: &str = "users.json";
+
+/// One user as the broker knows it.
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// Its name.
+    pub name: String,
+    /// Its tags (`admin`, or any label).
+    pub tags: Vec<String>,
+    /// What stands in for its password.
+    pub verifier: Verifier,
+    /// Its permissions, compiled.
+    pub permissions: Permissions,
+}
+
+impl Account {
+    /// True when tagged `admin`.
+    pub fn is_admin(&self) -> bool {
+        self.tags.iter().any(|t| t == ADMIN_TAG)
+    }
+}
+
+/// Every user, and the file they are kept in.
+pub struct Users {
+    path: PathBuf,
+    accounts: RwLock<BTreeMap<String, Arc<Account>>>,
+    /// The built-in guest, used while no admin exists.
+    guest: Arc<Account>,
+    /// Serializes writes of the file.
+    saving: Mutex<()>,
+    /// Secret for decoy verifiers of unknown users.
+    secret: [u8; 32],
+    /// Failed logins per source address.
+    pub throttle: LoginThrottle,
+}
+
+impl Users {
+    /// Loads the users kept in `data_dir` (none if the file does not exist yet).
+    pub fn open(data_dir: &Path) -> io::Result<Users> {
+        let path = data_dir.join(USERS_FILE);
+        let saved: SavedUsers = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => SavedUsers::default(),
+            Err(err) => return Err(err),
+        };
+        let mut accounts = BTreeMap::new();
+        for user in saved.users {
+            let account =
+                user.into_account().map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
+            accounts.insert(account.name.clone(), Arc::new(account));
+        }
+        let guest = Account {
+            name: DEFAULT_USER.into(),
+            tags: vec![ADMIN_TAG.into()],
+            // The built-in guest is checked against a low iteration count: its password is
+            // public anyway, and it only works from loopback.
+            verifier: Verifier::derive(DEFAULT_USER, b"hopper-guest", 4096),
+            permissions: Permissions::all(),
+        };
+        Ok(Users {
+            path,
+            accounts: RwLock::new(accounts),
+            guest: Arc::new(guest),
+            saving: Mutex::new(()),
+            secret: rand::random(),
+            throttle: LoginThrottle::default(),
+        })
+    }
+
+    /// True while no admin user exists, so the built-in guest is in effect.
+    pub fn default_user_active(&self) -> bool {
+        !self.accounts.read().values().any(|a| a.is_admin())
+    }
+
+    /// The account `name` may log in as from `peer`, or why not. Unknown users get `None`
+    /// (the caller then runs the exchange against a decoy, so they look like a wrong password).
+    pub fn login_account(&self, name: &str, peer: IpAddr) -> Result<Option<Arc<Account>>, BrokerError> {
+        if name == DEFAULT_USER && self.default_user_active() && !self.accounts.read().contains_key(name) {
+            if !peer.is_loopback() {
+                return Err(BrokerError::Unauthenticated(format!(
+                    "user '{DEFAULT_USER}' may only connect from localhost (this connection comes from {peer}); \
+                     on the broker's host, run `hopper user add NAME --tags admin` and connect as that user"
+                )));
+            }
+            return Ok(Some(self.guest.clone()));
+        }
+        Ok(self.accounts.read().get(name).cloned())
+    }
+
+    /// The built-in guest, for a connection that did not authenticate: allowed from loopback
+    /// while no admin exists.
+    pub fn anonymous(&self, peer: IpAddr) -> Result<Arc<Account>, BrokerError> {
+        if !self.default_user_active() {
+            return Err(BrokerError::Unauthenticated(
+                "authentication required: connect with a user and password (--user/--password, \
+                 HOPPER_USER/HOPPER_PASSWORD, or hopper://user:pass@host:port)"
+                    .into(),
+            ));
+        }
+        self.login_account(DEFAULT_USER, peer)?
+            .ok_or_else(|| BrokerError::Unauthenticated("the built-in user is not available".into()))
+    }
+
+    /// A verifier for an unknown user: the exchange fails like a wrong password.
+    pub fn decoy(&self, name: &str) -> Verifier {
+        scram::decoy_verifier(name, &self.secret, scram::DEFAULT_ITERATIONS)
+    }
+
+    /// The current account of a logged-in user; `Err` if it was deleted since.
+    pub fn current(&self, name: &str) -> Result<Arc<Account>, BrokerError> {
+        if let Some(account) = self.accounts.read().get(name) {
+            return Ok(account.clone());
+        }
+        if name == DEFAULT_USER && self.default_user_active() {
+            return Ok(self.guest.clone());
+        }
+        Err(BrokerError::AccessRefused(format!("user '{name}' no longer exists")))
+    }
+
+    /// Every user, by name.
+    pub fn list(&self) -> Vec<Arc<Account>> {
+        self.accounts.read().values().cloned().collect()
+    }
+
+    /// Creates a user, or with `update` changes its password (unless `password` is `None`)
+    /// and tags. New users get no permissions.
+    pub fn put(
+        &self,
+        name: &str,
+        password: Option<&str>,
+        tags: Vec<String>,
+        update: bool,
+    ) -> Result<(), BrokerError> {
+        validate_user_name(name)?;
+        for tag in &tags {
+            if tag.is_empty() || tag.len() > 64 || tag.chars().any(|c| c.is_control() || c == ',') {
+                return Err(BrokerError::InvalidArgument(format!("invalid tag '{tag}'")));
+            }
+        }
+        let verifier = match password {
+            Some(password) => {
+                if password.is_empty() {
+                    return Err(BrokerError::InvalidArgument("the password must not be empty".into()));
+                }
+                if password.len() > 1024 {
+                    return Err(BrokerError::InvalidArgument(
+                        "the password is longer than 1024 bytes".into(),
+                    ));
+                }
+                Some(Verifier::new(password, scram::DEFAULT_ITERATIONS))
+            }
+            None => None,
+        };
+        self.change(|accounts| {
+            let existing = accounts.get(name).cloned();
+            let account = match (existing, update) {
+                (Some(_), false) => {
+                    return Err(BrokerError::PreconditionFailed(format!(
+                        "user '{name}' exists; use `hopper user passwd` or `--update` to change it"
+                    )))
+                }
+                (None, true) => return Err(BrokerError::NotFound(format!("no user named '{name}'"))),
+                (Some(old), true) => Account {
+                    name: name.into(),
+                    tags,
+                    verifier: verifier.unwrap_or_else(|| old.verifier.clone()),
+                    permissions: old.permissions.clone(),
+                },
+                (None, false) => Account {
+                    name: name.into(),
+                    tags,
+                    verifier: verifier
+                        .ok_or_else(|| BrokerError::InvalidArgument("a new user needs a password".into()))?,
+                    permissions: Permissions::none(),
+                },
+            };
+            accounts.insert(name.into(), Arc::new(account));
+            Ok(())
+        })
+    }
+
+    /// Deletes a user.
+    pub fn delete(&self, name: &str) -> Result<(), BrokerError> {
+        self.change(|accounts| match accounts.remove(name) {
+            Some(_) => Ok(()),
+            None => Err(BrokerError::NotFound(format!("no user named '{name}'"))),
+        })
+    }
+
+    /// Sets a user's permissions.
+    pub fn set_permissions(&self, name: &str, permissions: Permissions) -> Result<(), BrokerError> {
+        self.change(|accounts| {
+            let old =
+                accounts.get(name).ok_or_else(|| BrokerError::NotFound(format!("no user named '{name}'")))?;
+            let account = Account { permissions, ..Account::clone(old) };
+            accounts.insert(name.into(), Arc::new(account));
+            Ok(())
+        })
+    }
+
+    /// Applies `change` to a copy of the users, writes it (atomically: a crash leaves the old
+    /// file or the new one), then makes it current. Blocking file work: call from a blocking
+    /// thread.
+    fn change(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<String, Arc<Account>>) -> Result<(), BrokerError>,
+    ) -> Result<(), BrokerError> {
+        let _saving = self.saving.lock();
+        let mut accounts = self.accounts.read().clone();
+        change(&mut accounts)?;
+        let saved = SavedUsers { users: accounts.values().map(|a| SavedUser::of(a)).collect() };
+        write_atomically(&self.path, &saved)
+            .map_err(|e| BrokerError::ResourceLimit(format!("cannot save the users: {e}")))?;
+        *self.accounts.write() = accounts;
+        Ok(())
+    }
+}
+
+/// User names: 1 to 255 bytes of UTF-8, no control characters.
+fn validate_user_name(name: &str) -> Result<(), BrokerError> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(BrokerError::InvalidArgument(format!(
+            "invalid user name '{}': 1 to 255 bytes, no control characters",
+            name.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+fn write_atomically(path: &Path, saved: &SavedUsers) -> io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(saved).map_err(io::Error::other)?;
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// `users.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedUsers {
+    users: Vec<SavedUser>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedUser {
+    name: String,
+    tags: Vec<String>,
+    scram_sha_256: SavedVerifier,
+    permissions: SavedPermissions,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedVerifier {
+    salt: String,
+    iterations: u32,
+    stored_key: String,
+    server_key: String,
+}
+
+/// The patterns as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedPermissions {
+    /// Declare, delete, purge, set alarms.
+    pub configure: String,
+    /// Publish to, bind to as destination.
+    pub write: String,
+    /// Consume, get, peek, move out of, bind from.
+    pub read: String,
+}
+
+impl SavedUser {
+    fn of(account: &Account) -> SavedUser {
+        let v = &account.verifier;
+        SavedUser {
+            name: account.name.clone(),
+            tags: account.tags.clone(),
+            scram_sha_256: SavedVerifier {
+                salt: BASE64.encode(&v.salt),
+                iterations: v.iterations,
+                stored_key: BASE64.encode(v.stored_key),
+                server_key: BASE64.encode(v.server_key),
+            },
+            permissions: account.permissions.patterns().clone(),
+        }
+    }
+
+    fn into_account(self) -> Result<Account, String> {
+        let key = |text: &str, what: &str| -> Result<[u8; 32], String> {
+            BASE64
+                .decode(text)
+                .ok()
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                .ok_or_else(|| format!("user '{}': {what} is not 32 bytes of base64", self.name))
+        };
+        let v = &self.scram_sha_256;
+        let verifier = Verifier {
+            salt: BASE64.decode(&v.salt).map_err(|e| format!("user '{}': salt: {e}", self.name))?,
+            iterations: v.iterations,
+            stored_key: key(&v.stored_key, "stored_key")?,
+            server_key: key(&v.server_key, "server_key")?,
+        };
+        let permissions =
+            Permissions::compile(self.permissions).map_err(|e| format!("user '{}': {e}", self.name))?;
+        Ok(Account { name: self.name, tags: self.tags, verifier, permissions })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,158 @@
+//! The authentication part of the handshake. A `Hello` names a mechanism:
+//!
+//! - `SCRAM-SHA-256`: the Hello carries the client-first-message; the broker answers with an
+//!   `AuthChallenge` (server-first), the client with an `AuthResponse` (client-final), and the
+//!   broker ends with `HelloOk` carrying the server-final-message, or `HelloRejected`.
+//! - `PLAIN`: accepted only over TLS, where the password is not readable on the wire.
+//! - none: the built-in guest, from loopback only, while no admin user exists.
+//!
+//! An unknown user runs the same exchange against a decoy verifier, so it fails exactly like a
+//! wrong password. Every failure from an address makes its next one answer later.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use hopper_proto::scram::{self, Server};
+
+use crate::auth::Users;
+use crate::error::BrokerError;
+
+/// Where a login stands after a step.
+pub(super) enum Step {
+    /// Send this challenge and wait for the client's response.
+    Challenge(Vec<u8>, Pending),
+    /// Logged in as `user`; `auth` goes back in HelloOk.
+    Done { user: String, mechanism: &'static str, auth: Vec<u8> },
+    /// Refused: answer after `delay`, then close.
+    Refused { reason: String, delay: Duration },
+}
+
+/// A SCRAM exchange waiting for the client-final-message.
+pub(super) struct Pending {
+    server: Server,
+    /// False when the user does not exist and the exchange runs against a decoy.
+    known: bool,
+}
+
+/// Starts a login from `peer` with the Hello's mechanism and initial response.
+pub(super) fn start(users: &Users, peer: IpAddr, mechanism: &str, initial: &[u8], tls: bool) -> Step {
+    match mechanism {
+        "" => match users.anonymous(peer) {
+            Ok(account) => Step::Done { user: account.name.clone(), mechanism: "default", auth: Vec::new() },
+            Err(err) => refuse(users, peer, None, err),
+        },
+        scram::MECHANISM => start_scram(users, peer, initial),
+        "PLAIN" if tls => plain(users, peer, initial),
+        "PLAIN" => Step::Refused {
+            reason: "PLAIN sends the password readable and is accepted only over TLS; use SCRAM-SHA-256"
+                .into(),
+            delay: Duration::ZERO,
+        },
+        other => Step::Refused {
+            reason: format!("unknown authentication mechanism '{other}'; this broker offers SCRAM-SHA-256"),
+            delay: Duration::ZERO,
+        },
+    }
+}
+
+/// Ends a SCRAM exchange with the client-final-message.
+pub(super) fn finish(users: &Users, peer: IpAddr, pending: Pending, response: &[u8]) -> Step {
+    let user = pending.server.user().to_owned();
+    let result = std::str::from_utf8(response)
+        .map_err(|_| scram::ScramError::Malformed("client-final-message is not UTF-8".into()))
+        .and_then(|text| pending.server.finish(text));
+    match result {
+        Ok(done) if pending.known => {
+            users.throttle.succeeded(peer);
+            Step::Done { user: done.user, mechanism: scram::MECHANISM, auth: done.server_final.into_bytes() }
+        }
+        Ok(_) | Err(scram::ScramError::InvalidProof) => refuse(
+            users,
+            peer,
+            Some(&user),
+            BrokerError::Unauthenticated(format!("authentication failed for user '{user}'")),
+        ),
+        Err(err) => refuse(
+            users,
+            peer,
+            Some(&user),
+            BrokerError::Unauthenticated(format!("authentication failed: {err}")),
+        ),
+    }
+}
+
+fn start_scram(users: &Users, peer: IpAddr, initial: &[u8]) -> Step {
+    let first = match std::str::from_utf8(initial)
+        .map_err(|_| scram::ScramError::Malformed("client-first-message is not UTF-8".into()))
+        .and_then(scram::parse_client_first)
+    {
+        Ok(first) => first,
+        Err(err) => {
+            return refuse(
+                users,
+                peer,
+                None,
+                BrokerError::Unauthenticated(format!("authentication failed: {err}")),
+            )
+        }
+    };
+    let user = first.user.clone();
+    let (verifier, known) = match users.login_account(&user, peer) {
+        Ok(Some(account)) => (account.verifier.clone(), true),
+        Ok(None) => (users.decoy(&user), false),
+        Err(err) => return refuse(users, peer, Some(&user), err),
+    };
+    let (server, challenge) = Server::start(first, &verifier);
+    Step::Challenge(challenge.into_bytes(), Pending { server, known })
+}
+
+/// `\0user\0password` (RFC 4616; an authorization identity, if any, must be the user).
+fn plain(users: &Users, peer: IpAddr, initial: &[u8]) -> Step {
+    let parts: Vec<&[u8]> = initial.split(|b| *b == 0).collect();
+    let (authz, user, password) = match parts.as_slice() {
+        [authz, user, password] => (*authz, *user, *password),
+        _ => {
+            let err =
+                BrokerError::Unauthenticated("PLAIN response must be authzid NUL user NUL password".into());
+            return refuse(users, peer, None, err);
+        }
+    };
+    let (Ok(user), Ok(password)) = (std::str::from_utf8(user), std::str::from_utf8(password)) else {
+        let err = BrokerError::Unauthenticated("PLAIN user and password must be UTF-8".into());
+        return refuse(users, peer, None, err);
+    };
+    if !authz.is_empty() && authz != user.as_bytes() {
+        let err =
+            BrokerError::Unauthenticated("PLAIN authorization identity must be empty or the user".into());
+        return refuse(users, peer, Some(user), err);
+    }
+    let verifier = match users.login_account(user, peer) {
+        Ok(Some(account)) => Some(account.verifier.clone()),
+        Ok(None) => None,
+        Err(err) => return refuse(users, peer, Some(user), err),
+    };
+    // An unknown user costs the same key derivation as a known one.
+    let known = verifier.is_some();
+    let verifier = verifier.unwrap_or_else(|| users.decoy(user));
+    if verifier.matches(password) && known {
+        users.throttle.succeeded(peer);
+        return Step::Done { user: user.to_owned(), mechanism: "PLAIN", auth: Vec::new() };
+    }
+    let err = BrokerError::Unauthenticated(format!("authentication failed for user '{user}'"));
+    refuse(users, peer, Some(user), err)
+}
+
+/// A refusal, counted against `peer` and logged for the operator.
+fn refuse(users: &Users, peer: IpAddr, user: Option<&str>, err: BrokerError) -> Step {
+    let delay = users.throttle.failed(peer);
+    let failures = users.throttle.failures(peer);
+    tracing::warn!(
+        target: "hopper::access",
+        %peer,
+        user = user.unwrap_or(""),
+        failures_in_a_row = failures,
+        error = %err,
+        "login refused"
+    );
+    Step::Refused { reason: err.to_string(), delay }
+}
