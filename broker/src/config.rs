@@ -12,8 +12,19 @@ use crate::storage::{FsyncPolicy, StorageConfig};
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Address to listen on for the binary protocol; port 0 picks a free one.
+    /// Address to listen on for the binary protocol; port 0 picks a free one; "off" disables
+    /// the plain listener (then `tls_listen` must be set).
     pub listen: String,
+    /// Address of a second listener speaking the same protocol inside TLS; "off" (the
+    /// default) disables it. Needs `tls_cert` and `tls_key`.
+    pub tls_listen: String,
+    /// PEM file with the TLS listener's certificate chain, its own certificate first.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
+    /// PEM file of the CAs that client certificates must chain to. Set, the TLS listener
+    /// requires a client certificate (mutual TLS) and offers the EXTERNAL login.
+    pub tls_client_ca: Option<PathBuf>,
     /// Directory for the broker's files.
     pub data_dir: PathBuf,
     /// Largest frame the broker accepts or sends, in bytes.
@@ -23,6 +34,14 @@ pub struct Config {
     pub heartbeat_ms: u32,
     /// Most simultaneous client connections.
     pub max_connections: usize,
+    /// Most simultaneous connections of one user.
+    pub max_connections_per_user: usize,
+    /// Most push consumers on one connection.
+    pub max_consumers_per_connection: usize,
+    /// Most queues in the broker.
+    pub max_queues: usize,
+    /// Most publishes of one connection accepted and not confirmed yet.
+    pub max_unconfirmed_per_connection: usize,
     /// How long a new connection may take to complete the handshake, in milliseconds.
     pub handshake_timeout_ms: u64,
     /// How long a write to a client may make no progress before the client, which is then not
@@ -57,10 +76,18 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:5680".into(),
+            tls_listen: "off".into(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
             data_dir: PathBuf::from("./hopper-data"),
             max_frame_size: hopper_proto::DEFAULT_MAX_FRAME_SIZE,
             heartbeat_ms: 10_000,
             max_connections: 10_000,
+            max_connections_per_user: 10_000,
+            max_consumers_per_connection: 10_000,
+            max_queues: 100_000,
+            max_unconfirmed_per_connection: 100_000,
             handshake_timeout_ms: 10_000,
             write_timeout_ms: 30_000,
             fsync: FsyncPolicy::Always,
@@ -99,6 +126,16 @@ impl Config {
                 self.max_frame_size
             )));
         }
+        for (name, value) in [
+            ("max_connections_per_user", self.max_connections_per_user),
+            ("max_consumers_per_connection", self.max_consumers_per_connection),
+            ("max_queues", self.max_queues),
+            ("max_unconfirmed_per_connection", self.max_unconfirmed_per_connection),
+        ] {
+            if value == 0 {
+                return Err(StartError::Config(format!("{name} must be at least 1")));
+            }
+        }
         if self.max_connections == 0 {
             return Err(StartError::Config("max_connections must be at least 1".into()));
         }
@@ -112,11 +149,56 @@ impl Config {
             return Err(StartError::Config("fsync_interval_ms must be at least 1".into()));
         }
         if self.listen.is_empty() {
-            return Err(StartError::Config("listen address is empty".into()));
+            return Err(StartError::Config("listen address is empty (\"off\" turns it off)".into()));
         }
+        self.validate_tls()?;
         crate::http::allow::Allowed::new(&self.http_allow_hosts, &self.http_allow_origins)
             .map_err(StartError::Config)?;
         Ok(())
+    }
+
+    /// The plain listener's address, unless it is off.
+    pub fn plain_listen(&self) -> Option<&str> {
+        listener_addr(&self.listen)
+    }
+
+    /// The TLS listener's address, unless it is off.
+    pub fn tls_listen(&self) -> Option<&str> {
+        listener_addr(&self.tls_listen)
+    }
+
+    /// The TLS settings make sense together; the files themselves are read at start.
+    fn validate_tls(&self) -> Result<(), StartError> {
+        if self.plain_listen().is_none() && self.tls_listen().is_none() {
+            return Err(StartError::Config(
+                "listen is off and tls_listen is not set: the broker would accept no connection".into(),
+            ));
+        }
+        if self.tls_listen().is_some() {
+            if self.tls_cert.is_none() || self.tls_key.is_none() {
+                return Err(StartError::Config(
+                    "tls_listen needs a certificate and its key: set tls_cert and tls_key \
+                     (--tls-cert FILE --tls-key FILE)"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+        let stray = [
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("tls_client_ca", &self.tls_client_ca),
+        ]
+        .into_iter()
+        .find_map(|(key, value)| value.as_ref().map(|_| key));
+        match stray {
+            // A certificate without a listener is a mistake worth a refusal: the operator
+            // believes clients can connect with TLS.
+            Some(key) => Err(StartError::Config(format!(
+                "{key} is set but tls_listen is off: set tls_listen (--tls-listen ADDR) too"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The storage part of the configuration.
@@ -137,6 +219,14 @@ impl Config {
     /// The write deadline.
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+}
+
+/// A listener's address, or `None` for "off" (or empty, for `tls_listen`).
+fn listener_addr(addr: &str) -> Option<&str> {
+    match addr {
+        "off" | "" => None,
+        addr => Some(addr),
     }
 }
 
@@ -189,6 +279,26 @@ mod tests {
         assert_eq!(error.lines().count(), 1, "{error}");
         let config = Config { max_frame_size: 10, ..Config::default() };
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn tls_settings_must_come_together() {
+        let tls = Config {
+            tls_listen: "127.0.0.1:0".into(),
+            tls_cert: Some("cert.pem".into()),
+            tls_key: Some("key.pem".into()),
+            ..Config::default()
+        };
+        tls.validate().unwrap();
+        Config { listen: "off".into(), ..tls.clone() }.validate().unwrap();
+        let error = Config { tls_key: None, ..tls.clone() }.validate().unwrap_err().to_string();
+        assert!(error.contains("tls_key") && error.contains("--tls-key"), "{error}");
+        let error = Config { tls_listen: "off".into(), ..tls.clone() }.validate().unwrap_err().to_string();
+        assert!(error.contains("tls_cert is set but tls_listen is off"), "{error}");
+        let error = Config { listen: "off".into(), ..Config::default() }.validate().unwrap_err().to_string();
+        assert!(error.contains("no connection"), "{error}");
+        assert_eq!(tls.plain_listen(), Some("127.0.0.1:5680"));
+        assert_eq!(Config::default().tls_listen(), None);
     }
 
     #[test]

@@ -15,9 +15,25 @@ struct Args {
     /// TOML configuration file; flags and HOPPER_* variables override its values.
     #[arg(long, env = "HOPPER_CONFIG")]
     config: Option<PathBuf>,
-    /// Address for the binary protocol [default: 127.0.0.1:5680; port 0 picks a free port].
+    /// Address for the binary protocol, or "off" to accept only TLS connections
+    /// [default: 127.0.0.1:5680; port 0 picks a free port].
     #[arg(long, env = "HOPPER_LISTEN")]
     listen: Option<String>,
+    /// Address of a second listener speaking the binary protocol inside TLS (needs --tls-cert
+    /// and --tls-key) [default: off].
+    #[arg(long, value_name = "ADDR", env = "HOPPER_TLS_LISTEN")]
+    tls_listen: Option<String>,
+    /// PEM file with the TLS listener's certificate chain, the broker's own certificate first.
+    #[arg(long, value_name = "FILE", env = "HOPPER_TLS_SERVER_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of --tls-cert.
+    #[arg(long, value_name = "FILE", env = "HOPPER_TLS_SERVER_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM file of the CAs that client certificates must chain to: the TLS listener then
+    /// refuses clients without such a certificate (mutual TLS), and a client can log in as
+    /// its certificate's subject CN with the EXTERNAL mechanism.
+    #[arg(long, value_name = "FILE", env = "HOPPER_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
     /// Data directory [default: ./hopper-data].
     #[arg(long, env = "HOPPER_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -30,6 +46,19 @@ struct Args {
     /// Most simultaneous connections [default: 10000].
     #[arg(long, env = "HOPPER_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Most simultaneous connections of one user [default: 10000].
+    #[arg(long, env = "HOPPER_MAX_CONNECTIONS_PER_USER")]
+    max_connections_per_user: Option<usize>,
+    /// Most push consumers on one connection [default: 10000].
+    #[arg(long, env = "HOPPER_MAX_CONSUMERS_PER_CONNECTION")]
+    max_consumers_per_connection: Option<usize>,
+    /// Most queues in the broker [default: 100000].
+    #[arg(long, env = "HOPPER_MAX_QUEUES")]
+    max_queues: Option<usize>,
+    /// Most publishes of one connection in flight (accepted, not yet confirmed)
+    /// [default: 100000].
+    #[arg(long, env = "HOPPER_MAX_UNCONFIRMED_PER_CONNECTION")]
+    max_unconfirmed_per_connection: Option<usize>,
     /// When durable publishes are flushed: always (before the confirm), batch or never
     /// [default: always].
     #[arg(long, env = "HOPPER_FSYNC")]
@@ -90,6 +119,18 @@ impl Args {
         if let Some(listen) = self.listen {
             config.listen = listen;
         }
+        if let Some(tls_listen) = self.tls_listen {
+            config.tls_listen = tls_listen;
+        }
+        if let Some(path) = self.tls_cert {
+            config.tls_cert = Some(path);
+        }
+        if let Some(path) = self.tls_key {
+            config.tls_key = Some(path);
+        }
+        if let Some(path) = self.tls_client_ca {
+            config.tls_client_ca = Some(path);
+        }
         if let Some(data_dir) = self.data_dir {
             config.data_dir = data_dir;
         }
@@ -104,6 +145,18 @@ impl Args {
         }
         if let Some(max_connections) = self.max_connections {
             config.max_connections = max_connections;
+        }
+        if let Some(limit) = self.max_connections_per_user {
+            config.max_connections_per_user = limit;
+        }
+        if let Some(limit) = self.max_consumers_per_connection {
+            config.max_consumers_per_connection = limit;
+        }
+        if let Some(limit) = self.max_queues {
+            config.max_queues = limit;
+        }
+        if let Some(limit) = self.max_unconfirmed_per_connection {
+            config.max_unconfirmed_per_connection = limit;
         }
         if let Some(fsync) = self.fsync {
             config.fsync = fsync;
@@ -181,7 +234,17 @@ fn main() -> ExitCode {
         if let Some(http) = broker.http_addr() {
             tracing::info!("http listening on {http} (dashboard at http://{http}/)");
         }
-        tracing::info!(data_dir = %data_dir, version = env!("CARGO_PKG_VERSION"), "listening on {}", broker.local_addr());
+        // The plain listener's line comes last: tests and scripts take it as "ready". With the
+        // plain listener off, the TLS line carries the data directory and version instead.
+        let version = env!("CARGO_PKG_VERSION");
+        match (broker.tls_addr(), broker.plain_addr()) {
+            (Some(tls), Some(_)) => tracing::info!("tls listening on {tls}"),
+            (Some(tls), None) => tracing::info!(data_dir = %data_dir, version, "tls listening on {tls}"),
+            (None, _) => {}
+        }
+        if let Some(addr) = broker.plain_addr() {
+            tracing::info!(data_dir = %data_dir, version, "listening on {addr}");
+        }
         shutdown.await;
         tracing::info!("shutting down");
         broker.shutdown().await;

@@ -219,18 +219,22 @@ async fn write_with_deadline<W: AsyncWrite + Unpin>(
     mut bytes: &[u8],
     deadline: Duration,
 ) -> std::io::Result<()> {
+    let timed_out = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer read nothing for {} ms", deadline.as_millis()),
+        )
+    };
     while !bytes.is_empty() {
         match tokio::time::timeout(deadline, socket.write(bytes)).await {
             Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(Ok(written)) => bytes = &bytes[written..],
             Ok(Err(err)) => return Err(err),
-            Err(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("the peer read nothing for {} ms", deadline.as_millis()),
-                ))
-            }
+            Err(_) => return Err(timed_out()),
         }
     }
-    Ok(())
+    // A TLS stream takes bytes into its own buffer and may keep the last records there while
+    // the socket is full; flushed, the whole batch is on the socket before the writer sleeps.
+    // For plain TCP this returns at once.
+    tokio::time::timeout(deadline, socket.flush()).await.map_err(|_| timed_out())?
 }

@@ -1,20 +1,24 @@
-//! The listener: accepts connections, caps their number, and shuts down gracefully.
+//! The listeners: accept connections (plain TCP, TLS, or both), cap their number, and shut
+//! down gracefully.
+
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::StartError;
 use crate::queue::Registry;
-use crate::session;
+use crate::session::{self, Accepted, Transport};
 use crate::storage::Store;
 
 /// Size at which the audit log is rotated.
@@ -66,12 +70,25 @@ impl Broker {
             .await
             .map_err(|e| data_dir_error(std::io::Error::other(e)))?
             .map_err(data_dir_error)?;
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: config.listen.clone(), source })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr: config.listen.clone(), source })?;
+        // Read before binding: a bad certificate file leaves no port taken.
+        let acceptor = match config.tls_listen() {
+            Some(_) => Some(tls::acceptor(&config)?),
+            None => None,
+        };
+        let plain = match config.plain_listen() {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let tls = match (config.tls_listen(), acceptor) {
+            (Some(addr), Some(acceptor)) => Some((bind(addr).await?, acceptor)),
+            _ => None,
+        };
+        let plain_addr = plain.as_ref().map(|(_, addr)| *addr);
+        let tls_addr = tls.as_ref().map(|((_, addr), _)| *addr);
+        let listeners = Listeners {
+            plain: plain.map(|(listener, _)| listener),
+            tls: tls.map(|((listener, _), acceptor)| (listener, acceptor)),
+        };
         let http = match config.http.as_str() {
             "off" | "" => None,
             addr => Some(
@@ -88,25 +105,41 @@ impl Broker {
             tokio::spawn(crate::http::serve(listener, engine.clone(), shutdown_rx.clone()));
         }
         let task = tokio::spawn(async move {
-            serve(listener, engine, shutdown_rx).await;
+            serve(listeners, engine, shutdown_rx).await;
             drop(data_lock);
         });
-        Ok(BrokerHandle { local_addr, http_addr, shutdown_tx, task })
+        Ok(BrokerHandle { plain_addr, tls_addr, http_addr, shutdown_tx, task })
     }
 }
 
 /// A running broker.
 pub struct BrokerHandle {
-    local_addr: SocketAddr,
+    plain_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl BrokerHandle {
-    /// The address the listener is bound to (with the real port when 0 was asked for).
+    /// The address the binary protocol's plain listener is bound to (with the real port when
+    /// 0 was asked for); the TLS listener's when the plain one is off.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        match (self.plain_addr, self.tls_addr) {
+            (Some(addr), _) | (None, Some(addr)) => addr,
+            // Config::validate refuses a broker with neither listener.
+            (None, None) => unreachable!("a broker always has a listener"),
+        }
+    }
+
+    /// The plain listener's address, unless it is off (`listen = "off"`).
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain_addr
+    }
+
+    /// The TLS listener's address, if there is one (`tls_listen`).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// The HTTP listener's address, unless HTTP is off.
@@ -127,15 +160,43 @@ impl BrokerHandle {
     }
 }
 
-async fn serve(listener: TcpListener, engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
+/// Binds `addr` and reads back the address it got.
+async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { addr: addr.to_owned(), source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local_addr = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local_addr))
+}
+
+/// The binary protocol's listeners: at least one of the two.
+struct Listeners {
+    plain: Option<TcpListener>,
+    tls: Option<(TcpListener, TlsAcceptor)>,
+}
+
+/// The next connection of `listener`; never resolves when there is no listener.
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn serve(listeners: Listeners, engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
     let limit = Arc::new(Semaphore::new(engine.config().max_connections));
     // Every session holds a clone; when all are dropped, every session has finished.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let mut next_conn_id: u64 = 1;
     let mut accept_backoff = Duration::ZERO;
+    let Listeners { plain, tls } = listeners;
+    let (tls, acceptor) = match tls {
+        Some((listener, acceptor)) => (Some(listener), Some(acceptor)),
+        None => (None, None),
+    };
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let (accepted, over_tls) = tokio::select! {
+            accepted = accept(plain.as_ref()) => (accepted, false),
+            accepted = accept(tls.as_ref()) => (accepted, true),
             _ = shutdown.changed() => break,
         };
         let (socket, peer) = match accepted {
@@ -165,13 +226,35 @@ async fn serve(listener: TcpListener, engine: Arc<Engine>, mut shutdown: watch::
         let engine = engine.clone();
         let shutdown = shutdown.clone();
         let done = done_tx.clone();
+        let acceptor = if over_tls { acceptor.clone() } else { None };
         tokio::spawn(async move {
-            session::run(socket, peer, conn_id, engine, shutdown, permit.is_some()).await;
+            let admitted = permit.is_some();
+            match acceptor {
+                // Plain TCP keeps tokio's owned halves: no lock between reader and writer.
+                None => {
+                    let (read, write) = socket.into_split();
+                    let accepted = Accepted { conn_id, peer, transport: Transport::default(), admitted };
+                    session::run(read, write, accepted, engine, shutdown).await;
+                }
+                // The handshake runs here, not in the accept loop, so a slow client holds up
+                // nobody else. A refused connection is still answered over TLS.
+                Some(acceptor) => {
+                    let timeout = engine.config().handshake_timeout();
+                    let handshake =
+                        tls::handshake(acceptor, socket, peer, conn_id, timeout, shutdown.clone());
+                    if let Some((stream, transport)) = handshake.await {
+                        let (read, write) = tokio::io::split(stream);
+                        let accepted = Accepted { conn_id, peer, transport, admitted };
+                        session::run(read, write, accepted, engine, shutdown).await;
+                    }
+                }
+            }
             drop(permit);
             drop(done);
         });
     }
-    drop(listener);
+    drop(plain);
+    drop(tls);
     drop(done_tx);
     // Sessions end at once on shutdown and give their peers a bounded time to take the last
     // frames; this bound is a backstop, so no client can hold the shutdown up.

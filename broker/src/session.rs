@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use hopper_proto::{pb, Body, ErrorCode, Frame, FrameCodec, Inbound, ProtoError};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Notify};
 use tokio_util::codec::FramedRead;
 use tracing::Instrument;
@@ -23,6 +23,8 @@ mod commands;
 mod login;
 mod sink;
 
+pub(crate) use login::Transport;
+
 /// Read buffer size: large enough that a burst of small publishes is one read.
 const READ_BUFFER: usize = 64 * 1024;
 /// Body bytes of publishes a blocked connection may send before it is not read any more. Up to
@@ -34,21 +36,41 @@ const FRAMES_PER_TURN: usize = 64;
 /// How long a closing connection's last frames may take to reach the peer.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
-/// Serves one connection until the peer leaves, breaks the protocol beyond repair, goes
-/// silent, stops reading what it is sent, or the broker shuts down. Every unacked delivery
-/// returns to its queue afterwards.
-pub(crate) async fn run(
-    socket: TcpStream,
-    peer: SocketAddr,
-    conn_id: u64,
+/// A new connection: who is on the other end, how it came, and whether it may stay.
+pub(crate) struct Accepted {
+    /// The broker's number for it.
+    pub conn_id: u64,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// Plain TCP or TLS, and the user of a client certificate.
+    pub transport: Transport,
+    /// False past the connection limit: it is told so and closed.
+    pub admitted: bool,
+}
+
+/// Serves one connection, read from `read_half` and written to `write_half`, until the peer
+/// leaves, breaks the protocol beyond repair, goes silent, stops reading what it is sent, or
+/// the broker shuts down. Every unacked delivery returns to its queue afterwards.
+///
+/// Generic over the halves, so plain TCP keeps tokio's owned halves (no lock shared by reader
+/// and writer) while TLS runs over a split TLS stream.
+pub(crate) async fn run<R, W>(
+    read_half: R,
+    write_half: W,
+    accepted: Accepted,
     engine: Arc<Engine>,
     shutdown: watch::Receiver<bool>,
-    admitted: bool,
-) {
-    let span = tracing::info_span!("conn", conn_id, %peer);
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let Accepted { conn_id, peer, transport, admitted } = accepted;
+    let span = tracing::info_span!("conn", conn_id, %peer, tls = tracing::field::Empty);
+    if transport.tls {
+        span.record("tls", true);
+    }
     async move {
         let _counted = engine.connection_opened();
-        let (read_half, write_half) = socket.into_split();
         let outbox = Arc::new(Outbox::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE, conn_id));
         let resume = Arc::new(Notify::new());
         let mut writer = {
@@ -65,7 +87,7 @@ pub(crate) async fn run(
                 FrameCodec::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE),
                 READ_BUFFER,
             );
-            let mut session = Session::new(engine, conn_id, peer, outbox.clone());
+            let mut session = Session::new(engine, conn_id, peer, transport, outbox.clone());
             session.serve(frames, shutdown, &resume).await;
             session.release_consumers();
         } else {
@@ -146,6 +168,8 @@ fn is_slow(body: &Body) -> bool {
             | Body::UserPut(_)
             | Body::UserDelete(_)
             | Body::PermissionsSet(_)
+            | Body::TokenCreate(_)
+            | Body::TokenDelete(_)
     )
 }
 
@@ -154,6 +178,8 @@ struct Session {
     /// The connection and, once logged in, its user; before that, a user that may do nothing.
     caller: Caller,
     peer: SocketAddr,
+    /// Whether the connection runs over TLS, and with which client certificate.
+    transport: Transport,
     /// A SCRAM exchange waiting for the client's response.
     login: Option<login::Pending>,
     /// The Hello whose login is under way.
@@ -179,6 +205,10 @@ struct Session {
     /// Acks without confirm read in this burst and not applied yet, in order: applied together
     /// before any other request and at the end of the burst.
     acks: Vec<PendingAck>,
+    /// Counts this connection against its user's connection limit while it is open.
+    user_slot: Option<crate::engine::UserConnection>,
+    /// Where publish confirms go: the outbox, counting publishes in flight.
+    publishes: Arc<sink::PublishReplies>,
 }
 
 /// An ack read and not applied yet.
@@ -190,11 +220,21 @@ struct PendingAck {
 }
 
 impl Session {
-    fn new(engine: Arc<Engine>, conn_id: u64, peer: SocketAddr, outbox: Arc<Outbox>) -> Self {
+    fn new(
+        engine: Arc<Engine>,
+        conn_id: u64,
+        peer: SocketAddr,
+        transport: Transport,
+        outbox: Arc<Outbox>,
+    ) -> Self {
+        let publishes = Arc::new(sink::PublishReplies::new(outbox.clone()));
         Session {
             engine,
+            publishes,
+            user_slot: None,
             caller: Caller::connection(conn_id, ""),
             peer,
+            transport,
             login: None,
             hello: None,
             mechanism: "",
@@ -211,9 +251,9 @@ impl Session {
         }
     }
 
-    async fn serve(
+    async fn serve<R: AsyncRead + Unpin>(
         &mut self,
-        mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+        mut frames: FramedRead<R, FrameCodec>,
         mut shutdown: watch::Receiver<bool>,
         resume: &Notify,
     ) {
@@ -304,10 +344,10 @@ impl Session {
 
     /// Handles `item` and then the frames already read behind it, a burst at a time, while
     /// nothing the loop watches for has changed.
-    async fn on_burst(
+    async fn on_burst<R: AsyncRead + Unpin>(
         &mut self,
         item: Option<Result<Inbound, ProtoError>>,
-        frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+        frames: &mut FramedRead<R, FrameCodec>,
         heartbeat: &mut Option<tokio::time::Interval>,
         held: bool,
     ) -> Flow {
@@ -353,10 +393,10 @@ impl Session {
     }
 
     /// Handles one item of the frame stream; starts heartbeats once the handshake agreed them.
-    async fn on_frame(
+    async fn on_frame<R: AsyncRead + Unpin>(
         &mut self,
         item: Option<Result<Inbound, ProtoError>>,
-        frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+        frames: &mut FramedRead<R, FrameCodec>,
         heartbeat: &mut Option<tokio::time::Interval>,
     ) -> Flow {
         let inbound = match item {
@@ -513,6 +553,16 @@ impl Session {
                 .set_permissions(&self.caller, set.user, wire::permissions_from_wire(set.permissions))
                 .await
                 .map(|()| Some(Body::AccessOk(pb::AccessOk {}))),
+            Body::TokenCreate(create) => self
+                .engine
+                .create_token(&self.caller, create.name, create.expires_ms)
+                .await
+                .map(|token| Some(Body::TokenCreateOk(pb::TokenCreateOk { token }))),
+            Body::TokenDelete(delete) => self
+                .engine
+                .delete_token(&self.caller, delete.name)
+                .await
+                .map(|()| Some(Body::AccessOk(pb::AccessOk {}))),
             other => self.request(request_id, other),
         };
         self.answer(request_id, result);
@@ -555,7 +605,8 @@ impl Session {
             self.refuse_hello(request_id, ErrorCode::UnsupportedVersion, message);
             return Flow::Close;
         }
-        let step = login::start(self.engine.users(), self.peer.ip(), &hello.mechanism, &hello.auth, false);
+        let step =
+            login::start(self.engine.users(), self.peer.ip(), &hello.mechanism, &hello.auth, &self.transport);
         self.hello = Some(pb::Hello { auth: Default::default(), ..hello });
         self.login_step(request_id, step, codec, heartbeat).await
     }
@@ -580,6 +631,14 @@ impl Session {
                     self.reply_error(request_id, BrokerError::ProtocolViolation("no Hello to answer".into()));
                     return Flow::Close;
                 };
+                match self.engine.user_connected(&user) {
+                    Ok(slot) => self.user_slot = Some(slot),
+                    Err(err) => {
+                        tracing::info!(%user, error = %err, "connection refused");
+                        self.refuse_hello(request_id, err.code(), err.to_string());
+                        return Flow::Close;
+                    }
+                }
                 self.caller = Caller::connection(self.caller.connection_id, &user);
                 self.mechanism = mechanism;
                 let ok = self.negotiate(&hello, codec, user, auth);
@@ -685,6 +744,18 @@ impl Session {
             Body::WhoAmI(_) => {
                 let user = wire::user_info(self.engine.whoami(&self.caller)?);
                 Ok(Some(Body::WhoAmIOk(pb::WhoAmIOk { user: Some(user), mechanism: self.mechanism.into() })))
+            }
+            Body::TokenList(_) => {
+                let tokens = self.engine.list_tokens(&self.caller)?;
+                let tokens = tokens
+                    .into_iter()
+                    .map(|t| pb::TokenInfo {
+                        name: t.name,
+                        created_ms: t.created_ms,
+                        expires_ms: t.expires_ms,
+                    })
+                    .collect();
+                Ok(Some(Body::TokenListOk(pb::TokenListOk { tokens })))
             }
             Body::UserList(_) => {
                 let (users, default_user) = self.engine.list_users(&self.caller)?;

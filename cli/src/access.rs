@@ -225,3 +225,80 @@ async fn print_users(
     }
     out.flush().context("writing to stdout")
 }
+
+/// `hopper token` subcommands: API tokens of the user you log in as.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token for HTTP `Authorization: Bearer`, acting with your permissions; it is
+    /// printed once.
+    Create(TokenCreateArgs),
+    /// List your tokens (names and times, never the tokens).
+    List(JsonArgs),
+    /// Delete one of your tokens; it stops working at once.
+    Delete(NameArgs),
+}
+
+/// Flags of `token create`.
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// Its name, unique among your tokens.
+    #[arg(long)]
+    pub name: String,
+    /// It stops working after this long (e.g. 30d, 12h); without it, it works until deleted.
+    #[arg(long, value_parser = crate::time::parse_duration)]
+    pub expires: Option<std::time::Duration>,
+}
+
+/// A token as `token list --json` prints it.
+#[derive(Debug, Serialize)]
+struct TokenJson<'a> {
+    name: &'a str,
+    created_ms: u64,
+    expires_ms: u64,
+}
+
+/// Runs `hopper token ...`.
+pub async fn run_token(server: &str, command: TokenCommand) -> anyhow::Result<()> {
+    let conn = crate::connect(server, "token").await?;
+    let mut out = std::io::stdout().lock();
+    match command {
+        TokenCommand::Create(args) => {
+            let expires_ms = match args.expires {
+                None => 0,
+                Some(d) if d.is_zero() => {
+                    anyhow::bail!("--expires must be more than zero; leave it out for no expiry")
+                }
+                Some(d) => {
+                    crate::time::now_ms().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                }
+            };
+            let token = conn.create_token(&args.name, expires_ms).await?;
+            writeln!(out, "{token}")?;
+            eprintln!("created token '{}' for user '{}'; it is shown only now", args.name, conn.user());
+        }
+        TokenCommand::List(args) => {
+            let tokens = conn.list_tokens().await?;
+            if args.json {
+                for t in &tokens {
+                    write_json_line(
+                        &mut out,
+                        &TokenJson { name: &t.name, created_ms: t.created_ms, expires_ms: t.expires_ms },
+                    )?;
+                }
+            } else {
+                let time =
+                    |ms: u64| if ms == 0 { "never".to_string() } else { crate::time::format_unix_ms(ms) };
+                let rows: Vec<Vec<String>> = tokens
+                    .iter()
+                    .map(|t| vec![t.name.clone(), time(t.created_ms), time(t.expires_ms)])
+                    .collect();
+                out.write_all(table(&["NAME", "CREATED", "EXPIRES"], &[Align::Left; 3], &rows).as_bytes())?;
+            }
+        }
+        TokenCommand::Delete(args) => {
+            conn.delete_token(&args.name).await?;
+            eprintln!("deleted token '{}'", args.name);
+        }
+    }
+    out.flush().context("writing to stdout")
+}

@@ -20,12 +20,13 @@ mod status;
 mod time;
 mod top;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
-use hopper_client::{ConnectOptions, Connection, Credentials};
+use hopper_client::{ClientCertificate, ConnectOptions, Connection, Credentials, TlsOptions};
 
 /// Exit status of a process ended by SIGPIPE, used when stdout is closed under us.
 const BROKEN_PIPE_EXIT: u8 = 141;
@@ -34,7 +35,8 @@ const BROKEN_PIPE_EXIT: u8 = 141;
 #[derive(Debug, Parser)]
 #[command(name = "hopper", version, propagate_version = true)]
 struct Cli {
-    /// Broker address, HOST:PORT, or hopper://USER:PASSWORD@HOST:PORT.
+    /// Broker address, HOST:PORT, or hopper://USER:PASSWORD@HOST:PORT; hoppers://... (or
+    /// hoppers://HOST:PORT) connects with TLS to the broker's --tls-listen port.
     #[arg(long, global = true, env = "HOPPER_SERVER", default_value = "127.0.0.1:5680", display_order = 100)]
     server: String,
     /// User to log in as (SCRAM-SHA-256: the password never crosses the wire). Without one,
@@ -45,6 +47,20 @@ struct Cli {
     /// The user's password.
     #[arg(long, global = true, env = "HOPPER_PASSWORD", hide_env_values = true, display_order = 102)]
     password: Option<String>,
+    /// PEM file of the CA that signed the broker's certificate, trusted instead of the built-in
+    /// roots (with hoppers:// only).
+    #[arg(long, global = true, value_name = "FILE", env = "HOPPER_TLS_CA", display_order = 103)]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with --tls-key). Without --user, logs in as the
+    /// certificate's user (mechanism EXTERNAL).
+    #[arg(long, global = true, value_name = "FILE", env = "HOPPER_TLS_CERT", display_order = 104)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, value_name = "FILE", env = "HOPPER_TLS_KEY", display_order = 105)]
+    tls_key: Option<PathBuf>,
+    /// Name the broker's certificate must be valid for [default: the host of --server].
+    #[arg(long, global = true, value_name = "NAME", env = "HOPPER_TLS_SERVER_NAME", display_order = 106)]
+    tls_server_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,10 +105,73 @@ enum Command {
     Permissions(access::PermissionsCommand),
     /// Show who you are logged in as and what you may do.
     Whoami(access::JsonArgs),
+    /// Create, list and delete your API tokens (HTTP `Authorization: Bearer`).
+    #[command(subcommand)]
+    Token(access::TokenCommand),
 }
 
 /// The user and password given with --user/--password or their environment variables.
 static CREDENTIALS: OnceLock<Option<Credentials>> = OnceLock::new();
+
+/// The TLS files and name given with --tls-* or their environment variables, read once.
+static TLS: OnceLock<TlsFlags> = OnceLock::new();
+
+/// What the --tls-* flags say, with the files' contents.
+#[derive(Debug, Default)]
+struct TlsFlags {
+    ca: Option<Vec<u8>>,
+    client: Option<ClientCertificate>,
+    server_name: Option<String>,
+    /// The flags given, for the error when --server is not hoppers://.
+    given: Vec<&'static str>,
+}
+
+impl TlsFlags {
+    fn load(
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        server_name: Option<String>,
+    ) -> anyhow::Result<TlsFlags> {
+        let read = |flag: &str, path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| anyhow!("cannot read {flag} {}: {}", path.display(), io_reason(&e)))
+        };
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) => Some(ClientCertificate {
+                cert_pem: read("--tls-cert", &cert)?,
+                key_pem: read("--tls-key", &key)?,
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                anyhow::bail!("--tls-cert (or HOPPER_TLS_CERT) needs --tls-key (or HOPPER_TLS_KEY)")
+            }
+            (None, Some(_)) => {
+                anyhow::bail!("--tls-key (or HOPPER_TLS_KEY) needs --tls-cert (or HOPPER_TLS_CERT)")
+            }
+        };
+        let given = [
+            ("--tls-ca", ca.is_some()),
+            ("--tls-cert", client.is_some()),
+            ("--tls-server-name", server_name.is_some()),
+        ];
+        Ok(TlsFlags {
+            ca: ca.map(|path| read("--tls-ca", &path)).transpose()?,
+            client,
+            server_name,
+            given: given.into_iter().filter(|(_, set)| *set).map(|(flag, _)| flag).collect(),
+        })
+    }
+
+    /// TLS options for a connection to `address` (HOST:PORT).
+    fn options(&self, address: &str) -> TlsOptions {
+        TlsOptions {
+            server_name: self.server_name.clone().unwrap_or_else(|| host_of(address).to_owned()),
+            ca_certificates: self.ca.clone(),
+            client_certificate: self.client.clone(),
+        }
+    }
+}
 
 /// `hopper bench` and `hopper consume` allocate per delivery; jemalloc keeps that cheap on
 /// the cores the broker shares.
@@ -129,6 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         (None, None) => None,
     };
     let _ = CREDENTIALS.set(credentials);
+    let _ = TLS.set(TlsFlags::load(cli.tls_ca, cli.tls_cert, cli.tls_key, cli.tls_server_name)?);
     match cli.command {
         Command::Queue(command) => queue::run(&cli.server, command).await,
         Command::Exchange(command) => exchange::run(&cli.server, command).await,
@@ -146,37 +226,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User(command) => access::run_user(&cli.server, command).await,
         Command::Permissions(command) => access::run_permissions(&cli.server, command).await,
         Command::Whoami(args) => access::run_whoami(&cli.server, args).await,
+        Command::Token(command) => access::run_token(&cli.server, command).await,
     }
 }
 
 /// Connects to the broker, turning a failure into one readable line such as
 /// `cannot connect to 127.0.0.1:5680: Connection refused`.
 pub(crate) async fn connect(server: &str, role: &str) -> anyhow::Result<Connection> {
-    let (server, from_url) = parse_server(server)?;
-    let server = server.as_str();
+    let Server { address, credentials, tls } = parse_server(server)?;
+    let server = address.as_str();
+    let flags = TLS.get_or_init(TlsFlags::default);
+    if !tls && !flags.given.is_empty() {
+        anyhow::bail!(
+            "{} given, but --server {server} is plain TCP: TLS is chosen with hoppers://HOST:PORT",
+            flags.given.join(", ")
+        );
+    }
     let options = ConnectOptions {
         client_name: format!("hopper-cli/{} {role}", env!("CARGO_PKG_VERSION")),
-        credentials: from_url.or_else(|| CREDENTIALS.get().cloned().flatten()),
+        credentials: credentials.or_else(|| CREDENTIALS.get().cloned().flatten()),
+        tls: tls.then(|| flags.options(server)),
         ..ConnectOptions::default()
     };
     Connection::connect_with(server, options).await.map_err(|err| match err {
-        hopper_client::Error::Io(io) => anyhow!("cannot connect to {server}: {}", io_reason(&io)),
+        hopper_client::Error::Io(io) => {
+            let hint = match io.to_string().contains("not signed by a CA this client trusts") {
+                true if flags.ca.is_none() => " (give the broker's CA with --tls-ca FILE)",
+                _ => "",
+            };
+            anyhow!("cannot connect to {server}: {}{hint}", io_reason(&io))
+        }
         other => anyhow!("cannot connect to {server}: {other}"),
     })
 }
 
+/// Where `--server` points, and how to get there.
+#[derive(Debug, PartialEq, Eq)]
+struct Server {
+    /// HOST:PORT.
+    address: String,
+    /// The user and password of a URL that has them.
+    credentials: Option<Credentials>,
+    /// `hoppers://`: the connection runs inside TLS.
+    tls: bool,
+}
+
 /// Splits `--server` into the address and, for a `hopper://user:password@host:port` URL, the
-/// credentials in it (percent-encoded where they hold `:`, `@` or `/`).
-fn parse_server(server: &str) -> anyhow::Result<(String, Option<Credentials>)> {
-    if server.starts_with("hoppers://") {
-        anyhow::bail!("hoppers:// (TLS) is not supported by this version of hopper; use hopper://");
-    }
-    let Some(rest) = server.strip_prefix("hopper://") else {
-        return Ok((server.to_owned(), None));
+/// credentials in it (percent-encoded where they hold `:`, `@` or `/`). `hoppers://` is the
+/// same with TLS.
+fn parse_server(server: &str) -> anyhow::Result<Server> {
+    let (rest, tls) = match (server.strip_prefix("hopper://"), server.strip_prefix("hoppers://")) {
+        (Some(rest), _) => (rest, false),
+        (None, Some(rest)) => (rest, true),
+        (None, None) => return Ok(Server { address: server.to_owned(), credentials: None, tls: false }),
     };
     let rest = rest.trim_end_matches('/');
     let Some((userinfo, address)) = rest.rsplit_once('@') else {
-        return Ok((rest.to_owned(), None));
+        return Ok(Server { address: rest.to_owned(), credentials: None, tls });
     };
     let decode = |text: &str| {
         percent_encoding::percent_decode_str(text)
@@ -186,9 +292,19 @@ fn parse_server(server: &str) -> anyhow::Result<(String, Option<Credentials>)> {
     };
     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
     if address.is_empty() {
-        anyhow::bail!("'{server}' names no host: use hopper://USER:PASSWORD@HOST:PORT");
+        let scheme = if tls { "hoppers" } else { "hopper" };
+        anyhow::bail!("'{server}' names no host: use {scheme}://USER:PASSWORD@HOST:PORT");
     }
-    Ok((address.to_owned(), Some(Credentials::new(decode(user)?, decode(password)?))))
+    let credentials = Some(Credentials::new(decode(user)?, decode(password)?));
+    Ok(Server { address: address.to_owned(), credentials, tls })
+}
+
+/// The host of HOST:PORT (`[::1]:5681` gives `::1`), which the broker's certificate must name.
+fn host_of(address: &str) -> &str {
+    if let Some(bracketed) = address.strip_prefix('[') {
+        return bracketed.split_once(']').map_or(bracketed, |(host, _)| host);
+    }
+    address.rsplit_once(':').map_or(address, |(host, _)| host)
 }
 
 /// A flag value parser for whole numbers no smaller than `min`, with a readable error.
@@ -252,6 +368,35 @@ mod tests {
         assert_eq!(parse("8"), Err("must be at least 16".to_string()));
         assert!(parse("-1").unwrap_err().contains("whole number"));
         assert!(parse("x").unwrap_err().contains("whole number"));
+    }
+
+    #[test]
+    fn hopper_and_hoppers_urls() {
+        let plain = parse_server("hopper://app:p%40ss@mq.internal:5680/").unwrap();
+        assert_eq!(
+            plain,
+            Server {
+                address: "mq.internal:5680".into(),
+                credentials: Some(Credentials::new("app", "p@ss")),
+                tls: false
+            }
+        );
+        let tls = parse_server("hoppers://app:pw@mq.internal:5681").unwrap();
+        assert_eq!((tls.address.as_str(), tls.tls), ("mq.internal:5681", true));
+        assert_eq!(tls.credentials, Some(Credentials::new("app", "pw")));
+        let bare = parse_server("hoppers://127.0.0.1:5681").unwrap();
+        assert_eq!((bare.address.as_str(), bare.credentials, bare.tls), ("127.0.0.1:5681", None, true));
+        assert!(!parse_server("127.0.0.1:5680").unwrap().tls);
+        let error = parse_server("hoppers://app:pw@").unwrap_err().to_string();
+        assert!(error.contains("hoppers://USER:PASSWORD@HOST:PORT"), "{error}");
+    }
+
+    #[test]
+    fn the_server_name_is_the_host() {
+        assert_eq!(host_of("mq.internal:5681"), "mq.internal");
+        assert_eq!(host_of("127.0.0.1:5681"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:5681"), "::1");
+        assert_eq!(host_of("mq.internal"), "mq.internal");
     }
 
     #[test]

@@ -1,21 +1,26 @@
-//! Durations and timestamps as the CLI reads and prints them: `500ms`, `1.5s`, `2m`, `1h` and
-//! RFC 3339 UTC times.
+//! Durations and timestamps as the CLI reads and prints them: `500ms`, `1.5s`, `2m`, `1h`,
+//! `30d` and RFC 3339 UTC times.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Units a duration may carry, longest suffix first so that `ms` is not read as `m`.
-const UNITS: [(&str, u128); 4] =
-    [("ms", 1_000_000), ("h", 3_600_000_000_000), ("m", 60_000_000_000), ("s", 1_000_000_000)];
+const UNITS: [(&str, u128); 5] = [
+    ("ms", 1_000_000),
+    ("d", 86_400_000_000_000),
+    ("h", 3_600_000_000_000),
+    ("m", 60_000_000_000),
+    ("s", 1_000_000_000),
+];
 
-/// Parses a duration flag: a decimal number with an optional unit `ms`, `s`, `m` or `h`; a bare
-/// number is seconds. `1.5s` and `1500ms` are the same.
+/// Parses a duration flag: a decimal number with an optional unit `ms`, `s`, `m`, `h` or `d`; a
+/// bare number is seconds. `1.5s` and `1500ms` are the same.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, nanos_per_unit) = UNITS
         .iter()
         .find_map(|&(unit, nanos)| text.strip_suffix(unit).map(|number| (number, nanos)))
         .unwrap_or((text, 1_000_000_000));
-    let invalid = || format!("expected a duration such as 500ms, 1.5s, 2m or 1h, got '{text}'");
+    let invalid = || format!("expected a duration such as 500ms, 1.5s, 2m, 1h or 30d, got '{text}'");
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
     let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
     if (whole.is_empty() && fraction.is_empty()) || !digits(whole) || !digits(fraction) {
@@ -112,8 +117,14 @@ mod tests {
     }
 
     #[test]
+    fn days_are_a_unit() {
+        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86_400));
+        assert_eq!(parse_duration("1.5d").unwrap(), Duration::from_secs(36 * 3_600));
+    }
+
+    #[test]
     fn malformed_durations_are_errors() {
-        for bad in ["", "s", "ms", ".", "-1s", "1.2.3s", "1d", "1 s", "abc", "1e3", "+1s", "1ss"] {
+        for bad in ["", "s", "ms", ".", "-1s", "1.2.3s", "1w", "1 s", "abc", "1e3", "+1s", "1ss", "d"] {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.contains("expected a duration"), "{bad}: {err}");
         }

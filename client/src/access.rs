@@ -128,3 +128,44 @@ impl Connection {
         }
     }
 }
+
+/// An API token as listed: its name and times, never the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    /// Its name.
+    pub name: String,
+    /// Unix ms of its creation.
+    pub created_ms: u64,
+    /// Unix ms after which it stops working; 0 = never.
+    pub expires_ms: u64,
+}
+
+impl Connection {
+    /// Creates an API token for this connection's user (for HTTP `Authorization: Bearer`),
+    /// working until `expires_ms` (Unix ms; 0 = until deleted). Returns the token, which the
+    /// broker shows only this once.
+    pub async fn create_token(&self, name: &str, expires_ms: u64) -> Result<String> {
+        let create = pb::TokenCreate { name: name.into(), expires_ms };
+        match self.call(Body::TokenCreate(create)).await? {
+            Body::TokenCreateOk(ok) => Ok(ok.token),
+            other => Err(unexpected("TokenCreateOk", &other)),
+        }
+    }
+
+    /// This connection's user's tokens.
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        match self.call(Body::TokenList(pb::TokenList {})).await? {
+            Body::TokenListOk(ok) => Ok(ok
+                .tokens
+                .into_iter()
+                .map(|t| TokenInfo { name: t.name, created_ms: t.created_ms, expires_ms: t.expires_ms })
+                .collect()),
+            other => Err(unexpected("TokenListOk", &other)),
+        }
+    }
+
+    /// Deletes one of this connection's user's tokens; it stops working at once.
+    pub async fn delete_token(&self, name: &str) -> Result<()> {
+        self.access(Body::TokenDelete(pb::TokenDelete { name: name.into() })).await
+    }
+}

@@ -14,8 +14,7 @@ use hopper_proto::{
     encode_frame, pb, scram, Body, ErrorCode, Frame, FrameCodec, Inbound, DEFAULT_MAX_FRAME_SIZE,
     HANDSHAKE_MAX_FRAME_SIZE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-use tokio::io::AsyncWriteExt as _;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::FramedRead;
@@ -25,9 +24,12 @@ use crate::consumer::Consumer;
 use crate::error::{Error, Result};
 use crate::info::{AuditEvent, BrokerStatus, QueueInfo};
 use crate::io::{self, cancel_detached, READ_BUFFER};
-use crate::options::{wire_ms, ConnectOptions, ConsumeOptions, DeleteOptions, PublishOptions, QueueOptions};
+use crate::options::{
+    wire_ms, ConnectOptions, ConsumeOptions, DeleteOptions, Mechanism, PublishOptions, QueueOptions,
+};
 use crate::pull::Pullers;
 use crate::shared::{body_name, unexpected, PendingRequest, Shared, HELLO_REQUEST_ID};
+use crate::tls;
 use crate::tracker::DeliveryTracker;
 
 /// A connection to a Hopper broker.
@@ -90,10 +92,34 @@ impl Connection {
         // latency.
         stream.set_nodelay(true)?;
         let peer = stream.peer_addr()?;
-        let (read, mut write) = stream.into_split();
+        match &options.tls {
+            // Plain TCP keeps tokio's owned halves: no lock shared by the reader and writer.
+            None => {
+                let (read, write) = stream.into_split();
+                Connection::open(read, write, peer, &options).await
+            }
+            Some(tls_options) => {
+                let stream = tls::connect(stream, tls_options).await?;
+                let (read, write) = tokio::io::split(stream);
+                Connection::open(read, write, peer, &options).await
+            }
+        }
+    }
+
+    /// Logs in over an established stream and starts the reader and writer tasks.
+    async fn open<R, W>(
+        read: R,
+        mut write: W,
+        peer: std::net::SocketAddr,
+        options: &ConnectOptions,
+    ) -> Result<Connection>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let mut frames =
             FramedRead::with_capacity(read, FrameCodec::new(HANDSHAKE_MAX_FRAME_SIZE), READ_BUFFER);
-        let negotiated = handshake(&mut frames, &mut write, &options).await?;
+        let negotiated = handshake(&mut frames, &mut write, options).await?;
         frames.decoder_mut().set_max_frame_size(negotiated.max_frame_size);
         debug!(
             %peer,
@@ -104,7 +130,7 @@ impl Connection {
         );
 
         let shared = Arc::new(Shared::new(negotiated.max_frame_size));
-        let span = tracing::debug_span!("hopper_connection", %peer);
+        let span = tracing::debug_span!("hopper_connection", %peer, tls = options.tls.is_some());
         io::spawn(shared.clone(), frames, write, negotiated.heartbeat, span);
         let inner = Inner {
             shared,
@@ -363,25 +389,62 @@ impl fmt::Debug for Connection {
     }
 }
 
+/// The mechanism `options` ask for, made concrete; `None` for the built-in guest.
+fn choose_mechanism(options: &ConnectOptions) -> Result<Option<Mechanism>> {
+    let tls = options.tls.as_ref();
+    let has_certificate = tls.is_some_and(|tls| tls.client_certificate.is_some());
+    let has_credentials = options.credentials.is_some();
+    let mechanism = match options.mechanism {
+        Mechanism::Auto if has_credentials => Mechanism::ScramSha256,
+        Mechanism::Auto if has_certificate => Mechanism::External,
+        Mechanism::Auto => return Ok(None),
+        other => other,
+    };
+    match mechanism {
+        Mechanism::ScramSha256 | Mechanism::Plain if !has_credentials => Err(Error::Authentication(format!(
+            "{} needs credentials (a user and password)",
+            mechanism.name()
+        ))),
+        // The password would be readable by anyone on the path: refuse before sending it.
+        Mechanism::Plain if tls.is_none() => Err(Error::Authentication(
+            "PLAIN sends the password readable and is used only over TLS (ConnectOptions::tls); \
+             use SCRAM-SHA-256 over plain TCP"
+                .into(),
+        )),
+        other => Ok(Some(other)),
+    }
+}
+
 /// Sends `Hello`, logs in, and waits for the broker's answer.
-async fn handshake(
-    frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
-    write: &mut OwnedWriteHalf,
+async fn handshake<R, W>(
+    frames: &mut FramedRead<R, FrameCodec>,
+    write: &mut W,
     options: &ConnectOptions,
-) -> Result<Negotiated> {
-    let (mechanism, auth, mut scram) = match &options.credentials {
-        Some(credentials) => {
+) -> Result<Negotiated>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let server_name = options.tls.as_ref().map_or("", |tls| tls.server_name.as_str());
+    let (mechanism, auth, mut scram) = match (choose_mechanism(options)?, &options.credentials) {
+        (Some(Mechanism::ScramSha256), Some(credentials)) => {
             let (client, first) = scram::Client::start(&credentials.user);
-            (scram::MECHANISM.to_string(), first.into_bytes(), Some(Login::Started(client)))
+            (scram::MECHANISM, first.into_bytes(), Some(Login::Started(client)))
         }
-        None => (String::new(), Vec::new(), None),
+        (Some(Mechanism::Plain), Some(credentials)) => {
+            // RFC 4616: authzid NUL authcid NUL password, with no authzid.
+            let response = format!("\0{}\0{}", credentials.user, credentials.password);
+            (Mechanism::Plain.name(), response.into_bytes(), None)
+        }
+        (Some(Mechanism::External), _) => (Mechanism::External.name(), Vec::new(), None),
+        _ => ("", Vec::new(), None),
     };
     let hello = Body::Hello(pb::Hello {
         protocol_version: PROTOCOL_VERSION,
         client_name: options.client_name.clone(),
         heartbeat_ms: options.heartbeat_ms(),
         max_frame_size: options.max_frame_size,
-        mechanism,
+        mechanism: mechanism.to_string(),
         auth: auth.into(),
     });
     send_handshake_frame(write, hello).await?;
@@ -392,7 +455,10 @@ async fn handshake(
             Some(Ok(other)) => {
                 return Err(Error::Protocol(format!("invalid frame during the handshake: {other:?}")))
             }
-            Some(Err(hopper_proto::ProtoError::Io(err))) => return Err(Error::Io(err)),
+            // Over TLS, a broker that refuses the client certificate says so only now.
+            Some(Err(hopper_proto::ProtoError::Io(err))) => {
+                return Err(Error::Io(tls::explain(err, server_name)))
+            }
             Some(Err(err)) => return Err(Error::Protocol(err.to_string())),
             None => {
                 return Err(Error::Closed("the broker closed the connection during the handshake".into()))
@@ -475,7 +541,7 @@ enum Login {
 }
 
 /// Writes one handshake frame under the Hello's request id.
-async fn send_handshake_frame(write: &mut OwnedWriteHalf, body: Body) -> Result<()> {
+async fn send_handshake_frame<W: AsyncWrite + Unpin>(write: &mut W, body: Body) -> Result<()> {
     let mut buf = BytesMut::new();
     encode_frame(&Frame::new(HELLO_REQUEST_ID, body), HANDSHAKE_MAX_FRAME_SIZE, &mut buf).map_err(|err| {
         Error::Protocol(format!(
@@ -483,6 +549,8 @@ async fn send_handshake_frame(write: &mut OwnedWriteHalf, body: Body) -> Result<
         ))
     })?;
     write.write_all(&buf).await?;
+    // TLS keeps written bytes in its buffer until flushed.
+    write.flush().await?;
     Ok(())
 }
 

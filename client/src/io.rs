@@ -9,8 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::{FutureExt as _, StreamExt as _};
 use hopper_proto::{error_code, pb, Body, Frame, FrameCodec, Inbound, ProtoError};
-use tokio::io::AsyncWriteExt as _;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::codec::FramedRead;
@@ -32,14 +31,18 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Most frames the reader handles per wake-up before it looks at its other events again.
 const READ_BATCH: usize = 256;
 
-/// Starts the reader and writer of a connection whose handshake is done.
-pub(crate) fn spawn(
+/// Starts the reader and writer of a connection whose handshake is done. Generic over the
+/// halves: plain TCP's owned halves, or the halves of a TLS stream.
+pub(crate) fn spawn<R, W>(
     shared: Arc<Shared>,
-    frames: FramedRead<OwnedReadHalf, FrameCodec>,
-    write: OwnedWriteHalf,
+    frames: FramedRead<R, FrameCodec>,
+    write: W,
     heartbeat: Duration,
     span: Span,
-) {
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let writer = Writer {
         shared: shared.clone(),
         write,
@@ -112,9 +115,9 @@ impl Liveness {
 }
 
 /// Sends the outbox in batches.
-struct Writer {
+struct Writer<W> {
     shared: Arc<Shared>,
-    write: OwnedWriteHalf,
+    write: W,
     /// The batch being written; swapped with the outbox's buffer.
     buf: BytesMut,
     ticker: Option<Interval>,
@@ -127,7 +130,7 @@ struct Writer {
 /// The writer cannot go on (stopped or failed); the connection is already shut down.
 struct Stopped;
 
-impl Writer {
+impl<W: AsyncWrite + Unpin> Writer<W> {
     async fn run(mut self) {
         loop {
             let state = self.shared.take_outgoing(&mut self.buf);
@@ -178,7 +181,13 @@ impl Writer {
     /// Writes `buf` out, watching for a stop and for the broker going silent meanwhile.
     async fn flush(&mut self) -> Result<(), Stopped> {
         let result = {
-            let write = self.write.write_all(&self.buf);
+            let (socket, buf) = (&mut self.write, &self.buf);
+            // TLS keeps the last records of a batch in its buffer while the socket is full;
+            // flushed, the batch is on the socket before the writer sleeps (a no-op for TCP).
+            let write = async move {
+                socket.write_all(buf).await?;
+                socket.flush().await
+            };
             tokio::pin!(write);
             loop {
                 tokio::select! {
@@ -221,9 +230,9 @@ fn broker_silent(shared: &Shared, heartbeat: Duration) -> Stopped {
 }
 
 /// Routes incoming frames.
-struct Reader {
+struct Reader<R> {
     shared: Arc<Shared>,
-    frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    frames: FramedRead<R, FrameCodec>,
     /// This connection's consumers. Only the reader touches the map, so routing a delivery
     /// takes no lock.
     consumers: HashMap<u64, Route>,
@@ -257,7 +266,7 @@ enum Wake {
     Read(ReadItem),
 }
 
-impl Reader {
+impl<R: AsyncRead + Unpin> Reader<R> {
     async fn run(mut self) {
         let reason = self.read_until_closed().await;
         let reason = self.shared.shut_down(reason);

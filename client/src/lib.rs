@@ -1,9 +1,10 @@
 //! Async client for the Hopper message broker.
 //!
-//! A [`Connection`] speaks Hopper's binary protocol over one TCP socket: requests are
-//! pipelined (many can be in flight from many tasks), publishes are confirmed by the broker,
-//! and consumers receive deliveries as a [`futures::Stream`]. Each connection runs one reader
-//! and one writer task; outgoing frames are batched into single writes.
+//! A [`Connection`] speaks Hopper's binary protocol over one TCP socket, or inside TLS with
+//! [`ConnectOptions::tls`]: requests are pipelined (many can be in flight from many tasks),
+//! publishes are confirmed by the broker, and consumers receive deliveries as a
+//! [`futures::Stream`]. Each connection runs one reader and one writer task; outgoing frames
+//! are batched into single writes.
 //!
 //! ```no_run
 //! use futures::StreamExt;
@@ -117,6 +118,32 @@
 //! # }
 //! ```
 //!
+//! # TLS
+//!
+//! Against a broker started with `--tls-listen`, set [`ConnectOptions::tls`]: the broker's
+//! certificate is checked against [`TlsOptions::server_name`] and the built-in roots, or the
+//! CA certificates given instead. With a [`ClientCertificate`] and no credentials the client
+//! logs in as the certificate's user (mechanism EXTERNAL, mutual TLS).
+//!
+//! ```no_run
+//! use hopper_client::{ConnectOptions, Connection, Credentials, TlsOptions};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let tls = TlsOptions {
+//!     ca_certificates: Some(std::fs::read("ca.pem")?),
+//!     ..TlsOptions::new("hopper.internal")
+//! };
+//! let options = ConnectOptions {
+//!     credentials: Some(Credentials::new("app", "app-password")),
+//!     tls: Some(tls),
+//!     ..ConnectOptions::default()
+//! };
+//! let conn = Connection::connect_with("hopper.internal:5681", options).await?;
+//! # drop(conn);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Errors the broker sends back are [`Error::Broker`] with a stable [`ErrorCode`]; a lost
 //! connection fails every request in flight with [`Error::Closed`].
 
@@ -135,9 +162,10 @@ mod moves;
 mod options;
 mod pull;
 mod shared;
+mod tls;
 mod tracker;
 
-pub use access::{Permissions, UserInfo, UserList};
+pub use access::{Permissions, TokenInfo, UserInfo, UserList};
 pub use connection::{Connection, PublishConfirm};
 pub use consumer::Consumer;
 pub use delivery::Delivery;
@@ -149,6 +177,6 @@ pub use info::{AuditEvent, BrokerStatus, Death, QueueInfo};
 pub use message::Message;
 pub use moves::{MoveInfo, MoveState};
 pub use options::{
-    ConnectOptions, ConsumeOptions, Credentials, DeleteOptions, GetOptions, MoveOptions, NackOptions,
-    Overflow, PublishOptions, QueueOptions,
+    ClientCertificate, ConnectOptions, ConsumeOptions, Credentials, DeleteOptions, GetOptions, Mechanism,
+    MoveOptions, NackOptions, Overflow, PublishOptions, QueueOptions, TlsOptions,
 };

@@ -21,9 +21,97 @@ pub struct ConnectOptions {
     /// Default 10 s.
     pub connect_timeout: Duration,
     /// Who to log in as, with SCRAM-SHA-256 (the password never crosses the wire). `None`
-    /// logs in as the broker's built-in guest, which only works from the broker's own host
-    /// while no admin user exists.
+    /// logs in as the broker's client certificate user when [`TlsOptions::client_certificate`]
+    /// is set (mechanism EXTERNAL), and otherwise as the broker's built-in guest, which only
+    /// works from the broker's own host while no admin user exists.
     pub credentials: Option<Credentials>,
+    /// How to log in; [`Mechanism::Auto`] picks from `credentials` and the client certificate.
+    pub mechanism: Mechanism,
+    /// Speak the protocol inside TLS (the broker's `--tls-listen` port). `None`: plain TCP.
+    pub tls: Option<TlsOptions>,
+}
+
+/// How the client logs in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Mechanism {
+    /// SCRAM-SHA-256 with [`ConnectOptions::credentials`]; without credentials, EXTERNAL when
+    /// a client certificate is set, and the built-in guest otherwise.
+    #[default]
+    Auto,
+    /// SCRAM-SHA-256: the password never crosses the wire and the broker proves it knows the
+    /// user. Needs credentials.
+    ScramSha256,
+    /// PLAIN (RFC 4616): the password travels inside TLS, and the broker checks it. Needs
+    /// credentials and TLS: without TLS the client refuses to send it.
+    Plain,
+    /// EXTERNAL (RFC 4422): the user named by the client certificate the broker verified
+    /// (its subject CN). Needs a client certificate on a broker with `--tls-client-ca`.
+    External,
+}
+
+impl Mechanism {
+    /// The mechanism's name in the handshake; empty for [`Mechanism::Auto`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::Auto => "",
+            Mechanism::ScramSha256 => hopper_proto::scram::MECHANISM,
+            Mechanism::Plain => "PLAIN",
+            Mechanism::External => "EXTERNAL",
+        }
+    }
+}
+
+/// TLS settings of a connection: which broker certificate to accept, and this client's own
+/// certificate for mutual TLS.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// The name the broker's certificate must be valid for, also sent as SNI: a DNS name or
+    /// an IP address (usually the host connected to).
+    pub server_name: String,
+    /// PEM CA certificates to trust *instead of* the built-in roots (Mozilla's, compiled in
+    /// from `webpki-roots`): set this for a broker whose certificate comes from a private CA.
+    /// Replacing rather than adding means no public CA can vouch for a false broker. `None`:
+    /// the built-in roots.
+    pub ca_certificates: Option<Vec<u8>>,
+    /// A certificate and key to present for mutual TLS.
+    pub client_certificate: Option<ClientCertificate>,
+}
+
+impl TlsOptions {
+    /// TLS to the broker named `server_name`, verified against the built-in roots.
+    pub fn new(server_name: impl Into<String>) -> Self {
+        TlsOptions { server_name: server_name.into(), ..TlsOptions::default() }
+    }
+}
+
+/// A client certificate chain and its private key, both PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// The certificate chain, the client's own certificate first.
+    pub cert_pem: Vec<u8>,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ca = self.ca_certificates.as_ref().map(|pem| format!("{} bytes of PEM", pem.len()));
+        f.debug_struct("TlsOptions")
+            .field("server_name", &self.server_name)
+            .field("ca_certificates", &ca.as_deref().unwrap_or("built-in roots"))
+            .field("client_certificate", &self.client_certificate)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCertificate")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"***")
+            .finish()
+    }
 }
 
 /// A user name and password.
@@ -56,6 +144,8 @@ impl Default for ConnectOptions {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             connect_timeout: Duration::from_secs(10),
             credentials: None,
+            mechanism: Mechanism::Auto,
+            tls: None,
         }
     }
 }
@@ -314,6 +404,22 @@ mod tests {
         assert_eq!(options.heartbeat_ms(), 1, "a sub-millisecond interval must not turn into 'off'");
         options.heartbeat = Duration::from_secs(u64::MAX);
         assert_eq!(options.heartbeat_ms(), u32::MAX);
+    }
+
+    #[test]
+    fn tls_options_never_print_keys() {
+        let tls = TlsOptions {
+            ca_certificates: Some(b"-----BEGIN CERTIFICATE-----".to_vec()),
+            client_certificate: Some(ClientCertificate {
+                cert_pem: b"cert".to_vec(),
+                key_pem: b"SECRET KEY".to_vec(),
+            }),
+            ..TlsOptions::new("mq.internal")
+        };
+        let text = format!("{tls:?}");
+        assert!(text.contains("mq.internal") && text.contains("27 bytes of PEM"), "{text}");
+        assert!(!text.contains("SECRET") && !text.contains("83, 69"), "{text}");
+        assert!(format!("{:?}", TlsOptions::new("h")).contains("built-in roots"));
     }
 
     #[test]

@@ -149,6 +149,11 @@ impl Body {
             Body::WhoAmI(_) => "WhoAmI",
             Body::WhoAmIOk(_) => "WhoAmIOk",
             Body::AccessOk(_) => "AccessOk",
+            Body::TokenCreate(_) => "TokenCreate",
+            Body::TokenCreateOk(_) => "TokenCreateOk",
+            Body::TokenList(_) => "TokenList",
+            Body::TokenListOk(_) => "TokenListOk",
+            Body::TokenDelete(_) => "TokenDelete",
         }
     }
 }

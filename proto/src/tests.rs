@@ -142,6 +142,13 @@ fn every_body() -> Vec<Body> {
         Body::WhoAmI(pb::WhoAmI {}),
         Body::WhoAmIOk(pb::WhoAmIOk { user: None, mechanism: "default".into() }),
         Body::AccessOk(pb::AccessOk {}),
+        Body::TokenCreate(pb::TokenCreate { name: "ci".into(), expires_ms: 1_700_000_000_000 }),
+        Body::TokenCreateOk(pb::TokenCreateOk { token: "hopper_abc".into() }),
+        Body::TokenList(pb::TokenList {}),
+        Body::TokenListOk(pb::TokenListOk {
+            tokens: vec![pb::TokenInfo { name: "ci".into(), created_ms: 1, expires_ms: 0 }],
+        }),
+        Body::TokenDelete(pb::TokenDelete { name: "ci".into() }),
         Body::Heartbeat(Heartbeat {}),
         Body::Close(Close { code: ErrorCode::Internal as i32, reason: "shutting down".into() }),
         Body::Error(Error { code: ErrorCode::NotFound as i32, message: "no queue 'x'".into() }),
@@ -328,7 +335,7 @@ fn every_variant_is_covered() {
     // The schema's oneof field numbers; keep in step with hopper.proto.
     let names: std::collections::HashSet<String> = every_body().iter().map(variant_name).collect();
     assert_eq!(names.len(), every_body().len(), "a variant is listed twice");
-    assert_eq!(names.len(), 70, "a Body variant was added: add it to every_body()");
+    assert_eq!(names.len(), 75, "a Body variant was added: add it to every_body()");
 }
 
 #[test]

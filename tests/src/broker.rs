@@ -77,7 +77,8 @@ fn remove_hopper_env(command: &mut Command) {
 /// how the durability tests crash and recover it.
 pub struct Broker {
     child: Child,
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<String>>>,
     /// The thread draining stderr; it ends when the broker exits and the pipe closes.
@@ -100,7 +101,8 @@ struct Launch {
 /// A freshly started `hopperd`: the process, its address, and its stderr as it comes in.
 struct Started {
     child: Child,
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<String>>>,
     stderr_reader: JoinHandle<()>,
@@ -133,10 +135,11 @@ impl Broker {
     }
 
     fn launch(launch: Launch, temp_dir: Option<TempDir>) -> Broker {
-        let Started { child, addr, http_addr, stderr, stderr_reader } = launch.start();
+        let Started { child, addr, tls_addr, http_addr, stderr, stderr_reader } = launch.start();
         Broker {
             child,
             addr,
+            tls_addr,
             http_addr,
             stderr,
             stderr_reader: Some(stderr_reader),
@@ -153,17 +156,23 @@ impl Broker {
         if let Some(reader) = self.stderr_reader.take() {
             let _ = reader.join();
         }
-        let Started { child, addr, http_addr, stderr, stderr_reader } = self.launch.start();
+        let Started { child, addr, tls_addr, http_addr, stderr, stderr_reader } = self.launch.start();
         self.child = child;
         self.addr = addr;
+        self.tls_addr = tls_addr;
         self.http_addr = http_addr;
         self.stderr = stderr;
         self.stderr_reader = Some(stderr_reader);
     }
 
-    /// The address the broker listens on.
+    /// The address the broker listens on (plain TCP).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.addr.expect("the broker runs its plain listener (it was started with --listen off)")
+    }
+
+    /// The address of the broker's TLS listener (`--tls-listen`).
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.tls_addr.expect("the broker runs a TLS listener (start it with --tls-listen)")
     }
 
     /// The address of the broker's HTTP listener (metrics, API, dashboard).
@@ -309,14 +318,22 @@ impl Launch {
             drain_lines(child.stderr.take().expect("stderr is piped"), stderr.clone());
         let deadline = Instant::now() + STARTUP_DEADLINE;
         let mut http_addr = None;
+        let mut tls_addr = None;
+        // The plain listener's line comes last; without one, the TLS line does.
+        let plain_off = self.args.windows(2).any(|pair| pair[0] == "--listen" && pair[1] == "off");
         let addr = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match lines.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(addr) = http_listening_addr(&line) {
                         http_addr = Some(addr);
+                    } else if let Some(addr) = tls_listening_addr(&line) {
+                        tls_addr = Some(addr);
+                        if plain_off {
+                            break None;
+                        }
                     } else if let Some(addr) = listening_addr(&line) {
-                        break addr;
+                        break Some(addr);
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -333,7 +350,7 @@ impl Launch {
                 }
             }
         };
-        Started { child, addr, http_addr, stderr, stderr_reader }
+        Started { child, addr, tls_addr, http_addr, stderr, stderr_reader }
     }
 }
 
@@ -374,6 +391,12 @@ fn http_listening_addr(line: &str) -> Option<SocketAddr> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
+/// The address in a `... hopperd: tls listening on 127.0.0.1:5681` log line.
+fn tls_listening_addr(line: &str) -> Option<SocketAddr> {
+    let (_, rest) = line.split_once("hopperd: tls listening on ")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 fn join(lines: &Mutex<Vec<String>>) -> String {
     lines.lock().expect("stderr lines lock").join("\n")
 }
@@ -391,5 +414,9 @@ mod tests {
         let http = "INFO hopperd: http listening on 127.0.0.1:8080 (dashboard at http://127.0.0.1:8080/)";
         assert_eq!(http_listening_addr(http), Some("127.0.0.1:8080".parse().unwrap()));
         assert_eq!(listening_addr(http), None);
+        let tls = "INFO hopperd: tls listening on 127.0.0.1:5681";
+        assert_eq!(tls_listening_addr(tls), Some("127.0.0.1:5681".parse().unwrap()));
+        assert_eq!(listening_addr(tls), None);
+        assert_eq!(http_listening_addr(tls), None);
     }
 }

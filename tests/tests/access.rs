@@ -230,3 +230,36 @@ async fn the_cli_manages_users_and_reads_credentials_from_flags_env_and_url() {
     let wrong = run_cli(&broker, &["--user", "ops", "--password", "nope", "whoami"]).await;
     assert!(wrong.assert_one_line_error().contains("authentication failed"), "{}", wrong.stderr);
 }
+
+#[tokio::test]
+async fn the_cli_makes_tokens_that_the_http_api_takes() {
+    let broker = Broker::start();
+    let guest = connect(&broker).await;
+    guest.add_user("ops", "ops-pw", &["admin".to_string()]).await.unwrap();
+    let as_ops = ["--user", "ops", "--password", "ops-pw"];
+    let created =
+        run_cli(&broker, &[&as_ops[..], &["token", "create", "--name", "ci", "--expires", "30d"]].concat())
+            .await;
+    let token = created.assert_success().stdout.trim().to_string();
+    assert!(token.starts_with("hopper_"), "{token}");
+
+    let http = hopper_tests::Http::of(&broker);
+    let host = http.host();
+    let bearer = format!("Bearer {token}");
+    let me =
+        http.request_with("GET", "/api/whoami", &[("Host", &host), ("Authorization", &bearer)], None).await;
+    assert!(me.body.contains("\"ops\""), "{}", me.body);
+
+    let listed = run_cli(&broker, &[&as_ops[..], &["token", "list", "--json"]].concat()).await;
+    let tokens = listed.assert_success().json_lines();
+    assert_eq!(tokens[0]["name"], "ci");
+    assert!(tokens[0]["expires_ms"].as_u64().unwrap() > hopper_tests::unix_ms() + 29 * 86_400_000);
+    assert!(!listed.stdout.contains(&token));
+
+    run_cli(&broker, &[&as_ops[..], &["token", "delete", "ci"]].concat()).await.assert_success();
+    let after =
+        http.request_with("GET", "/api/whoami", &[("Host", &host), ("Authorization", &bearer)], None).await;
+    assert_eq!(after.status, 401);
+    let twice = run_cli(&broker, &[&as_ops[..], &["token", "delete", "ci"]].concat()).await;
+    assert!(twice.assert_one_line_error().contains("no token named 'ci'"), "{}", twice.stderr);
+}

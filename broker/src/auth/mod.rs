@@ -21,6 +21,7 @@ use base64::Engine as _;
 use hopper_proto::scram::{self, Verifier};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 
 pub use permissions::{refused, Access, Permissions, Resource};
 pub use throttle::LoginThrottle;
@@ -46,7 +47,28 @@ pub struct Account {
     pub verifier: Verifier,
     /// Its permissions, compiled.
     pub permissions: Permissions,
+    /// Its API tokens (HTTP `Authorization: Bearer`), by name.
+    pub tokens: Vec<Token>,
 }
+
+/// An API token: only a digest of it is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The name it was created under, unique per user.
+    pub name: String,
+    /// SHA-256 of the token.
+    pub digest: [u8; 32],
+    /// Unix ms of its creation.
+    pub created_ms: u64,
+    /// Unix ms after which it no longer works; 0 = never.
+    pub expires_ms: u64,
+}
+
+/// Longest lifetime a token may be given: ten years.
+pub const MAX_TOKEN_LIFETIME_MS: u64 = 10 * 366 * 24 * 3600 * 1000;
+
+/// What tokens start with, so a leaked one is easy to spot (and to scan for).
+const TOKEN_PREFIX: &str = "hopper_";
 
 impl Account {
     /// True when tagged `admin`.
@@ -63,11 +85,19 @@ pub struct Users {
     guest: Arc<Account>,
     /// Serializes writes of the file.
     saving: Mutex<()>,
+    /// Every token's digest, with its user.
+    token_index: RwLock<std::collections::HashMap<[u8; 32], String>>,
     /// Secret for decoy verifiers of unknown users.
     secret: [u8; 32],
     /// Failed logins per source address.
     pub throttle: LoginThrottle,
+    /// Passwords checked lately (HTTP Basic auth sends one with every request), by user: a
+    /// digest of the password and the stored key it was checked against. Memory only.
+    checked: Mutex<std::collections::HashMap<String, Checked>>,
 }
+
+/// A password that passed: its digest, and the stored key it was checked against.
+type Checked = ([u8; 32], [u8; 32]);
 
 impl Users {
     /// Loads the users kept in `data_dir` (none if the file does not exist yet).
@@ -92,14 +122,18 @@ impl Users {
             // public anyway, and it only works from loopback.
             verifier: Verifier::derive(DEFAULT_USER, b"hopper-guest", 4096),
             permissions: Permissions::all(),
+            tokens: Vec::new(),
         };
+        let token_index = RwLock::new(index_tokens(&accounts));
         Ok(Users {
             path,
+            token_index,
             accounts: RwLock::new(accounts),
             guest: Arc::new(guest),
             saving: Mutex::new(()),
             secret: rand::random(),
             throttle: LoginThrottle::default(),
+            checked: Mutex::default(),
         })
     }
 
@@ -135,6 +169,56 @@ impl Users {
         }
         self.login_account(DEFAULT_USER, peer)?
             .ok_or_else(|| BrokerError::Unauthenticated("the built-in user is not available".into()))
+    }
+
+    /// Checks a user and password sent in the clear (HTTP Basic auth, PLAIN over TLS) from
+    /// `peer`: the account, or `Unauthenticated` after the address's failure delay. A
+    /// password that passed once is remembered by digest, so a client sending it with every
+    /// request does not pay the key derivation each time; changing the password forgets it.
+    pub async fn check_password(
+        &self,
+        user: &str,
+        password: &str,
+        peer: IpAddr,
+    ) -> Result<Arc<Account>, BrokerError> {
+        let failed = |this: &Users| {
+            let delay = this.throttle.failed(peer);
+            tracing::warn!(
+                target: "hopper::access",
+                %peer, user, failures_in_a_row = this.throttle.failures(peer), "http login refused"
+            );
+            (delay, BrokerError::Unauthenticated(format!("authentication failed for user '{user}'")))
+        };
+        let account = match self.login_account(user, peer)? {
+            Some(account) => account,
+            None => {
+                // The same work as a known user, so the answer does not tell them apart.
+                let _ = self.decoy(user).matches(password);
+                let (delay, err) = failed(self);
+                tokio::time::sleep(delay).await;
+                return Err(err);
+            }
+        };
+        let digest: [u8; 32] = sha2::Sha256::digest(password.as_bytes()).into();
+        let remembered = self.checked.lock().get(user).copied();
+        if remembered == Some((digest, account.verifier.stored_key)) {
+            return Ok(account);
+        }
+        let verifier = account.verifier.clone();
+        let owned = password.to_owned();
+        let matches = tokio::task::spawn_blocking(move || verifier.matches(&owned)).await.unwrap_or(false);
+        if !matches {
+            let (delay, err) = failed(self);
+            tokio::time::sleep(delay).await;
+            return Err(err);
+        }
+        self.throttle.succeeded(peer);
+        let mut checked = self.checked.lock();
+        if checked.len() >= 10_000 {
+            checked.clear();
+        }
+        checked.insert(user.to_owned(), (digest, account.verifier.stored_key));
+        Ok(account)
     }
 
     /// A verifier for an unknown user: the exchange fails like a wrong password.
@@ -201,6 +285,7 @@ impl Users {
                     tags,
                     verifier: verifier.unwrap_or_else(|| old.verifier.clone()),
                     permissions: old.permissions.clone(),
+                    tokens: old.tokens.clone(),
                 },
                 (None, false) => Account {
                     name: name.into(),
@@ -208,6 +293,7 @@ impl Users {
                     verifier: verifier
                         .ok_or_else(|| BrokerError::InvalidArgument("a new user needs a password".into()))?,
                     permissions: Permissions::none(),
+                    tokens: Vec::new(),
                 },
             };
             accounts.insert(name.into(), Arc::new(account));
@@ -247,9 +333,92 @@ impl Users {
         let saved = SavedUsers { users: accounts.values().map(|a| SavedUser::of(a)).collect() };
         write_atomically(&self.path, &saved)
             .map_err(|e| BrokerError::ResourceLimit(format!("cannot save the users: {e}")))?;
+        *self.token_index.write() = index_tokens(&accounts);
         *self.accounts.write() = accounts;
         Ok(())
     }
+
+    /// Creates a token for `user` named `name`, working until `expires_ms` (0 = until
+    /// deleted); returns it. It is shown this once: only its digest is kept.
+    pub fn create_token(&self, user: &str, name: &str, expires_ms: u64) -> Result<String, BrokerError> {
+        if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "invalid token name '{}'",
+                name.escape_debug()
+            )));
+        }
+        let secret: [u8; 32] = rand::random();
+        let token =
+            format!("{TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
+        let created_ms = crate::queue::now_ms();
+        if expires_ms != 0 && expires_ms <= created_ms {
+            return Err(BrokerError::InvalidArgument("the token would expire before it is made".into()));
+        }
+        if expires_ms > created_ms.saturating_add(MAX_TOKEN_LIFETIME_MS) {
+            return Err(BrokerError::InvalidArgument("a token may live ten years at most".into()));
+        }
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        self.change(|accounts| {
+            let old = accounts.get(user).ok_or_else(|| {
+                BrokerError::PreconditionFailed(format!(
+                    "user '{user}' is not in the users file (the built-in guest has no tokens)"
+                ))
+            })?;
+            if old.tokens.iter().any(|t| t.name == name) {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "user '{user}' has a token named '{name}' already"
+                )));
+            }
+            let mut account = Account::clone(old);
+            account.tokens.push(Token { name: name.into(), digest, created_ms, expires_ms });
+            accounts.insert(user.into(), Arc::new(account));
+            Ok(())
+        })?;
+        Ok(token)
+    }
+
+    /// Deletes `user`'s token `name`; it stops working at once.
+    pub fn delete_token(&self, user: &str, name: &str) -> Result<(), BrokerError> {
+        self.change(|accounts| {
+            let old =
+                accounts.get(user).ok_or_else(|| BrokerError::NotFound(format!("no user named '{user}'")))?;
+            if !old.tokens.iter().any(|t| t.name == name) {
+                return Err(BrokerError::NotFound(format!("user '{user}' has no token named '{name}'")));
+            }
+            let mut account = Account::clone(old);
+            account.tokens.retain(|t| t.name != name);
+            accounts.insert(user.into(), Arc::new(account));
+            Ok(())
+        })
+    }
+
+    /// The account a token belongs to, or `Unauthenticated` after the address's failure delay.
+    pub async fn check_token(&self, token: &str, peer: IpAddr) -> Result<Arc<Account>, BrokerError> {
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let user = self.token_index.read().get(&digest).cloned();
+        let account = user.and_then(|user| self.accounts.read().get(&user).cloned());
+        let now = crate::queue::now_ms();
+        let valid = account.filter(|a| {
+            a.tokens.iter().any(|t| t.digest == digest && (t.expires_ms == 0 || now < t.expires_ms))
+        });
+        match valid {
+            Some(account) => {
+                self.throttle.succeeded(peer);
+                Ok(account)
+            }
+            None => {
+                let delay = self.throttle.failed(peer);
+                tracing::warn!(target: "hopper::access", %peer, failures_in_a_row = self.throttle.failures(peer), "http token refused");
+                tokio::time::sleep(delay).await;
+                Err(BrokerError::Unauthenticated("the token is unknown, deleted or expired".into()))
+            }
+        }
+    }
+}
+
+/// Every token's digest, with its user.
+fn index_tokens(accounts: &BTreeMap<String, Arc<Account>>) -> std::collections::HashMap<[u8; 32], String> {
+    accounts.values().flat_map(|a| a.tokens.iter().map(|t| (t.digest, a.name.clone()))).collect()
 }
 
 /// User names: 1 to 255 bytes of UTF-8, no control characters.
@@ -289,6 +458,16 @@ struct SavedUser {
     tags: Vec<String>,
     scram_sha_256: SavedVerifier,
     permissions: SavedPermissions,
+    #[serde(default)]
+    tokens: Vec<SavedToken>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedToken {
+    name: String,
+    sha256: String,
+    created_ms: u64,
+    expires_ms: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -323,6 +502,16 @@ impl SavedUser {
                 server_key: BASE64.encode(v.server_key),
             },
             permissions: account.permissions.patterns().clone(),
+            tokens: account
+                .tokens
+                .iter()
+                .map(|t| SavedToken {
+                    name: t.name.clone(),
+                    sha256: BASE64.encode(t.digest),
+                    created_ms: t.created_ms,
+                    expires_ms: t.expires_ms,
+                })
+                .collect(),
         }
     }
 
@@ -343,7 +532,17 @@ impl SavedUser {
         };
         let permissions =
             Permissions::compile(self.permissions).map_err(|e| format!("user '{}': {e}", self.name))?;
-        Ok(Account { name: self.name, tags: self.tags, verifier, permissions })
+        let mut tokens = Vec::new();
+        for t in &self.tokens {
+            let digest = key(&t.sha256, "a token's sha256")?;
+            tokens.push(Token {
+                name: t.name.clone(),
+                digest,
+                created_ms: t.created_ms,
+                expires_ms: t.expires_ms,
+            });
+        }
+        Ok(Account { name: self.name, tags: self.tags, verifier, permissions, tokens })
     }
 }
 

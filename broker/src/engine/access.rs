@@ -28,7 +28,39 @@ impl UserView {
     }
 }
 
+/// A connection counted against its user's connection limit, until dropped.
+pub struct UserConnection {
+    engine: Arc<Engine>,
+    user: Arc<str>,
+}
+
+impl Drop for UserConnection {
+    fn drop(&mut self) {
+        let mut counts = self.engine.user_connections.lock();
+        if let Some(count) = counts.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.user);
+            }
+        }
+    }
+}
+
 impl Engine {
+    /// Counts a new connection of `user`, or refuses it past `max_connections_per_user`.
+    pub fn user_connected(self: &Arc<Self>, user: &str) -> Result<UserConnection, BrokerError> {
+        let limit = self.config.max_connections_per_user;
+        let mut counts = self.user_connections.lock();
+        let count = counts.entry(Arc::from(user)).or_insert(0);
+        if *count >= limit {
+            return Err(BrokerError::ResourceLimit(format!(
+                "user '{user}' has {limit} connections open, the most it may (--max-connections-per-user)"
+            )));
+        }
+        *count += 1;
+        Ok(UserConnection { engine: self.clone(), user: Arc::from(user) })
+    }
+
     /// The users, for the handshake.
     pub fn users(&self) -> &Arc<Users> {
         &self.users
@@ -132,4 +164,65 @@ impl Engine {
         })
         .await
     }
+}
+
+/// An API token as listed: never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenView {
+    /// Its name.
+    pub name: String,
+    /// Unix ms of its creation.
+    pub created_ms: u64,
+    /// Unix ms after which it stops working; 0 = never.
+    pub expires_ms: u64,
+}
+
+impl Engine {
+    /// Creates an API token for the caller's own user, acting with that user's permissions
+    /// (whatever they are when it is used) until `expires_ms` (0 = until deleted). Returns the
+    /// token, shown this once.
+    pub async fn create_token(
+        &self,
+        caller: &Caller,
+        name: String,
+        expires_ms: u64,
+    ) -> Result<String, BrokerError> {
+        let user = own_user(caller)?;
+        let users = self.users.clone();
+        blocking(move || {
+            let token = users.create_token(&user, &name, expires_ms)?;
+            tracing::info!(target: "hopper::access", %user, token = %name, expires_ms, "token created");
+            Ok(token)
+        })
+        .await
+    }
+
+    /// The caller's tokens.
+    pub fn list_tokens(&self, caller: &Caller) -> Result<Vec<TokenView>, BrokerError> {
+        let user = own_user(caller)?;
+        let account = self.users.current(&user)?;
+        Ok(account
+            .tokens
+            .iter()
+            .map(|t| TokenView { name: t.name.clone(), created_ms: t.created_ms, expires_ms: t.expires_ms })
+            .collect())
+    }
+
+    /// Deletes one of the caller's tokens; it stops working at once.
+    pub async fn delete_token(&self, caller: &Caller, name: String) -> Result<(), BrokerError> {
+        let user = own_user(caller)?;
+        let users = self.users.clone();
+        blocking(move || {
+            users.delete_token(&user, &name)?;
+            tracing::info!(target: "hopper::access", %user, token = %name, "token deleted");
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn own_user(caller: &Caller) -> Result<String, BrokerError> {
+    caller.user.as_deref().map(str::to_owned).ok_or_else(|| {
+        BrokerError::PreconditionFailed("tokens belong to users; the broker itself has none".into())
+    })
 }

@@ -159,8 +159,10 @@ impl Engine {
         self.check(caller, Access::Read, Resource::Queue(queue))?;
         let queue = self.queues.get(queue)?;
         let consumer_id = self.next_consumer_id();
-        self.consumers
-            .insert(consumer_id, Owned { queue: queue.clone(), connection_id: caller.connection_id });
+        self.consumers.insert(
+            consumer_id,
+            Owned { queue: queue.clone(), connection_id: caller.connection_id, user: caller.user.clone() },
+        );
         let subscribed = queue.with_state(|s, _, _| {
             s.add_limited_consumer(
                 consumer_id,
@@ -200,9 +202,9 @@ impl Engine {
     pub fn release_connection(&self, caller: &Caller, consumer_ids: impl IntoIterator<Item = u64>) {
         let pullers: Vec<u64> = {
             let mut pullers = self.pullers.lock();
-            let mine: Vec<(u64, String)> = pullers
+            let mine: Vec<super::PullKey> = pullers
                 .keys()
-                .filter(|(connection, _)| *connection == caller.connection_id)
+                .filter(|(connection, _, _)| *connection == caller.connection_id)
                 .cloned()
                 .collect();
             mine.iter().filter_map(|key| pullers.remove(key)).flatten().map(|p| p.consumer_id).collect()
@@ -327,7 +329,7 @@ impl Engine {
                 let owner = self
                     .consumers
                     .get(&consumer_id)
-                    .filter(|o| o.connection_id == 0 && o.queue.name() == queue)
+                    .filter(|o| o.connection_id == 0 && o.queue.name() == queue && o.user == caller.user)
                     .map(|o| o.queue.clone());
                 let queue = owner.ok_or_else(|| {
                     BrokerError::NotFound(format!("unknown or already settled receipt '{receipt}'"))

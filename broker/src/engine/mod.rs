@@ -32,7 +32,7 @@ use crate::flow::Flow;
 use crate::mover::Moves;
 use crate::queue::{Queue, Registry};
 
-pub use access::UserView;
+pub use access::{TokenView, UserConnection, UserView};
 pub use consumers::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage, PublishTarget};
 pub use exchanges::Route;
 pub use pull::{Pull, PullBox, MAX_GET_COUNT};
@@ -86,15 +86,23 @@ pub struct Engine {
     pullers: Mutex<Pullers>,
     receipts: Receipts,
     users: Arc<Users>,
+    /// Open connections per user, against `max_connections_per_user`.
+    user_connections: Mutex<std::collections::HashMap<Arc<str>, usize>>,
 }
 
 /// Pull consumers by (connection id, queue name).
-type Pullers = std::collections::HashMap<(u64, String), Vec<Arc<Puller>>>;
+type Pullers = std::collections::HashMap<PullKey, Vec<Arc<Puller>>>;
+
+/// Whose pull consumers: (connection id, user, queue). HTTP requests (connection 0) of
+/// different users never share one, so a receipt only works for the user who pulled.
+type PullKey = (u64, Option<Arc<str>>, String);
 
 /// A consumer and who owns it.
 struct Owned {
     queue: Arc<Queue>,
     connection_id: u64,
+    /// The user who subscribed; receipts of HTTP pulls work only for that user.
+    user: Option<Arc<str>>,
 }
 
 impl Engine {
@@ -121,6 +129,7 @@ impl Engine {
             pullers: Mutex::default(),
             receipts: Receipts::new(),
             users,
+            user_connections: Mutex::default(),
         })
     }
 

@@ -174,7 +174,7 @@ impl Engine {
         });
         drop(turn);
         if caller.connection_id == 0 {
-            self.reclaim_idle_pullers(queue.clone());
+            self.reclaim_idle_pullers(caller, queue.clone());
         }
         deliveries
     }
@@ -183,9 +183,9 @@ impl Engine {
     /// needs one, and without this the pool would keep its peak size for as long as the queue
     /// lives. One idle consumer stays for the next pull; a consumer whose deliveries are not
     /// settled yet stays too (their receipts name it).
-    fn reclaim_idle_pullers(&self, queue: Arc<Queue>) {
+    fn reclaim_idle_pullers(&self, caller: &Caller, queue: Arc<Queue>) {
         let mut pullers = self.pullers.lock();
-        let Some(pool) = pullers.get_mut(&(0, queue.name().to_owned())) else { return };
+        let Some(pool) = pullers.get_mut(&(0, caller.user.clone(), queue.name().to_owned())) else { return };
         let mut reclaimed = Vec::new();
         let _ = queue.with_state(|s, j, now| {
             let mut kept_idle = false;
@@ -216,7 +216,8 @@ impl Engine {
         notices: Option<Subscriber>,
     ) -> Result<(Arc<Puller>, tokio::sync::OwnedMutexGuard<()>), BrokerError> {
         let mut pullers = self.pullers.lock();
-        let pool = pullers.entry((caller.connection_id, queue.name().to_owned())).or_default();
+        let pool =
+            pullers.entry((caller.connection_id, caller.user.clone(), queue.name().to_owned())).or_default();
         pool.retain(|p| !p.queue.is_deleted() && Arc::ptr_eq(&p.queue, queue));
         for puller in pool.iter() {
             if let Ok(turn) = puller.turn.clone().try_lock_owned() {
@@ -233,8 +234,10 @@ impl Engine {
         let inbox = Arc::new(PullBox::new(caller.connection_id, notices));
         let subscriber: Subscriber = inbox.clone();
         queue.with_state(|s, _, _| s.add_pull_consumer(consumer_id, subscriber))?;
-        self.consumers
-            .insert(consumer_id, Owned { queue: queue.clone(), connection_id: caller.connection_id });
+        self.consumers.insert(
+            consumer_id,
+            Owned { queue: queue.clone(), connection_id: caller.connection_id, user: caller.user.clone() },
+        );
         let puller = Arc::new(Puller {
             consumer_id,
             queue: queue.clone(),
@@ -330,11 +333,11 @@ mod tests {
             let receipt = engine.receipt(&delivery);
             engine.ack(&http, DeliveryRef::Receipt { queue: "q", receipt: &receipt }, false, None).unwrap();
         }
-        assert!(engine.pullers.lock()[&(0, "q".to_string())].len() <= 5);
+        assert!(engine.pullers.lock()[&(0, None, "q".to_string())].len() <= 5);
 
         // The next pull finds them all idle: one stays.
         engine.get(&http, "q", pull(Duration::ZERO), None).await.unwrap();
-        assert_eq!(engine.pullers.lock()[&(0, "q".to_string())].len(), 1);
+        assert_eq!(engine.pullers.lock()[&(0, None, "q".to_string())].len(), 1);
         assert_eq!(engine.consumers.len(), 1, "the reclaimed consumers are gone from the queue too");
     }
 }

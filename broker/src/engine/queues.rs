@@ -22,6 +22,12 @@ impl Engine {
         alarm_depth: Option<u64>,
     ) -> Result<(QueueInfo, bool), BrokerError> {
         self.check(caller, Access::Configure, Resource::Queue(name))?;
+        let max_queues = self.config.max_queues;
+        if self.queues.get(name).is_err() && self.queues.count() >= max_queues {
+            return Err(BrokerError::ResourceLimit(format!(
+                "the broker holds {max_queues} queues, the most it may (--max-queues); delete some first"
+            )));
+        }
         let registry = self.queues.clone();
         let owned = name.to_owned();
         let created = blocking(move || {
@@ -51,7 +57,7 @@ impl Engine {
         for (consumer_id, _) in &deleted.consumers {
             self.consumers.remove(consumer_id);
         }
-        self.pullers.lock().retain(|(_, queue), _| queue != name);
+        self.pullers.lock().retain(|(_, _, queue), _| queue != name);
         notify_cancelled(deleted.consumers, &format!("queue '{name}' was deleted"));
         Ok(deleted.messages)
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use hopper_proto::json::{MessageJson, QueueJson};
 use serde::Deserialize;
@@ -60,8 +60,6 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::Fr
     }
 }
 
-/// HTTP requests belong to no connection: pulled messages are settled by receipt.
-pub(super) const CALLER: Caller = Caller::broker();
 /// Visibility of pulled messages when the request names none, in seconds (as SQS's default).
 const DEFAULT_VISIBILITY_S: f64 = 30.0;
 /// Longest long poll, in seconds.
@@ -101,15 +99,19 @@ fn message_json(message: &MessageView, queue: &str) -> MessageJson {
     MessageJson::new(&wire::message(message), queue)
 }
 
-pub(super) async fn list_queues(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
-    Json(engine.list_queues(&CALLER).into_iter().map(queue_json).collect::<Vec<_>>())
+pub(super) async fn list_queues(
+    Extension(caller): Extension<Caller>,
+    State(engine): State<Arc<Engine>>,
+) -> impl IntoResponse {
+    Json(engine.list_queues(&caller).into_iter().map(queue_json).collect::<Vec<_>>())
 }
 
 pub(super) async fn get_queue(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<QueueJson>> {
-    Ok(Json(queue_json(engine.queue_info(&CALLER, &name)?)))
+    Ok(Json(queue_json(engine.queue_info(&caller, &name)?)))
 }
 
 /// Body of `PUT /api/queues/{name}`.
@@ -131,6 +133,7 @@ pub(super) struct DeclareBody {
 }
 
 pub(super) async fn declare_queue(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<DeclareBody>,
@@ -150,24 +153,26 @@ pub(super) async fn declare_queue(
         max_bytes: body.max_bytes.unwrap_or(0),
         overflow,
     };
-    let (info, created) = engine.declare(&CALLER, &name, settings, body.alarm_depth).await?;
+    let (info, created) = engine.declare(&caller, &name, settings, body.alarm_depth).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(queue_json(info))))
 }
 
 pub(super) async fn delete_queue(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let messages = engine.delete_queue(&CALLER, &name, false, false).await?;
+    let messages = engine.delete_queue(&caller, &name, false, false).await?;
     Ok(Json(json!({"deleted": name, "messages": messages})))
 }
 
 pub(super) async fn purge(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(json!({"purged": engine.purge(&CALLER, &name)?})))
+    Ok(Json(json!({"purged": engine.purge(&caller, &name)?})))
 }
 
 /// Body of `PUT /api/queues/{name}/alarm`.
@@ -178,11 +183,12 @@ pub(super) struct AlarmBody {
 }
 
 pub(super) async fn set_alarm(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<AlarmBody>,
 ) -> ApiResult<Json<Value>> {
-    engine.set_alarm(&CALLER, &name, body.depth).await?;
+    engine.set_alarm(&caller, &name, body.depth).await?;
     Ok(Json(json!({"queue": name, "alarm_depth": body.depth})))
 }
 
@@ -233,13 +239,14 @@ pub(super) struct PublishBody {
 }
 
 pub(super) async fn publish(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     ApiJson(request): ApiJson<PublishBody>,
 ) -> ApiResult<impl IntoResponse> {
     let message = new_message(&engine, request.body, request.headers, &request.delay, &request.ttl)?;
     let (confirm, confirmed) = confirm_channel();
-    engine.publish(&CALLER, &name, message, confirm)?;
+    engine.publish(&caller, &name, message, confirm)?;
     let (message_id, _) = published(confirmed).await?;
     Ok((StatusCode::CREATED, Json(json!({"message_id": message_id.to_string()}))))
 }
@@ -309,6 +316,7 @@ fn seconds(value: Option<f64>, default: f64, max: f64, what: &str) -> ApiResult<
 }
 
 pub(super) async fn pull(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     Query(query): Query<PullQuery>,
@@ -319,7 +327,7 @@ pub(super) async fn pull(
     let visibility_ms = u64::try_from(visibility.as_millis()).unwrap_or(u64::MAX).max(1);
     let wait = seconds(query.wait, 0.0, MAX_WAIT_S, "wait")?;
     let pull = Pull { count, visibility_ms, wait, budget: HTTP_PULL_BYTES };
-    let deliveries = engine.get(&CALLER, &name, pull, None).await?;
+    let deliveries = engine.get(&caller, &name, pull, None).await?;
     let messages: Vec<MessageJson> = deliveries
         .iter()
         .map(|delivery| MessageJson {
@@ -332,12 +340,13 @@ pub(super) async fn pull(
 
 /// Acks a pulled message by its receipt; answers once the ack is as durable as a publish.
 pub(super) async fn ack(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path((name, receipt)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let delivery = DeliveryRef::Receipt { queue: &name, receipt: &receipt };
     let (confirm, settled) = confirm_channel();
-    engine.ack(&CALLER, delivery, false, Some(confirm))?;
+    engine.ack(&caller, delivery, false, Some(confirm))?;
     match settled.await {
         Ok(Ok(_)) => Ok(StatusCode::NO_CONTENT),
         Ok(Err(err)) => Err(err.into()),
@@ -355,6 +364,7 @@ pub(super) struct NackBody {
 }
 
 pub(super) async fn nack(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path((name, receipt)): Path<(String, String)>,
     ApiJson(body): ApiJson<NackBody>,
@@ -366,7 +376,7 @@ pub(super) async fn nack(
     let options =
         NackOptions { multiple: false, requeue: body.requeue.unwrap_or(true), error: body.error, delay_ms };
     let delivery = DeliveryRef::Receipt { queue: &name, receipt: &receipt };
-    engine.nack(&CALLER, delivery, options, None)?;
+    engine.nack(&caller, delivery, options, None)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -377,11 +387,12 @@ pub(super) struct PeekQuery {
 }
 
 pub(super) async fn peek(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     Query(query): Query<PeekQuery>,
 ) -> ApiResult<Json<Value>> {
-    let found = engine.peek(&CALLER, &name, query.count.unwrap_or(10))?;
+    let found = engine.peek(&caller, &name, query.count.unwrap_or(10))?;
     let messages: Vec<MessageJson> = found.iter().map(|m| message_json(m, &name)).collect();
     Ok(Json(json!({"messages": messages})))
 }
@@ -398,6 +409,7 @@ pub(super) struct MoveBody {
 }
 
 pub(super) async fn start_move(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<MoveBody>,
@@ -418,12 +430,15 @@ pub(super) async fn start_move(
         filter,
         through_exchange: body.through_exchange,
     };
-    let status = engine.start_move(&CALLER, spec)?;
+    let status = engine.start_move(&caller, spec)?;
     Ok((StatusCode::CREATED, Json(move_json(&status))))
 }
 
-pub(super) async fn list_moves(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
-    Json(Value::Array(engine.list_moves(&CALLER).iter().map(move_json).collect()))
+pub(super) async fn list_moves(
+    Extension(caller): Extension<Caller>,
+    State(engine): State<Arc<Engine>>,
+) -> impl IntoResponse {
+    Json(Value::Array(engine.list_moves(&caller).iter().map(move_json).collect()))
 }
 
 fn move_json(status: &MoveStatus) -> Value {

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::api::{confirm_channel, new_message, published, ApiJson, CALLER};
+use super::api::{confirm_channel, new_message, published, ApiJson};
 use super::ApiError;
-use crate::engine::{Engine, Route};
+use crate::engine::{Caller, Engine, Route};
 use crate::queue::ExchangeView;
 use crate::routing::{Binding, Destination, ExchangeKind, ExchangeSpec};
 
@@ -88,8 +88,11 @@ impl BindingJson {
     }
 }
 
-pub(super) async fn list(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
-    Json(engine.list_exchanges(&CALLER).into_iter().map(ExchangeJson::from).collect::<Vec<_>>())
+pub(super) async fn list(
+    Extension(caller): Extension<Caller>,
+    State(engine): State<Arc<Engine>>,
+) -> impl IntoResponse {
+    Json(engine.list_exchanges(&caller).into_iter().map(ExchangeJson::from).collect::<Vec<_>>())
 }
 
 /// Body of `PUT /api/exchanges/{name}`.
@@ -103,6 +106,7 @@ pub(super) struct DeclareBody {
 }
 
 pub(super) async fn declare(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<DeclareBody>,
@@ -110,7 +114,7 @@ pub(super) async fn declare(
     let kind = ExchangeKind::parse(&body.kind)
         .ok_or_else(|| ApiError::bad_request("type must be direct, fanout, topic or headers"))?;
     let spec = ExchangeSpec { name, kind, durable: body.durable, alternate: body.alternate };
-    let (view, created) = engine.declare_exchange(&CALLER, spec, false).await?;
+    let (view, created) = engine.declare_exchange(&caller, spec, false).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(ExchangeJson::from(view))))
 }
@@ -122,11 +126,12 @@ pub(super) struct DeleteQuery {
 }
 
 pub(super) async fn delete(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     Query(query): Query<DeleteQuery>,
 ) -> ApiResult<Json<Value>> {
-    engine.delete_exchange(&CALLER, &name, query.if_unused.unwrap_or(false)).await?;
+    engine.delete_exchange(&caller, &name, query.if_unused.unwrap_or(false)).await?;
     Ok(Json(json!({"deleted": name})))
 }
 
@@ -138,26 +143,29 @@ pub(super) struct BindingsQuery {
 }
 
 pub(super) async fn bindings(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Query(query): Query<BindingsQuery>,
 ) -> impl IntoResponse {
-    let found = engine.list_bindings(&CALLER, query.exchange.as_deref(), query.queue.as_deref());
+    let found = engine.list_bindings(&caller, query.exchange.as_deref(), query.queue.as_deref());
     Json(found.into_iter().map(|(source, b)| BindingJson::of(source, b)).collect::<Vec<_>>())
 }
 
 pub(super) async fn bind(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     ApiJson(body): ApiJson<BindingJson>,
 ) -> ApiResult<impl IntoResponse> {
-    let created = engine.bind(&CALLER, &body.source, body.to_binding()?).await?;
+    let created = engine.bind(&caller, &body.source, body.to_binding()?).await?;
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(json!({"created": created}))))
 }
 
 pub(super) async fn unbind(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     ApiJson(body): ApiJson<BindingJson>,
 ) -> ApiResult<Json<Value>> {
-    let removed = engine.unbind(&CALLER, &body.source, body.to_binding()?).await?;
+    let removed = engine.unbind(&caller, &body.source, body.to_binding()?).await?;
     Ok(Json(json!({"removed": removed})))
 }
 
@@ -179,6 +187,7 @@ pub(super) struct PublishBody {
 }
 
 pub(super) async fn publish(
+    Extension(caller): Extension<Caller>,
     State(engine): State<Arc<Engine>>,
     Path(name): Path<String>,
     ApiJson(request): ApiJson<PublishBody>,
@@ -186,7 +195,7 @@ pub(super) async fn publish(
     let message = new_message(&engine, request.body, request.headers, &request.delay, &request.ttl)?;
     let route = Route { exchange: &name, routing_key: &request.routing_key, mandatory: request.mandatory };
     let (confirm, confirmed) = confirm_channel();
-    engine.publish_routed(&CALLER, route, message, confirm)?;
+    engine.publish_routed(&caller, route, message, confirm)?;
     let (message_id, routed) = published(confirmed).await?;
     Ok((StatusCode::CREATED, Json(json!({"message_id": message_id.to_string(), "routed": routed}))))
 }

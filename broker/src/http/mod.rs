@@ -3,10 +3,12 @@
 //! (same queues, same flow control), it is not a second process. Every request first passes
 //! the [`guard`], which keeps web pages the operator visits from driving the API.
 
+mod access;
 pub(crate) mod allow;
 mod api;
 mod exchanges;
 mod guard;
+mod login;
 mod metrics;
 
 use std::sync::Arc;
@@ -33,6 +35,7 @@ pub(crate) async fn serve(listener: TcpListener, engine: Arc<Engine>, mut shutdo
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
         tracing::error!(error = %err, "http listener failed");
     }
@@ -65,6 +68,10 @@ fn router(engine: Arc<Engine>) -> Router {
         .route("/api/exchanges/{name}", put(exchanges::declare).delete(exchanges::delete))
         .route("/api/exchanges/{name}/messages", post(exchanges::publish))
         .route("/api/bindings", get(exchanges::bindings).post(exchanges::bind).delete(exchanges::unbind))
+        .route("/api/whoami", get(access::whoami))
+        .route("/api/tokens", get(access::list_tokens).post(access::create_token))
+        .route("/api/tokens/{name}", delete(access::delete_token))
+        .layer(middleware::from_fn_with_state(engine.clone(), login::login))
         .with_state(engine)
         .layer(middleware::from_fn_with_state(Arc::new(allowed), guard::guard))
 }

@@ -259,6 +259,11 @@ impl Registry {
         }
     }
 
+    /// How many queues there are.
+    pub fn count(&self) -> usize {
+        self.queues.len()
+    }
+
     /// Every queue, sorted by name.
     pub fn list(&self) -> Vec<Arc<Queue>> {
         let mut queues: Vec<Arc<Queue>> = self.queues.iter().map(|q| q.value().clone()).collect();

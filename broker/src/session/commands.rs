@@ -23,6 +23,12 @@ impl Session {
     /// Publishes to a queue, which confirms (at once, or once the message is on disk).
     pub(super) fn publish(&mut self, request_id: u64, publish: pb::Publish) -> Result<(), BrokerError> {
         self.publisher = true;
+        self.publishes.start(self.engine.config().max_unconfirmed_per_connection)?;
+        // Refused before its confirm was handed on: it is no longer in flight.
+        self.publish_counted(request_id, publish).inspect_err(|_| self.publishes.abandon())
+    }
+
+    fn publish_counted(&mut self, request_id: u64, publish: pb::Publish) -> Result<(), BrokerError> {
         if !publish.queue.is_empty() && (!publish.exchange.is_empty() || !publish.routing_key.is_empty()) {
             return Err(BrokerError::InvalidArgument(
                 "a publish names a queue, or an exchange and a routing key, not both".into(),
@@ -41,7 +47,7 @@ impl Session {
                 routing_key: &publish.routing_key,
                 mandatory: publish.mandatory,
             };
-            let confirm = Confirm::reply(self.replies(), request_id);
+            let confirm = Confirm::reply(self.publishes.clone(), request_id);
             return self.engine.publish_routed(&self.caller, route, message, confirm).map(|_| ());
         }
         let message = NewMessage {
@@ -51,7 +57,7 @@ impl Session {
             delay_ms: publish.delay_ms,
             ttl_ms: publish.ttl_ms,
         };
-        let confirm = Confirm::reply(self.replies(), request_id);
+        let confirm = Confirm::reply(self.publishes.clone(), request_id);
         // The connection keeps the queues it publishes to, unless one was deleted since.
         if self.publish_cache.get(&publish.queue).is_none_or(|t| t.is_stale()) {
             let target = self.engine.publish_target(&self.caller, &publish.queue)?;
@@ -62,6 +68,12 @@ impl Session {
     }
 
     pub(super) fn consume(&mut self, request_id: u64, consume: pb::Consume) -> Result<(), BrokerError> {
+        let limit = self.engine.config().max_consumers_per_connection;
+        if self.consumers.len() >= limit {
+            return Err(BrokerError::ResourceLimit(format!(
+                "this connection has {limit} consumers, the most it may (--max-consumers-per-connection)"
+            )));
+        }
         let options = ConsumeOptions {
             prefetch: consume.prefetch_count,
             ack_timeout_ms: consume.ack_timeout_ms,

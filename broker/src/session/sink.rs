@@ -1,6 +1,9 @@
 //! A connection as the queues and the engine see it: where its consumers' deliveries, expiry
 //! and cancel notices, and the confirms of its requests go, encoded as frames into its outbox.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use hopper_proto::{pb, Body, Frame};
 
 use crate::error::BrokerError;
@@ -44,6 +47,44 @@ impl Sink for Outbox {
     fn cancelled(&self, consumer_id: u64, reason: &str) {
         let body = Body::ConsumerCancelled(pb::ConsumerCancelled { consumer_id, reason: reason.to_owned() });
         self.push(&Frame::event(body));
+    }
+}
+
+/// A connection's publish confirms: answered through its outbox, and counted while in flight,
+/// so a client cannot pile up unconfirmed publishes without bound.
+pub(super) struct PublishReplies {
+    outbox: Arc<Outbox>,
+    in_flight: AtomicUsize,
+}
+
+impl PublishReplies {
+    pub(super) fn new(outbox: Arc<Outbox>) -> Self {
+        PublishReplies { outbox, in_flight: AtomicUsize::new(0) }
+    }
+
+    /// Counts one more publish in flight, unless `limit` are already.
+    pub(super) fn start(&self, limit: usize) -> Result<(), BrokerError> {
+        let started = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1));
+        started.map(|_| ()).map_err(|_| {
+            BrokerError::ResourceLimit(format!(
+                "{limit} publishes of this connection are waiting for their confirms, the most it may have \
+                 (--max-unconfirmed-per-connection); wait for confirms before publishing more"
+            ))
+        })
+    }
+
+    /// Uncounts a publish that was refused before it could be confirmed.
+    pub(super) fn abandon(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Replies for PublishReplies {
+    fn reply(&self, request_id: u64, result: Result<Outcome, BrokerError>) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.outbox.reply(request_id, result);
     }
 }
 
