@@ -158,6 +158,49 @@ async fn failed_logins_from_an_address_are_answered_more_and_more_slowly() {
     assert!(wrong >= Duration::from_millis(2100), "twenty failures took {wrong:?}");
     assert!(wrong > right * 2, "failures {wrong:?} vs successes {right:?}");
     assert!(broker.stderr().matches("login refused").count() >= 20, "each failure is logged");
+    let refused: Vec<serde_json::Value> = access_log(&broker)
+        .into_iter()
+        .filter(|e| e["event"] == "login_refused" && e["user"] == "app")
+        .collect();
+    assert_eq!(refused.len(), 20, "each failure is in the access log");
+    assert_eq!(refused[0]["peer"], "127.0.0.1");
+    assert!(refused[19]["detail"].as_str().unwrap().contains("20 in a row"), "{}", refused[19]);
+}
+
+/// The access audit log's events, oldest first.
+fn access_log(broker: &Broker) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(broker.data_dir().join("audit/access.log")).unwrap_or_default();
+    text.lines().map(|line| serde_json::from_str(line).expect("a JSON line")).collect()
+}
+
+#[tokio::test]
+async fn changes_to_users_permissions_and_tokens_say_who_made_them() {
+    let (broker, root) = with_users().await;
+    root.set_permissions("app", Permissions { read: "jobs".into(), ..Permissions::default() }).await.unwrap();
+    root.update_user("app", Some("new-pw"), &[]).await.unwrap();
+    root.create_token("ci", 0).await.unwrap();
+    root.delete_user("app").await.unwrap();
+    let events: Vec<(String, String, String)> = access_log(&broker)
+        .iter()
+        .map(|e| {
+            let field = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (field("event"), field("by"), field("user"))
+        })
+        .collect();
+    let expected = [
+        ("user_added", "guest", "app"),
+        ("user_added", "guest", "root"),
+        ("permissions_set", "root", "root"),
+        ("permissions_set", "root", "app"),
+        ("user_changed", "root", "app"),
+        ("token_created", "root", "root"),
+        ("user_deleted", "root", "app"),
+    ];
+    let expected: Vec<(String, String, String)> =
+        expected.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect();
+    assert_eq!(events, expected);
+    let text = std::fs::read_to_string(broker.data_dir().join("audit/access.log")).unwrap();
+    assert!(!text.contains("new-pw") && !text.contains("hopper_"), "no password or token is written");
 }
 
 /// An address of this machine other than loopback, if it has one.

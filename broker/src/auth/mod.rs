@@ -7,6 +7,7 @@
 //! set-up, and cannot be reached from the network with a well-known password. Once an admin
 //! exists, only the users in the file can connect.
 
+mod access_log;
 mod permissions;
 mod throttle;
 
@@ -15,6 +16,7 @@ use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -23,6 +25,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
+pub use access_log::{AccessEvent, AccessLog};
 pub use permissions::{refused, Access, Permissions, Resource};
 pub use throttle::LoginThrottle;
 
@@ -91,6 +94,8 @@ pub struct Users {
     secret: [u8; 32],
     /// Failed logins per source address.
     pub throttle: LoginThrottle,
+    /// Refused logins and changes, for the operator.
+    access_log: AccessLog,
     /// Passwords checked lately (HTTP Basic auth sends one with every request), by user: a
     /// digest of the password and the stored key it was checked against. Memory only.
     checked: Mutex<std::collections::HashMap<String, Checked>>,
@@ -133,6 +138,7 @@ impl Users {
             saving: Mutex::new(()),
             secret: rand::random(),
             throttle: LoginThrottle::default(),
+            access_log: AccessLog::open(&data_dir.join("audit"))?,
             checked: Mutex::default(),
         })
     }
@@ -182,12 +188,8 @@ impl Users {
         peer: IpAddr,
     ) -> Result<Arc<Account>, BrokerError> {
         let failed = |this: &Users| {
-            let delay = this.throttle.failed(peer);
-            tracing::warn!(
-                target: "hopper::access",
-                %peer, user, failures_in_a_row = this.throttle.failures(peer), "http login refused"
-            );
-            (delay, BrokerError::Unauthenticated(format!("authentication failed for user '{user}'")))
+            let err = BrokerError::Unauthenticated(format!("authentication failed for user '{user}'"));
+            (this.refused_login(peer, user, "http basic", &err), err)
         };
         let account = match self.login_account(user, peer)? {
             Some(account) => account,
@@ -407,12 +409,42 @@ impl Users {
                 Ok(account)
             }
             None => {
-                let delay = self.throttle.failed(peer);
-                tracing::warn!(target: "hopper::access", %peer, failures_in_a_row = self.throttle.failures(peer), "http token refused");
+                let err = BrokerError::Unauthenticated("the token is unknown, deleted or expired".into());
+                let delay = self.refused_login(peer, "", "http bearer", &err);
                 tokio::time::sleep(delay).await;
-                Err(BrokerError::Unauthenticated("the token is unknown, deleted or expired".into()))
+                Err(err)
             }
         }
+    }
+
+    /// Counts a refused login from `peer` (as `user`, by `mechanism`), logs it and writes it to
+    /// the access log; returns how long to wait before answering it.
+    pub fn refused_login(&self, peer: IpAddr, user: &str, mechanism: &str, err: &BrokerError) -> Duration {
+        let delay = self.throttle.failed(peer);
+        let failures = self.throttle.failures(peer);
+        tracing::warn!(target: "hopper::access", %peer, user, mechanism, failures_in_a_row = failures, error = %err, "login refused");
+        self.access_log.record(&AccessEvent {
+            time_ms: crate::queue::now_ms(),
+            event: "login_refused".into(),
+            user: user.into(),
+            by: String::new(),
+            peer: peer.to_string(),
+            detail: format!("{mechanism}: {err} ({failures} in a row from this address)"),
+        });
+        delay
+    }
+
+    /// Logs a change to users, permissions or tokens and writes it to the access log.
+    pub fn changed(&self, event: &str, by: &str, user: &str, detail: String) {
+        tracing::info!(target: "hopper::access", event, by, user, detail = %detail, "access changed");
+        self.access_log.record(&AccessEvent {
+            time_ms: crate::queue::now_ms(),
+            event: event.into(),
+            user: user.into(),
+            by: by.into(),
+            peer: String::new(),
+            detail,
+        });
     }
 }
 

@@ -115,8 +115,13 @@ impl Engine {
         let who = caller.user.as_deref().unwrap_or("broker").to_owned();
         blocking(move || {
             users.put(&name, password.as_deref(), tags.clone(), update)?;
-            let verb = if update { "changed" } else { "added" };
-            tracing::info!(target: "hopper::access", by = %who, user = %name, ?tags, password_changed = password.is_some(), "user {verb}");
+            let event = if update { "user_changed" } else { "user_added" };
+            let detail = format!(
+                "tags [{}]{}",
+                tags.join(","),
+                if password.is_some() { ", password set" } else { "" }
+            );
+            users.changed(event, &who, &name, detail);
             Ok(())
         })
         .await
@@ -135,7 +140,7 @@ impl Engine {
         let who = caller.user.as_deref().unwrap_or("broker").to_owned();
         blocking(move || {
             users.delete(&name)?;
-            tracing::info!(target: "hopper::access", by = %who, user = %name, "user deleted");
+            users.changed("user_deleted", &who, &name, String::new());
             Ok(())
         })
         .await
@@ -154,12 +159,11 @@ impl Engine {
         let who = caller.user.as_deref().unwrap_or("broker").to_owned();
         blocking(move || {
             users.set_permissions(&name, permissions)?;
-            tracing::info!(
-                target: "hopper::access",
-                by = %who, user = %name,
-                configure = %patterns.configure, write = %patterns.write, read = %patterns.read,
-                "permissions set"
+            let detail = format!(
+                "configure '{}' write '{}' read '{}'",
+                patterns.configure, patterns.write, patterns.read
             );
+            users.changed("permissions_set", &who, &name, detail);
             Ok(())
         })
         .await
@@ -191,7 +195,7 @@ impl Engine {
         let users = self.users.clone();
         blocking(move || {
             let token = users.create_token(&user, &name, expires_ms)?;
-            tracing::info!(target: "hopper::access", %user, token = %name, expires_ms, "token created");
+            users.changed("token_created", &user, &user, format!("token '{name}', expires_ms {expires_ms}"));
             Ok(token)
         })
         .await
@@ -214,7 +218,7 @@ impl Engine {
         let users = self.users.clone();
         blocking(move || {
             users.delete_token(&user, &name)?;
-            tracing::info!(target: "hopper::access", %user, token = %name, "token deleted");
+            users.changed("token_deleted", &user, &user, format!("token '{name}'"));
             Ok(())
         })
         .await

@@ -203,16 +203,7 @@ fn external(users: &Users, peer: IpAddr, authzid: &[u8], certified: Option<&str>
 
 /// A refusal, counted against `peer` and logged for the operator.
 fn refuse(users: &Users, peer: IpAddr, user: Option<&str>, err: BrokerError) -> Step {
-    let delay = users.throttle.failed(peer);
-    let failures = users.throttle.failures(peer);
-    tracing::warn!(
-        target: "hopper::access",
-        %peer,
-        user = user.unwrap_or(""),
-        failures_in_a_row = failures,
-        error = %err,
-        "login refused"
-    );
+    let delay = users.refused_login(peer, user.unwrap_or(""), "binary protocol", &err);
     Step::Refused { reason: err.to_string(), delay }
 }
 
