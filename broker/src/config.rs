@@ -18,12 +18,14 @@ pub struct Config {
     /// Address of a second listener speaking the same protocol inside TLS; "off" (the
     /// default) disables it. Needs `tls_cert` and `tls_key`.
     pub tls_listen: String,
-    /// PEM file with the TLS listener's certificate chain, its own certificate first.
+    /// PEM file with the TLS listener's certificate chain, its own certificate first; HTTPS
+    /// (`http_tls`) serves the same one.
     pub tls_cert: Option<PathBuf>,
     /// PEM file with the private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1).
     pub tls_key: Option<PathBuf>,
     /// PEM file of the CAs that client certificates must chain to. Set, the TLS listener
-    /// requires a client certificate (mutual TLS) and offers the EXTERNAL login.
+    /// requires a client certificate (mutual TLS) and offers the EXTERNAL login. HTTPS does not
+    /// ask for client certificates: HTTP requests log in with Basic auth or a token.
     pub tls_client_ca: Option<PathBuf>,
     /// Directory for the broker's files.
     pub data_dir: PathBuf,
@@ -61,6 +63,8 @@ pub struct Config {
     pub disk_free_low_watermark_bytes: u64,
     /// Address of the HTTP listener (metrics, API, dashboard); "off" disables it.
     pub http: String,
+    /// Makes the HTTP listener speak HTTPS, with `tls_cert` and `tls_key`.
+    pub http_tls: bool,
     /// Host names the HTTP listener answers to besides IP addresses and `localhost` (matched
     /// against the `Host` header in any case, any port). Requests for other names are refused,
     /// which defeats DNS rebinding.
@@ -97,6 +101,7 @@ impl Default for Config {
             memory_high_watermark_bytes: default_memory_watermark(),
             disk_free_low_watermark_bytes: 50 * 1024 * 1024,
             http: "127.0.0.1:15680".into(),
+            http_tls: false,
             http_allow_hosts: Vec::new(),
             http_allow_origins: Vec::new(),
             alarm_webhook: None,
@@ -167,6 +172,11 @@ impl Config {
         listener_addr(&self.tls_listen)
     }
 
+    /// The HTTP listener's address, unless it is off.
+    pub fn http_listen(&self) -> Option<&str> {
+        listener_addr(&self.http)
+    }
+
     /// The TLS settings make sense together; the files themselves are read at start.
     fn validate_tls(&self) -> Result<(), StartError> {
         if self.plain_listen().is_none() && self.tls_listen().is_none() {
@@ -174,8 +184,25 @@ impl Config {
                 "listen is off and tls_listen is not set: the broker would accept no connection".into(),
             ));
         }
+        let has_certificate = self.tls_cert.is_some() && self.tls_key.is_some();
+        if self.http_tls {
+            if self.http_listen().is_none() {
+                return Err(StartError::Config(
+                    "http_tls is set but http is off: HTTPS is the HTTP listener's; give it an \
+                     address (--http ADDR)"
+                        .into(),
+                ));
+            }
+            if !has_certificate {
+                return Err(StartError::Config(
+                    "http_tls needs a certificate and its key: set tls_cert and tls_key \
+                     (--tls-cert FILE --tls-key FILE)"
+                        .into(),
+                ));
+            }
+        }
         if self.tls_listen().is_some() {
-            if self.tls_cert.is_none() || self.tls_key.is_none() {
+            if !has_certificate {
                 return Err(StartError::Config(
                     "tls_listen needs a certificate and its key: set tls_cert and tls_key \
                      (--tls-cert FILE --tls-key FILE)"
@@ -183,6 +210,19 @@ impl Config {
                 ));
             }
             return Ok(());
+        }
+        if self.http_tls {
+            // The certificate serves HTTPS; a client CA would serve nothing, since HTTPS does
+            // not ask for client certificates.
+            return match self.tls_client_ca {
+                Some(_) => Err(StartError::Config(
+                    "tls_client_ca is set but tls_listen is off: client certificates are asked \
+                     for on the TLS listener only (HTTPS logs in with Basic auth or tokens); \
+                     set tls_listen (--tls-listen ADDR) too"
+                        .into(),
+                )),
+                None => Ok(()),
+            };
         }
         let stray = [
             ("tls_cert", &self.tls_cert),
@@ -194,9 +234,15 @@ impl Config {
         match stray {
             // A certificate without a listener is a mistake worth a refusal: the operator
             // believes clients can connect with TLS.
-            Some(key) => Err(StartError::Config(format!(
-                "{key} is set but tls_listen is off: set tls_listen (--tls-listen ADDR) too"
-            ))),
+            Some(key) => {
+                let or_https = match key {
+                    "tls_client_ca" => "",
+                    _ => ", or http_tls (--http-tls) for HTTPS",
+                };
+                Err(StartError::Config(format!(
+                    "{key} is set but tls_listen is off: set tls_listen (--tls-listen ADDR) too{or_https}"
+                )))
+            }
             None => Ok(()),
         }
     }
@@ -299,6 +345,43 @@ mod tests {
         assert!(error.contains("no connection"), "{error}");
         assert_eq!(tls.plain_listen(), Some("127.0.0.1:5680"));
         assert_eq!(Config::default().tls_listen(), None);
+    }
+
+    #[test]
+    fn https_needs_the_certificate_but_not_the_tls_listener() {
+        let https = Config {
+            http_tls: true,
+            tls_cert: Some("cert.pem".into()),
+            tls_key: Some("key.pem".into()),
+            ..Config::default()
+        };
+        https.validate().unwrap();
+        Config { tls_listen: "127.0.0.1:0".into(), ..https.clone() }.validate().unwrap();
+        let with_ca = Config { tls_client_ca: Some("ca.pem".into()), ..https.clone() };
+        Config { tls_listen: "127.0.0.1:0".into(), ..with_ca.clone() }.validate().unwrap();
+        let errors = [
+            (Config { tls_cert: None, ..https.clone() }, "http_tls needs a certificate"),
+            (Config { tls_key: None, ..https.clone() }, "--tls-key"),
+            (Config { http: "off".into(), ..https.clone() }, "http_tls is set but http is off"),
+            (with_ca, "tls_client_ca is set but tls_listen is off"),
+            (Config { http_tls: false, ..https.clone() }, "or http_tls (--http-tls)"),
+        ];
+        for (config, expected) in errors {
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+            assert_eq!(error.lines().count(), 1, "{error}");
+        }
+        assert_eq!(Config { http: "off".into(), ..Config::default() }.http_listen(), None);
+    }
+
+    #[test]
+    fn http_tls_comes_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hopper.toml");
+        std::fs::write(&path, "http_tls = true\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n").unwrap();
+        let config = Config::from_file(&path).unwrap();
+        assert!(config.http_tls);
+        config.validate().unwrap();
     }
 
     #[test]

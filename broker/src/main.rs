@@ -23,7 +23,8 @@ struct Args {
     /// and --tls-key) [default: off].
     #[arg(long, value_name = "ADDR", env = "HOPPER_TLS_LISTEN")]
     tls_listen: Option<String>,
-    /// PEM file with the TLS listener's certificate chain, the broker's own certificate first.
+    /// PEM file with the certificate chain of the TLS listener and of HTTPS (--http-tls), the
+    /// broker's own certificate first.
     #[arg(long, value_name = "FILE", env = "HOPPER_TLS_SERVER_CERT")]
     tls_cert: Option<PathBuf>,
     /// PEM file with the private key of --tls-cert.
@@ -31,7 +32,7 @@ struct Args {
     tls_key: Option<PathBuf>,
     /// PEM file of the CAs that client certificates must chain to: the TLS listener then
     /// refuses clients without such a certificate (mutual TLS), and a client can log in as
-    /// its certificate's subject CN with the EXTERNAL mechanism.
+    /// its certificate's subject CN with the EXTERNAL mechanism. HTTPS asks for none.
     #[arg(long, value_name = "FILE", env = "HOPPER_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
     /// Data directory [default: ./hopper-data].
@@ -82,6 +83,18 @@ struct Args {
     /// [default: 127.0.0.1:15680; port 0 picks a free port].
     #[arg(long, env = "HOPPER_HTTP")]
     http: Option<String>,
+    /// Serve HTTPS instead of HTTP on --http, with --tls-cert and --tls-key (--tls-listen is
+    /// not needed); --http-tls=false turns it off again [default: false].
+    #[arg(
+        long,
+        value_name = "BOOL",
+        env = "HOPPER_HTTP_TLS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    http_tls: Option<bool>,
     /// A host name the HTTP listener answers to besides IP addresses and localhost, in any
     /// case, on any port; repeat the flag for more (the variable takes a comma-separated
     /// list). Requests by other names are refused: this defeats DNS rebinding.
@@ -179,6 +192,9 @@ impl Args {
         if let Some(http) = self.http {
             config.http = http;
         }
+        if let Some(http_tls) = self.http_tls {
+            config.http_tls = http_tls;
+        }
         // Given at all, a list replaces the file's, as any other flag does.
         if !self.http_allow_host.is_empty() {
             config.http_allow_hosts = self.http_allow_host;
@@ -223,6 +239,7 @@ fn main() -> ExitCode {
         // started, so a startup error stays one line.
         let file_limit = raise_open_file_limit();
         let data_dir = config.data_dir.display().to_string();
+        let http_scheme = if config.http_tls { "https" } else { "http" };
         let broker = match Broker::start(config).await {
             Ok(broker) => broker,
             Err(err) => return fail(&err.to_string()),
@@ -232,7 +249,7 @@ fn main() -> ExitCode {
         let shutdown = shutdown_signal();
         file_limit.log();
         if let Some(http) = broker.http_addr() {
-            tracing::info!("http listening on {http} (dashboard at http://{http}/)");
+            tracing::info!("{http_scheme} listening on {http} (dashboard at {http_scheme}://{http}/)");
         }
         // The plain listener's line comes last: tests and scripts take it as "ready". With the
         // plain listener off, the TLS line carries the data directory and version instead.

@@ -75,6 +75,10 @@ impl Broker {
             Some(_) => Some(tls::acceptor(&config)?),
             None => None,
         };
+        let https = match config.http_listen() {
+            Some(_) if config.http_tls => Some(tls::https_acceptor(&config)?),
+            _ => None,
+        };
         let plain = match config.plain_listen() {
             Some(addr) => Some(bind(addr).await?),
             None => None,
@@ -89,20 +93,16 @@ impl Broker {
             plain: plain.map(|(listener, _)| listener),
             tls: tls.map(|((listener, _), acceptor)| (listener, acceptor)),
         };
-        let http = match config.http.as_str() {
-            "off" | "" => None,
-            addr => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind { addr: addr.to_owned(), source })?,
-            ),
+        let http = match config.http_listen() {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
         };
-        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        let http_addr = http.as_ref().map(|(_, addr)| *addr);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let users = crate::auth::Users::open(&config.data_dir).map_err(data_dir_error)?;
         let engine = Engine::new(config, queues, Arc::new(users));
-        if let Some(listener) = http {
-            tokio::spawn(crate::http::serve(listener, engine.clone(), shutdown_rx.clone()));
+        if let Some((listener, _)) = http {
+            tokio::spawn(crate::http::serve(listener, https, engine.clone(), shutdown_rx.clone()));
         }
         let task = tokio::spawn(async move {
             serve(listeners, engine, shutdown_rx).await;
@@ -142,7 +142,7 @@ impl BrokerHandle {
         self.tls_addr
     }
 
-    /// The HTTP listener's address, unless HTTP is off.
+    /// The HTTP listener's address, unless HTTP is off; it speaks HTTPS with `http_tls`.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
     }

@@ -113,6 +113,10 @@ pub struct BenchArgs {
     /// Print one JSON summary object.
     #[arg(long)]
     pub json: bool,
+    /// Instead of messages, measure connection set-up: open (log in) and close this many
+    /// connections, --producers at a time, and report logins per second.
+    #[arg(long, value_name = "N", conflicts_with_all = ["exchange", "duration"])]
+    pub logins: Option<u64>,
 }
 
 impl BenchArgs {
@@ -144,6 +148,9 @@ impl BenchArgs {
 /// Runs `bench` against the broker at `server`.
 pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
     args.validate()?;
+    if let Some(logins) = args.logins {
+        return bench_logins(server, logins, args.producers.max(1), args.json).await;
+    }
     let (queue, temporary) = match &args.queue {
         Some(name) => (name.clone(), false),
         None => (format!("bench-{}", std::process::id()), true),
@@ -523,6 +530,41 @@ async fn consume(
     }
     consumer.cancel().await?;
     Ok(Consumed { latencies, last_delivery })
+}
+
+/// Opens and closes `total` connections, `parallel` at a time, each with a full handshake (and
+/// login), and prints how many per second.
+async fn bench_logins(server: &str, total: u64, parallel: u32, json: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..u64::from(parallel))
+        .map(|i| {
+            let server = server.to_owned();
+            let share = share(total, u64::from(parallel), i);
+            tokio::spawn(async move {
+                for _ in 0..share {
+                    let conn = crate::connect(&server, "bench login").await?;
+                    conn.close().await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let per_second = rate(total, secs);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"logins": total, "parallel": parallel, "elapsed_s": secs, "logins_per_s": per_second})
+        );
+    } else {
+        println!("logins:       {total} ({parallel} at a time)");
+        println!("login rate:   {per_second:.0} connections/s");
+        println!("elapsed:      {secs:.2} s");
+    }
+    Ok(())
 }
 
 /// Builds a body of `size` bytes whose first eight hold `sent_at_ns`, cutting it from `chunk`

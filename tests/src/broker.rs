@@ -175,7 +175,7 @@ impl Broker {
         self.tls_addr.expect("the broker runs a TLS listener (start it with --tls-listen)")
     }
 
-    /// The address of the broker's HTTP listener (metrics, API, dashboard).
+    /// The address of the broker's HTTP listener (metrics, API, dashboard), HTTP or HTTPS.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr.expect("the broker runs its HTTP listener")
     }
@@ -385,9 +385,12 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
-/// The address in a `... hopperd: http listening on 127.0.0.1:8080 (dashboard ...)` log line.
+/// The address in a `... hopperd: http listening on 127.0.0.1:8080 (dashboard ...)` log line,
+/// or its `https listening on` form (`--http-tls`).
 fn http_listening_addr(line: &str) -> Option<SocketAddr> {
-    let (_, rest) = line.split_once("hopperd: http listening on ")?;
+    let (_, rest) = line
+        .split_once("hopperd: http listening on ")
+        .or_else(|| line.split_once("hopperd: https listening on "))?;
     rest.split_whitespace().next()?.parse().ok()
 }
 
@@ -414,6 +417,10 @@ mod tests {
         let http = "INFO hopperd: http listening on 127.0.0.1:8080 (dashboard at http://127.0.0.1:8080/)";
         assert_eq!(http_listening_addr(http), Some("127.0.0.1:8080".parse().unwrap()));
         assert_eq!(listening_addr(http), None);
+        let https = "INFO hopperd: https listening on 127.0.0.1:8443 (dashboard at https://127.0.0.1:8443/)";
+        assert_eq!(http_listening_addr(https), Some("127.0.0.1:8443".parse().unwrap()));
+        assert_eq!(listening_addr(https), None);
+        assert_eq!(tls_listening_addr(https), None);
         let tls = "INFO hopperd: tls listening on 127.0.0.1:5681";
         assert_eq!(tls_listening_addr(tls), Some("127.0.0.1:5681".parse().unwrap()));
         assert_eq!(listening_addr(tls), None);

@@ -1,16 +1,22 @@
-//! A small HTTP/1.1 client for the broker's HTTP listener (metrics, JSON API, dashboard), and
-//! the two halves of HTTP/1.1 a test server needs (read a request, write a response).
+//! A small HTTP/1.1 client for the broker's HTTP listener (metrics, JSON API, dashboard), over
+//! TCP or, for `--http-tls`, TLS, and the two halves of HTTP/1.1 a test server needs (read a
+//! request, write a response).
 //!
-//! Plain HTTP/1.1 over a `TcpStream`, one request per connection: the tests need nothing more,
-//! and it keeps an HTTP client library out of the workspace.
+//! Plain HTTP/1.1, one request per connection: the tests need nothing more, and it keeps an
+//! HTTP client library out of the workspace.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 use serde_json::Value;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::broker::Broker;
 use crate::wait::within;
@@ -96,22 +102,8 @@ impl Http {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> io::Result<HttpResponse> {
-        let mut stream = TcpStream::connect(self.addr).await?;
-        let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
-        for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        if let Some(bytes) = body {
-            head.push_str(&format!("Content-Length: {}\r\n", bytes.len()));
-        }
-        head.push_str("\r\n");
-        stream.write_all(head.as_bytes()).await?;
-        if let Some(bytes) = body {
-            stream.write_all(bytes).await?;
-        }
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        parse_response(&raw)
+        let stream = TcpStream::connect(self.addr).await?;
+        exchange(stream, method, path, headers, body).await
     }
 
     /// The `Host` header a request to this listener carries: its address.
@@ -182,6 +174,106 @@ impl Http {
     pub async fn queue(&self, queue: &str) -> Value {
         self.get_json(&format!("/api/queues/{}", segment(queue))).await
     }
+}
+
+/// A client of a broker's HTTP listener speaking HTTPS (`--http-tls`), trusting one CA.
+#[derive(Clone)]
+pub struct Https {
+    addr: SocketAddr,
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl Https {
+    /// A client of the HTTPS listener at `addr` that trusts the CA certificates in `ca_pem`
+    /// only and checks the listener's certificate for `server_name`.
+    pub fn new(addr: SocketAddr, ca_pem: &[u8], server_name: &str) -> Https {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem) {
+            roots.add(cert.expect("the CA file is PEM")).expect("a CA certificate");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("rustls' default protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let server_name = ServerName::try_from(server_name.to_owned()).expect("a DNS name or an IP address");
+        Https { addr, connector: TlsConnector::from(Arc::new(config)), server_name }
+    }
+
+    /// The `Host` header a request to this listener carries: its address.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// `method path` with exactly `headers`, as [`Http::request_with`] sends it, over TLS;
+    /// fails the test if that fails or takes longer than the deadline.
+    pub async fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> HttpResponse {
+        let what = format!("{method} {path} over HTTPS");
+        within(&what, self.try_request_with(method, path, headers, body))
+            .await
+            .unwrap_or_else(|err| panic!("{what} on {}: {err}", self.addr))
+    }
+
+    /// Like [`Https::request_with`], but a failure (the TLS handshake, say) is the answer.
+    pub async fn try_request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> io::Result<HttpResponse> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let stream = self.connector.connect(self.server_name.clone(), tcp).await?;
+        exchange(stream, method, path, headers, body).await
+    }
+
+    /// `GET path` with `Host`, as a program using the API sends it.
+    pub async fn get(&self, path: &str) -> HttpResponse {
+        self.request_with("GET", path, &[("Host", &self.host())], None).await
+    }
+
+    /// `PUT path` with `body` as JSON and `Host`.
+    pub async fn put_json(&self, path: &str, body: &Value) -> HttpResponse {
+        let host = self.host();
+        let headers = [("Host", host.as_str()), ("Content-Type", "application/json")];
+        self.request_with("PUT", path, &headers, Some(body.to_string().as_bytes())).await
+    }
+}
+
+/// Sends one request on `stream` (`Connection: close`, `headers`, and `Content-Length` when
+/// there is a body) and reads the response until the server closes the connection.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> io::Result<HttpResponse> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(bytes) = body {
+        head.push_str(&format!("Content-Length: {}\r\n", bytes.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    if let Some(bytes) = body {
+        stream.write_all(bytes).await?;
+    }
+    // A TLS stream holds written bytes until flushed; a TCP stream's flush does nothing.
+    stream.flush().await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    parse_response(&raw)
 }
 
 /// A message id as JSON carries it: a decimal string (ids exceed 2^53).

@@ -1,8 +1,8 @@
 //! The harness shared by Hopper's integration tests: it starts the real `hopperd` as a child
 //! process (and restarts it on the same data directory), runs the `hopper` CLI against it,
 //! connects with `hopper-client`, speaks raw frames for the bad-input tests, reads durable
-//! queues' files for the durability tests, and speaks HTTP to the broker's HTTP listener (and
-//! plays an alarm webhook) for the HTTP tests.
+//! queues' files for the durability tests, speaks HTTP and HTTPS to the broker's HTTP listener
+//! (and plays an alarm webhook) for the HTTP tests, and makes throwaway CAs for the TLS tests.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins --examples`; the client's
 //! examples are run too): they are looked up in the target directory next to the test
@@ -13,6 +13,7 @@ mod cli;
 mod client;
 mod failure;
 mod http;
+mod pki;
 mod raw;
 mod storage;
 mod wait;
@@ -27,8 +28,9 @@ pub use client::{
 pub use failure::{declare_with_dead_letter, declared_options, take_ready, unix_ms};
 pub use http::{
     json_id, messages, read_request, receipt, segment, write_response, Http, HttpRequest, HttpResponse,
-    REQUEST_HEADER,
+    Https, REQUEST_HEADER,
 };
+pub use pki::{path_arg, Pki};
 pub use raw::RawConn;
 pub use storage::{
     clean_marker_present, parse_segment, queue_dir, read_segment, segment_files, Record, RecordKind,

@@ -1,93 +1,18 @@
 //! The binary protocol inside TLS: the TLS listener beside the plain one (or alone), logins
 //! over TLS (SCRAM, PLAIN, and EXTERNAL by client certificate), clients that do not trust the
 //! broker or are not trusted by it, the broker's startup errors for bad files, and the CLI's
-//! `hoppers://`. Every certificate is made here, by a throwaway CA.
-
-use std::path::{Path, PathBuf};
+//! `hoppers://`. Every certificate is made by a throwaway CA ([`Pki`]).
 
 use futures::StreamExt;
 use hopper_client::{
-    ClientCertificate, ConnectOptions, Connection, ConsumeOptions, Credentials, Error, Mechanism,
-    Permissions, QueueOptions, TlsOptions,
+    ConnectOptions, Connection, ConsumeOptions, Credentials, Error, Mechanism, Permissions, QueueOptions,
+    TlsOptions,
 };
 use hopper_proto::{pb, Body};
-use hopper_tests::{cli_at, command, connect, publish_all, run, within, Broker, CliOutput, RawConn};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, KeyPair,
+use hopper_tests::{
+    cli_at, command, connect, path_arg as path, publish_all, run, within, Broker, CliOutput, Pki, RawConn,
 };
-use tempfile::TempDir;
-
-/// A CA of its own and the files it signed, in a temporary directory.
-struct Pki {
-    dir: TempDir,
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        let pki = Pki { dir: tempfile::tempdir().unwrap(), ca };
-        std::fs::write(pki.ca_path(), pki.ca.pem()).unwrap();
-        pki
-    }
-
-    fn ca_path(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    fn ca_pem(&self) -> Vec<u8> {
-        self.ca.pem().into_bytes()
-    }
-
-    /// Signs a certificate for `common_name` and the names in `sans`, for `purpose`; writes
-    /// `<file>.pem` and `<file>.key` and returns their paths.
-    fn sign(
-        &self,
-        file: &str,
-        common_name: &str,
-        sans: &[&str],
-        purpose: ExtendedKeyUsagePurpose,
-    ) -> (PathBuf, PathBuf) {
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.extended_key_usages = vec![purpose];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        let (cert_path, key_path) =
-            (self.dir.path().join(format!("{file}.pem")), self.dir.path().join(format!("{file}.key")));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (cert_path, key_path)
-    }
-
-    /// The broker's certificate, valid for localhost and 127.0.0.1.
-    fn server(&self) -> (PathBuf, PathBuf) {
-        self.sign("server", "localhost", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth)
-    }
-
-    /// A client certificate whose subject CN is `user`.
-    fn client(&self, user: &str) -> ClientCertificate {
-        let (cert, key) =
-            self.sign(&format!("client-{user}"), user, &[], ExtendedKeyUsagePurpose::ClientAuth);
-        ClientCertificate { cert_pem: std::fs::read(cert).unwrap(), key_pem: std::fs::read(key).unwrap() }
-    }
-
-    /// TLS to the test broker, trusting this CA only.
-    fn tls(&self) -> TlsOptions {
-        TlsOptions { ca_certificates: Some(self.ca_pem()), ..TlsOptions::new("localhost") }
-    }
-}
-
-fn path(path: &Path) -> &str {
-    path.to_str().expect("temporary paths are UTF-8")
-}
+use rcgen::ExtendedKeyUsagePurpose;
 
 /// A broker with a TLS listener (certificate from `pki`) besides `extra`'s flags.
 fn tls_broker(pki: &Pki, extra: &[&str]) -> Broker {
@@ -323,7 +248,7 @@ async fn bad_tls_files_stop_the_broker_with_one_line_naming_the_file() {
     let pki = Pki::new("main");
     let (cert, key) = pki.server();
     let (_, other_key) = pki.sign("other", "other", &["other"], ExtendedKeyUsagePurpose::ServerAuth);
-    let missing = pki.dir.path().join("missing.pem");
+    let missing = pki.dir().join("missing.pem");
     let listen = ["--tls-listen", "127.0.0.1:0"];
     let cases: [(Vec<&str>, &str); 4] = [
         (vec!["--tls-cert", path(&missing), "--tls-key", path(&key)], "missing.pem: cannot read it"),

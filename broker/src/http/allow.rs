@@ -2,8 +2,9 @@
 //!
 //! A host is accepted when it is an IP literal, `localhost`, or a name the operator listed
 //! (`--http-allow-host`): an attacker's DNS name that resolves to the broker (DNS rebinding)
-//! is none of these. An origin is accepted when it is the listener's own (`http://` and the
-//! request's `Host`) or one the operator listed (`--http-allow-origin`).
+//! is none of these. An origin is accepted when it is the listener's own (its scheme, `http://`
+//! or with `--http-tls` `https://`, and the request's `Host`) or one the operator listed
+//! (`--http-allow-origin`).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -63,10 +64,23 @@ impl Host {
         Some(Host { name, port })
     }
 
-    /// This host as the origin of a page the listener served: plain `http://`, same port.
-    pub(crate) fn origin(&self) -> Origin {
-        Origin { scheme: "http".into(), host: self.name.clone(), port: self.port.or(Some(80)) }
+    /// This host as the origin of a page the listener served over `scheme`, same port.
+    pub(crate) fn origin(&self, scheme: Scheme) -> Origin {
+        let (name, default_port) = match scheme {
+            Scheme::Http => ("http", 80),
+            Scheme::Https => ("https", 443),
+        };
+        Origin { scheme: name.into(), host: self.name.clone(), port: self.port.or(Some(default_port)) }
     }
+}
+
+/// What the HTTP listener speaks: the scheme of its own origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scheme {
+    /// Plain HTTP, the default.
+    Http,
+    /// HTTP inside TLS (`--http-tls`).
+    Https,
 }
 
 /// A web origin: scheme, host and port, as browsers send it in the `Origin` header.
@@ -245,8 +259,11 @@ mod tests {
         assert_ne!(origin("https://ops.example.com"), origin("http://ops.example.com"));
         assert_eq!(origin("http://[::1]:8080").to_string(), "http://[::1]:8080");
         assert_eq!(origin("https://a.example:443").to_string(), "https://a.example");
-        assert_eq!(host("127.0.0.1:15680").origin(), origin("http://127.0.0.1:15680"));
-        assert_eq!(host("hopper.internal").origin(), origin("http://hopper.internal"));
+        assert_eq!(host("127.0.0.1:15680").origin(Scheme::Http), origin("http://127.0.0.1:15680"));
+        assert_eq!(host("hopper.internal").origin(Scheme::Http), origin("http://hopper.internal"));
+        assert_eq!(host("127.0.0.1:15680").origin(Scheme::Https), origin("https://127.0.0.1:15680"));
+        assert_eq!(host("hopper.internal").origin(Scheme::Https), origin("https://hopper.internal:443"));
+        assert_ne!(host("hopper.internal").origin(Scheme::Https), origin("https://hopper.internal:80"));
         for bad in
             ["null", "", "http://", "http://a.example/", "http://u@a.example", "1http://a", "//a.example"]
         {
@@ -271,7 +288,7 @@ mod tests {
     #[test]
     fn own_and_listed_origins_are_allowed() {
         let allowed = Allowed::new(&[], &strings(&["https://ops.example.com/"])).unwrap();
-        let own = host("127.0.0.1:15680").origin();
+        let own = host("127.0.0.1:15680").origin(Scheme::Http);
         assert!(allowed.origin(&origin("http://127.0.0.1:15680"), Some(&own)));
         assert!(allowed.origin(&origin("https://OPS.example.com:443"), Some(&own)));
         assert!(allowed.origin(&origin("https://ops.example.com"), None));

@@ -7,8 +7,8 @@
 //!
 //! 1. `Host` must be an IP literal, `localhost` or a name given with `--http-allow-host`: a
 //!    rebound attacker's name is none of these.
-//! 2. `Origin`, when present, must be the listener's own (`http://` + `Host`) or one given
-//!    with `--http-allow-origin`; `null` is foreign.
+//! 2. `Origin`, when present, must be the listener's own (`http://` + `Host`, or `https://` +
+//!    `Host` with `--http-tls`) or one given with `--http-allow-origin`; `null` is foreign.
 //! 3. A request that changes state (any method but GET, HEAD and OPTIONS) must carry
 //!    `Content-Type: application/json`, or, without a body, `X-Hopper-Request` (any non-empty
 //!    value; the docs say `1`). Browsers send neither cross-site without a CORS preflight, and
@@ -21,7 +21,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::allow::{Allowed, Host, Origin};
+use super::allow::{Allowed, Host, Origin, Scheme};
 use super::ApiError;
 
 /// The header that marks a request without a body as sent by a program, not a web page.
@@ -29,10 +29,15 @@ const REQUEST_HEADER: &str = "x-hopper-request";
 /// Longest piece of a header value repeated in an error message.
 const SHOWN_CHARS: usize = 100;
 
-/// Answers the request with an error unless [`check`] lets it through.
-pub(super) async fn guard(State(allowed): State<Arc<Allowed>>, request: Request, next: Next) -> Response {
+/// Answers the request with an error unless [`check`] lets it through; the state is the allow
+/// lists and the scheme the listener speaks.
+pub(super) async fn guard(
+    State((allowed, scheme)): State<(Arc<Allowed>, Scheme)>,
+    request: Request,
+    next: Next,
+) -> Response {
     let authority = request.uri().authority().map(|a| a.as_str());
-    match check(&allowed, request.method(), request.uri().path(), request.headers(), authority) {
+    match check(&allowed, scheme, request.method(), request.uri().path(), request.headers(), authority) {
         Ok(()) => next.run(request).await,
         Err(refused) => {
             let path = request.uri().path();
@@ -43,10 +48,12 @@ pub(super) async fn guard(State(allowed): State<Arc<Allowed>>, request: Request,
     }
 }
 
-/// The three checks of the module documentation. `uri_authority` is the `host:port` of an
-/// absolute request target, used when there is no `Host` header.
+/// The three checks of the module documentation, for a listener speaking `scheme`.
+/// `uri_authority` is the `host:port` of an absolute request target, used when there is no
+/// `Host` header.
 pub(super) fn check(
     allowed: &Allowed,
+    scheme: Scheme,
     method: &Method,
     path: &str,
     headers: &HeaderMap,
@@ -54,7 +61,7 @@ pub(super) fn check(
 ) -> Result<(), ApiError> {
     let safe = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     let host = check_host(allowed, headers, uri_authority, safe && is_monitoring(path))?;
-    check_origin(allowed, headers, host.as_ref())?;
+    check_origin(allowed, headers, host.map(|host| host.origin(scheme)))?;
     if !safe {
         check_intent(headers)?;
     }
@@ -102,16 +109,15 @@ fn check_host(
     }
 }
 
-/// Refuses an `Origin` other than the listener's own (`host` as `http://`) and the listed
-/// ones. No `Origin` at all is fine: programs do not send one.
-fn check_origin(allowed: &Allowed, headers: &HeaderMap, host: Option<&Host>) -> Result<(), ApiError> {
+/// Refuses an `Origin` other than the listener's `own` (its scheme and the request's `Host`)
+/// and the listed ones. No `Origin` at all is fine: programs do not send one.
+fn check_origin(allowed: &Allowed, headers: &HeaderMap, own: Option<Origin>) -> Result<(), ApiError> {
     let mut values = headers.get_all(header::ORIGIN).iter();
     let text = match (values.next(), values.next()) {
         (None, _) => return Ok(()),
         (Some(value), None) => value.to_str().unwrap_or_default(),
         (Some(_), Some(_)) => return Err(refused("the request has more than one Origin header")),
     };
-    let own = host.map(Host::origin);
     match Origin::parse(text) {
         Some(origin) if allowed.origin(&origin, own.as_ref()) => Ok(()),
         Some(origin) => {
@@ -223,7 +229,7 @@ mod tests {
     /// What `check` answers: `Ok` when it lets the request through, else the refusal.
     fn checked(method: &str, path: &str, headers: &[(&str, &str)]) -> Result<(), ApiError> {
         let method = Method::from_bytes(method.as_bytes()).unwrap();
-        check(&allowed(), &method, path, &header_map(headers), None)
+        check(&allowed(), Scheme::Http, &method, path, &header_map(headers), None)
     }
 
     /// The status `check` answers (200 when it lets the request through).
@@ -254,9 +260,10 @@ mod tests {
         assert_eq!(status("POST", "/metrics", &[("x-hopper-request", "1")]), 400);
         let map = header_map(&[(REQUEST_HEADER, "1")]);
         // An absolute request target stands in for a missing Host.
-        let absolute = check(&allowed(), &Method::DELETE, "/api/queues/q", &map, Some("evil.example:80"));
+        let absolute =
+            check(&allowed(), Scheme::Http, &Method::DELETE, "/api/queues/q", &map, Some("evil.example:80"));
         assert_eq!(absolute.map_err(|e| e.status), Err(StatusCode::FORBIDDEN));
-        assert!(check(&allowed(), &Method::DELETE, "/api/queues/q", &map, Some(ADDR)).is_ok());
+        assert!(check(&allowed(), Scheme::Http, &Method::DELETE, "/api/queues/q", &map, Some(ADDR)).is_ok());
     }
 
     #[test]
@@ -283,6 +290,25 @@ mod tests {
         // The own origin follows the Host the request came by.
         let named = [("host", "hopper.internal"), json, ("origin", "http://hopper.internal")];
         assert_eq!(status("PUT", "/api/queues/q", &named), 200);
+    }
+
+    #[test]
+    fn over_https_the_own_origin_is_https() {
+        let https = |origin: &str| {
+            let headers =
+                header_map(&[("host", ADDR), ("content-type", "application/json"), ("origin", origin)]);
+            let checked =
+                check(&allowed(), Scheme::Https, &Method::POST, "/api/queues/q/messages", &headers, None);
+            checked.map_or_else(|refused| refused.status.as_u16(), |()| 200)
+        };
+        assert_eq!(https("https://127.0.0.1:15680"), 200);
+        assert_eq!(https("https://ops.example.com"), 200, "the listed origins still are");
+        for foreign in ["http://127.0.0.1:15680", "https://127.0.0.1", "https://127.0.0.1:8443"] {
+            assert_eq!(https(foreign), 403, "{foreign}");
+        }
+        let headers = header_map(&[("host", "hopper.internal"), ("origin", "http://hopper.internal")]);
+        let refused = check(&allowed(), Scheme::Https, &Method::GET, "/", &headers, None).unwrap_err();
+        assert!(refused.message.contains("(https://hopper.internal)"), "{}", refused.message);
     }
 
     #[test]

@@ -1,47 +1,73 @@
 //! The HTTP listener: Prometheus metrics, a JSON API for producers and consumers that do not
 //! speak the binary protocol, health checks and the live dashboard. It shares the broker's state
 //! (same queues, same flow control), it is not a second process. Every request first passes
-//! the [`guard`], which keeps web pages the operator visits from driving the API.
+//! the [`guard`], which keeps web pages the operator visits from driving the API. With
+//! `http_tls` the same router is served over TLS ([`https`]).
 
 mod access;
 pub(crate) mod allow;
 mod api;
 mod exchanges;
 mod guard;
+mod https;
 mod login;
 mod metrics;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::http::{header, StatusCode};
 use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use crate::engine::Engine;
 use crate::error::BrokerError;
-use allow::Allowed;
+use allow::{Allowed, Scheme};
 
 /// The dashboard page, with its script and styles inline: nothing is fetched from elsewhere.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// Serves HTTP on `listener` until `shutdown` turns true.
-pub(crate) async fn serve(listener: TcpListener, engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
-    let app = router(engine);
+/// Serves HTTP on `listener` until `shutdown` turns true; HTTPS when given the `tls` acceptor.
+/// Either way, open connections finish their requests at shutdown.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    engine: Arc<Engine>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+    let served = match tls {
+        None => {
+            let app = router(engine, Scheme::Http).into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, app).with_graceful_shutdown(stop).await
+        }
+        Some(acceptor) => {
+            let timeout = engine.config().handshake_timeout();
+            let app = router(engine, Scheme::Https).into_make_service_with_connect_info::<SocketAddr>();
+            // axum gives `ConnectInfo<SocketAddr>` for its own listeners and for a tapped one
+            // whose address is a `SocketAddr`: the tap, which does nothing, is what makes the
+            // peer's address reach the handlers over HTTPS as over HTTP.
+            let listener = https::TlsListener::spawn(listener, acceptor, timeout).tap_io(|_| {});
+            axum::serve(listener, app).with_graceful_shutdown(stop).await
+        }
+    };
+    if let Err(err) = served {
         tracing::error!(error = %err, "http listener failed");
     }
 }
 
-fn router(engine: Arc<Engine>) -> Router {
+/// Every route, behind the login and the [`guard`]; `scheme` is what the listener speaks,
+/// which makes its own origin.
+fn router(engine: Arc<Engine>, scheme: Scheme) -> Router {
     let config = engine.config();
     // Config::validate already refused bad entries; should one slip through, allowing only
     // what is always allowed fails closed.
@@ -73,7 +99,7 @@ fn router(engine: Arc<Engine>) -> Router {
         .route("/api/tokens/{name}", delete(access::delete_token))
         .layer(middleware::from_fn_with_state(engine.clone(), login::login))
         .with_state(engine)
-        .layer(middleware::from_fn_with_state(Arc::new(allowed), guard::guard))
+        .layer(middleware::from_fn_with_state((Arc::new(allowed), scheme), guard::guard))
 }
 
 /// An API error: the broker's error code and message as JSON, with a fitting status.

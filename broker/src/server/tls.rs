@@ -1,5 +1,6 @@
 //! TLS on the binary protocol: the acceptor built from the configured PEM files, the
-//! handshake of one connection, and the user a verified client certificate names.
+//! handshake of one connection, and the user a verified client certificate names. HTTPS
+//! (`http_tls`) gets its acceptor here too, from the same files.
 //!
 //! The crypto provider is rustls' `ring`, named explicitly rather than taken from the process
 //! default, so that no other crate's choice of provider changes the broker's.
@@ -29,8 +30,32 @@ use crate::session::Transport;
 /// Builds the TLS listener's acceptor from `config`'s certificate, key and (for mutual TLS)
 /// client CA files. Every failure is one line naming the file.
 pub(crate) fn acceptor(config: &Config) -> Result<TlsAcceptor, StartError> {
+    let server = server_config(config, config.tls_client_ca.as_deref(), "tls_listen")?;
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+/// Builds the HTTPS listener's acceptor: the TLS listener's certificate and key, and no client
+/// certificates, even with a client CA configured. HTTP requests log in with Basic auth or a
+/// token, and a browser asked for a certificate it does not have shows the operator an error
+/// page instead of the dashboard's login.
+pub(crate) fn https_acceptor(config: &Config) -> Result<TlsAcceptor, StartError> {
+    let mut server = server_config(config, None, "http_tls")?;
+    // The listener serves HTTP/1.1 only; saying so lets a client that offers h2 fall back
+    // during the handshake rather than fail on its first frame.
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+/// The server side of TLS with `config`'s certificate and key, requiring client certificates
+/// that chain to `client_ca` when given. `setting` names what needs the certificate, for the
+/// error when there is none.
+fn server_config(
+    config: &Config,
+    client_ca: Option<&Path>,
+    setting: &str,
+) -> Result<ServerConfig, StartError> {
     let (Some(cert_path), Some(key_path)) = (&config.tls_cert, &config.tls_key) else {
-        return Err(StartError::Config("tls_listen needs tls_cert and tls_key".into()));
+        return Err(StartError::Config(format!("{setting} needs tls_cert and tls_key")));
     };
     let certs = load_certs(cert_path, "TLS certificate")?;
     let key = load_key(key_path)?;
@@ -38,7 +63,7 @@ pub(crate) fn acceptor(config: &Config) -> Result<TlsAcceptor, StartError> {
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| StartError::Config(format!("TLS: {e}")))?;
-    let builder = match &config.tls_client_ca {
+    let builder = match client_ca {
         Some(ca_path) => {
             let mut roots = RootCertStore::empty();
             for cert in load_certs(ca_path, "TLS client CA")? {
@@ -53,15 +78,14 @@ pub(crate) fn acceptor(config: &Config) -> Result<TlsAcceptor, StartError> {
         }
         None => builder.with_no_client_auth(),
     };
-    let server = builder.with_single_cert(certs, key).map_err(|e| match e {
+    builder.with_single_cert(certs, key).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => StartError::Config(format!(
             "TLS key file {} does not match the certificate in {}",
             key_path.display(),
             cert_path.display()
         )),
         other => file_error("TLS key", key_path, other),
-    })?;
-    Ok(TlsAcceptor::from(Arc::new(server)))
+    })
 }
 
 /// Runs the server side of the TLS handshake, within `timeout` and until shutdown. `None`
@@ -206,9 +230,11 @@ mod tests {
         let (_, other_key) = self_signed(rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap());
         let (_dir, good) = config_with(&cert, &key);
         assert!(acceptor(&good).is_ok());
+        assert!(https_acceptor(&good).is_ok());
 
         let missing = good.tls_cert.as_ref().map(|cert| cert.with_file_name("missing.pem"));
         let missing_ca = Config { tls_client_ca: missing, ..good.clone() };
+        assert!(https_acceptor(&missing_ca).is_ok(), "HTTPS asks for no client certificate");
         let cases = [
             (config_with("not pem", &key), "cert.pem: no certificate"),
             (config_with(&cert, "not pem"), "key.pem: no private key"),
