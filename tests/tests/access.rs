@@ -104,7 +104,7 @@ async fn every_operation_is_checked_and_a_refusal_changes_nothing() {
 
     // Refused, each naming the user, the permission and the resource.
     let message = refused(app.declare_queue("mine", QueueOptions::default()).await, "declare");
-    assert_eq!(message, "user 'app' has no configure permission on queue 'mine'");
+    assert_eq!(message, "user 'app' may not declare queue 'mine': no configure permission on it");
     refused(app.delete_queue("jobs", Default::default()).await, "delete");
     refused(app.purge_queue("secret").await, "purge");
     refused(app.publish("secret", "x", PublishOptions::default()).await, "publish");

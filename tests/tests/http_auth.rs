@@ -97,7 +97,10 @@ async fn http_requests_get_the_users_permissions_and_refusals_change_nothing() {
         send(&http, "POST", "/api/queues/secret/messages", Some(&app), Some(&json!({"body": "x"}))).await;
     assert_eq!(refused.status, 403, "{}", refused.body);
     assert_eq!(json_of(&refused)["error"]["code"], "ACCESS_REFUSED");
-    assert_eq!(json_of(&refused)["error"]["message"], "user 'app' has no write permission on queue 'secret'");
+    assert_eq!(
+        json_of(&refused)["error"]["message"],
+        "user 'app' may not publish to queue 'secret': no write permission on it"
+    );
     let purge = send(&http, "DELETE", "/api/queues/jobs/messages", Some(&app), None).await;
     assert_eq!(purge.status, 403, "purge needs configure: {}", purge.body);
 
@@ -158,4 +161,50 @@ async fn a_pull_receipt_works_only_for_the_user_who_pulled() {
     let stolen = send(&http, "DELETE", &path, Some(&root), None).await;
     assert_eq!(stolen.status, 404, "another user's ack: {}", stolen.body);
     assert_eq!(send(&http, "DELETE", &path, Some(&app), None).await.status, 204);
+}
+
+#[tokio::test]
+async fn every_http_operation_is_refused_without_its_permission_and_changes_nothing() {
+    let (_broker, http) = with_users().await;
+    let root = basic("root", "root-pw");
+    send(&http, "PUT", "/api/exchanges/events", Some(&root), Some(&json!({"type": "fanout"}))).await;
+    send(&http, "POST", "/api/queues/secret/messages", Some(&root), Some(&json!({"body": "classified"})))
+        .await;
+
+    let operations: Vec<(&str, &str, Option<Value>)> = vec![
+        ("PUT", "/api/queues/new", Some(json!({}))),
+        ("DELETE", "/api/queues/secret", None),
+        ("DELETE", "/api/queues/secret/messages", None),
+        ("PUT", "/api/queues/secret/alarm", Some(json!({"depth": 5}))),
+        ("POST", "/api/queues/secret/messages", Some(json!({"body": "x"}))),
+        ("GET", "/api/queues/secret/messages", None),
+        ("GET", "/api/queues/secret/peek", None),
+        ("POST", "/api/queues/secret/move", Some(json!({"to": "jobs"}))),
+        ("PUT", "/api/exchanges/mine", Some(json!({"type": "fanout"}))),
+        ("DELETE", "/api/exchanges/events", None),
+        ("POST", "/api/exchanges/events/messages", Some(json!({"routing_key": "", "body": "x"}))),
+        ("POST", "/api/bindings", Some(json!({"source": "events", "destination": "secret"}))),
+    ];
+    let app = basic("app", "app-pw");
+    let wrong = basic("app", "wrong");
+    for (method, path, body) in &operations {
+        let refused = send(&http, method, path, Some(&app), body.as_ref()).await;
+        assert_eq!(refused.status, 403, "{method} {path}: {}", refused.body);
+        assert_eq!(json_of(&refused)["error"]["code"], "ACCESS_REFUSED", "{method} {path}");
+        assert_eq!(
+            send(&http, method, path, Some(&wrong), body.as_ref()).await.status,
+            401,
+            "{method} {path}"
+        );
+        assert_eq!(send(&http, method, path, None, body.as_ref()).await.status, 401, "{method} {path}");
+    }
+
+    let secret = json_of(&send(&http, "GET", "/api/queues/secret", Some(&root), None).await);
+    assert_eq!(secret["ready"].as_u64(), Some(1));
+    assert!(secret["alarm_depth"].as_u64().unwrap_or(0) == 0, "no alarm was set: {secret}");
+    assert_eq!(send(&http, "GET", "/api/queues/new", Some(&root), None).await.status, 404);
+    let exchanges = send(&http, "GET", "/api/exchanges", Some(&root), None).await.body;
+    assert!(exchanges.contains("\"events\"") && !exchanges.contains("\"mine\""), "{exchanges}");
+    let bindings = send(&http, "GET", "/api/bindings?exchange=events", Some(&root), None).await.body;
+    assert_eq!(bindings.trim(), "[]");
 }

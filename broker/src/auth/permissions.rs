@@ -124,7 +124,10 @@ impl Permissions {
     }
 }
 
-/// The refusal of `access` to `resource` for `user`, naming all three.
-pub fn refused(user: &str, access: Access, resource: Resource<'_>) -> BrokerError {
-    BrokerError::AccessRefused(format!("user '{user}' has no {} permission on {resource}", access.as_str()))
+/// The refusal of `operation` on `resource` for `user`, who lacks `access` to it.
+pub fn refused(user: &str, operation: &str, access: Access, resource: Resource<'_>) -> BrokerError {
+    BrokerError::AccessRefused(format!(
+        "user '{user}' may not {operation} {resource}: no {} permission on it",
+        access.as_str()
+    ))
 }

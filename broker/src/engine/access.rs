@@ -66,15 +66,22 @@ impl Engine {
         &self.users
     }
 
-    /// Refuses, with ACCESS_REFUSED naming the user, the permission and the resource, unless
-    /// the caller's user has `access` to `resource`. The broker's own work passes.
-    pub fn check(&self, caller: &Caller, access: Access, resource: Resource<'_>) -> Result<(), BrokerError> {
+    /// Refuses, with ACCESS_REFUSED naming the user, the operation, the resource and the
+    /// permission it lacks, unless the caller's user has `access` to `resource`. The broker's
+    /// own work passes.
+    pub fn check(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        access: Access,
+        resource: Resource<'_>,
+    ) -> Result<(), BrokerError> {
         let Some(user) = &caller.user else { return Ok(()) };
         let account = self.users.current(user)?;
         if account.permissions.allows(access, resource) {
             Ok(())
         } else {
-            Err(auth::refused(user, access, resource))
+            Err(auth::refused(user, operation, access, resource))
         }
     }
 

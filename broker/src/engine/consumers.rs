@@ -89,7 +89,7 @@ impl PublishTarget {
 impl Engine {
     /// Looks up a queue to publish to.
     pub fn publish_target(&self, caller: &Caller, queue: &str) -> Result<PublishTarget, BrokerError> {
-        self.check(caller, Access::Write, Resource::Queue(queue))?;
+        self.check(caller, "publish to", Access::Write, Resource::Queue(queue))?;
         Ok(PublishTarget { queue: self.queues.get(queue)? })
     }
 
@@ -114,7 +114,7 @@ impl Engine {
         confirm: Confirm,
     ) -> Result<u64, BrokerError> {
         // Checked again per publish: permissions may have changed since the lookup.
-        self.check(caller, Access::Write, Resource::Queue(target.queue.name()))?;
+        self.check(caller, "publish to", Access::Write, Resource::Queue(target.queue.name()))?;
         check_duration("delay_ms", message.delay_ms)?;
         check_duration("ttl_ms", message.ttl_ms)?;
         let (delay_ms, ttl_ms) = (message.delay_ms, message.ttl_ms);
@@ -156,7 +156,7 @@ impl Engine {
         announce: impl FnOnce(u64),
     ) -> Result<u64, BrokerError> {
         check_duration("ack_timeout_ms", options.ack_timeout_ms)?;
-        self.check(caller, Access::Read, Resource::Queue(queue))?;
+        self.check(caller, "consume from", Access::Read, Resource::Queue(queue))?;
         let queue = self.queues.get(queue)?;
         let consumer_id = self.next_consumer_id();
         self.consumers.insert(

@@ -31,7 +31,7 @@ impl Engine {
         spec: ExchangeSpec,
         passive: bool,
     ) -> Result<(ExchangeView, bool), BrokerError> {
-        self.check(caller, Access::Configure, Resource::Exchange(&spec.name))?;
+        self.check(caller, "declare", Access::Configure, Resource::Exchange(&spec.name))?;
         let name = spec.name.clone();
         let created = if passive {
             false
@@ -50,7 +50,7 @@ impl Engine {
         name: &str,
         if_unused: bool,
     ) -> Result<(), BrokerError> {
-        self.check(caller, Access::Configure, Resource::Exchange(name))?;
+        self.check(caller, "delete", Access::Configure, Resource::Exchange(name))?;
         let (registry, name) = (self.queues.clone(), name.to_owned());
         blocking(move || registry.delete_exchange(&name, if_unused)).await
     }
@@ -103,9 +103,9 @@ impl Engine {
         confirm: Confirm,
     ) -> Result<u64, BrokerError> {
         if route.exchange.is_empty() {
-            self.check(caller, Access::Write, Resource::Queue(route.routing_key))?;
+            self.check(caller, "publish to", Access::Write, Resource::Queue(route.routing_key))?;
         } else {
-            self.check(caller, Access::Write, Resource::Exchange(route.exchange))?;
+            self.check(caller, "publish to", Access::Write, Resource::Exchange(route.exchange))?;
         }
         check_duration("delay_ms", message.delay_ms)?;
         check_duration("ttl_ms", message.ttl_ms)?;
@@ -144,11 +144,11 @@ impl Engine {
     }
 
     fn check_binding(&self, caller: &Caller, source: &str, binding: &Binding) -> Result<(), BrokerError> {
-        self.check(caller, Access::Read, Resource::Exchange(source))?;
+        self.check(caller, "bind from", Access::Read, Resource::Exchange(source))?;
         match &binding.destination {
-            Destination::Queue(queue) => self.check(caller, Access::Write, Resource::Queue(queue)),
+            Destination::Queue(queue) => self.check(caller, "bind to", Access::Write, Resource::Queue(queue)),
             Destination::Exchange(exchange) => {
-                self.check(caller, Access::Write, Resource::Exchange(exchange))
+                self.check(caller, "bind to", Access::Write, Resource::Exchange(exchange))
             }
         }
     }

@@ -193,7 +193,7 @@ impl Engine {
         if queue.is_empty() {
             self.require_admin(caller, "reading every queue's dead-letter trail")?;
         } else {
-            self.check(caller, Access::Read, Resource::Queue(&queue))?;
+            self.check(caller, "read the dead-letter trail of", Access::Read, Resource::Queue(&queue))?;
         }
         let limit = if limit == 0 { 1000 } else { limit as usize };
         let registry = self.queues.clone();

@@ -148,7 +148,7 @@ impl Engine {
             )));
         }
         crate::settings::check_duration("visibility_ms", visibility_ms)?;
-        self.check(caller, Access::Read, Resource::Queue(queue))?;
+        self.check(caller, "get from", Access::Read, Resource::Queue(queue))?;
         let queue = self.queues.get(queue)?;
         let (puller, turn) = self.puller(caller, &queue, notices)?;
         let consumer_id = puller.consumer_id;

@@ -21,7 +21,7 @@ impl Engine {
         settings: QueueSettings,
         alarm_depth: Option<u64>,
     ) -> Result<(QueueInfo, bool), BrokerError> {
-        self.check(caller, Access::Configure, Resource::Queue(name))?;
+        self.check(caller, "declare", Access::Configure, Resource::Queue(name))?;
         let max_queues = self.config.max_queues;
         if self.queues.get(name).is_err() && self.queues.count() >= max_queues {
             return Err(BrokerError::ResourceLimit(format!(
@@ -50,7 +50,7 @@ impl Engine {
         if_unused: bool,
         if_empty: bool,
     ) -> Result<u64, BrokerError> {
-        self.check(caller, Access::Configure, Resource::Queue(name))?;
+        self.check(caller, "delete", Access::Configure, Resource::Queue(name))?;
         let registry = self.queues.clone();
         let owned = name.to_owned();
         let deleted = blocking(move || registry.delete(&owned, if_unused, if_empty)).await?;
@@ -64,7 +64,7 @@ impl Engine {
 
     /// Drops every ready and delayed message of a queue; returns how many.
     pub fn purge(&self, caller: &Caller, name: &str) -> Result<u64, BrokerError> {
-        self.check(caller, Access::Configure, Resource::Queue(name))?;
+        self.check(caller, "purge", Access::Configure, Resource::Queue(name))?;
         let queue = self.queues.get(name)?;
         let purged = queue.with_state(|s, j, _| s.purge(j))? as u64;
         tracing::info!(queue = %name, purged, "queue purged");
@@ -86,7 +86,7 @@ impl Engine {
     /// Sets a queue's depth alarm threshold (0 = none); durable queues keep it on disk, which
     /// is written on a blocking thread.
     pub async fn set_alarm(&self, caller: &Caller, name: &str, depth: u64) -> Result<QueueInfo, BrokerError> {
-        self.check(caller, Access::Configure, Resource::Queue(name))?;
+        self.check(caller, "set the alarm of", Access::Configure, Resource::Queue(name))?;
         let registry = self.queues.clone();
         let owned = name.to_owned();
         blocking(move || registry.set_alarm(&owned, depth)).await?;
@@ -95,7 +95,7 @@ impl Engine {
 
     /// The first `count` ready messages of a queue (at most 10,000), unchanged.
     pub fn peek(&self, caller: &Caller, name: &str, count: usize) -> Result<Vec<MessageView>, BrokerError> {
-        self.check(caller, Access::Read, Resource::Queue(name))?;
+        self.check(caller, "peek into", Access::Read, Resource::Queue(name))?;
         let queue = self.queues.get(name)?;
         let count = count.min(MAX_PEEK);
         let found = queue.with_state(|s, j, _| s.peek(count, j))?;
@@ -106,11 +106,11 @@ impl Engine {
     /// Needs read on the source and write on the destination; a move with no destination
     /// (back where each message died, wherever that is) needs the admin tag.
     pub fn start_move(&self, caller: &Caller, spec: MoveSpec) -> Result<MoveStatus, BrokerError> {
-        self.check(caller, Access::Read, Resource::Queue(&spec.source))?;
+        self.check(caller, "move messages out of", Access::Read, Resource::Queue(&spec.source))?;
         if spec.destination.is_empty() {
             self.require_admin(caller, "a move back to where messages died")?;
         } else {
-            self.check(caller, Access::Write, Resource::Queue(&spec.destination))?;
+            self.check(caller, "move messages into", Access::Write, Resource::Queue(&spec.destination))?;
         }
         self.moves.start(&self.queues, &self.events, spec)
     }
@@ -123,7 +123,7 @@ impl Engine {
     /// Asks a running move to stop.
     pub fn cancel_move(&self, caller: &Caller, id: u64) -> Result<MoveStatus, BrokerError> {
         if let Some(status) = self.moves.list(&self.queues).iter().find(|m| m.id == id) {
-            self.check(caller, Access::Read, Resource::Queue(&status.spec.source))?;
+            self.check(caller, "cancel a move out of", Access::Read, Resource::Queue(&status.spec.source))?;
         }
         self.moves.cancel(id, &self.queues)
     }
