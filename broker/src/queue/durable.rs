@@ -141,25 +141,31 @@ pub(super) fn recover(
     Ok(Parts { state, disk, durable: Durable::new(dir, config), writer })
 }
 
-/// Starts the queue's log and fsync threads.
-pub(super) fn spawn_threads(queue: &Arc<Queue>, writer: SegmentWriter) {
-    let durable = queue.durable.as_ref().expect("durable queue");
+/// Starts the queue's log and fsync threads. The machine may be out of threads: that is an
+/// error for the caller (the declare fails, recovery skips the queue), never a panic.
+pub(super) fn spawn_threads(queue: &Arc<Queue>, writer: SegmentWriter) -> std::io::Result<()> {
+    let Some(durable) = queue.durable.as_ref() else { return Ok(()) };
     let short_name: String = queue.name.chars().take(8).collect();
     let syncs = durable.syncs.clone();
-    let fsync = std::thread::Builder::new()
-        .name(format!("fsync-{short_name}"))
-        .spawn(move || fsync_loop(&syncs))
-        .expect("spawning an fsync thread");
+    let fsync =
+        std::thread::Builder::new().name(format!("fsync-{short_name}")).spawn(move || fsync_loop(&syncs))?;
     let worker = queue.clone();
-    let handle = std::thread::Builder::new()
-        .name(format!("log-{short_name}"))
-        .spawn(move || {
-            let written = write_loop(&worker, writer);
-            let synced = fsync.join().unwrap_or(false);
-            written && synced
-        })
-        .expect("spawning a log thread");
-    *durable.thread.lock() = Some(handle);
+    let spawned = std::thread::Builder::new().name(format!("log-{short_name}")).spawn(move || {
+        let written = write_loop(&worker, writer);
+        let synced = fsync.join().unwrap_or(false);
+        written && synced
+    });
+    match spawned {
+        Ok(handle) => {
+            *durable.thread.lock() = Some(handle);
+            Ok(())
+        }
+        Err(err) => {
+            // The fsync thread has nothing to wait for: let it end.
+            durable.syncs.stop();
+            Err(err)
+        }
+    }
 }
 
 impl DiskState {

@@ -72,7 +72,13 @@ impl Registry {
             };
             match durable::recover(&meta, &dir, &registry.storage, crashed) {
                 Ok(parts) => {
-                    let queue = registry.assemble(&meta.name, meta.settings.clone(), parts);
+                    let queue = match registry.assemble(&meta.name, meta.settings.clone(), parts) {
+                        Ok(queue) => queue,
+                        Err(err) => {
+                            tracing::error!(queue = %meta.name, error = %err, "durable queue not started: its storage threads could not be made; its files are kept for the next start");
+                            continue;
+                        }
+                    };
                     queue.alarm_depth.store(meta.alarm_depth, Ordering::Release);
                     registry.queues.insert(meta.name.as_str().into(), queue.clone());
                     // Recovered delayed messages and TTLs need their timer.
@@ -122,7 +128,15 @@ impl Registry {
                     return Err(refuse(err));
                 }
             };
-            self.assemble(name, settings.clone(), parts)
+            match self.assemble(name, settings.clone(), parts) {
+                Ok(queue) => queue,
+                Err(err) => {
+                    let _ = self.store.remove(&dir);
+                    return Err(BrokerError::ResourceLimit(format!(
+                        "cannot start durable queue '{name}': no thread for its storage ({err}); the machine is out of threads or memory"
+                    )));
+                }
+            }
         } else {
             let state = QueueState::new(settings.policy());
             Queue::build(name, settings.clone(), state, None, None, self.me.clone())
@@ -152,11 +166,16 @@ impl Registry {
         }
     }
 
-    fn assemble(&self, name: &str, settings: QueueSettings, parts: durable::Parts) -> Arc<Queue> {
+    fn assemble(
+        &self,
+        name: &str,
+        settings: QueueSettings,
+        parts: durable::Parts,
+    ) -> std::io::Result<Arc<Queue>> {
         let (state, disk, durable, writer) = parts.into_inner();
         let queue = Queue::build(name, settings, state, Some(disk), Some(durable), self.me.clone());
-        durable::spawn_threads(&queue, writer);
-        queue
+        durable::spawn_threads(&queue, writer)?;
+        Ok(queue)
     }
 
     /// Deletes a queue, dropping its messages (and files) and cancelling its consumers.
