@@ -233,6 +233,9 @@ async fn peeking_at_stored_bodies_does_not_count_them_as_held_in_memory() {
     let conn = connect(&broker).await;
     conn.declare_queue("probe", QueueOptions::default()).await.unwrap();
     let memory = || async { conn.status().await.unwrap().memory_used };
+    // The reading is the monitor's last sample: wait for one taken since the restart (the
+    // queue's index entries make it non-zero), or the first sample would look like the peeks.
+    eventually("the monitor's first reading", DEADLINE, || async { memory().await > 0 }).await;
     let start = memory().await;
     for _ in 0..20 {
         assert_eq!(conn.peek("q", 100).await.unwrap().len(), 100);

@@ -1,10 +1,10 @@
-//! Durable queues: the journal that buffers log records under the queue's lock, a write thread
-//! that appends them to the log and makes newly written messages visible, and an fsync thread
-//! that confirms publishes once they are on stable storage.
+//! Durable queues: the journal that buffers log records under the queue's lock, and a write
+//! thread that appends them to the log, makes newly written messages visible, syncs the batch
+//! and confirms its publishes once they are on stable storage.
 //!
-//! Group commit falls out of the split: while one fsync runs, later batches are written and
-//! their confirms wait for the next fsync, which covers all of them. Consumers see a message as
-//! soon as it is written, so fsync latency is paid by publish confirms, not by deliveries.
+//! Group commit falls out of the buffer: while one batch is written and synced, later records
+//! gather, and the next fsync covers all of them. Consumers see a message as soon as it is
+//! written, so fsync latency is paid by publish confirms, not by deliveries.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -36,21 +36,6 @@ pub struct Durable {
     reader: SegmentReader,
     wake: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<bool>>>,
-    syncs: Arc<Syncs>,
-}
-
-/// Confirms waiting for an fsync, handed from the write thread to the fsync thread.
-#[derive(Default)]
-struct Syncs {
-    waiting: Mutex<SyncQueue>,
-    wake: Condvar,
-}
-
-#[derive(Default)]
-struct SyncQueue {
-    /// Files written to, each with the confirms its next fsync releases.
-    batches: Vec<(Arc<std::fs::File>, Vec<Confirmation>)>,
-    stopping: bool,
 }
 
 /// The parts that live under the queue's lock.
@@ -141,31 +126,18 @@ pub(super) fn recover(
     Ok(Parts { state, disk, durable: Durable::new(dir, config), writer })
 }
 
-/// Starts the queue's log and fsync threads. The machine may be out of threads: that is an
-/// error for the caller (the declare fails, recovery skips the queue), never a panic.
+/// Starts the queue's log thread, which writes and syncs its batches. The machine may be out
+/// of threads: that is an error for the caller (the declare fails, recovery skips the queue),
+/// never a panic.
 pub(super) fn spawn_threads(queue: &Arc<Queue>, writer: SegmentWriter) -> std::io::Result<()> {
     let Some(durable) = queue.durable.as_ref() else { return Ok(()) };
     let short_name: String = queue.name.chars().take(8).collect();
-    let syncs = durable.syncs.clone();
-    let fsync =
-        std::thread::Builder::new().name(format!("fsync-{short_name}")).spawn(move || fsync_loop(&syncs))?;
     let worker = queue.clone();
-    let spawned = std::thread::Builder::new().name(format!("log-{short_name}")).spawn(move || {
-        let written = write_loop(&worker, writer);
-        let synced = fsync.join().unwrap_or(false);
-        written && synced
-    });
-    match spawned {
-        Ok(handle) => {
-            *durable.thread.lock() = Some(handle);
-            Ok(())
-        }
-        Err(err) => {
-            // The fsync thread has nothing to wait for: let it end.
-            durable.syncs.stop();
-            Err(err)
-        }
-    }
+    let handle = std::thread::Builder::new()
+        .name(format!("log-{short_name}"))
+        .spawn(move || write_loop(&worker, writer))?;
+    *durable.thread.lock() = Some(handle);
+    Ok(())
 }
 
 impl DiskState {
@@ -203,7 +175,6 @@ impl Durable {
             reader: SegmentReader::new(dir),
             wake: Condvar::new(),
             thread: Mutex::new(None),
-            syncs: Arc::default(),
         }
     }
 
@@ -325,9 +296,10 @@ impl Durable {
     }
 }
 
-/// The write thread: append a batch, make its messages visible, and hand its confirms to the
-/// fsync thread (or send them, when the policy does not wait for fsync); then delete emptied
-/// segments, roll and compact.
+/// The write thread: append a batch, make its messages visible, fsync it and send its confirms
+/// (at once, when the policy does not wait for fsync); then delete emptied segments, roll and
+/// compact. Group commit: while one batch is written and synced, the next one gathers in the
+/// buffer, so one fsync covers every publish that arrived meanwhile.
 fn write_loop(queue: &Queue, mut writer: SegmentWriter) -> bool {
     let durable = queue.durable.as_ref().expect("durable queue");
     let policy = durable.config.fsync;
@@ -335,6 +307,7 @@ fn write_loop(queue: &Queue, mut writer: SegmentWriter) -> bool {
     let mut unsynced = false;
     let mut last_sync = Instant::now();
     let mut failing = false;
+    let mut all_synced = true;
     loop {
         let mut guard = queue.state.lock();
         // Only `batch` has a sync falling due while idle; under `never` the unsynced bytes wait
@@ -381,7 +354,19 @@ fn write_loop(queue: &Queue, mut writer: SegmentWriter) -> bool {
         }
         match policy {
             FsyncPolicy::Always if wrote => {
-                durable.syncs.submit(writer.file(), confirms);
+                let synced = writer.file().sync_data().map_err(|e| e.to_string());
+                if let Err(err) = &synced {
+                    all_synced = false;
+                    tracing::error!(queue = %queue.name, error = %err, "log fsync failed; its publishes are not confirmed");
+                }
+                for (confirm, outcome) in confirms {
+                    confirm.send(match &synced {
+                        Ok(()) => outcome,
+                        Err(err) => Err(BrokerError::ResourceLimit(format!(
+                            "message not confirmed: fsync failed: {err}"
+                        ))),
+                    });
+                }
                 unsynced = false;
             }
             _ => {
@@ -402,63 +387,7 @@ fn write_loop(queue: &Queue, mut writer: SegmentWriter) -> bool {
         spare.clear();
         maintain(queue, durable, &mut writer);
         if stopping {
-            durable.syncs.stop();
-            return !failing;
-        }
-    }
-}
-
-impl Syncs {
-    fn submit(&self, file: Arc<std::fs::File>, confirms: Vec<Confirmation>) {
-        self.waiting.lock().batches.push((file, confirms));
-        self.wake.notify_one();
-    }
-
-    fn stop(&self) {
-        self.waiting.lock().stopping = true;
-        self.wake.notify_one();
-    }
-}
-
-/// The fsync thread: takes every batch written since its last round, syncs each file once, and
-/// releases their confirms — negative ones if the sync failed.
-fn fsync_loop(syncs: &Syncs) -> bool {
-    let mut all_synced = true;
-    loop {
-        let batches = {
-            let mut waiting = syncs.waiting.lock();
-            while waiting.batches.is_empty() && !waiting.stopping {
-                syncs.wake.wait(&mut waiting);
-            }
-            if waiting.batches.is_empty() {
-                return all_synced;
-            }
-            std::mem::take(&mut waiting.batches)
-        };
-        let mut synced: Vec<(*const std::fs::File, Result<(), String>)> = Vec::new();
-        for (file, confirms) in batches {
-            let key = Arc::as_ptr(&file);
-            let result = match synced.iter().find(|(k, _)| *k == key) {
-                Some((_, result)) => result.clone(),
-                None => {
-                    let result = file.sync_data().map_err(|e| e.to_string());
-                    all_synced &= result.is_ok();
-                    if let Err(err) = &result {
-                        tracing::error!(error = %err, "log fsync failed; publishes are refused");
-                    }
-                    synced.push((key, result.clone()));
-                    result
-                }
-            };
-            for (confirm, outcome) in confirms {
-                let outcome = match &result {
-                    Ok(()) => outcome,
-                    Err(err) => {
-                        Err(BrokerError::ResourceLimit(format!("message not confirmed: fsync failed: {err}")))
-                    }
-                };
-                confirm.send(outcome);
-            }
+            return !failing && all_synced;
         }
     }
 }
@@ -572,7 +501,7 @@ fn apply_batch(
 fn maintain(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
     if writer.is_full() {
         if durable.config.fsync != FsyncPolicy::Always {
-            // Under `always` the fsync thread still holds the old file and syncs it.
+            // Under `always` every batch was synced as it was written.
             if let Err(err) = writer.sync() {
                 tracing::error!(queue = %queue.name, error = %err, "log sync failed");
             }
