@@ -2,14 +2,16 @@
 //! size, readable through the protocol (`hopper audit`).
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+
+use crate::rotating::RotatingFile;
 
 /// One dead-lettering (or drop) of a message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,12 +48,11 @@ pub struct AuditEvent {
 pub struct Audit {
     dir: PathBuf,
     inner: Mutex<Inner>,
-    max_bytes: u64,
 }
 
 struct Inner {
-    /// The current file and its length, once opened.
-    file: Option<(File, u64)>,
+    /// The files.
+    file: RotatingFile,
     /// Generation of the current file; `audit.log.N` holds generation `current - N`.
     current: u64,
     /// Every event in the files kept, oldest first.
@@ -77,7 +78,8 @@ impl Audit {
     /// An audit trail in `dir` whose files rotate at `max_bytes`; indexes the files there.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Audit> {
         std::fs::create_dir_all(dir)?;
-        let mut inner = Inner { file: None, current: KEEP, index: VecDeque::new(), names: HashMap::new() };
+        let file = RotatingFile::new(dir, NAME, max_bytes, KEEP);
+        let mut inner = Inner { file, current: KEEP, index: VecDeque::new(), names: HashMap::new() };
         for generation in 0..=KEEP {
             let file = match File::open(path_of(dir, KEEP, generation)) {
                 Ok(file) => file,
@@ -93,7 +95,7 @@ impl Audit {
                 offset += line.len() as u64 + 1;
             }
         }
-        Ok(Audit { dir: dir.to_path_buf(), inner: Mutex::new(inner), max_bytes })
+        Ok(Audit { dir: dir.to_path_buf(), inner: Mutex::new(inner) })
     }
 
     /// Appends `event`. A failure to write is logged, never passed on: the audit trail must not
@@ -108,37 +110,17 @@ impl Audit {
         let mut line = serde_json::to_vec(event).map_err(io::Error::other)?;
         line.push(b'\n');
         let mut inner = self.inner.lock();
-        if inner.file.as_ref().is_some_and(|(_, len)| *len + line.len() as u64 > self.max_bytes) {
-            inner.file = None;
-            self.rotate()?;
+        let appended = inner.file.append(&line)?;
+        if appended.rotated {
             inner.current += 1;
             let oldest = inner.current - KEEP;
             while inner.index.front().is_some_and(|e| e.generation < oldest) {
                 inner.index.pop_front();
             }
         }
-        if inner.file.is_none() {
-            let file = OpenOptions::new().create(true).append(true).open(self.dir.join(NAME))?;
-            let len = file.metadata()?.len();
-            inner.file = Some((file, len));
-        }
-        let (file, len) = inner.file.as_mut().expect("opened above");
-        file.write_all(&line)?;
-        let offset = *len;
-        *len += line.len() as u64;
         let generation = inner.current;
-        inner.add(event, generation, offset, line.len() as u32 - 1);
+        inner.add(event, generation, appended.offset, line.len() as u32 - 1);
         Ok(())
-    }
-
-    fn rotate(&self) -> io::Result<()> {
-        for n in (1..KEEP).rev() {
-            let from = self.dir.join(format!("{NAME}.{n}"));
-            if from.exists() {
-                std::fs::rename(&from, self.dir.join(format!("{NAME}.{}", n + 1)))?;
-            }
-        }
-        std::fs::rename(self.dir.join(NAME), self.dir.join(format!("{NAME}.1")))
     }
 
     /// Events of `queue` (all when empty) at or after `since_ms`, oldest first, at most the

@@ -21,6 +21,7 @@ pub mod storage;
 
 mod http;
 mod outbox;
+mod rotating;
 mod session;
 mod wire;
 

@@ -2,19 +2,20 @@
 //! and tokens, in `<data_dir>/audit/access.log`, rotated by size. Who tried what, from where,
 //! and who changed what, when; never a password or a token.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+
+use crate::rotating::RotatingFile;
 
 /// File name, in the audit directory.
 const NAME: &str = "access.log";
 /// Size at which the file is rotated.
 const MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// Rotated files kept (`access.log.1` is the newest of them).
-const KEEP: u32 = 3;
+const KEEP: u64 = 3;
 
 /// One line of the access log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,56 +40,30 @@ pub struct AccessEvent {
 
 /// Appends access events to a size-rotated file.
 pub struct AccessLog {
-    dir: PathBuf,
-    file: Mutex<Option<(File, u64)>>,
+    file: Mutex<RotatingFile>,
 }
 
 impl AccessLog {
     /// The access log in `dir` (created if needed).
     pub fn open(dir: &Path) -> io::Result<AccessLog> {
         std::fs::create_dir_all(dir)?;
-        Ok(AccessLog { dir: dir.to_path_buf(), file: Mutex::new(None) })
+        Ok(AccessLog { file: Mutex::new(RotatingFile::new(dir, NAME, MAX_BYTES, KEEP)) })
     }
 
     /// The file events are appended to.
     pub fn path(&self) -> PathBuf {
-        self.dir.join(NAME)
+        self.file.lock().path()
     }
 
     /// Appends `event`. A failure to write is logged, never passed on: logins and changes go on.
     pub fn record(&self, event: &AccessEvent) {
-        if let Err(err) = self.append(event) {
+        let appended = serde_json::to_vec(event).map_err(io::Error::other).and_then(|mut line| {
+            line.push(b'\n');
+            self.file.lock().append(&line)
+        });
+        if let Err(err) = appended {
             tracing::warn!(error = %err, "could not write the access log");
         }
-    }
-
-    fn append(&self, event: &AccessEvent) -> io::Result<()> {
-        let mut line = serde_json::to_vec(event).map_err(io::Error::other)?;
-        line.push(b'\n');
-        let mut file = self.file.lock();
-        if file.as_ref().is_some_and(|(_, len)| *len + line.len() as u64 > MAX_BYTES) {
-            *file = None;
-            self.rotate()?;
-        }
-        if file.is_none() {
-            let opened = OpenOptions::new().create(true).append(true).open(self.path())?;
-            let len = opened.metadata()?.len();
-            *file = Some((opened, len));
-        }
-        let (opened, len) = file.as_mut().expect("opened above");
-        opened.write_all(&line)?;
-        *len += line.len() as u64;
-        Ok(())
-    }
-
-    fn rotate(&self) -> io::Result<()> {
-        for n in (1..KEEP).rev() {
-            let from = self.dir.join(format!("{NAME}.{n}"));
-            if from.exists() {
-                std::fs::rename(&from, self.dir.join(format!("{NAME}.{}", n + 1)))?;
-            }
-        }
-        std::fs::rename(self.path(), self.dir.join(format!("{NAME}.1")))
     }
 }
 
