@@ -57,6 +57,11 @@ pub struct Config {
     pub segment_bytes: u64,
     /// Bytes of message bodies each durable queue keeps in memory; the rest stay on disk.
     pub queue_memory_bytes: usize,
+    /// Storage threads serving every durable queue, each writing one shared log (default: the
+    /// number of cores).
+    pub storage_threads: usize,
+    /// Segment files kept open for reading stored bodies, over all logs.
+    pub max_open_segments: usize,
     /// Message bytes held in memory above which publishers are blocked (default: 40% of RAM).
     pub memory_high_watermark_bytes: u64,
     /// Free disk bytes below which publishers are blocked.
@@ -98,6 +103,8 @@ impl Default for Config {
             fsync_interval_ms: 100,
             segment_bytes: 32 * 1024 * 1024,
             queue_memory_bytes: 64 * 1024 * 1024,
+            storage_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(16)),
+            max_open_segments: 256,
             memory_high_watermark_bytes: default_memory_watermark(),
             disk_free_low_watermark_bytes: 50 * 1024 * 1024,
             http: "127.0.0.1:15680".into(),
@@ -146,6 +153,12 @@ impl Config {
         }
         if !(4096..=1 << 30).contains(&self.segment_bytes) {
             return Err(StartError::Config("segment_bytes must be between 4096 and 1073741824".into()));
+        }
+        if !(1..=64).contains(&self.storage_threads) {
+            return Err(StartError::Config("storage_threads must be between 1 and 64".into()));
+        }
+        if !(1..=65_536).contains(&self.max_open_segments) {
+            return Err(StartError::Config("max_open_segments must be between 1 and 65536".into()));
         }
         if self.write_timeout_ms == 0 {
             return Err(StartError::Config("write_timeout_ms must be at least 1".into()));
@@ -254,6 +267,8 @@ impl Config {
             fsync_interval: Duration::from_millis(self.fsync_interval_ms),
             segment_bytes: self.segment_bytes,
             queue_memory_bytes: self.queue_memory_bytes,
+            threads: self.storage_threads,
+            max_open_segments: self.max_open_segments,
         }
     }
 

@@ -54,7 +54,7 @@ impl Flow {
             loop {
                 tick.tick().await;
                 let (Some(flow), Some(registry)) = (flow.upgrade(), registry.upgrade()) else { return };
-                let memory: u64 = registry.list().iter().map(|q| q.memory_bytes()).sum();
+                let memory: u64 = registry.unsorted().iter().map(|q| q.memory_bytes()).sum();
                 let disk = fs4::available_space(&flow.data_dir).unwrap_or(u64::MAX);
                 if let Some(blocked) = flow.update(memory, disk) {
                     let (kind, detail) = match blocked {

@@ -73,6 +73,13 @@ struct Args {
     /// Body bytes each durable queue keeps in memory [default: 67108864].
     #[arg(long, env = "HOPPER_QUEUE_MEMORY_BYTES")]
     queue_memory_bytes: Option<usize>,
+    /// Storage threads serving every durable queue, each writing one shared log [default: the
+    /// number of cores, at most 16].
+    #[arg(long, env = "HOPPER_STORAGE_THREADS")]
+    storage_threads: Option<usize>,
+    /// Segment files kept open for reading stored bodies, over all logs [default: 256].
+    #[arg(long, env = "HOPPER_MAX_OPEN_SEGMENTS")]
+    max_open_segments: Option<usize>,
     /// Message bytes in memory above which publishers are blocked [default: 40% of RAM].
     #[arg(long, env = "HOPPER_MEMORY_HIGH_WATERMARK")]
     memory_high_watermark: Option<u64>,
@@ -183,6 +190,12 @@ impl Args {
         if let Some(queue_memory_bytes) = self.queue_memory_bytes {
             config.queue_memory_bytes = queue_memory_bytes;
         }
+        if let Some(threads) = self.storage_threads {
+            config.storage_threads = threads;
+        }
+        if let Some(files) = self.max_open_segments {
+            config.max_open_segments = files;
+        }
         if let Some(bytes) = self.memory_high_watermark {
             config.memory_high_watermark_bytes = bytes;
         }
@@ -215,6 +228,9 @@ impl Args {
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Threads for blocking work beside the runtime's workers and the storage threads.
+const BLOCKING_THREADS: usize = 32;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -225,7 +241,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Blocking work (metadata fsyncs of declares and deletes, audit reads) waits for one of a
+    // bounded set of threads rather than growing the process by a thread per request.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => return fail(&format!("cannot start the runtime: {err}")),
     };

@@ -1,5 +1,6 @@
 //! What `hopper bench` watches besides its own messages: the broker process (peak memory, CPU
-//! time) and the queue's depth over time.
+//! time, and after `--declare` its memory, threads and open files) and the queue's depth over
+//! time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,6 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use hopper_client::Connection;
 use serde::Serialize;
+
+use crate::output::BrokerFootprint;
 
 /// Samples a process's resident memory in the background and keeps the peak.
 pub struct RssSampler {
@@ -63,6 +66,27 @@ fn parse_vm_rss_kib(status: &str) -> Option<u64> {
     let mut fields = line.split_whitespace();
     let value = fields.next()?.parse().ok()?;
     matches!(fields.next(), Some("kB") | None).then_some(value)
+}
+
+/// The `Threads:  12` value of a `/proc/<pid>/status` text.
+fn parse_threads(status: &str) -> Option<u64> {
+    status.lines().find_map(|line| line.strip_prefix("Threads:"))?.trim().parse().ok()
+}
+
+/// The resident memory, threads and open files of process `pid` now, from
+/// `/proc/<pid>/status` and `/proc/<pid>/fd` (which only the process's own user may list).
+pub fn read_footprint(pid: u32) -> anyhow::Result<BrokerFootprint> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let rss_kib = parse_vm_rss_kib(&status).ok_or_else(|| anyhow!("{path} has no VmRSS line"))?;
+    let threads = parse_threads(&status).ok_or_else(|| anyhow!("{path} has no Threads line"))?;
+    let fd_dir = format!("/proc/{pid}/fd");
+    let open_files = std::fs::read_dir(&fd_dir).with_context(|| format!("listing {fd_dir}"))?.count();
+    Ok(BrokerFootprint {
+        broker_rss_mb: kib_to_mib(rss_kib),
+        broker_threads: threads,
+        broker_open_files: open_files as u64,
+    })
 }
 
 /// KiB to MiB, rounded to one decimal.
@@ -163,6 +187,23 @@ mod tests {
     #[test]
     fn rss_of_this_process_can_be_read() {
         assert!(read_rss_kib(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn threads_are_read_from_a_status_text() {
+        assert_eq!(parse_threads("Name:\thopperd\nThreads:\t17\nSigQ:\t0/1\n"), Some(17));
+        assert_eq!(parse_threads("Name:\thopperd\n"), None);
+        assert_eq!(parse_threads("Threads:\tmany\n"), None);
+    }
+
+    #[test]
+    fn footprint_of_this_process_counts_its_threads_and_files() {
+        let footprint = read_footprint(std::process::id()).unwrap();
+        assert!(footprint.broker_rss_mb > 0.0);
+        assert!(footprint.broker_threads >= 1, "{footprint:?}");
+        // The listing of /proc/<pid>/fd holds a descriptor of its own while it counts.
+        assert!(footprint.broker_open_files >= 1, "{footprint:?}");
+        assert!(read_footprint(u32::MAX).is_err());
     }
 
     #[test]

@@ -216,6 +216,14 @@ pub struct BrokerStatus {
     pub disk_free: u64,
     /// The disk free low watermark: below it, publishers are blocked.
     pub disk_free_low_watermark: u64,
+    /// Storage threads serving durable queues.
+    pub storage_threads: u32,
+    /// fsyncs of the durable logs since the broker started.
+    pub fsyncs: u64,
+    /// Segment files the broker holds open for reading stored bodies.
+    pub open_segment_files: u32,
+    /// `Some(error)` while a durable log cannot sync; its queues refuse publishes meanwhile.
+    pub storage_error: Option<String>,
 }
 
 impl From<pb::BrokerStatusOk> for BrokerStatus {
@@ -230,6 +238,10 @@ impl From<pb::BrokerStatusOk> for BrokerStatus {
             memory_high_watermark: status.memory_high_watermark,
             disk_free: status.disk_free,
             disk_free_low_watermark: status.disk_free_low_watermark,
+            storage_threads: status.storage_threads,
+            fsyncs: status.fsyncs,
+            open_segment_files: status.open_segment_files,
+            storage_error: Some(status.storage_error).filter(|e| !e.is_empty()),
         }
     }
 }
@@ -342,6 +354,7 @@ mod tests {
             memory_high_watermark: 100,
             disk_free: 10,
             disk_free_low_watermark: 5,
+            ..Default::default()
         });
         assert_eq!(status.uptime, Duration::from_millis(1500));
         assert_eq!(status.blocked.as_deref(), Some("memory high watermark"));

@@ -126,12 +126,18 @@ async fn status_peek_and_alarm() {
             memory_high_watermark: 100,
             disk_free: 5,
             disk_free_low_watermark: 50,
+            storage_threads: 2,
+            fsyncs: 7,
+            open_segment_files: 1,
+            storage_error: "log 0: fsync failed".into(),
         };
         peer.send(id, Body::BrokerStatusOk(status)).await;
     });
     let status = status.unwrap();
     assert_eq!((status.version.as_str(), status.uptime), ("0.1.0", Duration::from_secs(65)));
     assert_eq!((status.blocked.as_deref(), status.blocked_publishers), (Some("disk"), 1));
+    assert_eq!((status.storage_threads, status.fsyncs), (2, 7));
+    assert_eq!(status.storage_error.as_deref(), Some("log 0: fsync failed"));
 
     let (peeked, ()) = tokio::join!(conn.peek("q.dead", 2), async {
         let (id, body) = peer.recv_request().await;

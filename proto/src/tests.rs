@@ -261,6 +261,10 @@ fn every_body() -> Vec<Body> {
             memory_high_watermark: 5,
             disk_free: 6,
             disk_free_low_watermark: 7,
+            storage_threads: 8,
+            fsyncs: 9,
+            open_segment_files: 10,
+            storage_error: "fsync failed".into(),
         }),
         Body::MoveStart(MoveStart {
             source: "jobs.dlq".into(),

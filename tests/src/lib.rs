@@ -33,8 +33,8 @@ pub use http::{
 pub use pki::{path_arg, Pki};
 pub use raw::RawConn;
 pub use storage::{
-    clean_marker_present, parse_segment, queue_dir, read_segment, segment_files, Record, RecordKind,
-    RECORD_HEADER, SEGMENT_MAGIC,
+    clean_marker_present, log_dir, parse_segment, queue_dir, queue_id, read_segment, records_of,
+    segment_files, Record, RecordKind, RECORD_HEADER, SEGMENT_MAGIC,
 };
 pub use wait::{eventually, within, DEADLINE};
 pub use webhook::{Received, WebhookReceiver};

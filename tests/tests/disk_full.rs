@@ -6,7 +6,7 @@ use std::path::Path;
 
 use hopper_client::{Connection, ConsumeOptions, ErrorCode, PublishOptions, QueueOptions};
 use hopper_tests::{
-    assert_serves, connect, next_deliveries, next_delivery, queue_dir, read_segment, receive_backlog,
+    assert_serves, connect, log_dir, next_deliveries, next_delivery, queue_id, read_segment, receive_backlog,
     segment_files, stats_eventually, Broker, RecordKind, SEGMENT_MAGIC,
 };
 
@@ -38,12 +38,17 @@ struct Outcomes {
 }
 
 impl Outcomes {
-    /// Publishes every `(key, len)` at once and records each outcome; only RESOURCE_LIMIT may be
-    /// refused. Returns how many were refused.
+    /// Publishes every `(key, len)` to `full` at once and records each outcome; only
+    /// RESOURCE_LIMIT may be refused. Returns how many were refused.
     async fn publish(&mut self, conn: &Connection, messages: &[(String, usize)]) -> usize {
+        self.publish_to(conn, "full", messages).await
+    }
+
+    /// Like [`Outcomes::publish`], to `queue`.
+    async fn publish_to(&mut self, conn: &Connection, queue: &str, messages: &[(String, usize)]) -> usize {
         let confirms: Vec<_> = messages
             .iter()
-            .map(|(key, len)| conn.publish("full", body(key, *len), PublishOptions::default()))
+            .map(|(key, len)| conn.publish(queue, body(key, *len), PublishOptions::default()))
             .collect();
         let mut refused = 0;
         for ((key, _), result) in messages.iter().zip(futures::future::join_all(confirms).await) {
@@ -65,16 +70,18 @@ impl Outcomes {
     }
 }
 
-/// The queue's only segment holds exactly the accepted publishes, every record complete.
-/// Returns the segment's length.
+/// The only segment of the queue's log holds exactly the accepted publishes (each write led by
+/// the queue's record), every record complete. Returns the segment's length.
 fn assert_segment_holds(data_dir: &Path, outcomes: &Outcomes) -> u64 {
-    let segments = segment_files(&queue_dir(data_dir, "full"));
+    let segments = segment_files(&log_dir(data_dir, "full"));
     assert_eq!(segments.len(), 1, "{segments:?}");
+    let queue = queue_id(data_dir, "full");
     let stored: Vec<u64> = read_segment(&segments[0])
         .into_iter()
-        .map(|r| match r.kind {
-            RecordKind::Publish { message_id, .. } => message_id,
-            other => panic!("only publishes were written, found {other:?}"),
+        .filter_map(|r| match r.kind {
+            RecordKind::Publish { message_id, .. } => Some(message_id),
+            RecordKind::Queue { id } if id == queue => None,
+            other => panic!("only the queue's publishes were written, found {other:?}"),
         })
         .collect();
     let accepted: Vec<u64> = outcomes.accepted.iter().map(|(_, id)| *id).collect();
@@ -83,8 +90,8 @@ fn assert_segment_holds(data_dir: &Path, outcomes: &Outcomes) -> u64 {
 }
 
 /// Publishes `key` with a body of `len` bytes, then a filler sized so that the segment ends
-/// `room` bytes below the limit; both must be accepted. The first record tells the size of a
-/// record's fixed part.
+/// `room` bytes below the limit; both must be accepted. The first write tells the size of a
+/// write's fixed part: the queue record and the publish record's fields.
 async fn publish_and_fill(
     conn: &Connection,
     data_dir: &Path,
@@ -143,17 +150,19 @@ async fn a_full_disk_refuses_publishes_and_damages_nothing_confirmed() {
 
 /// Refused batches while a consumer keeps the log busy: every redelivery of a requeued message
 /// adds a delivered record, so failed writes carry records that must go round again, while new
-/// publishes keep arriving during each failed write. Whatever is confirmed must stay readable,
-/// in memory and on disk.
+/// publishes keep arriving during each failed write, to this queue and to another one sharing
+/// its log (and so its writes). Whatever is confirmed must stay readable, in memory and on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_writes_racing_deliveries_and_publishes_keep_confirmed_messages_intact() {
     let data_dir = tempfile::tempdir().unwrap();
     let fsize = format!("--fsize={LIMIT}");
     // No bodies in memory: every delivery reads its message from where the broker says it is.
-    let args = ["--queue-memory-bytes", "0"];
+    // One log: both queues' records go out in the same writes.
+    let args = ["--queue-memory-bytes", "0", "--storage-threads", "1"];
     let mut broker = Broker::start_wrapped(&["prlimit", &fsize], data_dir.path(), &args);
     let conn = connect(&broker).await;
     conn.declare_queue("full", QueueOptions { durable: true, ..Default::default() }).await.unwrap();
+    conn.declare_queue("side", QueueOptions { durable: true, ..Default::default() }).await.unwrap();
     let mut outcomes = Outcomes::default();
     // Room for the delivered records and most of the small publishes below.
     publish_and_fill(&conn, data_dir.path(), &mut outcomes, "ping", 10, 48_000).await;
@@ -179,7 +188,17 @@ async fn refused_writes_racing_deliveries_and_publishes_keep_confirmed_messages_
             racing.publish(&publisher, &burst).await;
         }
     };
-    tokio::join!(ping_pong, publishing);
+    let side_publisher = connect(&broker).await;
+    let mut side = Outcomes::default();
+    let before = side.publish_to(&side_publisher, "side", &[("s-before".into(), 20)]).await;
+    assert_eq!(before, 0, "the other queue stores a message before the race");
+    let publishing_aside = async {
+        for round in 0..20 {
+            let burst: Vec<(String, usize)> = (0..3).map(|i| (format!("s{round}-{i}"), 20)).collect();
+            side.publish_to(&side_publisher, "side", &burst).await;
+        }
+    };
+    tokio::join!(ping_pong, publishing, publishing_aside);
     assert!(!racing.refused.is_empty(), "the big publishes were refused");
     assert_eq!(pings.cancel().await.unwrap(), 1);
     outcomes.accepted.extend(racing.accepted);
@@ -198,15 +217,22 @@ async fn refused_writes_racing_deliveries_and_publishes_keep_confirmed_messages_
     let served: Vec<(String, u64)> = deliveries.iter().map(|d| (key_of(&d.body), d.message_id)).collect();
     assert_eq!(served, outcomes.accepted);
     drop(consumer);
+    let (side_consumer, deliveries) = receive_backlog(&conn, "side").await;
+    let served: Vec<(String, u64)> = deliveries.iter().map(|d| (key_of(&d.body), d.message_id)).collect();
+    assert_eq!(served, side.accepted, "the other queue's confirmed messages");
+    drop(side_consumer);
     assert_eq!(broker.terminate().code(), Some(0), "stderr:\n{}", broker.stderr());
 
     // And on disk: nothing torn or corrupt, every confirmed message there.
-    let broker = Broker::start_in(data_dir.path(), &[]);
+    let broker = Broker::start_in(data_dir.path(), &args);
     assert!(!broker.stderr().contains("WARN"), "the log is intact:\n{}", broker.stderr());
     let conn = connect(&broker).await;
-    let (_consumer, deliveries) = receive_backlog(&conn, "full").await;
-    let recovered: Vec<(String, u64)> = deliveries.iter().map(|d| (key_of(&d.body), d.message_id)).collect();
-    assert_eq!(recovered, outcomes.accepted);
+    for (queue, accepted) in [("full", &outcomes.accepted), ("side", &side.accepted)] {
+        let (_consumer, deliveries) = receive_backlog(&conn, queue).await;
+        let recovered: Vec<(String, u64)> =
+            deliveries.iter().map(|d| (key_of(&d.body), d.message_id)).collect();
+        assert_eq!(&recovered, accepted, "{queue}");
+    }
 }
 
 /// A clean shutdown promises exact redelivered flags at the next start. When the last records

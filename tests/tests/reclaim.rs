@@ -1,12 +1,14 @@
 //! Disk space follows the live backlog: segments whose messages are all settled are deleted,
 //! and a few old messages that stay unacked do not pin the segments behind them (compaction).
+//! Segments belong to a log that several queues may share: one is deleted only once no queue
+//! has a live message in it.
 
 use std::path::Path;
 use std::time::Duration;
 
 use hopper_client::{Connection, ConsumeOptions, Consumer, QueueOptions};
 use hopper_tests::{
-    connect, eventually, next_deliveries, next_delivery, publish_all, queue_dir, receive_backlog,
+    connect, eventually, log_dir, next_deliveries, next_delivery, publish_all, receive_backlog,
     segment_files, stats_eventually, Broker,
 };
 
@@ -21,8 +23,9 @@ fn body(i: usize) -> String {
     format!("message {i} {}", "=".repeat(100))
 }
 
+/// Segment files in the log of `queue` (alone in it in the tests that count them).
 fn segment_count(data_dir: &Path, queue: &str) -> usize {
-    segment_files(&queue_dir(data_dir, queue)).len()
+    segment_files(&log_dir(data_dir, queue)).len()
 }
 
 /// A consumer whose acks return once the broker has written them, so the files can be
@@ -119,4 +122,53 @@ async fn a_message_held_unacked_does_not_pin_old_segments() {
     assert_eq!(after.len(), 1, "only the held message is left: {after:?}");
     assert_eq!((after[0].message_id, &after[0].body[..]), (pinned, &b"pinned"[..]));
     assert_eq!((after[0].redelivered, after[0].delivery_count), (true, 2), "{:?}", after[0]);
+}
+
+/// Two queues sharing a log fill the same segments. Draining one deletes none of them while the
+/// other still has messages there, which a restart then serves from those segments; once the
+/// other is drained too, they go.
+#[tokio::test]
+async fn a_shared_segment_is_deleted_once_no_queue_has_messages_in_it() {
+    let mut broker = Broker::start_with(&["--segment-bytes", SEGMENT_BYTES, "--storage-threads", "1"]);
+    let conn = connect(&broker).await;
+    conn.declare_queue("a", durable()).await.unwrap();
+    conn.declare_queue("b", durable()).await.unwrap();
+    let (mut a_ids, mut b_ids) = (Vec::new(), Vec::new());
+    for group in 0..15 {
+        a_ids.extend(publish_in_groups(&conn, "a", group * 10, 10).await);
+        b_ids.extend(publish_in_groups(&conn, "b", group * 10, 10).await);
+    }
+    let log = log_dir(broker.data_dir(), "a");
+    assert_eq!(log, log_dir(broker.data_dir(), "b"), "one log");
+    let before = segment_files(&log);
+    assert!(before.len() >= 5, "300 messages span several segments: {before:?}");
+
+    // Half of every segment is still live: nothing to delete, nothing worth compacting.
+    let mut consumer = acking_consumer(&conn, "a").await;
+    for expected in &a_ids {
+        let delivery = next_delivery(&mut consumer).await;
+        assert_eq!(delivery.message_id, *expected);
+        delivery.ack().await.unwrap();
+    }
+    stats_eventually(&conn, "a", |info| info.acked_total == 150).await;
+    let after = segment_files(&log);
+    assert!(after.starts_with(&before), "b's messages keep every segment they are in: {before:?} {after:?}");
+    drop(consumer);
+    assert_eq!(broker.terminate().code(), Some(0));
+
+    // Bodies come from the segments after a restart.
+    broker.restart();
+    let conn = connect(&broker).await;
+    assert_eq!(conn.queue_stats("a").await.unwrap().ready, 0);
+    let mut consumer = acking_consumer(&conn, "b").await;
+    for (i, expected) in b_ids.iter().enumerate() {
+        let delivery = next_delivery(&mut consumer).await;
+        assert_eq!((delivery.message_id, &delivery.body[..]), (*expected, body(i).as_bytes()));
+        delivery.ack().await.unwrap();
+    }
+    eventually("the drained segments to be deleted", Duration::from_secs(10), || {
+        let log = log.clone();
+        async move { segment_files(&log).len() == 1 }
+    })
+    .await;
 }

@@ -10,8 +10,8 @@ use std::process::Command;
 
 use hopper_client::{Connection, ConsumeOptions, Delivery, QueueOptions};
 use hopper_tests::{
-    connect, eventually, next_deliveries, publish_all, queue_dir, read_segment, segment_files,
-    stats_eventually, within, Broker, RecordKind, DEADLINE,
+    connect, eventually, log_dir, next_deliveries, publish_all, queue_id, read_segment, receive_backlog,
+    records_of, segment_files, stats_eventually, within, Broker, RecordKind, DEADLINE,
 };
 
 fn durable() -> QueueOptions {
@@ -85,7 +85,7 @@ async fn running_out_of_file_descriptors_pauses_delivery_and_loses_nothing() {
     drop(conn);
     broker.terminate();
     broker.restart();
-    assert!(segment_files(&queue_dir(data_dir.path(), "big")).len() > 10);
+    assert!(segment_files(&log_dir(data_dir.path(), "big")).len() > 10);
 
     let pid = broker.pid();
     let conn = connect(&broker).await;
@@ -146,7 +146,8 @@ fn flip_byte(file: &Path, offset: usize) {
 async fn a_damaged_record_dead_letters_its_message_as_corrupt_and_nothing_else() {
     const COUNT: usize = 120;
     let data_dir = tempfile::tempdir().unwrap();
-    let args = ["--segment-bytes", "8192", "--queue-memory-bytes", "4096"];
+    // One log: the dead-letter queue stores the dead messages in the log that holds the damage.
+    let args = ["--segment-bytes", "8192", "--queue-memory-bytes", "4096", "--storage-threads", "1"];
     let mut broker = Broker::start_in(data_dir.path(), &args);
     let conn = connect(&broker).await;
     conn.declare_queue("dead", durable()).await.unwrap();
@@ -159,10 +160,11 @@ async fn a_damaged_record_dead_letters_its_message_as_corrupt_and_nothing_else()
 
     // Under the running broker: a flipped byte in the body of a record in the oldest segment,
     // and the second segment cut in the middle of its last record.
-    let segments = segment_files(&queue_dir(data_dir.path(), "jobs"));
+    let segments = segment_files(&log_dir(data_dir.path(), "jobs"));
     assert!(segments.len() >= 4, "{segments:?}");
+    let jobs = queue_id(data_dir.path(), "jobs");
     let publishes = |file: &Path| {
-        read_segment(file)
+        records_of(&read_segment(file), jobs)
             .into_iter()
             .filter_map(|r| match r.kind {
                 RecordKind::Publish { message_id, .. } => Some((r.offset, r.size, message_id)),
@@ -173,6 +175,8 @@ async fn a_damaged_record_dead_letters_its_message_as_corrupt_and_nothing_else()
     let (offset, size, flipped) = publishes(&segments[0])[3];
     flip_byte(&segments[0], offset + size - 10);
     let (offset, size, cut) = *publishes(&segments[1]).last().unwrap();
+    let length = std::fs::metadata(&segments[1]).unwrap().len();
+    assert_eq!(length, (offset + size) as u64, "the segment ends with the record cut");
     let file = std::fs::OpenOptions::new().write(true).open(&segments[1]).unwrap();
     file.set_len((offset + size - 20) as u64).unwrap();
     drop(file);
@@ -211,6 +215,55 @@ async fn a_damaged_record_dead_letters_its_message_as_corrupt_and_nothing_else()
     audited.sort_unstable();
     assert_eq!(audited, vec![(damaged[0], "corrupt"), (damaged[1], "corrupt")]);
     assert!(audit.iter().all(|e| e.error.contains("segment")), "{audit:?}");
+}
+
+/// Segment files of process `pid` that are open.
+fn open_segment_files(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|target| target.ends_with(".seg"))
+        .collect()
+}
+
+/// Bodies spread over more segments than `--max-open-segments` are all read, and no more
+/// segment files than that stay open for reading (besides the active one, open for writing).
+#[tokio::test]
+async fn reading_many_segments_keeps_at_most_max_open_segments_files_open() {
+    const COUNT: usize = 300;
+    const MAX_OPEN: usize = 3;
+    let data_dir = tempfile::tempdir().unwrap();
+    let max_open = MAX_OPEN.to_string();
+    let args = [
+        "--segment-bytes",
+        "16384",
+        "--queue-memory-bytes",
+        "4096",
+        "--storage-threads",
+        "1",
+        "--max-open-segments",
+        &max_open,
+    ];
+    let mut broker = Broker::start_in(data_dir.path(), &args);
+    let conn = connect(&broker).await;
+    conn.declare_queue("big", durable()).await.unwrap();
+    let bodies: Vec<String> = (0..COUNT).map(body).collect();
+    let ids = publish_in_rounds(&conn, "big", &bodies, 20).await;
+    drop(conn);
+    broker.terminate();
+    broker.restart();
+    let segments = segment_files(&log_dir(data_dir.path(), "big")).len();
+    assert!(segments > 2 * MAX_OPEN, "{segments} segments");
+
+    // Nothing acked, so no segment is deleted: every one was read and stays on disk.
+    let conn = connect(&broker).await;
+    let (_consumer, deliveries) = receive_backlog(&conn, "big").await;
+    let received: Vec<(u64, String)> =
+        deliveries.iter().map(|d| (d.message_id, String::from_utf8_lossy(&d.body).into_owned())).collect();
+    assert_eq!(received, ids.into_iter().zip(bodies).collect::<Vec<_>>());
+    let open = open_segment_files(broker.pid());
+    assert!(open.len() <= MAX_OPEN + 1, "{} segment files open ({segments} segments): {open:?}", open.len());
 }
 
 #[tokio::test]

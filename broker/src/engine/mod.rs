@@ -168,6 +168,7 @@ impl Engine {
     pub fn status(&self) -> Status {
         let (memory_used, memory_high_watermark, disk_free, disk_free_low_watermark, held) =
             self.flow.readings();
+        let storage = self.queues.storage();
         Status {
             version: env!("CARGO_PKG_VERSION"),
             uptime_ms: self.started.elapsed().as_millis() as u64,
@@ -178,6 +179,10 @@ impl Engine {
             memory_high_watermark,
             disk_free,
             disk_free_low_watermark,
+            storage_threads: storage.threads() as u32,
+            fsyncs: storage.fsyncs(),
+            open_segment_files: storage.open_files() as u32,
+            storage_error: storage.failure(),
         }
     }
 

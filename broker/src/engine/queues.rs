@@ -74,13 +74,16 @@ impl Engine {
     /// One queue's settings, counts and alarm state.
     pub fn queue_info(&self, _caller: &Caller, name: &str) -> Result<QueueInfo, BrokerError> {
         let queue = self.queues.get(name)?;
-        Ok(QueueInfo::of(&queue, &self.dead_letter_targets()))
+        Ok(QueueInfo::of(&queue, self.queues.is_dead_letter_target(name)))
     }
 
     /// Every queue, sorted by name.
     pub fn list_queues(&self, _caller: &Caller) -> Vec<QueueInfo> {
-        let targets = self.dead_letter_targets();
-        self.queues.list().iter().map(|q| QueueInfo::of(q, &targets)).collect()
+        self.queues
+            .list()
+            .iter()
+            .map(|q| QueueInfo::of(q, self.queues.is_dead_letter_target(q.name())))
+            .collect()
     }
 
     /// Sets a queue's depth alarm threshold (0 = none); durable queues keep it on disk, which
@@ -126,15 +129,5 @@ impl Engine {
             self.check(caller, "cancel a move out of", Access::Read, Resource::Queue(&status.spec.source))?;
         }
         self.moves.cancel(id, &self.queues)
-    }
-
-    /// The queues some queue dead-letters into.
-    fn dead_letter_targets(&self) -> Vec<String> {
-        self.queues
-            .list()
-            .iter()
-            .map(|q| q.settings().dead_letter.clone())
-            .filter(|d| !d.is_empty())
-            .collect()
     }
 }

@@ -24,15 +24,15 @@ pub struct QueueInfo {
 }
 
 impl QueueInfo {
-    /// The view of `queue`; `dead_letter_targets` are the dead-letter queues of every queue.
-    pub(super) fn of(queue: &Queue, dead_letter_targets: &[String]) -> Self {
+    /// The view of `queue`; `is_dead_letter_queue` when some queue dead-letters into it.
+    pub(super) fn of(queue: &Queue, is_dead_letter_queue: bool) -> Self {
         QueueInfo {
             name: queue.name().to_owned(),
             settings: queue.settings().clone(),
             snapshot: queue.snapshot(),
             alarm_depth: queue.alarm_depth(),
             alarm: queue.alarm_raised(),
-            is_dead_letter_queue: dead_letter_targets.iter().any(|t| t == queue.name()),
+            is_dead_letter_queue,
         }
     }
 }
@@ -103,4 +103,12 @@ pub struct Status {
     pub disk_free: u64,
     /// Free disk below which publishers are blocked.
     pub disk_free_low_watermark: u64,
+    /// Storage threads serving durable queues.
+    pub storage_threads: u32,
+    /// fsyncs of the durable logs since the start.
+    pub fsyncs: u64,
+    /// Segment files open for reading stored bodies.
+    pub open_segment_files: u32,
+    /// Why a log cannot sync (its queues refuse publishes), if one cannot.
+    pub storage_error: Option<String>,
 }

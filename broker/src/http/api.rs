@@ -86,6 +86,10 @@ pub(super) async fn status(State(engine): State<Arc<Engine>>) -> impl IntoRespon
         "memory_high_watermark": status.memory_high_watermark,
         "disk_free": status.disk_free,
         "disk_free_low_watermark": status.disk_free_low_watermark,
+        "storage_threads": status.storage_threads,
+        "fsyncs": status.fsyncs,
+        "open_segment_files": status.open_segment_files,
+        "storage_error": status.storage_error.unwrap_or_default(),
     }))
 }
 

@@ -196,6 +196,24 @@ fn text(engine: &Engine) -> String {
         "Seconds since the broker started.",
         &mut broker(status.uptime_ms / 1000),
     );
+    family(
+        "hopper_fsyncs_total",
+        "counter",
+        "fsyncs of the durable logs since the broker started.",
+        &mut broker(status.fsyncs),
+    );
+    family(
+        "hopper_open_segment_files",
+        "gauge",
+        "Segment files open for reading stored bodies.",
+        &mut broker(status.open_segment_files.into()),
+    );
+    family(
+        "hopper_storage_failing",
+        "gauge",
+        "1 while a durable log cannot sync (its queues refuse publishes).",
+        &mut broker(status.storage_error.is_some().into()),
+    );
     family("hopper_queues", "gauge", "Queues.", &mut broker(snapshots.len() as u64));
     out
 }

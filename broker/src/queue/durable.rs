@@ -1,41 +1,98 @@
-//! Durable queues: the journal that buffers log records under the queue's lock, and a write
-//! thread that appends them to the log, makes newly written messages visible, syncs the batch
-//! and confirms its publishes once they are on stable storage.
+//! Durable queues on shared logs.
 //!
-//! Group commit falls out of the buffer: while one batch is written and synced, later records
-//! gather, and the next fsync covers all of them. Consumers see a message as soon as it is
-//! written, so fsync latency is paid by publish confirms, not by deliveries.
+//! A fixed set of storage threads serves every durable queue. Each thread owns one log (a run
+//! of segment files); a queue is assigned to one log when it is declared and keeps it. Under
+//! its own lock a queue only encodes records into its buffer and marks itself dirty with its
+//! log. The log's thread then takes the buffers of every dirty queue, writes them with one
+//! `write`, makes the new messages visible, and syncs once for all of them before sending
+//! their confirms: group commit across queues. While one round is written and synced, the next
+//! one gathers. An idle queue costs no thread and no open file.
+//!
+//! Compaction rides in the same rounds: the live messages of a mostly settled old segment are
+//! copied forward a bounded slice at a time, in the batches that carry new records, so it never
+//! holds up writes, confirms or deliveries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex, RwLock};
 
-use super::{Confirm, Dead, Journal, Live, Outcome, Policy, Queue, QueueState, Subscriber};
+use super::{Confirm, Dead, Journal, Outcome, Policy, Queue, QueueState, Subscriber};
 use crate::error::BrokerError;
 use crate::message::{DeathReason, Payload, QueuedMessage};
-use crate::storage::log::{encode_message, LiveCount, LogBuffer, SegmentReader, SegmentWriter};
-use crate::storage::{record, segment, FsyncPolicy, Location, QueueMeta, ReadError, StorageConfig};
+use crate::storage::log::{
+    self as logs, encode_message, LiveSegments, LogBuffer, SegmentReader, SegmentWriter,
+};
+use crate::storage::segment::{self, Found, QueueScan};
+use crate::storage::{record, FsyncPolicy, Location, QueueMeta, ReadError, StorageConfig, Store};
 
-/// Batches smaller than this wait [`COALESCE_FOR`] for more records before being written.
+/// When the last round wrote less than this, the next waits [`COALESCE_FOR`] for more records.
 const COALESCE_BELOW: usize = 16 * 1024;
-/// How long a small batch waits for more records.
+/// How long a small round waits for more records.
 const COALESCE_FOR: Duration = Duration::from_micros(200);
-
-/// How long the sync thread waits before retrying after a failed write.
+/// How long a log waits before retrying after a failed write or sync.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(100);
+/// Record bytes compaction copies forward per round, beside the round's own records.
+const COMPACT_PER_ROUND: usize = 256 * 1024;
+/// Most passes over the logs at shutdown to write what their confirms made other queues buffer.
+const MAX_DRAIN_PASSES: usize = 16;
+/// How long compaction waits after a pass that could not copy anything (unreadable records).
+const COMPACT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// The parts of a durable queue that live outside its lock.
-pub struct Durable {
+/// The storage threads and their logs.
+pub struct Storage {
+    logs: Vec<Arc<SharedLog>>,
+    /// New queues are spread over the first `spread` logs (the configured thread count); logs
+    /// beyond them were made by a run with more threads and keep serving their queues.
+    spread: usize,
+    threads: Mutex<Vec<std::thread::JoinHandle<bool>>>,
+    /// The stored messages of queues whose metadata could not be read: counted as live, so the
+    /// segments holding them are kept until the queue can be read again.
+    _pinned: Vec<LogBuffer>,
+}
+
+/// One log shared by many durable queues, and what its storage thread needs.
+pub struct SharedLog {
+    index: u32,
     dir: PathBuf,
     config: StorageConfig,
     reader: SegmentReader,
+    live: Arc<LiveSegments>,
+    members: Mutex<Members>,
     wake: Condvar,
-    thread: Mutex<Option<std::thread::JoinHandle<bool>>>,
+    /// Signalled when a round finishes.
+    rounds: Condvar,
+    /// Set while syncs fail: publishes to its queues are refused until a sync succeeds.
+    failure: RwLock<Option<String>>,
+    fsyncs: AtomicU64,
+    /// Makes every sync fail while set: the tests' stand-in for a disk that refuses them.
+    #[cfg(test)]
+    fail_syncs: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct Members {
+    queues: HashMap<u64, Weak<Queue>>,
+    /// Queues with records or confirms waiting, in the order they asked.
+    dirty: Vec<u64>,
+    /// Rounds started and finished, for [`SharedLog::flush`] and [`SharedLog::drain`].
+    started: u64,
+    finished: u64,
+    /// A round is wanted even if no queue is dirty.
+    round_wanted: bool,
+    stopping: bool,
+}
+
+/// The parts of a durable queue that live outside its lock.
+pub struct Durable {
+    id: u64,
+    dir: PathBuf,
+    log: Arc<SharedLog>,
 }
 
 /// The parts that live under the queue's lock.
@@ -48,7 +105,8 @@ pub(super) struct DiskState {
     settle_confirms: Vec<(Confirm, Outcome)>,
     /// Bytes of this queue's payloads held in memory ([`Payload::size`]).
     resident_bytes: usize,
-    stopping: bool,
+    /// Already in its log's dirty list.
+    scheduled: bool,
 }
 
 struct PendingPublish {
@@ -62,81 +120,432 @@ pub(super) struct Parts {
     state: QueueState<Subscriber>,
     disk: DiskState,
     durable: Durable,
-    writer: SegmentWriter,
 }
 
 impl Parts {
-    pub(super) fn into_inner(self) -> (QueueState<Subscriber>, DiskState, Durable, SegmentWriter) {
-        (self.state, self.disk, self.durable, self.writer)
+    pub(super) fn into_inner(self) -> (QueueState<Subscriber>, DiskState, Durable) {
+        (self.state, self.disk, self.durable)
     }
 }
 
-/// The pieces of a new, empty durable queue in `dir`.
-pub(super) fn create(dir: &Path, config: &StorageConfig, policy: Policy) -> io::Result<Parts> {
-    let writer = SegmentWriter::open(dir, 1, 0, config.segment_bytes)?;
-    let disk = DiskState::new(LogBuffer::new(BTreeMap::new(), 1));
-    Ok(Parts { state: QueueState::new(policy), disk, durable: Durable::new(dir, config), writer })
+/// A durable queue found on disk at start.
+pub(super) struct Stored {
+    pub(super) id: u64,
+    pub(super) dir: PathBuf,
+    pub(super) meta: QueueMeta,
 }
 
-/// Rebuilds a durable queue from its directory. Messages come back as index entries only;
-/// bodies are read from disk when delivered.
-///
-/// After a crash (`crashed`), the deliveries of the last moments may not have been recorded, so
-/// every recovered message is flagged as possibly delivered.
-pub(super) fn recover(
-    meta: &QueueMeta,
-    dir: &Path,
-    config: &StorageConfig,
-    crashed: bool,
-) -> io::Result<Parts> {
-    let started = Instant::now();
-    let scan = segment::scan(dir)?;
-    for problem in &scan.problems {
-        if problem.is_error {
-            tracing::error!(queue = %meta.name, "{}", problem.message);
-        } else {
-            tracing::warn!(queue = %meta.name, "{}", problem.message);
+impl Storage {
+    /// Opens every log under `store`, starts a storage thread for each, and rebuilds the queues
+    /// in `stored` from them. A queue whose log is still in its own directory (written before
+    /// logs were shared) is moved into a shared log first. After a crash (`crashed`), the
+    /// deliveries of the last moments may not have been recorded, so every recovered message is
+    /// flagged as possibly delivered.
+    ///
+    /// Messages come back as index entries only; bodies are read from disk when delivered.
+    pub(super) fn open(
+        store: &Store,
+        config: &StorageConfig,
+        stored: &mut [Stored],
+        unreadable: &[u64],
+        crashed: bool,
+    ) -> io::Result<(Storage, HashMap<u64, Parts>)> {
+        let spread = config.threads.clamp(1, 64);
+        let on_disk = store.logs()?;
+        let count = on_disk.last().map_or(0, |&last| last as usize + 1).max(spread);
+        let mut legacy: BTreeMap<u32, Vec<&mut Stored>> = BTreeMap::new();
+        for queue in stored.iter_mut().filter(|q| q.meta.log.is_none()) {
+            legacy.entry((queue.id % spread as u64) as u32).or_default().push(queue);
+        }
+        for (index, mut queues) in legacy {
+            move_legacy_logs(store, config, index, &mut queues)?;
+        }
+        let per_log_files = (config.max_open_segments / count).max(1);
+        let mut logs = Vec::with_capacity(count);
+        let mut writers = Vec::with_capacity(count);
+        let mut parts = HashMap::new();
+        let mut pinned = Vec::new();
+        for index in 0..count as u32 {
+            let started = Instant::now();
+            let dir = store.log_dir(index)?;
+            let owners: HashMap<u64, &Stored> =
+                stored.iter().filter(|q| q.meta.log == Some(index)).map(|q| (q.id, q)).collect();
+            let accepts = |queue| owners.contains_key(&queue) || unreadable.contains(&queue);
+            let scan = segment::scan(&dir, None, &accepts)?;
+            for problem in &scan.problems {
+                if problem.is_error {
+                    tracing::error!(log = index, "{}", problem.message);
+                } else {
+                    tracing::warn!(log = index, "{}", problem.message);
+                }
+            }
+            store.reserve_ids_up_to(scan.max_queue);
+            let live = Arc::new(LiveSegments::default());
+            for &(segment, _) in &scan.segments {
+                live.insert(segment);
+            }
+            let (active, len) = scan.segments.last().copied().unwrap_or((1, 0));
+            let writer = SegmentWriter::open(&dir, active, len, config.segment_bytes)?;
+            live.insert(active);
+            let log = Arc::new(SharedLog::new(index, dir, config, per_log_files, live.clone()));
+            let mut queues = scan.queues;
+            for id in unreadable {
+                let Some(found) = queues.remove(id) else { continue };
+                tracing::error!(
+                    log = index,
+                    queue = id,
+                    messages = found.messages.len(),
+                    "messages of a queue whose metadata cannot be read are kept in the log"
+                );
+                let mut buffer = LogBuffer::new(BTreeMap::new(), live.clone());
+                for message in &found.messages {
+                    buffer.add_live(message.location);
+                }
+                pinned.push(buffer);
+            }
+            let mut messages = 0;
+            for (&id, queue) in &owners {
+                let found = queues.remove(&id).unwrap_or_default();
+                messages += found.messages.len();
+                parts.insert(id, Parts::recovered(&queue.meta, found, &log, id, &queue.dir, crashed));
+            }
+            if !owners.is_empty() {
+                tracing::info!(
+                    log = index,
+                    queues = owners.len(),
+                    messages,
+                    segments = scan.segments.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "log recovered"
+                );
+            }
+            logs.push(log);
+            writers.push(writer);
+        }
+        let storage = Storage { logs, spread, threads: Mutex::new(Vec::new()), _pinned: pinned };
+        for (log, writer) in storage.logs.iter().zip(writers) {
+            let log = log.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("storage-{}", log.index))
+                .spawn(move || run(&log, writer))?;
+            storage.threads.lock().push(handle);
+        }
+        Ok((storage, parts))
+    }
+
+    /// The log a new queue with id `id` writes to.
+    pub(super) fn assign(&self, id: u64) -> u32 {
+        (id % self.spread as u64) as u32
+    }
+
+    /// The pieces of a new, empty durable queue with id `id` in `dir`, on log `index`.
+    pub(super) fn create(&self, id: u64, dir: &Path, index: u32, policy: Policy) -> Parts {
+        let log = self.logs[index as usize].clone();
+        let disk = DiskState::new(LogBuffer::new(BTreeMap::new(), log.live.clone()));
+        Parts { state: QueueState::new(policy), disk, durable: Durable { id, dir: dir.to_path_buf(), log } }
+    }
+
+    /// Total fsyncs (and fdatasyncs) of every log since the start.
+    pub fn fsyncs(&self) -> u64 {
+        self.logs.iter().map(|l| l.fsyncs.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Segment files open for reading, over every log.
+    pub fn open_files(&self) -> usize {
+        self.logs.iter().map(|l| l.reader.open_files()).sum()
+    }
+
+    /// Storage threads (one per log).
+    pub fn threads(&self) -> usize {
+        self.logs.len()
+    }
+
+    /// Why some log cannot sync, if one cannot.
+    pub fn failure(&self) -> Option<String> {
+        self.logs.iter().find_map(|l| l.failure().map(|err| format!("log {}: {err}", l.index)))
+    }
+
+    /// Writes out and syncs what every queue has buffered and stops the threads. Returns true
+    /// if everything was written and synced.
+    ///
+    /// The logs are first drained until none has anything left: a confirm sent by one log's last
+    /// round may buffer records in a queue of another (a dead-lettered message is settled in its
+    /// old queue once its dead-letter queue holds it), and those must be written too.
+    pub(super) fn stop(&self) -> bool {
+        for _ in 0..MAX_DRAIN_PASSES {
+            let mut busy = false;
+            for log in &self.logs {
+                busy |= log.drain();
+            }
+            if !busy {
+                break;
+            }
+        }
+        for log in &self.logs {
+            log.members.lock().stopping = true;
+            log.wake.notify_one();
+        }
+        let mut clean = true;
+        for handle in self.threads.lock().drain(..) {
+            clean &= handle.join().unwrap_or(false);
+        }
+        clean
+    }
+}
+
+impl SharedLog {
+    fn new(
+        index: u32,
+        dir: PathBuf,
+        config: &StorageConfig,
+        max_open: usize,
+        live: Arc<LiveSegments>,
+    ) -> Self {
+        SharedLog {
+            index,
+            reader: SegmentReader::new(&dir, max_open),
+            dir,
+            config: config.clone(),
+            live,
+            members: Mutex::default(),
+            wake: Condvar::new(),
+            rounds: Condvar::new(),
+            failure: RwLock::new(None),
+            fsyncs: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_syncs: Default::default(),
         }
     }
-    let mut live: BTreeMap<u64, LiveCount> =
-        scan.segments.iter().map(|&(id, _)| (id, LiveCount::default())).collect();
-    let mut state = QueueState::new(meta.settings.policy());
-    state.set_next_seq(scan.next_seq);
-    let messages = scan.messages.len();
-    for found in scan.messages {
-        let count = live.entry(found.location.segment()).or_default();
-        count.messages += 1;
-        count.bytes += u64::from(found.location.bytes());
-        // Sized by its record, less the fixed fields: the body, headers and deaths it carries.
-        let size = found.location.bytes().saturating_sub(record::FIXED_PUBLISH_BYTES);
-        let mut message = QueuedMessage::stored(found.seq, found.delivery_count, size, found.location);
-        message.maybe_delivered = crashed;
-        state.restore(message.with_extra(found.expires_at_ms, found.due_ms, found.failure.map(|f| *f)));
+
+    /// Queues `id` for the next round. Called under the queue's lock; the storage thread never
+    /// takes a queue's lock while it holds the members' lock.
+    fn mark_dirty(&self, id: u64) {
+        let mut members = self.members.lock();
+        members.dirty.push(id);
+        drop(members);
+        self.wake.notify_one();
     }
-    let (active, len) = scan.segments.last().copied().unwrap_or((1, 0));
-    let writer = SegmentWriter::open(dir, active, len, config.segment_bytes)?;
-    let disk = DiskState::new(LogBuffer::new(live, active));
-    tracing::info!(
-        queue = %meta.name,
-        messages,
-        segments = scan.segments.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "durable queue recovered"
-    );
-    Ok(Parts { state, disk, durable: Durable::new(dir, config), writer })
+
+    /// Waits until a round that started after this call has finished: everything the caller
+    /// buffered before has been written and synced.
+    fn flush(&self, id: u64) {
+        let mut members = self.members.lock();
+        if members.stopping {
+            return;
+        }
+        members.dirty.push(id);
+        let wanted = members.started + 1;
+        self.wake.notify_one();
+        while members.finished < wanted && !members.stopping {
+            self.rounds.wait(&mut members);
+        }
+    }
+
+    /// Runs a round and waits for it. Returns whether any queue had something waiting.
+    fn drain(&self) -> bool {
+        let mut members = self.members.lock();
+        if members.stopping {
+            return false;
+        }
+        let busy = !members.dirty.is_empty();
+        let wanted = members.started + 1;
+        members.round_wanted = true;
+        self.wake.notify_one();
+        while members.finished < wanted && !members.stopping {
+            self.rounds.wait(&mut members);
+        }
+        busy
+    }
+
+    /// Blocks until some queue is dirty, a periodic sync or a retry is due, or the log stops.
+    /// Returns the queues to serve this round and whether the log is stopping.
+    fn next_round(&self, wait: Option<Duration>) -> (Vec<Arc<Queue>>, bool) {
+        let mut members = self.members.lock();
+        if members.dirty.is_empty() && !members.stopping && !members.round_wanted {
+            match wait {
+                Some(timeout) => {
+                    self.wake.wait_for(&mut members, timeout);
+                }
+                None => self.wake.wait(&mut members),
+            }
+        }
+        let stopping = members.stopping;
+        members.started += 1;
+        members.round_wanted = false;
+        let dirty = std::mem::take(&mut members.dirty);
+        let mut queues = Vec::with_capacity(dirty.len());
+        for id in dirty {
+            if let Some(queue) = members.queues.get(&id).and_then(Weak::upgrade) {
+                queues.push(queue);
+            }
+        }
+        if stopping {
+            // Everything buffered goes out before the thread ends.
+            queues = members.queues.values().filter_map(Weak::upgrade).collect();
+        }
+        (queues, stopping)
+    }
+
+    fn finish_round(&self) {
+        self.members.lock().finished += 1;
+        self.rounds.notify_all();
+    }
+
+    /// Why publishes are refused, while syncs fail.
+    fn failure(&self) -> Option<String> {
+        self.failure.read().clone()
+    }
+
+    fn set_failure(&self, error: Option<String>) {
+        let mut failure = self.failure.write();
+        match (&*failure, &error) {
+            (None, Some(err)) => {
+                tracing::error!(log = self.index, dir = %self.dir.display(), error = %err, "log sync failed; publishes to its queues are refused until a sync succeeds")
+            }
+            (Some(_), None) => tracing::info!(log = self.index, "log syncs again; publishes are accepted"),
+            _ => {}
+        }
+        *failure = error;
+    }
+
+    /// Flushes the active segment, counting the call.
+    fn sync(&self, writer: &SegmentWriter) -> io::Result<()> {
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        #[cfg(test)]
+        if self.fail_syncs.load(Ordering::Relaxed) {
+            return Err(io::Error::other("injected sync failure"));
+        }
+        writer.sync()
+    }
 }
 
-/// Starts the queue's log thread, which writes and syncs its batches. The machine may be out
-/// of threads: that is an error for the caller (the declare fails, recovery skips the queue),
-/// never a panic.
-pub(super) fn spawn_threads(queue: &Arc<Queue>, writer: SegmentWriter) -> std::io::Result<()> {
-    let Some(durable) = queue.durable.as_ref() else { return Ok(()) };
-    let short_name: String = queue.name.chars().take(8).collect();
-    let worker = queue.clone();
-    let handle = std::thread::Builder::new()
-        .name(format!("log-{short_name}"))
-        .spawn(move || write_loop(&worker, writer))?;
-    *durable.thread.lock() = Some(handle);
+impl Parts {
+    /// A queue rebuilt from what the scan of its log found.
+    fn recovered(
+        meta: &QueueMeta,
+        found: QueueScan,
+        log: &Arc<SharedLog>,
+        id: u64,
+        dir: &Path,
+        crashed: bool,
+    ) -> Parts {
+        let mut state = QueueState::new(meta.settings.policy());
+        state.set_next_seq(found.next_seq);
+        let mut buffer = LogBuffer::new(BTreeMap::new(), log.live.clone());
+        for found in found.messages {
+            buffer.add_live(found.location);
+            // Sized by its record, less the fixed fields: the body, headers and deaths it carries.
+            let size = found.location.bytes().saturating_sub(record::FIXED_PUBLISH_BYTES);
+            let mut message = QueuedMessage::stored(found.seq, found.delivery_count, size, found.location);
+            message.maybe_delivered = crashed;
+            state.restore(message.with_extra(found.expires_at_ms, found.due_ms, found.failure.map(|f| *f)));
+        }
+        let durable = Durable { id, dir: dir.to_path_buf(), log: log.clone() };
+        Parts { state, disk: DiskState::new(buffer), durable }
+    }
+}
+
+/// Moves the logs of `queues`, still in their own directories (the layout before logs were
+/// shared), into shared log `index`: each queue's live records are copied there and synced,
+/// then its `queue.json` is rewritten to name the log, then its old segments are deleted. A
+/// crash before the rewrite leaves the queue where it was (the copies are passed over at the
+/// next start, being of a queue that does not name that log); a crash after it leaves only old
+/// files to delete.
+fn move_legacy_logs(
+    store: &Store,
+    config: &StorageConfig,
+    index: u32,
+    queues: &mut [&mut Stored],
+) -> io::Result<()> {
+    let dir = store.log_dir(index)?;
+    // Cuts a torn tail off the shared log before anything is appended behind it.
+    let tail = segment::scan(&dir, None, &|_| false)?;
+    let (active, len) = tail.segments.last().copied().unwrap_or((1, 0));
+    let mut writer = SegmentWriter::open(&dir, active, len, config.segment_bytes)?;
+    for queue in queues.iter_mut() {
+        if let Err(err) = move_legacy_log(store, &mut writer, index, queue) {
+            tracing::error!(queue = %queue.meta.name, dir = %queue.dir.display(), error = %err, "the queue's log could not be moved into a shared log; the queue is not started and its files are kept");
+        }
+    }
+    Ok(())
+}
+
+/// Moves one queue's log; see [`move_legacy_logs`].
+fn move_legacy_log(
+    store: &Store,
+    writer: &mut SegmentWriter,
+    index: u32,
+    queue: &mut Stored,
+) -> io::Result<()> {
+    {
+        let old = segment::list(&queue.dir)?;
+        if !old.is_empty() {
+            let scan = segment::scan(&queue.dir, Some(queue.id), &|_| true)?;
+            for problem in &scan.problems {
+                tracing::warn!(queue = %queue.meta.name, "{}", problem.message);
+            }
+            let found = scan.queues.into_values().next().unwrap_or_default();
+            let reader = SegmentReader::new(&queue.dir, 4);
+            let mut batch = Vec::new();
+            for message in &found.messages {
+                if batch.is_empty() {
+                    record::encode_queue(&mut batch, queue.id);
+                }
+                copy_legacy(&reader, message, &mut batch)?;
+                if batch.len() >= 4 << 20 {
+                    append_rolling(writer, &batch)?;
+                    batch.clear();
+                }
+            }
+            append_rolling(writer, &batch)?;
+            writer.sync()?;
+            tracing::info!(queue = %queue.meta.name, messages = found.messages.len(), log = index, "queue log moved into a shared log");
+        }
+        let mut meta = queue.meta.clone();
+        meta.log = Some(index);
+        store.rewrite(&queue.dir, &meta)?;
+        queue.meta = meta;
+        for id in old {
+            std::fs::remove_file(segment::path(&queue.dir, id))?;
+        }
+    }
+    Ok(())
+}
+
+/// Appends `batch` (which starts with a queue record) to the active segment, starting a new
+/// one first if it is full.
+fn append_rolling(writer: &mut SegmentWriter, batch: &[u8]) -> io::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    if writer.is_full() {
+        writer.sync()?;
+        writer.roll()?;
+    }
+    writer.append(batch).map(drop)
+}
+
+/// Appends a live message of an old per-queue log, as it stands, to `batch`.
+fn copy_legacy(reader: &SegmentReader, found: &Found, batch: &mut Vec<u8>) -> io::Result<()> {
+    let stored = match reader.read(found.seq, found.location) {
+        Ok(stored) => stored,
+        Err(ReadError::Unavailable(err)) => return Err(err),
+        Err(ReadError::Corrupt(why)) => {
+            tracing::error!(seq = found.seq, error = %why, "a damaged record could not be moved; its message is lost");
+            return Ok(());
+        }
+    };
+    record::encode_publish(
+        batch,
+        found.seq,
+        found.delivery_count,
+        found.expires_at_ms,
+        found.due_ms,
+        &stored.payload,
+    );
+    if let Some(failure) = &found.failure {
+        record::encode_failed(batch, found.seq, found.delivery_count, found.due_ms, failure);
+    }
     Ok(())
 }
 
@@ -147,7 +556,7 @@ impl DiskState {
             pending: Vec::new(),
             settle_confirms: Vec::new(),
             resident_bytes: 0,
-            stopping: false,
+            scheduled: false,
         }
     }
 
@@ -168,19 +577,29 @@ impl DiskState {
 }
 
 impl Durable {
-    fn new(dir: &Path, config: &StorageConfig) -> Self {
-        Durable {
-            dir: dir.to_path_buf(),
-            config: config.clone(),
-            reader: SegmentReader::new(dir),
-            wake: Condvar::new(),
-            thread: Mutex::new(None),
-        }
-    }
-
     /// The queue's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The shared log the queue writes to.
+    pub fn log_index(&self) -> u32 {
+        self.log.index
+    }
+
+    /// Starts serving `queue` from its log.
+    pub(super) fn attach(&self, queue: &Arc<Queue>) {
+        self.log.members.lock().queues.insert(self.id, Arc::downgrade(queue));
+    }
+
+    /// Writes out what the queue has buffered, then stops serving it and gives its segment
+    /// counts back: it is being deleted.
+    pub(super) fn detach(&self, queue: &Queue) {
+        self.log.flush(self.id);
+        self.log.members.lock().queues.remove(&self.id);
+        if let Some(disk) = queue.state.lock().disk.as_mut() {
+            disk.log.forget_all();
+        }
     }
 
     pub(super) fn journal<'a>(
@@ -188,41 +607,56 @@ impl Durable {
         disk: &'a mut DiskState,
         deaths: &'a mut Vec<Dead>,
     ) -> DiskJournal<'a> {
-        DiskJournal { disk, reader: &self.reader, budget: self.config.queue_memory_bytes, deaths }
+        DiskJournal { disk, reader: &self.log.reader, budget: self.log.config.queue_memory_bytes, deaths }
+    }
+
+    /// Why the queue cannot take publishes now, if its log's syncs are failing.
+    pub(super) fn refusal(&self) -> Option<BrokerError> {
+        self.log.failure().map(|err| {
+            BrokerError::ResourceLimit(format!("message not stored: the queue's log cannot sync: {err}"))
+        })
     }
 
     /// Buffers a publish record; the message becomes visible once the log thread wrote it.
-    pub(super) fn append_publish(&self, disk: &mut DiskState, message: QueuedMessage, confirm: Confirm) {
-        let payload = message.payload.clone().expect("a published message has its payload");
+    pub(super) fn append_publish(&self, disk: &mut DiskState, mut message: QueuedMessage, confirm: Confirm) {
+        let Some(payload) = message.payload.clone() else {
+            confirm.send(Err(BrokerError::Internal("a published message has no payload".into())));
+            return;
+        };
+        message.payload = Some(payload.clone());
         let range = disk.log.publish(&message, &payload);
         disk.pending.push(PendingPublish { message, range, confirm });
-        self.wake.notify_one();
+        self.schedule(disk);
     }
 
     /// Holds `response` until the log thread has written (and, per policy, synced) everything
     /// buffered up to now.
     pub(super) fn defer_confirm(&self, disk: &mut DiskState, confirm: Confirm, response: Outcome) {
         disk.settle_confirms.push((confirm, response));
-        self.wake.notify_one();
+        self.schedule(disk);
     }
 
-    pub(super) fn wake_if_pending(&self, disk: &DiskState) {
-        if disk.log.has_pending() {
-            self.wake.notify_one();
+    pub(super) fn wake_if_pending(&self, disk: &mut DiskState) {
+        if disk.log.has_pending() || !disk.settle_confirms.is_empty() {
+            self.schedule(disk);
         }
     }
 
-    /// Flushes what is buffered and stops the log thread. Returns true if everything was
-    /// written and synced.
-    pub(super) fn stop(&self, queue: &Queue) -> bool {
-        if let Some(disk) = queue.state.lock().disk.as_mut() {
-            disk.stopping = true;
+    fn schedule(&self, disk: &mut DiskState) {
+        if !disk.scheduled {
+            disk.scheduled = true;
+            self.log.mark_dirty(self.id);
         }
-        self.wake.notify_one();
-        match self.thread.lock().take() {
-            Some(handle) => handle.join().unwrap_or(false),
-            None => true,
-        }
+    }
+
+    /// Reads the stored body of `message`, without the queue's lock.
+    pub(super) fn load(&self, message: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
+        self.log.reader.load(message)
+    }
+
+    /// The id of a message whose stored copy is damaged, if it can still be made out.
+    pub(super) fn salvage_id(&self, message: &QueuedMessage) -> Option<u64> {
+        self.log.reader.salvage_id(message.seq, message.location?)
     }
 }
 
@@ -284,173 +718,237 @@ impl Journal for DiskJournal<'_> {
     }
 }
 
-impl Durable {
-    /// Reads the stored body of `message`, without the queue's lock.
-    pub(super) fn load(&self, message: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
-        self.reader.load(message)
-    }
-
-    /// The id of a message whose stored copy is damaged, if it can still be made out.
-    pub(super) fn salvage_id(&self, message: &QueuedMessage) -> Option<u64> {
-        self.reader.salvage_id(message.seq, message.location?)
-    }
+/// One queue's share of a round.
+struct Chunk {
+    queue: Arc<Queue>,
+    /// Its buffered records, in the round's batch.
+    range: Range<usize>,
+    pending: Vec<PendingPublish>,
+    settles: Vec<(Confirm, Outcome)>,
+    copies: Vec<CopyForward>,
 }
 
-/// The write thread: append a batch, make its messages visible, fsync it and send its confirms
-/// (at once, when the policy does not wait for fsync); then delete emptied segments, roll and
-/// compact. Group commit: while one batch is written and synced, the next one gathers in the
-/// buffer, so one fsync covers every publish that arrived meanwhile.
-fn write_loop(queue: &Queue, mut writer: SegmentWriter) -> bool {
-    let durable = queue.durable.as_ref().expect("durable queue");
-    let policy = durable.config.fsync;
-    let mut spare = Vec::with_capacity(64 * 1024);
-    let mut unsynced = false;
-    let mut last_sync = Instant::now();
-    let mut failing = false;
-    let mut all_synced = true;
-    loop {
-        let mut guard = queue.state.lock();
-        // Only `batch` has a sync falling due while idle; under `never` the unsynced bytes wait
-        // for the final sync at stop.
-        let sync_pending = unsynced && policy == FsyncPolicy::Batch;
-        let stopping = wait_for_work(durable, &mut guard, sync_pending, last_sync, failing);
-        if !stopping && guard.disk.as_ref().is_some_and(|d| d.log.pending_len() < COALESCE_BELOW) {
-            // A small batch: give publishers a moment to add to it, so a busy queue writes in
-            // fewer, larger batches instead of a syscall every few messages.
-            drop(guard);
-            std::thread::sleep(COALESCE_FOR);
-            guard = queue.state.lock();
-        }
-        let disk = guard.disk.as_mut().expect("durable queue");
-        let bytes = disk.log.take(std::mem::take(&mut spare));
-        let pending = std::mem::take(&mut disk.pending);
-        let settles = std::mem::take(&mut disk.settle_confirms);
-        drop(guard);
-
-        let mut written = Err(String::new());
-        if !bytes.is_empty() {
-            match writer.append(&bytes) {
-                Ok(offset) => {
-                    unsynced = true;
-                    failing = false;
-                    written = Ok(offset);
-                }
-                Err(err) => {
-                    if !failing {
-                        tracing::error!(queue = %queue.name, error = %err, "log write failed; publishes are refused until it succeeds");
-                    }
-                    failing = true;
-                    written = Err(err.to_string());
-                }
-            }
-        }
-        let wrote = written.is_ok() || bytes.is_empty();
-        let mut confirms = apply_batch(queue, durable, &writer, &bytes, pending, written);
-        if wrote {
-            confirms.extend(settles.into_iter().map(|(confirm, body)| (confirm, Ok(body))));
-        } else if let Some(disk) = queue.state.lock().disk.as_mut() {
-            // Their records go round again with the failed batch.
-            disk.settle_confirms.splice(0..0, settles);
-        }
-        match policy {
-            FsyncPolicy::Always if wrote => {
-                let synced = writer.file().sync_data().map_err(|e| e.to_string());
-                if let Err(err) = &synced {
-                    all_synced = false;
-                    tracing::error!(queue = %queue.name, error = %err, "log fsync failed; its publishes are not confirmed");
-                }
-                for (confirm, outcome) in confirms {
-                    confirm.send(match &synced {
-                        Ok(()) => outcome,
-                        Err(err) => Err(BrokerError::ResourceLimit(format!(
-                            "message not confirmed: fsync failed: {err}"
-                        ))),
-                    });
-                }
-                unsynced = false;
-            }
-            _ => {
-                for (confirm, result) in confirms {
-                    confirm.send(result);
-                }
-            }
-        }
-        let sync_due = last_sync.elapsed() >= durable.config.fsync_interval;
-        if unsynced && (stopping || (policy == FsyncPolicy::Batch && sync_due)) {
-            if let Err(err) = writer.sync() {
-                tracing::error!(queue = %queue.name, error = %err, "log sync failed");
-            }
-            unsynced = false;
-            last_sync = Instant::now();
-        }
-        spare = bytes;
-        spare.clear();
-        maintain(queue, durable, &mut writer);
-        if stopping {
-            return !failing && all_synced;
-        }
-    }
+/// A live message copied forward by compaction: its old place, and its copy in the batch.
+struct CopyForward {
+    seq: u64,
+    from: Location,
+    range: Range<usize>,
 }
 
-/// Blocks until there is something to write, a batch sync is due, or the queue stops.
-fn wait_for_work(
-    durable: &Durable,
-    guard: &mut MutexGuard<'_, Live>,
-    unsynced: bool,
-    last_sync: Instant,
-    failing: bool,
-) -> bool {
-    loop {
-        let disk = guard.disk.as_ref().expect("durable queue");
-        if disk.stopping {
-            return true;
-        }
-        if (disk.log.has_pending() || !disk.settle_confirms.is_empty()) && !failing {
-            return false;
-        }
-        if failing {
-            durable.wake.wait_for(guard, RETRY_AFTER_FAILURE);
-            return false;
-        }
-        if unsynced {
-            let due = last_sync + durable.config.fsync_interval;
-            let now = Instant::now();
-            if now >= due || durable.wake.wait_for(guard, due - now).timed_out() {
-                return false;
-            }
-        } else {
-            durable.wake.wait(guard);
-        }
-    }
+/// Compaction in progress: the segment being emptied and the queues still holding messages in
+/// it.
+struct Compaction {
+    segment: u64,
+    queues: Vec<Arc<Queue>>,
+    copied: bool,
 }
 
 type Confirmation = (Confirm, Result<Outcome, BrokerError>);
 
-/// Under the lock: make the written publishes ready (or, if the write failed, put the other
-/// records back for another try and refuse the publishes).
-fn apply_batch(
-    queue: &Queue,
-    durable: &Durable,
-    writer: &SegmentWriter,
-    bytes: &[u8],
-    pending: Vec<PendingPublish>,
+/// The storage thread of one log. Each round: take the records of every dirty queue (and a
+/// slice of compaction copies), write them with one `write`, make the new messages visible,
+/// fsync once and send the round's confirms; then delete emptied segments and roll. Returns
+/// true if everything was written and synced when the log stopped.
+fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
+    let policy = log.config.fsync;
+    let mut batch: Vec<u8> = Vec::new();
+    let mut unsynced = false;
+    let mut last_sync = Instant::now();
+    let mut write_failing = false;
+    let mut clean = true;
+    let mut last_round = usize::MAX;
+    let mut compaction: Option<Compaction> = None;
+    let mut compact_after = Instant::now();
+    loop {
+        let retrying = write_failing || log.failure.read().is_some();
+        let wait = if retrying {
+            Some(RETRY_AFTER_FAILURE)
+        } else if compaction.is_some() {
+            Some(Duration::ZERO)
+        } else if unsynced && policy == FsyncPolicy::Batch {
+            Some((last_sync + log.config.fsync_interval).saturating_duration_since(Instant::now()))
+        } else {
+            None
+        };
+        if last_round < COALESCE_BELOW && wait.is_none() {
+            // A small round: give publishers a moment to add to the next one, so a busy log
+            // writes in fewer, larger batches instead of a syscall every few messages.
+            std::thread::sleep(COALESCE_FOR);
+        }
+        let (queues, stopping) = log.next_round(wait);
+        batch.clear();
+        let mut chunks = Vec::with_capacity(queues.len());
+        let mut budget = COMPACT_PER_ROUND;
+        for queue in queues {
+            chunks.extend(take(log, queue, &mut batch, None, &mut budget));
+        }
+        if let Some(work) = &mut compaction {
+            while budget > 0 {
+                let Some(queue) = work.queues.last().cloned() else { break };
+                let before = budget;
+                match take(log, queue, &mut batch, Some(work.segment), &mut budget) {
+                    Some(chunk) => {
+                        work.copied |= !chunk.copies.is_empty();
+                        chunks.push(chunk);
+                    }
+                    None => {
+                        work.queues.pop();
+                    }
+                }
+                if budget == before {
+                    // Nothing more could be copied from it this round.
+                    work.queues.pop();
+                }
+            }
+        }
+        last_round = batch.len();
+
+        let written = if batch.is_empty() {
+            Ok(writer.end())
+        } else {
+            writer.append(&batch).map_err(|e| e.to_string())
+        };
+        match &written {
+            Ok(_) if !batch.is_empty() => {
+                unsynced = true;
+                write_failing = false;
+            }
+            Ok(_) => {}
+            Err(err) => {
+                if !write_failing {
+                    tracing::error!(log = log.index, error = %err, "log write failed; publishes are refused until it succeeds");
+                }
+                write_failing = true;
+            }
+        }
+        let mut confirms = Vec::new();
+        for chunk in chunks {
+            confirms.extend(apply(
+                log,
+                writer.id(),
+                &batch,
+                chunk,
+                written.as_ref().copied().map_err(Clone::clone),
+            ));
+        }
+        let synced = if policy == FsyncPolicy::Always && (unsynced || log.failure.read().is_some()) {
+            let synced = log.sync(&writer).map_err(|e| e.to_string());
+            unsynced = false;
+            log.set_failure(synced.as_ref().err().cloned());
+            clean &= synced.is_ok();
+            synced
+        } else {
+            Ok(())
+        };
+        for (confirm, outcome) in confirms {
+            confirm.send(match (&synced, outcome) {
+                (Ok(()), outcome) => outcome,
+                (Err(err), Ok(_)) => {
+                    Err(BrokerError::ResourceLimit(format!("message not confirmed: fsync failed: {err}")))
+                }
+                (Err(_), refused) => refused,
+            });
+        }
+        let sync_due = last_sync.elapsed() >= log.config.fsync_interval;
+        if unsynced && (stopping || (policy == FsyncPolicy::Batch && sync_due)) {
+            let synced = log.sync(&writer);
+            if let Err(err) = &synced {
+                tracing::error!(log = log.index, error = %err, "log sync failed");
+            }
+            clean &= synced.is_ok();
+            unsynced = false;
+            last_sync = Instant::now();
+        }
+        log.finish_round();
+        if stopping {
+            return clean && !write_failing;
+        }
+        maintain(log, &mut writer, &mut compaction, &mut compact_after);
+    }
+}
+
+/// Takes a queue's buffered records into `batch`, with, when `compact` names a segment, copies
+/// of its live messages there (within `budget` bytes). The copies follow the records taken in
+/// the same lock, so a settle buffered after them comes after them in the log too.
+fn take(
+    log: &SharedLog,
+    queue: Arc<Queue>,
+    batch: &mut Vec<u8>,
+    compact: Option<u64>,
+    budget: &mut usize,
+) -> Option<Chunk> {
+    let durable = queue.durable.as_ref()?;
+    let mut guard = queue.state.lock();
+    let live = &mut *guard;
+    let disk = live.disk.as_mut()?;
+    disk.scheduled = false;
+    let victims: Vec<QueuedMessage> = match compact {
+        Some(segment) if disk.log.holds(segment) => {
+            // At least one message, however large, so that every segment can be emptied.
+            let mut room = *budget;
+            live.state
+                .messages()
+                .filter(|m| m.location.is_some_and(|l| l.segment() == segment))
+                .take_while(|m| {
+                    let more = room > 0;
+                    room = room.saturating_sub(m.location.map_or(0, |l| l.bytes() as usize));
+                    more
+                })
+                .map(|m| QueuedMessage { payload: None, ..m.clone() })
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    if !disk.log.has_pending() && disk.settle_confirms.is_empty() && victims.is_empty() {
+        return None;
+    }
+    if disk.log.has_pending() || !victims.is_empty() {
+        record::encode_queue(batch, durable.id);
+    }
+    let range = disk.log.drain_into(batch);
+    let pending = std::mem::take(&mut disk.pending);
+    let settles = std::mem::take(&mut disk.settle_confirms);
+    drop(guard);
+    let mut copies = Vec::with_capacity(victims.len());
+    for victim in victims {
+        let Some(from) = victim.location else { continue };
+        // An unreadable copy stays where it is: its segment is kept, and delivery deals with it.
+        let Ok(stored) = log.reader.read(victim.seq, from) else { continue };
+        let start = batch.len();
+        encode_message(batch, &victim, &stored.payload);
+        *budget = budget.saturating_sub(batch.len() - start);
+        copies.push(CopyForward { seq: victim.seq, from, range: start..batch.len() });
+    }
+    Some(Chunk { queue, range, pending, settles, copies })
+}
+
+/// Under the queue's lock: make the written publishes ready and move compacted messages to
+/// their copies (or, if the write failed, put the other records back for another try and
+/// refuse the publishes). Returns the chunk's confirms.
+fn apply(
+    log: &SharedLog,
+    segment: u64,
+    batch: &[u8],
+    chunk: Chunk,
     written: Result<u64, String>,
 ) -> Vec<Confirmation> {
-    let mut confirms = Vec::with_capacity(pending.len());
+    let Chunk { queue, range, pending, settles, copies } = chunk;
+    let Some(durable) = queue.durable.as_ref() else { return Vec::new() };
+    let mut confirms = Vec::with_capacity(pending.len() + settles.len());
     let mut deaths = Vec::new();
     let mut guard = queue.state.lock();
     let live = &mut *guard;
-    let disk = live.disk.as_mut().expect("durable queue");
+    let Some(disk) = live.disk.as_mut() else { return Vec::new() };
     match written {
         Ok(offset) => {
-            let segment = writer.id();
+            let base = offset + range.start as u64;
             for publish in pending {
                 let PendingPublish { mut message, range, confirm } = publish;
-                let location = Location::new(segment, offset + range.start as u64, range.len() as u32);
+                let location = Location::new(segment, base + range.start as u64, range.len() as u32);
                 disk.log.add_live(location);
-                let payload = message.payload.take().expect("a published message has its payload");
+                let Some(payload) = message.payload.take() else { continue };
                 let size = payload.size();
-                let resident = disk.resident_bytes + size <= durable.config.queue_memory_bytes;
+                let resident = disk.resident_bytes + size <= log.config.queue_memory_bytes;
                 if resident {
                     disk.resident_bytes += size;
                 }
@@ -461,12 +959,25 @@ fn apply_batch(
                 live.state.admit(message);
                 confirms.push((confirm, Ok(Outcome::Published { message_id: id, routed: 1 })));
             }
+            for copy in copies {
+                // Settled while it was copied: its settle record follows the copy in the log.
+                let Some(message) = live.state.find_mut(copy.seq) else { continue };
+                if message.location != Some(copy.from) {
+                    continue;
+                }
+                let to = Location::new(segment, offset + copy.range.start as u64, copy.range.len() as u32);
+                message.location = Some(to);
+                disk.log.add_live(to);
+                disk.log.forget(copy.from);
+            }
+            confirms.extend(settles.into_iter().map(|(confirm, body)| (confirm, Ok(body))));
             let now = super::now_ms();
             let mut journal = durable.journal(disk, &mut deaths);
             live.state.enforce_bounds(&mut journal);
             live.state.dispatch(now, &mut journal);
         }
-        Err(error) if !bytes.is_empty() => {
+        Err(error) => {
+            let bytes = &batch[range];
             let mut others = Vec::new();
             let mut at = 0;
             for publish in &pending {
@@ -481,6 +992,9 @@ fn apply_batch(
                 later.range = later.range.start + shift..later.range.end + shift;
             }
             disk.log.restore(others);
+            // Their records go round again with the failed batch.
+            disk.settle_confirms.splice(0..0, settles);
+            durable.wake_if_pending(disk);
             for publish in pending {
                 live.state.unreserve(u64::from(publish.message.size));
                 let error =
@@ -488,7 +1002,6 @@ fn apply_batch(
                 confirms.push((publish.confirm, Err(error)));
             }
         }
-        Err(_) => {}
     }
     let next = live.state.next_timer();
     drop(guard);
@@ -496,85 +1009,267 @@ fn apply_batch(
     confirms
 }
 
-/// Deletes segments with nothing live, starts a new segment when the active one is full, and
-/// compacts the oldest segment when little of it is still live.
-fn maintain(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
+/// Starts a new segment when the active one is full, deletes the segments nothing live is left
+/// in, and picks the next segment to compact.
+fn maintain(
+    log: &SharedLog,
+    writer: &mut SegmentWriter,
+    compaction: &mut Option<Compaction>,
+    compact_after: &mut Instant,
+) {
     if writer.is_full() {
-        if durable.config.fsync != FsyncPolicy::Always {
+        if log.config.fsync != FsyncPolicy::Always {
             // Under `always` every batch was synced as it was written.
-            if let Err(err) = writer.sync() {
-                tracing::error!(queue = %queue.name, error = %err, "log sync failed");
+            if let Err(err) = log.sync(writer) {
+                tracing::error!(log = log.index, error = %err, "log sync failed");
             }
         }
         match writer.roll() {
-            Ok(id) => {
-                if let Some(disk) = queue.state.lock().disk.as_mut() {
-                    disk.log.set_active(id);
-                }
-            }
-            Err(err) => tracing::error!(queue = %queue.name, error = %err, "could not start a new segment"),
+            Ok(id) => log.live.insert(id),
+            Err(err) => tracing::error!(log = log.index, error = %err, "could not start a new segment"),
         }
     }
-    compact(queue, durable, writer);
-    let doomed = queue.state.lock().disk.as_mut().map(|d| d.log.take_doomed()).unwrap_or_default();
-    for segment in doomed {
-        match durable.reader.delete(segment) {
-            Ok(()) => tracing::debug!(queue = %queue.name, segment, "segment deleted"),
+    let segments = log.live.snapshot();
+    if segments.len() < 2 {
+        return;
+    }
+    for segment in logs::deletable(&segments, writer.id()) {
+        match log.reader.delete(segment) {
+            Ok(()) => {
+                log.live.remove(segment);
+                tracing::debug!(log = log.index, segment, "segment deleted");
+            }
             Err(err) => {
-                tracing::warn!(queue = %queue.name, segment, error = %err, "could not delete segment")
+                tracing::warn!(log = log.index, segment, error = %err, "could not delete segment");
+                break;
             }
         }
     }
-}
-
-/// Copies the live messages of the oldest segment to the active one when at most a quarter of
-/// its bytes are still live, so one slow message cannot pin a long run of settled segments.
-fn compact(queue: &Queue, durable: &Durable, writer: &mut SegmentWriter) {
-    let victims: Vec<QueuedMessage> = {
-        let guard = queue.state.lock();
-        let Some(disk) = guard.disk.as_ref() else { return };
-        let Some(oldest) = disk.log.compaction_candidate(durable.config.segment_bytes) else { return };
-        guard
-            .state
-            .messages()
-            .filter(|m| m.location.is_some_and(|l| l.segment() == oldest))
-            .map(|m| QueuedMessage { payload: None, ..m.clone() })
-            .collect()
-    };
-    let mut bytes = Vec::new();
-    let mut copies = Vec::with_capacity(victims.len());
-    for victim in victims {
-        let location = victim.location.expect("filtered on location");
-        // An unreadable copy stays where it is: its segment is kept, and delivery deals with it.
-        let Ok(stored) = durable.reader.read(victim.seq, location) else { continue };
-        let start = bytes.len();
-        encode_message(&mut bytes, &victim, &stored.payload);
-        copies.push((victim.seq, location.segment(), start..bytes.len()));
-    }
-    let offset = match writer.append(&bytes).and_then(|offset| writer.sync().map(|()| offset)) {
-        Ok(offset) => offset,
-        Err(err) => {
-            tracing::warn!(queue = %queue.name, error = %err, "compaction write failed; will retry");
+    if let Some(work) = compaction {
+        if !work.queues.is_empty() {
             return;
         }
-    };
-    let segment = writer.id();
-    let mut guard = queue.state.lock();
-    let live = &mut *guard;
-    let Some(disk) = live.disk.as_mut() else { return };
-    let moved = copies.len();
-    for (seq, old_segment, range) in copies {
-        // Settled while we copied: its settle record follows the copy in the log.
-        let Some(message) = live.state.find_mut(seq) else { continue };
-        if message.location.map(|l| l.segment()) != Some(old_segment) {
-            continue;
+        if !work.copied {
+            *compact_after = Instant::now() + COMPACT_BACKOFF;
         }
-        let old =
-            message.location.replace(Location::new(segment, offset + range.start as u64, range.len() as u32));
-        disk.log.add_live(message.location.expect("just set"));
-        if let Some(old) = old {
-            disk.log.forget(old);
+        *compaction = None;
+    }
+    if Instant::now() < *compact_after {
+        return;
+    }
+    let segments = log.live.snapshot();
+    let Some(segment) = logs::compaction_candidate(&segments, writer.id(), log.config.segment_bytes) else {
+        return;
+    };
+    let members: Vec<Arc<Queue>> = log.members.lock().queues.values().filter_map(Weak::upgrade).collect();
+    let queues: Vec<Arc<Queue>> = members
+        .into_iter()
+        .filter(|q| q.state.lock().disk.as_ref().is_some_and(|d| d.log.holds(segment)))
+        .collect();
+    tracing::debug!(log = log.index, segment, queues = queues.len(), "compacting the oldest segment");
+    *compaction = Some(Compaction { segment, queues, copied: false });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::audit::Audit;
+    use crate::config::Config;
+    use crate::queue::Registry;
+    use crate::settings::QueueSettings;
+
+    fn open(dir: &Path, threads: usize) -> Arc<Registry> {
+        open_with(dir, Config { storage_threads: threads, ..Config::default() })
+    }
+
+    fn open_with(dir: &Path, config: Config) -> Arc<Registry> {
+        let config = Config { data_dir: dir.to_path_buf(), ..config };
+        let store = Store::open(dir).unwrap();
+        let audit = Audit::open(&dir.join("audit"), 1 << 20).unwrap();
+        Registry::recover(store, config.storage(), audit, tokio::runtime::Handle::current()).unwrap()
+    }
+
+    fn durable() -> QueueSettings {
+        QueueSettings { durable: true, ..QueueSettings::default() }
+    }
+
+    /// Publishes `body` to `queue`; returns the confirm's receiver.
+    fn publish(queue: &Queue, body: &'static str) -> mpsc::Receiver<Result<Outcome, BrokerError>> {
+        let (tx, rx) = mpsc::channel();
+        let payload = Arc::new(Payload { body: body.into(), ..Payload::default() });
+        let confirm = Confirm::Callback(Box::new(move |result| {
+            let _ = tx.send(result);
+        }));
+        if let Err(err) = queue.publish(payload, 0, 0, confirm) {
+            let (tx, refused) = mpsc::channel();
+            tx.send(Err(err)).unwrap();
+            return refused;
+        }
+        rx
+    }
+
+    fn confirmed(rx: mpsc::Receiver<Result<Outcome, BrokerError>>) -> Result<Outcome, BrokerError> {
+        rx.recv_timeout(Duration::from_secs(10)).expect("an answer")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_refuses_publishes_until_a_sync_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = open(dir.path(), 1);
+        let queue = registry.declare("q", durable()).unwrap().queue;
+        assert!(confirmed(publish(&queue, "before")).is_ok());
+        let log = registry.storage().logs[0].clone();
+
+        log.fail_syncs.store(true, Ordering::Relaxed);
+        let refused = confirmed(publish(&queue, "unsynced")).unwrap_err();
+        assert!(refused.to_string().contains("fsync failed"), "{refused}");
+        let refused = confirmed(publish(&queue, "while failing")).unwrap_err();
+        assert!(refused.to_string().contains("cannot sync: injected sync failure"), "{refused}");
+        assert!(registry.storage().failure().is_some_and(|e| e.contains("injected")));
+
+        log.fail_syncs.store(false, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while registry.storage().failure().is_some() {
+            assert!(Instant::now() < deadline, "the log never synced again");
+            std::thread::yield_now();
+        }
+        assert!(confirmed(publish(&queue, "after")).is_ok());
+        registry.close();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_queues_share_one_log_and_come_back_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = open(dir.path(), 1);
+        let queues: Vec<Arc<Queue>> =
+            (0..200).map(|i| registry.declare(&format!("q{i}"), durable()).unwrap().queue).collect();
+        let receipts: Vec<_> = queues.iter().map(|q| publish(q, "m")).collect();
+        for rx in receipts {
+            assert!(confirmed(rx).is_ok());
+        }
+        assert_eq!(registry.storage().threads(), 1);
+        drop(queues);
+        registry.close();
+        drop(registry);
+
+        let registry = open(dir.path(), 1);
+        for i in 0..200 {
+            assert_eq!(registry.get(&format!("q{i}")).unwrap().snapshot().ready, 1, "queue q{i}");
+        }
+        registry.close();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queue_log_in_its_own_directory_moves_into_a_shared_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue_dir = dir.path().join("queues").join("3");
+        std::fs::create_dir_all(&queue_dir).unwrap();
+        let meta = QueueMeta { name: "old".into(), settings: durable(), alarm_depth: 7, log: None };
+        std::fs::write(queue_dir.join("queue.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+        // The earlier layout: segments in the queue's directory, records naming no queue.
+        let mut bytes = segment::MAGIC.to_vec();
+        for (seq, body) in [(0u64, "settled"), (1, "first"), (2, "second")] {
+            let payload = Payload { id: 10 + seq, body: body.into(), ..Payload::default() };
+            record::encode_publish(&mut bytes, seq, 0, 0, 0, &payload);
+        }
+        record::encode_settle(&mut bytes, 0);
+        record::encode_delivered(&mut bytes, 2, 3);
+        std::fs::write(segment::path(&queue_dir, 1), &bytes).unwrap();
+
+        for start in 0..2 {
+            let registry = open(dir.path(), 2);
+            let queue = registry.get("old").unwrap();
+            let peeked = queue.with_state(|state, journal, _| state.peek(10, journal)).unwrap();
+            let seen: Vec<(u64, u32, &[u8])> =
+                peeked.iter().map(|(m, p)| (p.id, m.delivery_count, &p.body[..])).collect();
+            assert_eq!(seen, vec![(11, 0, &b"first"[..]), (12, 3, &b"second"[..])], "start {start}");
+            assert_eq!(queue.alarm_depth(), 7);
+            assert!(segment::list(&queue_dir).unwrap().is_empty(), "the old segments are gone");
+            let meta: QueueMeta =
+                serde_json::from_slice(&std::fs::read(queue_dir.join("queue.json")).unwrap()).unwrap();
+            assert_eq!(meta.log, Some(1), "queue 3 of 2 threads goes to log 1");
+            drop(queue);
+            registry.close();
+        }
+        let fresh = open(dir.path(), 2);
+        let created = fresh.declare("new", durable()).unwrap().queue;
+        assert_eq!(created.durable.as_ref().unwrap().id, 4, "ids go on after the moved queue's");
+        fresh.close();
+    }
+
+    /// Waits until `done` holds, for at most 10 s.
+    fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::yield_now();
         }
     }
-    tracing::debug!(queue = %queue.name, moved, "oldest segment compacted");
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clean_shutdown_writes_the_settles_that_dead_lettering_buffers_in_another_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = open(dir.path(), 2);
+        let dead = registry.declare("dead", durable()).unwrap().queue;
+        let jobs = QueueSettings { dead_letter: "dead".into(), message_ttl_ms: 1, ..durable() };
+        let jobs = registry.declare("jobs", jobs).unwrap().queue;
+        assert_ne!(
+            jobs.durable.as_ref().unwrap().log_index(),
+            dead.durable.as_ref().unwrap().log_index(),
+            "the two queues are on different logs"
+        );
+        for _ in 0..20 {
+            assert!(confirmed(publish(&jobs, "expires")).is_ok());
+        }
+        eventually("every message reaches the dead-letter queue", || dead.snapshot().ready == 20);
+        drop((dead, jobs));
+        registry.close();
+        drop(registry);
+
+        let registry = open(dir.path(), 2);
+        let counts = |name: &str| registry.get(name).unwrap().snapshot().ready;
+        assert_eq!((counts("jobs"), counts("dead")), (0, 20), "nothing dead-lettered twice");
+        registry.close();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_messages_of_a_queue_whose_metadata_cannot_be_read_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = || Config { storage_threads: 1, segment_bytes: 4096, ..Config::default() };
+        let registry = open_with(dir.path(), small());
+        let broken = registry.declare("broken", durable()).unwrap().queue;
+        let fine = registry.declare("fine", durable()).unwrap().queue;
+        assert!(confirmed(publish(&broken, "precious")).is_ok());
+        for _ in 0..100 {
+            assert!(confirmed(publish(&fine, "filler filler filler filler filler filler filler")).is_ok());
+        }
+        let meta_path = broken.durable.as_ref().unwrap().dir().join("queue.json");
+        drop((broken, fine));
+        registry.close();
+        drop(registry);
+        let meta = std::fs::read(&meta_path).unwrap();
+        std::fs::write(&meta_path, b"{").unwrap();
+
+        let registry = open_with(dir.path(), small());
+        assert!(registry.get("broken").is_err(), "not started");
+        let fine = registry.get("fine").unwrap();
+        fine.with_state(|state, journal, _| state.purge(journal)).unwrap();
+        eventually("the purge is written", || {
+            fine.with_state(|_, _, _| ()).is_ok() && fine.snapshot().ready == 0
+        });
+        drop(fine);
+        registry.close();
+        drop(registry);
+
+        std::fs::write(&meta_path, meta).unwrap();
+        let registry = open_with(dir.path(), small());
+        assert_eq!(
+            registry.get("broken").unwrap().snapshot().ready,
+            1,
+            "its message outlived the purge next to it"
+        );
+        registry.close();
+    }
 }

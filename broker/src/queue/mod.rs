@@ -21,7 +21,7 @@ use crate::message::{Death, DeathReason, Payload, QueuedMessage};
 use crate::storage::{Location, ReadError};
 
 pub use crate::settings::{Overflow, Policy, QueueSettings};
-pub use durable::Durable;
+pub use durable::{Durable, Storage};
 pub use exchanges::{ExchangeCounters, ExchangeView, Routed};
 pub use registry::{notify_cancelled, Declared, Deleted, Registry};
 pub use state::{
@@ -272,6 +272,9 @@ impl Queue {
     /// transition.
     pub fn check_alarm(&self) -> Option<(bool, u64)> {
         let depth = self.alarm_depth();
+        if depth == 0 && !self.alarm_raised() {
+            return None;
+        }
         let ready = self.snapshot().ready;
         let raised = self.alarm_raised();
         let now_raised = depth > 0 && if raised { ready >= depth } else { ready > depth };
@@ -393,11 +396,16 @@ impl Queue {
             }
             _ => live.state.make_room(size, &mut MemJournal { deaths: &mut deaths }),
         };
-        if let Err(full) = room {
+        let refused = match room {
+            Err(full) => {
+                Some(BrokerError::ResourceLimit(format!("queue '{}' is full ({})", self.name, full.0)))
+            }
+            Ok(_) => self.durable.as_ref().and_then(Durable::refusal),
+        };
+        if let Some(err) = refused {
             let next = live.state.next_timer();
             drop(guard);
             self.after_unlock(deaths, next);
-            let err = BrokerError::ResourceLimit(format!("queue '{}' is full ({})", self.name, full.0));
             return Err((err, confirm));
         }
         let now_confirmed = match (&mut live.disk, &self.durable) {
@@ -465,9 +473,11 @@ impl Queue {
     /// Compares the queue's reads with the last check; returns `Some(error)` when they started
     /// failing (the error) or work again (empty).
     pub fn check_reads(&self) -> Option<String> {
-        let error = self.snapshot().read_error;
-        let failing = !error.is_empty();
-        (self.reads_failing.swap(failing, Ordering::AcqRel) != failing).then_some(error)
+        let failing = self.state.lock().state.read_stall().is_some() || !self.parked.lock().deaths.is_empty();
+        if self.reads_failing.swap(failing, Ordering::AcqRel) == failing {
+            return None;
+        }
+        Some(if failing { self.snapshot().read_error } else { String::new() })
     }
 
     /// Routes dead messages and schedules the next timer; called with the lock released.

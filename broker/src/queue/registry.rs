@@ -1,14 +1,14 @@
 //! The registry of named queues: declare, look up, delete, list, recover at start and close
 //! at shutdown.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
-use super::{durable, validate_queue_name, Queue, QueueSettings, QueueState, Subscriber};
+use super::durable::{self, Storage, Stored};
+use super::{validate_queue_name, Queue, QueueSettings, QueueState, Subscriber};
 use crate::audit::Audit;
 use crate::error::BrokerError;
 use crate::storage::{QueueMeta, StorageConfig, Store};
@@ -19,10 +19,12 @@ pub struct Registry {
     /// Looked up on every publish: hashed with a fast, per-process seeded hasher.
     queues: DashMap<Arc<str>, Arc<Queue>, foldhash::fast::RandomState>,
     pub(super) store: Store,
-    storage: StorageConfig,
+    storage: Storage,
     audit: Audit,
     runtime: tokio::runtime::Handle,
     pub(super) exchanges: super::exchanges::Exchanges,
+    /// How many queues name each queue as their dead-letter queue.
+    dead_letter_refs: DashMap<Arc<str>, usize, foldhash::fast::RandomState>,
 }
 
 /// What a declare did.
@@ -52,7 +54,18 @@ impl Registry {
         runtime: tokio::runtime::Handle,
     ) -> std::io::Result<Arc<Registry>> {
         let crashed = !store.take_clean_shutdown()?;
-        let entries = store.list()?;
+        let mut stored = Vec::new();
+        let mut unreadable = Vec::new();
+        for listed in store.list()? {
+            match listed.meta {
+                Ok(meta) => stored.push(Stored { id: listed.id, dir: listed.dir, meta }),
+                Err(problem) => {
+                    tracing::error!(problem = %problem, "durable queue skipped; its stored messages are kept");
+                    unreadable.push(listed.id);
+                }
+            }
+        }
+        let (storage, mut parts) = Storage::open(&store, &storage, &mut stored, &unreadable, crashed)?;
         let registry = Arc::new_cyclic(|me| Registry {
             me: me.clone(),
             queues: DashMap::default(),
@@ -61,33 +74,19 @@ impl Registry {
             audit,
             runtime,
             exchanges: Default::default(),
+            dead_letter_refs: DashMap::default(),
         });
-        for entry in entries {
-            let (dir, meta) = match entry {
-                Ok(found) => found,
-                Err(problem) => {
-                    tracing::error!(problem = %problem, "durable queue skipped");
-                    continue;
-                }
+        for Stored { id, meta, dir } in stored {
+            let Some(parts) = parts.remove(&id) else {
+                tracing::error!(queue = %meta.name, dir = %dir.display(), "durable queue not started");
+                continue;
             };
-            match durable::recover(&meta, &dir, &registry.storage, crashed) {
-                Ok(parts) => {
-                    let queue = match registry.assemble(&meta.name, meta.settings.clone(), parts) {
-                        Ok(queue) => queue,
-                        Err(err) => {
-                            tracing::error!(queue = %meta.name, error = %err, "durable queue not started: its storage threads could not be made; its files are kept for the next start");
-                            continue;
-                        }
-                    };
-                    queue.alarm_depth.store(meta.alarm_depth, Ordering::Release);
-                    registry.queues.insert(meta.name.as_str().into(), queue.clone());
-                    // Recovered delayed messages and TTLs need their timer.
-                    let _ = queue.with_state(|_, _, _| ());
-                }
-                Err(err) => {
-                    tracing::error!(queue = %meta.name, dir = %dir.display(), error = %err, "durable queue could not be recovered");
-                }
-            }
+            let queue = registry.assemble(&meta.name, meta.settings.clone(), parts);
+            queue.alarm_depth.store(meta.alarm_depth, Ordering::Release);
+            registry.count_dead_letter(&queue.settings.dead_letter, 1);
+            registry.queues.insert(meta.name.as_str().into(), queue.clone());
+            // Recovered delayed messages and TTLs need their timer.
+            let _ = queue.with_state(|_, _, _| ());
         }
         registry.recover_topology()?;
         Ok(registry)
@@ -116,27 +115,14 @@ impl Registry {
         // The files of a durable queue are made before taking the map's entry, so no lock is
         // held across the fsyncs; a declare that lost a race gives its files back.
         let queue = if settings.durable {
-            let meta = QueueMeta { name: name.to_owned(), settings: settings.clone(), alarm_depth: 0 };
-            let refuse = |e: std::io::Error| {
+            let mut meta =
+                QueueMeta { name: name.to_owned(), settings: settings.clone(), alarm_depth: 0, log: None };
+            let (id, dir) = self.store.create(&mut meta, |id| self.storage.assign(id)).map_err(|e| {
                 BrokerError::ResourceLimit(format!("cannot create durable queue '{name}': {e}"))
-            };
-            let dir: PathBuf = self.store.create(&meta).map_err(refuse)?;
-            let parts = match durable::create(&dir, &self.storage, settings.policy()) {
-                Ok(parts) => parts,
-                Err(err) => {
-                    let _ = self.store.remove(&dir);
-                    return Err(refuse(err));
-                }
-            };
-            match self.assemble(name, settings.clone(), parts) {
-                Ok(queue) => queue,
-                Err(err) => {
-                    let _ = self.store.remove(&dir);
-                    return Err(BrokerError::ResourceLimit(format!(
-                        "cannot start durable queue '{name}': no thread for its storage ({err}); the machine is out of threads or memory"
-                    )));
-                }
-            }
+            })?;
+            let index = meta.log.unwrap_or_default();
+            let parts = self.storage.create(id, &dir, index, settings.policy());
+            self.assemble(name, settings.clone(), parts)
         } else {
             let state = QueueState::new(settings.policy());
             Queue::build(name, settings.clone(), state, None, None, self.me.clone())
@@ -150,6 +136,7 @@ impl Registry {
             }
             Entry::Vacant(entry) => {
                 entry.insert(queue.clone());
+                self.count_dead_letter(&settings.dead_letter, 1);
                 tracing::info!(queue = %name, settings = %queue.settings, "queue declared");
                 Ok(Declared { queue, created: true })
             }
@@ -159,23 +146,20 @@ impl Registry {
     /// Stops and removes a queue that never entered the map.
     fn discard(&self, queue: &Arc<Queue>) {
         if let Some(durable) = &queue.durable {
-            let _ = durable.stop(queue);
+            durable.detach(queue);
             if let Err(err) = self.store.remove(durable.dir()) {
                 tracing::warn!(queue = %queue.name, error = %err, "could not remove the files of a duplicate declare");
             }
         }
     }
 
-    fn assemble(
-        &self,
-        name: &str,
-        settings: QueueSettings,
-        parts: durable::Parts,
-    ) -> std::io::Result<Arc<Queue>> {
-        let (state, disk, durable, writer) = parts.into_inner();
+    fn assemble(&self, name: &str, settings: QueueSettings, parts: durable::Parts) -> Arc<Queue> {
+        let (state, disk, durable) = parts.into_inner();
         let queue = Queue::build(name, settings, state, Some(disk), Some(durable), self.me.clone());
-        durable::spawn_threads(&queue, writer)?;
-        Ok(queue)
+        if let Some(durable) = &queue.durable {
+            durable.attach(&queue);
+        }
+        queue
     }
 
     /// Deletes a queue, dropping its messages (and files) and cancelling its consumers.
@@ -203,10 +187,12 @@ impl Registry {
             queue.deleted.store(true, Ordering::Release);
             Deleted { messages: live.state.len() as u64, consumers: live.state.take_consumers() }
         };
-        self.queues.remove(name);
+        if self.queues.remove(name).is_some() {
+            self.count_dead_letter(&queue.settings.dead_letter, -1);
+        }
         self.unbind_queue(name);
         if let Some(durable) = &queue.durable {
-            let _ = durable.stop(&queue);
+            durable.detach(&queue);
             if let Err(err) = self.store.remove(durable.dir()) {
                 tracing::error!(queue = %name, error = %err, "could not remove the queue's files");
             }
@@ -224,8 +210,12 @@ impl Registry {
         let _writing = queue.meta_lock.lock();
         queue.alarm_depth.store(depth, Ordering::Release);
         if let Some(durable) = &queue.durable {
-            let meta =
-                QueueMeta { name: name.to_owned(), settings: queue.settings.clone(), alarm_depth: depth };
+            let meta = QueueMeta {
+                name: name.to_owned(),
+                settings: queue.settings.clone(),
+                alarm_depth: depth,
+                log: Some(durable.log_index()),
+            };
             self.store
                 .rewrite(durable.dir(), &meta)
                 .map_err(|e| BrokerError::Internal(format!("cannot save the alarm of '{name}': {e}")))?;
@@ -236,7 +226,7 @@ impl Registry {
 
     /// Raises or clears depth alarms, announcing each transition.
     pub fn check_alarms(&self, events: &crate::events::Events) {
-        for queue in self.list() {
+        for queue in self.unsorted() {
             let Some((raised, ready)) = queue.check_alarm() else { continue };
             let depth = queue.alarm_depth();
             let (kind, detail) = if raised {
@@ -259,7 +249,7 @@ impl Registry {
     /// Announces queues whose stored bodies became unreadable, or readable again: one log
     /// line and one event per change.
     pub fn check_reads(&self, events: &crate::events::Events) {
-        for queue in self.list() {
+        for queue in self.unsorted() {
             let Some(error) = queue.check_reads() else { continue };
             let (kind, detail) = if error.is_empty() {
                 tracing::info!(queue = %queue.name, "stored messages are readable again; delivery resumed");
@@ -278,9 +268,32 @@ impl Registry {
         }
     }
 
+    /// Whether some queue names `name` as its dead-letter queue.
+    pub fn is_dead_letter_target(&self, name: &str) -> bool {
+        self.dead_letter_refs.get(name).is_some_and(|refs| *refs > 0)
+    }
+
+    fn count_dead_letter(&self, target: &str, change: isize) {
+        if target.is_empty() {
+            return;
+        }
+        let mut refs = self.dead_letter_refs.entry(target.into()).or_insert(0);
+        *refs = refs.saturating_add_signed(change);
+        let unused = *refs == 0;
+        drop(refs);
+        if unused {
+            self.dead_letter_refs.remove_if(target, |_, refs| *refs == 0);
+        }
+    }
+
     /// How many queues there are.
     pub fn count(&self) -> usize {
         self.queues.len()
+    }
+
+    /// Every queue, in no particular order: for sweeps that do not show the list.
+    pub fn unsorted(&self) -> Vec<Arc<Queue>> {
+        self.queues.iter().map(|q| q.value().clone()).collect()
     }
 
     /// Every queue, sorted by name.
@@ -288,6 +301,11 @@ impl Registry {
         let mut queues: Vec<Arc<Queue>> = self.queues.iter().map(|q| q.value().clone()).collect();
         queues.sort_by(|a, b| a.name.cmp(&b.name));
         queues
+    }
+
+    /// The storage threads of durable queues.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
 
     /// The audit trail of dead messages.
@@ -303,13 +321,7 @@ impl Registry {
     /// Writes out and syncs what every durable queue has buffered, stops their threads, and
     /// records the clean shutdown.
     pub fn close(&self) {
-        let mut clean = true;
-        for queue in self.list() {
-            if let Some(durable) = &queue.durable {
-                clean &= durable.stop(&queue);
-            }
-        }
-        if !clean {
+        if !self.storage.stop() {
             tracing::error!(
                 "some queue could not write its last records; the next start recovers as after a crash"
             );

@@ -1,14 +1,19 @@
-//! A durable queue's log, split by who touches it:
-//! - [`LogBuffer`] lives under the queue's lock: records appended since the last write, and the
-//!   live-message count of every segment (what decides when a segment can go);
-//! - [`SegmentWriter`] belongs to the queue's sync thread, the only writer of files;
-//! - [`SegmentReader`] is shared, for reading bodies that were paged out of memory.
+//! A log shared by many durable queues, split by who touches it:
+//! - [`LogBuffer`] lives under one queue's lock: that queue's records appended since the last
+//!   write, and how many of its messages each segment holds;
+//! - [`LiveSegments`] counts the live messages of every queue per segment, which decides when
+//!   a segment can go and when it is worth compacting;
+//! - [`SegmentWriter`] belongs to the log's storage thread, the only writer of its files;
+//! - [`SegmentReader`] is shared, for reading bodies that were paged out of memory, through a
+//!   bounded set of open files.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, Write};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -26,30 +31,118 @@ pub struct LiveCount {
     pub bytes: u64,
 }
 
-/// Records waiting to be written, and per-segment accounting.
+impl LiveCount {
+    fn add(&mut self, location: Location) {
+        self.messages += 1;
+        self.bytes += u64::from(location.bytes());
+    }
+
+    fn remove(&mut self, location: Location) {
+        self.messages = self.messages.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(u64::from(location.bytes()));
+    }
+}
+
+/// A queue's buffer above this capacity is given back once written, so a burst does not pin
+/// memory in a queue that goes quiet.
+const KEEP_BUFFER: usize = 256 * 1024;
+
+/// Live messages per segment, over every queue of one log. Counts only go up on the log's
+/// storage thread (a write, a compaction copy); they go down wherever a message is settled.
+#[derive(Debug, Default)]
+pub struct LiveSegments {
+    segments: RwLock<BTreeMap<u64, Arc<Counter>>>,
+}
+
+#[derive(Debug, Default)]
+struct Counter {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Counter {
+    /// Subtracts `live`, never below zero.
+    fn sub(&self, live: LiveCount) {
+        let less = |by: u64| move |n: u64| Some(n.saturating_sub(by));
+        let _ = self.messages.fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(live.messages));
+        let _ = self.bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(live.bytes));
+    }
+}
+
+impl LiveSegments {
+    /// Starts counting segment `id` (empty).
+    pub fn insert(&self, id: u64) {
+        self.segments.write().entry(id).or_default();
+    }
+
+    /// Stops counting segment `id` (deleted).
+    pub fn remove(&self, id: u64) {
+        self.segments.write().remove(&id);
+    }
+
+    fn add(&self, location: Location) {
+        if let Some(counter) = self.segments.read().get(&location.segment()) {
+            counter.messages.fetch_add(1, Ordering::Relaxed);
+            counter.bytes.fetch_add(u64::from(location.bytes()), Ordering::Relaxed);
+        }
+    }
+
+    fn forget(&self, location: Location) {
+        if let Some(counter) = self.segments.read().get(&location.segment()) {
+            counter.sub(LiveCount { messages: 1, bytes: location.bytes().into() });
+        }
+    }
+
+    /// Every segment, oldest first, with what is live in it.
+    pub fn snapshot(&self) -> Vec<(u64, LiveCount)> {
+        self.segments
+            .read()
+            .iter()
+            .map(|(&id, c)| {
+                let live = LiveCount {
+                    messages: c.messages.load(Ordering::Relaxed),
+                    bytes: c.bytes.load(Ordering::Relaxed),
+                };
+                (id, live)
+            })
+            .collect()
+    }
+}
+
+/// The segments that can be deleted: a prefix of those with nothing live, never the active one.
+/// Only a prefix, because a settle record for a message in an older segment lives in a newer
+/// one, and must outlive the message's publish record.
+pub fn deletable(segments: &[(u64, LiveCount)], active: u64) -> Vec<u64> {
+    segments.iter().take_while(|(id, live)| live.messages == 0 && *id != active).map(|&(id, _)| id).collect()
+}
+
+/// The oldest segment if it is worth compacting: not the active one, at least two segments
+/// behind it, something live in it, and at most a quarter of a full segment's bytes.
+pub fn compaction_candidate(segments: &[(u64, LiveCount)], active: u64, segment_bytes: u64) -> Option<u64> {
+    let &(oldest, live) = segments.first()?;
+    let worth = oldest != active && segments.len() >= 3 && live.messages > 0;
+    (worth && live.bytes * 4 <= segment_bytes).then_some(oldest)
+}
+
+/// One queue's records waiting to be written, and where its live messages are.
 #[derive(Debug)]
 pub struct LogBuffer {
     buf: Vec<u8>,
-    /// Live messages (published, not settled) per segment, oldest first.
+    /// This queue's live messages (published, not settled) per segment.
     live: BTreeMap<u64, LiveCount>,
-    /// The segment the writer appends to; never deleted.
-    active: u64,
-    /// Segments with no live message left, to be deleted by the writer.
-    doomed: Vec<u64>,
+    /// The same, for every queue of the log.
+    shared: Arc<LiveSegments>,
 }
 
 impl LogBuffer {
-    /// A buffer for a log whose segments hold `live` messages each and whose newest segment is
-    /// `active`.
-    pub fn new(live: BTreeMap<u64, LiveCount>, active: u64) -> Self {
-        let mut log = LogBuffer { buf: Vec::with_capacity(64 * 1024), live, active, doomed: Vec::new() };
-        log.live.entry(active).or_default();
-        log.collect_garbage();
-        log
+    /// A buffer for a queue whose messages are counted per segment in `live`; `shared` already
+    /// counts them.
+    pub fn new(live: BTreeMap<u64, LiveCount>, shared: Arc<LiveSegments>) -> Self {
+        LogBuffer { buf: Vec::new(), live, shared }
     }
 
     /// Appends a publish record; returns its byte range in the buffer.
-    pub fn publish(&mut self, message: &QueuedMessage, payload: &Payload) -> std::ops::Range<usize> {
+    pub fn publish(&mut self, message: &QueuedMessage, payload: &Payload) -> Range<usize> {
         let start = self.buf.len();
         encode_message(&mut self.buf, message, payload);
         start..self.buf.len()
@@ -68,13 +161,6 @@ impl LogBuffer {
         }
     }
 
-    /// Appends raw, already-encoded record bytes (compaction copies).
-    pub fn append_raw(&mut self, bytes: &[u8]) -> std::ops::Range<usize> {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(bytes);
-        start..self.buf.len()
-    }
-
     /// Records a delivery.
     pub fn delivered(&mut self, seq: u64, delivery_count: u32) {
         record::encode_delivered(&mut self.buf, seq, delivery_count);
@@ -88,18 +174,34 @@ impl LogBuffer {
 
     /// Counts a message written at `location`.
     pub fn add_live(&mut self, location: Location) {
-        let live = self.live.entry(location.segment()).or_default();
-        live.messages += 1;
-        live.bytes += u64::from(location.bytes());
+        self.live.entry(location.segment()).or_default().add(location);
+        self.shared.add(location);
     }
 
     /// Uncounts the message at `location` (settled, or moved by compaction).
     pub fn forget(&mut self, location: Location) {
         if let Some(live) = self.live.get_mut(&location.segment()) {
-            live.messages = live.messages.saturating_sub(1);
-            live.bytes = live.bytes.saturating_sub(u64::from(location.bytes()));
+            live.remove(location);
+            if live.messages == 0 {
+                self.live.remove(&location.segment());
+            }
         }
-        self.collect_garbage();
+        self.shared.forget(location);
+    }
+
+    /// Uncounts every message of the queue: it is being deleted.
+    pub fn forget_all(&mut self) {
+        let segments = self.shared.segments.read();
+        for (segment, live) in std::mem::take(&mut self.live) {
+            if let Some(counter) = segments.get(&segment) {
+                counter.sub(live);
+            }
+        }
+    }
+
+    /// True if some of the queue's live messages are in `segment`.
+    pub fn holds(&self, segment: u64) -> bool {
+        self.live.contains_key(&segment)
     }
 
     /// True when records are waiting to be written.
@@ -112,57 +214,21 @@ impl LogBuffer {
         self.buf.len()
     }
 
-    /// Takes the records waiting to be written, leaving `spare` (cleared) in their place.
-    pub fn take(&mut self, spare: Vec<u8>) -> Vec<u8> {
-        std::mem::replace(&mut self.buf, spare)
+    /// Moves the records waiting to be written to the end of `batch`; returns where they are.
+    pub fn drain_into(&mut self, batch: &mut Vec<u8>) -> Range<usize> {
+        let start = batch.len();
+        batch.extend_from_slice(&self.buf);
+        self.buf.clear();
+        if self.buf.capacity() > KEEP_BUFFER {
+            self.buf = Vec::new();
+        }
+        start..batch.len()
     }
 
     /// Puts back bytes that could not be written, in front of anything appended since.
     pub fn restore(&mut self, mut unwritten: Vec<u8>) {
         unwritten.extend_from_slice(&self.buf);
         self.buf = unwritten;
-    }
-
-    /// The segment being appended to.
-    pub fn active(&self) -> u64 {
-        self.active
-    }
-
-    /// Switches appends to a new segment.
-    pub fn set_active(&mut self, segment: u64) {
-        self.active = segment;
-        self.live.entry(segment).or_default();
-        self.collect_garbage();
-    }
-
-    /// Segments to delete now.
-    pub fn take_doomed(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.doomed)
-    }
-
-    /// The oldest segment if it is worth compacting: not the active one, at least two
-    /// segments behind it, and at most a quarter of a full segment's bytes still live in it.
-    pub fn compaction_candidate(&self, segment_bytes: u64) -> Option<u64> {
-        let (&oldest, live) = self.live.iter().next()?;
-        let worth = oldest != self.active && self.live.len() >= 3 && live.messages > 0;
-        (worth && live.bytes * 4 <= segment_bytes).then_some(oldest)
-    }
-
-    /// Segments present, oldest first, with their live counts.
-    pub fn segments(&self) -> impl Iterator<Item = (u64, LiveCount)> + '_ {
-        self.live.iter().map(|(&id, &live)| (id, live))
-    }
-
-    /// Only a prefix of segments can be deleted: a settle record for a message in an older
-    /// segment lives in a newer one, and must outlive the message's publish record.
-    fn collect_garbage(&mut self) {
-        while let Some((&oldest, live)) = self.live.iter().next() {
-            if live.messages > 0 || oldest == self.active {
-                break;
-            }
-            self.live.remove(&oldest);
-            self.doomed.push(oldest);
-        }
     }
 }
 
@@ -218,6 +284,11 @@ impl SegmentWriter {
         Ok(offset)
     }
 
+    /// The offset the next append starts at.
+    pub fn end(&self) -> u64 {
+        self.len
+    }
+
     /// Flushes the active segment to stable storage.
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -255,17 +326,36 @@ pub enum ReadError {
     Corrupt(String),
 }
 
-/// Read access to a queue's segments, for loading paged-out bodies.
+/// Read access to a log's segments, for loading paged-out bodies. At most `max_open` segment
+/// files are kept open; opening another closes the one read least recently.
 #[derive(Debug)]
 pub struct SegmentReader {
     dir: PathBuf,
-    files: RwLock<HashMap<u64, Arc<File>>>,
+    max_open: usize,
+    files: RwLock<HashMap<u64, OpenSegment>>,
+    clock: AtomicU64,
+}
+
+#[derive(Debug)]
+struct OpenSegment {
+    file: Arc<File>,
+    last_read: AtomicU64,
 }
 
 impl SegmentReader {
-    /// A reader over the segments in `dir`.
-    pub fn new(dir: &Path) -> Self {
-        SegmentReader { dir: dir.to_path_buf(), files: RwLock::new(HashMap::new()) }
+    /// A reader over the segments in `dir`, keeping at most `max_open` files open (at least 1).
+    pub fn new(dir: &Path, max_open: usize) -> Self {
+        SegmentReader {
+            dir: dir.to_path_buf(),
+            max_open: max_open.max(1),
+            files: RwLock::new(HashMap::new()),
+            clock: AtomicU64::new(0),
+        }
+    }
+
+    /// Segment files open for reading.
+    pub fn open_files(&self) -> usize {
+        self.files.read().len()
     }
 
     /// Reads and decodes the publish record of message `seq` at `location`.
@@ -321,11 +411,23 @@ impl SegmentReader {
     }
 
     fn file(&self, segment: u64) -> io::Result<Arc<File>> {
-        if let Some(file) = self.files.read().get(&segment) {
-            return Ok(file.clone());
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        if let Some(open) = self.files.read().get(&segment) {
+            open.last_read.store(now, Ordering::Relaxed);
+            return Ok(open.file.clone());
         }
         let file = Arc::new(File::open(segment::path(&self.dir, segment))?);
-        self.files.write().insert(segment, file.clone());
+        let mut files = self.files.write();
+        while files.len() >= self.max_open {
+            let Some(&coldest) =
+                files.iter().min_by_key(|(_, f)| f.last_read.load(Ordering::Relaxed)).map(|(id, _)| id)
+            else {
+                break;
+            };
+            // A read in progress holds its own handle; the file closes when it is done.
+            files.remove(&coldest);
+        }
+        files.insert(segment, OpenSegment { file: file.clone(), last_read: AtomicU64::new(now) });
         Ok(file)
     }
 }
@@ -342,35 +444,40 @@ mod tests {
         LiveCount { messages: 1, bytes: len }
     }
 
-    #[test]
-    fn only_a_prefix_of_empty_segments_is_deleted() {
-        let mut log =
-            LogBuffer::new(BTreeMap::from([(1, one(10)), (2, one(10)), (3, LiveCount::default())]), 3);
-        log.forget(at(2, 10));
-        assert!(log.take_doomed().is_empty(), "segment 1 still holds a message");
-        log.forget(at(1, 10));
-        assert_eq!(log.take_doomed(), vec![1, 2]);
-        assert_eq!(log.segments().collect::<Vec<_>>(), vec![(3, LiveCount::default())]);
+    fn live(counts: &[(u64, u64)]) -> Vec<(u64, LiveCount)> {
+        counts.iter().map(|&(id, bytes)| (id, LiveCount { messages: u64::from(bytes > 0), bytes })).collect()
     }
 
     #[test]
-    fn the_active_segment_is_never_deleted() {
-        let mut log = LogBuffer::new(BTreeMap::from([(5, one(10))]), 5);
-        log.forget(at(5, 10));
-        assert!(log.take_doomed().is_empty());
-        log.set_active(6);
-        assert_eq!(log.take_doomed(), vec![5]);
+    fn only_a_prefix_of_empty_segments_is_deleted_and_never_the_active_one() {
+        assert_eq!(deletable(&live(&[(1, 10), (2, 0), (3, 0)]), 3), Vec::<u64>::new(), "1 still holds one");
+        assert_eq!(deletable(&live(&[(1, 0), (2, 0), (3, 0)]), 3), vec![1, 2]);
+        assert_eq!(deletable(&live(&[(1, 0), (2, 10), (3, 0)]), 3), vec![1]);
     }
 
     #[test]
     fn compaction_wants_an_old_mostly_dead_segment() {
-        let mut log = LogBuffer::new(BTreeMap::new(), 1);
-        log.add_live(at(1, 100));
-        log.set_active(2);
-        assert_eq!(log.compaction_candidate(1000), None, "needs two segments behind it");
-        log.set_active(3);
-        assert_eq!(log.compaction_candidate(1000), Some(1));
-        assert_eq!(log.compaction_candidate(399), None, "more than a quarter live");
+        assert_eq!(compaction_candidate(&live(&[(1, 100), (2, 0)]), 2, 1000), None, "two segments behind it");
+        assert_eq!(compaction_candidate(&live(&[(1, 100), (2, 0), (3, 0)]), 3, 1000), Some(1));
+        assert_eq!(compaction_candidate(&live(&[(1, 100), (2, 0), (3, 0)]), 3, 399), None, "a quarter live");
+        assert_eq!(compaction_candidate(&live(&[(1, 0), (2, 0), (3, 0)]), 3, 1000), None, "nothing to copy");
+    }
+
+    #[test]
+    fn queues_count_into_the_shared_segments_and_a_deleted_queue_gives_its_counts_back() {
+        let shared = Arc::new(LiveSegments::default());
+        shared.insert(1);
+        shared.insert(2);
+        let mut a = LogBuffer::new(BTreeMap::new(), shared.clone());
+        let mut b = LogBuffer::new(BTreeMap::new(), shared.clone());
+        a.add_live(at(1, 10));
+        b.add_live(at(1, 20));
+        b.add_live(at(2, 5));
+        assert_eq!(shared.snapshot(), vec![(1, LiveCount { messages: 2, bytes: 30 }), (2, one(5))]);
+        a.settled(0, at(1, 10));
+        assert!(!a.holds(1) && b.holds(1));
+        b.forget_all();
+        assert_eq!(shared.snapshot(), vec![(1, LiveCount::default()), (2, LiveCount::default())]);
     }
 
     #[test]
@@ -379,14 +486,14 @@ mod tests {
         let mut writer = SegmentWriter::open(dir.path(), 1, 0, 32).unwrap();
         let mut buf = Vec::new();
         let payload = Payload { id: 9, body: bytes::Bytes::from_static(b"body"), ..Payload::default() };
-        let mut log = LogBuffer::new(BTreeMap::new(), 1);
+        let mut log = LogBuffer::new(BTreeMap::new(), Arc::default());
         let message = QueuedMessage::transient(4, std::sync::Arc::new(payload.clone()));
         let range = log.publish(&message, &payload);
-        buf.extend_from_slice(&log.take(Vec::new()));
+        log.drain_into(&mut buf);
         let offset = writer.append(&buf).unwrap();
         assert_eq!(offset, segment::MAGIC.len() as u64);
         let location = Location::new(1, offset + range.start as u64, range.len() as u32);
-        let reader = SegmentReader::new(dir.path());
+        let reader = SegmentReader::new(dir.path(), 4);
         let stored = reader.read(4, location).unwrap();
         assert_eq!((stored.seq, stored.payload.id, &stored.payload.body[..]), (4, 9, &b"body"[..]));
         assert!(writer.is_full());
@@ -401,16 +508,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = SegmentWriter::open(dir.path(), 1, 0, 1 << 20).unwrap();
         let payload = Payload { id: 9, body: bytes::Bytes::from_static(b"a body"), ..Payload::default() };
-        let mut log = LogBuffer::new(BTreeMap::new(), 1);
+        let mut log = LogBuffer::new(BTreeMap::new(), Arc::default());
         let range = log.publish(&QueuedMessage::transient(4, std::sync::Arc::new(payload.clone())), &payload);
-        let offset = writer.append(&log.take(Vec::new())).unwrap();
+        let mut batch = Vec::new();
+        log.drain_into(&mut batch);
+        let offset = writer.append(&batch).unwrap();
         (dir, Location::new(1, offset + range.start as u64, range.len() as u32))
+    }
+
+    #[test]
+    fn the_reader_keeps_at_most_its_cap_of_files_open() {
+        let (dir, location) = one_stored();
+        std::fs::copy(segment::path(dir.path(), 1), segment::path(dir.path(), 2)).unwrap();
+        let elsewhere = Location::new(2, location.offset(), location.bytes());
+        let reader = SegmentReader::new(dir.path(), 1);
+        for _ in 0..3 {
+            assert_eq!(reader.read(4, location).unwrap().payload.id, 9);
+            assert_eq!(reader.read(4, elsewhere).unwrap().payload.id, 9);
+            assert_eq!(reader.open_files(), 1);
+        }
     }
 
     #[test]
     fn damaged_records_are_corrupt_and_failed_reads_are_not() {
         let (dir, location) = one_stored();
-        let reader = SegmentReader::new(dir.path());
+        let reader = SegmentReader::new(dir.path(), 4);
         assert!(matches!(reader.read(5, location), Err(ReadError::Corrupt(_))), "another message's record");
 
         let path = segment::path(dir.path(), 1);

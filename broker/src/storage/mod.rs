@@ -55,6 +55,10 @@ pub struct StorageConfig {
     pub segment_bytes: u64,
     /// Bytes of message bodies a durable queue keeps in memory; the rest stay on disk only.
     pub queue_memory_bytes: usize,
+    /// Storage threads, each writing one shared log for the durable queues assigned to it.
+    pub threads: usize,
+    /// Segment files kept open for reading paged-out bodies, over all logs.
+    pub max_open_segments: usize,
 }
 
 /// A durable queue as recorded in its directory's `queue.json`.
@@ -67,6 +71,10 @@ pub struct QueueMeta {
     /// Its depth alarm threshold (0 = none); not part of the settings, it can change.
     #[serde(default)]
     pub alarm_depth: u64,
+    /// The shared log its records go to; absent for a queue whose log is still in its own
+    /// directory (written before logs were shared), which is moved at the next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<u32>,
 }
 
 /// The directory of durable queues.
@@ -76,6 +84,17 @@ pub struct Store {
     next_id: AtomicU64,
     /// Numbers the temporary files of metadata writes.
     next_tmp: AtomicU64,
+}
+
+/// A durable queue's directory, as [`Store::list`] finds it.
+#[derive(Debug)]
+pub struct Listed {
+    /// The queue's id (its directory's name).
+    pub id: u64,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its metadata, or why it cannot be read.
+    pub meta: Result<QueueMeta, String>,
 }
 
 /// The durable exchanges and bindings, as `topology.json` holds them.
@@ -97,6 +116,7 @@ pub struct SavedBinding {
 }
 
 const META: &str = "queue.json";
+const LOGS: &str = "logs";
 const TOPOLOGY: &str = "topology.json";
 const CLEAN: &str = "CLEAN";
 
@@ -142,9 +162,45 @@ impl Store {
         segment::sync_dir(&self.root)
     }
 
-    /// Every durable queue directory with its metadata. Directories whose metadata cannot be
-    /// read are returned as errors so the caller can report them and go on.
-    pub fn list(&self) -> io::Result<Vec<Result<(PathBuf, QueueMeta), String>>> {
+    /// The directory of shared log `index`, created if needed.
+    pub fn log_dir(&self, index: u32) -> io::Result<PathBuf> {
+        let logs = self.root.join(LOGS);
+        let dir = logs.join(index.to_string());
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir)?;
+            segment::sync_dir(&logs)?;
+            segment::sync_dir(&self.root)?;
+        }
+        Ok(dir)
+    }
+
+    /// The indexes of the shared logs on disk, ascending.
+    pub fn logs(&self) -> io::Result<Vec<u32>> {
+        let mut found = Vec::new();
+        match std::fs::read_dir(self.root.join(LOGS)) {
+            Ok(entries) => {
+                for entry in entries {
+                    if let Ok(index) = entry?.file_name().to_string_lossy().parse::<u32>() {
+                        found.push(index);
+                    }
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
+        }
+        found.sort_unstable();
+        Ok(found)
+    }
+
+    /// Makes sure no queue id up to `id` is given out again: records of a deleted queue may
+    /// still be in a shared log.
+    pub fn reserve_ids_up_to(&self, id: u64) {
+        self.next_id.fetch_max(id.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Every durable queue directory with its id and metadata, by id. Metadata that cannot be
+    /// read is an error the caller reports before going on; the id is still known.
+    pub fn list(&self) -> io::Result<Vec<Listed>> {
         let mut dirs: Vec<(u64, PathBuf)> = Vec::new();
         for entry in std::fs::read_dir(&self.root)? {
             let entry = entry?;
@@ -155,24 +211,31 @@ impl Store {
         dirs.sort();
         Ok(dirs
             .into_iter()
-            .map(|(_, dir)| {
-                let text = std::fs::read_to_string(dir.join(META))
-                    .map_err(|e| format!("{}: cannot read {META}: {e}", dir.display()))?;
-                let meta =
-                    serde_json::from_str(&text).map_err(|e| format!("{}: bad {META}: {e}", dir.display()))?;
-                Ok((dir, meta))
+            .map(|(id, dir)| {
+                let meta = std::fs::read_to_string(dir.join(META))
+                    .map_err(|e| format!("{}: cannot read {META}: {e}", dir.display()))
+                    .and_then(|text| {
+                        serde_json::from_str(&text).map_err(|e| format!("{}: bad {META}: {e}", dir.display()))
+                    });
+                Listed { id, dir, meta }
             })
             .collect())
     }
 
-    /// Creates the directory of a new durable queue, its metadata durably written.
-    pub fn create(&self, meta: &QueueMeta) -> io::Result<PathBuf> {
+    /// Creates the directory of a new durable queue, its metadata durably written, with the
+    /// shared log `log_for` picks for its id. Returns the id and the directory.
+    pub fn create(
+        &self,
+        meta: &mut QueueMeta,
+        log_for: impl FnOnce(u64) -> u32,
+    ) -> io::Result<(u64, PathBuf)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        meta.log = Some(log_for(id));
         let dir = self.root.join(id.to_string());
         std::fs::create_dir(&dir)?;
         self.rewrite(&dir, meta)?;
         segment::sync_dir(&self.root)?;
-        Ok(dir)
+        Ok((id, dir))
     }
 
     /// Replaces a queue's metadata atomically (write, sync, rename, sync the directory). Each
@@ -231,14 +294,17 @@ mod tests {
             name: "jobs\u{e9}".into(),
             settings: QueueSettings { durable: true, ..Default::default() },
             alarm_depth: 0,
+            log: None,
         };
-        let queue_dir = store.create(&meta).unwrap();
+        let mut meta = meta;
+        let (_, queue_dir) = store.create(&mut meta, |id| id as u32 % 2).unwrap();
+        assert_eq!(meta.log, Some(1), "the first queue gets id 1");
         let listed = store.list().unwrap();
         assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].as_ref().unwrap(), &(queue_dir.clone(), meta.clone()));
+        assert_eq!((&listed[0].dir, listed[0].meta.as_ref().unwrap()), (&queue_dir, &meta));
 
         let reopened = Store::open(dir.path()).unwrap();
-        let second = reopened.create(&meta).unwrap();
+        let (_, second) = reopened.create(&mut meta.clone(), |_| 0).unwrap();
         assert_ne!(second, queue_dir, "ids are not reused");
         reopened.remove(&queue_dir).unwrap();
         assert_eq!(reopened.list().unwrap().len(), 1);

@@ -36,6 +36,7 @@ pub(crate) const KIND_PUBLISH: u8 = 1;
 pub(crate) const KIND_SETTLE: u8 = 2;
 pub(crate) const KIND_DELIVERED: u8 = 3;
 pub(crate) const KIND_FAILED: u8 = 4;
+pub(crate) const KIND_QUEUE: u8 = 5;
 
 /// Offsets of the fixed fields of a publish record (from the kind byte), which recovery reads
 /// without parsing the rest.
@@ -177,6 +178,20 @@ pub fn encode_settle(dst: &mut Vec<u8>, seq: u64) {
     let start = begin(dst, KIND_SETTLE);
     dst.put_u64_le(seq);
     finish(dst, start);
+}
+
+/// Appends a queue record: the records that follow, up to the next queue record or the end of
+/// the segment, belong to queue `id`.
+pub fn encode_queue(dst: &mut Vec<u8>, id: u64) {
+    let start = begin(dst, KIND_QUEUE);
+    dst.put_u64_le(id);
+    finish(dst, start);
+}
+
+/// The queue id in the fields of a queue record.
+pub fn queue_id(fields: &[u8]) -> Option<u64> {
+    let id = fields.get(1..9)?;
+    (fields.first() == Some(&KIND_QUEUE)).then(|| u64::from_le_bytes(id.try_into().expect("8 bytes")))
 }
 
 /// Appends a delivered record.

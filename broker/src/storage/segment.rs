@@ -1,7 +1,9 @@
-//! Segment files: naming, creation, and the recovery scan of one queue's directory.
+//! Segment files: naming, creation, and the recovery scan of a log directory.
 //!
-//! A queue's log is a run of segment files `<id:020>.seg`, each starting with an 8-byte magic
-//! and followed by records (see [`super::record`]). Only the newest segment is appended to.
+//! A log is a run of segment files `<id:020>.seg`, each starting with an 8-byte magic and
+//! followed by records (see [`super::record`]). Only the newest segment is appended to. Many
+//! queues share one log: each write starts with a queue record naming the queue whose records
+//! follow.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -38,10 +40,17 @@ pub fn list(dir: &Path) -> io::Result<Vec<u64>> {
 }
 
 /// Creates segment `id` with its magic and returns it open for appending. The directory entry
-/// is made durable; the magic is synced with the segment's first batch.
+/// is made durable; the magic is synced with the segment's first batch. Only ever called for a
+/// segment after the newest one, so a file already there is what an earlier attempt left when
+/// it failed halfway (say, out of descriptors for the directory sync): it is started afresh.
 pub fn create(dir: &Path, id: u64) -> io::Result<File> {
     use std::io::Write;
-    let mut file = OpenOptions::new().create_new(true).read(true).append(true).open(path(dir, id))?;
+    let path = path(dir, id);
+    match std::fs::remove_file(&path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    let mut file = OpenOptions::new().create_new(true).read(true).append(true).open(path)?;
     file.write_all(MAGIC)?;
     sync_dir(dir)?;
     Ok(file)
@@ -95,25 +104,47 @@ impl Problem {
     }
 }
 
-/// What recovery learned from a queue directory.
+/// What recovery learned about one queue from a log.
 #[derive(Debug, Default)]
-pub struct Scan {
+pub struct QueueScan {
     /// Live messages, ordered by seq.
     pub messages: Vec<Found>,
-    /// Segment ids present after recovery, ascending, with their byte lengths.
-    pub segments: Vec<(u64, u64)>,
     /// The seq the next publish should get.
     pub next_seq: u64,
+}
+
+/// What recovery learned from a log directory.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// What each accepted queue holds, by queue id.
+    pub queues: HashMap<u64, QueueScan>,
+    /// Segment ids present after recovery, ascending, with their byte lengths.
+    pub segments: Vec<(u64, u64)>,
+    /// The highest queue id named by any record, accepted or not: ids of deleted queues whose
+    /// records are still on disk are never given out again.
+    pub max_queue: u64,
     /// Problems found and what was done about them, for the log: torn tails (expected after a
     /// crash) are warnings, damage elsewhere is an error.
     pub problems: Vec<Problem>,
 }
 
-/// Replays every segment of `dir`: publishes add messages, settles remove them, delivered
-/// records raise delivery counts. A bad record in the newest segment is a torn write: the file is
-/// truncated there. A bad record in an older segment is reported with its file and offset and
-/// the rest of that segment is skipped; the other segments still load.
-pub fn scan(dir: &Path) -> io::Result<Scan> {
+/// Replay state of one queue.
+#[derive(Default)]
+struct Replay {
+    live: HashMap<u64, Found>,
+    next_seq: u64,
+}
+
+/// Replays every segment of the log in `dir`: a queue record names the queue the records after
+/// it belong to; publishes add messages, settles remove them, delivered records raise delivery
+/// counts. Records of queues that `accepts` refuses (deleted queues, queues kept elsewhere) are
+/// passed over. A log written before logs were shared names no queue: `legacy` is the queue
+/// its records belong to.
+///
+/// A bad record in the newest segment is a torn write: the file is truncated there. A bad record
+/// in an older segment is reported with its file and offset and the rest of that segment is
+/// skipped; the other segments still load.
+pub fn scan(dir: &Path, legacy: Option<u64>, accepts: &dyn Fn(u64) -> bool) -> io::Result<Scan> {
     let mut result = Scan::default();
     let mut ids = list(dir)?;
     // A message's location holds its segment id in 32 bits. Ids count up from 1, so a larger
@@ -126,8 +157,7 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
         )));
     }
     ids.retain(|&id| id <= MAX_ID);
-    let mut live: HashMap<u64, Found> = HashMap::new();
-    let mut next_seq = 0u64;
+    let mut replays: HashMap<u64, Replay> = HashMap::new();
     for (index, &id) in ids.iter().enumerate() {
         let newest = index + 1 == ids.len();
         let file_path = path(dir, id);
@@ -150,14 +180,31 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
             )));
             continue;
         }
+        // Every write starts with the queue it is for, so a segment starts with no queue.
+        let mut queue = legacy;
+        let mut unowned = false;
         while at < bytes.len() {
             match record::frame_len(&bytes[at..]) {
                 Ok(len) => {
                     let location = Location::new(id, at as u64, (record::HEADER + len) as u32);
                     let fields = &bytes[at + record::HEADER..at + record::HEADER + len];
-                    if let Err(why) = apply(fields, location, &mut live, &mut next_seq) {
+                    if fields.first() == Some(&record::KIND_QUEUE) {
+                        queue = record::queue_id(fields);
+                        if let Some(id) = queue {
+                            result.max_queue = result.max_queue.max(id);
+                        }
+                    } else if let Some(owner) = queue.filter(|&q| accepts(q)) {
+                        let replay = replays.entry(owner).or_default();
+                        if let Err(why) = apply(fields, location, &mut replay.live, &mut replay.next_seq) {
+                            result.problems.push(Problem::error(format!(
+                                "{}: record at offset {at} {why}; skipped",
+                                file_path.display()
+                            )));
+                        }
+                    } else if queue.is_none() && !unowned {
+                        unowned = true;
                         result.problems.push(Problem::error(format!(
-                            "{}: record at offset {at} {why}; skipped",
+                            "{}: records at offset {at} name no queue; skipped",
                             file_path.display()
                         )));
                     }
@@ -188,10 +235,14 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
         }
         result.segments.push((id, bytes.len() as u64));
     }
-    let mut messages: Vec<Found> = live.into_values().collect();
-    messages.sort_unstable_by_key(|m| m.seq);
-    result.messages = messages;
-    result.next_seq = next_seq;
+    if let Some(legacy) = legacy {
+        result.max_queue = result.max_queue.max(legacy);
+    }
+    for (queue, replay) in replays {
+        let mut messages: Vec<Found> = replay.live.into_values().collect();
+        messages.sort_unstable_by_key(|m| m.seq);
+        result.queues.insert(queue, QueueScan { messages, next_seq: replay.next_seq });
+    }
     Ok(result)
 }
 
@@ -255,17 +306,22 @@ mod tests {
     use super::*;
     use crate::message::Payload;
 
-    /// A segment file: the magic, then a publish record for each of `seqs`.
+    /// A segment file: the magic, then for queue 1 a publish record for each of `seqs`.
     fn segment_with(seqs: &[u64]) -> Vec<u8> {
         let mut bytes = MAGIC.to_vec();
+        record::encode_queue(&mut bytes, 1);
         for &seq in seqs {
             record::encode_publish(&mut bytes, seq, 0, 0, 0, &Payload::default());
         }
         bytes
     }
 
-    fn seqs(scan: &Scan) -> Vec<u64> {
-        scan.messages.iter().map(|m| m.seq).collect()
+    fn seqs(scan: &Scan, queue: u64) -> Vec<u64> {
+        scan.queues.get(&queue).map(|q| q.messages.iter().map(|m| m.seq).collect()).unwrap_or_default()
+    }
+
+    fn every(_: u64) -> bool {
+        true
     }
 
     #[test]
@@ -275,10 +331,10 @@ mod tests {
         let stray = path(dir.path(), MAX_ID + 2);
         std::fs::write(&stray, segment_with(&[5])).unwrap();
 
-        let scan = scan(dir.path()).unwrap();
-        assert_eq!(seqs(&scan), vec![0, 1], "segment {} would be read as segment 1", MAX_ID + 2);
+        let scan = scan(dir.path(), None, &every).unwrap();
+        assert_eq!(seqs(&scan, 1), vec![0, 1], "segment {} would be read as segment 1", MAX_ID + 2);
         assert_eq!(scan.segments, vec![(1, segment_with(&[0, 1]).len() as u64)]);
-        assert_eq!(scan.next_seq, 2);
+        assert_eq!(scan.queues[&1].next_seq, 2);
         assert!(matches!(scan.problems.as_slice(), [p] if p.is_error && p.message.contains("above")));
         assert_eq!(std::fs::read(&stray).unwrap(), segment_with(&[5]), "the stray file is not touched");
     }
@@ -288,11 +344,45 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(path(dir.path(), 1), segment_with(&[3, u64::MAX, 4])).unwrap();
 
-        let scan = scan(dir.path()).unwrap();
-        assert_eq!(seqs(&scan), vec![3, 4], "the records around it still load");
-        assert_eq!(scan.next_seq, 5);
+        let scan = scan(dir.path(), None, &every).unwrap();
+        assert_eq!(seqs(&scan, 1), vec![3, 4], "the records around it still load");
+        assert_eq!(scan.queues[&1].next_seq, 5);
         assert!(
             matches!(scan.problems.as_slice(), [p] if p.is_error && p.message.contains("last possible seq"))
         );
+    }
+
+    #[test]
+    fn a_shared_log_sorts_records_by_queue_and_passes_over_refused_queues() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = MAGIC.to_vec();
+        for (queue, seq) in [(1, 0), (2, 0), (1, 1), (7, 0), (2, 1)] {
+            record::encode_queue(&mut bytes, queue);
+            record::encode_publish(&mut bytes, seq, 0, 0, 0, &Payload::default());
+        }
+        record::encode_queue(&mut bytes, 2);
+        record::encode_settle(&mut bytes, 0);
+        std::fs::write(path(dir.path(), 1), &bytes).unwrap();
+
+        let scan = scan(dir.path(), None, &|queue| queue != 7).unwrap();
+        assert_eq!(seqs(&scan, 1), vec![0, 1]);
+        assert_eq!(seqs(&scan, 2), vec![1], "queue 2's settle applies to queue 2 only");
+        assert!(!scan.queues.contains_key(&7), "queue 7 was refused");
+        assert_eq!(scan.max_queue, 7, "a refused queue's id is still taken");
+        assert!(scan.problems.is_empty());
+    }
+
+    #[test]
+    fn records_before_any_queue_record_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = MAGIC.to_vec();
+        record::encode_settle(&mut bytes, 3);
+        record::encode_queue(&mut bytes, 4);
+        record::encode_publish(&mut bytes, 9, 0, 0, 0, &Payload::default());
+        std::fs::write(path(dir.path(), 1), &bytes).unwrap();
+
+        let scan = scan(dir.path(), None, &every).unwrap();
+        assert_eq!(seqs(&scan, 4), vec![9]);
+        assert!(matches!(scan.problems.as_slice(), [p] if p.is_error && p.message.contains("name no queue")));
     }
 }

@@ -33,6 +33,14 @@ pub struct StatusJson<'a> {
     pub disk_free: u64,
     /// Disk free low watermark in bytes.
     pub disk_free_low_watermark: u64,
+    /// Storage threads serving durable queues.
+    pub storage_threads: u32,
+    /// fsyncs of the durable logs since the broker started.
+    pub fsyncs: u64,
+    /// Segment files open for reading stored bodies.
+    pub open_segment_files: u32,
+    /// Why a durable log cannot sync; empty when all can.
+    pub storage_error: &'a str,
 }
 
 impl<'a> From<&'a BrokerStatus> for StatusJson<'a> {
@@ -48,6 +56,10 @@ impl<'a> From<&'a BrokerStatus> for StatusJson<'a> {
             memory_high_watermark: status.memory_high_watermark,
             disk_free: status.disk_free,
             disk_free_low_watermark: status.disk_free_low_watermark,
+            storage_threads: status.storage_threads,
+            fsyncs: status.fsyncs,
+            open_segment_files: status.open_segment_files,
+            storage_error: status.storage_error.as_deref().unwrap_or_default(),
         }
     }
 }
@@ -77,6 +89,17 @@ pub fn status_listing(status: &BrokerStatus) -> String {
             format_bytes(status.disk_free_low_watermark)
         )
     };
+    let storage = match &status.storage_error {
+        Some(error) => format!("FAILING ({error}); its queues refuse publishes"),
+        None => format!(
+            "{} {}, {} fsyncs, {} segment {} open",
+            status.storage_threads,
+            if status.storage_threads == 1 { "thread" } else { "threads" },
+            status.fsyncs,
+            status.open_segment_files,
+            if status.open_segment_files == 1 { "file" } else { "files" }
+        ),
+    };
     listing(&[
         ("version", status.version.clone()),
         ("uptime", format_uptime(status.uptime)),
@@ -84,6 +107,7 @@ pub fn status_listing(status: &BrokerStatus) -> String {
         ("publishers", publishers),
         ("memory", memory),
         ("disk", disk),
+        ("storage", storage),
     ])
 }
 
@@ -312,6 +336,10 @@ mod tests {
             memory_high_watermark: 12 << 20,
             disk_free: 5 << 30,
             disk_free_low_watermark: 50 << 20,
+            storage_threads: 2,
+            fsyncs: 1234,
+            open_segment_files: 1,
+            storage_error: None,
         }
     }
 
@@ -325,6 +353,7 @@ mod tests {
             "publishers:  flowing",
             "memory:      3.0 MiB used, high watermark 12.0 MiB (25%)",
             "disk:        5.0 GiB free, low watermark 50.0 MiB",
+            "storage:     2 threads, 1234 fsyncs, 1 segment file open",
         ] {
             assert!(text.lines().any(|l| l == line), "missing '{line}' in\n{text}");
         }
@@ -353,8 +382,12 @@ mod tests {
                 "connections",
                 "disk_free",
                 "disk_free_low_watermark",
+                "fsyncs",
                 "memory_high_watermark",
                 "memory_used",
+                "open_segment_files",
+                "storage_error",
+                "storage_threads",
                 "uptime_s",
                 "version"
             ]

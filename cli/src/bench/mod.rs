@@ -8,8 +8,17 @@
 //! already in `--queue` (left there by an earlier `--consumers 0` run, say), so it measures
 //! the consume rate of a backlog. With `--rss-pid` it also samples the resident memory of the
 //! broker process while it runs.
+//!
+//! With `--queues N` and no exchange the run spreads over N queues, each with its share of the
+//! messages, dealt out over the producer and the consumer connections ([`spread`]).
+//! `--declare N` measures declaring queues instead of messages ([`declare`]).
 
-use std::collections::{HashMap, VecDeque};
+// The bench's parts live in cli/src/bench_*.rs beside this file.
+mod consume;
+mod declare;
+mod produce;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,17 +26,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context};
 use bytes::{Bytes, BytesMut};
 use clap::Args;
-use futures::StreamExt;
 use hdrhistogram::Histogram;
-use hopper_client::{
-    Connection, ConsumeOptions, DeleteOptions, Delivery, ExchangeOptions, PublishConfirm, PublishOptions,
-    QueueOptions,
-};
+use hopper_client::{Connection, ConsumeOptions, Consumer, ExchangeOptions, QueueOptions};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::bench_watch::{read_cpu_time, DepthSampler, RssSampler};
 use crate::output::{self, BenchReport};
+use consume::{consume, Pacing};
+use produce::{produce, Plan};
 
 /// Bytes at the front of every body that hold the send time.
 const TIMESTAMP_LEN: usize = 8;
@@ -43,12 +50,28 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Prints sent and received counts, publish and consume rates (msg/s), end-to-end latency \
-percentiles (µs) and the elapsed time; with --json, one object with keys publish_rate, \
-consume_rate, p50_us, p99_us, p999_us, max_us, sent, received, elapsed_s, size, prefetch, \
-producers, consumers, and broker_rss_mb with --rss-pid. Without --queue, a queue named bench-<pid> \
-is declared and deleted at the end. With --producers 0, --queue must name an existing queue \
-holding at least --count messages; they are consumed and acknowledged, and latency is measured \
-from the time each was published.")]
+percentiles (µs), the longest wait of any producer for its next confirm and the elapsed time; \
+with --json, one object with keys publish_rate, consume_rate, p50_us, p99_us, p999_us, max_us, \
+sent, received, elapsed_s, size, prefetch, producers, consumers, queues, max_confirm_gap_ms \
+(unless --producers 0), and broker_rss_mb and broker_cpu_s with --rss-pid. Without --queue, a \
+queue named bench-<pid> is declared and deleted at the end. With --producers 0, --queue must \
+name an existing queue holding at least --count messages; they are consumed and acknowledged, \
+and latency is measured from the time each was published.
+
+With --queues N and no --exchange, queues QUEUE-0 .. QUEUE-<N-1> (QUEUE is --queue, or \
+bench-<pid>, and then they are deleted at the end) each take count/N messages: producer \
+connection p publishes round-robin to the queues i with i % --producers == p, and consumer \
+connection c consumes (one consumer per queue) from those with i % --consumers == c. Rates are \
+totals over all queues.
+
+With --declare N, queues bench-decl-0 .. bench-decl-<N-1> are declared, --in-flight at a time \
+over up to 8 connections, and left in place; the report has declared, durable, in_flight, \
+connections, elapsed_s and declares_per_s, and with --rss-pid broker_rss_mb, broker_threads \
+and broker_open_files read once the declares are done. With --declare N --check nothing is \
+declared: the bench waits (up to 60 s) for the broker to accept a connection, asks every \
+bench-decl-<i> for its stats (asking again every 50 ms while the broker refuses), and reports \
+queues, answered, in_flight, connections, connect_s and elapsed_s (both from the bench's start), \
+and first_error and exit status 1 if a queue did not answer.")]
 pub struct BenchArgs {
     /// Publishing connections; 0 only drains --count messages already in --queue.
     #[arg(long, default_value_t = 1)]
@@ -102,9 +125,10 @@ pub struct BenchArgs {
     /// --queues and --bindings.
     #[arg(long = "exchange", value_name = "TYPE", value_enum)]
     pub exchange: Option<crate::exchange::KindArg>,
-    /// With --exchange: this many queues (QUEUE-0, QUEUE-1, ...) take every message, one
-    /// consumer each at least.
-    #[arg(long, default_value_t = 1, value_parser = crate::at_least(1u32), requires = "exchange")]
+    /// This many queues (QUEUE-0, QUEUE-1, ...): with --exchange each takes every message,
+    /// with a consumer each at least; without, each takes its share, spread over the
+    /// connections.
+    #[arg(long, default_value_t = 1, value_parser = crate::at_least(1u32))]
     pub queues: u32,
     /// With --exchange topic: bind this many patterns in all; those beyond one per queue are
     /// random 3 to 5 word patterns (a quarter with * or #) that match nothing published.
@@ -117,7 +141,51 @@ pub struct BenchArgs {
     /// connections, --producers at a time, and report logins per second.
     #[arg(long, value_name = "N", conflicts_with_all = ["exchange", "duration"])]
     pub logins: Option<u64>,
+    /// Instead of messages, declare this many queues bench-decl-<i> (left in place, e.g. for a
+    /// restart test) and report declares per second.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = crate::at_least(1u64),
+        conflicts_with_all = DECLARE_CONFLICTS,
+    )]
+    pub declare: Option<u64>,
+    /// With --declare: requests awaiting their answer at once.
+    #[arg(
+        long,
+        value_name = "K",
+        default_value_t = 64,
+        value_parser = crate::at_least(1u32),
+        requires = "declare"
+    )]
+    pub in_flight: u32,
+    /// With --declare N: declare nothing; wait for the broker to accept a connection, then time
+    /// until every bench-decl-<i> answers its stats (after a restart, say).
+    #[arg(long, requires = "declare")]
+    pub check: bool,
 }
+
+/// The message flags, which say nothing to `--declare`. Only flags given count: defaults do
+/// not conflict.
+const DECLARE_CONFLICTS: [&str; 17] = [
+    "producers",
+    "consumers",
+    "size",
+    "count",
+    "duration",
+    "prefetch",
+    "rate",
+    "confirm_window",
+    "queue",
+    "ack_every",
+    "delay",
+    "consume_rate",
+    "sample_every",
+    "exchange",
+    "queues",
+    "bindings",
+    "logins",
+];
 
 impl BenchArgs {
     /// Whether this run only consumes messages already in the queue.
@@ -125,10 +193,36 @@ impl BenchArgs {
         self.producers == 0
     }
 
+    /// Whether the run spreads its messages over many queues of its own (`--queues` without
+    /// `--exchange`).
+    fn spread(&self) -> bool {
+        self.exchange.is_none() && self.queues > 1
+    }
+
     /// Rejects flag combinations that cannot make a run.
     fn validate(&self) -> anyhow::Result<()> {
         if self.drain() && self.exchange.is_some() {
             bail!("--producers 0 drains a queue; --exchange does not apply");
+        }
+        if self.drain() && self.queues > 1 {
+            bail!("--producers 0 drains the one queue named by --queue; --queues does not apply");
+        }
+        if self.spread() {
+            let queues = self.queues;
+            if self.producers > queues {
+                bail!(
+                    "--producers {} is more than --queues {queues}: each producer connection \
+                     publishes to queues of its own, so some would have none",
+                    self.producers
+                );
+            }
+            if self.consumers > queues {
+                bail!(
+                    "--consumers {} is more than --queues {queues}: each consumer connection \
+                     consumes from queues of its own, so some would have none",
+                    self.consumers
+                );
+            }
         }
         if self.drain() {
             if self.queue.is_none() {
@@ -151,6 +245,17 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
     if let Some(logins) = args.logins {
         return bench_logins(server, logins, args.producers.max(1), args.json).await;
     }
+    if let Some(count) = args.declare {
+        let run = declare::DeclareRun {
+            count,
+            in_flight: args.in_flight,
+            durable: args.durable,
+            check: args.check,
+            rss_pid: args.rss_pid,
+            json: args.json,
+        };
+        return declare::run(server, run).await;
+    }
     let (queue, temporary) = match &args.queue {
         Some(name) => (name.clone(), false),
         None => (format!("bench-{}", std::process::id()), true),
@@ -160,19 +265,26 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         Some(kind) => Some(Route::declare(&admin, kind, &queue, &args).await?),
         None => None,
     };
-    let queues = route.as_ref().map_or_else(|| vec![queue.clone()], |r| r.queues.clone());
+    let queues = match &route {
+        Some(route) => route.queues.clone(),
+        None if args.spread() => (0..args.queues).map(|i| format!("{queue}-{i}")).collect(),
+        None => vec![queue.clone()],
+    };
+    let setup = declare::setup_connections(server, &admin, queues.len()).await?;
     if args.drain() {
         // The backlog must already be there; declaring would create an empty queue instead.
         admin.queue_exists(&queue).await.with_context(|| format!("queue '{queue}'"))?;
     } else if route.is_none() {
-        admin.declare_queue(&queue, QueueOptions { durable: args.durable, ..Default::default() }).await?;
+        let names = queues.iter().cloned();
+        declare::declare_queues(&setup, names, declare::SETUP_IN_FLIGHT, args.durable).await?;
     }
     let sampler = args.rss_pid.map(RssSampler::start).transpose()?;
     let cpu_before = args.rss_pid.map(read_cpu_time).transpose()?;
     let depth = match args.sample_every {
         Some(every) => {
+            // Of many queues, the first stands for them all.
             let conn = crate::connect(server, "bench depth").await?;
-            Some(DepthSampler::start(conn, queue.clone(), every, Instant::now()))
+            Some(DepthSampler::start(conn, queues[0].clone(), every, Instant::now()))
         }
         None => None,
     };
@@ -196,18 +308,14 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     if temporary {
-        for queue in &queues {
-            if let Err(err) = admin.delete_queue(queue, DeleteOptions::default()).await {
-                eprintln!("hopper: warning: could not delete queue '{queue}': {err}");
-            }
-        }
+        declare::delete_queues(&setup, &queues).await;
     }
     if let Some(route) = &route {
         if let Err(err) = admin.delete_exchange(&route.exchange, false).await {
             eprintln!("hopper: warning: could not delete exchange '{}': {err}", route.exchange);
         }
     }
-    let _ = admin.close().await;
+    declare::close_all(&setup).await;
     let report = result?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -244,18 +352,6 @@ impl Progress {
     }
 }
 
-/// What one producer did.
-struct Produced {
-    sent: u64,
-    finished: Instant,
-}
-
-/// What one consumer saw.
-struct Consumed {
-    latencies: Histogram<u64>,
-    last_delivery: Option<Instant>,
-}
-
 /// Connects everyone, runs the producers to completion and waits for the consumers.
 async fn bench(
     server: &str,
@@ -269,6 +365,7 @@ async fn bench(
         Some(_) if args.consumers > 0 => args.consumers.max(queues.len() as u32),
         _ => args.consumers,
     };
+    let copies = if route.is_some() { queues.len() as u64 } else { 1 };
     let size = usize::try_from(args.size).context("--size is too large")?;
     let window = usize::try_from(args.confirm_window).unwrap_or(usize::MAX);
     let (done, _) = watch::channel(false);
@@ -284,14 +381,18 @@ async fn bench(
     if args.drain() {
         progress.expect(args.count);
     }
-    let mut consumers = JoinSet::new();
-    for (i, conn) in consumer_conns.into_iter().enumerate() {
-        let options = ConsumeOptions {
-            prefetch: args.prefetch,
-            tag: format!("bench-consumer-{i}"),
-            ..Default::default()
+    // Many queues' subscriptions go out on all the connections at once.
+    let subscribing = (0u32..).zip(&consumer_conns).map(|(i, conn)| {
+        let mine: Vec<&String> = if args.spread() {
+            spread(queues.len(), consumers_wanted, i).map(|q| &queues[q]).collect()
+        } else {
+            vec![&queues[i as usize % queues.len()]]
         };
-        let consumer = conn.consume(&queues[i % queues.len()], options).await?;
+        subscribe(conn, mine, args.prefetch, i)
+    });
+    let subscribed = futures::future::try_join_all(subscribing).await?;
+    let mut consumers = JoinSet::new();
+    for (conn, subscribed) in consumer_conns.into_iter().zip(subscribed) {
         let progress = Arc::clone(&progress);
         let pacing = Pacing {
             ack_every: args.ack_every,
@@ -299,7 +400,7 @@ async fn bench(
             interval: (args.consume_rate > 0).then(|| f64::from(consumers_wanted) / args.consume_rate as f64),
         };
         consumers.spawn(async move {
-            let result = consume(consumer, pacing, &progress).await;
+            let result = consume(subscribed, pacing, &progress).await;
             let _ = conn.close().await;
             result
         });
@@ -311,13 +412,20 @@ async fn bench(
 
     let start = drain_start.unwrap_or_else(Instant::now);
     let mut producers = JoinSet::new();
-    for (i, conn) in (0u64..).zip(producer_conns) {
+    for (i, conn) in (0u32..).zip(producer_conns) {
+        let (targets, count) = if args.spread() {
+            let mine: Vec<usize> = spread(queues.len(), args.producers, i).collect();
+            let count = mine.iter().map(|&q| share(args.count, queues.len() as u64, q as u64)).sum();
+            (mine.into_iter().map(|q| queues[q].clone()).collect(), count)
+        } else {
+            (vec![queues[0].clone()], share(args.count, args.producers.into(), i.into()))
+        };
         let plan = Plan {
-            queue: queues[0].clone(),
+            targets,
             route: route.map(|r| (r.exchange.clone(), r.routing_key.clone(), r.headers.clone())),
             size,
             window,
-            count: args.duration.is_none().then(|| share(args.count, args.producers.into(), i)),
+            count: args.duration.is_none().then_some(count),
             deadline: args.duration.map(|d| start + d),
             interval: (args.rate > 0).then(|| f64::from(args.producers) / args.rate as f64),
             start,
@@ -331,13 +439,15 @@ async fn bench(
     }
     let mut sent = 0;
     let mut publish_end = start;
+    let mut longest_gap = None;
     while let Some(joined) = producers.join_next().await {
         let produced = joined.context("a producer panicked")?.context("producer failed")?;
         sent += produced.sent;
         publish_end = publish_end.max(produced.finished);
+        longest_gap = longest_gap.max(Some(produced.longest_gap));
     }
     if !args.drain() {
-        progress.expect(sent * queues.len() as u64);
+        progress.expect(sent * copies);
     }
 
     let mut latencies = new_histogram();
@@ -385,6 +495,8 @@ async fn bench(
         prefetch: args.prefetch,
         producers: args.producers,
         consumers: args.consumers,
+        queues: queues.len() as u32,
+        max_confirm_gap_ms: longest_gap.map(|gap| gap.as_secs_f64() * 1000.0),
         broker_rss_mb: None,
         broker_cpu_s: None,
         delay_ms: args.delay.map(|d| d.as_millis() as u64),
@@ -393,143 +505,21 @@ async fn bench(
     })
 }
 
-/// One producer's assignment.
-struct Plan {
-    queue: String,
-    /// Through an exchange: its name, the routing key and the headers to publish with.
-    route: Option<(String, String, HashMap<String, String>)>,
-    size: usize,
-    window: usize,
-    /// Messages to send, or `None` to send until `deadline`.
-    count: Option<u64>,
-    deadline: Option<Instant>,
-    /// Seconds between this producer's messages at a fixed rate.
-    interval: Option<f64>,
-    start: Instant,
-    /// Publish delay of every message.
-    delay: Option<Duration>,
-}
-
-/// How a consumer settles: in batches, at a steady rate, and what delay to discount from
-/// latencies.
-#[derive(Debug, Clone, Copy)]
-struct Pacing {
-    ack_every: u64,
-    /// Publish delay of the messages, subtracted so latency is lateness past the due time.
-    delay_ns: u64,
-    /// Seconds between this consumer's settles at a fixed consume rate.
-    interval: Option<f64>,
-}
-
-/// Publishes per `plan` with up to `plan.window` confirms outstanding; returns how many were
-/// confirmed.
-async fn produce(conn: &Connection, plan: &Plan) -> anyhow::Result<Produced> {
-    let mut in_flight: VecDeque<PublishConfirm> = VecDeque::with_capacity(plan.window.min(1 << 16));
-    let mut chunk = BytesMut::new();
-    let mut sent = 0u64;
-    loop {
-        if plan.count.is_some_and(|count| sent >= count) {
-            break;
-        }
-        match plan.interval {
-            Some(interval) => {
-                // Due times are absolute, so time lost to a slow confirm or a late timer is
-                // made up by not waiting until the schedule is caught up, rather than shifting
-                // every later send. A timed run sends exactly the messages due before the end.
-                let due = plan.start + Duration::from_secs_f64(sent as f64 * interval);
-                if plan.deadline.is_some_and(|deadline| due >= deadline) {
-                    break;
-                }
-                if due > Instant::now() {
-                    tokio::time::sleep_until(due.into()).await;
-                }
-            }
-            None if plan.deadline.is_some_and(|deadline| Instant::now() >= deadline) => break,
-            None => {}
-        }
-        if in_flight.len() >= plan.window {
-            if let Some(confirm) = in_flight.pop_front() {
-                confirm.await?;
-            }
-        }
-        let body = encode_body(&mut chunk, plan.size, unix_nanos());
-        let confirm = match &plan.route {
-            Some((exchange, key, headers)) => {
-                let options =
-                    PublishOptions { delay: plan.delay, headers: headers.clone(), ..Default::default() };
-                conn.publish_to(exchange, key, body, options)
-            }
-            None => {
-                conn.publish(&plan.queue, body, PublishOptions { delay: plan.delay, ..Default::default() })
-            }
-        };
-        in_flight.push_back(confirm);
-        sent += 1;
+/// Subscribes consumer connection `index` to `queues`, one consumer each.
+async fn subscribe(
+    conn: &Connection,
+    queues: Vec<&String>,
+    prefetch: u32,
+    index: u32,
+) -> anyhow::Result<Vec<Consumer>> {
+    let mut consumers = Vec::with_capacity(queues.len());
+    for (n, queue) in queues.into_iter().enumerate() {
+        let options =
+            ConsumeOptions { prefetch, tag: format!("bench-consumer-{index}-{n}"), ..Default::default() };
+        consumers
+            .push(conn.consume(queue, options).await.with_context(|| format!("consuming from '{queue}'"))?);
     }
-    while let Some(confirm) = in_flight.pop_front() {
-        confirm.await?;
-    }
-    Ok(Produced { sent, finished: Instant::now() })
-}
-
-/// Receives until `progress` says every message has arrived, recording latencies.
-async fn consume(
-    mut consumer: hopper_client::Consumer,
-    pacing: Pacing,
-    progress: &Progress,
-) -> anyhow::Result<Consumed> {
-    let ack_every = pacing.ack_every;
-    let started = Instant::now();
-    let clock = UnixClock::new();
-    let mut handled = 0u64;
-    let mut done = progress.done.subscribe();
-    let mut latencies = new_histogram();
-    let mut last_delivery = None;
-    let mut unacked = 0u64;
-    let mut pending: Option<Delivery> = None;
-    loop {
-        let delivery = tokio::select! {
-            biased;
-            next = consumer.next() => match next {
-                Some(delivery) => delivery?,
-                None => bail!("the broker ended the consumer"),
-            },
-            _ = done.wait_for(|done| *done) => break,
-        };
-        // One clock read per delivery: Unix time is derived from the monotonic one.
-        let received = Instant::now();
-        let now = clock.unix_nanos(received);
-        last_delivery = Some(received);
-        if let Some(sent_at) = decode_timestamp(&delivery.body) {
-            latencies.saturating_record(now.saturating_sub(sent_at + pacing.delay_ns) / 1000);
-        }
-        if let Some(interval) = pacing.interval {
-            // A worker that handles a steady number per second: settle on schedule.
-            let due = started + Duration::from_secs_f64(handled as f64 * interval);
-            if due > Instant::now() {
-                tokio::time::sleep_until(due.into()).await;
-            }
-        }
-        handled += 1;
-        unacked += 1;
-        if unacked >= ack_every {
-            if ack_every == 1 {
-                delivery.ack().await?;
-            } else {
-                delivery.ack_multiple().await?;
-            }
-            unacked = 0;
-            pending = None;
-        } else {
-            pending = Some(delivery);
-        }
-        progress.record();
-    }
-    if let Some(delivery) = pending {
-        delivery.ack_multiple().await?;
-    }
-    consumer.cancel().await?;
-    Ok(Consumed { latencies, last_delivery })
+    Ok(consumers)
 }
 
 /// Opens and closes `total` connections, `parallel` at a time, each with a full handshake (and
@@ -585,8 +575,6 @@ pub fn decode_timestamp(body: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(bytes))
 }
 
-/// Nanoseconds since the Unix epoch, by the wall clock (producers and consumers may be in
-/// different processes, so a monotonic clock would not compare).
 /// Unix time from `Instant`s: a reading of both clocks taken once.
 struct UnixClock {
     base: Instant,
@@ -604,6 +592,8 @@ impl UnixClock {
     }
 }
 
+/// Nanoseconds since the Unix epoch, by the wall clock (producers and consumers may be in
+/// different processes, so a monotonic clock would not compare).
 fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -679,6 +669,13 @@ fn share(total: u64, parts: u64, index: u64) -> u64 {
     total / parts + u64::from(index < total % parts)
 }
 
+/// The queues (of `queues`) that connection `index` of `parts` takes when they are spread
+/// over the connections: every `parts`-th one, starting at `index`.
+fn spread(queues: usize, parts: u32, index: u32) -> impl Iterator<Item = usize> {
+    let parts = usize::try_from(parts).unwrap_or(usize::MAX).max(1);
+    (index as usize..queues).step_by(parts)
+}
+
 /// Messages per second, 0 when no time passed.
 fn rate(messages: u64, secs: f64) -> f64 {
     if secs > 0.0 {
@@ -743,6 +740,76 @@ mod tests {
     }
 
     #[test]
+    fn spread_queues_go_to_every_connection_once() {
+        assert_eq!(spread(10, 3, 0).collect::<Vec<_>>(), [0, 3, 6, 9]);
+        assert_eq!(spread(10, 3, 2).collect::<Vec<_>>(), [2, 5, 8]);
+        assert_eq!(spread(3, 3, 1).collect::<Vec<_>>(), [1]);
+        assert_eq!(spread(2, 3, 2).count(), 0, "more connections than queues");
+        for (queues, parts) in [(1000usize, 50u32), (7, 7), (100, 1), (5, 2)] {
+            let mut taken: Vec<usize> = (0..parts).flat_map(|p| spread(queues, parts, p)).collect();
+            taken.sort_unstable();
+            assert_eq!(taken, (0..queues).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn every_spread_queue_gets_its_share_of_the_count_round_robin() {
+        // A producer publishes message k to its (k mod m)-th queue; that must give each queue
+        // exactly what the whole run's split gives it.
+        for (total, queues, producers) in
+            [(2_000_000u64, 1000usize, 50u32), (10, 4, 3), (7, 10, 3), (3, 3, 1)]
+        {
+            let mut got = vec![0u64; queues];
+            for p in 0..producers {
+                let mine: Vec<usize> = spread(queues, producers, p).collect();
+                let count: u64 = mine.iter().map(|&q| share(total, queues as u64, q as u64)).sum();
+                for k in 0..count {
+                    got[mine[(k % mine.len() as u64) as usize]] += 1;
+                }
+            }
+            let want: Vec<u64> = (0..queues as u64).map(|q| share(total, queues as u64, q)).collect();
+            assert_eq!(got, want, "{total} messages over {queues} queues, {producers} producers");
+        }
+    }
+
+    #[test]
+    fn many_queues_need_no_exchange_but_enough_of_them_for_every_connection() {
+        let spread = parse(&["x", "--queues", "1000", "--producers", "50", "--consumers", "50", "--durable"]);
+        assert!(spread.spread() && spread.validate().is_ok());
+        let routed = parse(&["x", "--queues", "3", "--exchange", "fanout", "--consumers", "5"]);
+        assert!(!routed.spread() && routed.validate().is_ok(), "a fanout may have more consumers");
+        assert!(!parse(&["x", "--queues", "1"]).spread());
+        let err = parse(&["x", "--queues", "4", "--producers", "5"]).validate().unwrap_err();
+        assert!(err.to_string().contains("--producers 5 is more than --queues 4"), "{err}");
+        assert!(parse(&["x", "--queues", "4", "--consumers", "5"]).validate().is_err());
+        assert!(parse(&["x", "--queues", "4", "--producers", "0", "--queue", "q"]).validate().is_err());
+        assert!(try_parse(&["x", "--bindings", "5"]).is_err(), "--bindings still needs --exchange");
+    }
+
+    #[test]
+    fn declare_takes_only_its_own_flags() {
+        let declare = parse(&["x", "--declare", "2000", "--durable", "--in-flight", "16", "--rss-pid", "1"]);
+        assert_eq!((declare.declare, declare.in_flight, declare.check), (Some(2000), 16, false));
+        assert!(declare.validate().is_ok());
+        assert_eq!(parse(&["x", "--declare", "5", "--check", "--json"]).in_flight, 64);
+        for extra in [
+            &["--exchange", "direct"][..],
+            &["--queue", "q"],
+            &["--queues", "3"],
+            &["--producers", "2"],
+            &["--count", "10"],
+            &["--logins", "10"],
+        ] {
+            let argv: Vec<&str> = ["x", "--declare", "5"].iter().chain(extra).copied().collect();
+            assert!(try_parse(&argv).is_err(), "--declare with {extra:?}");
+        }
+        assert!(try_parse(&["x", "--declare", "0"]).is_err());
+        assert!(try_parse(&["x", "--check"]).is_err(), "--check needs --declare");
+        assert!(try_parse(&["x", "--in-flight", "8"]).is_err(), "--in-flight needs --declare");
+        assert!(try_parse(&["x", "--declare", "5", "--in-flight", "0"]).is_err());
+    }
+
+    #[test]
     fn durations_must_be_positive_numbers() {
         assert_eq!(parse_seconds("1.5").unwrap(), Duration::from_millis(1500));
         assert!(parse_seconds("0").is_err());
@@ -769,15 +836,23 @@ mod tests {
         assert!(*rx.borrow());
     }
 
-    #[test]
-    fn drain_needs_a_queue_and_a_consumer_and_takes_no_duration() {
+    /// `bench`'s flags from an argument list (the first item stands for the program).
+    fn try_parse(argv: &[&str]) -> Result<BenchArgs, clap::Error> {
         use clap::Parser;
         #[derive(Parser)]
         struct Wrapper {
             #[command(flatten)]
             args: BenchArgs,
         }
-        let parse = |argv: &[&str]| Wrapper::try_parse_from(argv).unwrap().args;
+        Wrapper::try_parse_from(argv).map(|wrapper| wrapper.args)
+    }
+
+    fn parse(argv: &[&str]) -> BenchArgs {
+        try_parse(argv).unwrap()
+    }
+
+    #[test]
+    fn drain_needs_a_queue_and_a_consumer_and_takes_no_duration() {
         let drain = parse(&["x", "--producers", "0", "--queue", "backlog", "--count", "5"]);
         assert!(drain.drain());
         assert!(drain.validate().is_ok());
@@ -792,15 +867,8 @@ mod tests {
 
     #[test]
     fn count_and_duration_conflict() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            args: BenchArgs,
-        }
-        assert!(Wrapper::try_parse_from(["x", "--count", "5", "--duration", "2"]).is_err());
-        let parsed = Wrapper::try_parse_from(["x", "--duration", "2"]).unwrap();
-        assert_eq!(parsed.args.duration, Some(Duration::from_secs(2)));
-        assert!(Wrapper::try_parse_from(["x", "--size", "8"]).is_err());
+        assert!(try_parse(&["x", "--count", "5", "--duration", "2"]).is_err());
+        assert_eq!(parse(&["x", "--duration", "2"]).duration, Some(Duration::from_secs(2)));
+        assert!(try_parse(&["x", "--size", "8"]).is_err());
     }
 }
