@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -31,14 +31,18 @@ use crate::storage::log::{
 use crate::storage::segment::{self, Found, QueueScan};
 use crate::storage::{record, FsyncPolicy, Location, QueueMeta, ReadError, StorageConfig, Store};
 
-/// When the last round wrote less than this, the next waits [`COALESCE_FOR`] for more records.
-const COALESCE_BELOW: usize = 16 * 1024;
+/// When fewer publish bytes than this are waiting, a round waits [`COALESCE_FOR`] for more.
+const COALESCE_BELOW: u64 = 16 * 1024;
 /// How long a small round waits for more records.
 const COALESCE_FOR: Duration = Duration::from_micros(200);
 /// How long a log waits before retrying after a failed write or sync.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(100);
 /// Record bytes compaction copies forward per round, beside the round's own records.
-const COMPACT_PER_ROUND: usize = 256 * 1024;
+const COMPACT_PER_ROUND: usize = 1024 * 1024;
+/// A round that takes this long (write, apply, sync) is logged at debug level.
+const SLOW_ROUND: Duration = Duration::from_millis(20);
+/// Most segments one compaction pass empties.
+const COMPACT_SEGMENTS: usize = 16;
 /// Most passes over the logs at shutdown to write what their confirms made other queues buffer.
 const MAX_DRAIN_PASSES: usize = 16;
 /// How long compaction waits after a pass that could not copy anything (unreadable records).
@@ -70,6 +74,9 @@ pub struct SharedLog {
     /// Set while syncs fail: publishes to its queues are refused until a sync succeeds.
     failure: RwLock<Option<String>>,
     fsyncs: AtomicU64,
+    /// Bytes of publish records buffered since the last round started: a round waits for more
+    /// when there are few.
+    buffered: AtomicU64,
     /// Makes every sync fail while set: the tests' stand-in for a disk that refuses them.
     #[cfg(test)]
     fail_syncs: std::sync::atomic::AtomicBool,
@@ -197,7 +204,7 @@ impl Storage {
                     messages = found.messages.len(),
                     "messages of a queue whose metadata cannot be read are kept in the log"
                 );
-                let mut buffer = LogBuffer::new(BTreeMap::new(), live.clone());
+                let mut buffer = LogBuffer::new(*id, live.clone());
                 for message in &found.messages {
                     buffer.add_live(message.location);
                 }
@@ -241,7 +248,7 @@ impl Storage {
     /// The pieces of a new, empty durable queue with id `id` in `dir`, on log `index`.
     pub(super) fn create(&self, id: u64, dir: &Path, index: u32, policy: Policy) -> Parts {
         let log = self.logs[index as usize].clone();
-        let disk = DiskState::new(LogBuffer::new(BTreeMap::new(), log.live.clone()));
+        let disk = DiskState::new(LogBuffer::new(id, log.live.clone()));
         Parts { state: QueueState::new(policy), disk, durable: Durable { id, dir: dir.to_path_buf(), log } }
     }
 
@@ -312,6 +319,7 @@ impl SharedLog {
             rounds: Condvar::new(),
             failure: RwLock::new(None),
             fsyncs: AtomicU64::new(0),
+            buffered: AtomicU64::new(0),
             #[cfg(test)]
             fail_syncs: Default::default(),
         }
@@ -357,9 +365,9 @@ impl SharedLog {
         busy
     }
 
-    /// Blocks until some queue is dirty, a periodic sync or a retry is due, or the log stops.
-    /// Returns the queues to serve this round and whether the log is stopping.
-    fn next_round(&self, wait: Option<Duration>) -> (Vec<Arc<Queue>>, bool) {
+    /// Blocks until some queue is dirty, a round is wanted, the log stops, or `wait` (if any)
+    /// has passed: a periodic sync or a retry is due.
+    fn wait_for_work(&self, wait: Option<Duration>) {
         let mut members = self.members.lock();
         if members.dirty.is_empty() && !members.stopping && !members.round_wanted {
             match wait {
@@ -369,6 +377,11 @@ impl SharedLog {
                 None => self.wake.wait(&mut members),
             }
         }
+    }
+
+    /// Starts a round: the queues to serve and whether the log is stopping.
+    fn next_round(&self) -> (Vec<Arc<Queue>>, bool) {
+        let mut members = self.members.lock();
         let stopping = members.stopping;
         members.started += 1;
         members.round_wanted = false;
@@ -431,7 +444,7 @@ impl Parts {
     ) -> Parts {
         let mut state = QueueState::new(meta.settings.policy());
         state.set_next_seq(found.next_seq);
-        let mut buffer = LogBuffer::new(BTreeMap::new(), log.live.clone());
+        let mut buffer = LogBuffer::new(id, log.live.clone());
         for found in found.messages {
             buffer.add_live(found.location);
             // Sized by its record, less the fixed fields: the body, headers and deaths it carries.
@@ -625,6 +638,7 @@ impl Durable {
         };
         message.payload = Some(payload.clone());
         let range = disk.log.publish(&message, &payload);
+        self.log.buffered.fetch_add(range.len() as u64, Ordering::Relaxed);
         disk.pending.push(PendingPublish { message, range, confirm });
         self.schedule(disk);
     }
@@ -738,7 +752,7 @@ struct CopyForward {
 /// Compaction in progress: the segment being emptied and the queues still holding messages in
 /// it.
 struct Compaction {
-    segment: u64,
+    segments: RangeInclusive<u64>,
     queues: Vec<Arc<Queue>>,
     copied: bool,
 }
@@ -756,7 +770,6 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
     let mut last_sync = Instant::now();
     let mut write_failing = false;
     let mut clean = true;
-    let mut last_round = usize::MAX;
     let mut compaction: Option<Compaction> = None;
     let mut compact_after = Instant::now();
     loop {
@@ -770,12 +783,15 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
         } else {
             None
         };
-        if last_round < COALESCE_BELOW && wait.is_none() {
-            // A small round: give publishers a moment to add to the next one, so a busy log
-            // writes in fewer, larger batches instead of a syscall every few messages.
+        log.wait_for_work(wait);
+        let buffered = log.buffered.load(Ordering::Relaxed);
+        if buffered > 0 && buffered < COALESCE_BELOW {
+            // A small round: give publishers a moment to add to it, so a busy log writes in
+            // fewer, larger batches instead of a syscall every few messages.
             std::thread::sleep(COALESCE_FOR);
         }
-        let (queues, stopping) = log.next_round(wait);
+        log.buffered.store(0, Ordering::Relaxed);
+        let (queues, stopping) = log.next_round();
         batch.clear();
         let mut chunks = Vec::with_capacity(queues.len());
         let mut budget = COMPACT_PER_ROUND;
@@ -786,7 +802,7 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
             while budget > 0 {
                 let Some(queue) = work.queues.last().cloned() else { break };
                 let before = budget;
-                match take(log, queue, &mut batch, Some(work.segment), &mut budget) {
+                match take(log, queue, &mut batch, Some(&work.segments), &mut budget) {
                     Some(chunk) => {
                         work.copied |= !chunk.copies.is_empty();
                         chunks.push(chunk);
@@ -801,8 +817,8 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
                 }
             }
         }
-        last_round = batch.len();
 
+        let round_started = Instant::now();
         let written = if batch.is_empty() {
             Ok(writer.end())
         } else {
@@ -860,6 +876,15 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
             last_sync = Instant::now();
         }
         log.finish_round();
+        let took = round_started.elapsed();
+        if took >= SLOW_ROUND {
+            tracing::debug!(
+                log = log.index,
+                bytes = batch.len(),
+                took_ms = took.as_millis() as u64,
+                "slow round"
+            );
+        }
         if stopping {
             return clean && !write_failing;
         }
@@ -867,14 +892,14 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
     }
 }
 
-/// Takes a queue's buffered records into `batch`, with, when `compact` names a segment, copies
+/// Takes a queue's buffered records into `batch`, with, when `compact` names segments, copies
 /// of its live messages there (within `budget` bytes). The copies follow the records taken in
 /// the same lock, so a settle buffered after them comes after them in the log too.
 fn take(
     log: &SharedLog,
     queue: Arc<Queue>,
     batch: &mut Vec<u8>,
-    compact: Option<u64>,
+    compact: Option<&RangeInclusive<u64>>,
     budget: &mut usize,
 ) -> Option<Chunk> {
     let durable = queue.durable.as_ref()?;
@@ -883,12 +908,12 @@ fn take(
     let disk = live.disk.as_mut()?;
     disk.scheduled = false;
     let victims: Vec<QueuedMessage> = match compact {
-        Some(segment) if disk.log.holds(segment) => {
+        Some(segments) if segments.clone().any(|s| disk.log.holds(s)) => {
             // At least one message, however large, so that every segment can be emptied.
             let mut room = *budget;
             live.state
                 .messages()
-                .filter(|m| m.location.is_some_and(|l| l.segment() == segment))
+                .filter(|m| m.location.is_some_and(|l| segments.contains(&l.segment())))
                 .take_while(|m| {
                     let more = room > 0;
                     room = room.saturating_sub(m.location.map_or(0, |l| l.bytes() as usize));
@@ -1058,16 +1083,17 @@ fn maintain(
         return;
     }
     let segments = log.live.snapshot();
-    let Some(segment) = logs::compaction_candidate(&segments, writer.id(), log.config.segment_bytes) else {
-        return;
+    let run = logs::compaction_run(&segments, writer.id(), log.config.segment_bytes, COMPACT_SEGMENTS);
+    let (Some(&first), Some(&last)) = (run.first(), run.last()) else { return };
+    let mut holders: Vec<u64> = run.iter().flat_map(|&segment| log.live.holders(segment)).collect();
+    holders.sort_unstable();
+    holders.dedup();
+    let queues: Vec<Arc<Queue>> = {
+        let members = log.members.lock();
+        holders.iter().filter_map(|id| members.queues.get(id).and_then(Weak::upgrade)).collect()
     };
-    let members: Vec<Arc<Queue>> = log.members.lock().queues.values().filter_map(Weak::upgrade).collect();
-    let queues: Vec<Arc<Queue>> = members
-        .into_iter()
-        .filter(|q| q.state.lock().disk.as_ref().is_some_and(|d| d.log.holds(segment)))
-        .collect();
-    tracing::debug!(log = log.index, segment, queues = queues.len(), "compacting the oldest segment");
-    *compaction = Some(Compaction { segment, queues, copied: false });
+    tracing::debug!(log = log.index, first, last, queues = queues.len(), "compacting the oldest segments");
+    *compaction = Some(Compaction { segments: first..=last, queues, copied: false });
 }
 
 #[cfg(test)]

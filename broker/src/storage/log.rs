@@ -7,7 +7,7 @@
 //! - [`SegmentReader`] is shared, for reading bodies that were paged out of memory, through a
 //!   bounded set of open files.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Write};
 use std::ops::Range;
@@ -52,6 +52,8 @@ const KEEP_BUFFER: usize = 256 * 1024;
 #[derive(Debug, Default)]
 pub struct LiveSegments {
     segments: RwLock<BTreeMap<u64, Arc<Counter>>>,
+    /// The queues with live messages in each segment, for compaction to find them.
+    holders: parking_lot::Mutex<HashMap<u64, HashSet<u64>>>,
 }
 
 #[derive(Debug, Default)]
@@ -78,6 +80,24 @@ impl LiveSegments {
     /// Stops counting segment `id` (deleted).
     pub fn remove(&self, id: u64) {
         self.segments.write().remove(&id);
+        self.holders.lock().remove(&id);
+    }
+
+    /// The queues with live messages in segment `id`.
+    pub fn holders(&self, id: u64) -> Vec<u64> {
+        self.holders.lock().get(&id).map(|q| q.iter().copied().collect()).unwrap_or_default()
+    }
+
+    fn hold(&self, segment: u64, queue: u64, holds: bool) {
+        let mut holders = self.holders.lock();
+        if holds {
+            holders.entry(segment).or_default().insert(queue);
+        } else if let Some(queues) = holders.get_mut(&segment) {
+            queues.remove(&queue);
+            if queues.is_empty() {
+                holders.remove(&segment);
+            }
+        }
     }
 
     fn add(&self, location: Location) {
@@ -116,12 +136,56 @@ pub fn deletable(segments: &[(u64, LiveCount)], active: u64) -> Vec<u64> {
     segments.iter().take_while(|(id, live)| live.messages == 0 && *id != active).map(|&(id, _)| id).collect()
 }
 
+/// The oldest segments worth compacting (see [`compaction_candidate`]), at most `max`, oldest
+/// first: consecutive ids, so one pass can empty a run of them.
+pub fn compaction_run(
+    segments: &[(u64, LiveCount)],
+    active: u64,
+    segment_bytes: u64,
+    max: usize,
+) -> Vec<u64> {
+    let mut run = Vec::new();
+    if compaction_candidate(segments, active, segment_bytes).is_none() {
+        return run;
+    }
+    let mostly_dead = mostly_dead(segments, segment_bytes);
+    for (at, &(id, live)) in segments.iter().enumerate() {
+        let behind = segments.len() - at - 1;
+        if run.len() == max || id == active || behind < 2 || !(mostly_dead || live.bytes * 4 <= segment_bytes)
+        {
+            break;
+        }
+        run.push(id);
+    }
+    run
+}
+
+/// Dead bytes a log may hold, in segments, before its live messages are moved forward
+/// wholesale (see [`compaction_candidate`]).
+pub const DEAD_SEGMENTS_ALLOWED: u64 = 16;
+
+/// Whether the log holds more dead bytes than live ones, and more than
+/// [`DEAD_SEGMENTS_ALLOWED`] segments of them.
+fn mostly_dead(segments: &[(u64, LiveCount)], segment_bytes: u64) -> bool {
+    let live: u64 = segments.iter().map(|(_, l)| l.bytes).sum();
+    let dead = (segments.len() as u64 * segment_bytes).saturating_sub(live);
+    dead >= live.max(DEAD_SEGMENTS_ALLOWED * segment_bytes)
+}
+
 /// The oldest segment if it is worth compacting: not the active one, at least two segments
-/// behind it, something live in it, and at most a quarter of a full segment's bytes.
+/// behind it, something live in it, and either at most a quarter of a full segment's bytes live
+/// in it, or the log is mostly dead. The second case is long-lived messages (a queue nobody
+/// consumes, say) filling the start of a log that other queues keep writing through: only moving
+/// them forward lets the dead segments behind them go. Every such move copies those messages
+/// again, so it waits until the log holds at least as many dead bytes as live ones and
+/// [`DEAD_SEGMENTS_ALLOWED`] segments of them: the copying costs at most the live bytes once per
+/// that much new data.
 pub fn compaction_candidate(segments: &[(u64, LiveCount)], active: u64, segment_bytes: u64) -> Option<u64> {
     let &(oldest, live) = segments.first()?;
-    let worth = oldest != active && segments.len() >= 3 && live.messages > 0;
-    (worth && live.bytes * 4 <= segment_bytes).then_some(oldest)
+    if oldest == active || segments.len() < 3 || live.messages == 0 {
+        return None;
+    }
+    (live.bytes * 4 <= segment_bytes || mostly_dead(segments, segment_bytes)).then_some(oldest)
 }
 
 /// One queue's records waiting to be written, and where its live messages are.
@@ -132,13 +196,14 @@ pub struct LogBuffer {
     live: BTreeMap<u64, LiveCount>,
     /// The same, for every queue of the log.
     shared: Arc<LiveSegments>,
+    /// The queue's id in the log.
+    queue: u64,
 }
 
 impl LogBuffer {
-    /// A buffer for a queue whose messages are counted per segment in `live`; `shared` already
-    /// counts them.
-    pub fn new(live: BTreeMap<u64, LiveCount>, shared: Arc<LiveSegments>) -> Self {
-        LogBuffer { buf: Vec::new(), live, shared }
+    /// A buffer for queue `queue`, with no messages counted yet.
+    pub fn new(queue: u64, shared: Arc<LiveSegments>) -> Self {
+        LogBuffer { buf: Vec::new(), live: BTreeMap::new(), shared, queue }
     }
 
     /// Appends a publish record; returns its byte range in the buffer.
@@ -174,7 +239,11 @@ impl LogBuffer {
 
     /// Counts a message written at `location`.
     pub fn add_live(&mut self, location: Location) {
-        self.live.entry(location.segment()).or_default().add(location);
+        let live = self.live.entry(location.segment()).or_default();
+        if live.messages == 0 {
+            self.shared.hold(location.segment(), self.queue, true);
+        }
+        live.add(location);
         self.shared.add(location);
     }
 
@@ -184,6 +253,7 @@ impl LogBuffer {
             live.remove(location);
             if live.messages == 0 {
                 self.live.remove(&location.segment());
+                self.shared.hold(location.segment(), self.queue, false);
             }
         }
         self.shared.forget(location);
@@ -196,6 +266,7 @@ impl LogBuffer {
             if let Some(counter) = segments.get(&segment) {
                 counter.sub(live);
             }
+            self.shared.hold(segment, self.queue, false);
         }
     }
 
@@ -444,6 +515,11 @@ mod tests {
         LiveCount { messages: 1, bytes: len }
     }
 
+    fn sorted(mut ids: Vec<u64>) -> Vec<u64> {
+        ids.sort_unstable();
+        ids
+    }
+
     fn live(counts: &[(u64, u64)]) -> Vec<(u64, LiveCount)> {
         counts.iter().map(|&(id, bytes)| (id, LiveCount { messages: u64::from(bytes > 0), bytes })).collect()
     }
@@ -461,6 +537,20 @@ mod tests {
         assert_eq!(compaction_candidate(&live(&[(1, 100), (2, 0), (3, 0)]), 3, 1000), Some(1));
         assert_eq!(compaction_candidate(&live(&[(1, 100), (2, 0), (3, 0)]), 3, 399), None, "a quarter live");
         assert_eq!(compaction_candidate(&live(&[(1, 0), (2, 0), (3, 0)]), 3, 1000), None, "nothing to copy");
+        let mut pinned = live(&[(1, 1000), (2, 0), (3, 0)]);
+        assert_eq!(compaction_candidate(&pinned, 3, 1000), None, "too little dead to move live data");
+        pinned.extend((4..=20).map(|id| (id, LiveCount::default())));
+        pinned.push((21, LiveCount { messages: 1, bytes: 300 }));
+        assert_eq!(
+            compaction_candidate(&pinned, 21, 1000),
+            Some(1),
+            "a full oldest segment pins a mostly dead log"
+        );
+        let backlog = live(&[(1, 1000), (2, 900), (3, 800), (4, 300)]);
+        assert_eq!(compaction_candidate(&backlog, 4, 1000), None, "a log mostly live is left alone");
+        assert_eq!(compaction_run(&pinned, 21, 1000, 16), (1..=16).collect::<Vec<_>>());
+        assert_eq!(compaction_run(&pinned, 21, 1000, 1), vec![1]);
+        assert!(compaction_run(&backlog, 4, 1000, 16).is_empty());
     }
 
     #[test]
@@ -468,16 +558,19 @@ mod tests {
         let shared = Arc::new(LiveSegments::default());
         shared.insert(1);
         shared.insert(2);
-        let mut a = LogBuffer::new(BTreeMap::new(), shared.clone());
-        let mut b = LogBuffer::new(BTreeMap::new(), shared.clone());
+        let mut a = LogBuffer::new(1, shared.clone());
+        let mut b = LogBuffer::new(2, shared.clone());
         a.add_live(at(1, 10));
         b.add_live(at(1, 20));
         b.add_live(at(2, 5));
         assert_eq!(shared.snapshot(), vec![(1, LiveCount { messages: 2, bytes: 30 }), (2, one(5))]);
+        assert_eq!(sorted(shared.holders(1)), vec![1, 2]);
         a.settled(0, at(1, 10));
         assert!(!a.holds(1) && b.holds(1));
+        assert_eq!(shared.holders(1), vec![2]);
         b.forget_all();
         assert_eq!(shared.snapshot(), vec![(1, LiveCount::default()), (2, LiveCount::default())]);
+        assert!(shared.holders(1).is_empty() && shared.holders(2).is_empty());
     }
 
     #[test]
@@ -486,7 +579,7 @@ mod tests {
         let mut writer = SegmentWriter::open(dir.path(), 1, 0, 32).unwrap();
         let mut buf = Vec::new();
         let payload = Payload { id: 9, body: bytes::Bytes::from_static(b"body"), ..Payload::default() };
-        let mut log = LogBuffer::new(BTreeMap::new(), Arc::default());
+        let mut log = LogBuffer::new(1, Arc::default());
         let message = QueuedMessage::transient(4, std::sync::Arc::new(payload.clone()));
         let range = log.publish(&message, &payload);
         log.drain_into(&mut buf);
@@ -508,7 +601,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = SegmentWriter::open(dir.path(), 1, 0, 1 << 20).unwrap();
         let payload = Payload { id: 9, body: bytes::Bytes::from_static(b"a body"), ..Payload::default() };
-        let mut log = LogBuffer::new(BTreeMap::new(), Arc::default());
+        let mut log = LogBuffer::new(1, Arc::default());
         let range = log.publish(&QueuedMessage::transient(4, std::sync::Arc::new(payload.clone())), &payload);
         let mut batch = Vec::new();
         log.drain_into(&mut batch);
