@@ -157,7 +157,18 @@ pub fn scan(dir: &Path, legacy: Option<u64>, accepts: &dyn Fn(u64) -> bool) -> i
         )));
     }
     ids.retain(|&id| id <= MAX_ID);
-    let mut replays: HashMap<u64, Replay> = HashMap::new();
+    // Replays by queue, found through `slots`; the queue records of a log come once per write,
+    // so the lookup is made there, not per record.
+    let mut replays: Vec<(u64, Replay)> = Vec::new();
+    let mut slots: HashMap<u64, Option<usize>> = HashMap::new();
+    let mut slot_of = |queue: u64, replays: &mut Vec<(u64, Replay)>| {
+        *slots.entry(queue).or_insert_with(|| {
+            accepts(queue).then(|| {
+                replays.push((queue, Replay::default()));
+                replays.len() - 1
+            })
+        })
+    };
     for (index, &id) in ids.iter().enumerate() {
         let newest = index + 1 == ids.len();
         let file_path = path(dir, id);
@@ -182,6 +193,7 @@ pub fn scan(dir: &Path, legacy: Option<u64>, accepts: &dyn Fn(u64) -> bool) -> i
         }
         // Every write starts with the queue it is for, so a segment starts with no queue.
         let mut queue = legacy;
+        let mut slot = legacy.and_then(|q| slot_of(q, &mut replays));
         let mut unowned = false;
         while at < bytes.len() {
             match record::frame_len(&bytes[at..]) {
@@ -190,11 +202,12 @@ pub fn scan(dir: &Path, legacy: Option<u64>, accepts: &dyn Fn(u64) -> bool) -> i
                     let fields = &bytes[at + record::HEADER..at + record::HEADER + len];
                     if fields.first() == Some(&record::KIND_QUEUE) {
                         queue = record::queue_id(fields);
+                        slot = queue.and_then(|q| slot_of(q, &mut replays));
                         if let Some(id) = queue {
                             result.max_queue = result.max_queue.max(id);
                         }
-                    } else if let Some(owner) = queue.filter(|&q| accepts(q)) {
-                        let replay = replays.entry(owner).or_default();
+                    } else if let Some(at_slot) = slot {
+                        let replay = &mut replays[at_slot].1;
                         if let Err(why) = apply(fields, location, &mut replay.live, &mut replay.next_seq) {
                             result.problems.push(Problem::error(format!(
                                 "{}: record at offset {at} {why}; skipped",
