@@ -280,13 +280,46 @@ async fn check_recovered_queue(conn: &Connection, model: &mut Model) {
     assert_eq!(consumer.cancel().await.unwrap(), keys.len() as u64, "cancel requeues the backlog");
 }
 
+/// Messages confirmed and sent to each neighbour queue, which nobody consumes.
+#[derive(Debug, Default)]
+struct Neighbours {
+    confirmed: HashMap<String, u64>,
+    sent: HashMap<String, u64>,
+}
+
+/// Publishes to `queues` in turn, `PUBLISH_WINDOW` in flight, until the connection dies.
+async fn publish_to_neighbours(conn: Connection, queues: &[String], counts: &Mutex<Neighbours>) {
+    let mut in_flight = FuturesUnordered::new();
+    let mut next = 0;
+    let mut open = true;
+    loop {
+        while open && in_flight.len() < PUBLISH_WINDOW {
+            let queue = queues[next % queues.len()].clone();
+            next += 1;
+            *counts.lock().unwrap().sent.entry(queue.clone()).or_default() += 1;
+            let confirm = conn.publish(&queue, "neighbour", PublishOptions::default());
+            in_flight.push(confirm.map(move |result| (queue, result)));
+        }
+        let Some((queue, result)) = in_flight.next().await else { return };
+        match result {
+            Ok(_) => *counts.lock().unwrap().confirmed.entry(queue).or_default() += 1,
+            Err(Error::Closed(_)) => open = false,
+            Err(err) => panic!("publish to {queue} failed: {err}"),
+        }
+    }
+}
+
 /// Runs every cycle of [`CYCLES`] against a broker started with `fsync_flags`, then checks the
-/// final recovery.
-async fn crash_cycles(fsync_flags: &[&str]) {
+/// final recovery. With `neighbours`, that many other durable queues take publishes meanwhile
+/// and are never consumed: their records share the crash queue's log, and their messages pin
+/// its old segments, so the cycles also cross compactions that move them.
+async fn crash_cycles(fsync_flags: &[&str], neighbours: usize) {
     let data_dir = tempfile::tempdir().unwrap();
     let flags = [&STORAGE_FLAGS[..], fsync_flags].concat();
     let mut broker = Broker::start_in(data_dir.path(), &flags);
     let mut model = Mutex::new(Model::default());
+    let neighbour_queues: Vec<String> = (0..neighbours).map(|i| format!("neighbour-{i}")).collect();
+    let counts = Mutex::new(Neighbours::default());
     for (cycle, &Cycle { kill, ack_budget }) in CYCLES.iter().enumerate() {
         let cycle = cycle as u32;
         if cycle > 0 {
@@ -294,6 +327,9 @@ async fn crash_cycles(fsync_flags: &[&str]) {
         }
         let setup = connect(&broker).await;
         setup.declare_queue(QUEUE, QueueOptions { durable: true, ..Default::default() }).await.unwrap();
+        for queue in &neighbour_queues {
+            setup.declare_queue(queue, QueueOptions { durable: true, ..Default::default() }).await.unwrap();
+        }
         if cycle > 0 {
             check_recovered_queue(&setup, model.get_mut().unwrap()).await;
         }
@@ -304,6 +340,15 @@ async fn crash_cycles(fsync_flags: &[&str]) {
         let (progress, mut watched) = watch::channel(Progress::default());
         let publishing = publish_until_closed(publisher, cycle, &model, progress.clone());
         let consuming = consume_until_closed(consumer, ack_budget, &model, progress);
+        let neighbour = match neighbour_queues.is_empty() {
+            true => None,
+            false => Some(connect(&broker).await),
+        };
+        let neighbouring = async {
+            if let Some(conn) = neighbour {
+                publish_to_neighbours(conn, &neighbour_queues, &counts).await;
+            }
+        };
         let crash = async {
             watched
                 .wait_for(|p| match kill {
@@ -314,8 +359,8 @@ async fn crash_cycles(fsync_flags: &[&str]) {
                 .expect("the clients report progress");
             broker.kill();
         };
-        let cycle_run = async { tokio::join!(publishing, consuming, crash) };
-        let Ok((published, consumed, ())) = tokio::time::timeout(CYCLE_DEADLINE, cycle_run).await else {
+        let cycle_run = async { tokio::join!(publishing, consuming, crash, neighbouring) };
+        let Ok((published, consumed, (), ())) = tokio::time::timeout(CYCLE_DEADLINE, cycle_run).await else {
             panic!("cycle {cycle} did not reach {kill:?} and its crash in time; {:?}", *watched.borrow());
         };
         model.lock().unwrap().record_cycle(published, consumed);
@@ -325,21 +370,38 @@ async fn crash_cycles(fsync_flags: &[&str]) {
     let mut model = model.into_inner().unwrap();
     check_recovered_queue(&conn, &mut model).await;
     assert!(model.delivered.len() > 1000, "the cycles did some work: {} delivered", model.delivered.len());
+    let counts = counts.into_inner().unwrap();
+    for queue in &neighbour_queues {
+        let held = conn.queue_stats(queue).await.unwrap().ready;
+        let (confirmed, sent) = (counts.confirmed.get(queue).copied(), counts.sent.get(queue).copied());
+        let (confirmed, sent) = (confirmed.unwrap_or(0), sent.unwrap_or(0));
+        assert!(
+            (confirmed..=sent).contains(&held),
+            "{queue} holds {held}: at least the {confirmed} confirmed, at most the {sent} sent"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_no_confirmed_message_and_revives_no_acked_one() {
-    crash_cycles(&[]).await;
+    crash_cycles(&[], 0).await;
+}
+
+/// The same with twenty more durable queues in the crash queue's log (one storage thread for
+/// all), taking publishes and never consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_with_many_queues_sharing_one_log() {
+    crash_cycles(&["--storage-threads", "1"], 20).await;
 }
 
 /// Under `batch` and `never` a confirm (of a publish or an ack) means the OS has the record,
 /// which a killed process cannot take back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_with_fsync_batch() {
-    crash_cycles(&["--fsync", "batch", "--fsync-interval-ms", "3600000"]).await;
+    crash_cycles(&["--fsync", "batch", "--fsync-interval-ms", "3600000"], 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_with_fsync_never() {
-    crash_cycles(&["--fsync", "never"]).await;
+    crash_cycles(&["--fsync", "never"], 0).await;
 }
