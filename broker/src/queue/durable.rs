@@ -630,7 +630,7 @@ impl Durable {
         })
     }
 
-    /// Buffers a publish record; the message becomes visible once the log thread wrote it.
+    /// Buffers a publish record; the message becomes visible once its storage thread wrote it.
     pub(super) fn append_publish(&self, disk: &mut DiskState, mut message: QueuedMessage, confirm: Confirm) {
         let Some(payload) = message.payload.clone() else {
             confirm.send(Err(BrokerError::Internal("a published message has no payload".into())));
@@ -643,7 +643,7 @@ impl Durable {
         self.schedule(disk);
     }
 
-    /// Holds `response` until the log thread has written (and, per policy, synced) everything
+    /// Holds `response` until the storage thread has written (and, per policy, synced) everything
     /// buffered up to now.
     pub(super) fn defer_confirm(&self, disk: &mut DiskState, confirm: Confirm, response: Outcome) {
         disk.settle_confirms.push((confirm, response));

@@ -415,7 +415,7 @@ impl Queue {
                 message.set_due_ms(if delay_ms > 0 { state::deadline(now, delay_ms) } else { 0 });
                 live.state.reserve(size);
                 durable.append_publish(disk, message, confirm);
-                // A durable queue confirms from its log thread.
+                // A durable queue confirms from its storage thread.
                 None
             }
             _ => {

@@ -105,7 +105,7 @@ impl Problem {
 }
 
 /// What recovery learned about one queue from a log.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct QueueScan {
     /// Live messages, ordered by seq.
     pub messages: Vec<Found>,
