@@ -230,6 +230,39 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Threads for blocking work beside the runtime's workers and the storage threads.
 const BLOCKING_THREADS: usize = 32;
+/// How long an idle blocking thread stays.
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Starts `count` threads that wait for each other and end: fails if the machine cannot run
+/// that many more threads now.
+fn try_threads(count: usize) -> std::io::Result<()> {
+    let release = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let mut started = Vec::with_capacity(count);
+    let mut outcome = Ok(());
+    for _ in 0..count {
+        let release = release.clone();
+        let spawned = std::thread::Builder::new().stack_size(64 * 1024).spawn(move || {
+            let (done, wake) = &*release;
+            let mut done = done.lock().unwrap_or_else(|e| e.into_inner());
+            while !*done {
+                done = wake.wait(done).unwrap_or_else(|e| e.into_inner());
+            }
+        });
+        match spawned {
+            Ok(handle) => started.push(handle),
+            Err(err) => {
+                outcome = Err(err);
+                break;
+            }
+        }
+    }
+    *release.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    release.1.notify_all();
+    for handle in started {
+        let _ = handle.join();
+    }
+    outcome
+}
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -241,10 +274,26 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(err) => return fail(&err.to_string()),
+    };
+    // A runtime that cannot start all its workers hangs rather than failing, so the threads the
+    // broker starts with are tried first.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    if let Err(err) = try_threads(workers + config.storage_threads + 2) {
+        return fail(&format!(
+            "cannot start: no thread to run on ({err}); the machine is out of threads or memory"
+        ));
+    }
     // Blocking work (metadata fsyncs of declares and deletes, audit reads) waits for one of a
-    // bounded set of threads rather than growing the process by a thread per request.
+    // bounded set of threads rather than growing the process by a thread per request. They
+    // stay once started: while one is alive, blocking work that finds the machine out of
+    // threads waits for it instead of failing.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .max_blocking_threads(BLOCKING_THREADS)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .enable_all()
         .build()
     {
@@ -252,10 +301,6 @@ fn main() -> ExitCode {
         Err(err) => return fail(&format!("cannot start the runtime: {err}")),
     };
     runtime.block_on(async {
-        let config = match args.into_config() {
-            Ok(config) => config,
-            Err(err) => return fail(&err.to_string()),
-        };
         ignore_file_size_signal();
         // Raised before recovery opens every durable queue's files; logged once the broker
         // started, so a startup error stays one line.

@@ -232,9 +232,13 @@ impl Storage {
         let storage = Storage { logs, spread, threads: Mutex::new(Vec::new()), _pinned: pinned };
         for (log, writer) in storage.logs.iter().zip(writers) {
             let log = log.clone();
+            let index = log.index;
             let handle = std::thread::Builder::new()
-                .name(format!("storage-{}", log.index))
-                .spawn(move || run(&log, writer))?;
+                .name(format!("storage-{index}"))
+                .spawn(move || run(&log, writer))
+                .map_err(|err| {
+                    io::Error::new(err.kind(), format!("cannot start storage thread {index}: {err}; the machine is out of threads or memory"))
+                })?;
             storage.threads.lock().push(handle);
         }
         Ok((storage, parts))
