@@ -98,7 +98,7 @@ async fn declare(server: &str, run: DeclareRun) -> anyhow::Result<()> {
 
 /// Waits for the broker to take a connection, then asks every queue for its stats; reports the
 /// time from the start until the last one answered. Fails (after printing the report) when
-/// some did not answer within [`CHECK_TIMEOUT`].
+/// the broker took no connection within [`CHECK_TIMEOUT`] or some queue did not answer.
 async fn check(server: &str, run: DeclareRun) -> anyhow::Result<()> {
     let started = Instant::now();
     let deadline = started + CHECK_TIMEOUT;
@@ -110,8 +110,10 @@ async fn check(server: &str, run: DeclareRun) -> anyhow::Result<()> {
         conns.push(crate::connect(server, &format!("bench check {i}")).await?);
     }
     let (answered, first_error) =
+        // The broker recovers every queue before it accepts connections: a queue that does not
+        // answer now is missing.
         each_queue(&conns, (0..run.count).map(queue_name), run.in_flight, |conn, name| async move {
-            stats_when_ready(conn, &name, deadline).await.map_err(|err| format!("{name}: {err}"))
+            conn.queue_stats(&name).await.map(drop).map_err(|err| format!("{name}: {err}"))
         })
         .fold((0u64, None), |(answered, first_error), result| async move {
             match result {
@@ -139,7 +141,7 @@ async fn check(server: &str, run: DeclareRun) -> anyhow::Result<()> {
         print!("{}", output::check_listing(&report));
     }
     if answered < run.count {
-        bail!("only {answered} of {} queues answered within {} s", run.count, CHECK_TIMEOUT.as_secs());
+        bail!("only {answered} of {} queues answered", run.count);
     }
     Ok(())
 }
@@ -156,20 +158,6 @@ async fn connect_when_up(server: &str, deadline: Instant) -> anyhow::Result<Conn
                 );
             }
             Err(_) => tokio::time::sleep(RETRY_EVERY).await,
-        }
-    }
-}
-
-/// Asks for the stats of `queue` until it answers; a refusal (the broker may still be loading
-/// it) is asked again every [`RETRY_EVERY`] until `deadline`, a lost connection is not.
-async fn stats_when_ready(conn: &Connection, queue: &str, deadline: Instant) -> hopper_client::Result<()> {
-    loop {
-        match conn.queue_stats(queue).await {
-            Ok(_) => return Ok(()),
-            Err(hopper_client::Error::Broker { .. }) if Instant::now() + RETRY_EVERY < deadline => {
-                tokio::time::sleep(RETRY_EVERY).await;
-            }
-            Err(err) => return Err(err),
         }
     }
 }

@@ -69,7 +69,7 @@ over up to 8 connections, and left in place; the report has declared, durable, i
 connections, elapsed_s and declares_per_s, and with --rss-pid broker_rss_mb, broker_threads \
 and broker_open_files read once the declares are done. With --declare N --check nothing is \
 declared: the bench waits (up to 60 s) for the broker to accept a connection, asks every \
-bench-decl-<i> for its stats (asking again every 50 ms while the broker refuses), and reports \
+bench-decl-<i> for its stats, and reports \
 queues, answered, in_flight, connections, connect_s and elapsed_s (both from the bench's start), \
 and first_error and exit status 1 if a queue did not answer.")]
 pub struct BenchArgs {
