@@ -45,7 +45,7 @@ const SLOW_ROUND: Duration = Duration::from_millis(20);
 const COMPACT_SEGMENTS: usize = 16;
 /// Most passes over the logs at shutdown to write what their confirms made other queues buffer.
 const MAX_DRAIN_PASSES: usize = 16;
-/// How long compaction waits after a pass that could not copy anything (unreadable records).
+/// How long compaction waits after a pass that could not read some record it meant to copy.
 const COMPACT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The storage threads and their logs.
@@ -744,6 +744,8 @@ struct Chunk {
     pending: Vec<PendingPublish>,
     settles: Vec<(Confirm, Outcome)>,
     copies: Vec<CopyForward>,
+    /// Messages compaction wanted to copy and could not read.
+    unreadable: usize,
 }
 
 /// A live message copied forward by compaction: its old place, and its copy in the batch.
@@ -758,7 +760,8 @@ struct CopyForward {
 struct Compaction {
     segments: RangeInclusive<u64>,
     queues: Vec<Arc<Queue>>,
-    copied: bool,
+    /// Some message could not be read to be copied: the segment stays, and the next pass waits.
+    unreadable: bool,
 }
 
 type Confirmation = (Confirm, Result<Outcome, BrokerError>);
@@ -808,7 +811,7 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
                 let before = budget;
                 match take(log, queue, &mut batch, Some(&work.segments), &mut budget) {
                     Some(chunk) => {
-                        work.copied |= !chunk.copies.is_empty();
+                        work.unreadable |= chunk.unreadable > 0;
                         chunks.push(chunk);
                     }
                     None => {
@@ -939,16 +942,20 @@ fn take(
     let settles = std::mem::take(&mut disk.settle_confirms);
     drop(guard);
     let mut copies = Vec::with_capacity(victims.len());
+    let mut unreadable = 0;
     for victim in victims {
         let Some(from) = victim.location else { continue };
         // An unreadable copy stays where it is: its segment is kept, and delivery deals with it.
-        let Ok(stored) = log.reader.read(victim.seq, from) else { continue };
+        let Ok(stored) = log.reader.read(victim.seq, from) else {
+            unreadable += 1;
+            continue;
+        };
         let start = batch.len();
         encode_message(batch, &victim, &stored.payload);
         *budget = budget.saturating_sub(batch.len() - start);
         copies.push(CopyForward { seq: victim.seq, from, range: start..batch.len() });
     }
-    Some(Chunk { queue, range, pending, settles, copies })
+    Some(Chunk { queue, range, pending, settles, copies, unreadable })
 }
 
 /// Under the queue's lock: make the written publishes ready and move compacted messages to
@@ -961,7 +968,7 @@ fn apply(
     chunk: Chunk,
     written: Result<u64, String>,
 ) -> Vec<Confirmation> {
-    let Chunk { queue, range, pending, settles, copies } = chunk;
+    let Chunk { queue, range, pending, settles, copies, .. } = chunk;
     let Some(durable) = queue.durable.as_ref() else { return Vec::new() };
     let mut confirms = Vec::with_capacity(pending.len() + settles.len());
     let mut deaths = Vec::new();
@@ -1078,7 +1085,7 @@ fn maintain(
         if !work.queues.is_empty() {
             return;
         }
-        if !work.copied {
+        if work.unreadable {
             *compact_after = Instant::now() + COMPACT_BACKOFF;
         }
         *compaction = None;
@@ -1097,7 +1104,7 @@ fn maintain(
         holders.iter().filter_map(|id| members.queues.get(id).and_then(Weak::upgrade)).collect()
     };
     tracing::debug!(log = log.index, first, last, queues = queues.len(), "compacting the oldest segments");
-    *compaction = Some(Compaction { segments: first..=last, queues, copied: false });
+    *compaction = Some(Compaction { segments: first..=last, queues, unreadable: false });
 }
 
 #[cfg(test)]
