@@ -38,7 +38,7 @@ const COALESCE_FOR: Duration = Duration::from_micros(200);
 /// How long a log waits before retrying after a failed write or sync.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(100);
 /// Record bytes compaction copies forward per round, beside the round's own records.
-const COMPACT_PER_ROUND: usize = 1024 * 1024;
+const COMPACT_PER_ROUND: usize = 256 * 1024;
 /// A round that takes this long (write, apply, sync) is logged at debug level.
 const SLOW_ROUND: Duration = Duration::from_millis(20);
 /// Most segments one compaction pass empties.
