@@ -338,22 +338,14 @@ impl SharedLog {
         self.wake.notify_one();
     }
 
-    /// Waits until a round that started after this call has finished: everything the caller
-    /// buffered before has been written and synced.
+    /// Waits until queue `id`'s buffered records have been written and synced.
     fn flush(&self, id: u64) {
-        let mut members = self.members.lock();
-        if members.stopping {
-            return;
-        }
-        members.dirty.push(id);
-        let wanted = members.started + 1;
-        self.wake.notify_one();
-        while members.finished < wanted && !members.stopping {
-            self.rounds.wait(&mut members);
-        }
+        self.members.lock().dirty.push(id);
+        self.drain();
     }
 
-    /// Runs a round and waits for it. Returns whether any queue had something waiting.
+    /// Runs a round that starts after this call and waits for it. Returns whether any queue
+    /// had something waiting.
     fn drain(&self) -> bool {
         let mut members = self.members.lock();
         if members.stopping {
