@@ -320,7 +320,7 @@ pub fn encode_message(dst: &mut Vec<u8>, message: &QueuedMessage, payload: &Payl
 pub struct SegmentWriter {
     dir: PathBuf,
     id: u64,
-    file: Arc<File>,
+    file: File,
     len: u64,
     segment_bytes: u64,
 }
@@ -333,7 +333,7 @@ impl SegmentWriter {
         } else {
             (segment::open_append(dir, id)?, len)
         };
-        Ok(SegmentWriter { dir: dir.to_path_buf(), id, file: Arc::new(file), len, segment_bytes })
+        Ok(SegmentWriter { dir: dir.to_path_buf(), id, file, len, segment_bytes })
     }
 
     /// The active segment.
@@ -345,7 +345,7 @@ impl SegmentWriter {
     /// its previous length, so a partial batch never stays on disk.
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<u64> {
         let offset = self.len;
-        if let Err(err) = (&*self.file).write_all(bytes) {
+        if let Err(err) = (&self.file).write_all(bytes) {
             if let Err(truncate) = self.file.set_len(offset) {
                 tracing::error!(segment = self.id, error = %truncate, "could not cut back a failed write");
             }
@@ -365,21 +365,16 @@ impl SegmentWriter {
         self.file.sync_data()
     }
 
-    /// The active segment's file, for syncing it from another thread.
-    pub fn file(&self) -> Arc<File> {
-        self.file.clone()
-    }
-
     /// True when the active segment has reached its size.
     pub fn is_full(&self) -> bool {
         self.len >= self.segment_bytes
     }
 
-    /// Starts the next segment and returns its id. The caller syncs the previous one (its
-    /// handle stays valid).
+    /// Starts the next segment and returns its id. The caller syncs the current one first: its
+    /// handle is closed.
     pub fn roll(&mut self) -> io::Result<u64> {
         let id = self.id + 1;
-        self.file = Arc::new(segment::create(&self.dir, id)?);
+        self.file = segment::create(&self.dir, id)?;
         self.id = id;
         self.len = segment::MAGIC.len() as u64;
         Ok(id)
