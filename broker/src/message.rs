@@ -6,32 +6,40 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 /// The part of a message that never changes after publish. Shared (not copied) between the
-/// queue, the unacked window and every delivery of it.
+/// queue, the unacked window, every delivery of it and, for a message routed to several queues,
+/// all of them. Kept to 112 bytes (128 with its reference counts): a backlog holds one per
+/// message, so the rarely set parts live out of line.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Payload {
     /// Broker-assigned id, unique within the broker; kept when the message is dead-lettered.
     pub id: u64,
-    /// The body, sliced out of the frame it arrived in.
+    /// The body.
     pub body: Bytes,
-    /// Application headers.
-    pub headers: HashMap<String, String>,
-    /// MIME type given by the publisher, or empty.
-    pub content_type: String,
     /// Unix time in milliseconds at which the broker first accepted the message.
     pub published_at_ms: u64,
-    /// Its deaths, oldest first (empty for a message that never died): the first and the
-    /// latest ones, at most [`MAX_DEATHS`] in all.
-    pub deaths: Vec<Death>,
-    /// Deaths left out between the first and the latest ones kept.
-    pub deaths_omitted: u32,
     /// How many times the message was moved (replayed) out of a queue.
     pub replay_count: u32,
     /// The exchange it was published to; empty for the default exchange (to a queue by name).
-    pub exchange: String,
+    /// Shared with the exchange, which hands out its name to every message it routes.
+    pub exchange: Arc<str>,
     /// The routing key it was published with; for the default exchange, the queue's name or
     /// empty.
     pub routing_key: String,
+    /// Headers, content type and deaths; `None` while all are empty.
+    pub(crate) properties: Option<Box<Properties>>,
 }
+
+/// The parts of a [`Payload`] most messages leave empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Properties {
+    headers: HashMap<String, String>,
+    content_type: String,
+    deaths: Vec<Death>,
+    deaths_omitted: u32,
+}
+
+/// What [`Payload::headers`] lends for a message without headers.
+static NO_HEADERS: std::sync::LazyLock<HashMap<String, String>> = std::sync::LazyLock::new(HashMap::new);
 
 /// Why a message left its queue without being acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -154,31 +162,74 @@ pub(crate) struct Extra {
 pub const MAX_DEATHS: usize = 16;
 
 impl Payload {
+    /// Application headers.
+    pub fn headers(&self) -> &HashMap<String, String> {
+        self.properties.as_ref().map_or(&NO_HEADERS, |p| &p.headers)
+    }
+
+    /// MIME type given by the publisher, or empty.
+    pub fn content_type(&self) -> &str {
+        self.properties.as_ref().map_or("", |p| &p.content_type)
+    }
+
+    /// Its deaths, oldest first (empty for a message that never died): the first and the
+    /// latest ones, at most [`MAX_DEATHS`] in all.
+    pub fn deaths(&self) -> &[Death] {
+        self.properties.as_ref().map_or(&[], |p| &p.deaths)
+    }
+
+    /// Deaths left out between the first and the latest ones kept.
+    pub fn deaths_omitted(&self) -> u32 {
+        self.properties.as_ref().map_or(0, |p| p.deaths_omitted)
+    }
+
+    /// This payload with these headers and content type.
+    pub fn with_properties(mut self, headers: HashMap<String, String>, content_type: String) -> Self {
+        if !headers.is_empty() || !content_type.is_empty() || self.properties.is_some() {
+            let properties = self.properties.get_or_insert_with(Box::default);
+            properties.headers = headers;
+            properties.content_type = content_type;
+        }
+        self
+    }
+
+    /// This payload with these deaths, `omitted` of them left out (recovery).
+    pub fn with_deaths(mut self, deaths: Vec<Death>, omitted: u32) -> Self {
+        if !deaths.is_empty() || omitted > 0 || self.properties.is_some() {
+            let properties = self.properties.get_or_insert_with(Box::default);
+            properties.deaths = deaths;
+            properties.deaths_omitted = omitted;
+        }
+        self
+    }
+
     /// This payload with one more death: kept are the first and the latest [`MAX_DEATHS`] − 1,
     /// and a count of those left out.
     pub fn with_death(&self, death: Death) -> Payload {
-        let mut deaths = Vec::with_capacity((self.deaths.len() + 1).min(MAX_DEATHS));
-        let mut omitted = self.deaths_omitted;
-        if self.deaths.len() < MAX_DEATHS {
-            deaths.extend_from_slice(&self.deaths);
+        let current = self.deaths();
+        let mut deaths = Vec::with_capacity((current.len() + 1).min(MAX_DEATHS));
+        let mut omitted = self.deaths_omitted();
+        if current.len() < MAX_DEATHS {
+            deaths.extend_from_slice(current);
         } else {
-            deaths.push(self.deaths[0].clone());
-            let latest = &self.deaths[self.deaths.len() - (MAX_DEATHS - 2)..];
+            deaths.push(current[0].clone());
+            let latest = &current[current.len() - (MAX_DEATHS - 2)..];
             deaths.extend_from_slice(latest);
-            omitted = omitted.saturating_add((self.deaths.len() - 1 - latest.len()) as u32);
+            omitted = omitted.saturating_add((current.len() - 1 - latest.len()) as u32);
         }
         deaths.push(death);
-        Payload { deaths, deaths_omitted: omitted, ..self.clone() }
+        self.clone().with_deaths(deaths, omitted)
     }
 
     /// Bytes of the message that a client sent or a death added: body, header keys and values,
     /// content type, and the text of its deaths. What `max_bytes`, `waiting_bytes` and the
     /// memory watermark count, so large headers cannot slip past them.
     pub fn size(&self) -> usize {
-        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let Some(properties) = &self.properties else { return self.body.len() };
+        let headers: usize = properties.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         let deaths: usize =
-            self.deaths.iter().map(|d| d.queue.len() + d.error.len() + DEATH_FIXED_BYTES).sum();
-        self.body.len() + headers + self.content_type.len() + deaths
+            properties.deaths.iter().map(|d| d.queue.len() + d.error.len() + DEATH_FIXED_BYTES).sum();
+        self.body.len() + headers + properties.content_type.len() + deaths
     }
 }
 
@@ -345,13 +396,18 @@ mod tests {
         let mut payload = Payload::default();
         for n in 0..1000 {
             payload = payload.with_death(death(n));
-            assert!(payload.deaths.len() <= MAX_DEATHS);
+            assert!(payload.deaths().len() <= MAX_DEATHS);
         }
-        let times: Vec<u64> = payload.deaths.iter().map(|d| d.died_at_ms).collect();
+        let times: Vec<u64> = payload.deaths().iter().map(|d| d.died_at_ms).collect();
         let mut expected = vec![0];
         expected.extend(1000 - (MAX_DEATHS as u64 - 1)..1000);
         assert_eq!(times, expected, "the first death and the latest ones");
-        assert_eq!(payload.deaths_omitted as usize, 1000 - MAX_DEATHS);
+        assert_eq!(payload.deaths_omitted() as usize, 1000 - MAX_DEATHS);
         assert!(payload.size() < 4096, "bounded: {}", payload.size());
+    }
+
+    #[test]
+    fn a_payload_fits_its_size_class() {
+        assert!(std::mem::size_of::<Payload>() <= 112, "{} bytes", std::mem::size_of::<Payload>());
     }
 }

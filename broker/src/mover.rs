@@ -209,10 +209,10 @@ fn destinations(registry: &Weak<Registry>, spec: &MoveSpec, payload: &Payload) -
     if !spec.destination.is_empty() {
         return registry.get(&spec.destination).ok().into_iter().collect();
     }
-    let Some(death) = payload.deaths.last() else { return Vec::new() };
+    let Some(death) = payload.deaths().last() else { return Vec::new() };
     if spec.through_exchange && !death.exchange.is_empty() {
         return registry
-            .route(&death.exchange, &death.routing_key, &payload.headers)
+            .route(&death.exchange, &death.routing_key, payload.headers())
             .map(|r| r.queues)
             .unwrap_or_default();
     }
@@ -222,10 +222,10 @@ fn destinations(registry: &Weak<Registry>, spec: &MoveSpec, payload: &Payload) -
 /// True if the message matches the move's filter: a header, or a field of its latest death.
 fn matches(payload: &Payload, filter: &Option<(String, String)>) -> bool {
     let Some((key, value)) = filter else { return true };
-    if let Some(header) = payload.headers.get(key) {
+    if let Some(header) = payload.headers().get(key) {
         return header == value;
     }
-    let Some(death) = payload.deaths.last() else { return false };
+    let Some(death) = payload.deaths().last() else { return false };
     match key.as_str() {
         "reason" => death.reason.as_str() == value,
         "queue" => &death.queue == value,

@@ -127,15 +127,15 @@ pub fn message_of(payload: &Payload, delivery_count: u32, redelivered: bool) -> 
     pb::Message {
         message_id: payload.id,
         body: payload.body.clone(),
-        headers: payload.headers.clone(),
-        content_type: payload.content_type.clone(),
+        headers: payload.headers().clone(),
+        content_type: payload.content_type().to_owned(),
         published_at_ms: payload.published_at_ms,
         delivery_count,
         redelivered,
-        deaths: payload.deaths.iter().map(death_to_wire).collect(),
+        deaths: payload.deaths().iter().map(death_to_wire).collect(),
         replay_count: payload.replay_count,
-        deaths_omitted: payload.deaths_omitted,
-        exchange: payload.exchange.clone(),
+        deaths_omitted: payload.deaths_omitted(),
+        exchange: payload.exchange.to_string(),
         routing_key: payload.routing_key.clone(),
     }
 }

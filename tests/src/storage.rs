@@ -191,11 +191,9 @@ mod tests {
 
     /// A publish record as the broker encodes it.
     fn publish_record(seq: u64, id: u64, body: &[u8]) -> Vec<u8> {
-        let payload = hopper_broker::message::Payload {
-            id,
-            body: bytes::Bytes::copy_from_slice(body),
-            ..Default::default()
-        };
+        let mut payload = hopper_broker::message::Payload::default();
+        payload.id = id;
+        payload.body = bytes::Bytes::copy_from_slice(body);
         let mut record = Vec::new();
         hopper_broker::storage::record::encode_publish(&mut record, seq, 0, 0, 0, &payload);
         record

@@ -118,7 +118,7 @@ impl Engine {
         check_duration("delay_ms", message.delay_ms)?;
         check_duration("ttl_ms", message.ttl_ms)?;
         let (delay_ms, ttl_ms) = (message.delay_ms, message.ttl_ms);
-        let payload = self.new_payload(message, String::new(), String::new());
+        let payload = self.new_payload(message, Arc::default(), String::new());
         let id = payload.id;
         target.queue.publish(payload, delay_ms, ttl_ms, confirm)?;
         Ok(id)
@@ -128,21 +128,19 @@ impl Engine {
     pub(super) fn new_payload(
         &self,
         message: NewMessage,
-        exchange: String,
+        exchange: Arc<str>,
         routing_key: String,
     ) -> Arc<Payload> {
-        Arc::new(Payload {
+        let payload = Payload {
             id: self.next_message_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            body: message.body,
-            headers: message.headers,
-            content_type: message.content_type,
+            body: own_body(message.body),
             published_at_ms: now_ms(),
-            deaths: Vec::new(),
-            deaths_omitted: 0,
             replay_count: 0,
             exchange,
             routing_key,
-        })
+            ..Payload::default()
+        };
+        Arc::new(payload.with_properties(message.headers, message.content_type))
     }
 
     /// Subscribes a push consumer of the caller's connection; deliveries go to `sink`.
@@ -363,5 +361,19 @@ fn settle_error(consumer_id: u64, err: SettleError) -> BrokerError {
         SettleError::Expired(tag) => BrokerError::PreconditionFailed(format!(
             "delivery expired: tag {tag} of consumer {consumer_id} passed its ack deadline and was taken back"
         )),
+    }
+}
+
+/// Bodies up to this size are copied out of the frame they arrived in.
+const COPIED_BODY_MAX: usize = 4096;
+
+/// The body as a message keeps it. A small body sliced out of the connection's read buffer
+/// would keep that whole buffer, and the frames around it, alive for as long as the message
+/// waits; copied, it costs its own size. A large body is most of its frame and stays as it is.
+fn own_body(body: Bytes) -> Bytes {
+    if body.len() <= COPIED_BODY_MAX {
+        Bytes::copy_from_slice(&body)
+    } else {
+        body
     }
 }

@@ -2,6 +2,7 @@
 //! exchange to every queue it routes to, confirmed once all of them hold the message.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::{blocking, Caller, Engine, NewMessage};
 use crate::auth::{Access, Resource};
@@ -117,7 +118,12 @@ impl Engine {
             (routed.queues, Some(routed.counters))
         };
         let (delay_ms, ttl_ms) = (message.delay_ms, message.ttl_ms);
-        let payload = self.new_payload(message, route.exchange.to_owned(), route.routing_key.to_owned());
+        let exchange: Arc<str> = match &counters {
+            Some(counters) if *counters.name == *route.exchange => counters.name.clone(),
+            _ if route.exchange.is_empty() => Arc::default(),
+            _ => route.exchange.into(),
+        };
+        let payload = self.new_payload(message, exchange, route.routing_key.to_owned());
         let id = payload.id;
         if queues.is_empty() {
             if let Some(counters) = &counters {

@@ -64,10 +64,13 @@ impl MessageView {
     /// type, deaths, and room for the fixed fields.
     pub fn wire_size(&self) -> usize {
         let payload = &self.payload;
-        let headers: usize = payload.headers.iter().map(|(k, v)| k.len() + v.len() + 12).sum();
-        let deaths: usize =
-            payload.deaths.iter().map(|d| d.queue.len() + d.error.len() + d.reason.as_str().len() + 64).sum();
-        payload.body.len() + headers + payload.content_type.len() + deaths + 96
+        let headers: usize = payload.headers().iter().map(|(k, v)| k.len() + v.len() + 12).sum();
+        let deaths: usize = payload
+            .deaths()
+            .iter()
+            .map(|d| d.queue.len() + d.error.len() + d.reason.as_str().len() + 64)
+            .sum();
+        payload.body.len() + headers + payload.content_type().len() + deaths + 96
     }
 }
 

@@ -918,7 +918,7 @@ fn take(
                     room = room.saturating_sub(m.location.map_or(0, |l| l.bytes() as usize));
                     more
                 })
-                .map(|m| QueuedMessage { payload: None, ..m.clone() })
+                .map(|m| QueuedMessage { payload: None, ..m.into_owned() })
                 .collect()
         }
         _ => Vec::new(),

@@ -10,15 +10,25 @@ use crate::error::BrokerError;
 use crate::routing::{Binding, Destination, ExchangeSpec, Topology, TopologyError};
 use crate::storage::{SavedBinding, SavedTopology};
 
-/// Lifetime counters of one exchange.
+/// Lifetime counters of one exchange, and its name as the messages it routes carry it (shared,
+/// not copied into each).
 #[derive(Debug, Default)]
 pub struct ExchangeCounters {
+    /// The exchange's name.
+    pub name: Arc<str>,
     /// Messages published to it.
     pub published: AtomicU64,
     /// Messages it routed to no queue (dropped, or returned when mandatory).
     pub unroutable: AtomicU64,
     /// Mandatory messages it returned to their publisher.
     pub returned: AtomicU64,
+}
+
+impl ExchangeCounters {
+    /// Zeroed counters of the exchange `name`.
+    fn named(name: &str) -> Self {
+        ExchangeCounters { name: name.into(), ..ExchangeCounters::default() }
+    }
 }
 
 /// An exchange as listed: its declaration, bindings and counters.
@@ -70,7 +80,10 @@ impl Registry {
         let name = spec.name.clone();
         let created = self.exchanges.topology.write().declare(spec).map_err(topology_error)?;
         if created {
-            self.exchanges.counters.entry(name.clone()).or_default();
+            self.exchanges
+                .counters
+                .entry(name.clone())
+                .or_insert_with(|| Arc::new(ExchangeCounters::named(&name)));
             if durable {
                 self.save_topology()?;
             }
@@ -185,7 +198,10 @@ impl Registry {
         let saved = self.store.read_topology()?;
         let mut topology = self.exchanges.topology.write();
         for spec in saved.exchanges {
-            self.exchanges.counters.entry(spec.name.clone()).or_default();
+            self.exchanges
+                .counters
+                .entry(spec.name.clone())
+                .or_insert_with(|| Arc::new(ExchangeCounters::named(&spec.name)));
             if let Err(err) = topology.declare(spec) {
                 tracing::error!(error = %err, "saved exchange skipped");
             }

@@ -5,6 +5,7 @@
 
 mod durable;
 mod exchanges;
+mod ready;
 mod registry;
 mod state;
 mod window;
@@ -583,7 +584,7 @@ impl Queue {
             first_failure_ms: failure.first_ms,
             last_failure_ms: failure.last_ms,
             died_at_ms: now,
-            exchange: payload.exchange.clone(),
+            exchange: payload.exchange.to_string(),
             routing_key: payload.routing_key.clone(),
         };
         let registry = self.registry.upgrade();
@@ -643,7 +644,7 @@ impl Queue {
             connection_id: failure.connection_id,
             error: failure.error,
             dead_letter: delivered_to.clone().unwrap_or_default(),
-            exchange: payload.exchange.clone(),
+            exchange: payload.exchange.to_string(),
             routing_key: payload.routing_key.clone(),
         };
         match &delivered_to {
@@ -685,14 +686,14 @@ impl Queue {
                 "" => payload.routing_key.clone(),
                 key => key.to_owned(),
             };
-            match registry.route(exchange, &key, &payload.headers) {
+            match registry.route(exchange, &key, payload.headers()) {
                 Ok(routed) => {
                     for queue in routed.queues {
                         if !targets.iter().any(|t| Arc::ptr_eq(t, &queue)) {
                             targets.push(queue);
                         }
                     }
-                    moved.exchange = exchange.clone();
+                    moved.exchange = exchange.as_str().into();
                     moved.routing_key = key;
                 }
                 Err(err) => tracing::warn!(queue = %self.name, error = %err, "dead-letter exchange unusable"),

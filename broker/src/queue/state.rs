@@ -6,11 +6,13 @@
 //! tests). Every change a durable queue must persist, and every message that dies, is reported
 //! to a [`Journal`].
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use crate::message::{clip_error, DeathReason, Payload, QueuedMessage};
+use crate::queue::ready::Ready;
 use crate::queue::window::Window;
 use crate::settings::{Overflow, Policy};
 use crate::storage::ReadError;
@@ -206,7 +208,7 @@ struct Consumer<S> {
 /// The state of one queue.
 pub struct QueueState<S> {
     /// Ready messages, ordered by `seq`.
-    ready: VecDeque<QueuedMessage>,
+    ready: Ready,
     /// Delayed messages by (due time, seq): the earliest is first.
     delayed: BTreeMap<(u64, u64), QueuedMessage>,
     /// Due time of each delayed message, by seq, to find it when it expires.
@@ -234,7 +236,7 @@ impl<S: Sink> QueueState<S> {
     /// An empty queue with these failure rules.
     pub fn new(policy: Policy) -> Self {
         QueueState {
-            ready: VecDeque::new(),
+            ready: Ready::default(),
             delayed: BTreeMap::new(),
             delayed_due: HashMap::new(),
             expiries: BinaryHeap::new(),
@@ -389,24 +391,24 @@ impl<S: Sink> QueueState<S> {
         mut wanted: impl FnMut(&QueuedMessage, &Payload) -> bool,
         journal: &mut dyn Journal,
     ) -> Result<Scan, ReadError> {
-        let mut index = self.ready.partition_point(|m| m.seq < from_seq);
-        for _ in 0..SCAN_BATCH {
-            let Some(message) = self.ready.get(index).filter(|m| m.seq < below_seq) else {
-                return Ok(Scan::Done);
-            };
+        for (looked, message) in self.ready.iter_from(from_seq).enumerate() {
+            if message.seq >= below_seq {
+                break;
+            }
+            if looked == SCAN_BATCH {
+                return Ok(Scan::Passed { next_seq: message.seq });
+            }
             let payload = match &message.payload {
                 Some(payload) => payload.clone(),
-                None => match journal.load(message) {
+                None => match journal.load(&message) {
                     Ok(payload) => payload,
-                    Err(ReadError::Corrupt(_)) => {
-                        index += 1;
-                        continue;
-                    }
+                    Err(ReadError::Corrupt(_)) => continue,
                     Err(err) => return Err(err),
                 },
             };
-            if wanted(message, &payload) {
-                let mut message = self.ready.remove(index).expect("index in range");
+            if wanted(&message, &payload) {
+                let seq = message.seq;
+                let mut message = self.ready.remove(seq).expect("seen ready just now");
                 if message.payload.is_none() {
                     journal.hold(&payload);
                     message.payload = Some(payload);
@@ -414,9 +416,8 @@ impl<S: Sink> QueueState<S> {
                 self.waiting_bytes -= u64::from(message.size);
                 return Ok(Scan::Taken(message));
             }
-            index += 1;
         }
-        Ok(self.ready.get(index).map_or(Scan::Done, |m| Scan::Passed { next_seq: m.seq }))
+        Ok(Scan::Done)
     }
 
     /// Puts back a message taken with [`QueueState::take_first`].
@@ -431,21 +432,20 @@ impl<S: Sink> QueueState<S> {
         for message in self.ready.iter().take(count) {
             let payload = match &message.payload {
                 Some(payload) => payload.clone(),
-                None => match journal.load(message) {
+                None => match journal.load(&message) {
                     Ok(payload) => payload,
                     Err(_) => continue,
                 },
             };
-            found.push((QueuedMessage { payload: None, ..message.clone() }, payload));
+            found.push((QueuedMessage { payload: None, ..message.into_owned() }, payload));
         }
         found
     }
 
     /// The message with this seq, ready, delayed or delivered.
     pub fn find_mut(&mut self, seq: u64) -> Option<&mut QueuedMessage> {
-        let at = self.ready.partition_point(|m| m.seq < seq);
-        if self.ready.get(at).is_some_and(|m| m.seq == seq) {
-            return self.ready.get_mut(at);
+        if self.ready.contains(seq) {
+            return self.ready.get_mut(seq);
         }
         if let Some(&due) = self.delayed_due.get(&seq) {
             return self.delayed.get_mut(&(due, seq));
@@ -454,11 +454,11 @@ impl<S: Sink> QueueState<S> {
     }
 
     /// Every message: ready, delayed and delivered.
-    pub fn messages(&self) -> impl Iterator<Item = &QueuedMessage> + '_ {
+    pub fn messages(&self) -> impl Iterator<Item = Cow<'_, QueuedMessage>> + '_ {
         self.ready
             .iter()
-            .chain(self.delayed.values())
-            .chain(self.consumers.iter().flat_map(|c| c.window.messages()))
+            .chain(self.delayed.values().map(Cow::Borrowed))
+            .chain(self.consumers.iter().flat_map(|c| c.window.messages()).map(Cow::Borrowed))
     }
 
     /// Subscribes a consumer with a prefetch window of `prefetch` (0 = unlimited) and an ack
@@ -606,7 +606,7 @@ impl<S: Sink> QueueState<S> {
     /// many.
     pub fn purge(&mut self, journal: &mut dyn Journal) -> usize {
         let count = self.ready.len() + self.delayed.len();
-        for message in self.ready.drain(..).chain(std::mem::take(&mut self.delayed).into_values()) {
+        for message in self.ready.drain().chain(std::mem::take(&mut self.delayed).into_values()) {
             journal.settled(&message);
         }
         self.delayed_due.clear();
@@ -634,7 +634,7 @@ impl<S: Sink> QueueState<S> {
             let mut message = self.delayed.remove(&(due, seq)).expect("first key exists");
             self.delayed_due.remove(&seq);
             message.set_due_ms(0);
-            insert_ready(&mut self.ready, message);
+            self.ready.insert(message);
         }
         while let Some(&Reverse((at, seq))) = self.expiries.peek() {
             if at > now_ms {
@@ -693,7 +693,7 @@ impl<S: Sink> QueueState<S> {
                     }
                     Err(ReadError::Unavailable(err)) => {
                         self.waiting_bytes += u64::from(message.size);
-                        self.ready.push_front(message);
+                        self.ready.insert(message);
                         self.stall_reads(now_ms, err.to_string());
                         return;
                     }
@@ -715,7 +715,7 @@ impl<S: Sink> QueueState<S> {
                 Err(Refusal::Full) => {
                     message.delivery_count -= 1;
                     self.waiting_bytes += u64::from(message.size);
-                    self.ready.push_front(message);
+                    self.ready.insert(message);
                     match &mut consumer.credit {
                         // The pull's answer is full: it takes what it has.
                         Some(credit) => *credit = 0,
@@ -800,11 +800,7 @@ impl<S: Sink> QueueState<S> {
             delayed: self.delayed.len() as u64,
             waiting_bytes: self.waiting_bytes,
             held_bytes: self.waiting_bytes + self.consumers.iter().map(|c| c.window.bytes()).sum::<u64>(),
-            oldest_ready_ms: self
-                .ready
-                .front()
-                .and_then(|m| m.payload.as_ref())
-                .map_or(0, |p| p.published_at_ms),
+            oldest_ready_ms: self.ready.front_payload().map_or(0, |p| p.published_at_ms),
             // An idle pull consumer (no pending get, nothing held) is not consuming.
             consumers: self
                 .consumers
@@ -885,9 +881,8 @@ impl<S: Sink> QueueState<S> {
 
     /// The expiry of a message that is waiting (ready or delayed), by seq.
     fn waiting_expiry(&self, seq: u64) -> Option<u64> {
-        let at = self.ready.partition_point(|m| m.seq < seq);
-        if let Some(message) = self.ready.get(at).filter(|m| m.seq == seq) {
-            return Some(message.expires_at_ms());
+        if let Some(expiry) = self.ready.expiry_of(seq) {
+            return Some(expiry);
         }
         let due = self.delayed_due.get(&seq)?;
         self.delayed.get(&(*due, seq)).map(|m| m.expires_at_ms())
@@ -895,9 +890,8 @@ impl<S: Sink> QueueState<S> {
 
     /// Removes a message that is waiting (ready or delayed), by seq.
     fn take_waiting(&mut self, seq: u64) -> Option<QueuedMessage> {
-        let at = self.ready.partition_point(|m| m.seq < seq);
-        let message = if self.ready.get(at).is_some_and(|m| m.seq == seq) {
-            self.ready.remove(at)
+        let message = if self.ready.contains(seq) {
+            self.ready.remove(seq)
         } else {
             let due = self.delayed_due.remove(&seq)?;
             self.delayed.remove(&(due, seq))
@@ -928,7 +922,7 @@ impl<S: Sink> QueueState<S> {
             self.delayed_due.insert(message.seq, due);
             self.delayed.insert((due, message.seq), message);
         } else {
-            insert_ready(&mut self.ready, message);
+            self.ready.insert(message);
         }
     }
 
@@ -988,18 +982,6 @@ fn settle(
             None => Err(SettleError::UnknownTag(tag)),
         }
     }
-}
-
-/// Puts a message among the ready ones at the place its arrival order gives it, so a requeue
-/// restores FIFO order instead of reversing it.
-fn insert_ready(ready: &mut VecDeque<QueuedMessage>, message: QueuedMessage) {
-    // New messages arrive in order: only a requeue needs the search.
-    if ready.back().is_none_or(|last| last.seq < message.seq) {
-        ready.push_back(message);
-        return;
-    }
-    let at = ready.partition_point(|m| m.seq < message.seq);
-    ready.insert(at, message);
 }
 
 #[cfg(test)]

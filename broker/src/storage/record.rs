@@ -129,34 +129,34 @@ pub fn encode_publish(
     dst.put_u64_le(payload.id);
     dst.put_u64_le(payload.published_at_ms);
     dst.put_u32_le(payload.replay_count);
-    put_str(dst, &payload.content_type);
+    put_str(dst, payload.content_type());
     // Flag bits in the counts mark optional fields, so records written before those fields
     // existed (flags clear) still read: the header count's top bit says the exchange and routing
     // key follow it; the death count's top bit that a count of omitted deaths follows, its next
     // bit that every death carries its exchange and routing key.
     let routed = !payload.exchange.is_empty() || !payload.routing_key.is_empty();
-    dst.put_u32_le(payload.headers.len() as u32 | if routed { ROUTED_FLAG } else { 0 });
+    dst.put_u32_le(payload.headers().len() as u32 | if routed { ROUTED_FLAG } else { 0 });
     if routed {
         put_str(dst, &payload.exchange);
         put_str(dst, &payload.routing_key);
     }
-    for (key, value) in &payload.headers {
+    for (key, value) in payload.headers() {
         put_str(dst, key);
         put_str(dst, value);
     }
-    let deaths_routed = payload.deaths.iter().any(|d| !d.exchange.is_empty() || !d.routing_key.is_empty());
-    let mut count = payload.deaths.len() as u32;
-    if payload.deaths_omitted > 0 {
+    let deaths_routed = payload.deaths().iter().any(|d| !d.exchange.is_empty() || !d.routing_key.is_empty());
+    let mut count = payload.deaths().len() as u32;
+    if payload.deaths_omitted() > 0 {
         count |= DEATHS_OMITTED_FLAG;
     }
     if deaths_routed {
         count |= DEATHS_ROUTED_FLAG;
     }
     dst.put_u32_le(count);
-    if payload.deaths_omitted > 0 {
-        dst.put_u32_le(payload.deaths_omitted);
+    if payload.deaths_omitted() > 0 {
+        dst.put_u32_le(payload.deaths_omitted());
     }
-    for death in &payload.deaths {
+    for death in payload.deaths() {
         put_str(dst, &death.queue);
         put_str(dst, death.reason.as_str());
         dst.put_u32_le(death.count);
@@ -325,15 +325,14 @@ pub fn parse(mut b: Bytes) -> Result<Record, RecordError> {
             let payload = Payload {
                 id,
                 body: b,
-                headers,
-                content_type,
                 published_at_ms,
-                deaths,
-                deaths_omitted,
                 replay_count,
-                exchange,
+                exchange: exchange.into(),
                 routing_key,
-            };
+                ..Payload::default()
+            }
+            .with_properties(headers, content_type)
+            .with_deaths(deaths, deaths_omitted);
             Record::Publish(StoredMessage { seq, delivery_count, expires_at_ms, due_ms, payload })
         }
         KIND_SETTLE => Record::Settle { seq: get_u64(&mut b)? },
@@ -418,12 +417,18 @@ mod tests {
             payload: Payload {
                 id: 99,
                 published_at_ms: 1_700_000_000_000,
-                content_type: "application/json".into(),
-                headers: [("a".to_string(), "b".to_string()), ("trace".to_string(), "x".repeat(300))].into(),
                 body: Bytes::from_static(b"{\"hello\":1}"),
                 replay_count: 2,
-                deaths_omitted: 5,
-                deaths: vec![Death {
+                exchange: "events".into(),
+                routing_key: "order.eu.paid".into(),
+                ..Payload::default()
+            }
+            .with_properties(
+                [("a".to_string(), "b".to_string()), ("trace".to_string(), "x".repeat(300))].into(),
+                "application/json".into(),
+            )
+            .with_deaths(
+                vec![Death {
                     queue: "jobs".into(),
                     reason: DeathReason::DeliveryLimit,
                     count: 3,
@@ -434,21 +439,15 @@ mod tests {
                     exchange: "orders".into(),
                     routing_key: "eu.paid".into(),
                 }],
-                exchange: "events".into(),
-                routing_key: "order.eu.paid".into(),
-            },
+                5,
+            ),
         }
     }
 
     #[test]
     fn every_record_round_trips() {
         let plain = StoredMessage {
-            payload: Payload {
-                headers: HashMap::new(),
-                body: Bytes::new(),
-                deaths: Vec::new(),
-                ..message().payload
-            },
+            payload: Payload { body: Bytes::new(), properties: None, ..message().payload },
             ..message()
         };
         let records = vec![

@@ -33,13 +33,13 @@ impl DeliverFrame<'_> {
         uint64_len(1, p.id)
             + bytes_len(2, p.body.len())
             + string_map_len(3, p)
-            + bytes_len(4, p.content_type.len())
+            + bytes_len(4, p.content_type().len())
             + uint64_len(5, p.published_at_ms)
             + uint64_len(6, u64::from(self.delivery_count))
             + if self.redelivered { key_len(7) + 1 } else { 0 }
-            + p.deaths.iter().map(|d| nested_len(8, death_len(&super::death_to_wire(d)))).sum::<usize>()
+            + p.deaths().iter().map(|d| nested_len(8, death_len(&super::death_to_wire(d)))).sum::<usize>()
             + uint64_len(9, u64::from(p.replay_count))
-            + uint64_len(10, u64::from(p.deaths_omitted))
+            + uint64_len(10, u64::from(p.deaths_omitted()))
             + bytes_len(11, p.exchange.len())
             + bytes_len(12, p.routing_key.len())
     }
@@ -76,20 +76,20 @@ impl DeliverFrame<'_> {
             encoding::string::encode,
             encoding::string::encoded_len,
             3,
-            &p.headers,
+            p.headers(),
             buf,
         );
-        put_string(4, &p.content_type, buf);
+        put_string(4, p.content_type(), buf);
         put_uint64(5, p.published_at_ms, buf);
         put_uint64(6, u64::from(self.delivery_count), buf);
         if self.redelivered {
             encoding::bool::encode(7, &true, buf);
         }
-        for death in &p.deaths {
+        for death in p.deaths() {
             encoding::message::encode(8, &super::death_to_wire(death), buf);
         }
         put_uint64(9, u64::from(p.replay_count), buf);
-        put_uint64(10, u64::from(p.deaths_omitted), buf);
+        put_uint64(10, u64::from(p.deaths_omitted()), buf);
         put_string(11, &p.exchange, buf);
         put_string(12, &p.routing_key, buf);
     }
@@ -123,7 +123,7 @@ fn string_map_len(tag: u32, payload: &Payload) -> usize {
         encoding::string::encoded_len,
         encoding::string::encoded_len,
         tag,
-        &payload.headers,
+        payload.headers(),
     )
 }
 
@@ -137,9 +137,11 @@ fn put_uint64(tag: u32, value: u64, buf: &mut impl BufMut) {
     }
 }
 
-fn put_string(tag: u32, value: &String, buf: &mut impl BufMut) {
+fn put_string(tag: u32, value: &str, buf: &mut impl BufMut) {
     if !value.is_empty() {
-        encoding::string::encode(tag, value, buf);
+        encoding::encode_key(tag, encoding::WireType::LengthDelimited, buf);
+        encoding::encode_varint(value.len() as u64, buf);
+        buf.put_slice(value.as_bytes());
     }
 }
 
@@ -193,18 +195,9 @@ mod tests {
             (consumer_id, delivery_tag, delivery_count) in (any::<u64>(), any::<u64>(), any::<u32>()),
             redelivered in any::<bool>(),
         ) {
-            let payload = Payload {
-                id,
-                body: Bytes::from(body),
-                headers: headers.into_iter().collect::<HashMap<_, _>>(),
-                content_type,
-                published_at_ms,
-                deaths: deaths.into_iter().map(|(q, e, c)| death(q, e, c)).collect(),
-                deaths_omitted,
-                replay_count,
-                exchange,
-                routing_key,
-            };
+            let payload = Payload { id, body: Bytes::from(body), published_at_ms, replay_count, exchange: exchange.into(), routing_key, ..Payload::default() }
+                .with_properties(headers.into_iter().collect::<HashMap<_, _>>(), content_type)
+                .with_deaths(deaths.into_iter().map(|(q, e, c)| death(q, e, c)).collect(), deaths_omitted);
             let frame = DeliverFrame { consumer_id, delivery_tag, payload: &payload, delivery_count, redelivered };
             let expected = reference(&frame);
             let mut buf = BytesMut::new();

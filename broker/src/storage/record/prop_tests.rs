@@ -68,15 +68,14 @@ fn payload() -> impl Strategy<Value = Payload> {
                 Payload {
                     id,
                     body: Bytes::from(body),
-                    headers: headers.into_iter().collect::<HashMap<_, _>>(),
-                    content_type,
                     published_at_ms,
-                    deaths,
-                    deaths_omitted: omitted,
                     replay_count,
-                    exchange,
+                    exchange: exchange.into(),
                     routing_key: key,
+                    ..Payload::default()
                 }
+                .with_properties(headers.into_iter().collect::<HashMap<_, _>>(), content_type)
+                .with_deaths(deaths, omitted)
             },
         )
 }
