@@ -49,13 +49,18 @@ pub fn log_dir(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("queues").join("logs").join(log.to_string())
 }
 
-/// The segment files of a log directory, oldest first.
+/// Bytes of a segment's magic, all an empty segment holds.
+const SEGMENT_MAGIC_LEN: u64 = 8;
+
+/// The segment files of a log directory that hold records, oldest first.
 pub fn segment_files(log_dir: &Path) -> Vec<PathBuf> {
     let entries =
         std::fs::read_dir(log_dir).unwrap_or_else(|err| panic!("read {}: {err}", log_dir.display()));
     let mut files: Vec<PathBuf> = entries
         .map(|entry| entry.expect("a directory entry").path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "seg"))
+        // The next segment, made ahead of need, holds only its magic until the log rolls into it.
+        .filter(|path| std::fs::metadata(path).is_ok_and(|m| m.len() > SEGMENT_MAGIC_LEN))
         .collect();
     // Names are zero-padded ids, so name order is id order.
     files.sort();

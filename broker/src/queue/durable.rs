@@ -12,16 +12,19 @@
 //! copied forward a bounded slice at a time, in the batches that carry new records, so it never
 //! holds up writes, confirms or deliveries.
 
+mod sweeper;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{mpsc, Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
+use self::sweeper::Doomed;
 use super::{Confirm, Dead, Journal, Outcome, Policy, Queue, QueueState, Subscriber};
 use crate::error::BrokerError;
 use crate::message::{DeathReason, Payload, QueuedMessage};
@@ -55,6 +58,7 @@ pub struct Storage {
     /// beyond them were made by a run with more threads and keep serving their queues.
     spread: usize,
     threads: Mutex<Vec<std::thread::JoinHandle<bool>>>,
+    sweeper: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The stored messages of queues whose metadata could not be read: counted as live, so the
     /// segments holding them are kept until the queue can be read again.
     _pinned: Vec<LogBuffer>,
@@ -74,6 +78,8 @@ pub struct SharedLog {
     /// Set while syncs fail: publishes to its queues are refused until a sync succeeds.
     failure: RwLock<Option<String>>,
     fsyncs: AtomicU64,
+    /// Emptied segments the sweeper deletes.
+    doomed: Doomed,
     /// Bytes of publish records buffered since the last round started: a round waits for more
     /// when there are few.
     buffered: AtomicU64,
@@ -229,16 +235,34 @@ impl Storage {
             logs.push(log);
             writers.push(writer);
         }
-        let storage = Storage { logs, spread, threads: Mutex::new(Vec::new()), _pinned: pinned };
+        let storage = Storage {
+            logs,
+            spread,
+            threads: Mutex::new(Vec::new()),
+            sweeper: Mutex::new(None),
+            _pinned: pinned,
+        };
+        let out_of_threads = |what: String, err: io::Error| {
+            io::Error::new(
+                err.kind(),
+                format!("cannot start {what}: {err}; the machine is out of threads or memory"),
+            )
+        };
+        let (tell_sweeper, told) = std::sync::mpsc::channel();
+        let logs = storage.logs.clone();
+        let sweeper = std::thread::Builder::new()
+            .name("segment-sweeper".into())
+            .spawn(move || sweeper::run(logs, told))
+            .map_err(|err| out_of_threads("the segment sweeper".into(), err))?;
+        *storage.sweeper.lock() = Some(sweeper);
         for (log, writer) in storage.logs.iter().zip(writers) {
             let log = log.clone();
             let index = log.index;
+            let sweep = tell_sweeper.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("storage-{index}"))
-                .spawn(move || run(&log, writer))
-                .map_err(|err| {
-                    io::Error::new(err.kind(), format!("cannot start storage thread {index}: {err}; the machine is out of threads or memory"))
-                })?;
+                .spawn(move || run(&log, writer, &sweep))
+                .map_err(|err| out_of_threads(format!("storage thread {index}"), err))?;
             storage.threads.lock().push(handle);
         }
         Ok((storage, parts))
@@ -300,6 +324,10 @@ impl Storage {
         for handle in self.threads.lock().drain(..) {
             clean &= handle.join().unwrap_or(false);
         }
+        // With every storage thread gone, the sweeper's channel closes once it is done.
+        if let Some(sweeper) = self.sweeper.lock().take() {
+            let _ = sweeper.join();
+        }
         clean
     }
 }
@@ -323,6 +351,7 @@ impl SharedLog {
             rounds: Condvar::new(),
             failure: RwLock::new(None),
             fsyncs: AtomicU64::new(0),
+            doomed: Doomed::default(),
             buffered: AtomicU64::new(0),
             #[cfg(test)]
             fail_syncs: Default::default(),
@@ -762,7 +791,7 @@ type Confirmation = (Confirm, Result<Outcome, BrokerError>);
 /// slice of compaction copies), write them with one `write`, make the new messages visible,
 /// fsync once and send the round's confirms; then delete emptied segments and roll. Returns
 /// true if everything was written and synced when the log stopped.
-fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
+fn run(log: &SharedLog, mut writer: SegmentWriter, sweep: &mpsc::Sender<u32>) -> bool {
     let policy = log.config.fsync;
     let mut batch: Vec<u8> = Vec::new();
     let mut unsynced = false;
@@ -771,6 +800,7 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
     let mut clean = true;
     let mut compaction: Option<Compaction> = None;
     let mut compact_after = Instant::now();
+    log.doomed.want_next(writer.id() + 1);
     loop {
         let retrying = write_failing || log.failure.read().is_some();
         let wait = if retrying {
@@ -792,6 +822,7 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
         log.buffered.store(0, Ordering::Relaxed);
         let (queues, stopping) = log.next_round();
         batch.clear();
+        let collect_started = Instant::now();
         let mut chunks = Vec::with_capacity(queues.len());
         let mut budget = COMPACT_PER_ROUND;
         for queue in queues {
@@ -818,6 +849,7 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
         }
 
         let round_started = Instant::now();
+        let collected = round_started - collect_started;
         let written = if batch.is_empty() {
             Ok(writer.end())
         } else {
@@ -846,6 +878,7 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
                 written.as_ref().copied().map_err(Clone::clone),
             ));
         }
+        let applied = Instant::now();
         let synced = if policy == FsyncPolicy::Always && (unsynced || log.failure.read().is_some()) {
             let synced = log.sync(&writer).map_err(|e| e.to_string());
             unsynced = false;
@@ -855,6 +888,7 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
         } else {
             Ok(())
         };
+        let synced_at = Instant::now();
         for (confirm, outcome) in confirms {
             confirm.send(match (&synced, outcome) {
                 (Ok(()), outcome) => outcome,
@@ -875,19 +909,26 @@ fn run(log: &SharedLog, mut writer: SegmentWriter) -> bool {
             last_sync = Instant::now();
         }
         log.finish_round();
-        let took = round_started.elapsed();
+        let took = collect_started.elapsed();
         if took >= SLOW_ROUND {
             tracing::debug!(
                 log = log.index,
                 bytes = batch.len(),
                 took_ms = took.as_millis() as u64,
+                collect_ms = collected.as_millis() as u64,
+                sync_ms = (synced_at - applied).as_millis() as u64,
                 "slow round"
             );
         }
         if stopping {
             return clean && !write_failing;
         }
-        maintain(log, &mut writer, &mut compaction, &mut compact_after);
+        let maintain_started = Instant::now();
+        maintain(log, &mut writer, &mut compaction, &mut compact_after, sweep);
+        let took = maintain_started.elapsed();
+        if took >= SLOW_ROUND {
+            tracing::debug!(log = log.index, took_ms = took.as_millis() as u64, "slow maintenance");
+        }
     }
 }
 
@@ -1044,6 +1085,7 @@ fn maintain(
     writer: &mut SegmentWriter,
     compaction: &mut Option<Compaction>,
     compact_after: &mut Instant,
+    sweep: &mpsc::Sender<u32>,
 ) {
     if writer.is_full() {
         if log.config.fsync != FsyncPolicy::Always {
@@ -1052,7 +1094,15 @@ fn maintain(
                 tracing::error!(log = log.index, error = %err, "log sync failed");
             }
         }
-        match writer.roll() {
+        let id = writer.id() + 1;
+        let rolled = match log.doomed.take_next(id) {
+            Some(file) => {
+                writer.adopt(id, file);
+                Ok(id)
+            }
+            None => writer.roll(),
+        };
+        match rolled {
             Ok(id) => log.live.insert(id),
             Err(err) => tracing::error!(log = log.index, error = %err, "could not start a new segment"),
         }
@@ -1062,16 +1112,12 @@ fn maintain(
         return;
     }
     for segment in logs::deletable(&segments, writer.id()) {
-        match log.reader.delete(segment) {
-            Ok(()) => {
-                log.live.remove(segment);
-                tracing::debug!(log = log.index, segment, "segment deleted");
-            }
-            Err(err) => {
-                tracing::warn!(log = log.index, segment, error = %err, "could not delete segment");
-                break;
-            }
-        }
+        log.live.remove(segment);
+        log.doomed.push(segment);
+    }
+    if log.doomed.should_tell() {
+        // The sweeper outlives every storage thread, so the send cannot fail.
+        let _ = sweep.send(log.index);
     }
     if let Some(work) = compaction {
         if !work.queues.is_empty() {

@@ -374,10 +374,17 @@ impl SegmentWriter {
     /// handle is closed.
     pub fn roll(&mut self) -> io::Result<u64> {
         let id = self.id + 1;
-        self.file = segment::create(&self.dir, id)?;
+        self.adopt(id, segment::create(&self.dir, id)?);
+        Ok(id)
+    }
+
+    /// Continues in `file`, the segment `id` (the next one) made by [`segment::create`]
+    /// beforehand. The caller syncs the current one first: its handle is closed.
+    pub fn adopt(&mut self, id: u64, file: std::fs::File) {
+        debug_assert_eq!(id, self.id + 1);
+        self.file = file;
         self.id = id;
         self.len = segment::MAGIC.len() as u64;
-        Ok(id)
     }
 }
 
