@@ -19,8 +19,9 @@ use crate::tracker::DeliveryTracker;
 /// What the reader passes to a consumer.
 #[derive(Debug)]
 pub(crate) enum ConsumerEvent {
-    /// A message for the consumer.
-    Deliver(pb::Deliver),
+    /// Messages for the consumer, oldest first: all that arrived in one read of the socket,
+    /// so that the reader sends once and wakes the consumer once per read, not per message.
+    Deliveries(Vec<pb::Deliver>),
     /// The broker ended the consumer; the reason follows.
     Cancelled(String),
     /// The connection ended unexpectedly; the reason follows.
@@ -41,6 +42,8 @@ pub(crate) enum ConsumerEvent {
 pub struct Consumer {
     shared: Arc<ConsumerShared>,
     events: mpsc::UnboundedReceiver<ConsumerEvent>,
+    /// The rest of the last batch received, yielded before the next is taken.
+    batch: std::vec::IntoIter<pb::Deliver>,
     /// The stream has ended.
     done: bool,
 }
@@ -55,7 +58,7 @@ impl Consumer {
         confirm: bool,
     ) -> Self {
         let shared = Arc::new(ConsumerShared { conn, id, queue: queue.to_string(), tracker, confirm });
-        Consumer { shared, events, done: false }
+        Consumer { shared, events, batch: Vec::new().into_iter(), done: false }
     }
 
     /// The broker-assigned id of this consumer on its connection.
@@ -104,16 +107,19 @@ impl Stream for Consumer {
         if self.done {
             return Poll::Ready(None);
         }
-        let item = match ready!(self.events.poll_recv(cx)) {
-            Some(ConsumerEvent::Deliver(deliver)) => {
-                return Poll::Ready(Some(Ok(Delivery::new(deliver, self.shared.clone()))))
+        let item = loop {
+            if let Some(deliver) = self.batch.next() {
+                return Poll::Ready(Some(Ok(Delivery::new(deliver, self.shared.clone()))));
             }
-            Some(ConsumerEvent::Cancelled(reason)) => {
-                self.shared.tracker.cancel();
-                Some(Err(Error::ConsumerCancelled(reason)))
+            match ready!(self.events.poll_recv(cx)) {
+                Some(ConsumerEvent::Deliveries(batch)) => self.batch = batch.into_iter(),
+                Some(ConsumerEvent::Cancelled(reason)) => {
+                    self.shared.tracker.cancel();
+                    break Some(Err(Error::ConsumerCancelled(reason)));
+                }
+                Some(ConsumerEvent::Closed(reason)) => break Some(Err(Error::Closed(reason))),
+                None => break None,
             }
-            Some(ConsumerEvent::Closed(reason)) => Some(Err(Error::Closed(reason))),
-            None => None,
         };
         self.done = true;
         Poll::Ready(item)

@@ -6,9 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf as _, BytesMut};
 use futures::{FutureExt as _, StreamExt as _};
-use hopper_proto::{error_code, pb, Body, Frame, FrameCodec, Inbound, ProtoError};
+use hopper_proto::{
+    decode_frame, deliver_event_offset, error_code, pb, Body, Frame, FrameCodec, Inbound, ProtoError,
+    RawFrameCodec, RawInbound,
+};
+use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
@@ -53,7 +57,14 @@ pub(crate) fn spawn<R, W>(
         wrote: false,
     };
     tokio::spawn(writer.run().instrument(span.clone()));
-    let reader = Reader { shared, frames, consumers: HashMap::new(), events: Vec::new(), last_error: None };
+    let reader = Reader {
+        shared,
+        frames: frames.map_decoder(RawFrameCodec::from),
+        consumers: HashMap::new(),
+        with_pending: Vec::new(),
+        events: Vec::new(),
+        last_error: None,
+    };
     tokio::spawn(reader.run().instrument(span));
 }
 
@@ -232,10 +243,14 @@ fn broker_silent(shared: &Shared, heartbeat: Duration) -> Stopped {
 /// Routes incoming frames.
 struct Reader<R> {
     shared: Arc<Shared>,
-    frames: FramedRead<R, FrameCodec>,
+    /// Frames are decoded by the reader, so that deliveries can take a shorter way.
+    frames: FramedRead<R, RawFrameCodec>,
     /// This connection's consumers. Only the reader touches the map, so routing a delivery
     /// takes no lock.
     consumers: HashMap<u64, Route>,
+    /// Consumers whose `pending` deliveries are not handed over yet, in the order of their
+    /// first pending delivery.
+    with_pending: Vec<u64>,
     /// The event streams of this connection; the broker sends one copy of each event, the
     /// reader hands it to every stream.
     events: Vec<EventRoute>,
@@ -250,15 +265,24 @@ struct Route {
     /// Expiries and cancellations, recorded at once so that settles see them even before
     /// the stream is read.
     tracker: Arc<DeliveryTracker>,
+    /// Deliveries read in the current batch of frames, handed over together when the batch
+    /// ends: one channel send, and at most one wake-up of the consumer, per batch rather than
+    /// per delivery.
+    pending: Vec<pb::Deliver>,
+    /// Size of the last batch handed over, to size the next one's buffer up front.
+    last_batch: usize,
+}
+
+impl Route {
+    fn new(events: mpsc::UnboundedSender<ConsumerEvent>, tracker: Arc<DeliveryTracker>) -> Self {
+        Route { events, tracker, pending: Vec::new(), last_batch: 0 }
+    }
 }
 
 /// One read off the wire, as `FramedRead` yields it.
-type ReadItem = Option<Result<Inbound, ProtoError>>;
+type ReadItem = Option<Result<RawInbound, ProtoError>>;
 
 /// What woke the reader.
-// A short-lived local, moved once per wake-up: boxing the frame would cost an allocation per
-// read for nothing.
-#[allow(clippy::large_enum_variant)]
 enum Wake {
     Stopped,
     Closing,
@@ -329,6 +353,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                             None => break,
                         }
                     }
+                    self.hand_over();
                 }
             }
         }
@@ -336,9 +361,41 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 
     /// Handles one read; returns why the connection ends if it does.
     fn handle(&mut self, item: ReadItem) -> Option<CloseReason> {
-        match item {
-            Some(Ok(Inbound::Frame(frame))) => self.handle_frame(frame),
-            Some(Ok(Inbound::Oversize { request_id, len })) => {
+        let inbound = match item {
+            Some(Ok(RawInbound::Frame(mut frame))) => match deliver_event_offset(&frame) {
+                // Most frames are deliveries: decoded on their own, they skip building a
+                // `Frame` and moving the delivery out of it.
+                Some(offset) => {
+                    frame.advance(offset);
+                    match pb::Deliver::decode(frame) {
+                        Ok(deliver) => {
+                            self.hold(deliver);
+                            return None;
+                        }
+                        Err(error) => Inbound::Malformed { request_id: 0, error },
+                    }
+                }
+                None => decode_frame(frame),
+            },
+            Some(Ok(RawInbound::Oversize { request_id, len })) => Inbound::Oversize { request_id, len },
+            Some(Err(err)) => {
+                self.hand_over();
+                return Some(CloseReason::lost(format!("reading from the broker failed: {err}")));
+            }
+            None => {
+                self.hand_over();
+                return Some(CloseReason::lost(match self.last_error.take() {
+                    Some(error) => format!("the broker closed the connection after an error: {error}"),
+                    None => "the broker closed the connection".to_string(),
+                }));
+            }
+        };
+        // Anything else may end a consumer or answer a request about it: the deliveries read
+        // before it go first, so every stream sees frames in the order they arrived.
+        self.hand_over();
+        match inbound {
+            Inbound::Frame(frame) => self.handle_frame(frame),
+            Inbound::Oversize { request_id, len } => {
                 warn!(request_id, len, "broker sent a frame over the max frame size; skipped");
                 if let Some(request) = self.shared.take_request(request_id) {
                     let error = format!("the broker's response of {len} bytes exceeds the max frame size");
@@ -346,7 +403,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 }
                 None
             }
-            Some(Ok(Inbound::Malformed { request_id, error })) => {
+            Inbound::Malformed { request_id, error } => {
                 warn!(request_id, %error, "broker sent a malformed frame; skipped");
                 if let Some(request) = self.shared.take_request(request_id) {
                     self.complete(
@@ -356,11 +413,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 }
                 None
             }
-            Some(Err(err)) => Some(CloseReason::lost(format!("reading from the broker failed: {err}"))),
-            None => Some(CloseReason::lost(match self.last_error.take() {
-                Some(error) => format!("the broker closed the connection after an error: {error}"),
-                None => "the broker closed the connection".to_string(),
-            })),
         }
     }
 
@@ -397,20 +449,41 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         None
     }
 
+    /// Keeps a delivery until the end of the batch of frames being read.
+    fn hold(&mut self, deliver: pb::Deliver) {
+        let consumer_id = deliver.consumer_id;
+        let Some(route) = self.consumers.get_mut(&consumer_id) else {
+            debug!(consumer_id, "delivery for a consumer that is gone; dropped");
+            return;
+        };
+        if route.pending.is_empty() {
+            self.with_pending.push(consumer_id);
+            route.pending.reserve(route.last_batch.max(8));
+        }
+        route.pending.push(deliver);
+    }
+
+    /// Hands every held delivery to its consumer, one batch per consumer.
+    fn hand_over(&mut self) {
+        for consumer_id in self.with_pending.drain(..) {
+            let Some(route) = self.consumers.get_mut(&consumer_id) else { continue };
+            route.last_batch = route.pending.len();
+            let batch = std::mem::take(&mut route.pending);
+            if route.events.send(ConsumerEvent::Deliveries(batch)).is_err() {
+                // The Consumer was dropped and has sent a Cancel; the broker requeues what it
+                // delivered meanwhile.
+                self.consumers.remove(&consumer_id);
+            }
+        }
+    }
+
     fn handle_event(&mut self, body: Body) -> Option<CloseReason> {
         match body {
             Body::Deliver(deliver) => {
-                let consumer_id = deliver.consumer_id;
-                match self.consumers.get(&consumer_id) {
-                    Some(route) => {
-                        if route.events.send(ConsumerEvent::Deliver(deliver)).is_err() {
-                            // The Consumer was dropped and has sent a Cancel; the broker
-                            // requeues what it delivered meanwhile.
-                            self.consumers.remove(&consumer_id);
-                        }
-                    }
-                    None => debug!(consumer_id, "delivery for a consumer that is gone; dropped"),
-                }
+                // `handle` holds deliveries before they get here; should one come this way, it
+                // still reaches its consumer.
+                self.hold(deliver);
+                self.hand_over();
             }
             Body::DeliveryExpired(expired) => {
                 let (consumer_id, delivery_tag) = (expired.consumer_id, expired.delivery_tag);
@@ -480,7 +553,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     _ => None,
                 };
                 if let Some(consumer_id) = consumer_id {
-                    self.consumers.insert(consumer_id, Route { events, tracker });
+                    self.consumers.insert(consumer_id, Route::new(events, tracker));
                 }
                 if reply.send(result).is_err() {
                     if let Some(consumer_id) = consumer_id {

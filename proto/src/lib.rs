@@ -19,7 +19,7 @@
 //! [`Inbound::Malformed`] with the request id read the same way, so the sender learns which of
 //! its requests failed. See `docs/protocol.md` for the session rules.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message as _;
 
 /// Types generated from `proto/hopper.proto`.
@@ -31,6 +31,7 @@ pub mod pb {
 pub use pb::frame::Body;
 pub use pb::{ErrorCode, Frame};
 
+mod deliver;
 mod error;
 mod exchange;
 #[cfg(feature = "json")]
@@ -39,10 +40,11 @@ pub mod scram;
 #[cfg(feature = "tokio-codec")]
 mod tokio_codec;
 
+pub use deliver::deliver_event_offset;
 pub use error::ProtoError;
 pub use exchange::ExchangeKind;
 #[cfg(feature = "tokio-codec")]
-pub use tokio_codec::FrameCodec;
+pub use tokio_codec::{FrameCodec, RawFrameCodec};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -199,6 +201,21 @@ pub enum Inbound {
     },
 }
 
+/// One unit read off the wire by [`FrameDecoder::decode_raw`], its frame not decoded yet.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawInbound {
+    /// The bytes of a frame within the max frame size (length prefix excluded); see
+    /// [`decode_frame`].
+    Frame(Bytes),
+    /// A frame longer than the max frame size, as in [`Inbound::Oversize`].
+    Oversize {
+        /// Request id read from the frame's first bytes.
+        request_id: u64,
+        /// The length the frame declared.
+        len: usize,
+    },
+}
+
 /// Splits a byte stream into frames. Keeps the state needed to skip oversize frames.
 #[derive(Debug, Clone)]
 pub struct FrameDecoder {
@@ -225,6 +242,14 @@ impl FrameDecoder {
 
     /// Takes the next unit off the front of `src`, or `None` when more bytes are needed.
     pub fn decode(&mut self, src: &mut BytesMut) -> Option<Inbound> {
+        Some(match self.decode_raw(src)? {
+            RawInbound::Frame(frame) => decode_frame(frame),
+            RawInbound::Oversize { request_id, len } => Inbound::Oversize { request_id, len },
+        })
+    }
+
+    /// Like [`decode`](Self::decode), but leaves the frame's bytes undecoded.
+    pub fn decode_raw(&mut self, src: &mut BytesMut) -> Option<RawInbound> {
         if self.skipping > 0 {
             let n = self.skipping.min(src.len());
             src.advance(n);
@@ -248,29 +273,34 @@ impl FrameDecoder {
             let n = len.min(src.len());
             src.advance(n);
             self.skipping = len - n;
-            return Some(Inbound::Oversize { request_id, len });
+            return Some(RawInbound::Oversize { request_id, len });
         }
         if src.len() < LENGTH_PREFIX + len {
             src.reserve(LENGTH_PREFIX + len - src.len());
             return None;
         }
         src.advance(LENGTH_PREFIX);
-        // Decoding consumes the bytes, so the few that may hold the request id are copied
-        // aside first: cheaper than keeping a second handle on the frame for the rare error.
-        let mut head = [0u8; REQUEST_ID_PREFIX];
-        let head_len = len.min(REQUEST_ID_PREFIX);
-        head[..head_len].copy_from_slice(&src[..head_len]);
-        let bytes = src.split_to(len).freeze();
-        Some(match Frame::decode(bytes) {
-            Ok(frame) => Inbound::Frame(frame),
-            Err(error) => Inbound::Malformed { request_id: peek_request_id(&head[..head_len]), error },
-        })
+        Some(RawInbound::Frame(src.split_to(len).freeze()))
     }
 
     /// True while the decoder is in the middle of a frame (used to report a truncated frame
     /// when the peer hangs up).
     pub fn is_mid_frame(&self, src: &BytesMut) -> bool {
         self.skipping > 0 || !src.is_empty()
+    }
+}
+
+/// Decodes the bytes of one frame (length prefix excluded), as
+/// [`FrameDecoder::decode_raw`] yields them.
+pub fn decode_frame(frame: Bytes) -> Inbound {
+    // Decoding consumes the bytes, so the few that may hold the request id are copied aside
+    // first: cheaper than keeping a second handle on the frame for the rare error.
+    let mut head = [0u8; REQUEST_ID_PREFIX];
+    let head_len = frame.len().min(REQUEST_ID_PREFIX);
+    head[..head_len].copy_from_slice(&frame[..head_len]);
+    match Frame::decode(frame) {
+        Ok(frame) => Inbound::Frame(frame),
+        Err(error) => Inbound::Malformed { request_id: peek_request_id(&head[..head_len]), error },
     }
 }
 

@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::{encode_frame, Frame, FrameDecoder, Inbound, ProtoError};
+use crate::{encode_frame, Frame, FrameDecoder, Inbound, ProtoError, RawInbound};
 
 /// tokio-util codec for Hopper frames.
 #[derive(Debug, Clone)]
@@ -33,14 +33,49 @@ impl Decoder for FrameCodec {
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, ProtoError> {
-        match self.decoder.decode(src) {
-            Some(item) => Ok(Some(item)),
-            None if self.decoder.is_mid_frame(src) => Err(ProtoError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed in the middle of a frame",
-            ))),
-            None => Ok(None),
-        }
+        let item = self.decoder.decode(src);
+        at_eof(&self.decoder, src, item)
+    }
+}
+
+/// What a decoder yields once the peer hung up: `item`, or an error if the stream ended in
+/// the middle of a frame.
+fn at_eof<T>(decoder: &FrameDecoder, src: &BytesMut, item: Option<T>) -> Result<Option<T>, ProtoError> {
+    match item {
+        Some(item) => Ok(Some(item)),
+        None if decoder.is_mid_frame(src) => Err(ProtoError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed in the middle of a frame",
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Like [`FrameCodec`], but yields frames undecoded ([`FrameDecoder::decode_raw`]), for a
+/// receiver that decodes some kinds of frame its own way.
+#[derive(Debug, Clone)]
+pub struct RawFrameCodec {
+    decoder: FrameDecoder,
+}
+
+impl From<FrameCodec> for RawFrameCodec {
+    /// The same decoder, max frame size and any frame being skipped included.
+    fn from(codec: FrameCodec) -> Self {
+        RawFrameCodec { decoder: codec.decoder }
+    }
+}
+
+impl Decoder for RawFrameCodec {
+    type Item = RawInbound;
+    type Error = ProtoError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<RawInbound>, ProtoError> {
+        Ok(self.decoder.decode_raw(src))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<RawInbound>, ProtoError> {
+        let item = self.decoder.decode_raw(src);
+        at_eof(&self.decoder, src, item)
     }
 }
 

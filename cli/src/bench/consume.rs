@@ -7,11 +7,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt as _, Stream, StreamExt};
 use hdrhistogram::Histogram;
 use hopper_client::Consumer;
 
 use super::{decode_timestamp, new_histogram, Progress, UnixClock};
+
+/// Most deliveries a consumer handles before it adds them to the shared count.
+const RECORD_EVERY: u64 = 256;
 
 /// What one consumer connection saw.
 pub(super) struct Consumed {
@@ -48,17 +51,28 @@ pub(super) async fn consume(
     let mut last_delivery = None;
     let mut batches = AckBatches::new(pacing.ack_every);
     let mut deliveries = Merged::new(consumers);
+    // Deliveries that are ready together (the client hands them over a socket read at a
+    // time) share one clock reading and one update of the count shared by all consumers:
+    // both are made per wake-up rather than per delivery.
+    let mut arrived = None;
+    let mut unrecorded = 0u64;
     loop {
-        let delivery = tokio::select! {
-            biased;
-            next = deliveries.next() => match next {
-                Some(delivery) => delivery?,
-                None => bail!("the broker ended a consumer"),
-            },
-            _ = done.wait_for(|done| *done) => break,
+        let next = match deliveries.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                // Counted before waiting, so the run cannot wait for deliveries already taken.
+                progress.record(std::mem::take(&mut unrecorded));
+                arrived = None;
+                tokio::select! {
+                    biased;
+                    next = deliveries.next() => next,
+                    _ = done.wait_for(|done| *done) => break,
+                }
+            }
         };
-        // One clock read per delivery: Unix time is derived from the monotonic one.
-        let received = Instant::now();
+        let Some(delivery) = next else { bail!("the broker ended a consumer") };
+        let delivery = delivery?;
+        let received = *arrived.get_or_insert_with(Instant::now);
         let now = clock.unix_nanos(received);
         last_delivery = Some(received);
         if let Some(sent_at) = decode_timestamp(&delivery.body) {
@@ -69,6 +83,7 @@ pub(super) async fn consume(
             let due = started + Duration::from_secs_f64(handled as f64 * interval);
             if due > Instant::now() {
                 tokio::time::sleep_until(due.into()).await;
+                arrived = None;
             }
         }
         handled += 1;
@@ -77,7 +92,11 @@ pub(super) async fn consume(
         } else if let Some(last) = batches.add(delivery.consumer_id, delivery) {
             last.ack_multiple().await?;
         }
-        progress.record();
+        unrecorded += 1;
+        if unrecorded == RECORD_EVERY {
+            // A consumer that never runs dry still shows progress to the stall check.
+            progress.record(std::mem::take(&mut unrecorded));
+        }
     }
     for delivery in batches.into_open() {
         delivery.ack_multiple().await?;
@@ -91,7 +110,8 @@ pub(super) async fn consume(
 /// earlier deliveries of its own consumer.
 struct AckBatches<D> {
     every: u64,
-    open: HashMap<u64, (D, u64)>,
+    /// Per consumer: its newest unacknowledged delivery and how many it stands for.
+    open: HashMap<u64, (Option<D>, u64)>,
 }
 
 impl<D> AckBatches<D> {
@@ -102,17 +122,20 @@ impl<D> AckBatches<D> {
     /// Adds a delivery of `consumer`; returns it when it completes a batch, to be
     /// acknowledged with `multiple`.
     fn add(&mut self, consumer: u64, delivery: D) -> Option<D> {
-        let held = self.open.remove(&consumer).map_or(0, |(_, held)| held) + 1;
-        if held >= self.every {
+        let (newest, held) = self.open.entry(consumer).or_insert((None, 0));
+        *held += 1;
+        if *held >= self.every {
+            *newest = None;
+            *held = 0;
             return Some(delivery);
         }
-        self.open.insert(consumer, (delivery, held));
+        *newest = Some(delivery);
         None
     }
 
     /// The newest delivery of every unfinished batch, to be acknowledged with `multiple`.
     fn into_open(self) -> impl Iterator<Item = D> {
-        self.open.into_values().map(|(delivery, _)| delivery)
+        self.open.into_values().filter_map(|(newest, _)| newest)
     }
 }
 

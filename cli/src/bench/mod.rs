@@ -334,9 +334,9 @@ struct Progress {
 }
 
 impl Progress {
-    /// Counts one delivery and signals the end when it was the last one expected.
-    fn record(&self) {
-        let received = self.received.fetch_add(1, Ordering::SeqCst) + 1;
+    /// Counts `n` deliveries and signals the end when they were the last ones expected.
+    fn record(&self, n: u64) {
+        let received = self.received.fetch_add(n, Ordering::SeqCst) + n;
         if received >= self.target.load(Ordering::SeqCst) {
             self.done.send_replace(true);
         }
@@ -822,8 +822,8 @@ mod tests {
     fn progress_signals_done_whichever_side_comes_last() {
         let (done, rx) = watch::channel(false);
         let progress = Progress { received: AtomicU64::new(0), target: AtomicU64::new(u64::MAX), done };
-        progress.record();
-        progress.record();
+        progress.record(1);
+        progress.record(1);
         assert!(!*rx.borrow());
         progress.expect(2);
         assert!(*rx.borrow(), "all messages arrived before the total was known");
@@ -832,7 +832,9 @@ mod tests {
         let progress = Progress { received: AtomicU64::new(0), target: AtomicU64::new(u64::MAX), done };
         progress.expect(1);
         assert!(!*rx.borrow());
-        progress.record();
+        progress.record(0);
+        assert!(!*rx.borrow(), "nothing counted");
+        progress.record(1);
         assert!(*rx.borrow());
     }
 
