@@ -831,18 +831,14 @@ fn run(log: &SharedLog, mut writer: SegmentWriter, sweep: &mpsc::Sender<u32>) ->
         if let Some(work) = &mut compaction {
             while budget > 0 {
                 let Some(queue) = work.queues.last().cloned() else { break };
-                let before = budget;
-                match take(log, queue, &mut batch, Some(&work.segments), &mut budget) {
-                    Some(chunk) => {
-                        work.unreadable |= chunk.unreadable > 0;
-                        chunks.push(chunk);
-                    }
-                    None => {
-                        work.queues.pop();
-                    }
+                if let Some(chunk) = take(log, queue, &mut batch, Some(&work.segments), &mut budget) {
+                    work.unreadable |= chunk.unreadable > 0;
+                    chunks.push(chunk);
                 }
-                if budget == before {
-                    // Nothing more could be copied from it this round.
+                if budget > 0 {
+                    // It had no more to copy than the budget left: every copy it needs is in
+                    // this batch. Taken again in the same round, before the copies are applied,
+                    // it would copy the same messages again.
                     work.queues.pop();
                 }
             }

@@ -80,7 +80,11 @@ impl Ready {
     pub fn insert(&mut self, mut message: QueuedMessage) {
         self.len += 1;
         let seq = message.seq;
-        let at = self.runs.partition_point(|run| run.last_seq() < seq);
+        // New messages arrive in order: only a requeue needs the search.
+        let at = match self.runs.back() {
+            Some(last) if last.last_seq() >= seq => self.runs.partition_point(|run| run.last_seq() < seq),
+            _ => self.runs.len(),
+        };
         debug_assert!(
             self.runs.get(at).is_none_or(|run| run.first_seq() > seq),
             "seq {seq} is already ready"
@@ -156,14 +160,17 @@ impl Ready {
 
     /// The ready message with this seq, to change in place.
     pub fn get_mut(&mut self, seq: u64) -> Option<&mut QueuedMessage> {
-        let message = self.remove(seq)?;
-        // Kept whole from now on: the caller may give it state a fresh run has no room for.
-        let at = self.runs.partition_point(|run| run.last_seq() < seq);
-        self.runs.insert(at, Run::One(message));
-        self.len += 1;
+        let mut at = self.find(seq)?;
+        if let Run::Fresh { .. } = self.runs[at] {
+            // Kept whole from now on: the caller may give it state a fresh run has no room for.
+            let message = self.remove(seq)?;
+            at = self.runs.partition_point(|run| run.last_seq() < seq);
+            self.runs.insert(at, Run::One(message));
+            self.len += 1;
+        }
         match &mut self.runs[at] {
             Run::One(message) => Some(message),
-            Run::Fresh { .. } => unreachable!("just inserted a single message"),
+            Run::Fresh { .. } => unreachable!("a fresh message was made whole above"),
         }
     }
 
