@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
-use hopper_proto::{pb, Body, ErrorCode, Frame, FrameCodec, Inbound, ProtoError};
+use hopper_proto::{pb, Body, ErrorCode, Frame, Inbound, ProtoError, RawFrameCodec, RawInbound};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Notify};
 use tokio_util::codec::FramedRead;
@@ -84,7 +84,7 @@ pub(crate) async fn run<R, W>(
         if admitted {
             let frames = FramedRead::with_capacity(
                 read_half,
-                FrameCodec::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE),
+                RawFrameCodec::new(hopper_proto::HANDSHAKE_MAX_FRAME_SIZE),
                 READ_BUFFER,
             );
             let mut session = Session::new(engine, conn_id, peer, transport, outbox.clone());
@@ -253,7 +253,7 @@ impl Session {
 
     async fn serve<R: AsyncRead + Unpin>(
         &mut self,
-        mut frames: FramedRead<R, FrameCodec>,
+        mut frames: FramedRead<R, RawFrameCodec>,
         mut shutdown: watch::Receiver<bool>,
         resume: &Notify,
     ) {
@@ -346,8 +346,8 @@ impl Session {
     /// nothing the loop watches for has changed.
     async fn on_burst<R: AsyncRead + Unpin>(
         &mut self,
-        item: Option<Result<Inbound, ProtoError>>,
-        frames: &mut FramedRead<R, FrameCodec>,
+        item: Option<Result<RawInbound, ProtoError>>,
+        frames: &mut FramedRead<R, RawFrameCodec>,
         heartbeat: &mut Option<tokio::time::Interval>,
         held: bool,
     ) -> Flow {
@@ -395,12 +395,13 @@ impl Session {
     /// Handles one item of the frame stream; starts heartbeats once the handshake agreed them.
     async fn on_frame<R: AsyncRead + Unpin>(
         &mut self,
-        item: Option<Result<Inbound, ProtoError>>,
-        frames: &mut FramedRead<R, FrameCodec>,
+        item: Option<Result<RawInbound, ProtoError>>,
+        frames: &mut FramedRead<R, RawFrameCodec>,
         heartbeat: &mut Option<tokio::time::Interval>,
     ) -> Flow {
+        // Decoded here rather than in the codec, so the frame is not copied up the stream.
         let inbound = match item {
-            Some(Ok(inbound)) => inbound,
+            Some(Ok(raw)) => raw.decode(),
             None => {
                 tracing::info!("peer closed the connection");
                 return Flow::Close;
@@ -586,7 +587,7 @@ impl Session {
         &mut self,
         request_id: u64,
         hello: pb::Hello,
-        codec: &mut FrameCodec,
+        codec: &mut RawFrameCodec,
         heartbeat: &mut Option<tokio::time::Interval>,
     ) -> Flow {
         if self.negotiated.is_some() || self.hello.is_some() {
@@ -616,7 +617,7 @@ impl Session {
         &mut self,
         request_id: u64,
         step: login::Step,
-        codec: &mut FrameCodec,
+        codec: &mut RawFrameCodec,
         heartbeat: &mut Option<tokio::time::Interval>,
     ) -> Flow {
         match step {
@@ -672,7 +673,7 @@ impl Session {
     fn negotiate(
         &mut self,
         hello: &pb::Hello,
-        codec: &mut FrameCodec,
+        codec: &mut RawFrameCodec,
         user: String,
         auth: Vec<u8>,
     ) -> pb::HelloOk {

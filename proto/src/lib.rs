@@ -216,6 +216,16 @@ pub enum RawInbound {
     },
 }
 
+impl RawInbound {
+    /// The unit, its frame decoded.
+    pub fn decode(self) -> Inbound {
+        match self {
+            RawInbound::Frame(frame) => decode_frame(frame),
+            RawInbound::Oversize { request_id, len } => Inbound::Oversize { request_id, len },
+        }
+    }
+}
+
 /// Splits a byte stream into frames. Keeps the state needed to skip oversize frames.
 #[derive(Debug, Clone)]
 pub struct FrameDecoder {
@@ -242,10 +252,7 @@ impl FrameDecoder {
 
     /// Takes the next unit off the front of `src`, or `None` when more bytes are needed.
     pub fn decode(&mut self, src: &mut BytesMut) -> Option<Inbound> {
-        Some(match self.decode_raw(src)? {
-            RawInbound::Frame(frame) => decode_frame(frame),
-            RawInbound::Oversize { request_id, len } => Inbound::Oversize { request_id, len },
-        })
+        self.decode_raw(src).map(RawInbound::decode)
     }
 
     /// Like [`decode`](Self::decode), but leaves the frame's bytes undecoded.

@@ -52,10 +52,24 @@ fn at_eof<T>(decoder: &FrameDecoder, src: &BytesMut, item: Option<T>) -> Result<
 }
 
 /// Like [`FrameCodec`], but yields frames undecoded ([`FrameDecoder::decode_raw`]), for a
-/// receiver that decodes some kinds of frame its own way.
+/// receiver that decodes some kinds of frame its own way, or decodes where it handles a frame:
+/// a decoded [`Frame`] is a few hundred bytes, copied again at every layer of a stream it is
+/// passed up through, while the bytes of a frame are a small handle.
 #[derive(Debug, Clone)]
 pub struct RawFrameCodec {
     decoder: FrameDecoder,
+}
+
+impl RawFrameCodec {
+    /// A codec enforcing `max_frame_size` on both directions.
+    pub fn new(max_frame_size: u32) -> Self {
+        RawFrameCodec { decoder: FrameDecoder::new(max_frame_size) }
+    }
+
+    /// Changes the enforced max frame size.
+    pub fn set_max_frame_size(&mut self, max_frame_size: u32) {
+        self.decoder.set_max_frame_size(max_frame_size);
+    }
 }
 
 impl From<FrameCodec> for RawFrameCodec {
