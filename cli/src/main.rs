@@ -36,7 +36,8 @@ const BROKEN_PIPE_EXIT: u8 = 141;
 #[command(name = "hopper", version, propagate_version = true)]
 struct Cli {
     /// Broker address, HOST:PORT, or hopper://USER:PASSWORD@HOST:PORT; hoppers://... (or
-    /// hoppers://HOST:PORT) connects with TLS to the broker's --tls-listen port.
+    /// hoppers://HOST:PORT) connects with TLS to the broker's --tls-listen port. Several,
+    /// comma-separated, are tried in order (a comma in a password is written %2C).
     #[arg(long, global = true, env = "HOPPER_SERVER", default_value = "127.0.0.1:5680", display_order = 100)]
     server: String,
     /// User to log in as (SCRAM-SHA-256: the password never crosses the wire). Without one,
@@ -231,16 +232,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Connects to the broker, turning a failure into one readable line such as
-/// `cannot connect to 127.0.0.1:5680: Connection refused`.
-pub(crate) async fn connect(server: &str, role: &str) -> anyhow::Result<Connection> {
-    let Server { address, credentials, tls } = parse_server(server)?;
+/// `cannot connect to 127.0.0.1:5680: Connection refused`. `--server` may name several brokers,
+/// comma-separated: they are tried in order and the first that answers is used. A refused
+/// login ends the search (the next broker of a cluster would refuse it too).
+pub(crate) async fn connect(servers: &str, role: &str) -> anyhow::Result<Connection> {
+    let servers: Vec<&str> = servers.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let [first, rest @ ..] = servers.as_slice() else {
+        anyhow::bail!("--server names no broker");
+    };
+    if rest.is_empty() {
+        return connect_one(first, role).await.map_err(|failure| failure.error);
+    }
+    let mut failures = Vec::with_capacity(servers.len());
+    for server in &servers {
+        match connect_one(server, role).await {
+            Ok(connection) => return Ok(connection),
+            Err(failure) if failure.is_final => return Err(failure.error),
+            Err(failure) => failures.push(failure.error.to_string()),
+        }
+    }
+    anyhow::bail!("no broker could be reached: {}", failures.join("; "))
+}
+
+/// Why one broker could not be connected to, and whether trying the next one is pointless.
+struct ConnectFailure {
+    error: anyhow::Error,
+    is_final: bool,
+}
+
+impl ConnectFailure {
+    fn of(error: anyhow::Error) -> Self {
+        ConnectFailure { error, is_final: true }
+    }
+}
+
+async fn connect_one(server: &str, role: &str) -> Result<Connection, ConnectFailure> {
+    let Server { address, credentials, tls } = parse_server(server).map_err(ConnectFailure::of)?;
     let server = address.as_str();
     let flags = TLS.get_or_init(TlsFlags::default);
     if !tls && !flags.given.is_empty() {
-        anyhow::bail!(
+        return Err(ConnectFailure::of(anyhow!(
             "{} given, but --server {server} is plain TCP: TLS is chosen with hoppers://HOST:PORT",
             flags.given.join(", ")
-        );
+        )));
     }
     let options = ConnectOptions {
         client_name: format!("hopper-cli/{} {role}", env!("CARGO_PKG_VERSION")),
@@ -248,15 +282,22 @@ pub(crate) async fn connect(server: &str, role: &str) -> anyhow::Result<Connecti
         tls: tls.then(|| flags.options(server)),
         ..ConnectOptions::default()
     };
-    Connection::connect_with(server, options).await.map_err(|err| match err {
-        hopper_client::Error::Io(io) => {
-            let hint = match io.to_string().contains("not signed by a CA this client trusts") {
-                true if flags.ca.is_none() => " (give the broker's CA with --tls-ca FILE)",
-                _ => "",
-            };
-            anyhow!("cannot connect to {server}: {}{hint}", io_reason(&io))
-        }
-        other => anyhow!("cannot connect to {server}: {other}"),
+    Connection::connect_with(server, options).await.map_err(|err| {
+        let is_final = matches!(
+            err,
+            hopper_client::Error::Authentication(_) | hopper_client::Error::HandshakeRejected { .. }
+        );
+        let error = match err {
+            hopper_client::Error::Io(io) => {
+                let hint = match io.to_string().contains("not signed by a CA this client trusts") {
+                    true if flags.ca.is_none() => " (give the broker's CA with --tls-ca FILE)",
+                    _ => "",
+                };
+                anyhow!("cannot connect to {server}: {}{hint}", io_reason(&io))
+            }
+            other => anyhow!("cannot connect to {server}: {other}"),
+        };
+        ConnectFailure { error, is_final }
     })
 }
 

@@ -86,6 +86,29 @@ impl Connection {
         }
     }
 
+    /// Connects to the first broker of `addrs` that answers, trying them in order, each within
+    /// `options.connect_timeout`. A broker that cannot be reached, or fails the connection
+    /// before logging in, is passed over for the next. A refused login or protocol version ends
+    /// the search at once: the next broker of the same cluster would answer the same, and
+    /// trying credentials on every one would only multiply the failed logins.
+    pub async fn connect_any<A>(addrs: &[A], options: ConnectOptions) -> Result<Connection>
+    where
+        A: std::fmt::Display,
+    {
+        let mut failures = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            match Connection::connect_with(addr.to_string(), options.clone()).await {
+                Ok(connection) => return Ok(connection),
+                Err(err @ (Error::Authentication(_) | Error::HandshakeRejected { .. })) => return Err(err),
+                Err(err) => failures.push(format!("{addr}: {err}")),
+            }
+        }
+        if failures.is_empty() {
+            return Err(Error::Unreachable("no address given".into()));
+        }
+        Err(Error::Unreachable(failures.join("; ")))
+    }
+
     async fn establish(addr: impl ToSocketAddrs, options: ConnectOptions) -> Result<Connection> {
         let stream = TcpStream::connect(addr).await?;
         // Frames are batched by the writer; waiting for more data in the kernel only adds

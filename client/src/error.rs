@@ -33,6 +33,11 @@ pub enum Error {
         max_version: u32,
     },
 
+    /// None of the brokers given to [`crate::Connection::connect_any`] could be reached; the
+    /// text names each address and why.
+    #[error("no broker could be reached: {0}")]
+    Unreachable(String),
+
     /// The broker refused the user or password (or, with no credentials, requires them). The
     /// text says why and what to do.
     #[error("authentication failed: {0}")]
