@@ -334,9 +334,9 @@ async fn run(task: Arc<Move>, registry: Weak<Registry>, source: Arc<Queue>, boun
             }
             continue;
         }
-        let names: Vec<&str> = destinations.iter().map(|d| d.name()).collect();
-        for (destination, confirm) in destinations.iter().zip(confirm.split(&names)) {
-            destination.publish_or_refuse(moved.clone(), 0, 0, confirm);
+        let now = crate::queue::now_ms();
+        for (destination, confirm) in destinations.iter().zip(confirm.split(&destinations)) {
+            destination.publish_or_refuse(moved.clone(), now, 0, 0, confirm);
         }
     };
     // Wait for the messages in flight before reporting the end.

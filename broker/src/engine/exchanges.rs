@@ -142,9 +142,9 @@ impl Engine {
             confirm.send(Ok(Outcome::Published { message_id: id, routed: 0 }));
             return Ok(id);
         }
-        let names: Vec<&str> = queues.iter().map(|q| q.name()).collect();
-        for (queue, confirm) in queues.iter().zip(confirm.split(&names)) {
-            queue.publish_or_refuse(payload.clone(), delay_ms, ttl_ms, confirm);
+        let now = crate::queue::now_ms();
+        for (queue, confirm) in queues.iter().zip(confirm.split(&queues)) {
+            queue.publish_or_refuse(payload.clone(), now, delay_ms, ttl_ms, confirm);
         }
         Ok(id)
     }

@@ -67,6 +67,8 @@ pub enum Confirm {
     /// A follow-up in the broker or a front end, e.g. settling a dead-lettered message in its
     /// old queue once the dead-letter queue holds it, or answering an HTTP request.
     Callback(Box<dyn FnOnce(Result<Outcome, BrokerError>) + Send>),
+    /// One target queue's part of a message routed to several (see [`Confirm::split`]).
+    Part(Arc<Split>, usize),
 }
 
 impl Confirm {
@@ -80,58 +82,61 @@ impl Confirm {
         match self {
             Confirm::Reply { to, request_id } => to.reply(request_id, result),
             Confirm::Callback(callback) => callback(result),
+            Confirm::Part(split, target) => split.answer(target, result),
         }
     }
 }
 
 impl Confirm {
-    /// One confirm per target queue (named in `targets`), that together answer `self` once every
-    /// one of them was answered: with the first refusal, naming its queue, or else with the
-    /// outcome of the last. For a message routed to several queues.
-    pub fn split(self, targets: &[&str]) -> Vec<Confirm> {
+    /// One confirm per target queue, that together answer `self` once every one of them was
+    /// answered: with the first refusal, naming its queue, or else with the outcome of the last.
+    /// For a message routed to several queues. One allocation for them all: a fanout is on the
+    /// hot path.
+    pub fn split(self, targets: &[Arc<Queue>]) -> Vec<Confirm> {
         if targets.len() == 1 {
             return vec![self];
         }
-        struct Shared {
-            routed: u32,
-            remaining: std::sync::atomic::AtomicUsize,
-            refused: Mutex<Option<BrokerError>>,
-            confirm: Mutex<Option<Confirm>>,
-        }
-        let shared = Arc::new(Shared {
-            routed: targets.len() as u32,
+        let split = Arc::new(Split {
+            names: targets.iter().map(|q| q.name.clone()).collect(),
             remaining: std::sync::atomic::AtomicUsize::new(targets.len()),
             refused: Mutex::new(None),
             confirm: Mutex::new(Some(self)),
         });
-        targets
-            .iter()
-            .map(|queue| {
-                let shared = shared.clone();
-                let queue = queue.to_string();
-                Confirm::Callback(Box::new(move |result| {
-                    if let Err(err) = &result {
-                        let mut refused = shared.refused.lock();
-                        if refused.is_none() {
-                            *refused = Some(err.named(&queue));
-                        }
-                    }
-                    if shared.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                        let confirm = shared.confirm.lock().take();
-                        let refused = shared.refused.lock().take();
-                        if let Some(confirm) = confirm {
-                            confirm.send(match (refused, result) {
-                                (Some(err), _) => Err(err),
-                                (None, Ok(Outcome::Published { message_id, .. })) => {
-                                    Ok(Outcome::Published { message_id, routed: shared.routed })
-                                }
-                                (None, other) => other,
-                            });
-                        }
-                    }
-                }))
-            })
-            .collect()
+        (0..targets.len()).map(|target| Confirm::Part(split.clone(), target)).collect()
+    }
+}
+
+/// The answer owed for a message routed to several queues, waiting for each queue's.
+pub struct Split {
+    /// The target queues' names (not the queues: a confirm a queue holds must not keep it).
+    names: Vec<Arc<str>>,
+    remaining: std::sync::atomic::AtomicUsize,
+    refused: Mutex<Option<BrokerError>>,
+    confirm: Mutex<Option<Confirm>>,
+}
+
+impl Split {
+    fn answer(&self, target: usize, result: Result<Outcome, BrokerError>) {
+        if let Err(err) = &result {
+            let mut refused = self.refused.lock();
+            if refused.is_none() {
+                *refused = Some(err.named(&self.names[target]));
+            }
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let confirm = self.confirm.lock().take();
+        let refused = self.refused.lock().take();
+        if let Some(confirm) = confirm {
+            confirm.send(match (refused, result) {
+                (Some(err), _) => Err(err),
+                (None, Ok(Outcome::Published { message_id, .. })) => {
+                    Ok(Outcome::Published { message_id, routed: self.names.len() as u32 })
+                }
+                (None, other) => other,
+            });
+        }
     }
 }
 
@@ -352,13 +357,21 @@ impl Queue {
         ttl_ms: u64,
         confirm: Confirm,
     ) -> Result<(), BrokerError> {
-        self.offer(payload, delay_ms, ttl_ms, confirm).map_err(|(err, _)| err)
+        self.offer(payload, now_ms(), delay_ms, ttl_ms, confirm).map_err(|(err, _)| err)
     }
 
     /// Like [`Queue::publish`], but a refusal is answered through `confirm` too: for a message
-    /// routed to several queues, whose one confirm waits for every queue's answer.
-    pub fn publish_or_refuse(&self, payload: Arc<Payload>, delay_ms: u64, ttl_ms: u64, confirm: Confirm) {
-        if let Err((err, confirm)) = self.offer(payload, delay_ms, ttl_ms, confirm) {
+    /// routed to several queues, whose one confirm waits for every queue's answer. `now` is
+    /// the time of the publish, read once for all of them.
+    pub fn publish_or_refuse(
+        &self,
+        payload: Arc<Payload>,
+        now: u64,
+        delay_ms: u64,
+        ttl_ms: u64,
+        confirm: Confirm,
+    ) {
+        if let Err((err, confirm)) = self.offer(payload, now, delay_ms, ttl_ms, confirm) {
             confirm.send(Err(err));
         }
     }
@@ -371,18 +384,18 @@ impl Queue {
         ttl_ms: u64,
         confirm: Confirm,
     ) -> Result<(), (BrokerError, Confirm)> {
-        self.offer(payload, delay_ms, ttl_ms, confirm)
+        self.offer(payload, now_ms(), delay_ms, ttl_ms, confirm)
     }
 
     /// Takes the message, or gives the confirm back with the reason it did not.
     fn offer(
         &self,
         payload: Arc<Payload>,
+        now: u64,
         delay_ms: u64,
         ttl_ms: u64,
         confirm: Confirm,
     ) -> Result<(), (BrokerError, Confirm)> {
-        let now = now_ms();
         let size = payload.size() as u64;
         let id = payload.id;
         let mut deaths = Vec::new();
