@@ -71,4 +71,10 @@ async fn the_cli_takes_a_comma_separated_list() {
     assert!(error.contains("no broker could be reached"), "{error}");
     assert!(error.contains(&dead.to_string()) && error.contains(&other.to_string()), "{error}");
     assert_eq!(error.lines().count(), 1, "one line: {error}");
+
+    for empty in [",", " , "] {
+        let output = hopper(empty, &["status"]).await;
+        assert!(!output.success());
+        assert_eq!(output.stderr.trim(), "hopper: error: --server names no broker", "--server '{empty}'");
+    }
 }
