@@ -385,6 +385,17 @@ impl Connection {
         self.shared().is_closed()
     }
 
+    /// Waits until the connection has ended: lost, closed by the broker, or closed by this
+    /// client.
+    pub async fn closed(&self) {
+        self.shared().stop.cancelled().await;
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<String> {
+        self.shared().close_reason().map(|reason| reason.message)
+    }
+
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
     }

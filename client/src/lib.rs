@@ -161,6 +161,7 @@ mod message;
 mod moves;
 mod options;
 mod pull;
+mod recovery;
 mod shared;
 mod tls;
 mod tracker;
@@ -180,3 +181,4 @@ pub use options::{
     ClientCertificate, ConnectOptions, ConsumeOptions, Credentials, DeleteOptions, GetOptions, Mechanism,
     MoveOptions, NackOptions, Overflow, PublishOptions, QueueOptions, TlsOptions,
 };
+pub use recovery::{Recovering, RecoveringConsumer, RecoveryEvent, RecoveryOptions};
