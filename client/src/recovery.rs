@@ -62,10 +62,13 @@ pub enum RecoveryEvent {
 /// Events kept for a receiver that falls behind.
 const EVENT_BUFFER: usize = 64;
 
-/// A connection to one of several brokers that replaces itself when it is lost.
+/// A connection to one of several brokers that replaces itself when it is lost. Clones share
+/// it; once the last clone (and the last consumer) is dropped, it closes and stops reconnecting.
 #[derive(Clone)]
 pub struct Recovering {
     inner: Arc<Inner>,
+    /// Held by the handles only, not by the task that reconnects, so that dropping them ends it.
+    _handles: Arc<tokio_util::sync::DropGuard>,
 }
 
 struct Inner {
@@ -91,7 +94,8 @@ impl Recovering {
             closed: CancellationToken::new(),
         });
         tokio::spawn(keep_connected(inner.clone(), addrs, options, recovery));
-        Ok(Recovering { inner })
+        let handles = Arc::new(inner.closed.clone().drop_guard());
+        Ok(Recovering { inner, _handles: handles })
     }
 
     /// What happens to the connection from now on.
@@ -177,7 +181,12 @@ async fn keep_connected(
             () = connection.closed() => {}
             () = inner.closed.cancelled() => return,
         }
-        let reason = connection.close_reason().unwrap_or_else(|| "connection closed".into());
+        drop(connection);
+        if inner.closed.is_cancelled() {
+            return;
+        }
+        let reason = inner.current.borrow().as_ref().and_then(|(_, c)| c.close_reason());
+        let reason = reason.unwrap_or_else(|| "connection closed".into());
         inner.current.send_replace(None);
         let _ = inner.events.send(RecoveryEvent::Lost { reason });
         let mut delay = recovery.first_delay;
@@ -199,6 +208,9 @@ async fn keep_connected(
             delay = (delay * 2).min(recovery.max_delay);
         };
         generation += 1;
+        if inner.closed.is_cancelled() {
+            return;
+        }
         inner.current.send_replace(Some((generation, connection)));
         let _ = inner.events.send(RecoveryEvent::Recovered { generation });
     }

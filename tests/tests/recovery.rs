@@ -99,3 +99,21 @@ async fn a_publish_waits_for_the_next_connection_and_a_refusal_is_returned() {
     let after = client.publish("jobs", "late", PublishOptions::default()).await;
     assert!(matches!(after, Err(Error::Closed(_))), "{after:?}");
 }
+
+#[tokio::test]
+async fn dropping_the_last_handle_closes_the_connection() {
+    let broker = Broker::start();
+    let watcher = connect(&broker).await;
+    let client = Recovering::connect(vec![broker.addr().to_string()], ConnectOptions::default(), fast())
+        .await
+        .unwrap();
+    let other = client.clone();
+    assert_eq!(watcher.status().await.unwrap().connections, 2);
+    drop(client);
+    assert_eq!(watcher.status().await.unwrap().connections, 2, "a clone still holds it");
+    drop(other);
+    hopper_tests::eventually("the connection to close", hopper_tests::DEADLINE, || async {
+        watcher.status().await.unwrap().connections == 1
+    })
+    .await;
+}
