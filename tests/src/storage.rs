@@ -49,9 +49,6 @@ pub fn log_dir(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("queues").join("logs").join(log.to_string())
 }
 
-/// Bytes of a segment's magic, all an empty segment holds.
-const SEGMENT_MAGIC_LEN: u64 = 8;
-
 /// The segment files of a log directory that hold records, oldest first.
 pub fn segment_files(log_dir: &Path) -> Vec<PathBuf> {
     let entries =
@@ -60,7 +57,10 @@ pub fn segment_files(log_dir: &Path) -> Vec<PathBuf> {
         .map(|entry| entry.expect("a directory entry").path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "seg"))
         // The next segment, made ahead of need, holds only its magic until the log rolls into it.
-        .filter(|path| std::fs::metadata(path).is_ok_and(|m| m.len() > SEGMENT_MAGIC_LEN))
+        .filter(|path| {
+            std::fs::metadata(path)
+                .is_ok_and(|m| m.len() > hopper_broker::storage::segment::MAGIC.len() as u64)
+        })
         .collect();
     // Names are zero-padded ids, so name order is id order.
     files.sort();

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hopper_client::{
-    ConnectOptions, ConsumeOptions, Error, PublishOptions, QueueOptions, Recovering, RecoveryEvent,
-    RecoveryOptions,
+    ConnectOptions, ConsumeOptions, Error, PublishOptions, QueueOptions, Recovering, RecoveringConsumer,
+    RecoveryEvent, RecoveryOptions,
 };
 use hopper_tests::{connect, within, Broker};
 
@@ -18,6 +18,15 @@ fn fast() -> RecoveryOptions {
 
 async fn next_event(events: &mut tokio::sync::broadcast::Receiver<RecoveryEvent>) -> RecoveryEvent {
     within("a recovery event", events.recv()).await.expect("the event stream is open")
+}
+
+/// Receives and acks until `received` holds `count` bodies.
+async fn receive_until(consumer: &mut RecoveringConsumer, received: &mut BTreeSet<String>, count: usize) {
+    while received.len() < count {
+        let delivery = within("a delivery", consumer.next()).await.unwrap().unwrap();
+        received.insert(String::from_utf8(delivery.body.to_vec()).unwrap());
+        delivery.ack().await.unwrap();
+    }
 }
 
 #[tokio::test]
@@ -38,11 +47,7 @@ async fn a_worker_moves_to_the_next_broker_and_keeps_consuming() {
     for n in 0..5 {
         client.publish("jobs", format!("before {n}"), PublishOptions::default()).await.unwrap();
     }
-    while received.len() < 5 {
-        let delivery = within("a delivery from the first broker", consumer.next()).await.unwrap().unwrap();
-        received.insert(String::from_utf8(delivery.body.to_vec()).unwrap());
-        delivery.ack().await.unwrap();
-    }
+    receive_until(&mut consumer, &mut received, 5).await;
 
     first.kill();
     assert!(matches!(next_event(&mut events).await, RecoveryEvent::Lost { .. }));
@@ -62,11 +67,7 @@ async fn a_worker_moves_to_the_next_broker_and_keeps_consuming() {
     for n in 0..5 {
         client.publish("jobs", format!("after {n}"), PublishOptions::default()).await.unwrap();
     }
-    while received.len() < 10 {
-        let delivery = within("a delivery from the second broker", consumer.next()).await.unwrap().unwrap();
-        received.insert(String::from_utf8(delivery.body.to_vec()).unwrap());
-        delivery.ack().await.unwrap();
-    }
+    receive_until(&mut consumer, &mut received, 10).await;
     let expected: BTreeSet<String> =
         (0..5).flat_map(|n| [format!("before {n}"), format!("after {n}")]).collect();
     assert_eq!(received, expected);

@@ -357,7 +357,7 @@ impl Queue {
         ttl_ms: u64,
         confirm: Confirm,
     ) -> Result<(), BrokerError> {
-        self.offer(payload, now_ms(), delay_ms, ttl_ms, confirm).map_err(|(err, _)| err)
+        self.try_publish(payload, delay_ms, ttl_ms, confirm).map_err(|(err, _)| err)
     }
 
     /// Like [`Queue::publish`], but a refusal is answered through `confirm` too: for a message

@@ -107,16 +107,25 @@ fn make_next(log: &SharedLog) {
 mod tests {
     use super::*;
 
+    fn log_in(dir: &std::path::Path) -> Arc<SharedLog> {
+        let config = crate::config::Config::default().storage();
+        Arc::new(SharedLog::new(0, dir.to_path_buf(), &config, 4, Arc::default()))
+    }
+
+    /// Tells the sweeper about `log` (once until it looks) and lets it do that one word's work.
+    fn sweep(log: &Arc<SharedLog>) {
+        assert!(log.doomed.should_tell());
+        assert!(!log.doomed.should_tell(), "told once until the sweeper looks");
+        let (tell, told) = mpsc::channel();
+        tell.send(0).unwrap();
+        drop(tell);
+        run(vec![log.clone()], told);
+    }
+
     #[test]
     fn a_segment_that_cannot_be_deleted_holds_back_the_newer_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(SharedLog::new(
-            0,
-            dir.path().to_path_buf(),
-            &crate::config::Config::default().storage(),
-            4,
-            Arc::default(),
-        ));
+        let log = log_in(dir.path());
         for id in 1..=3 {
             std::fs::write(segment::path(dir.path(), id), b"records").unwrap();
             log.doomed.push(id);
@@ -126,14 +135,6 @@ mod tests {
         std::fs::create_dir(segment::path(dir.path(), 2)).unwrap();
         std::fs::write(segment::path(dir.path(), 2).join("x"), b"").unwrap();
 
-        let sweep = |log: &Arc<SharedLog>| {
-            let (tell, told) = mpsc::channel();
-            assert!(log.doomed.should_tell());
-            assert!(!log.doomed.should_tell(), "told once until the sweeper looks");
-            tell.send(0).unwrap();
-            drop(tell);
-            run(vec![log.clone()], told);
-        };
         sweep(&log);
         let exists = |id| segment::path(dir.path(), id).exists();
         assert_eq!([exists(1), exists(2), exists(3)], [false, true, true], "only the oldest went");
@@ -147,19 +148,9 @@ mod tests {
     #[test]
     fn the_next_segment_is_made_ahead_and_taken_once() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(SharedLog::new(
-            0,
-            dir.path().to_path_buf(),
-            &crate::config::Config::default().storage(),
-            4,
-            Arc::default(),
-        ));
+        let log = log_in(dir.path());
         log.doomed.want_next(8);
-        assert!(log.doomed.should_tell());
-        let (tell, told) = mpsc::channel();
-        tell.send(0).unwrap();
-        drop(tell);
-        run(vec![log.clone()], told);
+        sweep(&log);
         assert_eq!(
             std::fs::read(segment::path(dir.path(), 8)).unwrap(),
             segment::MAGIC,
