@@ -79,6 +79,13 @@ pub struct Config {
     pub http_allow_origins: Vec<String>,
     /// `http://` URL that depth alarms are POSTed to.
     pub alarm_webhook: Option<String>,
+    /// This node's id in a cluster (1 or more); 0 = not in a cluster.
+    pub node_id: u64,
+    /// Address other nodes of the cluster reach this one at.
+    pub cluster_listen: String,
+    /// The initial cluster, this node included: `1=host:port,2=host:port,...` (cluster
+    /// addresses).
+    pub peers: String,
 }
 
 impl Default for Config {
@@ -112,6 +119,9 @@ impl Default for Config {
             http_allow_hosts: Vec::new(),
             http_allow_origins: Vec::new(),
             alarm_webhook: None,
+            node_id: 0,
+            cluster_listen: "127.0.0.1:5690".into(),
+            peers: String::new(),
         }
     }
 }
@@ -128,8 +138,28 @@ impl Config {
         })
     }
 
+    /// How this node joins a cluster, if it is in one (`node_id` set).
+    pub fn cluster(&self) -> Result<Option<crate::cluster::ClusterConfig>, StartError> {
+        if self.node_id == 0 {
+            if !self.peers.is_empty() {
+                return Err(StartError::Config("--peers needs --node-id".into()));
+            }
+            return Ok(None);
+        }
+        let peers = crate::cluster::ClusterConfig::parse_peers(&self.peers)
+            .map_err(|e| StartError::Config(format!("--peers: {e}")))?;
+        let config = crate::cluster::ClusterConfig {
+            node_id: self.node_id,
+            listen: self.cluster_listen.clone(),
+            peers,
+        };
+        config.validate().map_err(StartError::Config)?;
+        Ok(Some(config))
+    }
+
     /// Checks that the values make sense together.
     pub fn validate(&self) -> Result<(), StartError> {
+        self.cluster()?;
         let min = hopper_proto::HANDSHAKE_MAX_FRAME_SIZE;
         if self.max_frame_size < min || self.max_frame_size > hopper_proto::DEFAULT_MAX_FRAME_SIZE {
             return Err(StartError::Config(format!(

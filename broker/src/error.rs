@@ -3,7 +3,7 @@
 use hopper_proto::ErrorCode;
 
 /// A request failed; the message is sent to the client with the matching code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum BrokerError {
     /// The queue, consumer or delivery does not exist.
     #[error("{0}")]

@@ -124,6 +124,18 @@ struct Args {
     /// http:// URL that queue depth alarms are POSTed to as JSON.
     #[arg(long, env = "HOPPER_ALARM_WEBHOOK")]
     alarm_webhook: Option<String>,
+    /// This node's id in a cluster (1 or more); with --peers and --cluster-listen it joins
+    /// the cluster [default: not in a cluster].
+    #[arg(long, value_name = "N", env = "HOPPER_NODE_ID")]
+    node_id: Option<u64>,
+    /// Address other nodes of the cluster reach this one at [default: 127.0.0.1:5690].
+    #[arg(long, value_name = "ADDR", env = "HOPPER_CLUSTER_LISTEN")]
+    cluster_listen: Option<String>,
+    /// The initial cluster, this node included, as ID=ADDR pairs of cluster addresses:
+    /// 1=10.0.0.1:5690,2=10.0.0.2:5690,3=10.0.0.3:5690. Every node is started with the same
+    /// list; the cluster forms once a majority runs.
+    #[arg(long, value_name = "LIST", env = "HOPPER_PEERS")]
+    peers: Option<String>,
     /// Milliseconds a write to a client may make no progress before the client is
     /// disconnected [default: 30000].
     #[arg(long, env = "HOPPER_WRITE_TIMEOUT_MS")]
@@ -214,6 +226,15 @@ impl Args {
         }
         if !self.http_allow_origin.is_empty() {
             config.http_allow_origins = self.http_allow_origin;
+        }
+        if let Some(node_id) = self.node_id {
+            config.node_id = node_id;
+        }
+        if let Some(addr) = self.cluster_listen {
+            config.cluster_listen = addr;
+        }
+        if let Some(peers) = self.peers {
+            config.peers = peers;
         }
         if let Some(url) = self.alarm_webhook {
             config.alarm_webhook = Some(url);

@@ -100,7 +100,22 @@ impl Broker {
         let http_addr = http.as_ref().map(|(_, addr)| *addr);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let users = crate::auth::Users::open(&config.data_dir).map_err(data_dir_error)?;
+        let cluster = config.cluster()?;
         let engine = Engine::new(config, queues, Arc::new(users));
+        let cluster_addr = match cluster {
+            Some(cluster) => {
+                let dir = engine.config().data_dir.join("cluster");
+                let apply = crate::cluster::apply_to(Arc::downgrade(&engine));
+                let started = crate::cluster::Cluster::start(&cluster, &dir, apply, shutdown_rx.clone())
+                    .await
+                    .map_err(|source| StartError::Bind { addr: cluster.listen.clone(), source })?;
+                let addr = started.local_addr();
+                tracing::info!(node = cluster.node_id, %addr, peers = cluster.peers.len(), "cluster listener ready");
+                engine.set_cluster(started);
+                Some(addr)
+            }
+            None => None,
+        };
         if let Some((listener, _)) = http {
             tokio::spawn(crate::http::serve(listener, https, engine.clone(), shutdown_rx.clone()));
         }
@@ -108,7 +123,7 @@ impl Broker {
             serve(listeners, engine, shutdown_rx).await;
             drop(data_lock);
         });
-        Ok(BrokerHandle { plain_addr, tls_addr, http_addr, shutdown_tx, task })
+        Ok(BrokerHandle { plain_addr, tls_addr, http_addr, cluster_addr, shutdown_tx, task })
     }
 }
 
@@ -117,6 +132,7 @@ pub struct BrokerHandle {
     plain_addr: Option<SocketAddr>,
     tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    cluster_addr: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -145,6 +161,11 @@ impl BrokerHandle {
     /// The HTTP listener's address, unless HTTP is off; it speaks HTTPS with `http_tls`.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The cluster listener's address, if the broker is in a cluster.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster_addr
     }
 
     /// Stops accepting, tells every client the broker is closing, flushes what is queued for

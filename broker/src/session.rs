@@ -742,6 +742,9 @@ impl Session {
                 Ok(Some(Body::QueueListOk(pb::QueueListOk { queues })))
             }
             Body::BrokerStatus(_) => Ok(Some(Body::BrokerStatusOk(wire::status(self.engine.status())))),
+            Body::ClusterStatus(_) => {
+                Ok(Some(Body::ClusterStatusOk(wire::cluster_status(self.engine.cluster_status()?))))
+            }
             Body::WhoAmI(_) => {
                 let user = wire::user_info(self.engine.whoami(&self.caller)?);
                 Ok(Some(Body::WhoAmIOk(pb::WhoAmIOk { user: Some(user), mechanism: self.mechanism.into() })))

@@ -149,6 +149,27 @@ pub fn deliver(delivery: &Delivery) -> pb::Deliver {
     }
 }
 
+/// A node's view of its cluster as `ClusterStatusOk`.
+pub fn cluster_status(status: crate::cluster::ClusterStatus) -> pb::ClusterStatusOk {
+    let members = status.members.into_iter().map(|member| pb::ClusterMember {
+        id: member.id,
+        addr: member.addr,
+        voter: member.voter,
+        leader: member.leader,
+        lag_known: member.lag.is_some(),
+        lag: member.lag.unwrap_or(0),
+    });
+    pb::ClusterStatusOk {
+        node_id: status.node_id,
+        state: status.state,
+        term: status.term,
+        leader: status.leader.unwrap_or(0),
+        last_log_index: status.last_log_index,
+        last_applied: status.last_applied,
+        members: members.collect(),
+    }
+}
+
 /// The broker's status as `BrokerStatusOk`.
 pub fn status(status: Status) -> pb::BrokerStatusOk {
     pb::BrokerStatusOk {

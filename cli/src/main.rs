@@ -7,6 +7,7 @@ mod access;
 mod audit;
 mod bench;
 mod bench_watch;
+mod cluster;
 mod consume;
 mod events;
 mod exchange;
@@ -92,6 +93,9 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Show the broker's health: uptime, connections, flow control, memory and disk.
     Status(status::StatusArgs),
+    /// Inspect the cluster the broker belongs to.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Print the broker's events (alarms, publisher blocks, moves) as they happen.
     Events(events::EventsArgs),
     /// Watch the queues live: depths, consumers, rates per second and alarms.
@@ -221,6 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Get(args) => get::run(&cli.server, args).await,
         Command::Audit(args) => audit::run(&cli.server, args).await,
         Command::Status(args) => status::run(&cli.server, args).await,
+        Command::Cluster(command) => cluster::run(&cli.server, command).await,
         Command::Events(args) => events::run(&cli.server, args).await,
         Command::Top(args) => top::run(&cli.server, args).await,
         Command::Bench(args) => bench::run(&cli.server, args).await,

@@ -22,7 +22,7 @@ use tracing::debug;
 
 use crate::consumer::Consumer;
 use crate::error::{Error, Result};
-use crate::info::{AuditEvent, BrokerStatus, QueueInfo};
+use crate::info::{AuditEvent, BrokerStatus, ClusterStatus, QueueInfo};
 use crate::io::{self, cancel_detached, READ_BUFFER};
 use crate::options::{
     wire_ms, ConnectOptions, ConsumeOptions, DeleteOptions, Mechanism, PublishOptions, QueueOptions,
@@ -270,6 +270,16 @@ impl Connection {
         match self.call(Body::BrokerStatus(pb::BrokerStatus {})).await? {
             Body::BrokerStatusOk(status) => Ok(status.into()),
             other => Err(unexpected("BrokerStatusOk", &other)),
+        }
+    }
+
+    /// The cluster as the connected node sees it: members, leader, term, replication lag.
+    /// Fails with [`ErrorCode::NotFound`](hopper_proto::ErrorCode) from a broker that is not in
+    /// a cluster.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus> {
+        match self.call(Body::ClusterStatus(pb::ClusterStatus {})).await? {
+            Body::ClusterStatusOk(status) => Ok(status.into()),
+            other => Err(unexpected("ClusterStatusOk", &other)),
         }
     }
 

@@ -246,6 +246,61 @@ impl From<pb::BrokerStatusOk> for BrokerStatus {
     }
 }
 
+/// A node's view of its cluster ([`Connection::cluster_status`](crate::Connection::cluster_status)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub node_id: u64,
+    /// Its Raft role: `leader`, `follower`, `candidate` or `learner`.
+    pub state: String,
+    /// The current Raft term.
+    pub term: u64,
+    /// The leader the node knows of; `None` during an election or without a majority.
+    pub leader: Option<u64>,
+    /// Index of the newest entry in the node's metadata log.
+    pub last_log_index: u64,
+    /// Index of the newest entry the node has applied.
+    pub last_applied: u64,
+    /// Every member of the cluster.
+    pub members: Vec<ClusterMember>,
+}
+
+/// One member in a [`ClusterStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterMember {
+    /// Its node id.
+    pub id: u64,
+    /// Its cluster address.
+    pub addr: String,
+    /// A voter; `false` for a learner still catching up.
+    pub voter: bool,
+    /// The leader.
+    pub leader: bool,
+    /// Entries it is behind the leader; known only when the answering node leads.
+    pub lag: Option<u64>,
+}
+
+impl From<pb::ClusterStatusOk> for ClusterStatus {
+    fn from(status: pb::ClusterStatusOk) -> Self {
+        let members = status.members.into_iter().map(|member| ClusterMember {
+            id: member.id,
+            addr: member.addr,
+            voter: member.voter,
+            leader: member.leader,
+            lag: member.lag_known.then_some(member.lag),
+        });
+        ClusterStatus {
+            node_id: status.node_id,
+            state: status.state,
+            term: status.term,
+            leader: non_zero(status.leader),
+            last_log_index: status.last_log_index,
+            last_applied: status.last_applied,
+            members: members.collect(),
+        }
+    }
+}
+
 /// The reason of a block, never empty: a block is worth explaining even when the broker did not.
 pub(crate) fn block_reason(reason: String) -> String {
     if reason.is_empty() {

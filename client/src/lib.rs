@@ -174,7 +174,7 @@ pub use error::{Error, Result};
 pub use events::{Event, EventKind, Events, EVENT_BUFFER};
 pub use exchanges::{BindingInfo, ExchangeInfo, ExchangeKind, ExchangeOptions};
 pub use hopper_proto::ErrorCode;
-pub use info::{AuditEvent, BrokerStatus, Death, QueueInfo};
+pub use info::{AuditEvent, BrokerStatus, ClusterMember, ClusterStatus, Death, QueueInfo};
 pub use message::Message;
 pub use moves::{MoveInfo, MoveState};
 pub use options::{

@@ -156,6 +156,8 @@ impl Body {
             Body::TokenList(_) => "TokenList",
             Body::TokenListOk(_) => "TokenListOk",
             Body::TokenDelete(_) => "TokenDelete",
+            Body::ClusterStatus(_) => "ClusterStatus",
+            Body::ClusterStatusOk(_) => "ClusterStatusOk",
         }
     }
 }

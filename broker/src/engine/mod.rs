@@ -88,6 +88,8 @@ pub struct Engine {
     users: Arc<Users>,
     /// Open connections per user, against `max_connections_per_user`.
     user_connections: Mutex<std::collections::HashMap<Arc<str>, usize>>,
+    /// This node's member of its cluster's metadata group, once started.
+    cluster: std::sync::OnceLock<crate::cluster::Cluster>,
 }
 
 /// Pull consumers by (connection id, queue name).
@@ -130,7 +132,24 @@ impl Engine {
             receipts: Receipts::new(),
             users,
             user_connections: Mutex::default(),
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Joins this broker to its cluster: from now on metadata changes go through `cluster`.
+    pub fn set_cluster(&self, cluster: crate::cluster::Cluster) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// This node's view of its cluster (for any logged-in user, like [`Engine::status`]);
+    /// `NotFound` when the broker is not in one.
+    pub fn cluster_status(&self) -> Result<crate::cluster::ClusterStatus, BrokerError> {
+        match self.cluster.get() {
+            Some(cluster) => Ok(cluster.status()),
+            None => Err(BrokerError::NotFound(
+                "this broker is not in a cluster (start hopperd with --node-id and --peers)".into(),
+            )),
+        }
     }
 
     /// The broker's configuration.

@@ -28,6 +28,15 @@ impl Engine {
                 "the broker holds {max_queues} queues, the most it may (--max-queues); delete some first"
             )));
         }
+        if let Some(cluster) = self.cluster.get() {
+            let created = self.queues.get(name).is_err();
+            let declare = crate::cluster::MetaCommand::DeclareQueue { name: name.to_owned(), settings };
+            cluster.write(declare).await?;
+            if let Some(depth) = alarm_depth {
+                self.queues.set_alarm(name, depth)?;
+            }
+            return Ok((self.queue_info(&Caller::broker(), name)?, created));
+        }
         let registry = self.queues.clone();
         let owned = name.to_owned();
         let created = blocking(move || {
@@ -41,6 +50,33 @@ impl Engine {
         Ok((self.queue_info(&Caller::broker(), name)?, created))
     }
 
+    /// Applies a metadata change committed by the cluster to this node's queues. Every node
+    /// applies the same commands in the same order, and again after a restart (from the last
+    /// snapshot on): applying one twice changes nothing.
+    pub(crate) fn apply_meta(&self, command: &crate::cluster::MetaCommand) -> crate::cluster::MetaResponse {
+        use crate::cluster::{MetaCommand, MetaResponse};
+        let result = match command {
+            MetaCommand::DeclareQueue { name, settings } => {
+                self.queues.declare(name, settings.clone()).map(drop)
+            }
+            MetaCommand::DeleteQueue { name } => match self.queues.delete(name, false, false) {
+                Ok(deleted) => {
+                    for (consumer_id, _) in &deleted.consumers {
+                        self.consumers.remove(consumer_id);
+                    }
+                    notify_cancelled(deleted.consumers, &format!("queue '{name}' was deleted"));
+                    Ok(())
+                }
+                Err(BrokerError::NotFound(_)) => Ok(()),
+                Err(err) => Err(err),
+            },
+        };
+        match result {
+            Ok(()) => MetaResponse::Done,
+            Err(err) => MetaResponse::Refused(err),
+        }
+    }
+
     /// Deletes a queue, its messages and (durable) files; its consumers are told they were
     /// cancelled. Returns how many messages it held.
     pub async fn delete_queue(
@@ -51,6 +87,24 @@ impl Engine {
         if_empty: bool,
     ) -> Result<u64, BrokerError> {
         self.check(caller, "delete", Access::Configure, Resource::Queue(name))?;
+        if let Some(cluster) = self.cluster.get() {
+            // Checked here, on the node asked; every node then deletes it unconditionally.
+            let snapshot = self.queues.get(name)?.snapshot();
+            if if_unused && snapshot.consumers > 0 {
+                let consumers = snapshot.consumers;
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "queue '{name}' has {consumers} consumer(s)"
+                )));
+            }
+            let messages = snapshot.ready + snapshot.unacked + snapshot.delayed;
+            if if_empty && messages > 0 {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "queue '{name}' holds {messages} message(s)"
+                )));
+            }
+            cluster.write(crate::cluster::MetaCommand::DeleteQueue { name: name.to_owned() }).await?;
+            return Ok(messages);
+        }
         let registry = self.queues.clone();
         let owned = name.to_owned();
         let deleted = blocking(move || registry.delete(&owned, if_unused, if_empty)).await?;

@@ -1,0 +1,402 @@
+//! Clustering: brokers that agree, through one Raft group (openraft), on the metadata every
+//! node serves.
+//!
+//! Each node runs a member of the metadata group. A metadata change made on any node is a
+//! [`MetaCommand`]: the leader appends it to the group's log, and once a majority holds it
+//! every node applies it to its own broker, so all nodes answer the same way. A follower
+//! forwards the command to the leader and waits for it to be applied.
+//!
+//! The group forms on its own when the nodes named by `--peers` start (static bootstrap: each
+//! node proposes the same membership, which Raft accepts once and ignores after).
+
+mod network;
+mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, Raft, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::engine::Engine;
+use crate::error::BrokerError;
+use crate::settings::QueueSettings;
+use network::{Link, Network, Request, Response, FORWARD_TIMEOUT};
+pub use store::Apply;
+use store::{LogStore, StateMachine};
+
+/// Node ids, as given to `--node-id` and `--peers`.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The metadata group's types.
+    pub TypeConfig:
+        D = MetaCommand,
+        R = MetaResponse,
+        NodeId = NodeId,
+        Node = BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// Leader heartbeats, in milliseconds: well under the election timeout, so a live leader is
+/// never voted out.
+pub const HEARTBEAT_MS: u64 = 100;
+/// A follower that hears nothing from its leader for a random time in this range (ms) stands
+/// for election. A dead leader is replaced within about the upper bound plus one election
+/// round: under a second, well inside the 2 s the failover bar allows.
+pub const ELECTION_TIMEOUT_MS: (u64, u64) = (400, 800);
+
+/// A change to the cluster's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Declare a queue.
+    DeclareQueue {
+        /// The queue's name.
+        name: String,
+        /// Its settings.
+        settings: QueueSettings,
+    },
+    /// Delete a queue.
+    DeleteQueue {
+        /// The queue's name.
+        name: String,
+    },
+}
+
+/// The outcome of applying a [`MetaCommand`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaResponse {
+    /// Applied.
+    Done,
+    /// The broker refused the change (it is recorded in the log all the same, refused on
+    /// every node alike).
+    Refused(BrokerError),
+}
+
+/// The metadata every node holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    /// Queues by name, with their settings.
+    pub queues: BTreeMap<String, QueueSettings>,
+}
+
+impl Catalog {
+    fn apply(&mut self, command: &MetaCommand, response: &MetaResponse) {
+        if *response != MetaResponse::Done {
+            return;
+        }
+        match command {
+            MetaCommand::DeclareQueue { name, settings } => {
+                self.queues.insert(name.clone(), settings.clone());
+            }
+            MetaCommand::DeleteQueue { name } => {
+                self.queues.remove(name);
+            }
+        }
+    }
+
+    /// Commands that rebuild this catalog on an empty broker.
+    fn as_commands(&self) -> Vec<MetaCommand> {
+        let queues = self.queues.iter();
+        queues
+            .map(|(name, settings)| MetaCommand::DeclareQueue {
+                name: name.clone(),
+                settings: settings.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Applies committed commands to `engine`'s queues, while the engine lives.
+pub fn apply_to(engine: std::sync::Weak<Engine>) -> Apply {
+    Arc::new(move |command| match engine.upgrade() {
+        Some(engine) => engine.apply_meta(command),
+        None => MetaResponse::Refused(BrokerError::Internal("the broker is shutting down".into())),
+    })
+}
+
+/// How this node joins a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This node's id (1 or more), unique in the cluster.
+    pub node_id: NodeId,
+    /// Address other nodes reach this one at (port 0 picks a free port).
+    pub listen: String,
+    /// Every member of the initial cluster, this node included: id → cluster address.
+    pub peers: BTreeMap<NodeId, String>,
+}
+
+impl ClusterConfig {
+    /// Parses `--peers` (`1=host:port,2=host:port,...`).
+    pub fn parse_peers(text: &str) -> Result<BTreeMap<NodeId, String>, String> {
+        let mut peers = BTreeMap::new();
+        for item in text.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+            let Some((id, addr)) = item.split_once('=') else {
+                return Err(format!("'{item}' is not ID=ADDRESS"));
+            };
+            let id: NodeId = id.trim().parse().map_err(|_| format!("'{id}' in '{item}' is not a node id"))?;
+            if id == 0 {
+                return Err("node ids start at 1".into());
+            }
+            if peers.insert(id, addr.trim().to_owned()).is_some() {
+                return Err(format!("node {id} is listed twice"));
+            }
+        }
+        Ok(peers)
+    }
+
+    /// Checks the configuration before anything starts.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id == 0 {
+            return Err("--node-id must be at least 1".into());
+        }
+        if !self.peers.is_empty() && !self.peers.contains_key(&self.node_id) {
+            return Err(format!("--peers does not list this node ({})", self.node_id));
+        }
+        Ok(())
+    }
+}
+
+/// This node's member of the metadata group.
+#[derive(Clone)]
+pub struct Cluster {
+    node_id: NodeId,
+    addr: SocketAddr,
+    raft: Raft<TypeConfig>,
+    machine: StateMachine,
+}
+
+/// Why a metadata change did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// No leader: an election is under way, or this node cannot reach a majority.
+    #[error("no leader is known to this node; the cluster may have lost its majority")]
+    NoLeader,
+    /// The leader could not be reached, or did not answer in time.
+    #[error("the leader (node {0}) could not be reached: {1}")]
+    Forward(NodeId, String),
+    /// Raft refused the change.
+    #[error("{0}")]
+    Raft(String),
+    /// The broker refused the change.
+    #[error("{0}")]
+    Refused(BrokerError),
+    /// The change was committed but this node did not apply it in time.
+    #[error("the change was committed but not yet applied on this node; retry shortly")]
+    NotApplied,
+    /// This node is shutting down.
+    #[error("the cluster is shutting down")]
+    Stopped,
+}
+
+impl From<WriteError> for BrokerError {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Refused(error) => error,
+            other => BrokerError::Internal(format!("cluster: {other}")),
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts this node's Raft member with its state in `dir`, serving other nodes on
+    /// `config.listen`, and proposes the initial membership when `config.peers` lists one.
+    pub async fn start(
+        config: &ClusterConfig,
+        dir: &Path,
+        apply: Apply,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<Cluster> {
+        let raft_config = openraft::Config {
+            cluster_name: "hopper".into(),
+            heartbeat_interval: HEARTBEAT_MS,
+            election_timeout_min: ELECTION_TIMEOUT_MS.0,
+            election_timeout_max: ELECTION_TIMEOUT_MS.1,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(std::io::Error::other)?;
+        let listener = TcpListener::bind(&config.listen).await?;
+        let addr = listener.local_addr()?;
+        let log = LogStore::open(dir)?;
+        let machine = StateMachine::open(dir, apply)?;
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), Network, log, machine.clone())
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(network::serve(listener, raft.clone(), shutdown.clone()));
+        if !config.peers.is_empty() {
+            let members: BTreeMap<NodeId, BasicNode> =
+                config.peers.iter().map(|(id, addr)| (*id, BasicNode::new(addr))).collect();
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(node = config.node_id, "cluster membership proposed"),
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                    tracing::info!(node = config.node_id, "cluster already formed; rejoining")
+                }
+                Err(err) => return Err(std::io::Error::other(err)),
+            }
+        }
+        let cluster = Cluster { node_id: config.node_id, addr, raft, machine };
+        let stopping = cluster.raft.clone();
+        let mut shutdown = shutdown;
+        tokio::spawn(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+            let _ = stopping.shutdown().await;
+        });
+        Ok(cluster)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The address other nodes reach this one at.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The catalog as applied on this node.
+    pub fn catalog(&self) -> Catalog {
+        self.machine.catalog()
+    }
+
+    /// Commits `command` through the group (forwarded to the leader from a follower) and
+    /// returns once it is applied on the leader.
+    pub async fn write(&self, command: MetaCommand) -> Result<(), WriteError> {
+        let response = match self.raft.client_write(command.clone()).await {
+            Ok(response) => response,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                let (Some(leader), Some(node)) = (forward.leader_id, forward.leader_node) else {
+                    return Err(WriteError::NoLeader);
+                };
+                let mut link = Link::new(node.addr);
+                match link.call(&Request::Write(command), FORWARD_TIMEOUT).await {
+                    Ok(Response::Write(Ok(response))) => response,
+                    Ok(Response::Write(Err(err))) => {
+                        return Err(WriteError::Forward(leader, err.to_string()))
+                    }
+                    Ok(other) => {
+                        return Err(WriteError::Forward(leader, format!("unexpected answer {other:?}")))
+                    }
+                    Err((_, err)) => return Err(WriteError::Forward(leader, err.to_string())),
+                }
+            }
+            Err(RaftError::APIError(err)) => return Err(WriteError::Raft(err.to_string())),
+            Err(RaftError::Fatal(_)) => return Err(WriteError::Stopped),
+        };
+        // The leader has applied it; a follower that took the request applies it before it
+        // answers, so the client sees its own change on the node it asked.
+        let wait = self.raft.wait(Some(FORWARD_TIMEOUT));
+        if wait.applied_index_at_least(Some(response.log_id.index), "applied here").await.is_err() {
+            return Err(WriteError::NotApplied);
+        }
+        match response.data {
+            MetaResponse::Done => Ok(()),
+            MetaResponse::Refused(error) => Err(WriteError::Refused(error)),
+        }
+    }
+
+    /// What this node knows of the cluster now.
+    pub fn status(&self) -> ClusterStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let replication = metrics.replication.clone().unwrap_or_default();
+        let last_index = metrics.last_log_index.unwrap_or(0);
+        let members = membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = if *id == metrics.id {
+                    metrics.last_log_index
+                } else {
+                    replication.get(id).and_then(|m| m.map(|log_id| log_id.index))
+                };
+                MemberStatus {
+                    id: *id,
+                    addr: node.addr.clone(),
+                    voter: voters.contains(id),
+                    leader: metrics.current_leader == Some(*id),
+                    // Only the leader knows how far the others are.
+                    lag: (metrics.state == ServerState::Leader)
+                        .then(|| last_index - matched.unwrap_or(0).min(last_index)),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            node_id: metrics.id,
+            state: format!("{:?}", metrics.state).to_lowercase(),
+            term: metrics.current_term,
+            leader: metrics.current_leader,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            last_applied: metrics.last_applied.map_or(0, |id| id.index),
+            members,
+        }
+    }
+
+    /// Waits until some node is leader, for at most `timeout`.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
+        let mut metrics = self.raft.metrics();
+        let found = tokio::time::timeout(timeout, metrics.wait_for(|m| m.current_leader.is_some())).await;
+        let leader = found.ok()?.ok()?.current_leader;
+        leader
+    }
+}
+
+/// [`Cluster::status`]: this node's view of the group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// The node answering.
+    pub node_id: NodeId,
+    /// leader, follower, candidate or learner.
+    pub state: String,
+    /// The current Raft term.
+    pub term: u64,
+    /// The leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// Index of the newest entry in this node's log.
+    pub last_log_index: u64,
+    /// Index of the newest entry applied on this node.
+    pub last_applied: u64,
+    /// Every member, voters and learners.
+    pub members: Vec<MemberStatus>,
+}
+
+/// One member in [`ClusterStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its cluster address.
+    pub addr: String,
+    /// True for a voter, false for a learner.
+    pub voter: bool,
+    /// True for the leader.
+    pub leader: bool,
+    /// Entries the member is behind the leader's log (known on the leader only).
+    pub lag: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_bad_lists_are_refused_clearly() {
+        let peers = ClusterConfig::parse_peers("1=127.0.0.1:7001, 2=h2:7002,3=h3:7003").unwrap();
+        assert_eq!(peers.len(), 3);
+        assert_eq!(peers[&2], "h2:7002");
+        assert!(ClusterConfig::parse_peers("1=a,1=b").unwrap_err().contains("twice"));
+        assert!(ClusterConfig::parse_peers("x=a").unwrap_err().contains("not a node id"));
+        assert!(ClusterConfig::parse_peers("0=a").unwrap_err().contains("start at 1"));
+        assert!(ClusterConfig::parse_peers("1:a").unwrap_err().contains("ID=ADDRESS"));
+        let config = ClusterConfig { node_id: 4, listen: "x".into(), peers };
+        assert!(config.validate().unwrap_err().contains("does not list this node"));
+    }
+}

@@ -1,0 +1,236 @@
+//! Node-to-node traffic: Raft's messages and forwarded metadata writes, over TCP.
+//!
+//! Framing is Hopper's own: a 4-byte big-endian length, then the message (JSON of the
+//! [`Request`] or [`Response`]). A connection carries one request at a time and its answer.
+//! Each peer that Raft replicates to gets its own connection, opened when first needed and
+//! again after any failure; every call is bounded by the timeout Raft gives it.
+
+use std::io;
+use std::time::Duration;
+
+use futures::{SinkExt as _, StreamExt as _};
+use openraft::error::{
+    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, ClientWriteResponse, InstallSnapshotRequest,
+    InstallSnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Raft};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use super::{MetaCommand, NodeId, TypeConfig};
+
+/// Largest message between nodes (a snapshot chunk or a batch of entries).
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// How long a forwarded metadata write may take.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A message from one node to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A metadata write made on a follower, for the leader to commit.
+    Write(MetaCommand),
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Response {
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    Write(Result<ClientWriteResponse<TypeConfig>, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>),
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder().max_frame_length(MAX_MESSAGE).new_codec()
+}
+
+/// A connection to another node.
+pub struct Link {
+    addr: String,
+    conn: Option<Framed<TcpStream, LengthDelimitedCodec>>,
+}
+
+impl Link {
+    pub fn new(addr: String) -> Self {
+        Link { addr, conn: None }
+    }
+
+    /// Sends `request` and waits for the answer, within `timeout`. Any failure drops the
+    /// connection; the next call opens a new one. `Err(true)` means the node could not be
+    /// reached at all.
+    pub async fn call(
+        &mut self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, (bool, io::Error)> {
+        let result = tokio::time::timeout(timeout, self.exchange(request)).await;
+        let result = match result {
+            Ok(result) => result,
+            Err(_) => Err((
+                false,
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer from {} in {timeout:?}", self.addr),
+                ),
+            )),
+        };
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+
+    async fn exchange(&mut self, request: &Request) -> Result<Response, (bool, io::Error)> {
+        if self.conn.is_none() {
+            let stream = TcpStream::connect(&self.addr).await.map_err(|e| (true, e))?;
+            let _ = stream.set_nodelay(true);
+            self.conn = Some(Framed::new(stream, codec()));
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        let bytes = serde_json::to_vec(request).map_err(|e| (false, io::Error::other(e)))?;
+        conn.send(bytes::Bytes::from(bytes)).await.map_err(|e| (false, e))?;
+        let frame = match conn.next().await {
+            Some(frame) => frame.map_err(|e| (false, e))?,
+            None => return Err((false, io::Error::new(io::ErrorKind::UnexpectedEof, "the node hung up"))),
+        };
+        serde_json::from_slice(&frame).map_err(|e| (false, io::Error::new(io::ErrorKind::InvalidData, e)))
+    }
+}
+
+/// Makes the [`Peer`] Raft uses to reach each node.
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        Peer { target, link: Link::new(node.addr.clone()) }
+    }
+}
+
+/// Raft's view of one other node.
+pub struct Peer {
+    target: NodeId,
+    link: Link,
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl Peer {
+    async fn call<E: std::error::Error>(
+        &mut self,
+        request: Request,
+        option: &RPCOption,
+    ) -> RpcResult<Response, E> {
+        self.link.call(&request, option.hard_ttl()).await.map_err(|(unreachable, e)| {
+            if unreachable {
+                RPCError::Unreachable(Unreachable::new(&e))
+            } else {
+                RPCError::Network(NetworkError::new(&e))
+            }
+        })
+    }
+
+    fn remote<T, E: std::error::Error>(&self, result: Result<T, RaftError<NodeId, E>>) -> RpcResult<T, E> {
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+fn unexpected<E: std::error::Error>(
+    response: &Response,
+) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+    let error = io::Error::new(io::ErrorKind::InvalidData, format!("unexpected answer {response:?}"));
+    RPCError::Network(NetworkError::new(&error))
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        match self.call(Request::AppendEntries(rpc), &option).await? {
+            Response::AppendEntries(result) => self.remote(result),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        match self.call(Request::InstallSnapshot(rpc), &option).await? {
+            Response::InstallSnapshot(result) => self.remote(result),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+        match self.call(Request::Vote(rpc), &option).await? {
+            Response::Vote(result) => self.remote(result),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// Serves other nodes' requests until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                tracing::warn!(error = %err, "cluster listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let raft = raft.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(err) = serve_connection(stream, raft, shutdown).await {
+                tracing::debug!(%peer, error = %err, "cluster connection ended");
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    raft: Raft<TypeConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let mut conn = Framed::new(stream, codec());
+    loop {
+        let frame = tokio::select! {
+            frame = conn.next() => frame,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let Some(frame) = frame else { return Ok(()) };
+        let request: Request =
+            serde_json::from_slice(&frame?).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let response = match request {
+            Request::AppendEntries(rpc) => Response::AppendEntries(raft.append_entries(rpc).await),
+            Request::Vote(rpc) => Response::Vote(raft.vote(rpc).await),
+            Request::InstallSnapshot(rpc) => Response::InstallSnapshot(raft.install_snapshot(rpc).await),
+            Request::Write(command) => Response::Write(raft.client_write(command).await),
+        };
+        let bytes = serde_json::to_vec(&response).map_err(io::Error::other)?;
+        conn.send(bytes::Bytes::from(bytes)).await?;
+    }
+}

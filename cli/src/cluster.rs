@@ -1,0 +1,105 @@
+//! `hopper cluster status`: the cluster as the connected node sees it.
+
+use clap::{Args, Subcommand};
+use hopper_client::ClusterStatus;
+use serde_json::json;
+
+/// `hopper cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Show the members, their roles, the leader, the term and how far each member is behind
+    /// the leader (known only when the node asked leads).
+    Status(StatusArgs),
+}
+
+/// Flags of `cluster status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print one JSON object with keys node_id, state, term, leader (null without one),
+    /// last_log_index, last_applied and members (each with id, addr, voter, leader and lag,
+    /// null when unknown).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a `cluster` subcommand against the broker at `server`.
+pub async fn run(server: &str, command: ClusterCommand) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Status(args) => {
+            let conn = crate::connect(server, "cluster status").await?;
+            let result = conn.cluster_status().await;
+            let _ = conn.close().await;
+            let status = result?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
+            } else {
+                print!("{}", listing(&status));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn status_json(status: &ClusterStatus) -> serde_json::Value {
+    let members: Vec<_> = status
+        .members
+        .iter()
+        .map(|m| json!({"id": m.id, "addr": m.addr, "voter": m.voter, "leader": m.leader, "lag": m.lag}))
+        .collect();
+    json!({
+        "node_id": status.node_id,
+        "state": status.state,
+        "term": status.term,
+        "leader": status.leader,
+        "last_log_index": status.last_log_index,
+        "last_applied": status.last_applied,
+        "members": members,
+    })
+}
+
+fn listing(status: &ClusterStatus) -> String {
+    let leader = status.leader.map_or("none".to_string(), |id| id.to_string());
+    let mut out = format!(
+        "node {} ({}), term {}, leader {leader}, log {} (applied {})\n",
+        status.node_id, status.state, status.term, status.last_log_index, status.last_applied
+    );
+    out.push_str(&format!("{:>4}  {:<24} {:<8} {:<7} {:>5}\n", "ID", "ADDRESS", "ROLE", "VOTER", "LAG"));
+    for m in &status.members {
+        let role = if m.leader { "leader" } else { "-" };
+        let lag = m.lag.map_or("-".to_string(), |lag| lag.to_string());
+        let voter = if m.voter { "yes" } else { "learner" };
+        out.push_str(&format!("{:>4}  {:<24} {:<8} {:<7} {:>5}\n", m.id, m.addr, role, voter, lag));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use hopper_client::ClusterMember;
+
+    use super::*;
+
+    #[test]
+    fn the_listing_marks_the_leader_and_unknown_lag() {
+        let status = ClusterStatus {
+            node_id: 2,
+            state: "follower".into(),
+            term: 3,
+            leader: Some(1),
+            last_log_index: 7,
+            last_applied: 7,
+            members: vec![
+                ClusterMember { id: 1, addr: "a:1".into(), voter: true, leader: true, lag: None },
+                ClusterMember { id: 2, addr: "b:2".into(), voter: true, leader: false, lag: Some(4) },
+            ],
+        };
+        let text = listing(&status);
+        assert!(text.starts_with("node 2 (follower), term 3, leader 1, log 7 (applied 7)\n"), "{text}");
+        assert!(text.contains("   1  a:1                      leader   yes         -\n"), "{text}");
+        assert!(text.contains("   2  b:2                      -        yes         4\n"), "{text}");
+        let json = status_json(&status);
+        assert_eq!(json["leader"], 1);
+        assert_eq!(json["members"][0]["lag"], serde_json::Value::Null);
+        assert_eq!(json["members"][1]["lag"], 4);
+    }
+}
