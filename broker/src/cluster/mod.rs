@@ -17,7 +17,6 @@ use std::io::Cursor;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Raft, ServerState};
@@ -338,14 +337,6 @@ impl Cluster {
             last_applied: metrics.last_applied.map_or(0, |id| id.index),
             members,
         }
-    }
-
-    /// Waits until some node is leader, for at most `timeout`.
-    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
-        let mut metrics = self.raft.metrics();
-        let found = tokio::time::timeout(timeout, metrics.wait_for(|m| m.current_leader.is_some())).await;
-        let leader = found.ok()?.ok()?.current_leader;
-        leader
     }
 }
 

@@ -5,6 +5,9 @@
 //! Each peer that Raft replicates to gets its own connection, opened when first needed and
 //! again after any failure; every call is bounded by the timeout Raft gives it.
 
+// openraft's traits fix these error types, large as they are.
+#![allow(clippy::result_large_err)]
+
 use std::io;
 use std::time::Duration;
 

@@ -9,6 +9,9 @@
 //! The state machine is the metadata catalog, in memory, rebuilt from the latest snapshot
 //! (`snapshot.json`, written atomically) and the log entries after it.
 
+// openraft's traits fix these error types, large as they are.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};

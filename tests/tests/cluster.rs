@@ -1,0 +1,158 @@
+//! Three real `hopperd` processes form a cluster: they elect a leader, agree on the queues
+//! declared on any of them, replace a leader killed with `kill -9`, and take back a restarted
+//! node, which catches up on what it missed.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use hopper_client::{ClusterStatus, Connection, DeleteOptions, ErrorCode, QueueOptions};
+use hopper_tests::{connect, eventually, run_cli, Broker};
+
+/// Free loopback ports for the cluster listeners, which every node must know in advance.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> =
+        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port")).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+struct Cluster {
+    nodes: Vec<Broker>,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let ports = free_ports(n);
+        let peers: Vec<String> =
+            ports.iter().enumerate().map(|(i, port)| format!("{}=127.0.0.1:{port}", i + 1)).collect();
+        let peers = peers.join(",");
+        let nodes = (0..n)
+            .map(|i| {
+                let id = (i + 1).to_string();
+                let listen = format!("127.0.0.1:{}", ports[i]);
+                Broker::start_with(&["--node-id", &id, "--cluster-listen", &listen, "--peers", &peers])
+            })
+            .collect();
+        Cluster { nodes }
+    }
+
+    /// Node `id` (1-based).
+    fn node(&mut self, id: u64) -> &mut Broker {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    /// Waits until every running node names the same leader, among the running nodes.
+    async fn agreed_leader(&mut self, within: Duration) -> u64 {
+        let started = Instant::now();
+        loop {
+            let mut leaders = BTreeSet::new();
+            let mut running = BTreeSet::new();
+            for (i, node) in self.nodes.iter_mut().enumerate() {
+                if !node.is_running() {
+                    continue;
+                }
+                running.insert(i as u64 + 1);
+                leaders.insert(cluster_status(node).await.and_then(|s| s.leader));
+            }
+            if let [Some(leader)] = leaders.iter().copied().collect::<Vec<_>>()[..] {
+                if running.contains(&leader) {
+                    return leader;
+                }
+            }
+            assert!(started.elapsed() < within, "no agreed leader after {within:?}: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A node's cluster status, or `None` if it does not answer.
+async fn cluster_status(node: &Broker) -> Option<ClusterStatus> {
+    let conn = Connection::connect(&node.addr().to_string()).await.ok()?;
+    let status = conn.cluster_status().await.ok();
+    let _ = conn.close().await;
+    status
+}
+
+async fn queue_names(node: &Broker) -> Vec<String> {
+    let conn = connect(node).await;
+    let names = conn.list_queues().await.unwrap().into_iter().map(|q| q.name).collect();
+    let _ = conn.close().await;
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_a_leader_and_agree_on_the_queues() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.agreed_leader(Duration::from_secs(10)).await;
+
+    let status = cluster_status(cluster.node(leader)).await.expect("the leader answers");
+    assert_eq!(status.state, "leader");
+    assert_eq!(status.members.iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(status.members.iter().all(|m| m.voter));
+
+    // Declared on a follower (forwarded to the leader), on the leader, and deleted on another
+    // follower: once each call returns, the node asked shows the change.
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let conn = connect(cluster.node(followers[0])).await;
+    conn.declare_queue("orders", QueueOptions { durable: true, ..QueueOptions::default() }).await.unwrap();
+    assert_eq!(queue_names(cluster.node(followers[0])).await, ["orders"]);
+    connect(cluster.node(leader)).await.declare_queue("audit", QueueOptions::default()).await.unwrap();
+    connect(cluster.node(followers[1])).await.delete_queue("audit", DeleteOptions::default()).await.unwrap();
+    assert_eq!(queue_names(cluster.node(followers[1])).await, ["orders"]);
+
+    // A declare that contradicts the catalog is refused alike, with the broker's own error.
+    let refused = conn.declare_queue("orders", QueueOptions::default()).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::PreconditionFailed), "{refused}");
+
+    // Every node converges on the same catalog.
+    for id in 1..=3 {
+        let node = cluster.node(id);
+        eventually("every node lists the same queues", Duration::from_secs(5), || async {
+            queue_names(node).await == ["orders"]
+        })
+        .await;
+    }
+
+    // Without a cluster the request is refused clearly.
+    let single = Broker::start();
+    let error = connect(&single).await.cluster_status().await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::NotFound), "{error}");
+    assert!(error.to_string().contains("not in a cluster"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_catches_up_when_back() {
+    let mut cluster = Cluster::start(3);
+    let old = cluster.agreed_leader(Duration::from_secs(10)).await;
+    let survivor = (1..=3).find(|id| *id != old).unwrap();
+
+    cluster.node(old).kill();
+    // The survivors elect a new leader, and a metadata change commits through it. (How fast
+    // is measured in docs/benchmarks.md, not here.)
+    let new = cluster.agreed_leader(Duration::from_secs(10)).await;
+    assert_ne!(new, old);
+    connect(cluster.node(survivor)).await.declare_queue("after", QueueOptions::default()).await.unwrap();
+
+    let status = cluster_status(cluster.node(new)).await.unwrap();
+    assert_eq!(status.state, "leader");
+    assert!(status.term >= 2, "a new term: {status:?}");
+
+    // The old leader comes back as a follower and applies what it missed.
+    cluster.node(old).restart();
+    let back = cluster.node(old);
+    eventually(
+        "the restarted node has the queue declared while it was down",
+        Duration::from_secs(10),
+        || async { queue_names(back).await == ["after"] },
+    )
+    .await;
+    let status = cluster_status(cluster.node(old)).await.unwrap();
+    assert_eq!(status.leader, Some(new), "{status:?}");
+    assert_eq!(status.state, "follower");
+
+    let cli = run_cli(cluster.node(new), &["cluster", "status", "--json"]).await;
+    assert!(cli.success(), "{}", cli.stderr);
+    let json: serde_json::Value = serde_json::from_str(&cli.stdout).unwrap();
+    assert_eq!(json["leader"], new);
+    assert_eq!(json["members"].as_array().unwrap().len(), 3);
+}
