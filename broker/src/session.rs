@@ -13,6 +13,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::codec::FramedRead;
 use tracing::Instrument;
 
+use crate::cluster::MembershipChange;
 use crate::engine::{Caller, Engine, PublishTarget};
 use crate::error::BrokerError;
 use crate::events::BrokerEvent;
@@ -170,6 +171,8 @@ fn is_slow(body: &Body) -> bool {
             | Body::PermissionsSet(_)
             | Body::TokenCreate(_)
             | Body::TokenDelete(_)
+            | Body::ClusterAddNode(_)
+            | Body::ClusterRemoveNode(_)
     )
 }
 
@@ -564,6 +567,16 @@ impl Session {
                 .delete_token(&self.caller, delete.name)
                 .await
                 .map(|()| Some(Body::AccessOk(pb::AccessOk {}))),
+            Body::ClusterAddNode(add) => self
+                .engine
+                .change_cluster_members(&self.caller, MembershipChange::Add { id: add.id, addr: add.addr })
+                .await
+                .map(|status| Some(Body::ClusterStatusOk(wire::cluster_status(status)))),
+            Body::ClusterRemoveNode(remove) => self
+                .engine
+                .change_cluster_members(&self.caller, MembershipChange::Remove { id: remove.id })
+                .await
+                .map(|status| Some(Body::ClusterStatusOk(wire::cluster_status(status)))),
             other => self.request(request_id, other),
         };
         self.answer(request_id, result);

@@ -10,6 +10,23 @@ pub enum ClusterCommand {
     /// Show the members, their roles, the leader, the term and how far each member is behind
     /// the leader (known only when the node asked leads).
     Status(StatusArgs),
+    /// Add a node to the cluster: start it first with --node-id and --cluster-listen (no
+    /// --peers); it catches up, then votes.
+    AddNode {
+        /// The new node's id.
+        id: u64,
+        /// Its cluster address (its --cluster-listen).
+        addr: String,
+        #[command(flatten)]
+        output: StatusArgs,
+    },
+    /// Remove a node from the cluster.
+    RemoveNode {
+        /// The node's id.
+        id: u64,
+        #[command(flatten)]
+        output: StatusArgs,
+    },
 }
 
 /// Flags of `cluster status`.
@@ -24,20 +41,21 @@ pub struct StatusArgs {
 
 /// Runs a `cluster` subcommand against the broker at `server`.
 pub async fn run(server: &str, command: ClusterCommand) -> anyhow::Result<()> {
-    match command {
-        ClusterCommand::Status(args) => {
-            let conn = crate::connect(server, "cluster status").await?;
-            let result = conn.cluster_status().await;
-            let _ = conn.close().await;
-            let status = result?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
-            } else {
-                print!("{}", listing(&status));
-            }
-            Ok(())
-        }
+    let conn = crate::connect(server, "cluster").await?;
+    let (result, args) = match command {
+        ClusterCommand::Status(args) => (conn.cluster_status().await, args),
+        ClusterCommand::AddNode { id, addr, output } => (conn.cluster_add_node(id, &addr).await, output),
+        ClusterCommand::RemoveNode { id, output } => (conn.cluster_remove_node(id).await, output),
+    };
+    // Closing is a courtesy; its failure must not hide the command's own result.
+    let _ = conn.close().await;
+    let status = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
+    } else {
+        print!("{}", listing(&status));
     }
+    Ok(())
 }
 
 fn status_json(status: &ClusterStatus) -> serde_json::Value {

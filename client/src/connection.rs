@@ -283,6 +283,25 @@ impl Connection {
         }
     }
 
+    /// Adds node `id`, reachable by the other nodes at `addr` (its `--cluster-listen`), to the
+    /// cluster; returns the cluster's status once the change is committed. The node must run
+    /// with `--node-id` and no `--peers`. Admin only.
+    pub async fn cluster_add_node(&self, id: u64, addr: &str) -> Result<ClusterStatus> {
+        let add = pb::ClusterAddNode { id, addr: addr.to_owned() };
+        match self.call(Body::ClusterAddNode(add)).await? {
+            Body::ClusterStatusOk(status) => Ok(status.into()),
+            other => Err(unexpected("ClusterStatusOk", &other)),
+        }
+    }
+
+    /// Removes node `id` from the cluster; returns the cluster's status after. Admin only.
+    pub async fn cluster_remove_node(&self, id: u64) -> Result<ClusterStatus> {
+        match self.call(Body::ClusterRemoveNode(pb::ClusterRemoveNode { id })).await? {
+            Body::ClusterStatusOk(status) => Ok(status.into()),
+            other => Err(unexpected("ClusterStatusOk", &other)),
+        }
+    }
+
     /// True while the broker blocks this connection's publishing (flow control): it has
     /// stopped reading from the connection until its memory or disk recovers. Only a
     /// connection that has published is ever blocked.

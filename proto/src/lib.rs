@@ -158,6 +158,8 @@ impl Body {
             Body::TokenDelete(_) => "TokenDelete",
             Body::ClusterStatus(_) => "ClusterStatus",
             Body::ClusterStatusOk(_) => "ClusterStatusOk",
+            Body::ClusterAddNode(_) => "ClusterAddNode",
+            Body::ClusterRemoveNode(_) => "ClusterRemoveNode",
         }
     }
 }

@@ -156,3 +156,50 @@ async fn a_killed_leader_is_replaced_and_catches_up_when_back() {
     assert_eq!(json["leader"], new);
     assert_eq!(json["members"].as_array().unwrap().len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_joins_catches_up_and_a_member_leaves() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.agreed_leader(Duration::from_secs(10)).await;
+    connect(cluster.node(leader)).await.declare_queue("before-join", QueueOptions::default()).await.unwrap();
+
+    // A node started with an id and a cluster address but no peers waits to be added.
+    let port = free_ports(1)[0];
+    let addr = format!("127.0.0.1:{port}");
+    let fourth = Broker::start_with(&["--node-id", "4", "--cluster-listen", &addr]);
+    let waiting = cluster_status(&fourth).await.expect("the new node answers");
+    assert_eq!(waiting.leader, None);
+
+    // Asked of a follower, which forwards it to the leader.
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let status = connect(cluster.node(follower)).await.cluster_add_node(4, &addr).await.unwrap();
+    assert_eq!(
+        status.members.iter().map(|m| (m.id, m.voter)).collect::<Vec<_>>(),
+        [(1, true), (2, true), (3, true), (4, true)]
+    );
+    cluster.nodes.push(fourth);
+    eventually("the new node applied the catalog from before it joined", Duration::from_secs(10), || async {
+        queue_names(&cluster.nodes[3]).await == ["before-join"]
+    })
+    .await;
+    assert_eq!(cluster.agreed_leader(Duration::from_secs(10)).await, leader);
+
+    // Adding it twice is refused clearly.
+    let again = connect(cluster.node(leader)).await.cluster_add_node(4, &addr).await.unwrap_err();
+    assert_eq!(again.code(), Some(ErrorCode::PreconditionFailed), "{again}");
+
+    // The leader itself leaves; the others go on with a new one.
+    let cli =
+        run_cli(cluster.node(follower), &["cluster", "remove-node", &leader.to_string(), "--json"]).await;
+    assert!(cli.success(), "{}", cli.stderr);
+    let after: serde_json::Value = serde_json::from_str(&cli.stdout).unwrap();
+    let ids: Vec<u64> =
+        after["members"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect();
+    assert!(!ids.contains(&leader) && ids.len() == 3, "{after}");
+    cluster.node(leader).kill();
+    let new = cluster.agreed_leader(Duration::from_secs(10)).await;
+    assert_ne!(new, leader);
+    connect(cluster.node(4)).await.declare_queue("after-leave", QueueOptions::default()).await.unwrap();
+    let missing = connect(cluster.node(new)).await.cluster_remove_node(leader).await.unwrap_err();
+    assert_eq!(missing.code(), Some(ErrorCode::NotFound), "{missing}");
+}

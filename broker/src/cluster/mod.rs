@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use crate::engine::Engine;
 use crate::error::BrokerError;
 use crate::settings::QueueSettings;
+pub use network::MembershipChange;
 use network::{Link, Network, Request, Response, FORWARD_TIMEOUT};
 pub use store::Apply;
 use store::{LogStore, StateMachine};
@@ -302,6 +303,28 @@ impl Cluster {
         }
     }
 
+    /// Adds a node to the cluster, or removes one, through Raft's joint consensus: a new node
+    /// first catches up as a learner, then becomes a voter. Asked of a follower, the change
+    /// is forwarded to the leader.
+    pub async fn change_members(&self, change: MembershipChange) -> Result<(), WriteError> {
+        let leader = self.raft.current_leader().await;
+        if leader == Some(self.node_id) {
+            return change_members(&self.raft, change).await;
+        }
+        let Some(leader) = leader else { return Err(WriteError::NoLeader) };
+        let metrics = self.raft.metrics().borrow().clone();
+        let Some(node) = metrics.membership_config.membership().get_node(&leader).cloned() else {
+            return Err(WriteError::NoLeader);
+        };
+        let mut link = Link::new(node.addr);
+        match link.call(&Request::ChangeMembers(change), FORWARD_TIMEOUT).await {
+            Ok(Response::ChangeMembers(Ok(()))) => Ok(()),
+            Ok(Response::ChangeMembers(Err(err))) => Err(WriteError::Raft(err)),
+            Ok(other) => Err(WriteError::Forward(leader, format!("unexpected answer {other:?}"))),
+            Err((_, err)) => Err(WriteError::Forward(leader, err.to_string())),
+        }
+    }
+
     /// What this node knows of the cluster now.
     pub fn status(&self) -> ClusterStatus {
         let metrics = self.raft.metrics().borrow().clone();
@@ -338,6 +361,43 @@ impl Cluster {
             members,
         }
     }
+}
+
+/// Makes a membership change on the leader `raft`.
+async fn change_members(raft: &Raft<TypeConfig>, change: MembershipChange) -> Result<(), WriteError> {
+    let voters: BTreeSet<NodeId> =
+        raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+    let refused = |err: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| match err {
+        RaftError::APIError(err) => WriteError::Raft(err.to_string()),
+        RaftError::Fatal(_) => WriteError::Stopped,
+    };
+    match change {
+        MembershipChange::Add { id, addr } => {
+            if voters.contains(&id) {
+                return Err(WriteError::Refused(BrokerError::PreconditionFailed(format!(
+                    "node {id} is already a member"
+                ))));
+            }
+            raft.add_learner(id, BasicNode::new(addr), true).await.map_err(refused)?;
+            let mut next = voters;
+            next.insert(id);
+            raft.change_membership(next, false).await.map_err(refused)?;
+        }
+        MembershipChange::Remove { id } => {
+            if !voters.contains(&id) {
+                return Err(WriteError::Refused(BrokerError::NotFound(format!("node {id} is not a member"))));
+            }
+            if voters.len() == 1 {
+                return Err(WriteError::Refused(BrokerError::PreconditionFailed(
+                    "the last member cannot be removed".into(),
+                )));
+            }
+            let mut next = voters;
+            next.remove(&id);
+            raft.change_membership(next, false).await.map_err(refused)?;
+        }
+    }
+    Ok(())
 }
 
 /// [`Cluster::status`]: this node's view of the group.

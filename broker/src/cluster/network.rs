@@ -41,6 +41,25 @@ pub enum Request {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A metadata write made on a follower, for the leader to commit.
     Write(MetaCommand),
+    /// A membership change asked of a follower, for the leader to make.
+    ChangeMembers(MembershipChange),
+}
+
+/// A change of the cluster's voters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// Add a node: it catches up as a learner, then votes.
+    Add {
+        /// The new node's id.
+        id: NodeId,
+        /// Its cluster address.
+        addr: String,
+    },
+    /// Remove a node from the voters and the cluster.
+    Remove {
+        /// The node's id.
+        id: NodeId,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -50,6 +69,7 @@ pub enum Response {
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
     Write(Result<ClientWriteResponse<TypeConfig>, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>),
+    ChangeMembers(Result<(), String>),
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -232,6 +252,9 @@ async fn serve_connection(
             Request::Vote(rpc) => Response::Vote(raft.vote(rpc).await),
             Request::InstallSnapshot(rpc) => Response::InstallSnapshot(raft.install_snapshot(rpc).await),
             Request::Write(command) => Response::Write(raft.client_write(command).await),
+            Request::ChangeMembers(change) => {
+                Response::ChangeMembers(super::change_members(&raft, change).await.map_err(|e| e.to_string()))
+            }
         };
         let bytes = serde_json::to_vec(&response).map_err(io::Error::other)?;
         conn.send(bytes::Bytes::from(bytes)).await?;

@@ -141,6 +141,25 @@ impl Engine {
         let _ = self.cluster.set(cluster);
     }
 
+    /// Adds a node to the cluster or removes one (admin only); returns the status after.
+    pub async fn change_cluster_members(
+        &self,
+        caller: &Caller,
+        change: crate::cluster::MembershipChange,
+    ) -> Result<crate::cluster::ClusterStatus, BrokerError> {
+        self.require_admin(caller, "changing the cluster's members")?;
+        let cluster = self.cluster.get().ok_or_else(|| {
+            BrokerError::NotFound(
+                "this broker is not in a cluster (start hopperd with --node-id and --peers)".into(),
+            )
+        })?;
+        if let crate::cluster::MembershipChange::Add { id: 0, .. } = change {
+            return Err(BrokerError::InvalidArgument("node ids start at 1".into()));
+        }
+        cluster.change_members(change).await?;
+        Ok(cluster.status())
+    }
+
     /// This node's view of its cluster (for any logged-in user, like [`Engine::status`]);
     /// `NotFound` when the broker is not in one.
     pub fn cluster_status(&self) -> Result<crate::cluster::ClusterStatus, BrokerError> {
