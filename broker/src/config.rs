@@ -86,6 +86,8 @@ pub struct Config {
     /// The initial cluster, this node included: `1=host:port,2=host:port,...` (cluster
     /// addresses).
     pub peers: String,
+    /// Metadata log entries between two snapshots of the cluster's metadata.
+    pub cluster_snapshot_entries: u64,
 }
 
 impl Default for Config {
@@ -122,6 +124,7 @@ impl Default for Config {
             node_id: 0,
             cluster_listen: "127.0.0.1:5690".into(),
             peers: String::new(),
+            cluster_snapshot_entries: 5000,
         }
     }
 }
@@ -152,6 +155,7 @@ impl Config {
             node_id: self.node_id,
             listen: self.cluster_listen.clone(),
             peers,
+            snapshot_entries: self.cluster_snapshot_entries,
         };
         config.validate().map_err(StartError::Config)?;
         Ok(Some(config))

@@ -136,6 +136,10 @@ struct Args {
     /// list; the cluster forms once a majority runs.
     #[arg(long, value_name = "LIST", env = "HOPPER_PEERS")]
     peers: Option<String>,
+    /// Metadata log entries between two snapshots of the cluster's metadata; the log before a
+    /// snapshot is dropped [default: 5000].
+    #[arg(long, value_name = "N", env = "HOPPER_CLUSTER_SNAPSHOT_ENTRIES")]
+    cluster_snapshot_entries: Option<u64>,
     /// Milliseconds a write to a client may make no progress before the client is
     /// disconnected [default: 30000].
     #[arg(long, env = "HOPPER_WRITE_TIMEOUT_MS")]
@@ -235,6 +239,9 @@ impl Args {
         }
         if let Some(peers) = self.peers {
             config.peers = peers;
+        }
+        if let Some(entries) = self.cluster_snapshot_entries {
+            config.cluster_snapshot_entries = entries;
         }
         if let Some(url) = self.alarm_webhook {
             config.alarm_webhook = Some(url);

@@ -105,8 +105,8 @@ impl Broker {
         let cluster_addr = match cluster {
             Some(cluster) => {
                 let dir = engine.config().data_dir.join("cluster");
-                let apply = crate::cluster::apply_to(Arc::downgrade(&engine));
-                let started = crate::cluster::Cluster::start(&cluster, &dir, apply, shutdown_rx.clone())
+                let host = crate::cluster::host(Arc::downgrade(&engine));
+                let started = crate::cluster::Cluster::start(&cluster, &dir, host, shutdown_rx.clone())
                     .await
                     .map_err(|source| StartError::Bind { addr: cluster.listen.clone(), source })?;
                 let addr = started.local_addr();

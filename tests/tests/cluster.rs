@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use hopper_client::{ClusterStatus, Connection, DeleteOptions, ErrorCode, QueueOptions};
+use hopper_client::{
+    ClusterStatus, Connection, DeleteOptions, ErrorCode, ExchangeKind, ExchangeOptions, QueueOptions,
+};
 use hopper_tests::{connect, eventually, run_cli, Broker};
 
 /// Free loopback ports for the cluster listeners, which every node must know in advance.
@@ -22,6 +24,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[])
+    }
+
+    /// Starts `n` nodes with `args` as extra flags for each.
+    fn start_with(n: usize, args: &[&str]) -> Cluster {
         let ports = free_ports(n);
         let peers: Vec<String> =
             ports.iter().enumerate().map(|(i, port)| format!("{}=127.0.0.1:{port}", i + 1)).collect();
@@ -30,7 +37,9 @@ impl Cluster {
             .map(|i| {
                 let id = (i + 1).to_string();
                 let listen = format!("127.0.0.1:{}", ports[i]);
-                Broker::start_with(&["--node-id", &id, "--cluster-listen", &listen, "--peers", &peers])
+                let mut flags = vec!["--node-id", &id, "--cluster-listen", &listen, "--peers", &peers];
+                flags.extend_from_slice(args);
+                Broker::start_with(&flags)
             })
             .collect();
         Cluster { nodes }
@@ -202,4 +211,92 @@ async fn a_fourth_node_joins_catches_up_and_a_member_leaves() {
     connect(cluster.node(4)).await.declare_queue("after-leave", QueueOptions::default()).await.unwrap();
     let missing = connect(cluster.node(new)).await.cluster_remove_node(leader).await.unwrap_err();
     assert_eq!(missing.code(), Some(ErrorCode::NotFound), "{missing}");
+}
+
+/// What a node holds: its queues, exchanges and bindings (source -> destination).
+async fn topology(node: &Broker) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let conn = connect(node).await;
+    let exchanges = conn.list_exchanges().await.unwrap().into_iter().map(|x| x.name).collect();
+    let bindings = conn
+        .list_bindings(None, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| format!("{}->{}", b.source, b.destination));
+    let queues = queue_names(node).await;
+    let _ = conn.close().await;
+    (queues, exchanges, bindings.collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_and_bindings_are_replicated_and_a_node_far_behind_catches_up_from_a_snapshot() {
+    // A snapshot every 5 entries, and the log before it dropped: a node down for more than
+    // that can only catch up from a snapshot.
+    let mut cluster = Cluster::start_with(3, &["--cluster-snapshot-entries", "5"]);
+    let leader = cluster.agreed_leader(Duration::from_secs(10)).await;
+    let [a, b]: [u64; 2] = (1..=3).filter(|id| *id != leader).collect::<Vec<_>>().try_into().unwrap();
+
+    let fanout = ExchangeOptions { durable: true, ..ExchangeOptions::default() };
+    connect(cluster.node(leader))
+        .await
+        .declare_exchange("events", ExchangeKind::Fanout, fanout)
+        .await
+        .unwrap();
+    let durable = QueueOptions { durable: true, ..QueueOptions::default() };
+    connect(cluster.node(a)).await.declare_queue("audit", durable.clone()).await.unwrap();
+    connect(cluster.node(a)).await.declare_queue("doomed", durable).await.unwrap();
+    let conn = connect(cluster.node(b)).await;
+    assert!(conn.bind_queue("audit", "events", "", Default::default()).await.unwrap());
+    assert!(!conn.bind_queue("audit", "events", "", Default::default()).await.unwrap(), "bound already");
+    let refused = conn.delete_exchange("events", true).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::PreconditionFailed), "{refused}");
+    let expected = (
+        vec!["audit".to_string(), "doomed".to_string()],
+        vec!["events".to_string()],
+        vec!["events->audit".to_string()],
+    );
+    for id in 1..=3 {
+        let node = cluster.node(id);
+        eventually("every node holds the topology", Duration::from_secs(5), || async {
+            topology(node).await == expected
+        })
+        .await;
+    }
+
+    // While `a` is down: a deleted durable queue (that `a` still has on disk), many changes,
+    // and a binding removed.
+    cluster.node(a).kill();
+    let conn = connect(cluster.node(leader)).await;
+    conn.delete_queue("doomed", DeleteOptions::default()).await.unwrap();
+    for n in 0..12 {
+        conn.declare_queue(&format!("q{n:02}"), QueueOptions::default()).await.unwrap();
+    }
+    for n in 0..6 {
+        conn.delete_queue(&format!("q{n:02}"), DeleteOptions::default()).await.unwrap();
+    }
+    conn.declare_exchange("logs", ExchangeKind::Topic, ExchangeOptions::default()).await.unwrap();
+    assert!(conn
+        .unbind(hopper_client::BindingInfo {
+            source: "events".into(),
+            destination: "audit".into(),
+            to_exchange: false,
+            routing_key: String::new(),
+            arguments: Default::default(),
+        })
+        .await
+        .unwrap());
+
+    cluster.node(a).restart();
+    let mut queues: Vec<String> = (6..12).map(|n| format!("q{n:02}")).collect();
+    queues.insert(0, "audit".into());
+    let expected = (queues, vec!["events".to_string(), "logs".to_string()], Vec::<String>::new());
+    let back = cluster.node(a);
+    eventually("the restarted node holds what the others hold", Duration::from_secs(10), || async {
+        topology(back).await == expected
+    })
+    .await;
+    let log = cluster.node(a).stderr();
+    assert!(log.contains("took over the leader's snapshot"), "caught up some other way:\n{log}");
+    let status = cluster_status(cluster.node(leader)).await.unwrap();
+    assert!(status.members.iter().all(|m| m.lag.is_some()), "{status:?}");
 }

@@ -26,10 +26,10 @@ use tokio::sync::watch;
 
 use crate::engine::Engine;
 use crate::error::BrokerError;
+use crate::routing::{Binding, ExchangeSpec};
 use crate::settings::QueueSettings;
 pub use network::MembershipChange;
 use network::{Link, Network, Request, Response, FORWARD_TIMEOUT};
-pub use store::Apply;
 use store::{LogStore, StateMachine};
 
 /// Node ids, as given to `--node-id` and `--peers`.
@@ -63,63 +63,131 @@ pub enum MetaCommand {
         /// Its settings.
         settings: QueueSettings,
     },
-    /// Delete a queue.
+    /// Delete a queue (and the bindings to it).
     DeleteQueue {
         /// The queue's name.
         name: String,
+    },
+    /// Declare an exchange.
+    DeclareExchange(ExchangeSpec),
+    /// Delete an exchange with its bindings and the bindings to it.
+    DeleteExchange {
+        /// The exchange's name.
+        name: String,
+    },
+    /// Bind exchange `source` to a queue or exchange.
+    Bind {
+        /// The exchange the binding belongs to.
+        source: String,
+        /// Where it leads, with its key and arguments.
+        binding: Binding,
+    },
+    /// Remove a binding.
+    Unbind {
+        /// The exchange the binding belongs to.
+        source: String,
+        /// The binding.
+        binding: Binding,
     },
 }
 
 /// The outcome of applying a [`MetaCommand`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaResponse {
-    /// Applied.
-    Done,
+    /// Applied; true if it changed something (a declare created, a bind added, an unbind
+    /// removed), false if it found things as asked.
+    Done(bool),
     /// The broker refused the change (it is recorded in the log all the same, refused on
     /// every node alike).
     Refused(BrokerError),
 }
 
-/// The metadata every node holds.
+/// The metadata a node holds, as a snapshot carries it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
-    /// Queues by name, with their settings.
-    pub queues: BTreeMap<String, QueueSettings>,
+    /// Queues, with their settings.
+    pub queues: Vec<(String, QueueSettings)>,
+    /// Exchanges.
+    pub exchanges: Vec<ExchangeSpec>,
+    /// Bindings, with their source exchanges.
+    pub bindings: Vec<(String, Binding)>,
 }
 
 impl Catalog {
-    fn apply(&mut self, command: &MetaCommand, response: &MetaResponse) {
-        if *response != MetaResponse::Done {
-            return;
-        }
-        match command {
-            MetaCommand::DeclareQueue { name, settings } => {
-                self.queues.insert(name.clone(), settings.clone());
-            }
-            MetaCommand::DeleteQueue { name } => {
-                self.queues.remove(name);
-            }
-        }
-    }
-
-    /// Commands that rebuild this catalog on an empty broker.
-    fn as_commands(&self) -> Vec<MetaCommand> {
-        let queues = self.queues.iter();
-        queues
-            .map(|(name, settings)| MetaCommand::DeclareQueue {
-                name: name.clone(),
-                settings: settings.clone(),
-            })
-            .collect()
+    /// The commands that build this catalog on a broker that has none of it: exchanges and
+    /// queues before the bindings between them.
+    pub fn as_commands(&self) -> Vec<MetaCommand> {
+        let exchanges = self.exchanges.iter().cloned().map(MetaCommand::DeclareExchange);
+        let queues = self.queues.iter().map(|(name, settings)| MetaCommand::DeclareQueue {
+            name: name.clone(),
+            settings: settings.clone(),
+        });
+        let bindings = self
+            .bindings
+            .iter()
+            .map(|(source, binding)| MetaCommand::Bind { source: source.clone(), binding: binding.clone() });
+        exchanges.chain(queues).chain(bindings).collect()
     }
 }
 
-/// Applies committed commands to `engine`'s queues, while the engine lives.
-pub fn apply_to(engine: std::sync::Weak<Engine>) -> Apply {
-    Arc::new(move |command| match engine.upgrade() {
-        Some(engine) => engine.apply_meta(command),
-        None => MetaResponse::Refused(BrokerError::Internal("the broker is shutting down".into())),
-    })
+/// The broker as the metadata group's state machine sees it.
+pub trait MetaHost: Send + Sync {
+    /// Applies one committed command. Every node applies the same commands in the same order,
+    /// and again from the last snapshot on after a restart: applying one twice changes
+    /// nothing.
+    fn apply(&self, command: &MetaCommand) -> MetaResponse;
+    /// What the broker holds now.
+    fn export(&self) -> Catalog;
+    /// Makes the broker hold exactly `catalog` (a snapshot taken over from the leader, or
+    /// read at start): what it lacks is created, what it has beyond it is deleted.
+    fn reset(&self, catalog: &Catalog);
+}
+
+/// The engine as [`MetaHost`], while it lives.
+struct EngineHost(std::sync::Weak<Engine>);
+
+impl MetaHost for EngineHost {
+    fn apply(&self, command: &MetaCommand) -> MetaResponse {
+        match self.0.upgrade() {
+            Some(engine) => engine.apply_meta(command),
+            None => MetaResponse::Refused(BrokerError::Internal("the broker is shutting down".into())),
+        }
+    }
+
+    fn export(&self) -> Catalog {
+        self.0.upgrade().map(|engine| engine.export_meta()).unwrap_or_default()
+    }
+
+    fn reset(&self, catalog: &Catalog) {
+        let Some(engine) = self.0.upgrade() else { return };
+        let current = engine.export_meta();
+        let mut gone = Vec::new();
+        for (source, binding) in &current.bindings {
+            if !catalog.bindings.iter().any(|(s, b)| s == source && b == binding) {
+                gone.push(MetaCommand::Unbind { source: source.clone(), binding: binding.clone() });
+            }
+        }
+        for spec in &current.exchanges {
+            if !catalog.exchanges.iter().any(|x| x.name == spec.name) {
+                gone.push(MetaCommand::DeleteExchange { name: spec.name.clone() });
+            }
+        }
+        for (name, _) in &current.queues {
+            if !catalog.queues.iter().any(|(n, _)| n == name) {
+                gone.push(MetaCommand::DeleteQueue { name: name.clone() });
+            }
+        }
+        for command in gone.iter().chain(&catalog.as_commands()) {
+            if let MetaResponse::Refused(error) = engine.apply_meta(command) {
+                tracing::warn!(?command, %error, "taking over the cluster's metadata: a change was refused");
+            }
+        }
+    }
+}
+
+/// The engine, as the metadata group's state machine.
+pub fn host(engine: std::sync::Weak<Engine>) -> Arc<dyn MetaHost> {
+    Arc::new(EngineHost(engine))
 }
 
 /// How this node joins a cluster.
@@ -131,6 +199,9 @@ pub struct ClusterConfig {
     pub listen: String,
     /// Every member of the initial cluster, this node included: id → cluster address.
     pub peers: BTreeMap<NodeId, String>,
+    /// Entries after which the metadata is snapshotted and the log before it dropped (keeping
+    /// as many again for followers that lag a little).
+    pub snapshot_entries: u64,
 }
 
 impl ClusterConfig {
@@ -157,6 +228,9 @@ impl ClusterConfig {
         if self.node_id == 0 {
             return Err("--node-id must be at least 1".into());
         }
+        if self.snapshot_entries == 0 {
+            return Err("cluster_snapshot_entries must be at least 1".into());
+        }
         if !self.peers.is_empty() && !self.peers.contains_key(&self.node_id) {
             return Err(format!("--peers does not list this node ({})", self.node_id));
         }
@@ -170,7 +244,6 @@ pub struct Cluster {
     node_id: NodeId,
     addr: SocketAddr,
     raft: Raft<TypeConfig>,
-    machine: StateMachine,
 }
 
 /// Why a metadata change did not happen.
@@ -211,7 +284,7 @@ impl Cluster {
     pub async fn start(
         config: &ClusterConfig,
         dir: &Path,
-        apply: Apply,
+        host: Arc<dyn MetaHost>,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Cluster> {
         let raft_config = openraft::Config {
@@ -219,6 +292,8 @@ impl Cluster {
             heartbeat_interval: HEARTBEAT_MS,
             election_timeout_min: ELECTION_TIMEOUT_MS.0,
             election_timeout_max: ELECTION_TIMEOUT_MS.1,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+            max_in_snapshot_log_to_keep: config.snapshot_entries,
             ..Default::default()
         }
         .validate()
@@ -226,8 +301,8 @@ impl Cluster {
         let listener = TcpListener::bind(&config.listen).await?;
         let addr = listener.local_addr()?;
         let log = LogStore::open(dir)?;
-        let machine = StateMachine::open(dir, apply)?;
-        let raft = Raft::new(config.node_id, Arc::new(raft_config), Network, log, machine.clone())
+        let machine = StateMachine::open(dir, host)?;
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), Network, log, machine)
             .await
             .map_err(std::io::Error::other)?;
         tokio::spawn(network::serve(listener, raft.clone(), shutdown.clone()));
@@ -242,7 +317,7 @@ impl Cluster {
                 Err(err) => return Err(std::io::Error::other(err)),
             }
         }
-        let cluster = Cluster { node_id: config.node_id, addr, raft, machine };
+        let cluster = Cluster { node_id: config.node_id, addr, raft };
         let stopping = cluster.raft.clone();
         let mut shutdown = shutdown;
         tokio::spawn(async move {
@@ -262,14 +337,9 @@ impl Cluster {
         self.addr
     }
 
-    /// The catalog as applied on this node.
-    pub fn catalog(&self) -> Catalog {
-        self.machine.catalog()
-    }
-
     /// Commits `command` through the group (forwarded to the leader from a follower) and
-    /// returns once it is applied on the leader.
-    pub async fn write(&self, command: MetaCommand) -> Result<(), WriteError> {
+    /// returns once it is applied here too; true if it changed something.
+    pub async fn write(&self, command: MetaCommand) -> Result<bool, WriteError> {
         let response = match self.raft.client_write(command.clone()).await {
             Ok(response) => response,
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
@@ -298,7 +368,7 @@ impl Cluster {
             return Err(WriteError::NotApplied);
         }
         match response.data {
-            MetaResponse::Done => Ok(()),
+            MetaResponse::Done(changed) => Ok(changed),
             MetaResponse::Refused(error) => Err(WriteError::Refused(error)),
         }
     }
@@ -447,7 +517,7 @@ mod tests {
         assert!(ClusterConfig::parse_peers("x=a").unwrap_err().contains("not a node id"));
         assert!(ClusterConfig::parse_peers("0=a").unwrap_err().contains("start at 1"));
         assert!(ClusterConfig::parse_peers("1:a").unwrap_err().contains("ID=ADDRESS"));
-        let config = ClusterConfig { node_id: 4, listen: "x".into(), peers };
+        let config = ClusterConfig { node_id: 4, listen: "x".into(), peers, snapshot_entries: 10 };
         assert!(config.validate().unwrap_err().contains("does not list this node"));
     }
 }

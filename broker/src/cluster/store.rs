@@ -6,8 +6,9 @@
 //! replay and is cut off. A purge rewrites the file with only what is still needed, through a
 //! temporary file renamed over it, so the file stays about as large as the unpurged log.
 //!
-//! The state machine is the metadata catalog, in memory, rebuilt from the latest snapshot
-//! (`snapshot.json`, written atomically) and the log entries after it.
+//! The state machine is the broker itself: each committed command is applied to it through
+//! [`MetaHost`], and a snapshot is the metadata it holds then ([`Catalog`]), written to
+//! `snapshot.json` atomically. A node starts from its snapshot and the log entries after it.
 
 // openraft's traits fix these error types, large as they are.
 #![allow(clippy::result_large_err)]
@@ -28,7 +29,7 @@ use openraft::{
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{Catalog, MetaCommand, MetaResponse, NodeId, TypeConfig};
+use super::{Catalog, MetaHost, MetaResponse, NodeId, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -278,26 +279,22 @@ struct StoredSnapshot {
 struct MachineInner {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, openraft::BasicNode>,
-    catalog: Catalog,
     snapshot: Option<StoredSnapshot>,
     snapshots_built: u64,
 }
 
-/// Applies a committed command to this node's broker; returns what the writer is told.
-pub type Apply = Arc<dyn Fn(&MetaCommand) -> MetaResponse + Send + Sync>;
-
-/// The metadata group's state machine: the catalog every node holds.
+/// The metadata group's state machine: the broker, as [`MetaHost`] sees it.
 #[derive(Clone)]
 pub struct StateMachine {
     dir: PathBuf,
     inner: Arc<Mutex<MachineInner>>,
-    apply: Apply,
+    host: Arc<dyn MetaHost>,
 }
 
 impl StateMachine {
-    /// Opens the state machine of `dir`, starting from its snapshot if it has one; `apply`
-    /// carries each committed command into the broker.
-    pub fn open(dir: &Path, apply: Apply) -> io::Result<StateMachine> {
+    /// Opens the state machine of `dir`; with a snapshot there, `host` is first made to hold
+    /// exactly its catalog.
+    pub fn open(dir: &Path, host: Arc<dyn MetaHost>) -> io::Result<StateMachine> {
         let mut inner = MachineInner::default();
         match std::fs::read(dir.join("snapshot.json")) {
             Ok(bytes) => {
@@ -305,21 +302,13 @@ impl StateMachine {
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot.json: {e}")))?;
                 inner.last_applied = snapshot.meta.last_log_id;
                 inner.membership = snapshot.meta.last_membership.clone();
-                inner.catalog = snapshot.catalog.clone();
-                for command in snapshot.catalog.as_commands() {
-                    apply(&command);
-                }
+                host.reset(&snapshot.catalog);
                 inner.snapshot = Some(snapshot);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        Ok(StateMachine { dir: dir.to_path_buf(), inner: Arc::new(Mutex::new(inner)), apply })
-    }
-
-    /// A copy of the catalog as applied on this node.
-    pub fn catalog(&self) -> Catalog {
-        self.inner.lock().catalog.clone()
+        Ok(StateMachine { dir: dir.to_path_buf(), inner: Arc::new(Mutex::new(inner)), host })
     }
 
     fn save_snapshot(&self, snapshot: &StoredSnapshot) -> io::Result<()> {
@@ -335,6 +324,9 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        // The state machine applies nothing while it builds: the host holds exactly what
+        // the entries up to `last_applied` made.
+        let catalog = self.host.export();
         let snapshot = {
             let mut inner = self.inner.lock();
             inner.snapshots_built += 1;
@@ -348,7 +340,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                     last_membership: inner.membership.clone(),
                     snapshot_id,
                 },
-                catalog: inner.catalog.clone(),
+                catalog,
             }
         };
         self.save_snapshot(&snapshot).map_err(|e| {
@@ -378,16 +370,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut responses = Vec::new();
         for entry in entries {
             let response = match &entry.payload {
-                EntryPayload::Blank => MetaResponse::Done,
-                EntryPayload::Normal(command) => {
-                    let response = (self.apply)(command);
-                    self.inner.lock().catalog.apply(command, &response);
-                    response
-                }
+                EntryPayload::Blank => MetaResponse::Done(false),
+                EntryPayload::Normal(command) => self.host.apply(command),
                 EntryPayload::Membership(membership) => {
                     self.inner.lock().membership =
                         StoredMembership::new(Some(entry.log_id), membership.clone());
-                    MetaResponse::Done
+                    MetaResponse::Done(false)
                 }
             };
             self.inner.lock().last_applied = Some(entry.log_id);
@@ -414,13 +402,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let stored = StoredSnapshot { meta: meta.clone(), catalog };
         self.save_snapshot(&stored)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
-        for command in stored.catalog.as_commands() {
-            (self.apply)(&command);
-        }
+        self.host.reset(&stored.catalog);
+        tracing::info!(last_log_id = ?meta.last_log_id, "took over the leader's snapshot of the cluster metadata");
         let mut inner = self.inner.lock();
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
-        inner.catalog = stored.catalog.clone();
         inner.snapshot = Some(stored);
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::{blocking, Caller, Engine, NewMessage};
 use crate::auth::{Access, Resource};
+use crate::cluster::MetaCommand;
 use crate::error::BrokerError;
 use crate::queue::{Confirm, ExchangeView, Outcome};
 use crate::routing::{Binding, Destination, ExchangeSpec};
@@ -36,6 +37,8 @@ impl Engine {
         let name = spec.name.clone();
         let created = if passive {
             false
+        } else if let Some(cluster) = self.cluster.get() {
+            cluster.write(MetaCommand::DeclareExchange(spec)).await?
         } else {
             let registry = self.queues.clone();
             blocking(move || registry.declare_exchange(spec)).await?
@@ -52,6 +55,18 @@ impl Engine {
         if_unused: bool,
     ) -> Result<(), BrokerError> {
         self.check(caller, "delete", Access::Configure, Resource::Exchange(name))?;
+        if let Some(cluster) = self.cluster.get() {
+            // Checked here, on the node asked; every node then deletes it unconditionally.
+            let view = self.exchange(name)?;
+            if if_unused && view.bindings > 0 {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "exchange '{name}' has {} binding(s)",
+                    view.bindings
+                )));
+            }
+            cluster.write(MetaCommand::DeleteExchange { name: name.to_owned() }).await?;
+            return Ok(());
+        }
         let (registry, name) = (self.queues.clone(), name.to_owned());
         blocking(move || registry.delete_exchange(&name, if_unused)).await
     }
@@ -60,6 +75,9 @@ impl Engine {
     /// Needs read on the source exchange and write on the destination.
     pub async fn bind(&self, caller: &Caller, source: &str, binding: Binding) -> Result<bool, BrokerError> {
         self.check_binding(caller, source, &binding)?;
+        if let Some(cluster) = self.cluster.get() {
+            return Ok(cluster.write(MetaCommand::Bind { source: source.to_owned(), binding }).await?);
+        }
         let (registry, source) = (self.queues.clone(), source.to_owned());
         blocking(move || registry.bind(&source, binding)).await
     }
@@ -67,6 +85,9 @@ impl Engine {
     /// Removes a binding; false if there was none.
     pub async fn unbind(&self, caller: &Caller, source: &str, binding: Binding) -> Result<bool, BrokerError> {
         self.check_binding(caller, source, &binding)?;
+        if let Some(cluster) = self.cluster.get() {
+            return Ok(cluster.write(MetaCommand::Unbind { source: source.to_owned(), binding }).await?);
+        }
         let (registry, source) = (self.queues.clone(), source.to_owned());
         blocking(move || registry.unbind(&source, &binding)).await
     }

@@ -29,9 +29,8 @@ impl Engine {
             )));
         }
         if let Some(cluster) = self.cluster.get() {
-            let created = self.queues.get(name).is_err();
             let declare = crate::cluster::MetaCommand::DeclareQueue { name: name.to_owned(), settings };
-            cluster.write(declare).await?;
+            let created = cluster.write(declare).await?;
             if let Some(depth) = alarm_depth {
                 self.queues.set_alarm(name, depth)?;
             }
@@ -50,30 +49,52 @@ impl Engine {
         Ok((self.queue_info(&Caller::broker(), name)?, created))
     }
 
-    /// Applies a metadata change committed by the cluster to this node's queues. Every node
-    /// applies the same commands in the same order, and again after a restart (from the last
-    /// snapshot on): applying one twice changes nothing.
+    /// Applies a metadata change committed by the cluster to this node (see
+    /// [`crate::cluster::MetaHost::apply`]).
     pub(crate) fn apply_meta(&self, command: &crate::cluster::MetaCommand) -> crate::cluster::MetaResponse {
         use crate::cluster::{MetaCommand, MetaResponse};
         let result = match command {
             MetaCommand::DeclareQueue { name, settings } => {
-                self.queues.declare(name, settings.clone()).map(drop)
+                self.queues.declare(name, settings.clone()).map(|declared| declared.created)
             }
             MetaCommand::DeleteQueue { name } => match self.queues.delete(name, false, false) {
                 Ok(deleted) => {
                     for (consumer_id, _) in &deleted.consumers {
                         self.consumers.remove(consumer_id);
                     }
+                    self.pullers.lock().retain(|(_, _, queue), _| queue != name);
                     notify_cancelled(deleted.consumers, &format!("queue '{name}' was deleted"));
-                    Ok(())
+                    Ok(true)
                 }
-                Err(BrokerError::NotFound(_)) => Ok(()),
+                Err(BrokerError::NotFound(_)) => Ok(false),
                 Err(err) => Err(err),
+            },
+            MetaCommand::DeclareExchange(spec) => self.queues.declare_exchange(spec.clone()),
+            MetaCommand::DeleteExchange { name } => match self.queues.delete_exchange(name, false) {
+                Ok(()) => Ok(true),
+                Err(BrokerError::NotFound(_)) => Ok(false),
+                Err(err) => Err(err),
+            },
+            MetaCommand::Bind { source, binding } => self.queues.bind(source, binding.clone()),
+            MetaCommand::Unbind { source, binding } => match self.queues.unbind(source, binding) {
+                Err(BrokerError::NotFound(_)) => Ok(false),
+                other => other,
             },
         };
         match result {
-            Ok(()) => MetaResponse::Done,
+            Ok(changed) => MetaResponse::Done(changed),
             Err(err) => MetaResponse::Refused(err),
+        }
+    }
+
+    /// The metadata this node holds: every queue, exchange and binding.
+    pub(crate) fn export_meta(&self) -> crate::cluster::Catalog {
+        let queues =
+            self.queues.list().into_iter().map(|queue| (queue.name().to_owned(), queue.settings().clone()));
+        crate::cluster::Catalog {
+            queues: queues.collect(),
+            exchanges: self.queues.exchanges().into_iter().map(|view| view.spec).collect(),
+            bindings: self.queues.bindings(),
         }
     }
 

@@ -23,7 +23,7 @@ pub enum Destination {
 }
 
 /// One binding of an exchange.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Binding {
     /// Where it leads.
     pub destination: Destination,
