@@ -300,3 +300,87 @@ async fn exchanges_and_bindings_are_replicated_and_a_node_far_behind_catches_up_
     let status = cluster_status(cluster.node(leader)).await.unwrap();
     assert!(status.members.iter().all(|m| m.lag.is_some()), "{status:?}");
 }
+
+async fn login(node: &Broker, user: &str, password: &str) -> Result<Connection, hopper_client::Error> {
+    let credentials = Some(hopper_client::Credentials::new(user, password));
+    Connection::connect_with(
+        node.addr().to_string(),
+        hopper_client::ConnectOptions { credentials, ..Default::default() },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_and_permissions_made_on_one_node_hold_on_every_node() {
+    let mut cluster = Cluster::start(3);
+    cluster.agreed_leader(Duration::from_secs(10)).await;
+
+    // The first admin, made as the built-in guest on node 1: from then on the guest is refused
+    // on every node, and the new user logs in anywhere with the password given on node 1.
+    let added = run_cli(cluster.node(1), &["user", "add", "ops", "s3cret", "--tags", "admin"]).await;
+    assert!(added.success(), "{}", added.stderr);
+    for id in [2, 3] {
+        let node = cluster.node(id);
+        eventually("the user reaches every node", Duration::from_secs(5), || async {
+            login(node, "ops", "s3cret").await.is_ok()
+        })
+        .await;
+        assert!(matches!(login(node, "ops", "wrong").await, Err(hopper_client::Error::Authentication(_))));
+        assert!(
+            Connection::connect(node.addr().to_string()).await.is_err(),
+            "the guest is off once an admin exists"
+        );
+    }
+
+    // Permissions set on node 2 govern what the user may do on node 3.
+    let ops = login(cluster.node(3), "ops", "s3cret").await.unwrap();
+    let refused = ops.declare_queue("jobs", QueueOptions::default()).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::AccessRefused), "{refused}");
+    let set = run_cli(
+        cluster.node(2),
+        &[
+            "--user",
+            "ops",
+            "--password",
+            "s3cret",
+            "permissions",
+            "set",
+            "ops",
+            "--configure",
+            ".*",
+            "--write",
+            ".*",
+            "--read",
+            ".*",
+        ],
+    )
+    .await;
+    assert!(set.success(), "{}", set.stderr);
+    eventually("the permissions reach node 3", Duration::from_secs(5), || async {
+        ops.declare_queue("jobs", QueueOptions::default()).await.is_ok()
+    })
+    .await;
+
+    // A user deleted on node 3 can no longer log in on node 1.
+    let made =
+        run_cli(cluster.node(3), &["--user", "ops", "--password", "s3cret", "user", "add", "tmp", "pw"])
+            .await;
+    assert!(made.success(), "{}", made.stderr);
+    let node = cluster.node(1);
+    eventually("the new user reaches node 1", Duration::from_secs(5), || async {
+        login(node, "tmp", "pw").await.is_ok()
+    })
+    .await;
+    let gone =
+        run_cli(cluster.node(3), &["--user", "ops", "--password", "s3cret", "user", "delete", "tmp"]).await;
+    assert!(gone.success(), "{}", gone.stderr);
+    assert!(matches!(
+        login(cluster.node(3), "tmp", "pw").await,
+        Err(hopper_client::Error::Authentication(_))
+    ));
+    let node = cluster.node(1);
+    eventually("the deletion reaches node 1", Duration::from_secs(5), || async {
+        login(node, "tmp", "pw").await.is_err()
+    })
+    .await;
+}

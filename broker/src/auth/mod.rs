@@ -253,26 +253,26 @@ impl Users {
         tags: Vec<String>,
         update: bool,
     ) -> Result<(), BrokerError> {
+        let secret = password.map(UserSecret::derive).transpose()?;
+        self.put_secret(name, secret.as_ref(), tags, update)
+    }
+
+    /// Like [`Users::put`], with the password's verifier derived already (on the node that
+    /// took the request, when the cluster replicates the change).
+    pub fn put_secret(
+        &self,
+        name: &str,
+        secret: Option<&UserSecret>,
+        tags: Vec<String>,
+        update: bool,
+    ) -> Result<(), BrokerError> {
         validate_user_name(name)?;
         for tag in &tags {
             if tag.is_empty() || tag.len() > 64 || tag.chars().any(|c| c.is_control() || c == ',') {
                 return Err(BrokerError::InvalidArgument(format!("invalid tag '{tag}'")));
             }
         }
-        let verifier = match password {
-            Some(password) => {
-                if password.is_empty() {
-                    return Err(BrokerError::InvalidArgument("the password must not be empty".into()));
-                }
-                if password.len() > 1024 {
-                    return Err(BrokerError::InvalidArgument(
-                        "the password is longer than 1024 bytes".into(),
-                    ));
-                }
-                Some(Verifier::new(password, scram::DEFAULT_ITERATIONS))
-            }
-            None => None,
-        };
+        let verifier = secret.map(|secret| secret.verifier(name)).transpose()?;
         self.change(|accounts| {
             let existing = accounts.get(name).cloned();
             let account = match (existing, update) {
@@ -301,6 +301,18 @@ impl Users {
             accounts.insert(name.into(), Arc::new(account));
             Ok(())
         })
+    }
+
+    /// Every user, as the cluster replicates them.
+    pub fn records(&self) -> Vec<UserRecord> {
+        let accounts = self.accounts.read();
+        let records = accounts.values().map(|account| UserRecord {
+            name: account.name.clone(),
+            tags: account.tags.clone(),
+            secret: UserSecret::of(&account.verifier),
+            permissions: account.permissions.patterns().clone(),
+        });
+        records.collect()
     }
 
     /// Deletes a user.
@@ -502,12 +514,72 @@ struct SavedToken {
     expires_ms: u64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct SavedVerifier {
     salt: String,
     iterations: u32,
     stored_key: String,
     server_key: String,
+}
+
+/// A password's SCRAM-SHA-256 verifier, as saved and as the cluster replicates it: never the
+/// password itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSecret(SavedVerifier);
+
+impl UserSecret {
+    /// Checks `password` and derives its verifier (a random salt, 4096 iterations).
+    pub fn derive(password: &str) -> Result<UserSecret, BrokerError> {
+        if password.is_empty() {
+            return Err(BrokerError::InvalidArgument("the password must not be empty".into()));
+        }
+        if password.len() > 1024 {
+            return Err(BrokerError::InvalidArgument("the password is longer than 1024 bytes".into()));
+        }
+        Ok(UserSecret::of(&Verifier::new(password, scram::DEFAULT_ITERATIONS)))
+    }
+
+    fn of(v: &Verifier) -> UserSecret {
+        UserSecret(SavedVerifier {
+            salt: BASE64.encode(&v.salt),
+            iterations: v.iterations,
+            stored_key: BASE64.encode(v.stored_key),
+            server_key: BASE64.encode(v.server_key),
+        })
+    }
+
+    fn verifier(&self, user: &str) -> Result<Verifier, BrokerError> {
+        let invalid =
+            |what: &str| BrokerError::InvalidArgument(format!("user '{user}': the {what} is not valid"));
+        let key = |text: &str, what: &str| {
+            BASE64
+                .decode(text)
+                .ok()
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                .ok_or_else(|| invalid(what))
+        };
+        let v = &self.0;
+        Ok(Verifier {
+            salt: BASE64.decode(&v.salt).map_err(|_| invalid("salt"))?,
+            iterations: v.iterations,
+            stored_key: key(&v.stored_key, "stored key")?,
+            server_key: key(&v.server_key, "server key")?,
+        })
+    }
+}
+
+/// A user as the cluster replicates it: all but its API tokens, which stay on the node that
+/// made them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// The user's name.
+    pub name: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Its password's verifier.
+    pub secret: UserSecret,
+    /// Its permission patterns.
+    pub permissions: SavedPermissions,
 }
 
 /// The patterns as given.

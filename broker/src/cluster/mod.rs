@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::{SavedPermissions, UserRecord, UserSecret};
 use crate::engine::Engine;
 use crate::error::BrokerError;
 use crate::routing::{Binding, ExchangeSpec};
@@ -89,6 +90,29 @@ pub enum MetaCommand {
         /// The binding.
         binding: Binding,
     },
+    /// Create a user or (with `update`) change its password and tags.
+    PutUser {
+        /// The user's name.
+        name: String,
+        /// Its tags.
+        tags: Vec<String>,
+        /// Its new password's verifier; `None` keeps the password (an update).
+        secret: Option<UserSecret>,
+        /// Change an existing user rather than create one.
+        update: bool,
+    },
+    /// Delete a user.
+    DeleteUser {
+        /// The user's name.
+        name: String,
+    },
+    /// Set a user's permission patterns.
+    SetPermissions {
+        /// The user's name.
+        name: String,
+        /// The patterns.
+        permissions: SavedPermissions,
+    },
 }
 
 /// The outcome of applying a [`MetaCommand`].
@@ -111,6 +135,9 @@ pub struct Catalog {
     pub exchanges: Vec<ExchangeSpec>,
     /// Bindings, with their source exchanges.
     pub bindings: Vec<(String, Binding)>,
+    /// Users and their permissions.
+    #[serde(default)]
+    pub users: Vec<UserRecord>,
 }
 
 impl Catalog {
@@ -126,7 +153,20 @@ impl Catalog {
             .bindings
             .iter()
             .map(|(source, binding)| MetaCommand::Bind { source: source.clone(), binding: binding.clone() });
-        exchanges.chain(queues).chain(bindings).collect()
+        let users = self.users.iter().flat_map(|user| {
+            let put = MetaCommand::PutUser {
+                name: user.name.clone(),
+                tags: user.tags.clone(),
+                secret: Some(user.secret.clone()),
+                update: false,
+            };
+            let permissions = MetaCommand::SetPermissions {
+                name: user.name.clone(),
+                permissions: user.permissions.clone(),
+            };
+            [put, permissions]
+        });
+        exchanges.chain(queues).chain(bindings).chain(users).collect()
     }
 }
 
@@ -177,8 +217,17 @@ impl MetaHost for EngineHost {
                 gone.push(MetaCommand::DeleteQueue { name: name.clone() });
             }
         }
-        for command in gone.iter().chain(&catalog.as_commands()) {
-            if let MetaResponse::Refused(error) = engine.apply_meta(command) {
+        for user in &current.users {
+            if !catalog.users.iter().any(|u| u.name == user.name) {
+                gone.push(MetaCommand::DeleteUser { name: user.name.clone() });
+            }
+        }
+        for mut command in gone.into_iter().chain(catalog.as_commands()) {
+            // A user this node has already is updated to the catalog's.
+            if let MetaCommand::PutUser { name, update, .. } = &mut command {
+                *update = current.users.iter().any(|u| &u.name == name);
+            }
+            if let MetaResponse::Refused(error) = engine.apply_meta(&command) {
                 tracing::warn!(?command, %error, "taking over the cluster's metadata: a change was refused");
             }
         }

@@ -118,8 +118,25 @@ impl Engine {
         update: bool,
     ) -> Result<(), BrokerError> {
         self.require_admin(caller, "managing users")?;
-        let users = self.users.clone();
         let who = caller.user.as_deref().unwrap_or("broker").to_owned();
+        if let Some(cluster) = self.cluster.get() {
+            // Derived here: the password itself never leaves this node.
+            let secret = password.as_deref().map(crate::auth::UserSecret::derive).transpose()?;
+            let has_password = secret.is_some();
+            let put = crate::cluster::MetaCommand::PutUser {
+                name: name.clone(),
+                tags: tags.clone(),
+                secret,
+                update,
+            };
+            cluster.write(put).await?;
+            let event = if update { "user_changed" } else { "user_added" };
+            let detail =
+                format!("tags [{}]{}", tags.join(","), if has_password { ", password set" } else { "" });
+            self.users.changed(event, &who, &name, detail);
+            return Ok(());
+        }
+        let users = self.users.clone();
         blocking(move || {
             users.put(&name, password.as_deref(), tags.clone(), update)?;
             let event = if update { "user_changed" } else { "user_added" };
@@ -143,8 +160,14 @@ impl Engine {
                 "user '{name}' cannot delete itself; connect as another admin"
             )));
         }
-        let users = self.users.clone();
         let who = caller.user.as_deref().unwrap_or("broker").to_owned();
+        if let Some(cluster) = self.cluster.get() {
+            self.users.current(&name)?;
+            cluster.write(crate::cluster::MetaCommand::DeleteUser { name: name.clone() }).await?;
+            self.users.changed("user_deleted", &who, &name, String::new());
+            return Ok(());
+        }
+        let users = self.users.clone();
         blocking(move || {
             users.delete(&name)?;
             users.changed("user_deleted", &who, &name, String::new());
@@ -162,8 +185,19 @@ impl Engine {
     ) -> Result<(), BrokerError> {
         self.require_admin(caller, "setting permissions")?;
         let permissions = Permissions::compile(patterns.clone())?;
-        let users = self.users.clone();
         let who = caller.user.as_deref().unwrap_or("broker").to_owned();
+        if let Some(cluster) = self.cluster.get() {
+            let detail = format!(
+                "configure '{}' write '{}' read '{}'",
+                patterns.configure, patterns.write, patterns.read
+            );
+            let set =
+                crate::cluster::MetaCommand::SetPermissions { name: name.clone(), permissions: patterns };
+            cluster.write(set).await?;
+            self.users.changed("permissions_set", &who, &name, detail);
+            return Ok(());
+        }
+        let users = self.users.clone();
         blocking(move || {
             users.set_permissions(&name, permissions)?;
             let detail = format!(

@@ -80,6 +80,19 @@ impl Engine {
                 Err(BrokerError::NotFound(_)) => Ok(false),
                 other => other,
             },
+            MetaCommand::PutUser { name, tags, secret, update } => {
+                self.users.put_secret(name, secret.as_ref(), tags.clone(), *update).map(|()| true)
+            }
+            MetaCommand::DeleteUser { name } => match self.users.delete(name) {
+                Ok(()) => Ok(true),
+                Err(BrokerError::NotFound(_)) => Ok(false),
+                Err(err) => Err(err),
+            },
+            MetaCommand::SetPermissions { name, permissions } => {
+                crate::auth::Permissions::compile(permissions.clone())
+                    .and_then(|compiled| self.users.set_permissions(name, compiled))
+                    .map(|()| true)
+            }
         };
         match result {
             Ok(changed) => MetaResponse::Done(changed),
@@ -95,6 +108,7 @@ impl Engine {
             queues: queues.collect(),
             exchanges: self.queues.exchanges().into_iter().map(|view| view.spec).collect(),
             bindings: self.queues.bindings(),
+            users: self.users.records(),
         }
     }
 
