@@ -105,8 +105,8 @@ impl Broker {
         let cluster_addr = match cluster {
             Some(cluster) => {
                 let dir = engine.config().data_dir.join("cluster");
-                let host = crate::cluster::host(Arc::downgrade(&engine));
-                let started = crate::cluster::Cluster::start(&cluster, &dir, host, shutdown_rx.clone())
+                let hosts = crate::cluster::hosts(Arc::downgrade(&engine));
+                let started = crate::cluster::Cluster::start(&cluster, &dir, hosts, shutdown_rx.clone())
                     .await
                     .map_err(|source| StartError::Bind { addr: cluster.listen.clone(), source })?;
                 let addr = started.local_addr();

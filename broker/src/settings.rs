@@ -49,6 +49,9 @@ pub struct QueueSettings {
     pub max_bytes: u64,
     /// What a full queue does with a new message.
     pub overflow: Overflow,
+    /// Replicated over the cluster's nodes through Raft: a publish is confirmed once a
+    /// majority holds it, and the queue survives the loss of a minority of nodes.
+    pub replicated: bool,
 }
 
 impl QueueSettings {

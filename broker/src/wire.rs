@@ -69,6 +69,7 @@ pub fn settings_from_wire(settings: pb::QueueSettings) -> Result<QueueSettings, 
         retry_backoff_ms: settings.retry_backoff_ms,
         message_ttl_ms: settings.message_ttl_ms,
         ack_timeout_ms: settings.ack_timeout_ms,
+        replicated: settings.replicated,
     })
 }
 
@@ -85,6 +86,7 @@ pub fn settings_to_wire(settings: &QueueSettings) -> pb::QueueSettings {
         retry_backoff_ms: settings.retry_backoff_ms.clone(),
         message_ttl_ms: settings.message_ttl_ms,
         ack_timeout_ms: settings.ack_timeout_ms,
+        replicated: settings.replicated,
     }
 }
 
@@ -167,6 +169,7 @@ pub fn cluster_status(status: crate::cluster::ClusterStatus) -> pb::ClusterStatu
         last_log_index: status.last_log_index,
         last_applied: status.last_applied,
         members: members.collect(),
+        queue_leader: status.queue_leader.unwrap_or(0),
     }
 }
 

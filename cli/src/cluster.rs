@@ -71,14 +71,16 @@ fn status_json(status: &ClusterStatus) -> serde_json::Value {
         "leader": status.leader,
         "last_log_index": status.last_log_index,
         "last_applied": status.last_applied,
+        "queue_leader": status.queue_leader,
         "members": members,
     })
 }
 
 fn listing(status: &ClusterStatus) -> String {
     let leader = status.leader.map_or("none".to_string(), |id| id.to_string());
+    let queues = status.queue_leader.map_or("none".to_string(), |id| id.to_string());
     let mut out = format!(
-        "node {} ({}), term {}, leader {leader}, log {} (applied {})\n",
+        "node {} ({}), term {}, leader {leader}, log {} (applied {}), replicated queues served by {queues}\n",
         status.node_id, status.state, status.term, status.last_log_index, status.last_applied
     );
     out.push_str(&format!("{:>4}  {:<24} {:<8} {:<7} {:>5}\n", "ID", "ADDRESS", "ROLE", "VOTER", "LAG"));
@@ -110,9 +112,15 @@ mod tests {
                 ClusterMember { id: 1, addr: "a:1".into(), voter: true, leader: true, lag: None },
                 ClusterMember { id: 2, addr: "b:2".into(), voter: true, leader: false, lag: Some(4) },
             ],
+            queue_leader: Some(3),
         };
         let text = listing(&status);
-        assert!(text.starts_with("node 2 (follower), term 3, leader 1, log 7 (applied 7)\n"), "{text}");
+        assert!(
+            text.starts_with(
+                "node 2 (follower), term 3, leader 1, log 7 (applied 7), replicated queues served by 3\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("   1  a:1                      leader   yes         -\n"), "{text}");
         assert!(text.contains("   2  b:2                      -        yes         4\n"), "{text}");
         let json = status_json(&status);

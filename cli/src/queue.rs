@@ -59,6 +59,11 @@ pub struct DeclareArgs {
     /// Keep the queue and its messages across broker restarts.
     #[arg(long)]
     pub durable: bool,
+    /// Replicate the queue over the cluster's nodes (the broker must be in a cluster): publishes
+    /// are confirmed once a majority holds them; consumers attach at the node serving it
+    /// (`hopper cluster status`: queues served by).
+    #[arg(long)]
+    pub replicated: bool,
     /// Queue that receives this queue's dead messages (rejected, past --max-deliveries,
     /// expired); declare it first. Without one (or while it does not exist), dead messages
     /// are dropped.
@@ -122,6 +127,7 @@ impl DeclareArgs {
     pub fn options(&self) -> QueueOptions {
         QueueOptions {
             durable: self.durable,
+            replicated: self.replicated,
             dead_letter: self.dead_letter.clone(),
             dead_letter_exchange: self.dead_letter_exchange.clone(),
             dead_letter_routing_key: self.dead_letter_routing_key.clone(),

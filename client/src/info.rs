@@ -16,6 +16,8 @@ pub struct QueueInfo {
     pub name: String,
     /// Whether the queue survives broker restarts.
     pub durable: bool,
+    /// Whether the queue is replicated over the cluster's nodes.
+    pub replicated: bool,
     /// Messages waiting for a consumer.
     pub ready: u64,
     /// Messages delivered and not yet acknowledged.
@@ -77,6 +79,7 @@ impl From<pb::QueueInfo> for QueueInfo {
         QueueInfo {
             name: info.name,
             durable: settings.durable,
+            replicated: settings.replicated,
             ready: info.ready,
             unacked: info.unacked,
             consumers: info.consumers,
@@ -263,6 +266,8 @@ pub struct ClusterStatus {
     pub last_applied: u64,
     /// Every member of the cluster.
     pub members: Vec<ClusterMember>,
+    /// The node serving the replicated queues, if known.
+    pub queue_leader: Option<u64>,
 }
 
 /// One member in a [`ClusterStatus`].
@@ -297,6 +302,7 @@ impl From<pb::ClusterStatusOk> for ClusterStatus {
             last_log_index: status.last_log_index,
             last_applied: status.last_applied,
             members: members.collect(),
+            queue_leader: non_zero(status.queue_leader),
         }
     }
 }

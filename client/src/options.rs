@@ -167,6 +167,10 @@ impl ConnectOptions {
 pub struct QueueOptions {
     /// Keep the queue and its messages across broker restarts.
     pub durable: bool,
+    /// Replicate the queue over the cluster's nodes (the broker must be in a cluster): a
+    /// publish is confirmed once a majority of nodes holds it, and the queue survives the loss
+    /// of a minority. Consumers attach at the node serving it.
+    pub replicated: bool,
     /// Queue that receives this queue's dead messages: rejected, past `max_deliveries`,
     /// expired, or pushed out by a length limit. Each arrives with a [`Death`](crate::Death)
     /// appended to its history. `None` drops dead messages (they are still audited), and so
@@ -261,6 +265,7 @@ impl QueueOptions {
             max_length: self.max_length.unwrap_or(0),
             max_bytes: self.max_bytes.unwrap_or(0),
             overflow: self.overflow.to_wire(),
+            replicated: self.replicated,
         }
     }
 }
@@ -449,6 +454,7 @@ mod tests {
             max_length: Some(1000),
             max_bytes: Some(1 << 20),
             overflow: Overflow::DropHead,
+            replicated: true,
         };
         assert_eq!(
             options.to_wire(),
@@ -464,6 +470,7 @@ mod tests {
                 max_length: 1000,
                 max_bytes: 1 << 20,
                 overflow: "drop-head".into(),
+                replicated: true,
             }
         );
     }

@@ -48,6 +48,7 @@ fn queue_info() -> QueueInfo {
             overflow: "drop-head".into(),
             dead_letter_exchange: "dead".into(),
             dead_letter_routing_key: "jobs".into(),
+            replicated: false,
         }),
         ready: 5,
         unacked: 2,

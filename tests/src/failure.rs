@@ -35,6 +35,7 @@ pub async fn take_ready(conn: &Connection, queue: &str, n: u64) -> Vec<Delivery>
 pub fn declared_options(info: &QueueInfo) -> QueueOptions {
     QueueOptions {
         durable: info.durable,
+        replicated: info.replicated,
         dead_letter: info.dead_letter.clone(),
         dead_letter_exchange: info.dead_letter_exchange.clone(),
         dead_letter_routing_key: info.dead_letter_routing_key.clone(),

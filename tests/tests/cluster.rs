@@ -7,15 +7,27 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use hopper_client::{
-    ClusterStatus, Connection, DeleteOptions, ErrorCode, ExchangeKind, ExchangeOptions, QueueOptions,
+    ClusterStatus, Connection, ConsumeOptions, DeleteOptions, ErrorCode, ExchangeKind, ExchangeOptions,
+    QueueOptions,
 };
 use hopper_tests::{connect, eventually, run_cli, Broker};
 
-/// Free loopback ports for the cluster listeners, which every node must know in advance.
+/// Free loopback ports for the cluster listeners, which every node must know before any
+/// starts, so they cannot be port 0. They come from below the kernel's ephemeral range (where
+/// port-0 binds of this and other tests land), each handed out once per test process, and
+/// only if nothing listens there now.
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> =
-        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port")).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 400) * 25;
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(base + offset % 10_000).expect("below 32768");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 struct Cluster {
@@ -383,4 +395,126 @@ async fn users_and_permissions_made_on_one_node_hold_on_every_node() {
         login(node, "tmp", "pw").await.is_err()
     })
     .await;
+}
+
+/// The node serving the replicated queues, once every running node agrees on one.
+async fn queue_leader(cluster: &mut Cluster) -> u64 {
+    let started = Instant::now();
+    loop {
+        let mut seen = BTreeSet::new();
+        for node in cluster.nodes.iter_mut() {
+            if node.is_running() {
+                seen.insert(cluster_status(node).await.and_then(|s| s.queue_leader));
+            }
+        }
+        if let [Some(leader)] = seen.iter().copied().collect::<Vec<_>>()[..] {
+            if cluster.node(leader).is_running() {
+                return leader;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no agreed queue leader: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn ready_on(node: &Broker, queue: &str) -> u64 {
+    connect(node).await.queue_stats(queue).await.map(|q| q.ready).unwrap_or(u64::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_queue_loses_its_serving_node_and_no_confirmed_or_acked_message() {
+    let mut cluster = Cluster::start(3);
+    cluster.agreed_leader(Duration::from_secs(10)).await;
+    let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
+    connect(cluster.node(1)).await.declare_queue("orders", replicated).await.unwrap();
+    let serving = queue_leader(&mut cluster).await;
+    let other = (1..=3).find(|id| *id != serving).unwrap();
+
+    // Published through a node that does not serve the queue: confirmed once a majority holds
+    // each message.
+    let publisher = connect(cluster.node(other)).await;
+    let bodies: Vec<String> = (0..100).map(|n| format!("order {n:03}")).collect();
+    hopper_tests::publish_all(&publisher, "orders", bodies.clone()).await;
+
+    // Consumers attach where the queue is served, and only there.
+    let refused = publisher.consume("orders", ConsumeOptions::default()).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::NotAllowed), "{refused}");
+    assert!(refused.to_string().contains(&format!("served by node {serving}")), "{refused}");
+    let conn = connect(cluster.node(serving)).await;
+    let mut consumer =
+        conn.consume("orders", ConsumeOptions { prefetch: 40, ..Default::default() }).await.unwrap();
+    let first = hopper_tests::next_deliveries(&mut consumer, 40).await;
+    let acked: Vec<String> = first.iter().map(hopper_tests::body_text).collect();
+    assert_eq!(acked, bodies[..40], "delivered in the order published");
+    for delivery in first {
+        assert!(!delivery.redelivered);
+        delivery.ack().await.unwrap();
+    }
+    // The acks reach every node before the serving one dies.
+    for id in 1..=3 {
+        let node = cluster.node(id);
+        eventually("every copy drops the acked messages", Duration::from_secs(5), || async {
+            let ready = ready_on(node, "orders").await;
+            // The serving node holds its prefetched deliveries as unacked, not ready.
+            if id == serving {
+                ready <= 60
+            } else {
+                ready == 60
+            }
+        })
+        .await;
+    }
+
+    cluster.node(serving).kill();
+    let next = queue_leader(&mut cluster).await;
+    assert_ne!(next, serving);
+    let conn = connect(cluster.node(next)).await;
+    let mut consumer =
+        conn.consume("orders", ConsumeOptions { prefetch: 100, ..Default::default() }).await.unwrap();
+    let rest = hopper_tests::next_deliveries(&mut consumer, 60).await;
+    let got: Vec<String> = rest.iter().map(hopper_tests::body_text).collect();
+    assert_eq!(got, bodies[40..], "every confirmed, unacked message, in order, none acked");
+    // The node that died may have delivered them: every one says so.
+    assert!(rest.iter().all(|d| d.redelivered), "unflagged redelivery");
+    for delivery in &rest {
+        delivery.ack().await.unwrap();
+    }
+
+    // Publishing goes on through the survivors, and the queue's copies agree again.
+    let survivor = (1..=3).find(|id| *id != serving && *id != next).unwrap();
+    connect(cluster.node(survivor)).await.publish("orders", "after", Default::default()).await.unwrap();
+    let after = hopper_tests::next_delivery(&mut consumer).await;
+    assert_eq!(hopper_tests::body_text(&after), "after");
+    assert!(!after.redelivered);
+    after.ack().await.unwrap();
+
+    // The node that died comes back with an empty copy, like the others.
+    cluster.node(serving).restart();
+    let back = cluster.node(serving);
+    eventually("the restarted node's copy catches up", Duration::from_secs(10), || async {
+        ready_on(back, "orders").await == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn replicated_queues_need_a_cluster_and_settings_every_copy_can_follow() {
+    let single = Broker::start();
+    let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
+    let error = connect(&single).await.declare_queue("q", replicated.clone()).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::InvalidArgument), "{error}");
+    assert!(error.to_string().contains("not in a cluster"), "{error}");
+
+    let mut cluster = Cluster::start(3);
+    cluster.agreed_leader(Duration::from_secs(10)).await;
+    let conn = connect(cluster.node(2)).await;
+    let with_dlq = QueueOptions { dead_letter: Some("dlq".into()), ..replicated.clone() };
+    let error = conn.declare_queue("q", with_dlq).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::InvalidArgument), "{error}");
+    assert!(error.to_string().contains("dead-lettering"), "{error}");
+    let info = conn.declare_queue("q", replicated).await.unwrap();
+    assert!(info.replicated && !info.durable, "{info:?}");
+    let delayed = hopper_client::PublishOptions { delay: Some(Duration::from_secs(1)), ..Default::default() };
+    let error = conn.publish("q", "later", delayed).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::InvalidArgument), "{error}");
 }

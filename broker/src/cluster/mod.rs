@@ -1,16 +1,20 @@
-//! Clustering: brokers that agree, through one Raft group (openraft), on the metadata every
-//! node serves.
+//! Clustering: brokers that agree, through Raft groups (openraft), on the metadata every node
+//! serves and on the contents of replicated queues.
 //!
-//! Each node runs a member of the metadata group. A metadata change made on any node is a
-//! [`MetaCommand`]: the leader appends it to the group's log, and once a majority holds it
-//! every node applies it to its own broker, so all nodes answer the same way. A follower
-//! forwards the command to the leader and waits for it to be applied.
+//! Each node runs a member of two groups over the same nodes. In the metadata group, a change
+//! made on any node is a [`MetaCommand`]: the leader appends it to the group's log, and once a
+//! majority holds it every node applies it to its own broker, so all nodes answer the same way.
+//! A follower forwards the command to the leader and waits for it to be applied. In the queue
+//! group, publishes to replicated queues and the messages that left them are
+//! [`QueueCommand`]s: every node keeps a copy of every replicated queue, and the group's
+//! leader is the node that serves them to consumers.
 //!
-//! The group forms on its own when the nodes named by `--peers` start (static bootstrap: each
-//! node proposes the same membership, which Raft accepts once and ignores after).
+//! The groups form on their own when the nodes named by `--peers` start (static bootstrap:
+//! each node proposes the same membership, which Raft accepts once and ignores after).
 
 mod network;
 mod store;
+mod submit;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
@@ -27,6 +31,8 @@ use tokio::sync::watch;
 use crate::auth::{SavedPermissions, UserRecord, UserSecret};
 use crate::engine::Engine;
 use crate::error::BrokerError;
+use crate::message::Payload;
+use crate::queue::{Confirm, Outcome, Replicator};
 use crate::routing::{Binding, ExchangeSpec};
 use crate::settings::QueueSettings;
 pub use network::MembershipChange;
@@ -37,9 +43,9 @@ use store::{LogStore, StateMachine};
 pub type NodeId = u64;
 
 openraft::declare_raft_types!(
-    /// The metadata group's types.
+    /// The groups' types.
     pub TypeConfig:
-        D = MetaCommand,
+        D = Command,
         R = MetaResponse,
         NodeId = NodeId,
         Node = BasicNode,
@@ -53,6 +59,104 @@ pub const HEARTBEAT_MS: u64 = 100;
 /// for election. A dead leader is replaced within about the upper bound plus one election
 /// round: under a second, well inside the 2 s the failover bar allows.
 pub const ELECTION_TIMEOUT_MS: (u64, u64) = (400, 800);
+
+/// The metadata group.
+pub const META: usize = 0;
+/// The group of the replicated queues.
+pub const QUEUES: usize = 1;
+/// Names of the groups, by index, for logs and directories.
+const GROUPS: [&str; 2] = ["metadata", "queues"];
+
+/// An entry of a group's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// In the metadata group.
+    Meta(MetaCommand),
+    /// In the queue group.
+    Queue(QueueCommand),
+}
+
+/// A change to the replicated queues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueCommand {
+    /// A message published to a replicated queue.
+    Publish {
+        /// The queue.
+        queue: String,
+        /// The message.
+        message: ReplicatedMessage,
+        /// Its time to live in ms; 0 = none.
+        ttl_ms: u64,
+        /// The metadata entry the publishing node had applied: the queue exists once the
+        /// metadata is applied that far, so a node applies this publish only then.
+        meta_index: u64,
+    },
+    /// Messages that left a replicated queue on the node serving it (acked, rejected,
+    /// expired, purged), by their seq, which is the same on every node.
+    Left {
+        /// The queue.
+        queue: String,
+        /// Their seqs.
+        seqs: Vec<u64>,
+    },
+}
+
+/// A message as the queue group's log and snapshots carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedMessage {
+    /// Its id.
+    pub id: u64,
+    /// Its body, in base64.
+    pub body: String,
+    /// Its headers.
+    #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
+    pub headers: std::collections::HashMap<String, String>,
+    /// Its content type.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub content_type: String,
+    /// Unix ms of its publish.
+    pub published_at_ms: u64,
+    /// The exchange it was published through.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub exchange: String,
+    /// Its routing key.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub routing_key: String,
+}
+
+impl ReplicatedMessage {
+    /// The message of `payload`.
+    pub fn of(payload: &Payload) -> Self {
+        use base64::Engine as _;
+        ReplicatedMessage {
+            id: payload.id,
+            body: base64::engine::general_purpose::STANDARD.encode(&payload.body),
+            headers: payload.headers().clone(),
+            content_type: payload.content_type().to_owned(),
+            published_at_ms: payload.published_at_ms,
+            exchange: payload.exchange.to_string(),
+            routing_key: payload.routing_key.clone(),
+        }
+    }
+
+    /// The payload it carries.
+    pub fn payload(&self) -> Result<Payload, String> {
+        use base64::Engine as _;
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(&self.body)
+            .map_err(|e| format!("message {}: body: {e}", self.id))?;
+        let payload = Payload {
+            id: self.id,
+            body: body.into(),
+            published_at_ms: self.published_at_ms,
+            replay_count: 0,
+            exchange: self.exchange.as_str().into(),
+            routing_key: self.routing_key.clone(),
+            ..Payload::default()
+        };
+        Ok(payload.with_properties(self.headers.clone(), self.content_type.clone()))
+    }
+}
 
 /// A change to the cluster's metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +217,9 @@ pub enum MetaCommand {
         /// The patterns.
         permissions: SavedPermissions,
     },
+    /// Changes nothing: once a node has applied it, it has applied every change committed
+    /// before (see [`Cluster::catch_up`]).
+    Barrier,
 }
 
 /// The outcome of applying a [`MetaCommand`].
@@ -170,36 +277,49 @@ impl Catalog {
     }
 }
 
-/// The broker as the metadata group's state machine sees it.
-pub trait MetaHost: Send + Sync {
-    /// Applies one committed command. Every node applies the same commands in the same order,
+/// The broker as a group's state machine sees it.
+pub trait GroupHost: Send + Sync {
+    /// Applies one committed entry. Every node applies the same entries in the same order,
     /// and again from the last snapshot on after a restart: applying one twice changes
     /// nothing.
-    fn apply(&self, command: &MetaCommand) -> MetaResponse;
-    /// What the broker holds now.
-    fn export(&self) -> Catalog;
-    /// Makes the broker hold exactly `catalog` (a snapshot taken over from the leader, or
-    /// read at start): what it lacks is created, what it has beyond it is deleted.
-    fn reset(&self, catalog: &Catalog);
+    fn apply(&self, command: &Command) -> MetaResponse;
+    /// What the broker holds now, as a snapshot.
+    fn export(&self) -> serde_json::Value;
+    /// Makes the broker hold exactly `snapshot` (taken over from the leader, or read at
+    /// start).
+    fn reset(&self, snapshot: &serde_json::Value);
+    /// This node became the group's leader.
+    fn lead(&self) {}
 }
 
-/// The engine as [`MetaHost`], while it lives.
-struct EngineHost(std::sync::Weak<Engine>);
+/// The engine as the metadata group's [`GroupHost`], while it lives.
+struct MetaHost(std::sync::Weak<Engine>);
 
-impl MetaHost for EngineHost {
-    fn apply(&self, command: &MetaCommand) -> MetaResponse {
-        match self.0.upgrade() {
-            Some(engine) => engine.apply_meta(command),
-            None => MetaResponse::Refused(BrokerError::Internal("the broker is shutting down".into())),
+impl GroupHost for MetaHost {
+    fn apply(&self, command: &Command) -> MetaResponse {
+        match (self.0.upgrade(), command) {
+            (Some(engine), Command::Meta(command)) => engine.apply_meta(command),
+            (Some(_), other) => {
+                MetaResponse::Refused(BrokerError::Internal(format!("not a metadata command: {other:?}")))
+            }
+            (None, _) => MetaResponse::Refused(BrokerError::Internal("the broker is shutting down".into())),
         }
     }
 
-    fn export(&self) -> Catalog {
-        self.0.upgrade().map(|engine| engine.export_meta()).unwrap_or_default()
+    fn export(&self) -> serde_json::Value {
+        let catalog = self.0.upgrade().map(|engine| engine.export_meta()).unwrap_or_default();
+        serde_json::to_value(catalog).expect("the catalog serializes")
     }
 
-    fn reset(&self, catalog: &Catalog) {
+    fn reset(&self, snapshot: &serde_json::Value) {
         let Some(engine) = self.0.upgrade() else { return };
+        let catalog: Catalog = match serde_json::from_value(snapshot.clone()) {
+            Ok(catalog) => catalog,
+            Err(error) => {
+                tracing::error!(%error, "the metadata snapshot is unreadable; ignored");
+                return;
+            }
+        };
         let current = engine.export_meta();
         let mut gone = Vec::new();
         for (source, binding) in &current.bindings {
@@ -234,9 +354,40 @@ impl MetaHost for EngineHost {
     }
 }
 
-/// The engine, as the metadata group's state machine.
-pub fn host(engine: std::sync::Weak<Engine>) -> Arc<dyn MetaHost> {
-    Arc::new(EngineHost(engine))
+/// The engine as the queue group's [`GroupHost`], while it lives.
+struct QueueHost(std::sync::Weak<Engine>);
+
+impl GroupHost for QueueHost {
+    fn apply(&self, command: &Command) -> MetaResponse {
+        match (self.0.upgrade(), command) {
+            (Some(engine), Command::Queue(command)) => engine.apply_replicated(command),
+            (Some(_), other) => {
+                MetaResponse::Refused(BrokerError::Internal(format!("not a queue command: {other:?}")))
+            }
+            (None, _) => MetaResponse::Refused(BrokerError::Internal("the broker is shutting down".into())),
+        }
+    }
+
+    fn export(&self) -> serde_json::Value {
+        self.0.upgrade().map(|engine| engine.export_replicated()).unwrap_or_default()
+    }
+
+    fn reset(&self, snapshot: &serde_json::Value) {
+        if let Some(engine) = self.0.upgrade() {
+            engine.restore_replicated(snapshot);
+        }
+    }
+
+    fn lead(&self) {
+        if let Some(engine) = self.0.upgrade() {
+            engine.take_over_replicated();
+        }
+    }
+}
+
+/// The engine as each group's state machine: the metadata group's and the queue group's.
+pub fn hosts(engine: std::sync::Weak<Engine>) -> [Arc<dyn GroupHost>; 2] {
+    [Arc::new(MetaHost(engine.clone())), Arc::new(QueueHost(engine))]
 }
 
 /// How this node joins a cluster.
@@ -287,12 +438,16 @@ impl ClusterConfig {
     }
 }
 
-/// This node's member of the metadata group.
+/// This node's member of each group.
 #[derive(Clone)]
 pub struct Cluster {
     node_id: NodeId,
     addr: SocketAddr,
-    raft: Raft<TypeConfig>,
+    /// By group: [`META`], [`QUEUES`].
+    rafts: Arc<Vec<Raft<TypeConfig>>>,
+    runtime: tokio::runtime::Handle,
+    /// Entries of the queue group, submitted in order.
+    queue_entries: tokio::sync::mpsc::UnboundedSender<submit::Submission>,
 }
 
 /// Why a metadata change did not happen.
@@ -328,12 +483,13 @@ impl From<WriteError> for BrokerError {
 }
 
 impl Cluster {
-    /// Starts this node's Raft member with its state in `dir`, serving other nodes on
-    /// `config.listen`, and proposes the initial membership when `config.peers` lists one.
+    /// Starts this node's member of each group with its state in `dir` (the metadata group)
+    /// and `dir/queues`, serving other nodes on `config.listen`, and proposes the initial
+    /// membership when `config.peers` lists one.
     pub async fn start(
         config: &ClusterConfig,
         dir: &Path,
-        host: Arc<dyn MetaHost>,
+        hosts: [Arc<dyn GroupHost>; 2],
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Cluster> {
         let raft_config = openraft::Config {
@@ -347,31 +503,57 @@ impl Cluster {
         }
         .validate()
         .map_err(std::io::Error::other)?;
+        let raft_config = Arc::new(raft_config);
         let listener = TcpListener::bind(&config.listen).await?;
         let addr = listener.local_addr()?;
-        let log = LogStore::open(dir)?;
-        let machine = StateMachine::open(dir, host)?;
-        let raft = Raft::new(config.node_id, Arc::new(raft_config), Network, log, machine)
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(network::serve(listener, raft.clone(), shutdown.clone()));
+        let mut rafts: Vec<Raft<TypeConfig>> = Vec::new();
+        for (group, host) in hosts.into_iter().enumerate() {
+            let dir = if group == META { dir.to_path_buf() } else { dir.join(GROUPS[group]) };
+            let log = LogStore::open(&dir)?;
+            // A publish waits for the metadata that declared its queue.
+            let metadata = rafts.first().cloned();
+            let machine = StateMachine::open(&dir, GROUPS[group], host.clone(), metadata)?;
+            let network = Network { group: group as u8 };
+            let raft = Raft::new(config.node_id, raft_config.clone(), network, log, machine)
+                .await
+                .map_err(std::io::Error::other)?;
+            tokio::spawn(watch_leadership(raft.clone(), config.node_id, host));
+            rafts.push(raft);
+        }
+        let rafts = Arc::new(rafts);
+        tokio::spawn(network::serve(listener, rafts.clone(), shutdown.clone()));
         if !config.peers.is_empty() {
             let members: BTreeMap<NodeId, BasicNode> =
                 config.peers.iter().map(|(id, addr)| (*id, BasicNode::new(addr))).collect();
-            match raft.initialize(members).await {
-                Ok(()) => tracing::info!(node = config.node_id, "cluster membership proposed"),
-                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
-                    tracing::info!(node = config.node_id, "cluster already formed; rejoining")
+            for (group, raft) in rafts.iter().enumerate() {
+                match raft.initialize(members.clone()).await {
+                    Ok(()) => tracing::info!(
+                        node = config.node_id,
+                        group = GROUPS[group],
+                        "cluster membership proposed"
+                    ),
+                    Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                        tracing::info!(
+                            node = config.node_id,
+                            group = GROUPS[group],
+                            "cluster already formed; rejoining"
+                        )
+                    }
+                    Err(err) => return Err(std::io::Error::other(err)),
                 }
-                Err(err) => return Err(std::io::Error::other(err)),
             }
         }
-        let cluster = Cluster { node_id: config.node_id, addr, raft };
-        let stopping = cluster.raft.clone();
+        let (queue_entries, submissions) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(submit::run(rafts[QUEUES].clone(), config.node_id, submissions));
+        let runtime = tokio::runtime::Handle::current();
+        let cluster = Cluster { node_id: config.node_id, addr, rafts, runtime, queue_entries };
+        let stopping = cluster.rafts.clone();
         let mut shutdown = shutdown;
         tokio::spawn(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
-            let _ = stopping.shutdown().await;
+            for raft in stopping.iter() {
+                let _ = raft.shutdown().await;
+            }
         });
         Ok(cluster)
     }
@@ -386,17 +568,40 @@ impl Cluster {
         self.addr
     }
 
-    /// Commits `command` through the group (forwarded to the leader from a follower) and
-    /// returns once it is applied here too; true if it changed something.
+    /// The leader of the queue group, which serves the replicated queues, as this node knows.
+    pub fn queue_leader(&self) -> Option<NodeId> {
+        self.rafts[QUEUES].metrics().borrow().current_leader
+    }
+
+    /// Index of the newest metadata entry this node has applied.
+    pub fn meta_applied(&self) -> u64 {
+        self.rafts[META].metrics().borrow().last_applied.map_or(0, |id| id.index)
+    }
+
+    /// Returns once this node has applied every metadata change committed so far, so that
+    /// what it checks locally next (does the queue exist?) sees changes made on other nodes.
+    pub async fn catch_up(&self) -> Result<(), WriteError> {
+        self.write(MetaCommand::Barrier).await.map(drop)
+    }
+
+    /// Commits a metadata change (forwarded to the leader from a follower) and returns once
+    /// it is applied here too; true if it changed something.
     pub async fn write(&self, command: MetaCommand) -> Result<bool, WriteError> {
-        let response = match self.raft.client_write(command.clone()).await {
+        self.commit(META, Command::Meta(command), true).await
+    }
+
+    /// Commits `command` in `group`, forwarded to its leader from a follower; with
+    /// `applied_here`, returns only once this node has applied it too.
+    async fn commit(&self, group: usize, command: Command, applied_here: bool) -> Result<bool, WriteError> {
+        let raft = &self.rafts[group];
+        let response = match raft.client_write(command.clone()).await {
             Ok(response) => response,
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                 let (Some(leader), Some(node)) = (forward.leader_id, forward.leader_node) else {
                     return Err(WriteError::NoLeader);
                 };
                 let mut link = Link::new(node.addr);
-                match link.call(&Request::Write(command), FORWARD_TIMEOUT).await {
+                match link.call(group as u8, &Request::Write(command), FORWARD_TIMEOUT).await {
                     Ok(Response::Write(Ok(response))) => response,
                     Ok(Response::Write(Err(err))) => {
                         return Err(WriteError::Forward(leader, err.to_string()))
@@ -412,9 +617,11 @@ impl Cluster {
         };
         // The leader has applied it; a follower that took the request applies it before it
         // answers, so the client sees its own change on the node it asked.
-        let wait = self.raft.wait(Some(FORWARD_TIMEOUT));
-        if wait.applied_index_at_least(Some(response.log_id.index), "applied here").await.is_err() {
-            return Err(WriteError::NotApplied);
+        if applied_here {
+            let wait = raft.wait(Some(FORWARD_TIMEOUT));
+            if wait.applied_index_at_least(Some(response.log_id.index), "applied here").await.is_err() {
+                return Err(WriteError::NotApplied);
+            }
         }
         match response.data {
             MetaResponse::Done(changed) => Ok(changed),
@@ -422,31 +629,55 @@ impl Cluster {
         }
     }
 
-    /// Adds a node to the cluster, or removes one, through Raft's joint consensus: a new node
-    /// first catches up as a learner, then becomes a voter. Asked of a follower, the change
-    /// is forwarded to the leader.
+    /// Adds a node to the cluster, or removes one, in every group, through Raft's joint
+    /// consensus: a new node first catches up as a learner, then becomes a voter. Asked of a
+    /// follower, the change is forwarded to the leader.
     pub async fn change_members(&self, change: MembershipChange) -> Result<(), WriteError> {
-        let leader = self.raft.current_leader().await;
+        for group in [META, QUEUES] {
+            self.change_members_in(group, change.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes `change` in `group`, waiting out an election there (the groups elect their
+    /// leaders separately).
+    async fn change_members_in(&self, group: usize, change: MembershipChange) -> Result<(), WriteError> {
+        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+        loop {
+            match self.try_change_members_in(group, change.clone()).await {
+                Err(WriteError::NoLeader) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(HEARTBEAT_MS)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_change_members_in(&self, group: usize, change: MembershipChange) -> Result<(), WriteError> {
+        let raft = &self.rafts[group];
+        let leader = raft.current_leader().await;
         if leader == Some(self.node_id) {
-            return change_members(&self.raft, change).await;
+            return change_members(raft, change).await;
         }
         let Some(leader) = leader else { return Err(WriteError::NoLeader) };
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = raft.metrics().borrow().clone();
         let Some(node) = metrics.membership_config.membership().get_node(&leader).cloned() else {
             return Err(WriteError::NoLeader);
         };
         let mut link = Link::new(node.addr);
-        match link.call(&Request::ChangeMembers(change), FORWARD_TIMEOUT).await {
+        match link.call(group as u8, &Request::ChangeMembers(change), FORWARD_TIMEOUT).await {
             Ok(Response::ChangeMembers(Ok(()))) => Ok(()),
+            Ok(Response::ChangeMembers(Err(err))) if err == NOT_LEADER => Err(WriteError::NoLeader),
             Ok(Response::ChangeMembers(Err(err))) => Err(WriteError::Raft(err)),
             Ok(other) => Err(WriteError::Forward(leader, format!("unexpected answer {other:?}"))),
             Err((_, err)) => Err(WriteError::Forward(leader, err.to_string())),
         }
     }
 
-    /// What this node knows of the cluster now.
+    /// What this node knows of the cluster now (the metadata group's view, and the queue
+    /// group's leader).
     pub fn status(&self) -> ClusterStatus {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.rafts[META].metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let replication = metrics.replication.clone().unwrap_or_default();
@@ -478,15 +709,86 @@ impl Cluster {
             last_log_index: metrics.last_log_index.unwrap_or(0),
             last_applied: metrics.last_applied.map_or(0, |id| id.index),
             members,
+            queue_leader: self.queue_leader(),
         }
     }
 }
+
+/// Tells `host` whenever this node becomes the leader of `raft`'s group.
+async fn watch_leadership(raft: Raft<TypeConfig>, node_id: NodeId, host: Arc<dyn GroupHost>) {
+    let mut metrics = raft.metrics();
+    let mut leading = false;
+    loop {
+        let now_leading = metrics.borrow_and_update().current_leader == Some(node_id);
+        if now_leading && !leading {
+            host.lead();
+        }
+        leading = now_leading;
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Cluster {
+    /// Submits an entry of the queue group after every entry submitted before it.
+    fn submit(
+        &self,
+        command: QueueCommand,
+    ) -> tokio::sync::oneshot::Receiver<Result<MetaResponse, WriteError>> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let submission = submit::Submission { command: Command::Queue(command), reply };
+        if let Err(refused) = self.queue_entries.send(submission) {
+            let _ = refused.0.reply.send(Err(WriteError::Stopped));
+        }
+        outcome
+    }
+}
+
+impl Replicator for Cluster {
+    fn publish(&self, queue: &str, payload: Arc<Payload>, ttl_ms: u64, confirm: Confirm) {
+        let publish = QueueCommand::Publish {
+            queue: queue.to_owned(),
+            message: ReplicatedMessage::of(&payload),
+            ttl_ms,
+            meta_index: self.meta_applied(),
+        };
+        let outcome = self.submit(publish);
+        let message_id = payload.id;
+        self.runtime.spawn(async move {
+            let result = match outcome.await {
+                Ok(Ok(MetaResponse::Done(_))) => Ok(Outcome::Published { message_id, routed: 1 }),
+                Ok(Ok(MetaResponse::Refused(error))) => Err(error),
+                Ok(Err(error)) => Err(error.into()),
+                Err(_) => Err(WriteError::Stopped.into()),
+            };
+            confirm.send(result);
+        });
+    }
+
+    fn left(&self, queue: &str, seqs: Vec<u64>) {
+        // Only the node serving the queue speaks for it; the others follow its entries.
+        if self.queue_leader() != Some(self.node_id) {
+            return;
+        }
+        let outcome = self.submit(QueueCommand::Left { queue: queue.to_owned(), seqs });
+        self.runtime.spawn(async move {
+            if let Ok(Err(error)) = outcome.await {
+                tracing::warn!(%error, "could not replicate that messages left a replicated queue");
+            }
+        });
+    }
+}
+
+/// How a node that is no longer the leader refuses a forwarded membership change.
+const NOT_LEADER: &str = "not the leader";
 
 /// Makes a membership change on the leader `raft`.
 async fn change_members(raft: &Raft<TypeConfig>, change: MembershipChange) -> Result<(), WriteError> {
     let voters: BTreeSet<NodeId> =
         raft.metrics().borrow().membership_config.membership().voter_ids().collect();
     let refused = |err: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| match err {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => WriteError::NoLeader,
         RaftError::APIError(err) => WriteError::Raft(err.to_string()),
         RaftError::Fatal(_) => WriteError::Stopped,
     };
@@ -536,6 +838,8 @@ pub struct ClusterStatus {
     pub last_applied: u64,
     /// Every member, voters and learners.
     pub members: Vec<MemberStatus>,
+    /// The node serving the replicated queues (the queue group's leader), if known.
+    pub queue_leader: Option<NodeId>,
 }
 
 /// One member in [`ClusterStatus`].

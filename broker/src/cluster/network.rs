@@ -1,7 +1,7 @@
 //! Node-to-node traffic: Raft's messages and forwarded metadata writes, over TCP.
 //!
-//! Framing is Hopper's own: a 4-byte big-endian length, then the message (JSON of the
-//! [`Request`] or [`Response`]). A connection carries one request at a time and its answer.
+//! Framing is Hopper's own: a 4-byte big-endian length, then the message (JSON of an
+//! [`Envelope`] holding the group and the [`Request`], or of the [`Response`]). A connection carries one request at a time and its answer.
 //! Each peer that Raft replicates to gets its own connection, opened when first needed and
 //! again after any failure; every call is bounded by the timeout Raft gives it.
 
@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt as _, StreamExt as _};
@@ -26,12 +27,21 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use super::{MetaCommand, NodeId, TypeConfig};
+use super::{Command, NodeId, TypeConfig};
 
 /// Largest message between nodes (a snapshot chunk or a batch of entries).
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// How long a forwarded metadata write may take.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request and the group it is for.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The group: [`super::META`] or [`super::QUEUES`].
+    pub group: u8,
+    /// The request.
+    pub request: Request,
+}
 
 /// A message from one node to another.
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,10 +49,12 @@ pub enum Request {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
-    /// A metadata write made on a follower, for the leader to commit.
-    Write(MetaCommand),
+    /// A write made on a follower, for the leader to commit.
+    Write(Command),
     /// A membership change asked of a follower, for the leader to make.
     ChangeMembers(MembershipChange),
+    /// Entries made on a follower, in order, for the leader to commit in that order.
+    WriteBatch(Vec<Command>),
 }
 
 /// A change of the cluster's voters.
@@ -70,6 +82,7 @@ pub enum Response {
     InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
     Write(Result<ClientWriteResponse<TypeConfig>, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>),
     ChangeMembers(Result<(), String>),
+    WriteBatch(Vec<Result<super::MetaResponse, String>>),
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -87,15 +100,16 @@ impl Link {
         Link { addr, conn: None }
     }
 
-    /// Sends `request` and waits for the answer, within `timeout`. Any failure drops the
-    /// connection; the next call opens a new one. `Err(true)` means the node could not be
-    /// reached at all.
+    /// Sends `request` for `group` and waits for the answer, within `timeout`. Any failure
+    /// drops the connection; the next call opens a new one. `Err(true)` means the node could
+    /// not be reached at all.
     pub async fn call(
         &mut self,
+        group: u8,
         request: &Request,
         timeout: Duration,
     ) -> Result<Response, (bool, io::Error)> {
-        let result = tokio::time::timeout(timeout, self.exchange(request)).await;
+        let result = tokio::time::timeout(timeout, self.exchange(group, request)).await;
         let result = match result {
             Ok(result) => result,
             Err(_) => Err((
@@ -112,14 +126,15 @@ impl Link {
         result
     }
 
-    async fn exchange(&mut self, request: &Request) -> Result<Response, (bool, io::Error)> {
+    async fn exchange(&mut self, group: u8, request: &Request) -> Result<Response, (bool, io::Error)> {
         if self.conn.is_none() {
             let stream = TcpStream::connect(&self.addr).await.map_err(|e| (true, e))?;
             let _ = stream.set_nodelay(true);
             self.conn = Some(Framed::new(stream, codec()));
         }
         let conn = self.conn.as_mut().expect("connected above");
-        let bytes = serde_json::to_vec(request).map_err(|e| (false, io::Error::other(e)))?;
+        let envelope = serde_json::json!({ "group": group, "request": request });
+        let bytes = serde_json::to_vec(&envelope).map_err(|e| (false, io::Error::other(e)))?;
         conn.send(bytes::Bytes::from(bytes)).await.map_err(|e| (false, e))?;
         let frame = match conn.next().await {
             Some(frame) => frame.map_err(|e| (false, e))?,
@@ -129,19 +144,23 @@ impl Link {
     }
 }
 
-/// Makes the [`Peer`] Raft uses to reach each node.
-pub struct Network;
+/// Makes the [`Peer`] a group's Raft uses to reach each node.
+pub struct Network {
+    /// The group.
+    pub group: u8,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        Peer { target, link: Link::new(node.addr.clone()) }
+        Peer { group: self.group, target, link: Link::new(node.addr.clone()) }
     }
 }
 
-/// Raft's view of one other node.
+/// A group's view of one other node.
 pub struct Peer {
+    group: u8,
     target: NodeId,
     link: Link,
 }
@@ -155,7 +174,7 @@ impl Peer {
         request: Request,
         option: &RPCOption,
     ) -> RpcResult<Response, E> {
-        self.link.call(&request, option.hard_ttl()).await.map_err(|(unreachable, e)| {
+        self.link.call(self.group, &request, option.hard_ttl()).await.map_err(|(unreachable, e)| {
             if unreachable {
                 RPCError::Unreachable(Unreachable::new(&e))
             } else {
@@ -207,8 +226,12 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
-/// Serves other nodes' requests until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, mut shutdown: watch::Receiver<bool>) {
+/// Serves other nodes' requests to `rafts` (by group) until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    rafts: Arc<Vec<Raft<TypeConfig>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -223,10 +246,10 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, mut shutdown: 
             }
         };
         let _ = stream.set_nodelay(true);
-        let raft = raft.clone();
+        let rafts = rafts.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(err) = serve_connection(stream, raft, shutdown).await {
+            if let Err(err) = serve_connection(stream, rafts, shutdown).await {
                 tracing::debug!(%peer, error = %err, "cluster connection ended");
             }
         });
@@ -235,7 +258,7 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, mut shutdown: 
 
 async fn serve_connection(
     stream: TcpStream,
-    raft: Raft<TypeConfig>,
+    rafts: Arc<Vec<Raft<TypeConfig>>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let mut conn = Framed::new(stream, codec());
@@ -245,15 +268,25 @@ async fn serve_connection(
             _ = shutdown.changed() => return Ok(()),
         };
         let Some(frame) = frame else { return Ok(()) };
-        let request: Request =
+        let Envelope { group, request } =
             serde_json::from_slice(&frame?).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let Some(raft) = rafts.get(usize::from(group)) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("no group {group}")));
+        };
         let response = match request {
             Request::AppendEntries(rpc) => Response::AppendEntries(raft.append_entries(rpc).await),
             Request::Vote(rpc) => Response::Vote(raft.vote(rpc).await),
             Request::InstallSnapshot(rpc) => Response::InstallSnapshot(raft.install_snapshot(rpc).await),
             Request::Write(command) => Response::Write(raft.client_write(command).await),
+            Request::WriteBatch(commands) => {
+                Response::WriteBatch(super::submit::write_batch(raft, commands).await)
+            }
             Request::ChangeMembers(change) => {
-                Response::ChangeMembers(super::change_members(&raft, change).await.map_err(|e| e.to_string()))
+                let changed = super::change_members(raft, change).await;
+                Response::ChangeMembers(changed.map_err(|e| match e {
+                    super::WriteError::NoLeader => super::NOT_LEADER.to_string(),
+                    other => other.to_string(),
+                }))
             }
         };
         let bytes = serde_json::to_vec(&response).map_err(io::Error::other)?;

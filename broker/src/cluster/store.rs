@@ -7,7 +7,7 @@
 //! temporary file renamed over it, so the file stays about as large as the unpurged log.
 //!
 //! The state machine is the broker itself: each committed command is applied to it through
-//! [`MetaHost`], and a snapshot is the metadata it holds then ([`Catalog`]), written to
+//! [`GroupHost`], and a snapshot is what the host holds then (as JSON), written to
 //! `snapshot.json` atomically. A node starts from its snapshot and the log entries after it.
 
 // openraft's traits fix these error types, large as they are.
@@ -29,7 +29,7 @@ use openraft::{
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{Catalog, MetaHost, MetaResponse, NodeId, TypeConfig};
+use super::{Command, GroupHost, MetaResponse, NodeId, QueueCommand, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -267,11 +267,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// A snapshot as stored: the catalog, what it covers, and the membership then.
+/// A snapshot as stored: what the host held, what it covers, and the membership then.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    catalog: Catalog,
+    data: serde_json::Value,
 }
 
 /// What the state machine has applied, in memory.
@@ -283,18 +283,30 @@ struct MachineInner {
     snapshots_built: u64,
 }
 
-/// The metadata group's state machine: the broker, as [`MetaHost`] sees it.
+/// A group's state machine: the broker, as its [`GroupHost`] sees it.
 #[derive(Clone)]
 pub struct StateMachine {
     dir: PathBuf,
+    group: &'static str,
     inner: Arc<Mutex<MachineInner>>,
-    host: Arc<dyn MetaHost>,
+    host: Arc<dyn GroupHost>,
+    /// The metadata group, for the queue group: a publish is applied once the metadata that
+    /// declared its queue is.
+    metadata: Option<openraft::Raft<TypeConfig>>,
 }
+
+/// Longest wait of a publish for its queue's metadata.
+const METADATA_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl StateMachine {
     /// Opens the state machine of `dir`; with a snapshot there, `host` is first made to hold
-    /// exactly its catalog.
-    pub fn open(dir: &Path, host: Arc<dyn MetaHost>) -> io::Result<StateMachine> {
+    /// exactly what it held.
+    pub fn open(
+        dir: &Path,
+        group: &'static str,
+        host: Arc<dyn GroupHost>,
+        metadata: Option<openraft::Raft<TypeConfig>>,
+    ) -> io::Result<StateMachine> {
         let mut inner = MachineInner::default();
         match std::fs::read(dir.join("snapshot.json")) {
             Ok(bytes) => {
@@ -302,13 +314,13 @@ impl StateMachine {
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot.json: {e}")))?;
                 inner.last_applied = snapshot.meta.last_log_id;
                 inner.membership = snapshot.meta.last_membership.clone();
-                host.reset(&snapshot.catalog);
+                host.reset(&snapshot.data);
                 inner.snapshot = Some(snapshot);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        Ok(StateMachine { dir: dir.to_path_buf(), inner: Arc::new(Mutex::new(inner)), host })
+        Ok(StateMachine { dir: dir.to_path_buf(), group, inner: Arc::new(Mutex::new(inner)), host, metadata })
     }
 
     fn save_snapshot(&self, snapshot: &StoredSnapshot) -> io::Result<()> {
@@ -326,7 +338,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         // The state machine applies nothing while it builds: the host holds exactly what
         // the entries up to `last_applied` made.
-        let catalog = self.host.export();
+        let data = self.host.export();
         let snapshot = {
             let mut inner = self.inner.lock();
             inner.snapshots_built += 1;
@@ -340,13 +352,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                     last_membership: inner.membership.clone(),
                     snapshot_id,
                 },
-                catalog,
+                data,
             }
         };
         self.save_snapshot(&snapshot).map_err(|e| {
             StorageIOError::write_snapshot(Some(snapshot.meta.signature()), AnyError::new(&e))
         })?;
-        let data = serde_json::to_vec(&snapshot.catalog).expect("the catalog serializes");
+        let data = serde_json::to_vec(&snapshot.data).expect("a snapshot serializes");
         self.inner.lock().snapshot = Some(snapshot.clone());
         Ok(Snapshot { meta: snapshot.meta, snapshot: Box::new(Cursor::new(data)) })
     }
@@ -371,7 +383,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             let response = match &entry.payload {
                 EntryPayload::Blank => MetaResponse::Done(false),
-                EntryPayload::Normal(command) => self.host.apply(command),
+                EntryPayload::Normal(command) => {
+                    if let (Some(metadata), Command::Queue(QueueCommand::Publish { meta_index, .. })) =
+                        (&self.metadata, command)
+                    {
+                        let wait = metadata.wait(Some(METADATA_WAIT));
+                        if wait
+                            .applied_index_at_least(Some(*meta_index), "the queue's metadata")
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!(
+                                meta_index,
+                                "a replicated publish waited too long for its queue's metadata"
+                            );
+                        }
+                    }
+                    self.host.apply(command)
+                }
                 EntryPayload::Membership(membership) => {
                     self.inner.lock().membership =
                         StoredMembership::new(Some(entry.log_id), membership.clone());
@@ -397,13 +426,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
-        let catalog: Catalog = serde_json::from_slice(snapshot.get_ref())
+        let data: serde_json::Value = serde_json::from_slice(snapshot.get_ref())
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
-        let stored = StoredSnapshot { meta: meta.clone(), catalog };
+        let stored = StoredSnapshot { meta: meta.clone(), data };
         self.save_snapshot(&stored)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
-        self.host.reset(&stored.catalog);
-        tracing::info!(last_log_id = ?meta.last_log_id, "took over the leader's snapshot of the cluster metadata");
+        self.host.reset(&stored.data);
+        tracing::info!(group = self.group, last_log_id = ?meta.last_log_id, "took over the leader's snapshot");
         let mut inner = self.inner.lock();
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
@@ -415,9 +444,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let inner = self.inner.lock();
         Ok(inner.snapshot.as_ref().map(|stored| Snapshot {
             meta: stored.meta.clone(),
-            snapshot: Box::new(Cursor::new(
-                serde_json::to_vec(&stored.catalog).expect("the catalog serializes"),
-            )),
+            snapshot: Box::new(Cursor::new(serde_json::to_vec(&stored.data).expect("a snapshot serializes"))),
         }))
     }
 }

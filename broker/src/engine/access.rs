@@ -162,6 +162,7 @@ impl Engine {
         }
         let who = caller.user.as_deref().unwrap_or("broker").to_owned();
         if let Some(cluster) = self.cluster.get() {
+            cluster.catch_up().await?;
             self.users.current(&name)?;
             cluster.write(crate::cluster::MetaCommand::DeleteUser { name: name.clone() }).await?;
             self.users.changed("user_deleted", &who, &name, String::new());

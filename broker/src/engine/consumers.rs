@@ -156,6 +156,7 @@ impl Engine {
         check_duration("ack_timeout_ms", options.ack_timeout_ms)?;
         self.check(caller, "consume from", Access::Read, Resource::Queue(queue))?;
         let queue = self.queues.get(queue)?;
+        self.check_serving(&queue)?;
         let consumer_id = self.next_consumer_id();
         self.consumers.insert(
             consumer_id,

@@ -56,7 +56,9 @@ impl Engine {
     ) -> Result<(), BrokerError> {
         self.check(caller, "delete", Access::Configure, Resource::Exchange(name))?;
         if let Some(cluster) = self.cluster.get() {
-            // Checked here, on the node asked; every node then deletes it unconditionally.
+            // Checked here, on the node asked, once it knows every change made so far; every
+            // node then deletes it unconditionally.
+            cluster.catch_up().await?;
             let view = self.exchange(name)?;
             if if_unused && view.bindings > 0 {
                 return Err(BrokerError::PreconditionFailed(format!(

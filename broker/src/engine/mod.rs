@@ -15,6 +15,7 @@ mod exchanges;
 mod pull;
 mod queues;
 mod receipts;
+mod replicated;
 mod view;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -138,6 +139,7 @@ impl Engine {
 
     /// Joins this broker to its cluster: from now on metadata changes go through `cluster`.
     pub fn set_cluster(&self, cluster: crate::cluster::Cluster) {
+        self.queues.set_replicator(Arc::new(cluster.clone()));
         let _ = self.cluster.set(cluster);
     }
 

@@ -150,6 +150,7 @@ impl Engine {
         crate::settings::check_duration("visibility_ms", visibility_ms)?;
         self.check(caller, "get from", Access::Read, Resource::Queue(queue))?;
         let queue = self.queues.get(queue)?;
+        self.check_serving(&queue)?;
         let (puller, turn) = self.puller(caller, &queue, notices)?;
         let consumer_id = puller.consumer_id;
         puller.inbox.set_budget(budget);

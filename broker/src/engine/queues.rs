@@ -18,10 +18,11 @@ impl Engine {
         &self,
         caller: &Caller,
         name: &str,
-        settings: QueueSettings,
+        mut settings: QueueSettings,
         alarm_depth: Option<u64>,
     ) -> Result<(QueueInfo, bool), BrokerError> {
         self.check(caller, "declare", Access::Configure, Resource::Queue(name))?;
+        self.check_replicated(name, &mut settings)?;
         let max_queues = self.config.max_queues;
         if self.queues.get(name).is_err() && self.queues.count() >= max_queues {
             return Err(BrokerError::ResourceLimit(format!(
@@ -80,6 +81,7 @@ impl Engine {
                 Err(BrokerError::NotFound(_)) => Ok(false),
                 other => other,
             },
+            MetaCommand::Barrier => Ok(false),
             MetaCommand::PutUser { name, tags, secret, update } => {
                 self.users.put_secret(name, secret.as_ref(), tags.clone(), *update).map(|()| true)
             }
@@ -123,7 +125,9 @@ impl Engine {
     ) -> Result<u64, BrokerError> {
         self.check(caller, "delete", Access::Configure, Resource::Queue(name))?;
         if let Some(cluster) = self.cluster.get() {
-            // Checked here, on the node asked; every node then deletes it unconditionally.
+            // Checked here, on the node asked, once it knows every change made so far; every
+            // node then deletes it unconditionally.
+            cluster.catch_up().await?;
             let snapshot = self.queues.get(name)?.snapshot();
             if if_unused && snapshot.consumers > 0 {
                 let consumers = snapshot.consumers;

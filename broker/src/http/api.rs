@@ -123,6 +123,7 @@ pub(super) async fn get_queue(
 #[serde(default, deny_unknown_fields)]
 pub(super) struct DeclareBody {
     durable: bool,
+    replicated: bool,
     dead_letter: Option<String>,
     dead_letter_exchange: Option<String>,
     dead_letter_routing_key: Option<String>,
@@ -156,6 +157,7 @@ pub(super) async fn declare_queue(
         max_length: body.max_length.unwrap_or(0),
         max_bytes: body.max_bytes.unwrap_or(0),
         overflow,
+        replicated: body.replicated,
     };
     let (info, created) = engine.declare(&caller, &name, settings, body.alarm_depth).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };

@@ -49,6 +49,16 @@ pub enum Outcome {
     },
 }
 
+/// Where replicated queues send their publishes and the messages that left them: the
+/// cluster, which commits them through Raft and applies them on every node.
+pub trait Replicator: Send + Sync {
+    /// Replicates a publish to `queue`; `confirm` is answered once a majority holds it.
+    fn publish(&self, queue: &str, payload: Arc<Payload>, ttl_ms: u64, confirm: Confirm);
+    /// The messages with these seqs left `queue` (acked, rejected, expired, purged) on this
+    /// node; the cluster removes them everywhere if this node serves the queue.
+    fn left(&self, queue: &str, seqs: Vec<u64>);
+}
+
 /// A front end's connection, which answers its requests once they are due.
 pub trait Replies: Send + Sync {
     /// Answers request `request_id`.
@@ -219,17 +229,26 @@ struct Live {
     disk: Option<DiskState>,
 }
 
-/// The journal of a transient queue: nothing to persist; dead messages are collected.
+/// The journal of a transient queue: nothing to persist; dead messages are collected. For a
+/// replicated queue it also collects the seqs of the messages that left, for the cluster.
 struct MemJournal<'a> {
     deaths: &'a mut Vec<Dead>,
+    left: Option<&'a mut Vec<u64>>,
 }
 
 impl Journal for MemJournal<'_> {
     fn delivered(&mut self, _: &QueuedMessage) {}
-    fn settled(&mut self, _: &QueuedMessage) {}
+    fn settled(&mut self, message: &QueuedMessage) {
+        if let Some(left) = &mut self.left {
+            left.push(message.seq);
+        }
+    }
     fn requeued(&mut self, _: &mut QueuedMessage) {}
     fn failed(&mut self, _: &QueuedMessage) {}
     fn dead(&mut self, message: QueuedMessage, reason: DeathReason) {
+        if let Some(left) = &mut self.left {
+            left.push(message.seq);
+        }
         self.deaths.push(Dead { message, reason });
     }
     fn load(&mut self, _: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
@@ -315,6 +334,7 @@ impl Queue {
     ) -> Result<R, BrokerError> {
         let now = now_ms();
         let mut deaths = Vec::new();
+        let mut left = Vec::new();
         let (result, next) = {
             let mut guard = self.state.lock();
             let live = &mut *guard;
@@ -330,7 +350,8 @@ impl Queue {
                     result
                 }
                 _ => {
-                    let mut journal = MemJournal { deaths: &mut deaths };
+                    let left = self.settings.replicated.then_some(&mut left);
+                    let mut journal = MemJournal { deaths: &mut deaths, left };
                     let result = f(&mut live.state, &mut journal, now);
                     live.state.dispatch(now, &mut journal);
                     result
@@ -338,6 +359,7 @@ impl Queue {
             };
             (result, live.state.next_timer())
         };
+        self.report_left(left);
         self.after_unlock(deaths, next);
         Ok(result)
     }
@@ -396,6 +418,9 @@ impl Queue {
         ttl_ms: u64,
         confirm: Confirm,
     ) -> Result<(), (BrokerError, Confirm)> {
+        if self.settings.replicated {
+            return self.offer_replicated(payload, delay_ms, ttl_ms, confirm);
+        }
         let size = payload.size() as u64;
         let id = payload.id;
         let mut deaths = Vec::new();
@@ -408,7 +433,7 @@ impl Queue {
             (Some(disk), Some(durable)) => {
                 live.state.make_room(size, &mut durable.journal(disk, &mut deaths))
             }
-            _ => live.state.make_room(size, &mut MemJournal { deaths: &mut deaths }),
+            _ => live.state.make_room(size, &mut MemJournal { deaths: &mut deaths, left: None }),
         };
         let refused = match room {
             Err(full) => {
@@ -433,7 +458,7 @@ impl Queue {
                 None
             }
             _ => {
-                let mut journal = MemJournal { deaths: &mut deaths };
+                let mut journal = MemJournal { deaths: &mut deaths, left: None };
                 live.state.publish(payload, now, delay_ms, ttl_ms);
                 live.state.dispatch(now, &mut journal);
                 Some(confirm)
@@ -446,6 +471,97 @@ impl Queue {
             confirm.send(Ok(Outcome::Published { message_id: id, routed: 1 }));
         }
         Ok(())
+    }
+
+    /// Hands a publish to a replicated queue to the cluster: it enters the queue on every
+    /// node once a majority holds it ([`Queue::apply_publish`]), and is confirmed then.
+    fn offer_replicated(
+        &self,
+        payload: Arc<Payload>,
+        delay_ms: u64,
+        ttl_ms: u64,
+        confirm: Confirm,
+    ) -> Result<(), (BrokerError, Confirm)> {
+        if self.is_deleted() {
+            return Err((BrokerError::queue_not_found(&self.name), confirm));
+        }
+        if delay_ms > 0 {
+            let refusal = format!("queue '{}' is replicated, and takes no delayed publishes yet", self.name);
+            return Err((BrokerError::InvalidArgument(refusal), confirm));
+        }
+        let Some(replicator) = self.registry.upgrade().and_then(|registry| registry.replicator()) else {
+            let refusal = format!("queue '{}' is replicated, but this broker is not in a cluster", self.name);
+            return Err((BrokerError::Internal(refusal), confirm));
+        };
+        replicator.publish(&self.name, payload, ttl_ms, confirm);
+        Ok(())
+    }
+
+    /// A publish to this replicated queue, committed by the cluster: it enters the queue
+    /// here, as on every node (in the same order, so with the same seq everywhere).
+    pub fn apply_publish(&self, payload: Arc<Payload>, ttl_ms: u64) {
+        let now = now_ms();
+        let mut deaths = Vec::new();
+        let mut left = Vec::new();
+        let next = {
+            let mut guard = self.state.lock();
+            let live = &mut *guard;
+            if live.deleted {
+                return;
+            }
+            live.state.publish(payload, now, 0, ttl_ms);
+            let mut journal = MemJournal { deaths: &mut deaths, left: Some(&mut left) };
+            live.state.dispatch(now, &mut journal);
+            live.state.next_timer()
+        };
+        self.report_left(left);
+        self.after_unlock(deaths, next);
+    }
+
+    /// Messages of this replicated queue that left it on the node serving it, committed by
+    /// the cluster: they leave here too (where they still wait: on the serving node they are
+    /// gone already).
+    pub fn apply_left(&self, seqs: &[u64]) {
+        let mut guard = self.state.lock();
+        for &seq in seqs {
+            guard.state.remove_waiting(seq);
+        }
+    }
+
+    /// Flags every waiting message as possibly delivered: this node takes over serving the
+    /// queue from one that may have delivered them before it stopped.
+    pub fn take_over(&self) {
+        self.state.lock().state.mark_maybe_delivered();
+    }
+
+    /// Every message of the queue with its payload, for a snapshot of a replicated queue.
+    pub fn contents(&self) -> Vec<QueuedMessage> {
+        let guard = self.state.lock();
+        guard.state.messages().map(|message| message.into_owned()).collect()
+    }
+
+    /// Replaces the queue's messages with `messages` (a snapshot taken over from the
+    /// cluster's leader); consumers keep their subscriptions.
+    pub fn restore_contents(&self, messages: Vec<QueuedMessage>) {
+        let mut guard = self.state.lock();
+        let live = &mut *guard;
+        let mut deaths = Vec::new();
+        live.state.purge(&mut MemJournal { deaths: &mut deaths, left: None });
+        for mut message in messages {
+            message.delivery_count = 0;
+            message.maybe_delivered = true;
+            live.state.restore(message);
+        }
+    }
+
+    /// Tells the cluster which messages left this replicated queue.
+    fn report_left(&self, left: Vec<u64>) {
+        if left.is_empty() {
+            return;
+        }
+        if let Some(replicator) = self.registry.upgrade().and_then(|registry| registry.replicator()) {
+            replicator.left(&self.name, left);
+        }
     }
 
     /// Sends `response` once everything this queue has buffered for its log so far is as

@@ -25,6 +25,8 @@ pub struct Registry {
     pub(super) exchanges: super::exchanges::Exchanges,
     /// How many queues name each queue as their dead-letter queue.
     dead_letter_refs: DashMap<Arc<str>, usize, foldhash::fast::RandomState>,
+    /// The cluster, for replicated queues; unset outside a cluster.
+    replicator: std::sync::OnceLock<Arc<dyn super::Replicator>>,
 }
 
 /// What a declare did.
@@ -44,6 +46,16 @@ pub struct Deleted {
 }
 
 impl Registry {
+    /// Joins the registry to the cluster that replicates its replicated queues.
+    pub fn set_replicator(&self, replicator: Arc<dyn super::Replicator>) {
+        let _ = self.replicator.set(replicator);
+    }
+
+    /// The cluster, if the broker is in one.
+    pub fn replicator(&self) -> Option<Arc<dyn super::Replicator>> {
+        self.replicator.get().cloned()
+    }
+
     /// Opens the store and brings back every durable queue it holds. Problems with single
     /// queues or segments are logged and skipped: one bad queue does not stop the broker.
     /// Timers run on `runtime`.
@@ -75,6 +87,7 @@ impl Registry {
             runtime,
             exchanges: Default::default(),
             dead_letter_refs: DashMap::default(),
+            replicator: std::sync::OnceLock::new(),
         });
         for Stored { id, meta, dir } in stored {
             let Some(parts) = parts.remove(&id) else {

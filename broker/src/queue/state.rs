@@ -453,6 +453,32 @@ impl<S: Sink> QueueState<S> {
         self.consumers.iter_mut().find_map(|c| c.window.find_mut(seq))
     }
 
+    /// Takes a waiting (ready or delayed) message out of the queue, as a settle would, without
+    /// telling a journal; `None` if no message with this seq is waiting.
+    pub fn remove_waiting(&mut self, seq: u64) -> Option<QueuedMessage> {
+        let message = match self.delayed_due.remove(&seq) {
+            Some(due) => self.delayed.remove(&(due, seq)),
+            None => self.ready.remove(seq),
+        }?;
+        self.waiting_bytes -= u64::from(message.size);
+        self.counters.acked += 1;
+        Some(message)
+    }
+
+    /// Flags every waiting message as one that may have been delivered (AMQP's
+    /// "redelivered"): its next delivery says so.
+    pub fn mark_maybe_delivered(&mut self) {
+        let seqs: Vec<u64> = self.ready.iter().map(|message| message.seq).collect();
+        for seq in seqs {
+            if let Some(message) = self.ready.get_mut(seq) {
+                message.maybe_delivered = true;
+            }
+        }
+        for message in self.delayed.values_mut() {
+            message.maybe_delivered = true;
+        }
+    }
+
     /// Every message: ready, delayed and delivered.
     pub fn messages(&self) -> impl Iterator<Item = Cow<'_, QueuedMessage>> + '_ {
         self.ready
