@@ -75,7 +75,8 @@ async fn declare(server: &str, run: DeclareRun) -> anyhow::Result<()> {
         conns.push(crate::connect(server, &format!("bench declare {i}")).await?);
     }
     let started = Instant::now();
-    declare_queues(&conns, (0..run.count).map(queue_name), run.in_flight, run.durable).await?;
+    let options = QueueOptions { durable: run.durable, ..Default::default() };
+    declare_queues(&conns, (0..run.count).map(queue_name), run.in_flight, options).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let broker = footprint(run.rss_pid)?;
     close_all(&conns).await;
@@ -183,9 +184,8 @@ pub(super) async fn declare_queues(
     conns: &[Connection],
     names: impl Iterator<Item = String>,
     in_flight: u32,
-    durable: bool,
+    options: QueueOptions,
 ) -> anyhow::Result<()> {
-    let options = QueueOptions { durable, ..Default::default() };
     each_queue(conns, names, in_flight, |conn, name| {
         let options = options.clone();
         async move { conn.declare_queue(&name, options).await.with_context(|| format!("declaring '{name}'")) }

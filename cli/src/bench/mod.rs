@@ -103,6 +103,10 @@ pub struct BenchArgs {
     /// Declare the queue durable.
     #[arg(long)]
     pub durable: bool,
+    /// Declare the queue replicated over the cluster's nodes (point --server at the node
+    /// serving replicated queues: `hopper cluster status`).
+    #[arg(long)]
+    pub replicated: bool,
     /// Acknowledge every N deliveries at once (ack with multiple).
     #[arg(long, default_value_t = 1, value_parser = crate::at_least(1u64))]
     pub ack_every: u64,
@@ -188,6 +192,11 @@ const DECLARE_CONFLICTS: [&str; 17] = [
 ];
 
 impl BenchArgs {
+    /// How the run's queues are declared.
+    fn queue_options(&self) -> QueueOptions {
+        QueueOptions { durable: self.durable, replicated: self.replicated, ..Default::default() }
+    }
+
     /// Whether this run only consumes messages already in the queue.
     fn drain(&self) -> bool {
         self.producers == 0
@@ -276,7 +285,7 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         admin.queue_exists(&queue).await.with_context(|| format!("queue '{queue}'"))?;
     } else if route.is_none() {
         let names = queues.iter().cloned();
-        declare::declare_queues(&setup, names, declare::SETUP_IN_FLIGHT, args.durable).await?;
+        declare::declare_queues(&setup, names, declare::SETUP_IN_FLIGHT, args.queue_options()).await?;
     }
     let sampler = args.rss_pid.map(RssSampler::start).transpose()?;
     let cpu_before = args.rss_pid.map(read_cpu_time).transpose()?;
@@ -626,7 +635,7 @@ impl Route {
         let headers: HashMap<String, String> = [("bench".to_string(), "yes".to_string())].into();
         let queues: Vec<String> = (0..args.queues).map(|i| format!("{base}-{i}")).collect();
         for queue in &queues {
-            admin.declare_queue(queue, QueueOptions { durable: args.durable, ..Default::default() }).await?;
+            admin.declare_queue(queue, args.queue_options()).await?;
             let (key, arguments) = match kind {
                 KindArg::Direct => (routing_key.clone(), HashMap::new()),
                 KindArg::Fanout => (String::new(), HashMap::new()),
