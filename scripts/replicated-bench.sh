@@ -16,7 +16,7 @@ done
 serving=""
 until [ -n "$serving" ]; do
   serving=$("$B/hopper" --server 127.0.0.1:7311 cluster status --json 2>/dev/null |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["queue_leader"] or "")' 2>/dev/null)
+    python3 -c 'import json, sys; s = json.load(sys.stdin); print(s["leader"] and s["queue_leader"] or "")' 2>/dev/null)
 done
 echo "replicated queue, served by node $serving:"
 "$B/hopper" --server "127.0.0.1:731$serving" bench --replicated --count "$COUNT" --size 256 --prefetch 1000 \

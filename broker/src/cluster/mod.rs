@@ -74,6 +74,9 @@ pub enum Command {
     Meta(MetaCommand),
     /// In the queue group.
     Queue(QueueCommand),
+    /// In the queue group: several changes made one after the other, in one entry (one write
+    /// and one sync for all of them).
+    Queues(Vec<QueueCommand>),
 }
 
 /// A change to the replicated queues.
@@ -231,6 +234,8 @@ pub enum MetaResponse {
     /// The broker refused the change (it is recorded in the log all the same, refused on
     /// every node alike).
     Refused(BrokerError),
+    /// The outcome of each change of a [`Command::Queues`] entry, in order.
+    Each(Vec<MetaResponse>),
 }
 
 /// The metadata a node holds, as a snapshot carries it.
@@ -361,6 +366,9 @@ impl GroupHost for QueueHost {
     fn apply(&self, command: &Command) -> MetaResponse {
         match (self.0.upgrade(), command) {
             (Some(engine), Command::Queue(command)) => engine.apply_replicated(command),
+            (Some(engine), Command::Queues(commands)) => {
+                MetaResponse::Each(commands.iter().map(|command| engine.apply_replicated(command)).collect())
+            }
             (Some(_), other) => {
                 MetaResponse::Refused(BrokerError::Internal(format!("not a queue command: {other:?}")))
             }
@@ -451,7 +459,7 @@ pub struct Cluster {
 }
 
 /// Why a metadata change did not happen.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
     /// No leader: an election is under way, or this node cannot reach a majority.
     #[error("no leader is known to this node; the cluster may have lost its majority")]
@@ -626,6 +634,7 @@ impl Cluster {
         match response.data {
             MetaResponse::Done(changed) => Ok(changed),
             MetaResponse::Refused(error) => Err(WriteError::Refused(error)),
+            MetaResponse::Each(_) => Err(WriteError::Raft("a batch answered a single change".into())),
         }
     }
 
@@ -737,7 +746,7 @@ impl Cluster {
         command: QueueCommand,
     ) -> tokio::sync::oneshot::Receiver<Result<MetaResponse, WriteError>> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        let submission = submit::Submission { command: Command::Queue(command), reply };
+        let submission = submit::Submission { command: Command::Queue(command), reply, also: Vec::new() };
         if let Err(refused) = self.queue_entries.send(submission) {
             let _ = refused.0.reply.send(Err(WriteError::Stopped));
         }
@@ -757,8 +766,8 @@ impl Replicator for Cluster {
         let message_id = payload.id;
         self.runtime.spawn(async move {
             let result = match outcome.await {
-                Ok(Ok(MetaResponse::Done(_))) => Ok(Outcome::Published { message_id, routed: 1 }),
                 Ok(Ok(MetaResponse::Refused(error))) => Err(error),
+                Ok(Ok(_)) => Ok(Outcome::Published { message_id, routed: 1 }),
                 Ok(Err(error)) => Err(error.into()),
                 Err(_) => Err(WriteError::Stopped.into()),
             };

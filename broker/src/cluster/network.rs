@@ -43,6 +43,13 @@ pub struct Envelope {
     pub request: Request,
 }
 
+/// An [`Envelope`] as sent: the request borrowed.
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    group: u8,
+    request: &'a Request,
+}
+
 /// A message from one node to another.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
@@ -133,7 +140,7 @@ impl Link {
             self.conn = Some(Framed::new(stream, codec()));
         }
         let conn = self.conn.as_mut().expect("connected above");
-        let envelope = serde_json::json!({ "group": group, "request": request });
+        let envelope = EnvelopeRef { group, request };
         let bytes = serde_json::to_vec(&envelope).map_err(|e| (false, io::Error::other(e)))?;
         conn.send(bytes::Bytes::from(bytes)).await.map_err(|e| (false, e))?;
         let frame = match conn.next().await {

@@ -295,6 +295,19 @@ pub struct StateMachine {
     metadata: Option<openraft::Raft<TypeConfig>>,
 }
 
+/// The metadata entry a queue group entry must wait for: the newest its publishes name.
+fn metadata_needed(command: &Command) -> Option<u64> {
+    let publish_index = |command: &QueueCommand| match command {
+        QueueCommand::Publish { meta_index, .. } => Some(*meta_index),
+        QueueCommand::Left { .. } => None,
+    };
+    match command {
+        Command::Queue(command) => publish_index(command),
+        Command::Queues(commands) => commands.iter().filter_map(publish_index).max(),
+        Command::Meta(_) => None,
+    }
+}
+
 /// Longest wait of a publish for its queue's metadata.
 const METADATA_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -384,12 +397,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let response = match &entry.payload {
                 EntryPayload::Blank => MetaResponse::Done(false),
                 EntryPayload::Normal(command) => {
-                    if let (Some(metadata), Command::Queue(QueueCommand::Publish { meta_index, .. })) =
-                        (&self.metadata, command)
-                    {
+                    if let (Some(metadata), Some(meta_index)) = (&self.metadata, metadata_needed(command)) {
                         let wait = metadata.wait(Some(METADATA_WAIT));
                         if wait
-                            .applied_index_at_least(Some(*meta_index), "the queue's metadata")
+                            .applied_index_at_least(Some(meta_index), "the queue's metadata")
                             .await
                             .is_err()
                         {

@@ -1,17 +1,18 @@
 //! Entries of the queue group, submitted in the order they were made.
 //!
 //! Publishes to a replicated queue must enter its log in the order the publisher sent them. One
-//! task per node takes them from a channel in that order and, in batches of whatever is
-//! waiting: on the leader, hands each to Raft before awaiting any (Raft keeps the order it was
-//! given); on a follower, forwards the batch to the leader over one connection, which does the
-//! same there. Each submitter hears back its entry's outcome once it is applied on the leader.
+//! task per node takes them from a channel in that order, in batches of whatever is waiting,
+//! and makes each batch one log entry (one write, one sync and one replication for all its
+//! changes): on the leader it hands the entry to Raft and takes the next batch while it
+//! commits; on a follower it forwards the entry to the leader over one connection. Each
+//! submitter hears back its change's outcome once the entry is applied on the leader.
 
 use openraft::error::ClientWriteError;
 use openraft::{BasicNode, Raft};
 use tokio::sync::{mpsc, oneshot};
 
 use super::network::{Link, Request, Response, FORWARD_TIMEOUT};
-use super::{Command, MetaResponse, NodeId, TypeConfig, WriteError, QUEUES};
+use super::{Command, MetaResponse, NodeId, QueueCommand, TypeConfig, WriteError, QUEUES};
 
 /// Most entries in one batch.
 const MAX_BATCH: usize = 512;
@@ -19,7 +20,21 @@ const MAX_BATCH: usize = 512;
 /// One entry waiting to be submitted, and who waits for its outcome.
 pub struct Submission {
     pub command: Command,
-    pub reply: oneshot::Sender<Result<MetaResponse, WriteError>>,
+    pub reply: Reply,
+    /// Submitters of entries merged into this one.
+    pub also: Vec<Reply>,
+}
+
+/// Where an entry's outcome goes.
+pub type Reply = oneshot::Sender<Result<MetaResponse, WriteError>>;
+
+impl Submission {
+    fn answer(self, outcome: Result<MetaResponse, WriteError>) {
+        for reply in self.also {
+            let _ = reply.send(outcome.clone());
+        }
+        let _ = self.reply.send(outcome);
+    }
 }
 
 /// Submits what arrives on `submissions`, in order, until the channel closes.
@@ -37,6 +52,7 @@ pub async fn run(
                 Err(_) => break,
             }
         }
+        let batch = coalesce(batch);
         let metrics = raft.metrics().borrow().clone();
         match metrics.current_leader {
             Some(leader) if leader == node_id => submit_here(&raft, batch).await,
@@ -57,45 +73,84 @@ pub async fn run(
     }
 }
 
+/// Merges runs of `Left` entries of one queue into one entry (an ack at a time makes one
+/// each): fewer entries to write, send and apply. Every submitter of a merged entry hears its
+/// outcome.
+fn coalesce(batch: Vec<Submission>) -> Vec<Submission> {
+    let mut merged: Vec<Submission> = Vec::with_capacity(batch.len());
+    for submission in batch {
+        if let Some(last) = merged.last_mut() {
+            if let (
+                Command::Queue(QueueCommand::Left { queue, seqs }),
+                Command::Queue(QueueCommand::Left { queue: next, seqs: more }),
+            ) = (&mut last.command, &submission.command)
+            {
+                if queue == next {
+                    seqs.extend_from_slice(more);
+                    last.also.push(submission.reply);
+                    last.also.extend(submission.also);
+                    continue;
+                }
+            }
+        }
+        merged.push(submission);
+    }
+    merged
+}
+
 fn fail(batch: Vec<Submission>, error: impl Fn() -> WriteError) {
     for submission in batch {
-        let _ = submission.reply.send(Err(error()));
+        submission.answer(Err(error()));
     }
 }
 
-/// On the leader: hands every entry to Raft in order, then waits for their outcomes in the
+/// The batch as one entry, its changes in order.
+fn entry(batch: &[Submission]) -> Command {
+    let commands = batch.iter().filter_map(|submission| match &submission.command {
+        Command::Queue(command) => Some(command.clone()),
+        _ => None,
+    });
+    Command::Queues(commands.collect())
+}
+
+/// Hands each submitter its change's outcome from the entry's outcome.
+fn answer(batch: Vec<Submission>, outcome: Result<MetaResponse, WriteError>) {
+    match outcome {
+        Ok(MetaResponse::Each(outcomes)) if outcomes.len() == batch.len() => {
+            for (submission, outcome) in batch.into_iter().zip(outcomes) {
+                submission.answer(Ok(outcome));
+            }
+        }
+        Ok(other) => fail(batch, || WriteError::Raft(format!("unexpected outcome {other:?}"))),
+        Err(error) => fail(batch, || error.clone()),
+    }
+}
+
+/// On the leader: hands the batch to Raft as one entry, and waits for its outcome in the
 /// background, so the next batch is handed over meanwhile.
 async fn submit_here(raft: &Raft<TypeConfig>, batch: Vec<Submission>) {
-    let mut pending = Vec::with_capacity(batch.len());
-    for Submission { command, reply } in batch {
-        match raft.client_write_ff(command).await {
-            Ok(outcome) => pending.push((outcome, reply)),
-            Err(_) => {
-                let _ = reply.send(Err(WriteError::Stopped));
-            }
+    match raft.client_write_ff(entry(&batch)).await {
+        Ok(outcome) => {
+            tokio::spawn(async move {
+                let result = match outcome.await {
+                    Ok(Ok(response)) => Ok(response.data),
+                    Ok(Err(ClientWriteError::ForwardToLeader(_))) => Err(WriteError::NoLeader),
+                    Ok(Err(err)) => Err(WriteError::Raft(err.to_string())),
+                    Err(_) => Err(WriteError::Stopped),
+                };
+                answer(batch, result);
+            });
         }
+        Err(_) => fail(batch, || WriteError::Stopped),
     }
-    tokio::spawn(async move {
-        for (outcome, reply) in pending {
-            let result = match outcome.await {
-                Ok(Ok(response)) => Ok(response.data),
-                Ok(Err(ClientWriteError::ForwardToLeader(_))) => Err(WriteError::NoLeader),
-                Ok(Err(err)) => Err(WriteError::Raft(err.to_string())),
-                Err(_) => Err(WriteError::Stopped),
-            };
-            let _ = reply.send(result);
-        }
-    });
 }
 
-/// From a follower: sends the batch to the leader and passes on each outcome.
+/// From a follower: sends the batch to the leader as one entry and passes on the outcomes.
 async fn forward(link: &mut Link, leader: NodeId, batch: Vec<Submission>) {
-    let commands = batch.iter().map(|s| s.command.clone()).collect();
-    match link.call(QUEUES as u8, &Request::WriteBatch(commands), FORWARD_TIMEOUT).await {
-        Ok(Response::WriteBatch(outcomes)) if outcomes.len() == batch.len() => {
-            for (submission, outcome) in batch.into_iter().zip(outcomes) {
-                let _ = submission.reply.send(outcome.map_err(|err| WriteError::Forward(leader, err)));
-            }
+    match link.call(QUEUES as u8, &Request::WriteBatch(vec![entry(&batch)]), FORWARD_TIMEOUT).await {
+        Ok(Response::WriteBatch(mut outcomes)) if outcomes.len() == 1 => {
+            let outcome = outcomes.pop().expect("one outcome");
+            answer(batch, outcome.map_err(|err| WriteError::Forward(leader, err)));
         }
         Ok(other) => fail(batch, || WriteError::Forward(leader, format!("unexpected answer {other:?}"))),
         Err((_, err)) => fail(batch, || WriteError::Forward(leader, err.to_string())),
