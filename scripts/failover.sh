@@ -2,8 +2,9 @@
 # Cluster failover: start three nodes on loopback, then ROUNDS times kill -9 a leader and time
 # from the kill to the first change committed through a survivor, retried until it succeeds;
 # the killed node is restarted and caught up before the next round.
-#   GROUP=queues (default): the queue group's leader, which serves the replicated queues; the
-#                           change is a publish to a replicated queue.
+#   GROUP=queues (default): the queue group's leader, which serves the replicated queues (the
+#                           nodes run one queue group); the change is a publish to a replicated
+#                           queue.
 #   GROUP=metadata:         the metadata group's leader; the change is a queue declare.
 #
 #   cargo build --release -p hopper-broker -p hopper-cli && scripts/failover.sh
@@ -17,7 +18,7 @@ P="1=127.0.0.1:7201,2=127.0.0.1:7202,3=127.0.0.1:7203"
 H() { "$B/hopper" --server "127.0.0.1:721$1" "${@:2}"; }
 start() {
   "$B/hopperd" --data-dir "$D/n$1" --listen "127.0.0.1:721$1" --http off --node-id "$1" \
-    --cluster-listen "127.0.0.1:720$1" --peers "$P" >> "$D/n$1.log" 2>&1 &
+    --cluster-listen "127.0.0.1:720$1" --peers "$P" --queue-groups 1 >> "$D/n$1.log" 2>&1 &
   echo $! > "$D/pid$1"
 }
 # The leader node $1 knows of in the chosen group; empty if none.
@@ -25,7 +26,7 @@ leader_seen_by() {
   H "$1" cluster status --json 2>/dev/null | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
-print((s["queue_leader"] if sys.argv[1] == "queues" else s["leader"]) or "")' "$GROUP" 2>/dev/null
+print((s["queue_leaders"][0] if sys.argv[1] == "queues" else s["leader"]) or "")' "$GROUP" 2>/dev/null
 }
 change() {
   if [ "$GROUP" = queues ]; then H "$1" publish orders "round $2"; else H "$1" queue declare "q$2"; fi

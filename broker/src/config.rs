@@ -88,6 +88,8 @@ pub struct Config {
     pub peers: String,
     /// Metadata log entries between two snapshots of the cluster's metadata.
     pub cluster_snapshot_entries: u64,
+    /// Queue groups replicated queues are spread over (the same on every node).
+    pub queue_groups: usize,
 }
 
 impl Default for Config {
@@ -125,6 +127,7 @@ impl Default for Config {
             cluster_listen: "127.0.0.1:5690".into(),
             peers: String::new(),
             cluster_snapshot_entries: 5000,
+            queue_groups: 3,
         }
     }
 }
@@ -156,6 +159,7 @@ impl Config {
             listen: self.cluster_listen.clone(),
             peers,
             snapshot_entries: self.cluster_snapshot_entries,
+            queue_groups: self.queue_groups,
         };
         config.validate().map_err(StartError::Config)?;
         Ok(Some(config))

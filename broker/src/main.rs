@@ -140,6 +140,10 @@ struct Args {
     /// snapshot is dropped [default: 5000].
     #[arg(long, value_name = "N", env = "HOPPER_CLUSTER_SNAPSHOT_ENTRIES")]
     cluster_snapshot_entries: Option<u64>,
+    /// Raft groups the replicated queues are spread over, each led by its own node; the same on
+    /// every node, and never changed once the cluster holds replicated queues [default: 3].
+    #[arg(long, value_name = "N", env = "HOPPER_QUEUE_GROUPS")]
+    queue_groups: Option<usize>,
     /// Milliseconds a write to a client may make no progress before the client is
     /// disconnected [default: 30000].
     #[arg(long, env = "HOPPER_WRITE_TIMEOUT_MS")]
@@ -242,6 +246,9 @@ impl Args {
         }
         if let Some(entries) = self.cluster_snapshot_entries {
             config.cluster_snapshot_entries = entries;
+        }
+        if let Some(groups) = self.queue_groups {
+            config.queue_groups = groups;
         }
         if let Some(url) = self.alarm_webhook {
             config.alarm_webhook = Some(url);

@@ -105,7 +105,7 @@ impl Broker {
         let cluster_addr = match cluster {
             Some(cluster) => {
                 let dir = engine.config().data_dir.join("cluster");
-                let hosts = crate::cluster::hosts(Arc::downgrade(&engine));
+                let hosts = crate::cluster::hosts(Arc::downgrade(&engine), cluster.queue_groups);
                 let started = crate::cluster::Cluster::start(&cluster, &dir, hosts, shutdown_rx.clone())
                     .await
                     .map_err(|source| StartError::Bind { addr: cluster.listen.clone(), source })?;

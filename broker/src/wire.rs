@@ -92,7 +92,7 @@ pub fn settings_to_wire(settings: &QueueSettings) -> pb::QueueSettings {
 
 /// A queue's settings and counts, as `QueueInfo`.
 pub fn queue_info(info: QueueInfo) -> pb::QueueInfo {
-    let QueueInfo { name, settings, snapshot, alarm_depth, alarm, is_dead_letter_queue } = info;
+    let QueueInfo { name, settings, snapshot, alarm_depth, alarm, is_dead_letter_queue, served_by } = info;
     pb::QueueInfo {
         name,
         settings: Some(settings_to_wire(&settings)),
@@ -116,6 +116,7 @@ pub fn queue_info(info: QueueInfo) -> pb::QueueInfo {
         alarm,
         read_error: snapshot.read_error,
         is_dead_letter_queue,
+        served_by: served_by.unwrap_or(0),
     }
 }
 
@@ -169,7 +170,7 @@ pub fn cluster_status(status: crate::cluster::ClusterStatus) -> pb::ClusterStatu
         last_log_index: status.last_log_index,
         last_applied: status.last_applied,
         members: members.collect(),
-        queue_leader: status.queue_leader.unwrap_or(0),
+        queue_leaders: status.queue_leaders.iter().map(|leader| leader.unwrap_or(0)).collect(),
     }
 }
 

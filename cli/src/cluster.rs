@@ -33,8 +33,8 @@ pub enum ClusterCommand {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Print one JSON object with keys node_id, state, term, leader (null without one),
-    /// last_log_index, last_applied and members (each with id, addr, voter, leader and lag,
-    /// null when unknown).
+    /// last_log_index, last_applied, queue_leaders (each queue group's leader, null when
+    /// unknown) and members (each with id, addr, voter, leader and lag, null when unknown).
     #[arg(long)]
     pub json: bool,
 }
@@ -71,17 +71,23 @@ fn status_json(status: &ClusterStatus) -> serde_json::Value {
         "leader": status.leader,
         "last_log_index": status.last_log_index,
         "last_applied": status.last_applied,
-        "queue_leader": status.queue_leader,
+        "queue_leaders": status.queue_leaders,
         "members": members,
     })
 }
 
 fn listing(status: &ClusterStatus) -> String {
     let leader = status.leader.map_or("none".to_string(), |id| id.to_string());
-    let queues = status.queue_leader.map_or("none".to_string(), |id| id.to_string());
+    let queues: Vec<String> =
+        status.queue_leaders.iter().map(|l| l.map_or("none".to_string(), |id| id.to_string())).collect();
     let mut out = format!(
-        "node {} ({}), term {}, leader {leader}, log {} (applied {}), replicated queues served by {queues}\n",
-        status.node_id, status.state, status.term, status.last_log_index, status.last_applied
+        "node {} ({}), term {}, leader {leader}, log {} (applied {}), queue groups led by {}\n",
+        status.node_id,
+        status.state,
+        status.term,
+        status.last_log_index,
+        status.last_applied,
+        queues.join(",")
     );
     out.push_str(&format!("{:>4}  {:<24} {:<8} {:<7} {:>5}\n", "ID", "ADDRESS", "ROLE", "VOTER", "LAG"));
     for m in &status.members {
@@ -112,12 +118,12 @@ mod tests {
                 ClusterMember { id: 1, addr: "a:1".into(), voter: true, leader: true, lag: None },
                 ClusterMember { id: 2, addr: "b:2".into(), voter: true, leader: false, lag: Some(4) },
             ],
-            queue_leader: Some(3),
+            queue_leaders: vec![Some(3), None],
         };
         let text = listing(&status);
         assert!(
             text.starts_with(
-                "node 2 (follower), term 3, leader 1, log 7 (applied 7), replicated queues served by 3\n"
+                "node 2 (follower), term 3, leader 1, log 7 (applied 7), queue groups led by 3,none\n"
             ),
             "{text}"
         );
@@ -127,5 +133,6 @@ mod tests {
         assert_eq!(json["leader"], 1);
         assert_eq!(json["members"][0]["lag"], serde_json::Value::Null);
         assert_eq!(json["members"][1]["lag"], 4);
+        assert_eq!(json["queue_leaders"], serde_json::json!([3, null]));
     }
 }

@@ -191,7 +191,8 @@ pub struct JsonArg {
     /// Print a JSON array of objects with keys name, durable, ready, unacked, consumers,
     /// published, delivered, acked, redelivered, delayed, dead_lettered (reason -> count),
     /// dead_letter, max_deliveries, retry_backoff_ms, message_ttl_ms, ack_timeout_ms,
-    /// max_length, max_bytes, overflow, waiting_bytes, alarm_depth (null when unset) and alarm.
+    /// max_length, max_bytes, overflow, waiting_bytes, alarm_depth (null when unset), alarm,
+    /// replicated and served_by (the node serving a replicated queue; null otherwise).
     #[arg(long)]
     pub json: bool,
 }
@@ -204,7 +205,8 @@ pub struct StatsArgs {
     /// Print one JSON object with keys name, durable, ready, unacked, consumers, published,
     /// delivered, acked, redelivered, delayed, dead_lettered (reason -> count), dead_letter,
     /// max_deliveries, retry_backoff_ms, message_ttl_ms, ack_timeout_ms, max_length,
-    /// max_bytes, overflow, waiting_bytes, alarm_depth (null when unset) and alarm.
+    /// max_bytes, overflow, waiting_bytes, alarm_depth (null when unset), alarm, replicated
+    /// and served_by (the node serving a replicated queue; null otherwise).
     #[arg(long)]
     pub json: bool,
 }

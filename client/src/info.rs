@@ -18,6 +18,8 @@ pub struct QueueInfo {
     pub durable: bool,
     /// Whether the queue is replicated over the cluster's nodes.
     pub replicated: bool,
+    /// For a replicated queue, the node serving it (consumers attach there), if known.
+    pub served_by: Option<u64>,
     /// Messages waiting for a consumer.
     pub ready: u64,
     /// Messages delivered and not yet acknowledged.
@@ -80,6 +82,7 @@ impl From<pb::QueueInfo> for QueueInfo {
             name: info.name,
             durable: settings.durable,
             replicated: settings.replicated,
+            served_by: non_zero(info.served_by),
             ready: info.ready,
             unacked: info.unacked,
             consumers: info.consumers,
@@ -266,8 +269,9 @@ pub struct ClusterStatus {
     pub last_applied: u64,
     /// Every member of the cluster.
     pub members: Vec<ClusterMember>,
-    /// The node serving the replicated queues, if known.
-    pub queue_leader: Option<u64>,
+    /// The leader of each queue group, in group order: the node serving that group's
+    /// replicated queues, if known (a queue's own is [`QueueInfo::served_by`]).
+    pub queue_leaders: Vec<Option<u64>>,
 }
 
 /// One member in a [`ClusterStatus`].
@@ -302,7 +306,7 @@ impl From<pb::ClusterStatusOk> for ClusterStatus {
             last_log_index: status.last_log_index,
             last_applied: status.last_applied,
             members: members.collect(),
-            queue_leader: non_zero(status.queue_leader),
+            queue_leaders: status.queue_leaders.into_iter().map(non_zero).collect(),
         }
     }
 }
@@ -366,6 +370,7 @@ mod tests {
             alarm: true,
             read_error: "Too many open files (os error 24)".into(),
             is_dead_letter_queue: false,
+            served_by: 0,
         });
         assert_eq!(info.name, "jobs");
         assert!(info.durable);

@@ -37,6 +37,8 @@ impl QueueInfo {
             alarm: self.alarm,
             read_error: self.read_error.clone(),
             is_dead_letter_queue: self.is_dead_letter_queue,
+            replicated: self.replicated,
+            served_by: self.served_by,
         }
     }
 }

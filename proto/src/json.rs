@@ -66,6 +66,12 @@ pub struct QueueJson {
     pub read_error: Option<String>,
     /// Whether some queue dead-letters into this one.
     pub is_dead_letter_queue: bool,
+    /// Whether it is replicated over the cluster's nodes.
+    #[serde(default)]
+    pub replicated: bool,
+    /// For a replicated queue, the node serving it; null when not known or not replicated.
+    #[serde(default)]
+    pub served_by: Option<u64>,
 }
 
 impl From<&pb::QueueInfo> for QueueJson {
@@ -101,6 +107,8 @@ impl From<&pb::QueueInfo> for QueueJson {
             alarm: info.alarm,
             read_error: (!info.read_error.is_empty()).then(|| info.read_error.clone()),
             is_dead_letter_queue: info.is_dead_letter_queue,
+            replicated: settings.replicated,
+            served_by: (info.served_by > 0).then_some(info.served_by),
         }
     }
 }

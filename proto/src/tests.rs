@@ -65,6 +65,7 @@ fn queue_info() -> QueueInfo {
         alarm: true,
         read_error: "Input/output error (os error 5)".into(),
         is_dead_letter_queue: true,
+        served_by: 2,
     }
 }
 

@@ -397,14 +397,15 @@ async fn users_and_permissions_made_on_one_node_hold_on_every_node() {
     .await;
 }
 
-/// The node serving the replicated queues, once every running node agrees on one.
-async fn queue_leader(cluster: &mut Cluster) -> u64 {
+/// The node serving replicated queue `queue`, once every running node agrees on one.
+async fn serving_node(cluster: &mut Cluster, queue: &str) -> u64 {
     let started = Instant::now();
     loop {
         let mut seen = BTreeSet::new();
         for node in cluster.nodes.iter_mut() {
             if node.is_running() {
-                seen.insert(cluster_status(node).await.and_then(|s| s.queue_leader));
+                let info = connect(node).await.queue_stats(queue).await.ok();
+                seen.insert(info.and_then(|info| info.served_by));
             }
         }
         if let [Some(leader)] = seen.iter().copied().collect::<Vec<_>>()[..] {
@@ -427,7 +428,7 @@ async fn a_replicated_queue_loses_its_serving_node_and_no_confirmed_or_acked_mes
     cluster.agreed_leader(Duration::from_secs(10)).await;
     let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
     connect(cluster.node(1)).await.declare_queue("orders", replicated).await.unwrap();
-    let serving = queue_leader(&mut cluster).await;
+    let serving = serving_node(&mut cluster, "orders").await;
     let other = (1..=3).find(|id| *id != serving).unwrap();
 
     // Published through a node that does not serve the queue: confirmed once a majority holds
@@ -466,7 +467,7 @@ async fn a_replicated_queue_loses_its_serving_node_and_no_confirmed_or_acked_mes
     }
 
     cluster.node(serving).kill();
-    let next = queue_leader(&mut cluster).await;
+    let next = serving_node(&mut cluster, "orders").await;
     assert_ne!(next, serving);
     let conn = connect(cluster.node(next)).await;
     let mut consumer =
@@ -517,4 +518,40 @@ async fn replicated_queues_need_a_cluster_and_settings_every_copy_can_follow() {
     let delayed = hopper_client::PublishOptions { delay: Some(Duration::from_secs(1)), ..Default::default() };
     let error = conn.publish("q", "later", delayed).await.unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::InvalidArgument), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_queues_spread_over_groups_each_served_by_its_leader() {
+    // One group per node: once each node leads one, every node serves replicated queues.
+    let mut cluster = Cluster::start_with(3, &["--queue-groups", "3"]);
+    cluster.agreed_leader(Duration::from_secs(10)).await;
+    let status = loop {
+        let status = cluster_status(cluster.node(1)).await.unwrap();
+        if status.queue_leaders.iter().all(Option::is_some) {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.queue_leaders.len(), 3, "{status:?}");
+
+    // Queues land in every group; each is served by its group's leader, and works there.
+    let conn = connect(cluster.node(1)).await;
+    let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
+    let mut groups = BTreeSet::new();
+    for n in 0..12 {
+        let name = format!("spread-{n}");
+        conn.declare_queue(&name, replicated.clone()).await.unwrap();
+        let serving = serving_node(&mut cluster, &name).await;
+        let group = hopper_broker::cluster::queue_group(&name, 3);
+        groups.insert(group);
+        let leaders = cluster_status(cluster.node(serving)).await.unwrap().queue_leaders;
+        assert_eq!(leaders[group - 1], Some(serving), "{name} is served by its group's leader");
+        conn.publish(&name, format!("to {name}"), Default::default()).await.unwrap();
+        let server = connect(cluster.node(serving)).await;
+        let mut consumer = server.consume(&name, ConsumeOptions::default()).await.unwrap();
+        let delivery = hopper_tests::next_delivery(&mut consumer).await;
+        assert_eq!(hopper_tests::body_text(&delivery), format!("to {name}"));
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(groups.len(), 3, "twelve names hash to every group");
 }

@@ -1,13 +1,14 @@
 //! Clustering: brokers that agree, through Raft groups (openraft), on the metadata every node
 //! serves and on the contents of replicated queues.
 //!
-//! Each node runs a member of two groups over the same nodes. In the metadata group, a change
+//! Each node runs a member of every group; every group spans the same nodes. In the metadata group, a change
 //! made on any node is a [`MetaCommand`]: the leader appends it to the group's log, and once a
 //! majority holds it every node applies it to its own broker, so all nodes answer the same way.
-//! A follower forwards the command to the leader and waits for it to be applied. In the queue
-//! group, publishes to replicated queues and the messages that left them are
-//! [`QueueCommand`]s: every node keeps a copy of every replicated queue, and the group's
-//! leader is the node that serves them to consumers.
+//! A follower forwards the command to the leader and waits for it to be applied. Replicated
+//! queues are spread over a fixed number of queue groups by a hash of their name; in each,
+//! publishes and the messages that left are [`QueueCommand`]s: every node keeps a copy of
+//! every replicated queue, and a group's leader is the node that serves its queues to
+//! consumers. The groups elect their leaders apart, so the serving spreads over the nodes.
 //!
 //! The groups form on their own when the nodes named by `--peers` start (static bootstrap:
 //! each node proposes the same membership, which Raft accepts once and ignores after).
@@ -60,12 +61,23 @@ pub const HEARTBEAT_MS: u64 = 100;
 /// round: under a second, well inside the 2 s the failover bar allows.
 pub const ELECTION_TIMEOUT_MS: (u64, u64) = (400, 800);
 
-/// The metadata group.
+/// The metadata group; the queue groups are 1, 2, ...
 pub const META: usize = 0;
-/// The group of the replicated queues.
-pub const QUEUES: usize = 1;
-/// Names of the groups, by index, for logs and directories.
-const GROUPS: [&str; 2] = ["metadata", "queues"];
+
+/// The queue group (1 to `groups`) that carries replicated queue `name`: the same on every
+/// node, since it hashes the name alone.
+pub fn queue_group(name: &str, groups: usize) -> usize {
+    1 + crc32c::crc32c(name.as_bytes()) as usize % groups.max(1)
+}
+
+/// A group's name, for logs and its directory: `metadata`, `queues-1`, ...
+fn group_name(group: usize) -> String {
+    if group == META {
+        "metadata".into()
+    } else {
+        format!("queues-{group}")
+    }
+}
 
 /// An entry of a group's log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -359,8 +371,9 @@ impl GroupHost for MetaHost {
     }
 }
 
-/// The engine as the queue group's [`GroupHost`], while it lives.
-struct QueueHost(std::sync::Weak<Engine>);
+/// The engine as a queue group's [`GroupHost`], while it lives: the replicated queues of
+/// group `.1` of `.2`.
+struct QueueHost(std::sync::Weak<Engine>, usize, usize);
 
 impl GroupHost for QueueHost {
     fn apply(&self, command: &Command) -> MetaResponse {
@@ -377,25 +390,38 @@ impl GroupHost for QueueHost {
     }
 
     fn export(&self) -> serde_json::Value {
-        self.0.upgrade().map(|engine| engine.export_replicated()).unwrap_or_default()
+        self.0.upgrade().map(|engine| engine.export_replicated(self.in_group())).unwrap_or_default()
     }
 
     fn reset(&self, snapshot: &serde_json::Value) {
         if let Some(engine) = self.0.upgrade() {
-            engine.restore_replicated(snapshot);
+            engine.restore_replicated(snapshot, self.in_group());
         }
     }
 
     fn lead(&self) {
         if let Some(engine) = self.0.upgrade() {
-            engine.take_over_replicated();
+            engine.take_over_replicated(self.in_group());
         }
     }
 }
 
-/// The engine as each group's state machine: the metadata group's and the queue group's.
-pub fn hosts(engine: std::sync::Weak<Engine>) -> [Arc<dyn GroupHost>; 2] {
-    [Arc::new(MetaHost(engine.clone())), Arc::new(QueueHost(engine))]
+impl QueueHost {
+    /// Which queues are this group's.
+    fn in_group(&self) -> impl Fn(&str) -> bool {
+        let (group, groups) = (self.1, self.2);
+        move |queue| queue_group(queue, groups) == group
+    }
+}
+
+/// The engine as each group's state machine: the metadata group's, then each of `queue_groups`
+/// queue groups'.
+pub fn hosts(engine: std::sync::Weak<Engine>, queue_groups: usize) -> Vec<Arc<dyn GroupHost>> {
+    let mut hosts: Vec<Arc<dyn GroupHost>> = vec![Arc::new(MetaHost(engine.clone()))];
+    for group in 1..=queue_groups {
+        hosts.push(Arc::new(QueueHost(engine.clone(), group, queue_groups)));
+    }
+    hosts
 }
 
 /// How this node joins a cluster.
@@ -410,6 +436,9 @@ pub struct ClusterConfig {
     /// Entries after which the metadata is snapshotted and the log before it dropped (keeping
     /// as many again for followers that lag a little).
     pub snapshot_entries: u64,
+    /// Queue groups the replicated queues are spread over, each with its own leader; the same
+    /// on every node, and never changed once the cluster holds replicated queues.
+    pub queue_groups: usize,
 }
 
 impl ClusterConfig {
@@ -439,6 +468,9 @@ impl ClusterConfig {
         if self.snapshot_entries == 0 {
             return Err("cluster_snapshot_entries must be at least 1".into());
         }
+        if !(1..=64).contains(&self.queue_groups) {
+            return Err("--queue-groups must be between 1 and 64".into());
+        }
         if !self.peers.is_empty() && !self.peers.contains_key(&self.node_id) {
             return Err(format!("--peers does not list this node ({})", self.node_id));
         }
@@ -451,11 +483,11 @@ impl ClusterConfig {
 pub struct Cluster {
     node_id: NodeId,
     addr: SocketAddr,
-    /// By group: [`META`], [`QUEUES`].
+    /// By group: [`META`], then the queue groups.
     rafts: Arc<Vec<Raft<TypeConfig>>>,
     runtime: tokio::runtime::Handle,
-    /// Entries of the queue group, submitted in order.
-    queue_entries: tokio::sync::mpsc::UnboundedSender<submit::Submission>,
+    /// Entries of each queue group (index 0 for group 1), submitted in order.
+    queue_entries: Arc<Vec<tokio::sync::mpsc::UnboundedSender<submit::Submission>>>,
 }
 
 /// Why a metadata change did not happen.
@@ -492,12 +524,13 @@ impl From<WriteError> for BrokerError {
 
 impl Cluster {
     /// Starts this node's member of each group with its state in `dir` (the metadata group)
-    /// and `dir/queues`, serving other nodes on `config.listen`, and proposes the initial
-    /// membership when `config.peers` lists one.
+    /// and `dir/queues-N`, serving other nodes on `config.listen`, and proposes the initial
+    /// membership when `config.peers` lists one. `hosts` are the groups' state machines: the
+    /// metadata group's, then one per queue group.
     pub async fn start(
         config: &ClusterConfig,
         dir: &Path,
-        hosts: [Arc<dyn GroupHost>; 2],
+        hosts: Vec<Arc<dyn GroupHost>>,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Cluster> {
         let raft_config = openraft::Config {
@@ -516,11 +549,12 @@ impl Cluster {
         let addr = listener.local_addr()?;
         let mut rafts: Vec<Raft<TypeConfig>> = Vec::new();
         for (group, host) in hosts.into_iter().enumerate() {
-            let dir = if group == META { dir.to_path_buf() } else { dir.join(GROUPS[group]) };
+            let name: &'static str = Box::leak(group_name(group).into_boxed_str());
+            let dir = if group == META { dir.to_path_buf() } else { dir.join(name) };
             let log = LogStore::open(&dir)?;
             // A publish waits for the metadata that declared its queue.
             let metadata = rafts.first().cloned();
-            let machine = StateMachine::open(&dir, GROUPS[group], host.clone(), metadata)?;
+            let machine = StateMachine::open(&dir, name, host.clone(), metadata)?;
             let network = Network { group: group as u8 };
             let raft = Raft::new(config.node_id, raft_config.clone(), network, log, machine)
                 .await
@@ -537,13 +571,13 @@ impl Cluster {
                 match raft.initialize(members.clone()).await {
                     Ok(()) => tracing::info!(
                         node = config.node_id,
-                        group = GROUPS[group],
+                        group = %group_name(group),
                         "cluster membership proposed"
                     ),
                     Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
                         tracing::info!(
                             node = config.node_id,
-                            group = GROUPS[group],
+                            group = %group_name(group),
                             "cluster already formed; rejoining"
                         )
                     }
@@ -551,8 +585,13 @@ impl Cluster {
                 }
             }
         }
-        let (queue_entries, submissions) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(submit::run(rafts[QUEUES].clone(), config.node_id, submissions));
+        let mut queue_entries = Vec::new();
+        for (group, raft) in rafts.iter().enumerate().skip(1) {
+            let (entries, submissions) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(submit::run(raft.clone(), group as u8, config.node_id, submissions));
+            queue_entries.push(entries);
+        }
+        let queue_entries = Arc::new(queue_entries);
         let runtime = tokio::runtime::Handle::current();
         let cluster = Cluster { node_id: config.node_id, addr, rafts, runtime, queue_entries };
         let stopping = cluster.rafts.clone();
@@ -576,9 +615,20 @@ impl Cluster {
         self.addr
     }
 
-    /// The leader of the queue group, which serves the replicated queues, as this node knows.
-    pub fn queue_leader(&self) -> Option<NodeId> {
-        self.rafts[QUEUES].metrics().borrow().current_leader
+    /// The node serving replicated queue `queue` (the leader of its queue group), as this
+    /// node knows.
+    pub fn serving(&self, queue: &str) -> Option<NodeId> {
+        self.rafts[self.group_of(queue)].metrics().borrow().current_leader
+    }
+
+    /// The queue group of replicated queue `queue`.
+    pub fn group_of(&self, queue: &str) -> usize {
+        queue_group(queue, self.rafts.len() - 1)
+    }
+
+    /// The leader of each queue group, in group order.
+    pub fn queue_leaders(&self) -> Vec<Option<NodeId>> {
+        self.rafts.iter().skip(1).map(|raft| raft.metrics().borrow().current_leader).collect()
     }
 
     /// Index of the newest metadata entry this node has applied.
@@ -642,7 +692,7 @@ impl Cluster {
     /// consensus: a new node first catches up as a learner, then becomes a voter. Asked of a
     /// follower, the change is forwarded to the leader.
     pub async fn change_members(&self, change: MembershipChange) -> Result<(), WriteError> {
-        for group in [META, QUEUES] {
+        for group in 0..self.rafts.len() {
             self.change_members_in(group, change.clone()).await?;
         }
         Ok(())
@@ -718,7 +768,7 @@ impl Cluster {
             last_log_index: metrics.last_log_index.unwrap_or(0),
             last_applied: metrics.last_applied.map_or(0, |id| id.index),
             members,
-            queue_leader: self.queue_leader(),
+            queue_leaders: self.queue_leaders(),
         }
     }
 }
@@ -740,14 +790,15 @@ async fn watch_leadership(raft: Raft<TypeConfig>, node_id: NodeId, host: Arc<dyn
 }
 
 impl Cluster {
-    /// Submits an entry of the queue group after every entry submitted before it.
+    /// Submits an entry of `queue`'s group after every entry submitted to it before.
     fn submit(
         &self,
+        queue: &str,
         command: QueueCommand,
     ) -> tokio::sync::oneshot::Receiver<Result<MetaResponse, WriteError>> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
         let submission = submit::Submission { command: Command::Queue(command), reply, also: Vec::new() };
-        if let Err(refused) = self.queue_entries.send(submission) {
+        if let Err(refused) = self.queue_entries[self.group_of(queue) - 1].send(submission) {
             let _ = refused.0.reply.send(Err(WriteError::Stopped));
         }
         outcome
@@ -762,7 +813,7 @@ impl Replicator for Cluster {
             ttl_ms,
             meta_index: self.meta_applied(),
         };
-        let outcome = self.submit(publish);
+        let outcome = self.submit(queue, publish);
         let message_id = payload.id;
         self.runtime.spawn(async move {
             let result = match outcome.await {
@@ -777,10 +828,10 @@ impl Replicator for Cluster {
 
     fn left(&self, queue: &str, seqs: Vec<u64>) {
         // Only the node serving the queue speaks for it; the others follow its entries.
-        if self.queue_leader() != Some(self.node_id) {
+        if self.serving(queue) != Some(self.node_id) {
             return;
         }
-        let outcome = self.submit(QueueCommand::Left { queue: queue.to_owned(), seqs });
+        let outcome = self.submit(queue, QueueCommand::Left { queue: queue.to_owned(), seqs });
         self.runtime.spawn(async move {
             if let Ok(Err(error)) = outcome.await {
                 tracing::warn!(%error, "could not replicate that messages left a replicated queue");
@@ -847,8 +898,9 @@ pub struct ClusterStatus {
     pub last_applied: u64,
     /// Every member, voters and learners.
     pub members: Vec<MemberStatus>,
-    /// The node serving the replicated queues (the queue group's leader), if known.
-    pub queue_leader: Option<NodeId>,
+    /// The leader of each queue group, in group order: the node serving the replicated
+    /// queues of that group.
+    pub queue_leaders: Vec<Option<NodeId>>,
 }
 
 /// One member in [`ClusterStatus`].
@@ -879,7 +931,8 @@ mod tests {
         assert!(ClusterConfig::parse_peers("x=a").unwrap_err().contains("not a node id"));
         assert!(ClusterConfig::parse_peers("0=a").unwrap_err().contains("start at 1"));
         assert!(ClusterConfig::parse_peers("1:a").unwrap_err().contains("ID=ADDRESS"));
-        let config = ClusterConfig { node_id: 4, listen: "x".into(), peers, snapshot_entries: 10 };
+        let config =
+            ClusterConfig { node_id: 4, listen: "x".into(), peers, snapshot_entries: 10, queue_groups: 3 };
         assert!(config.validate().unwrap_err().contains("does not list this node"));
     }
 }

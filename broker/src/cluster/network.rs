@@ -37,7 +37,7 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request and the group it is for.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Envelope {
-    /// The group: [`super::META`] or [`super::QUEUES`].
+    /// The group: [`super::META`] or a queue group.
     pub group: u8,
     /// The request.
     pub request: Request,

@@ -12,7 +12,7 @@ use openraft::{BasicNode, Raft};
 use tokio::sync::{mpsc, oneshot};
 
 use super::network::{Link, Request, Response, FORWARD_TIMEOUT};
-use super::{Command, MetaResponse, NodeId, QueueCommand, TypeConfig, WriteError, QUEUES};
+use super::{Command, MetaResponse, NodeId, QueueCommand, TypeConfig, WriteError};
 
 /// Most entries in one batch.
 const MAX_BATCH: usize = 512;
@@ -37,9 +37,11 @@ impl Submission {
     }
 }
 
-/// Submits what arrives on `submissions`, in order, until the channel closes.
+/// Submits what arrives on `submissions` to `raft`, queue group `group`, in order, until the
+/// channel closes.
 pub async fn run(
     raft: Raft<TypeConfig>,
+    group: u8,
     node_id: NodeId,
     mut submissions: mpsc::UnboundedReceiver<Submission>,
 ) {
@@ -66,7 +68,7 @@ pub async fn run(
                     Some((to, link)) if *to == leader => link,
                     _ => &mut link.insert((leader, Link::new(addr))).1,
                 };
-                forward(link, leader, batch).await;
+                forward(link, group, leader, batch).await;
             }
             None => fail(batch, || WriteError::NoLeader),
         }
@@ -146,8 +148,8 @@ async fn submit_here(raft: &Raft<TypeConfig>, batch: Vec<Submission>) {
 }
 
 /// From a follower: sends the batch to the leader as one entry and passes on the outcomes.
-async fn forward(link: &mut Link, leader: NodeId, batch: Vec<Submission>) {
-    match link.call(QUEUES as u8, &Request::WriteBatch(vec![entry(&batch)]), FORWARD_TIMEOUT).await {
+async fn forward(link: &mut Link, group: u8, leader: NodeId, batch: Vec<Submission>) {
+    match link.call(group, &Request::WriteBatch(vec![entry(&batch)]), FORWARD_TIMEOUT).await {
         Ok(Response::WriteBatch(mut outcomes)) if outcomes.len() == 1 => {
             let outcome = outcomes.pop().expect("one outcome");
             answer(batch, outcome.map_err(|err| WriteError::Forward(leader, err)));

@@ -167,7 +167,7 @@ impl Engine {
     /// One queue's settings, counts and alarm state.
     pub fn queue_info(&self, _caller: &Caller, name: &str) -> Result<QueueInfo, BrokerError> {
         let queue = self.queues.get(name)?;
-        Ok(QueueInfo::of(&queue, self.queues.is_dead_letter_target(name)))
+        Ok(self.with_serving(QueueInfo::of(&queue, self.queues.is_dead_letter_target(name))))
     }
 
     /// Every queue, sorted by name.
@@ -175,7 +175,7 @@ impl Engine {
         self.queues
             .list()
             .iter()
-            .map(|q| QueueInfo::of(q, self.queues.is_dead_letter_target(q.name())))
+            .map(|q| self.with_serving(QueueInfo::of(q, self.queues.is_dead_letter_target(q.name()))))
             .collect()
     }
 

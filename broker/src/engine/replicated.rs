@@ -69,7 +69,7 @@ impl Engine {
             return Ok(());
         }
         let Some(cluster) = self.cluster.get() else { return Ok(()) };
-        match cluster.queue_leader() {
+        match cluster.serving(queue.name()) {
             Some(leader) if leader == cluster.node_id() => Ok(()),
             Some(leader) => Err(BrokerError::NotAllowed(format!(
                 "replicated queue '{}' is served by node {leader}; consume from it there",
@@ -80,6 +80,14 @@ impl Engine {
                 queue.name()
             ))),
         }
+    }
+
+    /// `info` with the node serving it, for a replicated queue.
+    pub(super) fn with_serving(&self, mut info: super::QueueInfo) -> super::QueueInfo {
+        if let (true, Some(cluster)) = (info.settings.replicated, self.cluster.get()) {
+            info.served_by = cluster.serving(&info.name);
+        }
+        info
     }
 
     /// Applies an entry of the queue group to this node's copies.
@@ -107,10 +115,11 @@ impl Engine {
         }
     }
 
-    /// Every replicated queue's messages, for the queue group's snapshot.
-    pub(crate) fn export_replicated(&self) -> serde_json::Value {
+    /// The messages of the replicated queues `in_group` takes, for a queue group's snapshot.
+    pub(crate) fn export_replicated(&self, in_group: impl Fn(&str) -> bool) -> serde_json::Value {
         let contents: Vec<QueueContents> = self
             .replicated_queues()
+            .filter(|queue| in_group(queue.name()))
             .map(|queue| QueueContents {
                 name: queue.name().to_owned(),
                 messages: queue.contents().iter().filter_map(stored).collect(),
@@ -121,7 +130,7 @@ impl Engine {
 
     /// Makes every replicated queue hold what `snapshot` says (a snapshot taken over from the
     /// queue group's leader, or read at start).
-    pub(crate) fn restore_replicated(&self, snapshot: &serde_json::Value) {
+    pub(crate) fn restore_replicated(&self, snapshot: &serde_json::Value, in_group: impl Fn(&str) -> bool) {
         let contents: Vec<QueueContents> = match serde_json::from_value(snapshot.clone()) {
             Ok(contents) => contents,
             Err(error) => {
@@ -129,7 +138,7 @@ impl Engine {
                 return;
             }
         };
-        for queue in self.replicated_queues() {
+        for queue in self.replicated_queues().filter(|queue| in_group(queue.name())) {
             let messages = contents.iter().find(|c| c.name == queue.name()).map_or(&[][..], |c| &c.messages);
             queue.restore_contents(messages.iter().filter_map(restored).collect());
         }
@@ -137,8 +146,8 @@ impl Engine {
 
     /// This node now serves the replicated queues: what waits in them may have been delivered
     /// by the node that served them before.
-    pub(crate) fn take_over_replicated(&self) {
-        for queue in self.replicated_queues() {
+    pub(crate) fn take_over_replicated(&self, in_group: impl Fn(&str) -> bool) {
+        for queue in self.replicated_queues().filter(|queue| in_group(queue.name())) {
             queue.take_over();
             tracing::info!(queue = %queue.name(), "serving replicated queue");
         }

@@ -21,6 +21,8 @@ pub struct QueueInfo {
     pub alarm: bool,
     /// True when some queue dead-letters into this one.
     pub is_dead_letter_queue: bool,
+    /// For a replicated queue, the node serving it, if known.
+    pub served_by: Option<u64>,
 }
 
 impl QueueInfo {
@@ -33,6 +35,7 @@ impl QueueInfo {
             alarm_depth: queue.alarm_depth(),
             alarm: queue.alarm_raised(),
             is_dead_letter_queue,
+            served_by: None,
         }
     }
 }

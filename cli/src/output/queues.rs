@@ -254,7 +254,9 @@ mod tests {
                 "read_error",
                 "ready",
                 "redelivered",
+                "replicated",
                 "retry_backoff_ms",
+                "served_by",
                 "unacked",
                 "waiting_bytes"
             ]
