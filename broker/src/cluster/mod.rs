@@ -831,10 +831,24 @@ impl Replicator for Cluster {
         if self.serving(queue) != Some(self.node_id) {
             return;
         }
-        let outcome = self.submit(queue, QueueCommand::Left { queue: queue.to_owned(), seqs });
+        let cluster = self.clone();
+        let queue = queue.to_owned();
         self.runtime.spawn(async move {
-            if let Ok(Err(error)) = outcome.await {
-                tracing::warn!(%error, "could not replicate that messages left a replicated queue");
+            // Until it is committed, the other copies still hold these messages: a failure is
+            // tried again for as long as this node serves the queue (after that, the messages
+            // are redelivered by the next serving node, flagged).
+            loop {
+                let left = QueueCommand::Left { queue: queue.clone(), seqs: seqs.clone() };
+                match cluster.submit(&queue, left).await {
+                    Ok(Ok(_)) | Err(_) => return,
+                    Ok(Err(error)) => {
+                        if cluster.serving(&queue) != Some(cluster.node_id) {
+                            tracing::warn!(%error, queue, "messages that left a replicated queue were not replicated");
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(HEARTBEAT_MS / 2)).await;
+                    }
+                }
             }
         });
     }
