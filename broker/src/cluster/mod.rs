@@ -549,8 +549,8 @@ impl Cluster {
         let addr = listener.local_addr()?;
         let mut rafts: Vec<Raft<TypeConfig>> = Vec::new();
         for (group, host) in hosts.into_iter().enumerate() {
-            let name: &'static str = Box::leak(group_name(group).into_boxed_str());
-            let dir = if group == META { dir.to_path_buf() } else { dir.join(name) };
+            let name = group_name(group);
+            let dir = if group == META { dir.to_path_buf() } else { dir.join(&name) };
             let log = LogStore::open(&dir)?;
             // A publish waits for the metadata that declared its queue.
             let metadata = rafts.first().cloned();

@@ -287,7 +287,7 @@ struct MachineInner {
 #[derive(Clone)]
 pub struct StateMachine {
     dir: PathBuf,
-    group: &'static str,
+    group: String,
     inner: Arc<Mutex<MachineInner>>,
     host: Arc<dyn GroupHost>,
     /// The metadata group, for the queue group: a publish is applied once the metadata that
@@ -316,7 +316,7 @@ impl StateMachine {
     /// exactly what it held.
     pub fn open(
         dir: &Path,
-        group: &'static str,
+        group: String,
         host: Arc<dyn GroupHost>,
         metadata: Option<openraft::Raft<TypeConfig>>,
     ) -> io::Result<StateMachine> {
@@ -443,7 +443,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.save_snapshot(&stored)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
         self.host.reset(&stored.data);
-        tracing::info!(group = self.group, last_log_id = ?meta.last_log_id, "took over the leader's snapshot");
+        tracing::info!(group = %self.group, last_log_id = ?meta.last_log_id, "took over the leader's snapshot");
         let mut inner = self.inner.lock();
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
