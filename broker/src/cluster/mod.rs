@@ -84,10 +84,8 @@ fn group_name(group: usize) -> String {
 pub enum Command {
     /// In the metadata group.
     Meta(MetaCommand),
-    /// In the queue group.
-    Queue(QueueCommand),
-    /// In the queue group: several changes made one after the other, in one entry (one write
-    /// and one sync for all of them).
+    /// In a queue group: the changes made one after the other since the last entry, in one
+    /// entry (one write and one sync for all of them).
     Queues(Vec<QueueCommand>),
 }
 
@@ -378,7 +376,6 @@ struct QueueHost(std::sync::Weak<Engine>, usize, usize);
 impl GroupHost for QueueHost {
     fn apply(&self, command: &Command) -> MetaResponse {
         match (self.0.upgrade(), command) {
-            (Some(engine), Command::Queue(command)) => engine.apply_replicated(command),
             (Some(engine), Command::Queues(commands)) => {
                 MetaResponse::Each(commands.iter().map(|command| engine.apply_replicated(command)).collect())
             }
@@ -797,7 +794,7 @@ impl Cluster {
         command: QueueCommand,
     ) -> tokio::sync::oneshot::Receiver<Result<MetaResponse, WriteError>> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        let submission = submit::Submission { command: Command::Queue(command), reply, also: Vec::new() };
+        let submission = submit::Submission { command, reply, also: Vec::new() };
         if let Err(refused) = self.queue_entries[self.group_of(queue) - 1].send(submission) {
             let _ = refused.0.reply.send(Err(WriteError::Stopped));
         }

@@ -302,7 +302,6 @@ fn metadata_needed(command: &Command) -> Option<u64> {
         QueueCommand::Left { .. } => None,
     };
     match command {
-        Command::Queue(command) => publish_index(command),
         Command::Queues(commands) => commands.iter().filter_map(publish_index).max(),
         Command::Meta(_) => None,
     }

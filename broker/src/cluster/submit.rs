@@ -19,7 +19,7 @@ const MAX_BATCH: usize = 512;
 
 /// One entry waiting to be submitted, and who waits for its outcome.
 pub struct Submission {
-    pub command: Command,
+    pub command: QueueCommand,
     pub reply: Reply,
     /// Submitters of entries merged into this one.
     pub also: Vec<Reply>,
@@ -82,10 +82,8 @@ fn coalesce(batch: Vec<Submission>) -> Vec<Submission> {
     let mut merged: Vec<Submission> = Vec::with_capacity(batch.len());
     for submission in batch {
         if let Some(last) = merged.last_mut() {
-            if let (
-                Command::Queue(QueueCommand::Left { queue, seqs }),
-                Command::Queue(QueueCommand::Left { queue: next, seqs: more }),
-            ) = (&mut last.command, &submission.command)
+            if let (QueueCommand::Left { queue, seqs }, QueueCommand::Left { queue: next, seqs: more }) =
+                (&mut last.command, &submission.command)
             {
                 if queue == next {
                     seqs.extend_from_slice(more);
@@ -108,11 +106,7 @@ fn fail(batch: Vec<Submission>, error: impl Fn() -> WriteError) {
 
 /// The batch as one entry, its changes in order.
 fn entry(batch: &[Submission]) -> Command {
-    let commands = batch.iter().filter_map(|submission| match &submission.command {
-        Command::Queue(command) => Some(command.clone()),
-        _ => None,
-    });
-    Command::Queues(commands.collect())
+    Command::Queues(batch.iter().map(|submission| submission.command.clone()).collect())
 }
 
 /// Hands each submitter its change's outcome from the entry's outcome.
