@@ -86,6 +86,9 @@ pub struct Config {
     /// The initial cluster, this node included: `1=host:port,2=host:port,...` (cluster
     /// addresses).
     pub peers: String,
+    /// The address clients reach this node at; empty = the address the client listener
+    /// bound.
+    pub advertise_addr: String,
     /// Metadata log entries between two snapshots of the cluster's metadata.
     pub cluster_snapshot_entries: u64,
     /// Queue groups replicated queues are spread over (the same on every node).
@@ -126,6 +129,7 @@ impl Default for Config {
             node_id: 0,
             cluster_listen: "127.0.0.1:5690".into(),
             peers: String::new(),
+            advertise_addr: String::new(),
             cluster_snapshot_entries: 5000,
             queue_groups: 3,
         }

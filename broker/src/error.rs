@@ -35,6 +35,15 @@ pub enum BrokerError {
     /// Authentication failed, or was needed and missing.
     #[error("{0}")]
     Unauthenticated(String),
+    /// Another node of the cluster serves this (a replicated queue's consumers); sent with
+    /// NOT_ALLOWED and the address clients reach that node at.
+    #[error("{message}")]
+    ServedElsewhere {
+        /// What to do, for a reader.
+        message: String,
+        /// The serving node's client address.
+        addr: String,
+    },
 }
 
 impl BrokerError {
@@ -52,6 +61,9 @@ impl BrokerError {
             BrokerError::NoRoute(m) => BrokerError::NoRoute(m.clone()),
             BrokerError::AccessRefused(m) => BrokerError::AccessRefused(m.clone()),
             BrokerError::Unauthenticated(m) => BrokerError::Unauthenticated(m.clone()),
+            BrokerError::ServedElsewhere { message, addr } => {
+                BrokerError::ServedElsewhere { message: prefix(message), addr: addr.clone() }
+            }
         }
     }
 
@@ -73,6 +85,17 @@ impl BrokerError {
             BrokerError::NoRoute(_) => ErrorCode::NoRoute,
             BrokerError::AccessRefused(_) => ErrorCode::AccessRefused,
             BrokerError::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            BrokerError::ServedElsewhere { .. } => ErrorCode::NotAllowed,
+        }
+    }
+
+    /// The error frame answering request `request_id` with this error.
+    pub fn frame(&self, request_id: u64) -> hopper_proto::Frame {
+        match self {
+            BrokerError::ServedElsewhere { addr, .. } => {
+                hopper_proto::Frame::redirect(request_id, self.code(), self.to_string(), addr.clone())
+            }
+            _ => hopper_proto::Frame::error(request_id, self.code(), self.to_string()),
         }
     }
 }

@@ -136,6 +136,11 @@ struct Args {
     /// list; the cluster forms once a majority runs.
     #[arg(long, value_name = "LIST", env = "HOPPER_PEERS")]
     peers: Option<String>,
+    /// The address clients reach this node at, which the cluster sends them to for what this
+    /// node serves; set it when --listen is a wildcard such as 0.0.0.0 [default: the
+    /// address --listen bound].
+    #[arg(long, value_name = "ADDR", env = "HOPPER_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
     /// Metadata log entries between two snapshots of the cluster's metadata; the log before a
     /// snapshot is dropped [default: 5000].
     #[arg(long, value_name = "N", env = "HOPPER_CLUSTER_SNAPSHOT_ENTRIES")]
@@ -243,6 +248,9 @@ impl Args {
         }
         if let Some(peers) = self.peers {
             config.peers = peers;
+        }
+        if let Some(addr) = self.advertise_addr {
+            config.advertise_addr = addr;
         }
         if let Some(entries) = self.cluster_snapshot_entries {
             config.cluster_snapshot_entries = entries;

@@ -112,6 +112,13 @@ impl Broker {
                 let addr = started.local_addr();
                 tracing::info!(node = cluster.node_id, %addr, peers = cluster.peers.len(), "cluster listener ready");
                 engine.set_cluster(started);
+                let advertised = match engine.config().advertise_addr.as_str() {
+                    "" => plain_addr.or(tls_addr).map(|addr| addr.to_string()),
+                    addr => Some(addr.to_owned()),
+                };
+                if let Some(advertised) = advertised {
+                    tokio::spawn(Engine::advertise(Arc::downgrade(&engine), advertised));
+                }
                 Some(addr)
             }
             None => None,

@@ -592,7 +592,7 @@ impl Session {
 
     fn reply_error(&self, request_id: u64, err: BrokerError) {
         tracing::debug!(request_id, error = %err, "request failed");
-        self.outbox.push(&Frame::error(request_id, err.code(), err.to_string()));
+        self.outbox.push(&err.frame(request_id));
     }
 
     /// A Hello: checks the version, then starts the login it asks for.

@@ -161,6 +161,7 @@ pub fn cluster_status(status: crate::cluster::ClusterStatus) -> pb::ClusterStatu
         leader: member.leader,
         lag_known: member.lag.is_some(),
         lag: member.lag.unwrap_or(0),
+        client_addr: member.client_addr.unwrap_or_default(),
     });
     pb::ClusterStatusOk {
         node_id: status.node_id,

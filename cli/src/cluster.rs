@@ -34,7 +34,8 @@ pub enum ClusterCommand {
 pub struct StatusArgs {
     /// Print one JSON object with keys node_id, state, term, leader (null without one),
     /// last_log_index, last_applied, queue_leaders (each queue group's leader, null when
-    /// unknown) and members (each with id, addr, voter, leader and lag, null when unknown).
+    /// unknown) and members (each with id, addr, client_addr, voter, leader and lag;
+    /// client_addr and lag are null when unknown).
     #[arg(long)]
     pub json: bool,
 }
@@ -62,7 +63,16 @@ fn status_json(status: &ClusterStatus) -> serde_json::Value {
     let members: Vec<_> = status
         .members
         .iter()
-        .map(|m| json!({"id": m.id, "addr": m.addr, "voter": m.voter, "leader": m.leader, "lag": m.lag}))
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "addr": m.addr,
+                "client_addr": m.client_addr,
+                "voter": m.voter,
+                "leader": m.leader,
+                "lag": m.lag,
+            })
+        })
         .collect();
     json!({
         "node_id": status.node_id,
@@ -89,12 +99,19 @@ fn listing(status: &ClusterStatus) -> String {
         status.last_applied,
         queues.join(",")
     );
-    out.push_str(&format!("{:>4}  {:<24} {:<8} {:<7} {:>5}\n", "ID", "ADDRESS", "ROLE", "VOTER", "LAG"));
+    out.push_str(&format!(
+        "{:>4}  {:<24} {:<24} {:<8} {:<7} {:>5}\n",
+        "ID", "ADDRESS", "CLIENTS AT", "ROLE", "VOTER", "LAG"
+    ));
     for m in &status.members {
         let role = if m.leader { "leader" } else { "-" };
         let lag = m.lag.map_or("-".to_string(), |lag| lag.to_string());
         let voter = if m.voter { "yes" } else { "learner" };
-        out.push_str(&format!("{:>4}  {:<24} {:<8} {:<7} {:>5}\n", m.id, m.addr, role, voter, lag));
+        let clients = m.client_addr.as_deref().unwrap_or("-");
+        out.push_str(&format!(
+            "{:>4}  {:<24} {:<24} {:<8} {:<7} {:>5}\n",
+            m.id, m.addr, clients, role, voter, lag
+        ));
     }
     out
 }
@@ -115,8 +132,22 @@ mod tests {
             last_log_index: 7,
             last_applied: 7,
             members: vec![
-                ClusterMember { id: 1, addr: "a:1".into(), voter: true, leader: true, lag: None },
-                ClusterMember { id: 2, addr: "b:2".into(), voter: true, leader: false, lag: Some(4) },
+                ClusterMember {
+                    id: 1,
+                    addr: "a:1".into(),
+                    client_addr: Some("a:5680".into()),
+                    voter: true,
+                    leader: true,
+                    lag: None,
+                },
+                ClusterMember {
+                    id: 2,
+                    addr: "b:2".into(),
+                    client_addr: None,
+                    voter: true,
+                    leader: false,
+                    lag: Some(4),
+                },
             ],
             queue_leaders: vec![Some(3), None],
         };
@@ -127,12 +158,20 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("   1  a:1                      leader   yes         -\n"), "{text}");
-        assert!(text.contains("   2  b:2                      -        yes         4\n"), "{text}");
+        assert!(
+            text.contains("   1  a:1                      a:5680                   leader   yes         -\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("   2  b:2                      -                        -        yes         4\n"),
+            "{text}"
+        );
         let json = status_json(&status);
         assert_eq!(json["leader"], 1);
         assert_eq!(json["members"][0]["lag"], serde_json::Value::Null);
         assert_eq!(json["members"][1]["lag"], 4);
+        assert_eq!(json["members"][0]["client_addr"], "a:5680");
+        assert_eq!(json["members"][1]["client_addr"], serde_json::Value::Null);
         assert_eq!(json["queue_leaders"], serde_json::json!([3, null]));
     }
 }

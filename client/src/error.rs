@@ -19,6 +19,18 @@ pub enum Error {
         message: String,
     },
 
+    /// Another node of the broker's cluster serves this request (a consumer of a replicated
+    /// queue, asked of a node that does not serve it). Its code is NOT_ALLOWED; `addr` is
+    /// where clients reach the serving node. A [`crate::Recovering`] consumer follows it by
+    /// itself.
+    #[error("NOT_ALLOWED: {message}")]
+    ServedElsewhere {
+        /// The broker's explanation.
+        message: String,
+        /// The serving node's client address, HOST:PORT.
+        addr: String,
+    },
+
     /// The broker does not speak this client's protocol version.
     #[error(
         "handshake rejected: {message} (the broker supports protocol versions \
@@ -104,6 +116,7 @@ impl Error {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::Broker { code, .. } => Some(*code),
+            Error::ServedElsewhere { .. } => Some(ErrorCode::NotAllowed),
             Error::FrameTooLarge { .. } => Some(ErrorCode::FrameTooLarge),
             Error::HandshakeRejected { .. } => Some(ErrorCode::UnsupportedVersion),
             Error::Authentication(_) => Some(ErrorCode::Unauthenticated),
@@ -113,7 +126,11 @@ impl Error {
 
     /// The error a broker `Error` frame stands for.
     pub(crate) fn from_frame(error: hopper_proto::pb::Error) -> Self {
-        Error::Broker { code: hopper_proto::error_code(error.code), message: error.message }
+        let code = hopper_proto::error_code(error.code);
+        if code == ErrorCode::NotAllowed && !error.redirect.is_empty() {
+            return Error::ServedElsewhere { message: error.message, addr: error.redirect };
+        }
+        Error::Broker { code, message: error.message }
     }
 }
 
@@ -130,8 +147,24 @@ mod tests {
 
     #[test]
     fn unknown_wire_code_maps_to_unspecified() {
-        let err = Error::from_frame(hopper_proto::pb::Error { code: 999, message: "odd".into() });
+        let err = Error::from_frame(hopper_proto::pb::Error {
+            code: 999,
+            message: "odd".into(),
+            ..Default::default()
+        });
         assert_eq!(err.code(), Some(ErrorCode::Unspecified));
+    }
+
+    #[test]
+    fn a_refusal_naming_another_node_is_a_redirect() {
+        let err = Error::from_frame(hopper_proto::pb::Error {
+            code: ErrorCode::NotAllowed as i32,
+            message: "served by node 2".into(),
+            redirect: "10.0.0.2:5680".into(),
+        });
+        assert!(matches!(&err, Error::ServedElsewhere { addr, .. } if addr == "10.0.0.2:5680"), "{err:?}");
+        assert_eq!(err.code(), Some(ErrorCode::NotAllowed));
+        assert_eq!(err.to_string(), "NOT_ALLOWED: served by node 2");
     }
 
     #[test]

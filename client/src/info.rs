@@ -281,6 +281,8 @@ pub struct ClusterMember {
     pub id: u64,
     /// Its cluster address.
     pub addr: String,
+    /// The address clients reach it at, once it has told the cluster.
+    pub client_addr: Option<String>,
     /// A voter; `false` for a learner still catching up.
     pub voter: bool,
     /// The leader.
@@ -294,6 +296,7 @@ impl From<pb::ClusterStatusOk> for ClusterStatus {
         let members = status.members.into_iter().map(|member| ClusterMember {
             id: member.id,
             addr: member.addr,
+            client_addr: (!member.client_addr.is_empty()).then_some(member.client_addr),
             voter: member.voter,
             leader: member.leader,
             lag: member.lag_known.then_some(member.lag),

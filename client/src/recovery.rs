@@ -3,6 +3,11 @@
 //! publishes the lost connection did not confirm, and says what happened through an event
 //! stream.
 //!
+//! A consumer of a replicated queue that the connected node does not serve follows the
+//! broker's redirect ([`Error::ServedElsewhere`]) to the serving node, on a connection of its
+//! own; when that node goes away it asks again, and while the cluster elects a new serving
+//! node it waits.
+//!
 //! Delivery stays at least once. A delivery received before the loss can no longer be settled
 //! (its ack fails with [`Error::Closed`]); the broker that held it delivers it again, flagged
 //! redelivered. A publish whose connection was lost before its confirm is sent again on the next
@@ -76,6 +81,9 @@ struct Inner {
     current: watch::Sender<Option<(u64, Connection)>>,
     events: broadcast::Sender<RecoveryEvent>,
     closed: CancellationToken,
+    /// For the connections consumers open to the node serving their queue.
+    options: ConnectOptions,
+    recovery: RecoveryOptions,
 }
 
 impl Recovering {
@@ -92,6 +100,8 @@ impl Recovering {
             current: watch::channel(Some((1, connection))).0,
             events: broadcast::channel(EVENT_BUFFER).0,
             closed: CancellationToken::new(),
+            options: options.clone(),
+            recovery: recovery.clone(),
         });
         tokio::spawn(keep_connected(inner.clone(), addrs, options, recovery));
         let handles = Arc::new(inner.closed.clone().drop_guard());
@@ -140,15 +150,48 @@ impl Recovering {
         }
     }
 
-    /// Consumes from `queue`, subscribing again on every new connection. The stream ends with
-    /// an error the broker gave (the queue was deleted, say), or when the client is closed.
+    /// Consumes from `queue`, subscribing again on every new connection, on the node that
+    /// serves it. The stream ends with an error the broker gave (the queue was deleted, say),
+    /// or when the client is closed.
     pub async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<RecoveringConsumer> {
-        let (_, connection) = self.connection().await?;
-        let first = connection.consume(queue, options.clone()).await?;
+        let first = self.subscribe(queue, &options).await?;
         // Bounded by the prefetch window: the broker sends no more than that unacked.
         let (tx, rx) = mpsc::channel(options.prefetch.max(1) as usize);
         let task = tokio::spawn(forward(self.clone(), queue.to_owned(), options, first, tx));
         Ok(RecoveringConsumer { rx, task })
+    }
+
+    /// Subscribes to `queue` on the live connection or, when another node of the cluster
+    /// serves it, on a connection of the subscription's own to that node. Waits out lost
+    /// connections and elections; returns the broker's other refusals.
+    async fn subscribe(&self, queue: &str, options: &ConsumeOptions) -> Result<Subscription> {
+        let mut delay = self.inner.recovery.first_delay;
+        loop {
+            let (_, connection) = self.connection().await?;
+            let refused = match connection.consume(queue, options.clone()).await {
+                Ok(consumer) => return Ok(Subscription { consumer, _direct: None }),
+                Err(Error::ServedElsewhere { addr, .. }) => {
+                    match Connection::connect_with(&addr, self.inner.options.clone()).await {
+                        Ok(direct) => match direct.consume(queue, options.clone()).await {
+                            Ok(consumer) => return Ok(Subscription { consumer, _direct: Some(direct) }),
+                            Err(err) if is_transient(&err) => err,
+                            Err(err) => return Err(err),
+                        },
+                        Err(err) => err,
+                    }
+                }
+                Err(err) if is_transient(&err) => err,
+                Err(err) => return Err(err),
+            };
+            tracing::debug!(queue, error = %refused, retry_in = ?delay, "subscribing again");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.inner.closed.cancelled() => {
+                    return Err(Error::Closed("the client closed the connection".into()));
+                }
+            }
+            delay = (delay * 2).min(self.inner.recovery.max_delay);
+        }
     }
 
     /// Closes the live connection and stops reconnecting.
@@ -165,6 +208,23 @@ impl Recovering {
 /// True when `err` means the connection went away, not that the broker refused.
 fn is_lost(err: &Error) -> bool {
     matches!(err, Error::Closed(_) | Error::Io(_) | Error::Timeout(_))
+}
+
+/// True when a subscription refused with `err` is worth asking for again: the connection went
+/// away, the queue is served elsewhere, or its cluster is electing the node to serve it (the
+/// only NOT_ALLOWED a consume gets).
+fn is_transient(err: &Error) -> bool {
+    is_lost(err)
+        || matches!(err, Error::ServedElsewhere { .. } | Error::Unreachable(_))
+        || err.code() == Some(hopper_proto::ErrorCode::NotAllowed)
+}
+
+/// A consumer, with the connection opened for it alone when its queue is served by a node
+/// other than the one the client is connected to.
+struct Subscription {
+    consumer: crate::Consumer,
+    /// Kept open for as long as the consumer runs.
+    _direct: Option<Connection>,
 }
 
 /// Replaces the connection each time it is lost, until the client closes.
@@ -221,11 +281,11 @@ async fn forward(
     client: Recovering,
     queue: String,
     options: ConsumeOptions,
-    mut consumer: crate::Consumer,
+    mut subscription: Subscription,
     tx: mpsc::Sender<Result<Delivery>>,
 ) {
     loop {
-        while let Some(item) = consumer.next().await {
+        while let Some(item) = subscription.consumer.next().await {
             match item {
                 Ok(delivery) => {
                     if tx.send(Ok(delivery)).await.is_err() {
@@ -239,15 +299,13 @@ async fn forward(
                 }
             }
         }
-        consumer = loop {
-            let Ok((_, connection)) = client.connection().await else { return };
-            match connection.consume(&queue, options.clone()).await {
-                Ok(consumer) => break consumer,
-                Err(err) if is_lost(&err) => connection.closed().await,
-                Err(err) => {
+        subscription = match client.subscribe(&queue, &options).await {
+            Ok(subscription) => subscription,
+            Err(err) => {
+                if !client.inner.closed.is_cancelled() {
                     let _ = tx.send(Err(err)).await;
-                    return;
                 }
+                return;
             }
         };
     }

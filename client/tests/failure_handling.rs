@@ -175,7 +175,15 @@ async fn a_confirmed_settle_refused_for_expiry_reports_the_expiry() {
         assert!(matches!(body, Body::Ack(ref a) if a.confirm), "{body:?}");
         peer.send(0, expired(2, 1)).await;
         let message = "delivery expired: tag 1 of consumer 2 passed its ack deadline".to_string();
-        peer.send(id, Body::Error(pb::Error { code: ErrorCode::PreconditionFailed as i32, message })).await;
+        peer.send(
+            id,
+            Body::Error(pb::Error {
+                code: ErrorCode::PreconditionFailed as i32,
+                message,
+                ..Default::default()
+            }),
+        )
+        .await;
     });
     assert!(matches!(result, Err(Error::DeliveryExpired { delivery_tag: 1 })), "{result:?}");
 }
@@ -197,7 +205,11 @@ async fn extend_waits_for_the_broker_and_stops_after_a_settle() {
     let (result, ()) = tokio::join!(delivery.extend(Duration::from_secs(1)), async {
         let (id, _) = peer.recv_request().await;
         let message = "unknown delivery tag 1 for consumer 6".to_string();
-        peer.send(id, Body::Error(pb::Error { code: ErrorCode::NotFound as i32, message })).await;
+        peer.send(
+            id,
+            Body::Error(pb::Error { code: ErrorCode::NotFound as i32, message, ..Default::default() }),
+        )
+        .await;
     });
     assert_eq!(result.unwrap_err().code(), Some(ErrorCode::NotFound), "a refusal that is not an expiry");
     delivery.ack().await.unwrap();

@@ -73,6 +73,7 @@ async fn broker_errors_reach_the_request_that_caused_them() {
             Body::Error(pb::Error {
                 code: ErrorCode::NotFound as i32,
                 message: "no queue named 'missing'".into(),
+                ..Default::default()
             }),
         )
         .await;
@@ -174,8 +175,15 @@ async fn deliveries_are_settled_once() {
     );
 
     // A refused settle has nobody waiting: it is logged, and the connection carries on.
-    peer.send(ack_id, Body::Error(pb::Error { code: ErrorCode::NotFound as i32, message: "no tag".into() }))
-        .await;
+    peer.send(
+        ack_id,
+        Body::Error(pb::Error {
+            code: ErrorCode::NotFound as i32,
+            message: "no tag".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
     let (list, ()) = tokio::join!(conn.list_queues(), async {
         let (id, _) = peer.recv_request().await;
         peer.send(id, Body::QueueListOk(pb::QueueListOk { queues: vec![] })).await;

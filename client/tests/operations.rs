@@ -60,6 +60,7 @@ async fn bounded_queue_settings_reach_the_wire_and_come_back() {
         let error = pb::Error {
             code: pb::ErrorCode::ResourceLimit as i32,
             message: "queue 'q' is full (max_length 7)".into(),
+            ..Default::default()
         };
         peer.send(id, Body::Error(error)).await;
     });
@@ -215,7 +216,11 @@ async fn moves_are_started_listed_and_cancelled() {
 
     let (unknown, ()) = tokio::join!(conn.cancel_move(99), async {
         let (id, _) = peer.recv_request().await;
-        let error = pb::Error { code: pb::ErrorCode::NotFound as i32, message: "no move with id 99".into() };
+        let error = pb::Error {
+            code: pb::ErrorCode::NotFound as i32,
+            message: "no move with id 99".into(),
+            ..Default::default()
+        };
         peer.send(id, Body::Error(error)).await;
     });
     assert_eq!(unknown.unwrap_err().code(), Some(hopper_client::ErrorCode::NotFound));

@@ -73,7 +73,22 @@ impl Frame {
 
     /// An error response to `request_id`.
     pub fn error(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
-        Frame::new(request_id, Body::Error(pb::Error { code: code as i32, message: message.into() }))
+        Frame::new(
+            request_id,
+            Body::Error(pb::Error { code: code as i32, message: message.into(), redirect: String::new() }),
+        )
+    }
+
+    /// An error response to `request_id` that names the node (its client address) to ask
+    /// instead.
+    pub fn redirect(
+        request_id: u64,
+        code: ErrorCode,
+        message: impl Into<String>,
+        redirect: impl Into<String>,
+    ) -> Self {
+        let error = pb::Error { code: code as i32, message: message.into(), redirect: redirect.into() };
+        Frame::new(request_id, Body::Error(error))
     }
 }
 

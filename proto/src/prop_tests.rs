@@ -148,7 +148,11 @@ fn body() -> impl Strategy<Value = Body> {
                 ..Default::default()
             }
         )),
-        (any::<i32>(), text()).prop_map(|(code, message)| Body::Error(pb::Error { code, message })),
+        (any::<i32>(), text(), text()).prop_map(|(code, message, redirect)| Body::Error(pb::Error {
+            code,
+            message,
+            redirect
+        })),
         (proptest::option::of(queue_info()), any::<bool>())
             .prop_map(|(queue, created)| Body::QueueDeclareOk(pb::QueueDeclareOk { queue, created })),
         (text(), vec(any::<u8>(), 0..128), headers(), any::<u64>()).prop_map(

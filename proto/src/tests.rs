@@ -153,7 +153,16 @@ fn every_body() -> Vec<Body> {
         Body::TokenDelete(pb::TokenDelete { name: "ci".into() }),
         Body::Heartbeat(Heartbeat {}),
         Body::Close(Close { code: ErrorCode::Internal as i32, reason: "shutting down".into() }),
-        Body::Error(Error { code: ErrorCode::NotFound as i32, message: "no queue 'x'".into() }),
+        Body::Error(Error {
+            code: ErrorCode::NotFound as i32,
+            message: "no queue 'x'".into(),
+            ..Default::default()
+        }),
+        Body::Error(Error {
+            code: ErrorCode::NotAllowed as i32,
+            message: "served by node 2".into(),
+            redirect: "10.0.0.2:5680".into(),
+        }),
         Body::QueueDeclare(QueueDeclare {
             name: "jobs".into(),
             settings: Some(QueueSettings { durable: true, ..Default::default() }),

@@ -555,3 +555,100 @@ async fn replicated_queues_spread_over_groups_each_served_by_its_leader() {
     }
     assert_eq!(groups.len(), 3, "twelve names hash to every group");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_on_any_node_is_sent_to_the_serving_node_and_follows_it_when_it_dies() {
+    let mut cluster = Cluster::start(3);
+    cluster.agreed_leader(Duration::from_secs(10)).await;
+    let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
+    connect(cluster.node(1)).await.declare_queue("jobs", replicated).await.unwrap();
+    let serving = serving_node(&mut cluster, "jobs").await;
+    let other = (1..=3).find(|id| *id != serving).unwrap();
+    let other_addr = cluster.node(other).addr().to_string();
+    let serving_addr = cluster.node(serving).addr().to_string();
+
+    // Every node tells the cluster where its clients reach it.
+    eventually("every member's client address is known", Duration::from_secs(10), || async {
+        let status = cluster_status(cluster.nodes.first().unwrap()).await.unwrap();
+        status.members.iter().all(|m| m.client_addr.is_some())
+    })
+    .await;
+    let status = cluster_status(cluster.node(other)).await.unwrap();
+    let member = status.members.iter().find(|m| m.id == serving).unwrap();
+    assert_eq!(member.client_addr.as_deref(), Some(serving_addr.as_str()));
+
+    // A plain connection is told where to go.
+    let plain = Connection::connect(&other_addr).await.unwrap();
+    match plain.consume("jobs", ConsumeOptions::default()).await {
+        Err(hopper_client::Error::ServedElsewhere { addr, message }) => {
+            assert_eq!(addr, serving_addr, "{message}");
+        }
+        other => panic!("expected a redirect, got {:?}", other.map(|_| ())),
+    }
+
+    // A recovering client connected elsewhere consumes all the same, on the serving node.
+    let publisher = connect(cluster.node(other)).await;
+    let bodies: Vec<String> = (0..20).map(|n| format!("job {n:02}")).collect();
+    hopper_tests::publish_all(&publisher, "jobs", bodies.clone()).await;
+    let client = hopper_client::Recovering::connect(
+        vec![other_addr.clone()],
+        Default::default(),
+        hopper_client::RecoveryOptions {
+            first_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(200),
+        },
+    )
+    .await
+    .unwrap();
+    let mut consumer =
+        client.consume("jobs", ConsumeOptions { prefetch: 5, ..Default::default() }).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        let delivery = next_recovered(&mut consumer).await;
+        seen.push(hopper_tests::body_text(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(seen, bodies[..10], "in order, from the serving node");
+    // The acks reach every copy before the serving node dies.
+    for id in 1..=3 {
+        let node = cluster.node(id);
+        eventually("every copy drops the acked messages", Duration::from_secs(5), || async {
+            ready_on(node, "jobs").await <= 10
+        })
+        .await;
+    }
+
+    // The serving node dies: the consumer follows the queue to the next one, and nothing
+    // acked comes back.
+    cluster.node(serving).kill();
+    let mut rest = Vec::new();
+    while rest.len() < 10 {
+        let delivery = next_recovered(&mut consumer).await;
+        let body = hopper_tests::body_text(&delivery);
+        assert!(!seen.contains(&body), "acked message {body} came back");
+        if !rest.contains(&body) {
+            rest.push(body);
+        }
+        // A delivery that came before the loss cannot be acked any more: it comes back.
+        match delivery.ack().await {
+            Ok(()) | Err(hopper_client::Error::Closed(_)) => {}
+            Err(other) => panic!("ack failed: {other}"),
+        }
+    }
+    rest.sort();
+    assert_eq!(rest, bodies[10..]);
+    publisher.publish("jobs", "after the failover", Default::default()).await.unwrap();
+    let after = next_recovered(&mut consumer).await;
+    assert_eq!(hopper_tests::body_text(&after), "after the failover");
+    after.ack().await.unwrap();
+}
+
+/// The next delivery of a recovering consumer, within the failover bar and then some.
+async fn next_recovered(consumer: &mut hopper_client::RecoveringConsumer) -> hopper_client::Delivery {
+    use futures::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("the consumer goes on")
+        .expect("a delivery, not an error")
+}

@@ -61,6 +61,13 @@ pub const HEARTBEAT_MS: u64 = 100;
 /// round: under a second, well inside the 2 s the failover bar allows.
 pub const ELECTION_TIMEOUT_MS: (u64, u64) = (400, 800);
 
+/// How long a leader goes on serving its group's queues without hearing from a majority (ms).
+/// A leader cut off from the others is replaced once their election timeout passes; past this
+/// lease it stops serving too (its consumers are cancelled), so that two nodes serve the same
+/// queue for at most a moment, and only in different terms. The longest election timeout, not
+/// the shortest: a leader slowed down for a moment must not drop its consumers.
+pub const SERVING_LEASE_MS: u64 = ELECTION_TIMEOUT_MS.1;
+
 /// The metadata group; the queue groups are 1, 2, ...
 pub const META: usize = 0;
 
@@ -233,6 +240,14 @@ pub enum MetaCommand {
     /// Changes nothing: once a node has applied it, it has applied every change committed
     /// before (see [`Cluster::catch_up`]).
     Barrier,
+    /// Node `node` is reached by clients at `addr` (written by the node itself when it
+    /// starts): where a client is sent for what that node serves.
+    Advertise {
+        /// The node.
+        node: NodeId,
+        /// Its client address, HOST:PORT.
+        addr: String,
+    },
 }
 
 /// The outcome of applying a [`MetaCommand`].
@@ -260,6 +275,9 @@ pub struct Catalog {
     /// Users and their permissions.
     #[serde(default)]
     pub users: Vec<UserRecord>,
+    /// Each node's client address.
+    #[serde(default)]
+    pub nodes: Vec<(NodeId, String)>,
 }
 
 impl Catalog {
@@ -288,7 +306,9 @@ impl Catalog {
             };
             [put, permissions]
         });
-        exchanges.chain(queues).chain(bindings).chain(users).collect()
+        let nodes =
+            self.nodes.iter().map(|(node, addr)| MetaCommand::Advertise { node: *node, addr: addr.clone() });
+        exchanges.chain(queues).chain(bindings).chain(users).chain(nodes).collect()
     }
 }
 
@@ -305,6 +325,8 @@ pub trait GroupHost: Send + Sync {
     fn reset(&self, snapshot: &serde_json::Value);
     /// This node became the group's leader.
     fn lead(&self) {}
+    /// This node was the group's leader and is no longer.
+    fn follow(&self) {}
 }
 
 /// The engine as the metadata group's [`GroupHost`], while it lives.
@@ -399,6 +421,12 @@ impl GroupHost for QueueHost {
     fn lead(&self) {
         if let Some(engine) = self.0.upgrade() {
             engine.take_over_replicated(self.in_group());
+        }
+    }
+
+    fn follow(&self) {
+        if let Some(engine) = self.0.upgrade() {
+            engine.stop_serving_replicated(self.in_group());
         }
     }
 }
@@ -556,7 +584,7 @@ impl Cluster {
             let raft = Raft::new(config.node_id, raft_config.clone(), network, log, machine)
                 .await
                 .map_err(std::io::Error::other)?;
-            tokio::spawn(watch_leadership(raft.clone(), config.node_id, host));
+            tokio::spawn(watch_leadership(raft.clone(), host));
             rafts.push(raft);
         }
         let rafts = Arc::new(rafts);
@@ -613,9 +641,14 @@ impl Cluster {
     }
 
     /// The node serving replicated queue `queue` (the leader of its queue group), as this
-    /// node knows.
+    /// node knows: not this node while it leads but has lost touch with the majority.
     pub fn serving(&self, queue: &str) -> Option<NodeId> {
-        self.rafts[self.group_of(queue)].metrics().borrow().current_leader
+        let metrics = self.rafts[self.group_of(queue)].metrics();
+        let metrics = metrics.borrow();
+        match metrics.current_leader {
+            Some(leader) if leader == self.node_id => serves(&metrics).then_some(leader),
+            other => other,
+        }
     }
 
     /// The queue group of replicated queue `queue`.
@@ -749,6 +782,7 @@ impl Cluster {
                 MemberStatus {
                     id: *id,
                     addr: node.addr.clone(),
+                    client_addr: None,
                     voter: voters.contains(id),
                     leader: metrics.current_leader == Some(*id),
                     // Only the leader knows how far the others are.
@@ -770,14 +804,26 @@ impl Cluster {
     }
 }
 
-/// Tells `host` whenever this node becomes the leader of `raft`'s group.
-async fn watch_leadership(raft: Raft<TypeConfig>, node_id: NodeId, host: Arc<dyn GroupHost>) {
+/// True when the node whose `metrics` these are leads its group and has heard from a majority
+/// within the [`SERVING_LEASE_MS`].
+fn serves(metrics: &openraft::RaftMetrics<NodeId, BasicNode>) -> bool {
+    let alone = metrics.membership_config.membership().voter_ids().count() <= 1;
+    metrics.state == ServerState::Leader
+        && metrics.current_leader == Some(metrics.id)
+        && (alone || metrics.millis_since_quorum_ack.is_some_and(|ms| ms < SERVING_LEASE_MS))
+}
+
+/// Tells `host` whenever this node starts serving `raft`'s group (it became the leader), and
+/// whenever it stops (another leads, or it lost touch with the majority).
+async fn watch_leadership(raft: Raft<TypeConfig>, host: Arc<dyn GroupHost>) {
     let mut metrics = raft.metrics();
     let mut leading = false;
     loop {
-        let now_leading = metrics.borrow_and_update().current_leader == Some(node_id);
+        let now_leading = serves(&metrics.borrow_and_update());
         if now_leading && !leading {
             host.lead();
+        } else if leading && !now_leading {
+            host.follow();
         }
         leading = now_leading;
         if metrics.changed().await.is_err() {
@@ -921,6 +967,8 @@ pub struct MemberStatus {
     pub id: NodeId,
     /// Its cluster address.
     pub addr: String,
+    /// The address clients reach it at, once it has told the cluster.
+    pub client_addr: Option<String>,
     /// True for a voter, false for a learner.
     pub voter: bool,
     /// True for the leader.

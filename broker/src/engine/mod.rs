@@ -91,6 +91,8 @@ pub struct Engine {
     user_connections: Mutex<std::collections::HashMap<Arc<str>, usize>>,
     /// This node's member of its cluster's metadata group, once started.
     cluster: std::sync::OnceLock<crate::cluster::Cluster>,
+    /// The address clients reach each node of the cluster at, as the nodes told the cluster.
+    node_addrs: Mutex<std::collections::BTreeMap<u64, String>>,
 }
 
 /// Pull consumers by (connection id, queue name).
@@ -134,6 +136,7 @@ impl Engine {
             users,
             user_connections: Mutex::default(),
             cluster: std::sync::OnceLock::new(),
+            node_addrs: Mutex::default(),
         })
     }
 
@@ -159,14 +162,20 @@ impl Engine {
             return Err(BrokerError::InvalidArgument("node ids start at 1".into()));
         }
         cluster.change_members(change).await?;
-        Ok(cluster.status())
+        self.cluster_status()
     }
 
     /// This node's view of its cluster (for any logged-in user, like [`Engine::status`]);
     /// `NotFound` when the broker is not in one.
     pub fn cluster_status(&self) -> Result<crate::cluster::ClusterStatus, BrokerError> {
         match self.cluster.get() {
-            Some(cluster) => Ok(cluster.status()),
+            Some(cluster) => {
+                let mut status = cluster.status();
+                for member in &mut status.members {
+                    member.client_addr = self.node_addr(member.id);
+                }
+                Ok(status)
+            }
             None => Err(BrokerError::NotFound(
                 "this broker is not in a cluster (start hopperd with --node-id and --peers)".into(),
             )),

@@ -82,6 +82,10 @@ impl Engine {
                 other => other,
             },
             MetaCommand::Barrier => Ok(false),
+            MetaCommand::Advertise { node, addr } => {
+                let previous = self.node_addrs.lock().insert(*node, addr.clone());
+                Ok(previous.as_ref() != Some(addr))
+            }
             MetaCommand::PutUser { name, tags, secret, update } => {
                 self.users.put_secret(name, secret.as_ref(), tags.clone(), *update).map(|()| true)
             }
@@ -111,7 +115,13 @@ impl Engine {
             exchanges: self.queues.exchanges().into_iter().map(|view| view.spec).collect(),
             bindings: self.queues.bindings(),
             users: self.users.records(),
+            nodes: self.node_addrs.lock().clone().into_iter().collect(),
         }
+    }
+
+    /// The address clients reach node `node` at, once it has told the cluster.
+    pub(crate) fn node_addr(&self, node: u64) -> Option<String> {
+        self.node_addrs.lock().get(&node).cloned()
     }
 
     /// Deletes a queue, its messages and (durable) files; its consumers are told they were

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::Engine;
-use crate::cluster::{MetaResponse, QueueCommand, ReplicatedMessage};
+use crate::cluster::{MetaCommand, MetaResponse, QueueCommand, ReplicatedMessage, WriteError};
 use crate::error::BrokerError;
 use crate::message::QueuedMessage;
 use crate::queue::{Queue, QueueSettings};
@@ -71,14 +71,47 @@ impl Engine {
         let Some(cluster) = self.cluster.get() else { return Ok(()) };
         match cluster.serving(queue.name()) {
             Some(leader) if leader == cluster.node_id() => Ok(()),
-            Some(leader) => Err(BrokerError::NotAllowed(format!(
-                "replicated queue '{}' is served by node {leader}; consume from it there",
-                queue.name()
-            ))),
+            Some(leader) => {
+                let message = format!(
+                    "replicated queue '{}' is served by node {leader}; consume from it there",
+                    queue.name()
+                );
+                match self.node_addr(leader) {
+                    Some(addr) => {
+                        Err(BrokerError::ServedElsewhere { message: format!("{message} ({addr})"), addr })
+                    }
+                    None => Err(BrokerError::NotAllowed(message)),
+                }
+            }
             None => Err(BrokerError::NotAllowed(format!(
                 "replicated queue '{}' has no serving node right now (an election is under way); retry",
                 queue.name()
             ))),
+        }
+    }
+
+    /// Tells the cluster the address clients reach this node at, trying again until a
+    /// leader has taken it (or the broker stops).
+    pub async fn advertise(engine: std::sync::Weak<Engine>, addr: String) {
+        let mut delay = std::time::Duration::from_millis(crate::cluster::HEARTBEAT_MS);
+        loop {
+            let Some(cluster) = engine.upgrade().and_then(|engine| {
+                let node = engine.cluster.get()?.node_id();
+                (engine.node_addr(node).as_deref() != Some(addr.as_str()))
+                    .then(|| engine.cluster.get().cloned())?
+            }) else {
+                return;
+            };
+            let command = MetaCommand::Advertise { node: cluster.node_id(), addr: addr.clone() };
+            match cluster.write(command).await {
+                Ok(_) => tracing::info!(%addr, "client address told to the cluster"),
+                Err(WriteError::Stopped) => return,
+                Err(error) => {
+                    tracing::debug!(%error, "telling the cluster this node's client address; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
         }
     }
 
@@ -150,6 +183,35 @@ impl Engine {
         for queue in self.replicated_queues().filter(|queue| in_group(queue.name())) {
             queue.take_over();
             tracing::info!(queue = %queue.name(), "serving replicated queue");
+        }
+    }
+
+    /// This node no longer serves the replicated queues `in_group` (another node leads their
+    /// group): their consumers here are cancelled, so that their clients subscribe again on
+    /// the serving node, and what they held returns to the queue (the serving node delivers it
+    /// again, flagged).
+    pub(crate) fn stop_serving_replicated(&self, in_group: impl Fn(&str) -> bool) {
+        for queue in self.replicated_queues().filter(|queue| in_group(queue.name())) {
+            let reason = format!("this node no longer serves replicated queue '{}'", queue.name());
+            let cancelled = queue.with_state(|state, journal, now| {
+                let ids: Vec<u64> = state.consumer_ids().collect();
+                let mut cancelled = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let Some(sink) = state.sink(id).cloned() else { continue };
+                    state.remove_consumer(id, &reason, now, journal);
+                    cancelled.push((id, sink));
+                }
+                cancelled
+            });
+            let cancelled = cancelled.unwrap_or_default();
+            if cancelled.is_empty() {
+                continue;
+            }
+            for (consumer_id, _) in &cancelled {
+                self.consumers.remove(consumer_id);
+            }
+            tracing::info!(queue = %queue.name(), consumers = cancelled.len(), "no longer serving replicated queue");
+            crate::queue::notify_cancelled(cancelled, &reason);
         }
     }
 

@@ -126,7 +126,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
             BrokerError::PreconditionFailed(_) => StatusCode::CONFLICT,
             BrokerError::InvalidArgument(_) | BrokerError::ProtocolViolation(_) => StatusCode::BAD_REQUEST,
-            BrokerError::NotAllowed(_) => StatusCode::FORBIDDEN,
+            BrokerError::NotAllowed(_) | BrokerError::ServedElsewhere { .. } => StatusCode::FORBIDDEN,
             BrokerError::ResourceLimit(_) => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             BrokerError::NoRoute(_) => StatusCode::UNPROCESSABLE_ENTITY,

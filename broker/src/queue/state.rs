@@ -557,6 +557,11 @@ impl<S: Sink> QueueState<S> {
         self.consumers.iter().find(|c| c.id == consumer_id).map(|c| c.window.outstanding())
     }
 
+    /// The sink of a subscribed consumer.
+    pub fn sink(&self, consumer_id: u64) -> Option<&S> {
+        self.consumers.iter().find(|c| c.id == consumer_id).map(|c| &c.sink)
+    }
+
     /// Ids of the subscribed consumers.
     pub fn consumer_ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.consumers.iter().map(|c| c.id)

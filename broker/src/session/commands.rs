@@ -112,7 +112,7 @@ impl Session {
         tokio::spawn(async move {
             let frame = match pull.await {
                 Ok(body) => Frame::new(request_id, body),
-                Err(err) => Frame::error(request_id, err.code(), err.to_string()),
+                Err(err) => err.frame(request_id),
             };
             outbox.push(&frame);
         });

@@ -97,7 +97,7 @@ impl Replies for Outbox {
             Ok(Outcome::Settled { count }) => {
                 Frame::new(request_id, Body::SettleOk(pb::SettleOk { settled: count }))
             }
-            Err(err) => Frame::error(request_id, err.code(), err.to_string()),
+            Err(err) => err.frame(request_id),
         };
         self.push(&frame);
     }
