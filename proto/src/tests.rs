@@ -154,11 +154,6 @@ fn every_body() -> Vec<Body> {
         Body::Heartbeat(Heartbeat {}),
         Body::Close(Close { code: ErrorCode::Internal as i32, reason: "shutting down".into() }),
         Body::Error(Error {
-            code: ErrorCode::NotFound as i32,
-            message: "no queue 'x'".into(),
-            ..Default::default()
-        }),
-        Body::Error(Error {
             code: ErrorCode::NotAllowed as i32,
             message: "served by node 2".into(),
             redirect: "10.0.0.2:5680".into(),
