@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use futures::StreamExt;
-use hopper_client::{Connection, ConsumeOptions, Delivery, NackOptions};
+use futures::{Stream, StreamExt};
+use hopper_client::{ConsumeOptions, Delivery, NackOptions};
 
 use crate::output;
 use crate::shutdown::Shutdown;
@@ -24,7 +24,12 @@ or null. `replay_count` counts the times the message was moved out of a queue \
 (`hopper queue move`).
 
 Without --count, runs until Ctrl-C or SIGTERM, then cancels the consumer (the broker requeues \
-whatever was not acknowledged) and exits 0.")]
+whatever was not acknowledged) and exits 0.
+
+With several brokers of a cluster in --server (a,b,c), consume rides out the loss of its broker: \
+it reconnects to the next one that answers, with backoff, and subscribes again; a replicated \
+queue is consumed on the node that serves it, wherever consume connected. A message printed but \
+not yet acked when a broker goes away is delivered again, flagged redelivered.")]
 pub struct ConsumeArgs {
     /// Queue to consume from.
     pub queue: String,
@@ -93,7 +98,6 @@ pub async fn run(server: &str, args: ConsumeArgs) -> anyhow::Result<()> {
     args.action.check_error(args.error.as_deref())?;
     // Installed before anything else so that a signal at any point ends the run cleanly.
     let mut shutdown = Shutdown::install()?;
-    let conn = crate::connect(server, "consume").await?;
     let options = ConsumeOptions {
         prefetch: prefetch_for(args.prefetch, args.count),
         tag: "hopper consume".into(),
@@ -103,7 +107,30 @@ pub async fn run(server: &str, args: ConsumeArgs) -> anyhow::Result<()> {
         limit: args.count,
         ..Default::default()
     };
-    let result = receive(&conn, &args, options, &mut shutdown).await;
+    if server.contains(',') {
+        let client = crate::connect_recovering(server, "consume").await?;
+        let result = match client.consume(&args.queue, options).await {
+            Ok(mut consumer) => {
+                let received = receive(&mut consumer, &args, &mut shutdown).await;
+                consumer.cancel().await;
+                received
+            }
+            Err(err) => Err(err.into()),
+        };
+        let closed = client.close().await;
+        result?;
+        closed?;
+        return Ok(());
+    }
+    let conn = crate::connect(server, "consume").await?;
+    let result = match conn.consume(&args.queue, options).await {
+        Ok(mut consumer) => match receive(&mut consumer, &args, &mut shutdown).await {
+            // Cancelling returns anything held or prefetched but not yet printed to the queue.
+            Ok(()) => consumer.cancel().await.map_err(Into::into),
+            Err(err) => Err(err),
+        },
+        Err(err) => Err(err.into()),
+    };
     // Closing sends whatever is still queued, such as the ack of the last message printed,
     // even when printing failed.
     let closed = conn.close().await;
@@ -113,13 +140,10 @@ pub async fn run(server: &str, args: ConsumeArgs) -> anyhow::Result<()> {
 }
 
 /// Prints and settles deliveries until `--count` is reached or a signal arrives.
-async fn receive(
-    conn: &Connection,
-    args: &ConsumeArgs,
-    options: ConsumeOptions,
-    shutdown: &mut Shutdown,
-) -> anyhow::Result<()> {
-    let mut consumer = conn.consume(&args.queue, options).await?;
+async fn receive<S>(consumer: &mut S, args: &ConsumeArgs, shutdown: &mut Shutdown) -> anyhow::Result<()>
+where
+    S: Stream<Item = hopper_client::Result<Delivery>> + Unpin,
+{
     let mut out = std::io::stdout();
     let mut received = 0u64;
     while args.count != Some(received) {
@@ -137,8 +161,6 @@ async fn receive(
         args.action.settle(&delivery, args.error.as_deref()).await?;
         received += 1;
     }
-    // Cancelling returns anything held or prefetched but not yet printed to the queue.
-    consumer.cancel().await?;
     Ok(())
 }
 

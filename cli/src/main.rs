@@ -27,7 +27,9 @@ use std::sync::OnceLock;
 
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
-use hopper_client::{ClientCertificate, ConnectOptions, Connection, Credentials, TlsOptions};
+use hopper_client::{
+    ClientCertificate, ConnectOptions, Connection, Credentials, Recovering, RecoveryOptions, TlsOptions,
+};
 
 /// Exit status of a process ended by SIGPIPE, used when stdout is closed under us.
 const BROKEN_PIPE_EXIT: u8 = 141;
@@ -257,6 +259,44 @@ pub(crate) async fn connect(servers: &str, role: &str) -> anyhow::Result<Connect
         }
     }
     anyhow::bail!("no broker could be reached: {}", failures.join("; "))
+}
+
+/// A connection for a command that runs until stopped (`consume`) to the brokers `servers`
+/// names (comma-separated, one cluster): it replaces itself when its broker goes away and
+/// follows a replicated queue to the node serving it. The brokers share one login (the first
+/// URL's, or --user) and one TLS setup; with several `hoppers://` brokers the certificate is
+/// checked against --tls-server-name, or the first broker's host.
+pub(crate) async fn connect_recovering(servers: &str, role: &str) -> anyhow::Result<Recovering> {
+    let servers: Vec<Server> = servers
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(parse_server)
+        .collect::<Result<_, _>>()?;
+    let Some(first) = servers.first() else {
+        anyhow::bail!("--server names no broker");
+    };
+    if servers.iter().any(|server| server.tls != first.tls) {
+        anyhow::bail!("--server mixes hopper:// and hoppers:// brokers; the brokers of a cluster share one");
+    }
+    let flags = TLS.get_or_init(TlsFlags::default);
+    if !first.tls && !flags.given.is_empty() {
+        anyhow::bail!(
+            "{} given, but --server is plain TCP: TLS is chosen with hoppers://HOST:PORT",
+            flags.given.join(", ")
+        );
+    }
+    let options = ConnectOptions {
+        client_name: format!("hopper-cli/{} {role}", env!("CARGO_PKG_VERSION")),
+        credentials: first.credentials.clone().or_else(|| CREDENTIALS.get().cloned().flatten()),
+        tls: first.tls.then(|| flags.options(&first.address)),
+        ..ConnectOptions::default()
+    };
+    let addrs: Vec<String> = servers.iter().map(|server| server.address.clone()).collect();
+    Recovering::connect(addrs, options, RecoveryOptions::default()).await.map_err(|err| match err {
+        hopper_client::Error::Unreachable(reasons) => anyhow!("no broker could be reached: {reasons}"),
+        other => anyhow!("cannot connect: {other}"),
+    })
 }
 
 /// Why one broker could not be connected to, and whether trying the next one is pointless.

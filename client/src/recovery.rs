@@ -157,8 +157,9 @@ impl Recovering {
         let first = self.subscribe(queue, &options).await?;
         // Bounded by the prefetch window: the broker sends no more than that unacked.
         let (tx, rx) = mpsc::channel(options.prefetch.max(1) as usize);
-        let task = tokio::spawn(forward(self.clone(), queue.to_owned(), options, first, tx));
-        Ok(RecoveringConsumer { rx, task })
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(forward(self.clone(), queue.to_owned(), options, first, tx, stop.clone()));
+        Ok(RecoveringConsumer { rx, task: Some(task), stop })
     }
 
     /// Subscribes to `queue` on the live connection or, when another node of the cluster
@@ -169,11 +170,11 @@ impl Recovering {
         loop {
             let (_, connection) = self.connection().await?;
             let refused = match connection.consume(queue, options.clone()).await {
-                Ok(consumer) => return Ok(Subscription { consumer, _direct: None }),
+                Ok(consumer) => return Ok(Subscription { consumer, direct: None }),
                 Err(Error::ServedElsewhere { addr, .. }) => {
                     match Connection::connect_with(&addr, self.inner.options.clone()).await {
                         Ok(direct) => match direct.consume(queue, options.clone()).await {
-                            Ok(consumer) => return Ok(Subscription { consumer, _direct: Some(direct) }),
+                            Ok(consumer) => return Ok(Subscription { consumer, direct: Some(direct) }),
                             Err(err) if is_transient(&err) => err,
                             Err(err) => return Err(err),
                         },
@@ -224,7 +225,7 @@ fn is_transient(err: &Error) -> bool {
 struct Subscription {
     consumer: crate::Consumer,
     /// Kept open for as long as the consumer runs.
-    _direct: Option<Connection>,
+    direct: Option<Connection>,
 }
 
 /// Replaces the connection each time it is lost, until the client closes.
@@ -283,9 +284,21 @@ async fn forward(
     options: ConsumeOptions,
     mut subscription: Subscription,
     tx: mpsc::Sender<Result<Delivery>>,
+    stop: CancellationToken,
 ) {
     loop {
-        while let Some(item) = subscription.consumer.next().await {
+        loop {
+            let item = tokio::select! {
+                item = subscription.consumer.next() => item,
+                () = stop.cancelled() => {
+                    let _ = subscription.consumer.cancel().await;
+                    if let Some(direct) = subscription.direct {
+                        let _ = direct.close().await;
+                    }
+                    return;
+                }
+            };
+            let Some(item) = item else { break };
             match item {
                 Ok(delivery) => {
                     if tx.send(Ok(delivery)).await.is_err() {
@@ -314,7 +327,20 @@ async fn forward(
 /// The deliveries of a consumer of a [`Recovering`] connection, across connections.
 pub struct RecoveringConsumer {
     rx: mpsc::Receiver<Result<Delivery>>,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl RecoveringConsumer {
+    /// Unsubscribes: what the broker sent ahead and this consumer did not hand out goes back
+    /// to the queue, and the connection opened for it alone (when another node serves the
+    /// queue) closes after sending the settlements made so far.
+    pub async fn cancel(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
 }
 
 impl Stream for RecoveringConsumer {
@@ -327,6 +353,8 @@ impl Stream for RecoveringConsumer {
 
 impl Drop for RecoveringConsumer {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }

@@ -586,8 +586,20 @@ async fn a_consumer_on_any_node_is_sent_to_the_serving_node_and_follows_it_when_
         other => panic!("expected a redirect, got {:?}", other.map(|_| ())),
     }
 
-    // A recovering client connected elsewhere consumes all the same, on the serving node.
+    // So is the CLI, which consumes there when given the cluster's brokers.
     let publisher = connect(cluster.node(other)).await;
+    publisher.publish("jobs", "for the CLI", Default::default()).await.unwrap();
+    let mut consume = hopper_tests::cli_at(&format!("{other_addr},{serving_addr}"));
+    consume.args(["consume", "jobs", "--count", "1"]);
+    let output = hopper_tests::run(consume).await;
+    assert!(output.status.success(), "{output}");
+    assert_eq!(output.stdout, "for the CLI\n", "{output}");
+    let single = run_cli(cluster.node(other), &["consume", "jobs", "--count", "1"]).await;
+    assert!(!single.status.success(), "{single}");
+    assert!(single.stderr.contains(&format!("served by node {serving}")), "{single}");
+    assert!(single.stderr.contains(&serving_addr), "names where to go: {single}");
+
+    // A recovering client connected elsewhere consumes all the same, on the serving node.
     let bodies: Vec<String> = (0..20).map(|n| format!("job {n:02}")).collect();
     hopper_tests::publish_all(&publisher, "jobs", bodies.clone()).await;
     let client = hopper_client::Recovering::connect(
