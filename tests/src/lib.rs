@@ -2,7 +2,8 @@
 //! process (and restarts it on the same data directory), runs the `hopper` CLI against it,
 //! connects with `hopper-client`, speaks raw frames for the bad-input tests, reads durable
 //! queues' files for the durability tests, speaks HTTP and HTTPS to the broker's HTTP listener
-//! (and plays an alarm webhook) for the HTTP tests, and makes throwaway CAs for the TLS tests.
+//! (and plays an alarm webhook) for the HTTP tests, makes throwaway CAs for the TLS tests, and
+//! cuts the links between cluster nodes with TCP proxies for the partition tests.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins --examples`; the client's
 //! examples are run too): they are looked up in the target directory next to the test
@@ -14,6 +15,7 @@ mod client;
 mod failure;
 mod http;
 mod pki;
+mod proxy;
 mod raw;
 mod storage;
 mod wait;
@@ -31,6 +33,7 @@ pub use http::{
     Https, REQUEST_HEADER,
 };
 pub use pki::{path_arg, Pki};
+pub use proxy::Proxy;
 pub use raw::RawConn;
 pub use storage::{
     clean_marker_present, log_dir, parse_segment, queue_dir, queue_id, read_segment, records_of,

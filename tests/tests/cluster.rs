@@ -2,15 +2,16 @@
 //! declared on any of them, replace a leader killed with `kill -9`, and take back a restarted
 //! node, which catches up on what it missed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use hopper_client::{
     ClusterStatus, Connection, ConsumeOptions, DeleteOptions, ErrorCode, ExchangeKind, ExchangeOptions,
     QueueOptions,
 };
-use hopper_tests::{connect, eventually, run_cli, Broker};
+use hopper_tests::{connect, eventually, run_cli, Broker, Proxy};
 
 /// Free loopback ports for the cluster listeners, which every node must know before any
 /// starts, so they cannot be port 0. They come from below the kernel's ephemeral range (where
@@ -657,10 +658,133 @@ async fn a_consumer_on_any_node_is_sent_to_the_serving_node_and_follows_it_when_
 
 /// The next delivery of a recovering consumer, within the failover bar and then some.
 async fn next_recovered(consumer: &mut hopper_client::RecoveringConsumer) -> hopper_client::Delivery {
-    use futures::StreamExt;
     tokio::time::timeout(Duration::from_secs(10), consumer.next())
         .await
         .expect("a delivery within 10 s")
         .expect("the consumer goes on")
         .expect("a delivery, not an error")
+}
+
+/// Three nodes whose links to each other run through proxies: `links[&(from, to)]` carries
+/// node `from`'s traffic to node `to` (and the answers), so a test can cut any of them.
+async fn start_behind_proxies() -> (Cluster, BTreeMap<(u64, u64), Proxy>) {
+    let ports = free_ports(3);
+    let real = |id: u64| format!("127.0.0.1:{}", ports[id as usize - 1]);
+    let mut links = BTreeMap::new();
+    for from in 1..=3 {
+        for to in (1..=3).filter(|to| *to != from) {
+            links.insert((from, to), Proxy::start(real(to)).await);
+        }
+    }
+    let nodes = (1..=3u64)
+        .map(|id| {
+            let peers: Vec<String> = (1..=3u64)
+                .map(|to| match to == id {
+                    true => format!("{to}={}", real(id)),
+                    false => format!("{to}={}", links[&(id, to)].addr()),
+                })
+                .collect();
+            let (id_text, listen, peers) = (id.to_string(), real(id), peers.join(","));
+            Broker::start_with(&["--node-id", &id_text, "--cluster-listen", &listen, "--peers", &peers])
+        })
+        .collect();
+    (Cluster { nodes }, links)
+}
+
+/// Cuts (or heals) every link to and from `node`.
+fn isolate(links: &BTreeMap<(u64, u64), Proxy>, node: u64, cut: bool) {
+    for ((from, to), proxy) in links {
+        match (*from == node || *to == node, cut) {
+            (true, true) => proxy.cut(),
+            (true, false) => proxy.heal(),
+            (false, _) => {}
+        }
+    }
+}
+
+/// The node serving `queue` once nodes `ids` agree on one among them.
+async fn serving_among(cluster: &mut Cluster, ids: &[u64], queue: &str) -> u64 {
+    let started = Instant::now();
+    loop {
+        let mut seen = BTreeSet::new();
+        for id in ids {
+            let info = connect(cluster.node(*id)).await.queue_stats(queue).await.ok();
+            seen.insert(info.and_then(|info| info.served_by));
+        }
+        if let [Some(leader)] = seen.iter().copied().collect::<Vec<_>>()[..] {
+            if ids.contains(&leader) {
+                return leader;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no agreed queue leader among {ids:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_serving_node_confirms_nothing_and_steps_down_once_healed() {
+    let (mut cluster, links) = start_behind_proxies().await;
+    cluster.agreed_leader(Duration::from_secs(10)).await;
+    let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
+    connect(cluster.node(1)).await.declare_queue("ledger", replicated).await.unwrap();
+    let old = serving_node(&mut cluster, "ledger").await;
+    let majority: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+    let before: Vec<String> = (0..10).map(|n| format!("before {n}")).collect();
+    let old_conn = connect(cluster.node(old)).await;
+    hopper_tests::publish_all(&old_conn, "ledger", before.clone()).await;
+    let mut old_consumer =
+        old_conn.consume("ledger", ConsumeOptions { prefetch: 1, ..Default::default() }).await.unwrap();
+    let held = hopper_tests::next_delivery(&mut old_consumer).await;
+    assert_eq!(hopper_tests::body_text(&held), "before 0");
+
+    isolate(&links, old, true);
+    // The cut-off node stops serving: its consumer is cancelled once it has not heard from a
+    // majority for its lease.
+    let ended = tokio::time::timeout(Duration::from_secs(10), old_consumer.next()).await;
+    match ended.expect("the cut-off node cancels its consumer") {
+        None | Some(Err(hopper_client::Error::ConsumerCancelled(_))) => {}
+        Some(other) => panic!("expected a cancel, got {:?}", other.map(|d| hopper_tests::body_text(&d))),
+    }
+    // Its publishes are not confirmed while it is cut off.
+    let stranded = tokio::spawn({
+        let conn = old_conn.clone();
+        async move { conn.publish("ledger", "stranded", Default::default()).await }
+    });
+    // The majority elects a new serving node, which confirms publishes.
+    let new = serving_among(&mut cluster, &majority, "ledger").await;
+    let during: Vec<String> = (0..10).map(|n| format!("during {n}")).collect();
+    hopper_tests::publish_all(&connect(cluster.node(majority[0])).await, "ledger", during.clone()).await;
+    assert!(!stranded.is_finished(), "the cut-off node answered a publish: {:?}", stranded.await);
+
+    isolate(&links, old, false);
+    // Healed, the cut-off node steps down, and the stranded publish is answered.
+    let serving = serving_node(&mut cluster, "ledger").await;
+    let stranded = tokio::time::timeout(Duration::from_secs(10), stranded)
+        .await
+        .expect("the stranded publish is answered once healed")
+        .unwrap();
+    let status = cluster_status(cluster.node(old)).await.unwrap();
+    let group = hopper_broker::cluster::queue_group("ledger", 3);
+    assert_eq!(status.queue_leaders[group - 1], Some(serving), "{status:?} (new was {new})");
+
+    // Every confirmed message is there once, and nothing that was not committed.
+    let mut expected: Vec<String> = before.iter().chain(&during).cloned().collect();
+    if stranded.is_ok() {
+        expected.push("stranded".into());
+    }
+    let conn = connect(cluster.node(serving)).await;
+    let mut consumer =
+        conn.consume("ledger", ConsumeOptions { prefetch: 100, ..Default::default() }).await.unwrap();
+    let delivered = hopper_tests::next_deliveries(&mut consumer, expected.len()).await;
+    let mut got: Vec<String> = delivered.iter().map(hopper_tests::body_text).collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected, "stranded publish answered {stranded:?}");
+    let held_again = delivered.iter().find(|d| hopper_tests::body_text(d) == "before 0").unwrap();
+    assert!(held_again.redelivered, "the message the cut-off node delivered is flagged");
+    let stats = conn.queue_stats("ledger").await.unwrap();
+    assert_eq!((stats.ready, stats.unacked), (0, expected.len() as u64), "{stats:?}");
 }

@@ -37,7 +37,7 @@ use crate::queue::{Confirm, Outcome, Replicator};
 use crate::routing::{Binding, ExchangeSpec};
 use crate::settings::QueueSettings;
 pub use network::MembershipChange;
-use network::{Link, Network, Request, Response, FORWARD_TIMEOUT};
+use network::{Link, Network, Request, Response, Routes, FORWARD_TIMEOUT};
 use store::{LogStore, StateMachine};
 
 /// Node ids, as given to `--node-id` and `--peers`.
@@ -513,6 +513,8 @@ pub struct Cluster {
     runtime: tokio::runtime::Handle,
     /// Entries of each queue group (index 0 for group 1), submitted in order.
     queue_entries: Arc<Vec<tokio::sync::mpsc::UnboundedSender<submit::Submission>>>,
+    /// Where this node reaches the others.
+    routes: Routes,
 }
 
 /// Why a metadata change did not happen.
@@ -572,6 +574,7 @@ impl Cluster {
         let raft_config = Arc::new(raft_config);
         let listener = TcpListener::bind(&config.listen).await?;
         let addr = listener.local_addr()?;
+        let routes = Routes(Arc::new(config.peers.clone()));
         let mut rafts: Vec<Raft<TypeConfig>> = Vec::new();
         for (group, host) in hosts.into_iter().enumerate() {
             let name = group_name(group);
@@ -580,7 +583,7 @@ impl Cluster {
             // A publish waits for the metadata that declared its queue.
             let metadata = rafts.first().cloned();
             let machine = StateMachine::open(&dir, name, host.clone(), metadata)?;
-            let network = Network { group: group as u8 };
+            let network = Network { group: group as u8, routes: routes.clone() };
             let raft = Raft::new(config.node_id, raft_config.clone(), network, log, machine)
                 .await
                 .map_err(std::io::Error::other)?;
@@ -613,12 +616,12 @@ impl Cluster {
         let mut queue_entries = Vec::new();
         for (group, raft) in rafts.iter().enumerate().skip(1) {
             let (entries, submissions) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(submit::run(raft.clone(), group as u8, config.node_id, submissions));
+            tokio::spawn(submit::run(raft.clone(), group as u8, config.node_id, routes.clone(), submissions));
             queue_entries.push(entries);
         }
         let queue_entries = Arc::new(queue_entries);
         let runtime = tokio::runtime::Handle::current();
-        let cluster = Cluster { node_id: config.node_id, addr, rafts, runtime, queue_entries };
+        let cluster = Cluster { node_id: config.node_id, addr, rafts, runtime, queue_entries, routes };
         let stopping = cluster.rafts.clone();
         let mut shutdown = shutdown;
         tokio::spawn(async move {
@@ -688,7 +691,7 @@ impl Cluster {
                 let (Some(leader), Some(node)) = (forward.leader_id, forward.leader_node) else {
                     return Err(WriteError::NoLeader);
                 };
-                let mut link = Link::new(node.addr);
+                let mut link = Link::new(self.routes.addr(leader, &node));
                 match link.call(group as u8, &Request::Write(command), FORWARD_TIMEOUT).await {
                     Ok(Response::Write(Ok(response))) => response,
                     Ok(Response::Write(Err(err))) => {
@@ -753,7 +756,7 @@ impl Cluster {
         let Some(node) = metrics.membership_config.membership().get_node(&leader).cloned() else {
             return Err(WriteError::NoLeader);
         };
-        let mut link = Link::new(node.addr);
+        let mut link = Link::new(self.routes.addr(leader, &node));
         match link.call(group as u8, &Request::ChangeMembers(change), FORWARD_TIMEOUT).await {
             Ok(Response::ChangeMembers(Ok(()))) => Ok(()),
             Ok(Response::ChangeMembers(Err(err))) if err == NOT_LEADER => Err(WriteError::NoLeader),

@@ -155,13 +155,28 @@ impl Link {
 pub struct Network {
     /// The group.
     pub group: u8,
+    /// Where this node reaches its peers.
+    pub routes: Routes,
+}
+
+/// Where this node reaches each other node: at the address its own `--peers` gives, or else
+/// at the one the cluster's membership records (a node added later). Nodes behind address
+/// translation, or a proxy, are reached at different addresses from different nodes.
+#[derive(Debug, Clone, Default)]
+pub struct Routes(pub std::sync::Arc<std::collections::BTreeMap<NodeId, String>>);
+
+impl Routes {
+    /// The address to reach node `id` at, recorded as `node` in the membership.
+    pub fn addr(&self, id: NodeId, node: &BasicNode) -> String {
+        self.0.get(&id).cloned().unwrap_or_else(|| node.addr.clone())
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        Peer { group: self.group, target, link: Link::new(node.addr.clone()) }
+        Peer { group: self.group, target, link: Link::new(self.routes.addr(target, node)) }
     }
 }
 

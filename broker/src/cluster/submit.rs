@@ -8,10 +8,10 @@
 //! submitter hears back its change's outcome once the entry is applied on the leader.
 
 use openraft::error::ClientWriteError;
-use openraft::{BasicNode, Raft};
+use openraft::Raft;
 use tokio::sync::{mpsc, oneshot};
 
-use super::network::{Link, Request, Response, FORWARD_TIMEOUT};
+use super::network::{Link, Request, Response, Routes, FORWARD_TIMEOUT};
 use super::{Command, MetaResponse, NodeId, QueueCommand, TypeConfig, WriteError};
 
 /// Most entries in one batch.
@@ -43,6 +43,7 @@ pub async fn run(
     raft: Raft<TypeConfig>,
     group: u8,
     node_id: NodeId,
+    routes: Routes,
     mut submissions: mpsc::UnboundedReceiver<Submission>,
 ) {
     let mut link: Option<(NodeId, Link)> = None;
@@ -60,10 +61,11 @@ pub async fn run(
             Some(leader) if leader == node_id => submit_here(&raft, batch).await,
             Some(leader) => {
                 let node = metrics.membership_config.membership().get_node(&leader).cloned();
-                let Some(BasicNode { addr, .. }) = node else {
+                let Some(node) = node else {
                     fail(batch, || WriteError::NoLeader);
                     continue;
                 };
+                let addr = routes.addr(leader, &node);
                 let link = match &mut link {
                     Some((to, link)) if *to == leader => link,
                     _ => &mut link.insert((leader, Link::new(addr))).1,
