@@ -788,3 +788,107 @@ async fn a_partitioned_serving_node_confirms_nothing_and_steps_down_once_healed(
     let stats = conn.queue_stats("ledger").await.unwrap();
     assert_eq!((stats.ready, stats.unacked), (0, expected.len() as u64), "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_change_under_load_and_a_replicated_queue_moves_off_the_node_that_leaves() {
+    let mut cluster = Cluster::start(3);
+    cluster.agreed_leader(Duration::from_secs(10)).await;
+    let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
+    connect(cluster.node(1)).await.declare_queue("stream", replicated).await.unwrap();
+    let leaving = serving_node(&mut cluster, "stream").await;
+    let staying: Vec<u64> = (1..=3).filter(|id| *id != leaving).collect();
+    let addrs: Vec<String> = staying.iter().map(|id| cluster.node(*id).addr().to_string()).collect();
+    let recovery = hopper_client::RecoveryOptions {
+        first_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(200),
+    };
+    let client = hopper_client::Recovering::connect(addrs, Default::default(), recovery).await.unwrap();
+
+    // Load: one publisher confirming each message, one consumer acking each.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = tokio::spawn({
+        let (client, stop) = (client.clone(), stop.clone());
+        async move {
+            let mut confirmed = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = format!("m{}", confirmed.len());
+                client.publish("stream", body.clone(), Default::default()).await.unwrap();
+                confirmed.push(body);
+            }
+            confirmed
+        }
+    });
+    let mut consumer =
+        client.consume("stream", ConsumeOptions { prefetch: 20, ..Default::default() }).await.unwrap();
+    let (delivered_tx, mut delivered) = tokio::sync::mpsc::unbounded_channel();
+    let consuming = tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let _ = delivered_tx.send(hopper_tests::body_text(&delivery));
+            // A delivery from before a lost connection cannot be acked; it comes back.
+            let _ = delivery.ack().await;
+        }
+    });
+    let mut seen = BTreeSet::new();
+    receive_until(&mut seen, &mut delivered, 50).await;
+
+    // A fourth node joins while the load runs, and holds a copy of the queue.
+    let port = free_ports(1)[0];
+    let addr = format!("127.0.0.1:{port}");
+    let fourth = Broker::start_with(&["--node-id", "4", "--cluster-listen", &addr]);
+    connect(cluster.node(staying[0])).await.cluster_add_node(4, &addr).await.unwrap();
+    cluster.nodes.push(fourth);
+    let fourth = cluster.node(4);
+    eventually("the new node holds the queue", Duration::from_secs(10), || async {
+        connect(fourth).await.queue_stats("stream").await.is_ok()
+    })
+    .await;
+    let joined = seen.len();
+    receive_until(&mut seen, &mut delivered, joined + 50).await;
+
+    // The node serving the queue leaves: another serves it, and the load goes on.
+    connect(cluster.node(staying[0])).await.cluster_remove_node(leaving).await.unwrap();
+    cluster.node(leaving).kill();
+    let members = [staying[0], staying[1], 4];
+    let serving = serving_among(&mut cluster, &members, "stream").await;
+    let left = seen.len();
+    receive_until(&mut seen, &mut delivered, left + 50).await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let confirmed = publisher.await.unwrap();
+    let missing = |seen: &BTreeSet<String>| confirmed.iter().filter(|body| !seen.contains(*body)).count();
+    while missing(&seen) > 0 {
+        let body = tokio::time::timeout(Duration::from_secs(10), delivered.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} confirmed messages never delivered", missing(&seen)))
+            .expect("the consumer runs");
+        seen.insert(body);
+    }
+    consuming.abort();
+    // Every remaining member's copy ends up the same: empty once everything is acked.
+    for id in members {
+        let node = cluster.node(id);
+        eventually("every copy is drained", Duration::from_secs(10), || async {
+            let stats = connect(node).await.queue_stats("stream").await.unwrap();
+            stats.ready + stats.unacked == 0 || id == serving && stats.ready == 0
+        })
+        .await;
+    }
+    let status = cluster_status(cluster.node(4)).await.unwrap();
+    let ids: Vec<u64> = status.members.iter().map(|m| m.id).collect();
+    assert!(!ids.contains(&leaving) && ids.contains(&4), "{status:?}");
+}
+
+/// Adds what the consumer receives to `seen` until it holds `count` distinct bodies.
+async fn receive_until(
+    seen: &mut BTreeSet<String>,
+    delivered: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    count: usize,
+) {
+    while seen.len() < count {
+        let body = tokio::time::timeout(Duration::from_secs(10), delivered.recv())
+            .await
+            .expect("deliveries go on")
+            .expect("the consumer runs");
+        seen.insert(body);
+    }
+}

@@ -68,6 +68,10 @@ pub const ELECTION_TIMEOUT_MS: (u64, u64) = (400, 800);
 /// the shortest: a leader slowed down for a moment must not drop its consumers.
 pub const SERVING_LEASE_MS: u64 = ELECTION_TIMEOUT_MS.1;
 
+/// How long a publish to a replicated queue is tried again while its group has no leader, or
+/// its leader cannot be reached: well past a failover, short of a publisher's patience.
+const PUBLISH_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The metadata group; the queue groups are 1, 2, ...
 pub const META: usize = 0;
 
@@ -853,20 +857,33 @@ impl Cluster {
 
 impl Replicator for Cluster {
     fn publish(&self, queue: &str, payload: Arc<Payload>, ttl_ms: u64, confirm: Confirm) {
-        let publish = QueueCommand::Publish {
+        let publish = move |cluster: &Cluster, queue: &str, payload: &Payload| QueueCommand::Publish {
             queue: queue.to_owned(),
-            message: ReplicatedMessage::of(&payload),
+            message: ReplicatedMessage::of(payload),
             ttl_ms,
-            meta_index: self.meta_applied(),
+            meta_index: cluster.meta_applied(),
         };
-        let outcome = self.submit(queue, publish);
+        let mut outcome = self.submit(queue, publish(self, queue, &payload));
         let message_id = payload.id;
+        let (cluster, queue) = (self.clone(), queue.to_owned());
         self.runtime.spawn(async move {
-            let result = match outcome.await {
-                Ok(Ok(MetaResponse::Refused(error))) => Err(error),
-                Ok(Ok(_)) => Ok(Outcome::Published { message_id, routed: 1 }),
-                Ok(Err(error)) => Err(error.into()),
-                Err(_) => Err(WriteError::Stopped.into()),
+            // The leader died or is being replaced: the publish is handed to the next one,
+            // for as long as a publisher would wait for a confirm.
+            let deadline = tokio::time::Instant::now() + PUBLISH_RETRY;
+            let result = loop {
+                match outcome.await {
+                    Ok(Ok(MetaResponse::Refused(error))) => break Err(error),
+                    Ok(Ok(_)) => break Ok(Outcome::Published { message_id, routed: 1 }),
+                    Ok(Err(error @ (WriteError::NoLeader | WriteError::Forward(..))))
+                        if tokio::time::Instant::now() < deadline =>
+                    {
+                        tracing::debug!(%error, queue, "publish to a replicated queue tried again");
+                        tokio::time::sleep(std::time::Duration::from_millis(HEARTBEAT_MS)).await;
+                        outcome = cluster.submit(&queue, publish(&cluster, &queue, &payload));
+                    }
+                    Ok(Err(error)) => break Err(error.into()),
+                    Err(_) => break Err(WriteError::Stopped.into()),
+                }
             };
             confirm.send(result);
         });
