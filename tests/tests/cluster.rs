@@ -534,6 +534,12 @@ async fn replicated_queues_spread_over_groups_each_served_by_its_leader() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.queue_leaders.len(), 3, "{status:?}");
+    // Each group's first leader is its preferred node: every node leads one.
+    let leaders: BTreeSet<u64> = status.queue_leaders.iter().flatten().copied().collect();
+    assert_eq!(leaders, BTreeSet::from([1, 2, 3]), "{status:?}");
+    for (group, leader) in status.queue_leaders.iter().enumerate() {
+        assert_eq!(*leader, hopper_broker::cluster::preferred_leader(group + 1, &[1, 2, 3]), "{status:?}");
+    }
 
     // Queues land in every group; each is served by its group's leader, and works there.
     let conn = connect(cluster.node(1)).await;

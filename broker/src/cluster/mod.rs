@@ -59,7 +59,18 @@ pub const HEARTBEAT_MS: u64 = 100;
 /// A follower that hears nothing from its leader for a random time in this range (ms) stands
 /// for election. A dead leader is replaced within about the upper bound plus one election
 /// round: under a second, well inside the 2 s the failover bar allows.
-pub const ELECTION_TIMEOUT_MS: (u64, u64) = (400, 800);
+pub const ELECTION_TIMEOUT_MS: (u64, u64) = (550, 800);
+
+/// The election timeout range of a group's preferred node ([`preferred_leader`]): shorter than
+/// the others', so that it stands first whenever the group has no leader (when the cluster
+/// forms, when a leader dies) and the groups' leaders spread over the nodes.
+pub const PREFERRED_ELECTION_TIMEOUT_MS: (u64, u64) = (400, 500);
+
+/// The node that should lead `group`, given the members the cluster formed with (sorted):
+/// the groups take the members in turn, so each node leads its share of them.
+pub fn preferred_leader(group: usize, members: &[NodeId]) -> Option<NodeId> {
+    (!members.is_empty()).then(|| members[group % members.len()])
+}
 
 /// How long a leader goes on serving its group's queues without hearing from a majority (ms).
 /// A leader cut off from the others is replaced once their election timeout passes; past this
@@ -564,18 +575,25 @@ impl Cluster {
         hosts: Vec<Arc<dyn GroupHost>>,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Cluster> {
-        let raft_config = openraft::Config {
-            cluster_name: "hopper".into(),
-            heartbeat_interval: HEARTBEAT_MS,
-            election_timeout_min: ELECTION_TIMEOUT_MS.0,
-            election_timeout_max: ELECTION_TIMEOUT_MS.1,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
-            max_in_snapshot_log_to_keep: config.snapshot_entries,
-            ..Default::default()
-        }
-        .validate()
-        .map_err(std::io::Error::other)?;
-        let raft_config = Arc::new(raft_config);
+        let members: Vec<NodeId> = config.peers.keys().copied().collect();
+        let raft_config = |group: usize| {
+            let (min, max) = match preferred_leader(group, &members) == Some(config.node_id) {
+                true => PREFERRED_ELECTION_TIMEOUT_MS,
+                false => ELECTION_TIMEOUT_MS,
+            };
+            openraft::Config {
+                cluster_name: "hopper".into(),
+                heartbeat_interval: HEARTBEAT_MS,
+                election_timeout_min: min,
+                election_timeout_max: max,
+                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+                max_in_snapshot_log_to_keep: config.snapshot_entries,
+                ..Default::default()
+            }
+            .validate()
+            .map(Arc::new)
+            .map_err(std::io::Error::other)
+        };
         let listener = TcpListener::bind(&config.listen).await?;
         let addr = listener.local_addr()?;
         let routes = Routes(Arc::new(config.peers.clone()));
@@ -588,7 +606,7 @@ impl Cluster {
             let metadata = rafts.first().cloned();
             let machine = StateMachine::open(&dir, name, host.clone(), metadata)?;
             let network = Network { group: group as u8, routes: routes.clone() };
-            let raft = Raft::new(config.node_id, raft_config.clone(), network, log, machine)
+            let raft = Raft::new(config.node_id, raft_config(group)?, network, log, machine)
                 .await
                 .map_err(std::io::Error::other)?;
             tokio::spawn(watch_leadership(raft.clone(), host));
@@ -599,21 +617,13 @@ impl Cluster {
         if !config.peers.is_empty() {
             let members: BTreeMap<NodeId, BasicNode> =
                 config.peers.iter().map(|(id, addr)| (*id, BasicNode::new(addr))).collect();
+            let ids: Vec<NodeId> = members.keys().copied().collect();
             for (group, raft) in rafts.iter().enumerate() {
-                match raft.initialize(members.clone()).await {
-                    Ok(()) => tracing::info!(
-                        node = config.node_id,
-                        group = %group_name(group),
-                        "cluster membership proposed"
-                    ),
-                    Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
-                        tracing::info!(
-                            node = config.node_id,
-                            group = %group_name(group),
-                            "cluster already formed; rejoining"
-                        )
+                match preferred_leader(group, &ids) {
+                    Some(preferred) if preferred != config.node_id => {
+                        tokio::spawn(defer_to(raft.clone(), group, preferred, members.clone()));
                     }
-                    Err(err) => return Err(std::io::Error::other(err)),
+                    _ => initialize(raft, group, members.clone()).await?,
                 }
             }
         }
@@ -818,6 +828,47 @@ fn serves(metrics: &openraft::RaftMetrics<NodeId, BasicNode>) -> bool {
     metrics.state == ServerState::Leader
         && metrics.current_leader == Some(metrics.id)
         && (alone || metrics.millis_since_quorum_ack.is_some_and(|ms| ms < SERVING_LEASE_MS))
+}
+
+/// How long a node leaves a leaderless group to its preferred node before standing itself.
+const PREFERRED_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Proposes `group`'s initial membership from this node (once: a formed group ignores it).
+/// Proposing it makes the node stand for election at once.
+async fn initialize(
+    raft: &Raft<TypeConfig>,
+    group: usize,
+    members: BTreeMap<NodeId, BasicNode>,
+) -> std::io::Result<()> {
+    match raft.initialize(members).await {
+        Ok(()) => tracing::info!(group = %group_name(group), "cluster membership proposed"),
+        Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+            tracing::info!(group = %group_name(group), "cluster already formed; rejoining")
+        }
+        Err(err) => return Err(std::io::Error::other(err)),
+    }
+    Ok(())
+}
+
+/// Leaves the forming of `group` to its `preferred` node, which proposes the membership and so
+/// stands first: this node proposes it only if the group has no leader after
+/// [`PREFERRED_GRACE`] (the preferred node may be down). A new cluster's groups are then led
+/// by their preferred nodes, spread over the nodes.
+async fn defer_to(
+    raft: Raft<TypeConfig>,
+    group: usize,
+    preferred: NodeId,
+    members: BTreeMap<NodeId, BasicNode>,
+) {
+    let mut metrics = raft.metrics();
+    let led = metrics.wait_for(|metrics| metrics.current_leader.is_some());
+    if tokio::time::timeout(PREFERRED_GRACE, led).await.is_ok() {
+        return;
+    }
+    tracing::info!(group = %group_name(group), preferred, "the preferred node formed no group in time; forming it");
+    if let Err(error) = initialize(&raft, group, members).await {
+        tracing::warn!(group = %group_name(group), %error, "could not propose the cluster's membership");
+    }
 }
 
 /// Tells `host` whenever this node starts serving `raft`'s group (it became the leader), and
