@@ -27,6 +27,9 @@ pub struct Payload {
     pub routing_key: String,
     /// Headers, content type and deaths; `None` while all are empty.
     pub(crate) properties: Option<Box<Properties>>,
+    /// The id its publisher gave it so that a publish tried twice enters a replicated queue
+    /// once; 0 = none. Not stored: only the replication log carries it.
+    pub publish_id: u64,
 }
 
 /// The parts of a [`Payload`] most messages leave empty.

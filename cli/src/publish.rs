@@ -69,6 +69,7 @@ pub async fn run(server: &str, args: PublishArgs) -> anyhow::Result<()> {
         delay: args.delay,
         ttl: args.ttl,
         mandatory: args.mandatory,
+        ..PublishOptions::default()
     };
     let (target, bodies) = match &args.exchange {
         Some(exchange) => {

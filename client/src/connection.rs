@@ -344,6 +344,7 @@ impl Connection {
             delay_ms: options.delay.map_or(0, wire_ms),
             ttl_ms: options.ttl.map_or(0, wire_ms),
             mandatory: false,
+            publish_id: options.publish_id,
         };
         let (reply, response) = oneshot::channel();
         match self.shared().send_request(Body::Publish(publish), PendingRequest::Reply(reply)) {

@@ -228,6 +228,7 @@ impl Connection {
             delay_ms: options.delay.map_or(0, wire_ms),
             ttl_ms: options.ttl.map_or(0, wire_ms),
             mandatory: options.mandatory,
+            publish_id: options.publish_id,
         };
         let (reply, response) = tokio::sync::oneshot::channel();
         match self.shared().send_request(Body::Publish(publish), PendingRequest::Reply(reply)) {

@@ -295,6 +295,11 @@ pub struct PublishOptions {
     /// queue takes the message, the broker returns it and the confirm fails with `NO_ROUTE`,
     /// instead of dropping it.
     pub mandatory: bool,
+    /// An id for this message, unique among the publisher's messages (0 = none). A replicated
+    /// queue that still holds a message published with this id takes a publish with it again
+    /// (a retry after a lost connection) without adding a copy. [`crate::Recovering::publish`]
+    /// gives each message one by itself.
+    pub publish_id: u64,
 }
 
 /// How a consumer receives.

@@ -11,7 +11,8 @@
 //! Delivery stays at least once. A delivery received before the loss can no longer be settled
 //! (its ack fails with [`Error::Closed`]); the broker that held it delivers it again, flagged
 //! redelivered. A publish whose connection was lost before its confirm is sent again on the next
-//! connection, so a broker may hold it twice.
+//! connection with the same publish id, so a replicated queue holds it once; another queue may
+//! hold it twice.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -137,10 +138,16 @@ impl Recovering {
     }
 
     /// Publishes to `queue` and waits for the confirm. If the connection is lost before the
-    /// confirm, the message is sent again on the next one (at least once); a refusal by the
+    /// confirm, the message is sent again on the next one, with the same publish id (one is
+    /// drawn at random if `options` has none): a replicated queue that already took it does not
+    /// take a second copy; another queue may hold it twice (at least once). A refusal by the
     /// broker is returned as it is.
     pub async fn publish(&self, queue: &str, body: impl Into<Bytes>, options: PublishOptions) -> Result<u64> {
         let body = body.into();
+        let mut options = options;
+        if options.publish_id == 0 {
+            options.publish_id = rand::random::<u64>().max(1);
+        }
         loop {
             let (_, connection) = self.connection().await?;
             match connection.publish(queue, body.clone(), options.clone()).await {

@@ -182,6 +182,7 @@ fn every_body() -> Vec<Body> {
             delay_ms: 1500,
             ttl_ms: 60_000,
             mandatory: true,
+            publish_id: 0x1234_5678_9abc_def0,
         }),
         Body::PublishOk(PublishOk { message_id: 99, routed: 3 }),
         Body::ExchangeDeclare(ExchangeDeclare {

@@ -40,9 +40,12 @@ impl Cluster {
         Cluster::start_with(n, &[])
     }
 
-    /// Starts `n` nodes with `args` as extra flags for each.
+    /// Starts `n` nodes with `args` as extra flags for each. Each listens for clients on a port
+    /// of its own that it keeps when restarted, as a node of a real cluster does, so that
+    /// clients given the nodes' addresses find it again.
     fn start_with(n: usize, args: &[&str]) -> Cluster {
         let ports = free_ports(n);
+        let client_ports = free_ports(n);
         let peers: Vec<String> =
             ports.iter().enumerate().map(|(i, port)| format!("{}=127.0.0.1:{port}", i + 1)).collect();
         let peers = peers.join(",");
@@ -50,7 +53,17 @@ impl Cluster {
             .map(|i| {
                 let id = (i + 1).to_string();
                 let listen = format!("127.0.0.1:{}", ports[i]);
-                let mut flags = vec!["--node-id", &id, "--cluster-listen", &listen, "--peers", &peers];
+                let clients = format!("127.0.0.1:{}", client_ports[i]);
+                let mut flags = vec![
+                    "--node-id",
+                    &id,
+                    "--cluster-listen",
+                    &listen,
+                    "--peers",
+                    &peers,
+                    "--listen",
+                    &clients,
+                ];
                 flags.extend_from_slice(args);
                 Broker::start_with(&flags)
             })
@@ -897,4 +910,112 @@ async fn receive_until(
             .expect("the consumer runs");
         seen.insert(body);
     }
+}
+
+/// What the checker's consumer saw: each body, and whether any delivery of it after the first
+/// came unflagged.
+#[derive(Default)]
+struct Seen {
+    delivered: BTreeMap<String, u64>,
+    unflagged_again: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_kills_of_the_serving_node_lose_no_confirmed_message() {
+    const KILLS: usize = 30;
+    let mut cluster = Cluster::start(3);
+    cluster.agreed_leader(Duration::from_secs(10)).await;
+    let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
+    connect(cluster.node(1)).await.declare_queue("checked", replicated).await.unwrap();
+    let addrs: Vec<String> = (1..=3).map(|id| cluster.node(id).addr().to_string()).collect();
+    let recovery = hopper_client::RecoveryOptions {
+        first_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(200),
+    };
+    let client = hopper_client::Recovering::connect(addrs, Default::default(), recovery).await.unwrap();
+
+    // The publisher: one message at a time; the confirmed ones are noted.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (confirmed_tx, confirmed) = tokio::sync::watch::channel(Vec::<String>::new());
+    let publisher = tokio::spawn({
+        let (client, stop) = (client.clone(), stop.clone());
+        async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let body = format!("c{n}");
+                // Refused while no node can confirm it: not confirmed, so not owed.
+                if client.publish("checked", body.clone(), Default::default()).await.is_ok() {
+                    confirmed_tx.send_modify(|confirmed| confirmed.push(body));
+                }
+            }
+        }
+    });
+    // The consumer: acks each delivery; the broker may deliver one again only flagged.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let mut consumer =
+        client.consume("checked", ConsumeOptions { prefetch: 50, ..Default::default() }).await.unwrap();
+    let consuming = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let body = hopper_tests::body_text(&delivery);
+                {
+                    let mut seen = seen.lock().unwrap();
+                    match seen.delivered.insert(body.clone(), delivery.message_id) {
+                        Some(first) if !delivery.redelivered => seen
+                            .unflagged_again
+                            .push(format!("{body} id {} (first {first})", delivery.message_id)),
+                        _ => {}
+                    }
+                }
+                let _ = delivery.ack().await;
+            }
+        }
+    });
+
+    let confirmed_count = |confirmed: &tokio::sync::watch::Receiver<Vec<String>>| confirmed.borrow().len();
+    for kill in 1..=KILLS {
+        let serving = serving_node(&mut cluster, "checked").await;
+        cluster.node(serving).kill();
+        let before = confirmed_count(&confirmed);
+        // Publishing resumes through the survivors.
+        let survivors: Vec<u64> = (1..=3).filter(|id| *id != serving).collect();
+        serving_among(&mut cluster, &survivors, "checked").await;
+        let mut progress = confirmed.clone();
+        let resumed = progress.wait_for(|confirmed| confirmed.len() >= before + 5);
+        tokio::time::timeout(Duration::from_secs(10), resumed)
+            .await
+            .unwrap_or_else(|_| panic!("kill {kill} of node {serving}: publishing did not resume"))
+            .unwrap();
+        // The killed node comes back and knows the serving node before the next kill.
+        cluster.node(serving).restart();
+        serving_node(&mut cluster, "checked").await;
+    }
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    publisher.await.unwrap();
+    let confirmed = confirmed.borrow().clone();
+    let started = Instant::now();
+    loop {
+        let missing: Vec<String> = {
+            let seen = seen.lock().unwrap();
+            confirmed.iter().filter(|body| !seen.delivered.contains_key(*body)).cloned().collect()
+        };
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{} of {} confirmed messages never delivered: {:?}",
+            missing.len(),
+            confirmed.len(),
+            &missing[..missing.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consuming.abort();
+    let seen = seen.lock().unwrap();
+    assert!(seen.unflagged_again.is_empty(), "delivered again unflagged: {:?}", seen.unflagged_again);
+    assert!(confirmed.len() > KILLS * 5, "{} confirmed", confirmed.len());
 }

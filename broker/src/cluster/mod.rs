@@ -59,15 +59,11 @@ pub const HEARTBEAT_MS: u64 = 100;
 /// A follower that hears nothing from its leader for a random time in this range (ms) stands
 /// for election. A dead leader is replaced within about the upper bound plus one election
 /// round: under a second, well inside the 2 s the failover bar allows.
-pub const ELECTION_TIMEOUT_MS: (u64, u64) = (550, 800);
-
-/// The election timeout range of a group's preferred node ([`preferred_leader`]): shorter than
-/// the others', so that it stands first whenever the group has no leader (when the cluster
-/// forms, when a leader dies) and the groups' leaders spread over the nodes.
-pub const PREFERRED_ELECTION_TIMEOUT_MS: (u64, u64) = (400, 500);
+pub const ELECTION_TIMEOUT_MS: (u64, u64) = (400, 800);
 
 /// The node that should lead `group`, given the members the cluster formed with (sorted):
-/// the groups take the members in turn, so each node leads its share of them.
+/// the groups take the members in turn, so each node leads its share of them. It forms the
+/// group (the others wait for it a moment), and so is its first leader.
 pub fn preferred_leader(group: usize, members: &[NodeId]) -> Option<NodeId> {
     (!members.is_empty()).then(|| members[group % members.len()])
 }
@@ -125,6 +121,10 @@ pub enum QueueCommand {
         /// The metadata entry the publishing node had applied: the queue exists once the
         /// metadata is applied that far, so a node applies this publish only then.
         meta_index: u64,
+        /// The id the publisher gave the message (or the broker, if it gave none): while the
+        /// queue holds a message with this id, a publish with it again does not enter.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        publish_id: u64,
     },
     /// Messages that left a replicated queue on the node serving it (acked, rejected,
     /// expired, purged), by their seq, which is the same on every node.
@@ -134,6 +134,10 @@ pub enum QueueCommand {
         /// Their seqs.
         seqs: Vec<u64>,
     },
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// A message as the queue group's log and snapshots carry it.
@@ -575,25 +579,18 @@ impl Cluster {
         hosts: Vec<Arc<dyn GroupHost>>,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Cluster> {
-        let members: Vec<NodeId> = config.peers.keys().copied().collect();
-        let raft_config = |group: usize| {
-            let (min, max) = match preferred_leader(group, &members) == Some(config.node_id) {
-                true => PREFERRED_ELECTION_TIMEOUT_MS,
-                false => ELECTION_TIMEOUT_MS,
-            };
-            openraft::Config {
-                cluster_name: "hopper".into(),
-                heartbeat_interval: HEARTBEAT_MS,
-                election_timeout_min: min,
-                election_timeout_max: max,
-                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
-                max_in_snapshot_log_to_keep: config.snapshot_entries,
-                ..Default::default()
-            }
-            .validate()
-            .map(Arc::new)
-            .map_err(std::io::Error::other)
-        };
+        let raft_config = openraft::Config {
+            cluster_name: "hopper".into(),
+            heartbeat_interval: HEARTBEAT_MS,
+            election_timeout_min: ELECTION_TIMEOUT_MS.0,
+            election_timeout_max: ELECTION_TIMEOUT_MS.1,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+            max_in_snapshot_log_to_keep: config.snapshot_entries,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(std::io::Error::other)?;
+        let raft_config = Arc::new(raft_config);
         let listener = TcpListener::bind(&config.listen).await?;
         let addr = listener.local_addr()?;
         let routes = Routes(Arc::new(config.peers.clone()));
@@ -606,7 +603,7 @@ impl Cluster {
             let metadata = rafts.first().cloned();
             let machine = StateMachine::open(&dir, name, host.clone(), metadata)?;
             let network = Network { group: group as u8, routes: routes.clone() };
-            let raft = Raft::new(config.node_id, raft_config(group)?, network, log, machine)
+            let raft = Raft::new(config.node_id, raft_config.clone(), network, log, machine)
                 .await
                 .map_err(std::io::Error::other)?;
             tokio::spawn(watch_leadership(raft.clone(), host));
@@ -821,12 +818,14 @@ impl Cluster {
     }
 }
 
-/// True when the node whose `metrics` these are leads its group and has heard from a majority
-/// within the [`SERVING_LEASE_MS`].
+/// True when the node whose `metrics` these are leads its group, has applied an entry of its
+/// own term (so every entry of its predecessors: what they may have delivered is in its
+/// copy, to be flagged), and has heard from a majority within the [`SERVING_LEASE_MS`].
 fn serves(metrics: &openraft::RaftMetrics<NodeId, BasicNode>) -> bool {
     let alone = metrics.membership_config.membership().voter_ids().count() <= 1;
     metrics.state == ServerState::Leader
         && metrics.current_leader == Some(metrics.id)
+        && metrics.last_applied.is_some_and(|applied| applied.leader_id.term == metrics.current_term)
         && (alone || metrics.millis_since_quorum_ack.is_some_and(|ms| ms < SERVING_LEASE_MS))
 }
 
@@ -875,15 +874,22 @@ async fn defer_to(
 /// whenever it stops (another leads, or it lost touch with the majority).
 async fn watch_leadership(raft: Raft<TypeConfig>, host: Arc<dyn GroupHost>) {
     let mut metrics = raft.metrics();
-    let mut leading = false;
+    // The term this node serves in, while it does.
+    let mut leading: Option<u64> = None;
     loop {
-        let now_leading = serves(&metrics.borrow_and_update());
-        if now_leading && !leading {
-            host.lead();
-        } else if leading && !now_leading {
+        let now = {
+            let metrics = metrics.borrow_and_update();
+            serves(&metrics).then_some(metrics.current_term)
+        };
+        // Changes between two looks at the metrics are not all seen: a node that served in an
+        // earlier term than now stopped in between, and another node may have served since.
+        if leading.is_some() && now != leading {
             host.follow();
         }
-        leading = now_leading;
+        if now.is_some() && now != leading {
+            host.lead();
+        }
+        leading = now;
         if metrics.changed().await.is_err() {
             return;
         }
@@ -908,11 +914,18 @@ impl Cluster {
 
 impl Replicator for Cluster {
     fn publish(&self, queue: &str, payload: Arc<Payload>, ttl_ms: u64, confirm: Confirm) {
+        // Tried again after a failover, the publish keeps its id, so that it enters the queue
+        // once even if the first try was committed after all.
+        let publish_id = match payload.publish_id {
+            0 => rand::random::<u64>().max(1),
+            id => id,
+        };
         let publish = move |cluster: &Cluster, queue: &str, payload: &Payload| QueueCommand::Publish {
             queue: queue.to_owned(),
             message: ReplicatedMessage::of(payload),
             ttl_ms,
             meta_index: cluster.meta_applied(),
+            publish_id,
         };
         let mut outcome = self.submit(queue, publish(self, queue, &payload));
         let message_id = payload.id;

@@ -218,6 +218,13 @@ fn unexpected<E: std::error::Error>(
 }
 
 impl RaftNetwork<TypeConfig> for Peer {
+    /// Tries a node that could not be reached again within half a heartbeat, rather than
+    /// openraft's 500 ms: a node that restarts hears from its leader before its election
+    /// timeout, instead of standing for election and making the leader step down.
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(super::HEARTBEAT_MS / 2)))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

@@ -26,6 +26,9 @@ pub struct NewMessage {
     pub delay_ms: u64,
     /// Lives at most this long (0 = the queue's TTL, if any).
     pub ttl_ms: u64,
+    /// The publisher's id for it, so that a publish tried twice enters a replicated queue
+    /// once; 0 = none.
+    pub publish_id: u64,
 }
 
 /// How a push consumer takes deliveries.
@@ -138,6 +141,7 @@ impl Engine {
             replay_count: 0,
             exchange,
             routing_key,
+            publish_id: message.publish_id,
             ..Payload::default()
         };
         Arc::new(payload.with_properties(message.headers, message.content_type))
@@ -163,6 +167,9 @@ impl Engine {
             Owned { queue: queue.clone(), connection_id: caller.connection_id, user: caller.user.clone() },
         );
         let subscribed = queue.with_state(|s, _, _| {
+            // Again under the queue's lock, which a node that stops serving a replicated queue
+            // takes to cancel its consumers: no consumer slips in after them.
+            self.check_serving(&queue)?;
             s.add_limited_consumer(
                 consumer_id,
                 options.prefetch,
@@ -171,7 +178,9 @@ impl Engine {
                 sink,
             );
             announce(consumer_id);
+            Ok(())
         });
+        let subscribed = subscribed.and_then(|subscribed| subscribed);
         if let Err(err) = subscribed {
             self.consumers.remove(&consumer_id);
             return Err(err);

@@ -155,8 +155,13 @@ impl Engine {
         let consumer_id = puller.consumer_id;
         puller.inbox.set_budget(budget);
         queue
-            .with_state(|s, _, _| s.grant(consumer_id, count, visibility_ms))?
-            .map_err(|e| BrokerError::Internal(format!("pull consumer {consumer_id} vanished: {e}")))?;
+            .with_state(|s, _, _| {
+                // Again under the queue's lock: see `Engine::consume`.
+                self.check_serving(&queue)?;
+                s.grant(consumer_id, count, visibility_ms)
+                    .map_err(|e| BrokerError::Internal(format!("pull consumer {consumer_id} vanished: {e}")))
+            })
+            .and_then(|granted| granted)?;
         let mut guard = Abandoned { puller: puller.clone(), armed: true };
         if !wait.is_zero() {
             let deadline = tokio::time::sleep(wait);

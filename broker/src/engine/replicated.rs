@@ -10,13 +10,22 @@ use super::Engine;
 use crate::cluster::{MetaCommand, MetaResponse, QueueCommand, ReplicatedMessage, WriteError};
 use crate::error::BrokerError;
 use crate::message::QueuedMessage;
-use crate::queue::{Queue, QueueSettings};
+use crate::queue::{Contents, Queue, QueueSettings, SavedIds};
 
 /// One replicated queue's messages, as the queue group's snapshot holds them.
 #[derive(Debug, Serialize, Deserialize)]
 struct QueueContents {
     name: String,
     messages: Vec<StoredMessage>,
+    /// The seq of the queue's next publish.
+    #[serde(default)]
+    next_seq: u64,
+    /// The publish ids it has seen lately, by seq.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    publish_ids: Vec<(u64, u64)>,
+    /// The seqs among them whose messages left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    departed: Vec<u64>,
 }
 
 /// A message of a snapshot: where it stands in its queue, and what it is.
@@ -126,15 +135,14 @@ impl Engine {
     /// Applies an entry of the queue group to this node's copies.
     pub(crate) fn apply_replicated(&self, command: &QueueCommand) -> MetaResponse {
         match command {
-            QueueCommand::Publish { queue, message, ttl_ms, .. } => {
+            QueueCommand::Publish { queue, message, ttl_ms, publish_id, .. } => {
                 let Ok(target) = self.queues.get(queue) else {
                     // Deleted since: the message went with it.
                     return MetaResponse::Done(false);
                 };
                 match message.payload() {
                     Ok(payload) => {
-                        target.apply_publish(Arc::new(payload), *ttl_ms);
-                        MetaResponse::Done(true)
+                        MetaResponse::Done(target.apply_publish(Arc::new(payload), *ttl_ms, *publish_id))
                     }
                     Err(error) => MetaResponse::Refused(BrokerError::InvalidArgument(error)),
                 }
@@ -153,9 +161,15 @@ impl Engine {
         let contents: Vec<QueueContents> = self
             .replicated_queues()
             .filter(|queue| in_group(queue.name()))
-            .map(|queue| QueueContents {
-                name: queue.name().to_owned(),
-                messages: queue.contents().iter().filter_map(stored).collect(),
+            .map(|queue| {
+                let contents = queue.contents();
+                QueueContents {
+                    name: queue.name().to_owned(),
+                    messages: contents.messages.iter().filter_map(stored).collect(),
+                    next_seq: contents.next_seq,
+                    publish_ids: contents.publish_ids.ids,
+                    departed: contents.publish_ids.departed,
+                }
             })
             .collect();
         serde_json::to_value(contents).expect("a snapshot serializes")
@@ -172,8 +186,15 @@ impl Engine {
             }
         };
         for queue in self.replicated_queues().filter(|queue| in_group(queue.name())) {
-            let messages = contents.iter().find(|c| c.name == queue.name()).map_or(&[][..], |c| &c.messages);
-            queue.restore_contents(messages.iter().filter_map(restored).collect());
+            let held = contents.iter().find(|c| c.name == queue.name());
+            queue.restore_contents(Contents {
+                messages: held.map_or(&[][..], |c| &c.messages).iter().filter_map(restored).collect(),
+                next_seq: held.map_or(0, |c| c.next_seq),
+                publish_ids: SavedIds {
+                    ids: held.map(|c| c.publish_ids.clone()).unwrap_or_default(),
+                    departed: held.map(|c| c.departed.clone()).unwrap_or_default(),
+                },
+            });
         }
     }
 
@@ -210,6 +231,7 @@ impl Engine {
             for (consumer_id, _) in &cancelled {
                 self.consumers.remove(consumer_id);
             }
+            self.pullers.lock().retain(|(_, _, name), _| name != queue.name());
             tracing::info!(queue = %queue.name(), consumers = cancelled.len(), "no longer serving replicated queue");
             crate::queue::notify_cancelled(cancelled, &reason);
         }

@@ -279,7 +279,7 @@ pub(super) fn new_message(
         Value::String(text) => (Bytes::from(text), String::new()),
         other => (Bytes::from(other.to_string()), "application/json".to_owned()),
     };
-    Ok(NewMessage { body, headers, content_type, delay_ms, ttl_ms })
+    Ok(NewMessage { body, headers, content_type, delay_ms, ttl_ms, publish_id: 0 })
 }
 
 /// Waits for a publish confirm: the message id and how many queues took it.

@@ -5,6 +5,7 @@
 
 mod durable;
 mod exchanges;
+mod publish_ids;
 mod ready;
 mod registry;
 mod state;
@@ -24,6 +25,7 @@ use crate::storage::{Location, ReadError};
 pub use crate::settings::{Overflow, Policy, QueueSettings};
 pub use durable::{Durable, Storage};
 pub use exchanges::{ExchangeCounters, ExchangeView, Routed};
+pub use publish_ids::SavedIds;
 pub use registry::{notify_cancelled, Declared, Deleted, Registry};
 pub use state::{
     Counters, Journal, QueueFull, QueueState, ReadStall, Refusal, Scan, SettleError, Sink, Snapshot,
@@ -227,6 +229,19 @@ struct Live {
     state: QueueState<Subscriber>,
     deleted: bool,
     disk: Option<DiskState>,
+    /// Of a replicated queue: the publish ids of the messages it holds.
+    publish_ids: publish_ids::PublishIds,
+}
+
+/// A replicated queue as its queue group's snapshot holds it.
+pub struct Contents {
+    /// Its messages, with their payloads.
+    pub messages: Vec<QueuedMessage>,
+    /// The seq its next publish takes: the same on every node, since only publishes, applied
+    /// in log order, take seqs.
+    pub next_seq: u64,
+    /// The publish ids it has seen lately.
+    pub publish_ids: SavedIds,
 }
 
 /// The journal of a transient queue: nothing to persist; dead messages are collected. For a
@@ -271,7 +286,7 @@ impl Queue {
             name: name.into(),
             settings,
             deleted: AtomicBool::new(false),
-            state: Mutex::new(Live { state, deleted: false, disk }),
+            state: Mutex::new(Live { state, deleted: false, disk, publish_ids: Default::default() }),
             durable,
             registry,
             timer_at: AtomicU64::new(u64::MAX),
@@ -498,17 +513,20 @@ impl Queue {
     }
 
     /// A publish to this replicated queue, committed by the cluster: it enters the queue
-    /// here, as on every node (in the same order, so with the same seq everywhere).
-    pub fn apply_publish(&self, payload: Arc<Payload>, ttl_ms: u64) {
+    /// here, as on every node (in the same order, so with the same seq everywhere), unless the
+    /// queue has seen a publish with the same `publish_id` (not 0) lately (see
+    /// [`publish_ids`]). Returns whether it entered.
+    pub fn apply_publish(&self, payload: Arc<Payload>, ttl_ms: u64, publish_id: u64) -> bool {
         let now = now_ms();
         let mut deaths = Vec::new();
         let mut left = Vec::new();
         let next = {
             let mut guard = self.state.lock();
             let live = &mut *guard;
-            if live.deleted {
-                return;
+            if live.deleted || live.publish_ids.contains(publish_id) {
+                return false;
             }
+            live.publish_ids.insert(live.state.next_seq(), publish_id);
             live.state.publish(payload, now, 0, ttl_ms);
             let mut journal = MemJournal { deaths: &mut deaths, left: Some(&mut left) };
             live.state.dispatch(now, &mut journal);
@@ -516,6 +534,7 @@ impl Queue {
         };
         self.report_left(left);
         self.after_unlock(deaths, next);
+        true
     }
 
     /// Messages of this replicated queue that left it on the node serving it, committed by
@@ -526,6 +545,7 @@ impl Queue {
         for &seq in seqs {
             guard.state.remove_waiting(seq);
         }
+        guard.publish_ids.remove(seqs);
     }
 
     /// Flags every waiting message as possibly delivered: this node takes over serving the
@@ -534,17 +554,24 @@ impl Queue {
         self.state.lock().state.mark_maybe_delivered();
     }
 
-    /// Every message of the queue with its payload, for a snapshot of a replicated queue.
-    pub fn contents(&self) -> Vec<QueuedMessage> {
+    /// What a snapshot of a replicated queue holds.
+    pub fn contents(&self) -> Contents {
         let guard = self.state.lock();
-        guard.state.messages().map(|message| message.into_owned()).collect()
+        Contents {
+            messages: guard.state.messages().map(|message| message.into_owned()).collect(),
+            next_seq: guard.state.next_seq(),
+            publish_ids: guard.publish_ids.saved(),
+        }
     }
 
-    /// Replaces the queue's messages with `messages` (a snapshot taken over from the
+    /// Replaces the queue's messages with those of `contents` (a snapshot taken over from the
     /// cluster's leader); consumers keep their subscriptions.
-    pub fn restore_contents(&self, messages: Vec<QueuedMessage>) {
+    pub fn restore_contents(&self, contents: Contents) {
+        let Contents { messages, next_seq, publish_ids } = contents;
         let mut guard = self.state.lock();
         let live = &mut *guard;
+        live.state.set_next_seq(next_seq);
+        live.publish_ids.replace(&publish_ids);
         let mut deaths = Vec::new();
         live.state.purge(&mut MemJournal { deaths: &mut deaths, left: None });
         for mut message in messages {

@@ -41,6 +41,7 @@ impl Session {
                 content_type: publish.content_type,
                 delay_ms: publish.delay_ms,
                 ttl_ms: publish.ttl_ms,
+                publish_id: publish.publish_id,
             };
             let route = Route {
                 exchange: &publish.exchange,
@@ -56,6 +57,7 @@ impl Session {
             content_type: publish.content_type,
             delay_ms: publish.delay_ms,
             ttl_ms: publish.ttl_ms,
+            publish_id: publish.publish_id,
         };
         let confirm = Confirm::reply(self.publishes.clone(), request_id);
         // The connection keeps the queues it publishes to, unless one was deleted since.
