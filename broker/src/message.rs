@@ -45,7 +45,8 @@ pub(crate) struct Properties {
 static NO_HEADERS: std::sync::LazyLock<HashMap<String, String>> = std::sync::LazyLock::new(HashMap::new);
 
 /// Why a message left its queue without being acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DeathReason {
     /// Nacked or rejected without requeue.
     Rejected,
@@ -92,7 +93,7 @@ impl DeathReason {
 }
 
 /// One death of a message: where, why, and what its consumers said.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Death {
     /// The queue it died in.
     pub queue: String,

@@ -523,10 +523,10 @@ async fn replicated_queues_need_a_cluster_and_settings_every_copy_can_follow() {
     let mut cluster = Cluster::start(3);
     cluster.agreed_leader(Duration::from_secs(10)).await;
     let conn = connect(cluster.node(2)).await;
-    let with_dlq = QueueOptions { dead_letter: Some("dlq".into()), ..replicated.clone() };
-    let error = conn.declare_queue("q", with_dlq).await.unwrap_err();
+    let bounded = QueueOptions { max_length: Some(10), ..replicated.clone() };
+    let error = conn.declare_queue("q", bounded).await.unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::InvalidArgument), "{error}");
-    assert!(error.to_string().contains("dead-lettering"), "{error}");
+    assert!(error.to_string().contains("a length limit"), "{error}");
     let info = conn.declare_queue("q", replicated).await.unwrap();
     assert!(info.replicated && !info.durable, "{info:?}");
     let delayed = hopper_client::PublishOptions { delay: Some(Duration::from_secs(1)), ..Default::default() };
@@ -1018,4 +1018,70 @@ async fn thirty_kills_of_the_serving_node_lose_no_confirmed_message() {
     let seen = seen.lock().unwrap();
     assert!(seen.unflagged_again.is_empty(), "delivered again unflagged: {:?}", seen.unflagged_again);
     assert!(confirmed.len() > KILLS * 5, "{} confirmed", confirmed.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_queues_dead_letter_once_into_a_replicated_dead_letter_queue() {
+    let mut cluster = Cluster::start(3);
+    cluster.agreed_leader(Duration::from_secs(10)).await;
+    let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
+    let conn = connect(cluster.node(1)).await;
+    conn.declare_queue("failed", replicated.clone()).await.unwrap();
+    let limited =
+        QueueOptions { dead_letter: Some("failed".into()), max_deliveries: Some(2), ..replicated.clone() };
+    conn.declare_queue("work", limited).await.unwrap();
+    let expiring = QueueOptions {
+        dead_letter: Some("failed".into()),
+        message_ttl: Some(Duration::from_millis(200)),
+        ..replicated
+    };
+    conn.declare_queue("short", expiring).await.unwrap();
+
+    // Fails twice on the node serving it, and dies there: once.
+    conn.publish("work", "doomed", Default::default()).await.unwrap();
+    let serving = serving_node(&mut cluster, "work").await;
+    let server = connect(cluster.node(serving)).await;
+    let mut consumer =
+        server.consume("work", ConsumeOptions { prefetch: 1, ..Default::default() }).await.unwrap();
+    for _ in 0..2 {
+        hopper_tests::next_delivery(&mut consumer).await.nack(true).await.unwrap();
+    }
+    // Expires unconsumed; every node's copy expires it, and only the serving node routes it.
+    conn.publish("short", "stale", Default::default()).await.unwrap();
+
+    for id in 1..=3 {
+        let node = cluster.node(id);
+        eventually("both deaths reach the dead-letter queue's copies", Duration::from_secs(10), || async {
+            ready_on(node, "failed").await == 2
+        })
+        .await;
+        eventually("the dead messages leave every copy", Duration::from_secs(10), || async {
+            let conn = connect(node).await;
+            let work = conn.queue_stats("work").await.unwrap();
+            let short = conn.queue_stats("short").await.unwrap();
+            work.ready + short.ready == 0
+        })
+        .await;
+    }
+    let dead_serving = serving_node(&mut cluster, "failed").await;
+    let dead_conn = connect(cluster.node(dead_serving)).await;
+    let mut dead = dead_conn.consume("failed", ConsumeOptions::default()).await.unwrap();
+    let mut deaths: Vec<(String, String, String)> = hopper_tests::next_deliveries(&mut dead, 2)
+        .await
+        .iter()
+        .map(|d| {
+            let death = d.last_death().expect("a death record");
+            (hopper_tests::body_text(d), death.queue.clone(), death.reason.clone())
+        })
+        .collect();
+    deaths.sort();
+    assert_eq!(
+        deaths,
+        [
+            ("doomed".to_string(), "work".to_string(), "delivery_limit".to_string()),
+            ("stale".to_string(), "short".to_string(), "expired".to_string())
+        ]
+    );
+    let stats = dead_conn.queue_stats("failed").await.unwrap();
+    assert_eq!((stats.ready, stats.unacked), (0, 2), "each died once: {stats:?}");
 }

@@ -161,6 +161,19 @@ pub struct ReplicatedMessage {
     /// Its routing key.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub routing_key: String,
+    /// Where and why it died before, oldest first (it came through a dead-letter queue).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deaths: Vec<crate::message::Death>,
+    /// Deaths left out of `deaths`.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub deaths_omitted: u32,
+    /// Times it was moved out of a queue.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub replay_count: u32,
+}
+
+fn is_zero_u32(value: &u32) -> bool {
+    *value == 0
 }
 
 impl ReplicatedMessage {
@@ -175,6 +188,9 @@ impl ReplicatedMessage {
             published_at_ms: payload.published_at_ms,
             exchange: payload.exchange.to_string(),
             routing_key: payload.routing_key.clone(),
+            deaths: payload.deaths().to_vec(),
+            deaths_omitted: payload.deaths_omitted(),
+            replay_count: payload.replay_count,
         }
     }
 
@@ -188,12 +204,14 @@ impl ReplicatedMessage {
             id: self.id,
             body: body.into(),
             published_at_ms: self.published_at_ms,
-            replay_count: 0,
+            replay_count: self.replay_count,
             exchange: self.exchange.as_str().into(),
             routing_key: self.routing_key.clone(),
             ..Payload::default()
         };
-        Ok(payload.with_properties(self.headers.clone(), self.content_type.clone()))
+        Ok(payload
+            .with_properties(self.headers.clone(), self.content_type.clone())
+            .with_deaths(self.deaths.clone(), self.deaths_omitted))
     }
 }
 
@@ -951,6 +969,10 @@ impl Replicator for Cluster {
             };
             confirm.send(result);
         });
+    }
+
+    fn serves(&self, queue: &str) -> bool {
+        self.serving(queue) == Some(self.node_id)
     }
 
     fn left(&self, queue: &str, seqs: Vec<u64>) {

@@ -53,13 +53,9 @@ impl Engine {
                 "queue '{name}' cannot be replicated: this broker is not in a cluster (hopperd --node-id and --peers)"
             )));
         }
-        let unsupported = [
-            (!settings.dead_letter.is_empty() || !settings.dead_letter_exchange.is_empty(), "dead-lettering"),
-            (settings.max_deliveries > 0, "a delivery limit"),
-            (!settings.retry_backoff_ms.is_empty(), "retry backoff"),
-            (settings.message_ttl_ms > 0, "a message TTL"),
-            (settings.max_length > 0 || settings.max_bytes > 0, "a length limit"),
-        ];
+        // A length limit drops or refuses by what the serving node holds, which is ahead of
+        // the other copies (acks reach them a moment later): the copies would decide apart.
+        let unsupported = [(settings.max_length > 0 || settings.max_bytes > 0, "a length limit")];
         if let Some((_, what)) = unsupported.iter().find(|(set, _)| *set) {
             return Err(BrokerError::InvalidArgument(format!(
                 "queue '{name}' is replicated and cannot have {what} yet"

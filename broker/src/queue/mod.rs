@@ -59,6 +59,9 @@ pub trait Replicator: Send + Sync {
     /// The messages with these seqs left `queue` (acked, rejected, expired, purged) on this
     /// node; the cluster removes them everywhere if this node serves the queue.
     fn left(&self, queue: &str, seqs: Vec<u64>);
+    /// True when this node serves `queue`: only the serving node routes the messages that die
+    /// in it (the other nodes' copies follow its entries).
+    fn serves(&self, queue: &str) -> bool;
 }
 
 /// A front end's connection, which answers its requests once they are due.
@@ -261,9 +264,9 @@ impl Journal for MemJournal<'_> {
     fn requeued(&mut self, _: &mut QueuedMessage) {}
     fn failed(&mut self, _: &QueuedMessage) {}
     fn dead(&mut self, message: QueuedMessage, reason: DeathReason) {
-        if let Some(left) = &mut self.left {
-            left.push(message.seq);
-        }
+        // A dead message of a replicated queue leaves the other copies once its dead-letter
+        // queues hold it (see `Queue::route_dead`), so that a failover in between loses it
+        // nowhere.
         self.deaths.push(Dead { message, reason });
     }
     fn load(&mut self, _: &QueuedMessage) -> Result<Arc<Payload>, ReadError> {
@@ -639,7 +642,15 @@ impl Queue {
 
     /// Routes dead messages and schedules the next timer; called with the lock released.
     fn after_unlock(&self, deaths: Vec<Dead>, next_timer: Option<u64>) {
-        for dead in deaths {
+        // A node that does not serve a replicated queue leaves its dead messages to the one
+        // that does: its copy loses them, and the serving node routes them once.
+        let routes = !self.settings.replicated
+            || self
+                .registry
+                .upgrade()
+                .and_then(|registry| registry.replicator())
+                .is_some_and(|r| r.serves(&self.name));
+        for dead in deaths.into_iter().filter(|_| routes) {
             self.route_dead(dead);
         }
         if let Some(at) = next_timer {
@@ -755,8 +766,12 @@ impl Queue {
                     tracing::error!(error = %err, "dead-letter queue refused a message; it stays in its queue's log");
                     return;
                 }
-                if let (Some(queue), Some(location)) = (me.upgrade(), location) {
+                let Some(queue) = me.upgrade() else { return };
+                if let Some(location) = location {
                     queue.settle_stored(seq, location);
+                }
+                if queue.settings.replicated {
+                    queue.report_left(vec![seq]);
                 }
             }
         };
@@ -788,6 +803,9 @@ impl Queue {
             // Dropped: it leaves this queue's log now.
             if let Some(location) = location {
                 self.settle_stored(seq, location);
+            }
+            if self.settings.replicated {
+                self.report_left(vec![seq]);
             }
         }
         let event = AuditEvent {
