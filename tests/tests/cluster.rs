@@ -513,7 +513,7 @@ async fn a_replicated_queue_loses_its_serving_node_and_no_confirmed_or_acked_mes
 }
 
 #[tokio::test]
-async fn replicated_queues_need_a_cluster_and_settings_every_copy_can_follow() {
+async fn replicated_queues_need_a_cluster_and_settings_every_copy_can_follow_and_take_delays() {
     let single = Broker::start();
     let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
     let error = connect(&single).await.declare_queue("q", replicated.clone()).await.unwrap_err();
@@ -529,9 +529,18 @@ async fn replicated_queues_need_a_cluster_and_settings_every_copy_can_follow() {
     assert!(error.to_string().contains("a length limit"), "{error}");
     let info = conn.declare_queue("q", replicated).await.unwrap();
     assert!(info.replicated && !info.durable, "{info:?}");
+
+    // A delayed publish waits in every copy, then is delivered where the queue is served.
     let delayed = hopper_client::PublishOptions { delay: Some(Duration::from_secs(1)), ..Default::default() };
-    let error = conn.publish("q", "later", delayed).await.unwrap_err();
-    assert_eq!(error.code(), Some(ErrorCode::InvalidArgument), "{error}");
+    conn.publish("q", "later", delayed).await.unwrap();
+    let serving = serving_node(&mut cluster, "q").await;
+    let server = connect(cluster.node(serving)).await;
+    let stats = server.queue_stats("q").await.unwrap();
+    assert_eq!((stats.ready, stats.delayed), (0, 1), "the serving node applied it first: {stats:?}");
+    let mut consumer = server.consume("q", ConsumeOptions::default()).await.unwrap();
+    let delivery = hopper_tests::next_delivery(&mut consumer).await;
+    assert_eq!(hopper_tests::body_text(&delivery), "later");
+    assert!(delivery.published_at_ms + 1000 <= hopper_tests::unix_ms(), "not before its delay");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,9 @@ pub enum QueueCommand {
         message: ReplicatedMessage,
         /// Its time to live in ms; 0 = none.
         ttl_ms: u64,
+        /// Ready only this long (ms) after it is applied; 0 = at once.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        delay_ms: u64,
         /// The metadata entry the publishing node had applied: the queue exists once the
         /// metadata is applied that far, so a node applies this publish only then.
         meta_index: u64,
@@ -931,7 +934,7 @@ impl Cluster {
 }
 
 impl Replicator for Cluster {
-    fn publish(&self, queue: &str, payload: Arc<Payload>, ttl_ms: u64, confirm: Confirm) {
+    fn publish(&self, queue: &str, payload: Arc<Payload>, delay_ms: u64, ttl_ms: u64, confirm: Confirm) {
         // Tried again after a failover, the publish keeps its id, so that it enters the queue
         // once even if the first try was committed after all.
         let publish_id = match payload.publish_id {
@@ -942,6 +945,7 @@ impl Replicator for Cluster {
             queue: queue.to_owned(),
             message: ReplicatedMessage::of(payload),
             ttl_ms,
+            delay_ms,
             meta_index: cluster.meta_applied(),
             publish_id,
         };

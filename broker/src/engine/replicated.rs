@@ -131,15 +131,18 @@ impl Engine {
     /// Applies an entry of the queue group to this node's copies.
     pub(crate) fn apply_replicated(&self, command: &QueueCommand) -> MetaResponse {
         match command {
-            QueueCommand::Publish { queue, message, ttl_ms, publish_id, .. } => {
+            QueueCommand::Publish { queue, message, delay_ms, ttl_ms, publish_id, .. } => {
                 let Ok(target) = self.queues.get(queue) else {
                     // Deleted since: the message went with it.
                     return MetaResponse::Done(false);
                 };
                 match message.payload() {
-                    Ok(payload) => {
-                        MetaResponse::Done(target.apply_publish(Arc::new(payload), *ttl_ms, *publish_id))
-                    }
+                    Ok(payload) => MetaResponse::Done(target.apply_publish(
+                        Arc::new(payload),
+                        *delay_ms,
+                        *ttl_ms,
+                        *publish_id,
+                    )),
                     Err(error) => MetaResponse::Refused(BrokerError::InvalidArgument(error)),
                 }
             }

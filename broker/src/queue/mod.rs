@@ -54,8 +54,9 @@ pub enum Outcome {
 /// Where replicated queues send their publishes and the messages that left them: the
 /// cluster, which commits them through Raft and applies them on every node.
 pub trait Replicator: Send + Sync {
-    /// Replicates a publish to `queue`; `confirm` is answered once a majority holds it.
-    fn publish(&self, queue: &str, payload: Arc<Payload>, ttl_ms: u64, confirm: Confirm);
+    /// Replicates a publish to `queue` (ready after `delay_ms`, living `ttl_ms`; 0 = no
+    /// delay, no TTL of its own); `confirm` is answered once a majority holds it.
+    fn publish(&self, queue: &str, payload: Arc<Payload>, delay_ms: u64, ttl_ms: u64, confirm: Confirm);
     /// The messages with these seqs left `queue` (acked, rejected, expired, purged) on this
     /// node; the cluster removes them everywhere if this node serves the queue.
     fn left(&self, queue: &str, seqs: Vec<u64>);
@@ -503,15 +504,11 @@ impl Queue {
         if self.is_deleted() {
             return Err((BrokerError::queue_not_found(&self.name), confirm));
         }
-        if delay_ms > 0 {
-            let refusal = format!("queue '{}' is replicated, and takes no delayed publishes yet", self.name);
-            return Err((BrokerError::InvalidArgument(refusal), confirm));
-        }
         let Some(replicator) = self.registry.upgrade().and_then(|registry| registry.replicator()) else {
             let refusal = format!("queue '{}' is replicated, but this broker is not in a cluster", self.name);
             return Err((BrokerError::Internal(refusal), confirm));
         };
-        replicator.publish(&self.name, payload, ttl_ms, confirm);
+        replicator.publish(&self.name, payload, delay_ms, ttl_ms, confirm);
         Ok(())
     }
 
@@ -519,7 +516,7 @@ impl Queue {
     /// here, as on every node (in the same order, so with the same seq everywhere), unless the
     /// queue has seen a publish with the same `publish_id` (not 0) lately (see
     /// [`publish_ids`]). Returns whether it entered.
-    pub fn apply_publish(&self, payload: Arc<Payload>, ttl_ms: u64, publish_id: u64) -> bool {
+    pub fn apply_publish(&self, payload: Arc<Payload>, delay_ms: u64, ttl_ms: u64, publish_id: u64) -> bool {
         let now = now_ms();
         let mut deaths = Vec::new();
         let mut left = Vec::new();
@@ -530,7 +527,7 @@ impl Queue {
                 return false;
             }
             live.publish_ids.insert(live.state.next_seq(), publish_id);
-            live.state.publish(payload, now, 0, ttl_ms);
+            live.state.publish(payload, now, delay_ms, ttl_ms);
             let mut journal = MemJournal { deaths: &mut deaths, left: Some(&mut left) };
             live.state.dispatch(now, &mut journal);
             live.state.next_timer()
