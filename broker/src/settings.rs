@@ -52,6 +52,9 @@ pub struct QueueSettings {
     /// Replicated over the cluster's nodes through Raft: a publish is confirmed once a
     /// majority holds it, and the queue survives the loss of a minority of nodes.
     pub replicated: bool,
+    /// Copies asked for at declare; 0 = one on every node, the only layout a cluster keeps
+    /// (checked, then cleared, at declare).
+    pub replicas: u32,
 }
 
 impl QueueSettings {

@@ -70,6 +70,7 @@ pub fn settings_from_wire(settings: pb::QueueSettings) -> Result<QueueSettings, 
         message_ttl_ms: settings.message_ttl_ms,
         ack_timeout_ms: settings.ack_timeout_ms,
         replicated: settings.replicated,
+        replicas: settings.replicas,
     })
 }
 
@@ -87,6 +88,7 @@ pub fn settings_to_wire(settings: &QueueSettings) -> pb::QueueSettings {
         message_ttl_ms: settings.message_ttl_ms,
         ack_timeout_ms: settings.ack_timeout_ms,
         replicated: settings.replicated,
+        replicas: settings.replicas,
     }
 }
 

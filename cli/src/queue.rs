@@ -64,6 +64,10 @@ pub struct DeclareArgs {
     /// (`hopper cluster status`: queues served by).
     #[arg(long)]
     pub replicated: bool,
+    /// Copies of the replicated queue (implies --replicated). A cluster keeps one on each of
+    /// its nodes: give its size, or leave this out.
+    #[arg(long, value_name = "N", value_parser = crate::at_least(1u32))]
+    pub replicas: Option<u32>,
     /// Queue that receives this queue's dead messages (rejected, past --max-deliveries,
     /// expired); declare it first. Without one (or while it does not exist), dead messages
     /// are dropped.
@@ -127,7 +131,8 @@ impl DeclareArgs {
     pub fn options(&self) -> QueueOptions {
         QueueOptions {
             durable: self.durable,
-            replicated: self.replicated,
+            replicated: self.replicated || self.replicas.is_some(),
+            replicas: self.replicas,
             dead_letter: self.dead_letter.clone(),
             dead_letter_exchange: self.dead_letter_exchange.clone(),
             dead_letter_routing_key: self.dead_letter_routing_key.clone(),

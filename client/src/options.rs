@@ -171,6 +171,9 @@ pub struct QueueOptions {
     /// publish is confirmed once a majority of nodes holds it, and the queue survives the loss
     /// of a minority. Consumers attach at the node serving it.
     pub replicated: bool,
+    /// Copies of a replicated queue; `None` = one on every node of the cluster, which is what
+    /// a cluster keeps: any other number than its size is refused.
+    pub replicas: Option<u32>,
     /// Queue that receives this queue's dead messages: rejected, past `max_deliveries`,
     /// expired, or pushed out by a length limit. Each arrives with a [`Death`](crate::Death)
     /// appended to its history. `None` drops dead messages (they are still audited), and so
@@ -266,6 +269,7 @@ impl QueueOptions {
             max_bytes: self.max_bytes.unwrap_or(0),
             overflow: self.overflow.to_wire(),
             replicated: self.replicated,
+            replicas: self.replicas.unwrap_or(0),
         }
     }
 }
@@ -460,6 +464,7 @@ mod tests {
             max_bytes: Some(1 << 20),
             overflow: Overflow::DropHead,
             replicated: true,
+            replicas: Some(3),
         };
         assert_eq!(
             options.to_wire(),
@@ -476,6 +481,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 overflow: "drop-head".into(),
                 replicated: true,
+                replicas: 3,
             }
         );
     }

@@ -312,7 +312,9 @@ async fn forward(
                         return;
                     }
                 }
-                Err(err) if is_lost(&err) => break,
+                // Lost, or cancelled by the broker (its node stopped serving the queue, or the
+                // queue was deleted): subscribing again finds out which.
+                Err(err) if is_lost(&err) || matches!(err, Error::ConsumerCancelled(_)) => break,
                 Err(err) => {
                     let _ = tx.send(Err(err)).await;
                     return;

@@ -36,6 +36,7 @@ pub fn declared_options(info: &QueueInfo) -> QueueOptions {
     QueueOptions {
         durable: info.durable,
         replicated: info.replicated,
+        replicas: None,
         dead_letter: info.dead_letter.clone(),
         dead_letter_exchange: info.dead_letter_exchange.clone(),
         dead_letter_routing_key: info.dead_letter_routing_key.clone(),

@@ -527,8 +527,17 @@ async fn replicated_queues_need_a_cluster_and_settings_every_copy_can_follow_and
     let error = conn.declare_queue("q", bounded).await.unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::InvalidArgument), "{error}");
     assert!(error.to_string().contains("a length limit"), "{error}");
-    let info = conn.declare_queue("q", replicated).await.unwrap();
+    let two = QueueOptions { replicas: Some(2), ..replicated.clone() };
+    let error = conn.declare_queue("q", two).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::InvalidArgument), "{error}");
+    assert!(error.to_string().contains("each of its 3 nodes"), "{error}");
+    let info =
+        conn.declare_queue("q", QueueOptions { replicas: Some(3), ..replicated.clone() }).await.unwrap();
     assert!(info.replicated && !info.durable, "{info:?}");
+    // The same queue, declared again without a count: one copy per node either way.
+    conn.declare_queue("q", replicated).await.unwrap();
+    let cli = run_cli(cluster.node(3), &["queue", "declare", "q", "--replicas", "3"]).await;
+    assert!(cli.status.success(), "{cli}");
 
     // A delayed publish waits in every copy, then is delivered where the queue is served.
     let delayed = hopper_client::PublishOptions { delay: Some(Duration::from_secs(1)), ..Default::default() };
@@ -1093,4 +1102,38 @@ async fn replicated_queues_dead_letter_once_into_a_replicated_dead_letter_queue(
     );
     let stats = dead_conn.queue_stats("failed").await.unwrap();
     assert_eq!((stats.ready, stats.unacked), (0, 2), "each died once: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_sent_again_with_its_publish_id_enters_a_replicated_queue_once() {
+    let mut cluster = Cluster::start(3);
+    cluster.agreed_leader(Duration::from_secs(10)).await;
+    let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
+    connect(cluster.node(1)).await.declare_queue("once", replicated).await.unwrap();
+    for id in [2, 3] {
+        let node = cluster.node(id);
+        eventually("every node knows the queue", Duration::from_secs(10), || async {
+            queue_names(node).await.contains(&"once".to_string())
+        })
+        .await;
+    }
+    let with_id = |id| hopper_client::PublishOptions { publish_id: id, ..Default::default() };
+    // The same message through two nodes, as a client retrying elsewhere would send it: both
+    // are confirmed, one is stored.
+    connect(cluster.node(2)).await.publish("once", "first", with_id(42)).await.unwrap();
+    connect(cluster.node(3)).await.publish("once", "first", with_id(42)).await.unwrap();
+    // Without an id, or with another, every publish is stored.
+    let conn = connect(cluster.node(1)).await;
+    conn.publish("once", "second", with_id(43)).await.unwrap();
+    conn.publish("once", "third", with_id(0)).await.unwrap();
+    conn.publish("once", "third", with_id(0)).await.unwrap();
+
+    let serving = serving_node(&mut cluster, "once").await;
+    let server = connect(cluster.node(serving)).await;
+    let mut consumer = server.consume("once", ConsumeOptions::default()).await.unwrap();
+    let bodies: Vec<String> =
+        hopper_tests::next_deliveries(&mut consumer, 4).await.iter().map(hopper_tests::body_text).collect();
+    assert_eq!(bodies, ["first", "second", "third", "third"]);
+    let stats = server.queue_stats("once").await.unwrap();
+    assert_eq!((stats.ready, stats.unacked), (0, 4), "{stats:?}");
 }

@@ -686,6 +686,11 @@ impl Cluster {
         }
     }
 
+    /// How many nodes vote in the cluster (its metadata group).
+    pub fn voters(&self) -> usize {
+        self.rafts[META].metrics().borrow().membership_config.membership().voter_ids().count()
+    }
+
     /// The queue group of replicated queue `queue`.
     pub fn group_of(&self, queue: &str) -> usize {
         queue_group(queue, self.rafts.len() - 1)

@@ -28,7 +28,14 @@ pub struct Submission {
 /// Where an entry's outcome goes.
 pub type Reply = oneshot::Sender<Result<MetaResponse, WriteError>>;
 
-impl Submission {
+/// Who waits for the outcome of one change of an entry: its submitter, and those of the
+/// changes merged into it.
+struct Waiters {
+    reply: Reply,
+    also: Vec<Reply>,
+}
+
+impl Waiters {
     fn answer(self, outcome: Result<MetaResponse, WriteError>) {
         for reply in self.also {
             let _ = reply.send(outcome.clone());
@@ -55,10 +62,10 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        let batch = coalesce(batch);
+        let (entry, batch) = entry(coalesce(batch));
         let metrics = raft.metrics().borrow().clone();
         match metrics.current_leader {
-            Some(leader) if leader == node_id => submit_here(&raft, batch).await,
+            Some(leader) if leader == node_id => submit_here(&raft, entry, batch).await,
             Some(leader) => {
                 let node = metrics.membership_config.membership().get_node(&leader).cloned();
                 let Some(node) = node else {
@@ -70,7 +77,7 @@ pub async fn run(
                     Some((to, link)) if *to == leader => link,
                     _ => &mut link.insert((leader, Link::new(addr))).1,
                 };
-                forward(link, group, leader, batch).await;
+                forward(link, group, leader, entry, batch).await;
             }
             None => fail(batch, || WriteError::NoLeader),
         }
@@ -100,19 +107,25 @@ fn coalesce(batch: Vec<Submission>) -> Vec<Submission> {
     merged
 }
 
-fn fail(batch: Vec<Submission>, error: impl Fn() -> WriteError) {
-    for submission in batch {
-        submission.answer(Err(error()));
+fn fail(batch: Vec<Waiters>, error: impl Fn() -> WriteError) {
+    for waiters in batch {
+        waiters.answer(Err(error()));
     }
 }
 
-/// The batch as one entry, its changes in order.
-fn entry(batch: &[Submission]) -> Command {
-    Command::Queues(batch.iter().map(|submission| submission.command.clone()).collect())
+/// The batch as one entry, its changes in order, and who waits for each.
+fn entry(batch: Vec<Submission>) -> (Command, Vec<Waiters>) {
+    let mut commands = Vec::with_capacity(batch.len());
+    let mut waiters = Vec::with_capacity(batch.len());
+    for Submission { command, reply, also } in batch {
+        commands.push(command);
+        waiters.push(Waiters { reply, also });
+    }
+    (Command::Queues(commands), waiters)
 }
 
 /// Hands each submitter its change's outcome from the entry's outcome.
-fn answer(batch: Vec<Submission>, outcome: Result<MetaResponse, WriteError>) {
+fn answer(batch: Vec<Waiters>, outcome: Result<MetaResponse, WriteError>) {
     match outcome {
         Ok(MetaResponse::Each(outcomes)) if outcomes.len() == batch.len() => {
             for (submission, outcome) in batch.into_iter().zip(outcomes) {
@@ -126,8 +139,8 @@ fn answer(batch: Vec<Submission>, outcome: Result<MetaResponse, WriteError>) {
 
 /// On the leader: hands the batch to Raft as one entry, and waits for its outcome in the
 /// background, so the next batch is handed over meanwhile.
-async fn submit_here(raft: &Raft<TypeConfig>, batch: Vec<Submission>) {
-    match raft.client_write_ff(entry(&batch)).await {
+async fn submit_here(raft: &Raft<TypeConfig>, entry: Command, batch: Vec<Waiters>) {
+    match raft.client_write_ff(entry).await {
         Ok(outcome) => {
             tokio::spawn(async move {
                 let result = match outcome.await {
@@ -144,8 +157,8 @@ async fn submit_here(raft: &Raft<TypeConfig>, batch: Vec<Submission>) {
 }
 
 /// From a follower: sends the batch to the leader as one entry and passes on the outcomes.
-async fn forward(link: &mut Link, group: u8, leader: NodeId, batch: Vec<Submission>) {
-    match link.call(group, &Request::WriteBatch(vec![entry(&batch)]), FORWARD_TIMEOUT).await {
+async fn forward(link: &mut Link, group: u8, leader: NodeId, entry: Command, batch: Vec<Waiters>) {
+    match link.call(group, &Request::WriteBatch(vec![entry]), FORWARD_TIMEOUT).await {
         Ok(Response::WriteBatch(mut outcomes)) if outcomes.len() == 1 => {
             let outcome = outcomes.pop().expect("one outcome");
             answer(batch, outcome.map_err(|err| WriteError::Forward(leader, err)));

@@ -46,13 +46,28 @@ impl Engine {
         settings: &mut QueueSettings,
     ) -> Result<(), BrokerError> {
         if !settings.replicated {
+            if settings.replicas != 0 {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "queue '{name}': replicas apply to a replicated queue only"
+                )));
+            }
             return Ok(());
         }
-        if self.cluster.get().is_none() {
+        let Some(cluster) = self.cluster.get() else {
             return Err(BrokerError::InvalidArgument(format!(
                 "queue '{name}' cannot be replicated: this broker is not in a cluster (hopperd --node-id and --peers)"
             )));
+        };
+        let nodes = cluster.voters();
+        if settings.replicas != 0 && settings.replicas as usize != nodes {
+            return Err(BrokerError::InvalidArgument(format!(
+                "queue '{name}': this cluster keeps a copy of every replicated queue on each of its {nodes} nodes, \
+                 so it cannot keep {} (leave --replicas out, or give {nodes})",
+                settings.replicas
+            )));
         }
+        // A copy on every node, as the cluster's members change.
+        settings.replicas = 0;
         // A length limit drops or refuses by what the serving node holds, which is ahead of
         // the other copies (acks reach them a moment later): the copies would decide apart.
         let unsupported = [(settings.max_length > 0 || settings.max_bytes > 0, "a length limit")];

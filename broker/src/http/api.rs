@@ -124,6 +124,7 @@ pub(super) async fn get_queue(
 pub(super) struct DeclareBody {
     durable: bool,
     replicated: bool,
+    replicas: Option<u32>,
     dead_letter: Option<String>,
     dead_letter_exchange: Option<String>,
     dead_letter_routing_key: Option<String>,
@@ -158,6 +159,7 @@ pub(super) async fn declare_queue(
         max_bytes: body.max_bytes.unwrap_or(0),
         overflow,
         replicated: body.replicated,
+        replicas: body.replicas.unwrap_or(0),
     };
     let (info, created) = engine.declare(&caller, &name, settings, body.alarm_depth).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };

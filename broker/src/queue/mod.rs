@@ -641,14 +641,18 @@ impl Queue {
     fn after_unlock(&self, deaths: Vec<Dead>, next_timer: Option<u64>) {
         // A node that does not serve a replicated queue leaves its dead messages to the one
         // that does: its copy loses them, and the serving node routes them once.
-        let routes = !self.settings.replicated
-            || self
-                .registry
-                .upgrade()
-                .and_then(|registry| registry.replicator())
-                .is_some_and(|r| r.serves(&self.name));
-        for dead in deaths.into_iter().filter(|_| routes) {
-            self.route_dead(dead);
+        let routes = || {
+            !self.settings.replicated
+                || self
+                    .registry
+                    .upgrade()
+                    .and_then(|registry| registry.replicator())
+                    .is_some_and(|r| r.serves(&self.name))
+        };
+        if !deaths.is_empty() && routes() {
+            for dead in deaths {
+                self.route_dead(dead);
+            }
         }
         if let Some(at) = next_timer {
             self.schedule(at);

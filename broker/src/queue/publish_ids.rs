@@ -5,26 +5,30 @@
 //! The set changes only with the queue group's log (a publish applied, messages that left
 //! applied), never with what the serving node does on its own, so every node decides alike.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{HashMap, VecDeque};
+
+use foldhash::fast::RandomState;
 
 /// Publishes whose ids are kept after their messages left the queue: a retry comes within
 /// seconds, and a publisher has at most this many in flight (a client's default is far less).
 pub const RETAINED: u64 = 4096;
 
-/// Publish ids by the seq of the message that carried each.
+/// The publish ids a queue remembers. Applying a publish is on the path of every confirm, so
+/// each step is a hash lookup or a push at the end of a ring.
 #[derive(Debug, Default)]
 pub struct PublishIds {
-    ids: HashSet<u64>,
-    by_seq: BTreeMap<u64, u64>,
-    /// Seqs (with an id) of messages that left the queue, dropped once [`RETAINED`] publishes
-    /// old.
-    departed: BTreeSet<u64>,
+    /// Every id kept, with the seq of its message.
+    ids: HashMap<u64, u64, RandomState>,
+    /// (seq, id, left the queue) of the ids of the last [`RETAINED`] publishes, in seq order.
+    recent: VecDeque<(u64, u64, bool)>,
+    /// Ids of messages older than that and still held, by seq.
+    old: HashMap<u64, u64, RandomState>,
 }
 
 /// [`PublishIds`] as a snapshot holds them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SavedIds {
-    /// (seq, id) of every id kept.
+    /// (seq, id) of every id kept, in seq order.
     pub ids: Vec<(u64, u64)>,
     /// The seqs among them whose messages left the queue.
     pub departed: Vec<u64>,
@@ -34,51 +38,64 @@ impl PublishIds {
     /// True when `id` was seen: its message is held, or left less than [`RETAINED`]
     /// publishes ago. Id 0 is never seen: it means the publisher gave none.
     pub fn contains(&self, id: u64) -> bool {
-        id != 0 && self.ids.contains(&id)
+        id != 0 && self.ids.contains_key(&id)
     }
 
-    /// The message with `seq` was published with `id`.
+    /// The message with `seq` (above every seq before) was published with `id`.
     pub fn insert(&mut self, seq: u64, id: u64) {
-        while let Some(&oldest) = self.departed.first() {
+        while let Some(&(oldest, oldest_id, departed)) = self.recent.front() {
             if oldest.saturating_add(RETAINED) > seq {
                 break;
             }
-            self.departed.pop_first();
-            if let Some(id) = self.by_seq.remove(&oldest) {
-                self.ids.remove(&id);
+            self.recent.pop_front();
+            match departed {
+                true => {
+                    self.ids.remove(&oldest_id);
+                }
+                false => {
+                    self.old.insert(oldest, oldest_id);
+                }
             }
         }
-        if id != 0 && self.ids.insert(id) {
-            self.by_seq.insert(seq, id);
+        if id != 0 && !self.ids.contains_key(&id) {
+            self.ids.insert(id, seq);
+            self.recent.push_back((seq, id, false));
         }
     }
 
     /// The messages with `seqs` left the queue.
     pub fn remove(&mut self, seqs: &[u64]) {
         for seq in seqs {
-            if self.by_seq.contains_key(seq) {
-                self.departed.insert(*seq);
+            if let Some(id) = self.old.remove(seq) {
+                self.ids.remove(&id);
+            } else if let Ok(at) = self.recent.binary_search_by_key(seq, |(seq, _, _)| *seq) {
+                self.recent[at].2 = true;
             }
         }
     }
 
     /// What a snapshot keeps.
     pub fn saved(&self) -> SavedIds {
-        SavedIds {
-            ids: self.by_seq.iter().map(|(seq, id)| (*seq, *id)).collect(),
-            departed: self.departed.iter().copied().collect(),
-        }
+        let mut ids: Vec<(u64, u64)> = self.old.iter().map(|(seq, id)| (*seq, *id)).collect();
+        ids.sort_unstable();
+        ids.extend(self.recent.iter().map(|(seq, id, _)| (*seq, *id)));
+        let departed =
+            self.recent.iter().filter(|(_, _, departed)| *departed).map(|(seq, _, _)| *seq).collect();
+        SavedIds { ids, departed }
     }
 
     /// Holds exactly what `saved` (taken from a snapshot) holds.
     pub fn replace(&mut self, saved: &SavedIds) {
         *self = PublishIds::default();
-        for (seq, id) in &saved.ids {
-            if self.ids.insert(*id) {
-                self.by_seq.insert(*seq, *id);
+        let departed: std::collections::HashSet<u64> = saved.departed.iter().copied().collect();
+        let mut ids = saved.ids.clone();
+        ids.sort_unstable();
+        for (seq, id) in ids {
+            if id != 0 && !self.ids.contains_key(&id) {
+                self.ids.insert(id, seq);
+                self.recent.push_back((seq, id, departed.contains(&seq)));
             }
         }
-        self.departed = saved.departed.iter().copied().filter(|seq| self.by_seq.contains_key(seq)).collect();
     }
 }
 
@@ -128,5 +145,24 @@ mod tests {
         assert!(restored.contains(10) && restored.contains(20) && !restored.contains(70));
         restored.insert(RETAINED + 1, 30);
         assert!(!restored.contains(10) && restored.contains(20));
+    }
+
+    #[test]
+    fn an_old_message_still_held_keeps_its_id_until_it_leaves() {
+        let mut ids = PublishIds::default();
+        ids.insert(1, 11);
+        for seq in 2..=RETAINED + 10 {
+            ids.insert(seq, 1000 + seq);
+            ids.remove(&[seq]);
+        }
+        assert!(ids.contains(11), "held for {RETAINED}+ publishes");
+        assert!(!ids.contains(1002), "left long ago");
+        let saved = ids.saved();
+        assert_eq!(saved.ids.first(), Some(&(1, 11)));
+        ids.remove(&[1]);
+        assert!(!ids.contains(11));
+        let mut restored = PublishIds::default();
+        restored.replace(&saved);
+        assert!(restored.contains(11) && restored.contains(1000 + RETAINED + 10));
     }
 }
