@@ -1137,3 +1137,36 @@ async fn a_publish_sent_again_with_its_publish_id_enters_a_replicated_queue_once
     let stats = server.queue_stats("once").await.unwrap();
     assert_eq!((stats.ready, stats.unacked), (0, 4), "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_a_slow_link_neither_holds_up_confirms_nor_unseats_the_leader() {
+    let (mut cluster, links) = start_behind_proxies().await;
+    cluster.agreed_leader(Duration::from_secs(10)).await;
+    let replicated = QueueOptions { replicated: true, ..QueueOptions::default() };
+    connect(cluster.node(1)).await.declare_queue("steady", replicated).await.unwrap();
+    let serving = serving_node(&mut cluster, "steady").await;
+    let slow = (1..=3).find(|id| *id != serving).unwrap();
+    // A consumer at the serving node: a new election would cancel it.
+    let conn = connect(cluster.node(serving)).await;
+    let mut consumer =
+        conn.consume("steady", ConsumeOptions { prefetch: 50, ..Default::default() }).await.unwrap();
+
+    // Every byte to and from the slow node takes 300 ms: under the election timeout, so it
+    // keeps following; the other two are a majority and confirm without it.
+    for ((from, to), proxy) in &links {
+        if *from == slow || *to == slow {
+            proxy.slow_down(Duration::from_millis(300));
+        }
+    }
+    let bodies: Vec<String> = (0..50).map(|n| format!("steady {n}")).collect();
+    hopper_tests::publish_all(&conn, "steady", bodies.clone()).await;
+    let got: Vec<String> =
+        hopper_tests::next_deliveries(&mut consumer, 50).await.iter().map(hopper_tests::body_text).collect();
+    assert_eq!(got, bodies, "delivered in order, by the same consumer: no election cancelled it");
+    let slow_node = cluster.node(slow);
+    eventually("the slow node's copy catches up", Duration::from_secs(10), || async {
+        connect(slow_node).await.queue_stats("steady").await.is_ok_and(|q| q.published_total == 50)
+    })
+    .await;
+    assert_eq!(serving_node(&mut cluster, "steady").await, serving);
+}
