@@ -10,8 +10,9 @@
 //! every replicated queue, and a group's leader is the node that serves its queues to
 //! consumers. The groups elect their leaders apart, so the serving spreads over the nodes.
 //!
-//! The groups form on their own when the nodes named by `--peers` start (static bootstrap:
-//! each node proposes the same membership, which Raft accepts once and ignores after).
+//! The groups form on their own when the nodes named by `--peers` start (static bootstrap):
+//! each group's preferred node proposes the membership, which Raft accepts once and ignores
+//! after, and so becomes the group's first leader; the groups' leaders spread over the nodes.
 
 mod network;
 mod store;
@@ -125,7 +126,8 @@ pub enum QueueCommand {
         /// metadata is applied that far, so a node applies this publish only then.
         meta_index: u64,
         /// The id the publisher gave the message (or the broker, if it gave none): while the
-        /// queue holds a message with this id, a publish with it again does not enter.
+        /// queue holds a message with this id, or took one within its last 4,096 publishes, a
+        /// publish with it again does not enter.
         #[serde(default, skip_serializing_if = "is_zero")]
         publish_id: u64,
     },
