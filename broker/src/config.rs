@@ -68,6 +68,8 @@ pub struct Config {
     pub disk_free_low_watermark_bytes: u64,
     /// Address of the HTTP listener (metrics, API, dashboard); "off" disables it.
     pub http: String,
+    /// Address of the AMQP 0-9-1 listener; "off" (the default) disables it.
+    pub amqp_listen: String,
     /// Makes the HTTP listener speak HTTPS, with `tls_cert` and `tls_key`.
     pub http_tls: bool,
     /// Host names the HTTP listener answers to besides IP addresses and `localhost` (matched
@@ -122,6 +124,7 @@ impl Default for Config {
             memory_high_watermark_bytes: default_memory_watermark(),
             disk_free_low_watermark_bytes: 50 * 1024 * 1024,
             http: "127.0.0.1:15680".into(),
+            amqp_listen: "off".into(),
             http_tls: false,
             http_allow_hosts: Vec::new(),
             http_allow_origins: Vec::new(),
@@ -225,6 +228,11 @@ impl Config {
     /// The TLS listener's address, unless it is off.
     pub fn tls_listen(&self) -> Option<&str> {
         listener_addr(&self.tls_listen)
+    }
+
+    /// The AMQP listener's address, if it is on.
+    pub fn amqp_listen(&self) -> Option<&str> {
+        listener_addr(&self.amqp_listen)
     }
 
     /// The HTTP listener's address, unless it is off.

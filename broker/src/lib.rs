@@ -4,6 +4,7 @@
 //! Layout: [`server`] accepts connections; `session` serves one connection; [`queue`] holds
 //! each queue's state machine behind its own lock; `outbox` batches a connection's writes.
 
+pub mod amqp;
 pub mod audit;
 pub mod auth;
 pub mod cluster;

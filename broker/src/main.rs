@@ -23,6 +23,10 @@ struct Args {
     /// and --tls-key) [default: off].
     #[arg(long, value_name = "ADDR", env = "HOPPER_TLS_LISTEN")]
     tls_listen: Option<String>,
+    /// Address of a listener speaking AMQP 0-9-1, for RabbitMQ's clients (127.0.0.1:5672, say)
+    /// [default: off].
+    #[arg(long, value_name = "ADDR", env = "HOPPER_AMQP_LISTEN")]
+    amqp_listen: Option<String>,
     /// PEM file with the certificate chain of the TLS listener and of HTTPS (--http-tls), the
     /// broker's own certificate first.
     #[arg(long, value_name = "FILE", env = "HOPPER_TLS_SERVER_CERT")]
@@ -163,6 +167,9 @@ impl Args {
         };
         if let Some(listen) = self.listen {
             config.listen = listen;
+        }
+        if let Some(amqp_listen) = self.amqp_listen {
+            config.amqp_listen = amqp_listen;
         }
         if let Some(tls_listen) = self.tls_listen {
             config.tls_listen = tls_listen;
@@ -360,6 +367,9 @@ fn main() -> ExitCode {
         file_limit.log();
         if let Some(http) = broker.http_addr() {
             tracing::info!("{http_scheme} listening on {http} (dashboard at {http_scheme}://{http}/)");
+        }
+        if let Some(amqp) = broker.amqp_addr() {
+            tracing::info!("amqp listening on {amqp}");
         }
         // The plain listener's line comes last: tests and scripts take it as "ready". With the
         // plain listener off, the TLS line carries the data directory and version instead.

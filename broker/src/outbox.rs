@@ -86,6 +86,19 @@ impl Outbox {
         }
     }
 
+    /// Queues bytes another protocol's codec encoded (the AMQP listener's frames), whole.
+    pub fn push_bytes(&self, bytes: &[u8]) {
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return;
+        }
+        let was_empty = inner.buf.is_empty();
+        inner.buf.extend_from_slice(bytes);
+        if was_empty {
+            self.wake_writer.notify_one();
+        }
+    }
+
     /// Queues a frame of `len` bytes that `encode` writes (without the length prefix), if it
     /// fits the max frame size; otherwise leaves the outbox as it was and returns the size and
     /// the limit.

@@ -98,6 +98,11 @@ impl Broker {
             None => None,
         };
         let http_addr = http.as_ref().map(|(_, addr)| *addr);
+        let amqp = match config.amqp_listen() {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let amqp_addr = amqp.as_ref().map(|(_, addr)| *addr);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let users = crate::auth::Users::open(&config.data_dir).map_err(data_dir_error)?;
         let cluster = config.cluster()?;
@@ -123,6 +128,9 @@ impl Broker {
             }
             None => None,
         };
+        if let Some((listener, _)) = amqp {
+            tokio::spawn(crate::amqp::serve(listener, engine.clone(), shutdown_rx.clone()));
+        }
         if let Some((listener, _)) = http {
             tokio::spawn(crate::http::serve(listener, https, engine.clone(), shutdown_rx.clone()));
         }
@@ -130,7 +138,7 @@ impl Broker {
             serve(listeners, engine, shutdown_rx).await;
             drop(data_lock);
         });
-        Ok(BrokerHandle { plain_addr, tls_addr, http_addr, cluster_addr, shutdown_tx, task })
+        Ok(BrokerHandle { plain_addr, tls_addr, http_addr, amqp_addr, cluster_addr, shutdown_tx, task })
     }
 }
 
@@ -139,6 +147,7 @@ pub struct BrokerHandle {
     plain_addr: Option<SocketAddr>,
     tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    amqp_addr: Option<SocketAddr>,
     cluster_addr: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -168,6 +177,11 @@ impl BrokerHandle {
     /// The HTTP listener's address, unless HTTP is off; it speaks HTTPS with `http_tls`.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The AMQP listener's address, if it is on (`amqp_listen`).
+    pub fn amqp_addr(&self) -> Option<SocketAddr> {
+        self.amqp_addr
     }
 
     /// The cluster listener's address, if the broker is in a cluster.

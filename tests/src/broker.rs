@@ -80,6 +80,7 @@ pub struct Broker {
     addr: Option<SocketAddr>,
     tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    amqp_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<String>>>,
     /// The thread draining stderr; it ends when the broker exits and the pipe closes.
     stderr_reader: Option<JoinHandle<()>>,
@@ -104,6 +105,7 @@ struct Started {
     addr: Option<SocketAddr>,
     tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    amqp_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<String>>>,
     stderr_reader: JoinHandle<()>,
 }
@@ -135,12 +137,13 @@ impl Broker {
     }
 
     fn launch(launch: Launch, temp_dir: Option<TempDir>) -> Broker {
-        let Started { child, addr, tls_addr, http_addr, stderr, stderr_reader } = launch.start();
+        let Started { child, addr, tls_addr, http_addr, amqp_addr, stderr, stderr_reader } = launch.start();
         Broker {
             child,
             addr,
             tls_addr,
             http_addr,
+            amqp_addr,
             stderr,
             stderr_reader: Some(stderr_reader),
             launch,
@@ -156,11 +159,13 @@ impl Broker {
         if let Some(reader) = self.stderr_reader.take() {
             let _ = reader.join();
         }
-        let Started { child, addr, tls_addr, http_addr, stderr, stderr_reader } = self.launch.start();
+        let Started { child, addr, tls_addr, http_addr, amqp_addr, stderr, stderr_reader } =
+            self.launch.start();
         self.child = child;
         self.addr = addr;
         self.tls_addr = tls_addr;
         self.http_addr = http_addr;
+        self.amqp_addr = amqp_addr;
         self.stderr = stderr;
         self.stderr_reader = Some(stderr_reader);
     }
@@ -178,6 +183,11 @@ impl Broker {
     /// The address of the broker's HTTP listener (metrics, API, dashboard), HTTP or HTTPS.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr.expect("the broker runs its HTTP listener")
+    }
+
+    /// The address of the broker's AMQP listener (`--amqp-listen`).
+    pub fn amqp_addr(&self) -> SocketAddr {
+        self.amqp_addr.expect("the broker runs an AMQP listener (start it with --amqp-listen 127.0.0.1:0)")
     }
 
     /// The broker's data directory.
@@ -319,6 +329,7 @@ impl Launch {
         let deadline = Instant::now() + STARTUP_DEADLINE;
         let mut http_addr = None;
         let mut tls_addr = None;
+        let mut amqp_addr = None;
         // The plain listener's line comes last; without one, the TLS line does.
         let plain_off = self.args.windows(2).any(|pair| pair[0] == "--listen" && pair[1] == "off");
         let addr = loop {
@@ -327,6 +338,8 @@ impl Launch {
                 Ok(line) => {
                     if let Some(addr) = http_listening_addr(&line) {
                         http_addr = Some(addr);
+                    } else if let Some(addr) = amqp_listening_addr(&line) {
+                        amqp_addr = Some(addr);
                     } else if let Some(addr) = tls_listening_addr(&line) {
                         tls_addr = Some(addr);
                         if plain_off {
@@ -350,7 +363,7 @@ impl Launch {
                 }
             }
         };
-        Started { child, addr, tls_addr, http_addr, stderr, stderr_reader }
+        Started { child, addr, tls_addr, http_addr, amqp_addr, stderr, stderr_reader }
     }
 }
 
@@ -391,6 +404,12 @@ fn http_listening_addr(line: &str) -> Option<SocketAddr> {
     let (_, rest) = line
         .split_once("hopperd: http listening on ")
         .or_else(|| line.split_once("hopperd: https listening on "))?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The address in a `... hopperd: amqp listening on 127.0.0.1:5672` log line.
+fn amqp_listening_addr(line: &str) -> Option<SocketAddr> {
+    let (_, rest) = line.split_once("hopperd: amqp listening on ")?;
     rest.split_whitespace().next()?.parse().ok()
 }
 

@@ -1,0 +1,164 @@
+//! Where an AMQP consumer's deliveries go: a `basic.deliver` with its content header and body
+//! frames, into the connection's outbox. Each delivery takes its channel's next delivery tag;
+//! the channel maps the tag back to the consumer and the broker's own tag when the client
+//! settles it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
+use amq_protocol::protocol::{basic, AMQPClass};
+use parking_lot::Mutex;
+
+use super::codec::encode;
+use super::properties;
+use crate::message::{Payload, QueuedMessage};
+use crate::outbox::Outbox;
+use crate::queue::{Refusal, Sink};
+
+/// A channel's delivery tags: each names a delivery of one of its consumers.
+#[derive(Debug, Default)]
+pub struct Tags {
+    last: u64,
+    deliveries: BTreeMap<u64, (u64, u64)>,
+}
+
+impl Tags {
+    /// A new tag for delivery `delivery_tag` of consumer `consumer_id`.
+    fn issue(&mut self, consumer_id: u64, delivery_tag: u64) -> u64 {
+        self.last += 1;
+        self.deliveries.insert(self.last, (consumer_id, delivery_tag));
+        self.last
+    }
+
+    /// The deliveries a settle of `tag` (with `multiple`, of every tag up to it; tag 0 with
+    /// `multiple` is every one) covers, by consumer: the consumer, its latest tag covered, and
+    /// whether more than one of its deliveries is. They are forgotten.
+    pub fn settle(&mut self, tag: u64, multiple: bool) -> Result<Vec<(u64, u64, bool)>, u64> {
+        if !multiple {
+            let (consumer, delivery) = self.deliveries.remove(&tag).ok_or(tag)?;
+            return Ok(vec![(consumer, delivery, false)]);
+        }
+        let upto = if tag == 0 { self.last } else { tag };
+        if tag != 0 && !self.deliveries.contains_key(&tag) {
+            return Err(tag);
+        }
+        let rest = self.deliveries.split_off(&(upto + 1));
+        let covered = std::mem::replace(&mut self.deliveries, rest);
+        let mut by_consumer: BTreeMap<u64, (u64, usize)> = BTreeMap::new();
+        for (consumer, delivery) in covered.into_values() {
+            let entry = by_consumer.entry(consumer).or_insert((delivery, 0));
+            entry.0 = entry.0.max(delivery);
+            entry.1 += 1;
+        }
+        Ok(by_consumer.into_iter().map(|(consumer, (delivery, n))| (consumer, delivery, n > 1)).collect())
+    }
+
+    /// Forgets the deliveries of `consumer_id` (cancelled: the broker took them back).
+    pub fn forget(&mut self, consumer_id: u64) {
+        self.deliveries.retain(|_, (consumer, _)| *consumer != consumer_id);
+    }
+}
+
+/// One AMQP consumer, as its queue sees it.
+pub struct AmqpSink {
+    pub outbox: Arc<Outbox>,
+    pub channel: u16,
+    pub consumer_tag: String,
+    pub tags: Arc<Mutex<Tags>>,
+    /// The negotiated frame size: bodies are cut into frames no larger.
+    pub frame_max: usize,
+}
+
+impl Sink for AmqpSink {
+    fn is_writable(&self) -> bool {
+        self.outbox.accepts_deliveries()
+    }
+
+    fn deliver(
+        &self,
+        consumer_id: u64,
+        delivery_tag: u64,
+        message: &QueuedMessage,
+        payload: &Payload,
+    ) -> Result<(), Refusal> {
+        let tag = self.tags.lock().issue(consumer_id, delivery_tag);
+        let deliver = basic::Deliver {
+            consumer_tag: self.consumer_tag.as_str().into(),
+            delivery_tag: tag,
+            redelivered: message.redelivered(),
+            exchange: payload.exchange.as_ref().into(),
+            routing_key: payload.routing_key.as_str().into(),
+        };
+        let bytes = content_frames(
+            self.channel,
+            AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver)),
+            payload,
+            self.frame_max,
+        );
+        self.outbox.push_bytes(&bytes);
+        Ok(())
+    }
+
+    fn expired(&self, _consumer_id: u64, _delivery_tag: u64) {
+        // AMQP has no such notice; the client's late ack of it is refused then.
+    }
+
+    fn connection_id(&self) -> u64 {
+        self.outbox.connection_id()
+    }
+
+    fn cancelled(&self, consumer_id: u64, _reason: &str) {
+        self.tags.lock().forget(consumer_id);
+        let cancel = basic::Cancel { consumer_tag: self.consumer_tag.as_str().into(), nowait: true };
+        let frame = AMQPFrame::Method(self.channel, AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)));
+        self.outbox.push_bytes(&encode(&frame));
+    }
+}
+
+/// A method that carries content (`basic.deliver`, `basic.get-ok`, `basic.return`), with the
+/// content header and the body cut into frames of at most `frame_max` bytes.
+pub fn content_frames(channel: u16, method: AMQPClass, payload: &Payload, frame_max: usize) -> Vec<u8> {
+    let mut bytes = encode(&AMQPFrame::Method(channel, method));
+    let header = AMQPContentHeader {
+        class_id: 60,
+        body_size: payload.body.len() as u64,
+        properties: properties::to_amqp(payload),
+    };
+    bytes.extend(encode(&AMQPFrame::Header(channel, header)));
+    // Eight bytes of every frame are its header and end marker.
+    let chunk = frame_max.saturating_sub(8).max(1);
+    for part in payload.body.chunks(chunk) {
+        bytes.extend(encode(&AMQPFrame::Body(channel, part.to_vec())));
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_multiple_settle_covers_every_consumer_up_to_the_tag() {
+        let mut tags = Tags::default();
+        assert_eq!(tags.issue(7, 1), 1);
+        assert_eq!(tags.issue(8, 1), 2);
+        assert_eq!(tags.issue(7, 2), 3);
+        assert_eq!(tags.issue(8, 2), 4);
+        assert_eq!(tags.settle(3, true).unwrap(), [(7, 2, true), (8, 1, false)]);
+        assert_eq!(tags.settle(3, false), Err(3), "settled already");
+        assert_eq!(tags.settle(4, false).unwrap(), [(8, 2, false)]);
+        assert_eq!(tags.settle(9, true), Err(9));
+    }
+
+    #[test]
+    fn tag_zero_with_multiple_settles_everything_and_a_cancel_forgets() {
+        let mut tags = Tags::default();
+        tags.issue(1, 1);
+        tags.issue(2, 1);
+        tags.issue(1, 2);
+        tags.forget(2);
+        assert_eq!(tags.settle(0, true).unwrap(), [(1, 2, true)]);
+        assert!(tags.settle(0, true).unwrap().is_empty());
+    }
+}

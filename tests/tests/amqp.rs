@@ -1,0 +1,200 @@
+//! RabbitMQ's tutorials, run with lapin (the Rust AMQP 0-9-1 client) against Hopper's AMQP
+//! listener, and the same messages seen from Hopper's own protocol.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use hopper_tests::{connect, Broker};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+fn broker() -> Broker {
+    Broker::start_with(&["--amqp-listen", "127.0.0.1:0"])
+}
+
+async fn open(broker: &Broker) -> (Connection, Channel) {
+    let uri = format!("amqp://guest:guest@{}/%2f", broker.amqp_addr());
+    let connection =
+        Connection::connect(&uri, ConnectionProperties::default()).await.expect("connect over AMQP");
+    let channel = connection.create_channel().await.expect("open a channel");
+    (connection, channel)
+}
+
+async fn publish(channel: &Channel, exchange: &str, key: &str, body: &str) {
+    channel
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("publish confirm");
+}
+
+async fn next_body(consumer: &mut lapin::Consumer) -> String {
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("the consumer goes on")
+        .expect("a delivery");
+    delivery.ack(BasicAckOptions::default()).await.expect("ack");
+    String::from_utf8(delivery.data.clone()).expect("UTF-8")
+}
+
+async fn consumer(channel: &Channel, queue: &str) -> lapin::Consumer {
+    channel
+        .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume")
+}
+
+#[tokio::test]
+async fn hello_world_and_work_queues() {
+    let broker = broker();
+    let (_connection, channel) = open(&broker).await;
+    channel
+        .queue_declare("hello".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    publish(&channel, "", "hello", "Hello World!").await;
+    let mut hello = consumer(&channel, "hello").await;
+    assert_eq!(next_body(&mut hello).await, "Hello World!");
+
+    // Work queues: a durable queue, fair dispatch with a prefetch of 1, acks.
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    channel.queue_declare("task_queue".into(), durable, FieldTable::default()).await.unwrap();
+    let (_other, worker_channel) = open(&broker).await;
+    worker_channel.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut worker = consumer(&worker_channel, "task_queue").await;
+    for n in 0..5 {
+        publish(&channel, "", "task_queue", &format!("task {n}")).await;
+    }
+    for n in 0..5 {
+        assert_eq!(next_body(&mut worker).await, format!("task {n}"));
+    }
+    let stats = connect(&broker).await.queue_stats("task_queue").await.unwrap();
+    assert!(stats.durable, "{stats:?}");
+    assert_eq!((stats.ready, stats.unacked, stats.acked_total), (0, 0, 5), "{stats:?}");
+}
+
+#[tokio::test]
+async fn publish_subscribe_routing_and_topics() {
+    let broker = broker();
+    let (_connection, channel) = open(&broker).await;
+    // Publish/subscribe: a fanout exchange, server-named queues.
+    channel
+        .exchange_declare(
+            "logs".into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut subscribers = Vec::new();
+    for _ in 0..2 {
+        let queue = channel
+            .queue_declare("".into(), QueueDeclareOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        assert!(queue.name().as_str().starts_with("amq.gen-"), "{:?}", queue.name());
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                "logs".into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        subscribers.push(consumer(&channel, queue.name().as_str()).await);
+    }
+    publish(&channel, "logs", "", "to everyone").await;
+    for subscriber in &mut subscribers {
+        assert_eq!(next_body(subscriber).await, "to everyone");
+    }
+
+    // Routing and topics.
+    for (exchange, kind, binding, hit, miss) in [
+        ("direct_logs", ExchangeKind::Direct, "error", "error", "info"),
+        ("topic_logs", ExchangeKind::Topic, "kern.*", "kern.critical", "cron.critical"),
+    ] {
+        channel
+            .exchange_declare(exchange.into(), kind, ExchangeDeclareOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        let queue = channel
+            .queue_declare("".into(), QueueDeclareOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.into(),
+                binding.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        publish(&channel, exchange, miss, "not for us").await;
+        publish(&channel, exchange, hit, "for us").await;
+        let mut receiver = consumer(&channel, queue.name().as_str()).await;
+        assert_eq!(next_body(&mut receiver).await, "for us", "{exchange}");
+        let stats = connect(&broker).await.queue_stats(queue.name().as_str()).await.unwrap();
+        assert_eq!(stats.published_total, 1, "{exchange}: {stats:?}");
+    }
+}
+
+#[tokio::test]
+async fn confirms_properties_and_hopper_clients_see_the_same_messages() {
+    let broker = broker();
+    let (_connection, channel) = open(&broker).await;
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel.queue_declare("rpc".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    let properties = BasicProperties::default()
+        .with_correlation_id("c-1".into())
+        .with_reply_to("callbacks".into())
+        .with_content_type("application/json".into());
+    let confirm = channel
+        .basic_publish("".into(), "rpc".into(), BasicPublishOptions::default(), b"{\"n\": 30}", properties)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "{confirm:?}");
+
+    // A Hopper consumer gets it, properties as headers.
+    let hopper = connect(&broker).await;
+    let mut from_hopper = hopper.consume("rpc", Default::default()).await.unwrap();
+    let delivery = hopper_tests::next_delivery(&mut from_hopper).await;
+    assert_eq!(hopper_tests::body_text(&delivery), "{\"n\": 30}");
+    assert_eq!(delivery.content_type, "application/json");
+    assert_eq!(delivery.headers["amqp-correlation-id"], "c-1");
+    delivery.ack().await.unwrap();
+    from_hopper.cancel().await.unwrap();
+
+    // A Hopper publisher's message reaches a lapin consumer, properties restored.
+    let mut headers = std::collections::HashMap::new();
+    headers.insert("amqp-correlation-id".to_string(), "c-2".to_string());
+    headers.insert("tenant".to_string(), "acme".to_string());
+    let options = hopper_client::PublishOptions { headers, ..Default::default() };
+    hopper.publish("rpc", "from hopper", options).await.unwrap();
+    let mut from_lapin = consumer(&channel, "rpc").await;
+    let delivery =
+        tokio::time::timeout(Duration::from_secs(10), from_lapin.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(delivery.data, b"from hopper");
+    assert_eq!(delivery.properties.correlation_id().as_ref().map(|s| s.as_str()), Some("c-2"));
+    let table = delivery.properties.headers().as_ref().expect("headers");
+    assert!(table.inner().keys().any(|key| key.as_str() == "tenant"), "{table:?}");
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+}
