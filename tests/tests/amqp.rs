@@ -198,3 +198,42 @@ async fn confirms_properties_and_hopper_clients_see_the_same_messages() {
     assert!(table.inner().keys().any(|key| key.as_str() == "tenant"), "{table:?}");
     delivery.ack(BasicAckOptions::default()).await.unwrap();
 }
+
+#[tokio::test]
+async fn refusals_close_the_channel_with_rabbitmqs_codes_and_bad_clients_do_not_hurt_others() {
+    let broker = broker();
+    let (connection, channel) = open(&broker).await;
+    // A queue that does not exist: 404 on the channel; the connection goes on.
+    let missing = channel
+        .basic_consume("nowhere".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap_err();
+    assert!(format!("{missing:?}").contains("Soft(NOTFOUND)"), "{missing:?}");
+    // An argument Hopper cannot honour: 406.
+    let other = connection.create_channel().await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-expires".into(), lapin::types::AMQPValue::LongInt(1000));
+    let refused =
+        other.queue_declare("q".into(), QueueDeclareOptions::default(), arguments).await.unwrap_err();
+    assert!(format!("{refused:?}").contains("Soft(PRECONDITIONFAILED)"), "{refused:?}");
+    assert!(format!("{refused:?}").contains("x-expires"), "{refused:?}");
+
+    // A wrong password is refused.
+    let uri = format!("amqp://guest:wrong@{}/%2f", broker.amqp_addr());
+    assert!(Connection::connect(&uri, ConnectionProperties::default()).await.is_err());
+
+    // Bytes that are not AMQP get the protocol header this broker speaks, and the door shut.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(broker.amqp_addr()).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert_eq!(answer, b"AMQP\x00\x00\x09\x01");
+
+    // And everyone else is still served.
+    let (_connection, fresh) = open(&broker).await;
+    fresh.queue_declare("still".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    publish(&fresh, "", "still", "served").await;
+    let mut receiver = consumer(&fresh, "still").await;
+    assert_eq!(next_body(&mut receiver).await, "served");
+}
