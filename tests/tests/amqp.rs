@@ -237,3 +237,56 @@ async fn refusals_close_the_channel_with_rabbitmqs_codes_and_bad_clients_do_not_
     let mut receiver = consumer(&fresh, "still").await;
     assert_eq!(next_body(&mut receiver).await, "served");
 }
+
+#[tokio::test]
+async fn a_no_ack_consumer_settles_nothing_and_the_queue_forgets_what_it_got() {
+    let broker = broker();
+    let (_connection, channel) = open(&broker).await;
+    channel
+        .queue_declare("fire".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    for n in 0..20 {
+        publish(&channel, "", "fire", &format!("m{n}")).await;
+    }
+    let options = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
+    let mut consumer =
+        channel.basic_consume("fire".into(), "".into(), options, FieldTable::default()).await.unwrap();
+    for n in 0..20 {
+        let delivery =
+            tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(delivery.data, format!("m{n}").as_bytes());
+    }
+    let hopper = connect(&broker).await;
+    hopper_tests::eventually("every delivery is acked by the broker", Duration::from_secs(10), || async {
+        let stats = hopper.queue_stats("fire").await.unwrap();
+        stats.acked_total == 20 && stats.unacked == 0 && stats.ready == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn basic_get_takes_one_message_at_a_time_and_says_when_the_queue_is_empty() {
+    let broker = broker();
+    let (_connection, channel) = open(&broker).await;
+    channel
+        .queue_declare("polled".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    publish(&channel, "", "polled", "first").await;
+    publish(&channel, "", "polled", "second").await;
+    let first = channel
+        .basic_get("polled".into(), lapin::options::BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.delivery.data, b"first");
+    assert_eq!(first.message_count, 1);
+    first.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    let no_ack = lapin::options::BasicGetOptions { no_ack: true };
+    let second = channel.basic_get("polled".into(), no_ack).await.unwrap().unwrap();
+    assert_eq!(second.delivery.data, b"second");
+    assert!(channel.basic_get("polled".into(), no_ack).await.unwrap().is_none());
+    let stats = connect(&broker).await.queue_stats("polled").await.unwrap();
+    assert_eq!((stats.ready, stats.unacked, stats.acked_total), (0, 0, 2), "{stats:?}");
+}

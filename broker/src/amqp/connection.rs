@@ -13,13 +13,13 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::codec::FramedRead;
 
 use super::codec::{encode, FrameCodec, FrameError, PROTOCOL_HEADER};
-use super::sink::{AmqpSink, Tags};
+use super::sink::{content_frames, AmqpSink, Tags};
 use super::{arguments, properties};
-use crate::engine::{Caller, ConsumeOptions, DeliveryRef, Engine, NackOptions, NewMessage, Route};
+use crate::engine::{Caller, ConsumeOptions, DeliveryRef, Engine, NackOptions, NewMessage, Pull, Route};
 use crate::error::BrokerError;
 use crate::outbox::Outbox;
 use crate::queue::{Confirm, Outcome};
@@ -31,6 +31,8 @@ pub const FRAME_MAX: u32 = 128 * 1024;
 const CHANNEL_MAX: u16 = 2047;
 /// Heartbeat proposed to clients, in seconds.
 const HEARTBEAT_S: u16 = 60;
+/// Deliveries of a no-ack consumer on their way to being acked.
+const NO_ACK_WINDOW: u32 = 1000;
 /// Time a client gets for each step of the handshake.
 const HANDSHAKE_STEP: Duration = Duration::from_secs(10);
 
@@ -107,6 +109,8 @@ pub(super) struct Connection {
     frame_max: usize,
     channels: HashMap<u16, Channel>,
     next_consumer_tag: u64,
+    /// Deliveries of no-ack consumers, to ack (consumer id, tag).
+    auto_acks: (mpsc::UnboundedSender<(u64, u64)>, mpsc::UnboundedReceiver<(u64, u64)>),
 }
 
 /// Reads the handshake from `frames` and logs the client in; `None` (after telling the client
@@ -208,6 +212,7 @@ impl Connection {
             frame_max,
             channels: HashMap::new(),
             next_consumer_tag: 0,
+            auto_acks: mpsc::unbounded_channel(),
         }
     }
 
@@ -223,6 +228,10 @@ impl Connection {
                 frame = frames.next() => frame,
                 _ = heartbeat.tick() => {
                     self.outbox.push_bytes(&encode(&AMQPFrame::Heartbeat));
+                    continue;
+                }
+                Some(first) = self.auto_acks.1.recv() => {
+                    self.auto_ack(first);
                     continue;
                 }
                 _ = shutdown.changed() => {
@@ -253,6 +262,22 @@ impl Connection {
                     return;
                 }
             }
+        }
+    }
+
+    /// Acks the deliveries of no-ack consumers that are waiting, `first` and the rest: one ack
+    /// per consumer, of its latest delivery and every one before.
+    fn auto_ack(&mut self, first: (u64, u64)) {
+        let mut latest: HashMap<u64, u64> = HashMap::new();
+        let mut next = Some(first);
+        while let Some((consumer_id, tag)) = next {
+            let entry = latest.entry(consumer_id).or_insert(tag);
+            *entry = (*entry).max(tag);
+            next = self.auto_acks.1.try_recv().ok();
+        }
+        for (consumer_id, delivery_tag) in latest {
+            // A consumer cancelled meanwhile took its deliveries back already.
+            let _ = self.engine.ack(&self.caller, DeliveryRef::Tag { consumer_id, delivery_tag }, true, None);
         }
     }
 
@@ -368,6 +393,7 @@ impl Connection {
                 self.channel(id).incoming =
                     Some(Incoming { method: publish, header: None, body: Vec::new() });
             }
+            AMQPClass::Basic(basic::AMQPMethod::Get(get)) => self.get(id, get).await?,
             AMQPClass::Basic(basic::AMQPMethod::Qos(qos)) => {
                 self.channel(id).prefetch = qos.prefetch_count;
                 send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
@@ -501,11 +527,40 @@ impl Connection {
             .map_err(|tag| Failure::Channel(code::PRECONDITION_FAILED, format!("unknown delivery tag {tag}")))
     }
 
-    fn consume(&mut self, id: u16, consume: basic::Consume) -> Result<(), Failure> {
-        if consume.no_ack {
-            let text = "no-ack consumers are not supported yet: acknowledge each delivery".to_string();
-            return Err(Failure::Channel(code::NOT_IMPLEMENTED, text));
+    /// `basic.get`: one message, if the queue has one ready.
+    async fn get(&mut self, id: u16, get: basic::Get) -> Result<(), Failure> {
+        let pull = Pull { count: 1, visibility_ms: 0, wait: Duration::ZERO, budget: usize::MAX };
+        let deliveries = self.engine.get(&self.caller, get.queue.as_str(), pull, None).await?;
+        let Some(delivery) = deliveries.into_iter().next() else {
+            send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})));
+            return Ok(());
+        };
+        let (consumer_id, delivery_tag) = (delivery.consumer_id, delivery.delivery_tag);
+        let tags = self.channel(id).tags.clone();
+        let tag = match get.no_ack {
+            true => tags.lock().issue_settled(),
+            false => tags.lock().issue(consumer_id, delivery_tag),
+        };
+        let remaining =
+            self.engine.queue_info(&self.caller, get.queue.as_str()).map_or(0, |info| info.snapshot.ready);
+        let payload = &delivery.message.payload;
+        let ok = basic::GetOk {
+            delivery_tag: tag,
+            redelivered: delivery.message.redelivered,
+            exchange: payload.exchange.as_ref().into(),
+            routing_key: payload.routing_key.as_str().into(),
+            message_count: u32::try_from(remaining).unwrap_or(u32::MAX),
+        };
+        let frames =
+            content_frames(id, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok)), payload, self.frame_max);
+        self.outbox.push_bytes(&frames);
+        if get.no_ack {
+            self.engine.ack(&self.caller, DeliveryRef::Tag { consumer_id, delivery_tag }, false, None)?;
         }
+        Ok(())
+    }
+
+    fn consume(&mut self, id: u16, consume: basic::Consume) -> Result<(), Failure> {
         let tag = match consume.consumer_tag.as_str() {
             "" => {
                 self.next_consumer_tag += 1;
@@ -514,6 +569,7 @@ impl Connection {
             tag => tag.to_owned(),
         };
         let (outbox, frame_max) = (self.outbox.clone(), self.frame_max);
+        let auto_ack = consume.no_ack.then(|| self.auto_acks.0.clone());
         let channel = self.channel(id);
         if channel.consumers.contains_key(&tag) {
             return Err(Failure::Connection(
@@ -521,18 +577,18 @@ impl Connection {
                 format!("consumer tag '{tag}' is in use on this channel"),
             ));
         }
+        // A no-ack consumer takes as much as the connection's writes allow; its window only
+        // bounds the deliveries waiting for the connection to ack them.
+        let prefetch = if consume.no_ack { NO_ACK_WINDOW } else { u32::from(channel.prefetch) };
         let sink = AmqpSink {
             outbox: outbox.clone(),
             channel: id,
             consumer_tag: tag.clone(),
             tags: channel.tags.clone(),
             frame_max,
+            auto_ack,
         };
-        let options = ConsumeOptions {
-            prefetch: u32::from(channel.prefetch),
-            tag: tag.clone(),
-            ..ConsumeOptions::default()
-        };
+        let options = ConsumeOptions { prefetch, tag: tag.clone(), ..ConsumeOptions::default() };
         let nowait = consume.nowait;
         let announce_tag = tag.clone();
         let consumer_id = self.engine.consume(

@@ -25,9 +25,15 @@ pub struct Tags {
 
 impl Tags {
     /// A new tag for delivery `delivery_tag` of consumer `consumer_id`.
-    fn issue(&mut self, consumer_id: u64, delivery_tag: u64) -> u64 {
+    pub fn issue(&mut self, consumer_id: u64, delivery_tag: u64) -> u64 {
         self.last += 1;
         self.deliveries.insert(self.last, (consumer_id, delivery_tag));
+        self.last
+    }
+
+    /// A new tag for a delivery the client will not settle (a no-ack consumer's).
+    pub fn issue_settled(&mut self) -> u64 {
+        self.last += 1;
         self.last
     }
 
@@ -68,6 +74,10 @@ pub struct AmqpSink {
     pub tags: Arc<Mutex<Tags>>,
     /// The negotiated frame size: bodies are cut into frames no larger.
     pub frame_max: usize,
+    /// For a no-ack consumer: where its deliveries go to be acked by the connection (it
+    /// cannot be done here, under the queue's lock). Unbounded, but the consumer's prefetch
+    /// window bounds what waits in it.
+    pub auto_ack: Option<tokio::sync::mpsc::UnboundedSender<(u64, u64)>>,
 }
 
 impl Sink for AmqpSink {
@@ -82,7 +92,13 @@ impl Sink for AmqpSink {
         message: &QueuedMessage,
         payload: &Payload,
     ) -> Result<(), Refusal> {
-        let tag = self.tags.lock().issue(consumer_id, delivery_tag);
+        let tag = match &self.auto_ack {
+            Some(auto_ack) => {
+                let _ = auto_ack.send((consumer_id, delivery_tag));
+                self.tags.lock().issue_settled()
+            }
+            None => self.tags.lock().issue(consumer_id, delivery_tag),
+        };
         let deliver = basic::Deliver {
             consumer_tag: self.consumer_tag.as_str().into(),
             delivery_tag: tag,
