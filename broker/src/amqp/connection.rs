@@ -109,8 +109,10 @@ pub(super) struct Connection {
     frame_max: usize,
     channels: HashMap<u16, Channel>,
     next_consumer_tag: u64,
-    /// Deliveries of no-ack consumers, to ack (consumer id, tag).
-    auto_acks: (mpsc::UnboundedSender<(u64, u64)>, mpsc::UnboundedReceiver<(u64, u64)>),
+    /// Where no-ack consumers send their deliveries (consumer id, tag) for the connection to
+    /// ack them, and where it takes them.
+    auto_ack_tx: mpsc::UnboundedSender<(u64, u64)>,
+    auto_ack_rx: mpsc::UnboundedReceiver<(u64, u64)>,
 }
 
 /// Reads the handshake from `frames` and logs the client in; `None` (after telling the client
@@ -205,6 +207,7 @@ impl Connection {
         outbox: Arc<Outbox>,
         frame_max: usize,
     ) -> Self {
+        let (auto_ack_tx, auto_ack_rx) = mpsc::unbounded_channel();
         Connection {
             engine,
             caller: Caller::connection(conn_id, user),
@@ -212,7 +215,8 @@ impl Connection {
             frame_max,
             channels: HashMap::new(),
             next_consumer_tag: 0,
-            auto_acks: mpsc::unbounded_channel(),
+            auto_ack_tx,
+            auto_ack_rx,
         }
     }
 
@@ -230,7 +234,7 @@ impl Connection {
                     self.outbox.push_bytes(&encode(&AMQPFrame::Heartbeat));
                     continue;
                 }
-                Some(first) = self.auto_acks.1.recv() => {
+                Some(first) = self.auto_ack_rx.recv() => {
                     self.auto_ack(first);
                     continue;
                 }
@@ -273,7 +277,7 @@ impl Connection {
         while let Some((consumer_id, tag)) = next {
             let entry = latest.entry(consumer_id).or_insert(tag);
             *entry = (*entry).max(tag);
-            next = self.auto_acks.1.try_recv().ok();
+            next = self.auto_ack_rx.try_recv().ok();
         }
         for (consumer_id, delivery_tag) in latest {
             // A consumer cancelled meanwhile took its deliveries back already.
@@ -569,7 +573,7 @@ impl Connection {
             tag => tag.to_owned(),
         };
         let (outbox, frame_max) = (self.outbox.clone(), self.frame_max);
-        let auto_ack = consume.no_ack.then(|| self.auto_acks.0.clone());
+        let auto_ack = consume.no_ack.then(|| self.auto_ack_tx.clone());
         let channel = self.channel(id);
         if channel.consumers.contains_key(&tag) {
             return Err(Failure::Connection(
