@@ -290,3 +290,65 @@ async fn basic_get_takes_one_message_at_a_time_and_says_when_the_queue_is_empty(
     let stats = connect(&broker).await.queue_stats("polled").await.unwrap();
     assert_eq!((stats.ready, stats.unacked, stats.acked_total), (0, 0, 2), "{stats:?}");
 }
+
+#[tokio::test]
+async fn rpc_with_a_callback_queue_reply_to_and_correlation_id() {
+    let broker = broker();
+    let (_server_connection, server) = open(&broker).await;
+    server
+        .queue_declare("rpc_queue".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    server.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut requests = consumer(&server, "rpc_queue").await;
+    // The server: answers fib(n) to each request's reply-to queue, with its correlation id.
+    let serving = tokio::spawn(async move {
+        while let Some(Ok(request)) = requests.next().await {
+            let n: u64 = String::from_utf8_lossy(&request.data).parse().unwrap();
+            let (mut a, mut b) = (0u64, 1u64);
+            for _ in 0..n {
+                (a, b) = (b, a + b);
+            }
+            let reply_to = request.properties.reply_to().clone().unwrap();
+            let correlation = request.properties.correlation_id().clone().unwrap();
+            server
+                .basic_publish(
+                    "".into(),
+                    reply_to,
+                    BasicPublishOptions::default(),
+                    a.to_string().as_bytes(),
+                    BasicProperties::default().with_correlation_id(correlation),
+                )
+                .await
+                .unwrap();
+            request.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    });
+
+    let (_client_connection, client) = open(&broker).await;
+    let callback =
+        client.queue_declare("".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    let mut replies = consumer(&client, callback.name().as_str()).await;
+    for (n, expected) in [(10, "55"), (30, "832040")] {
+        let id = format!("call-{n}");
+        let properties = BasicProperties::default()
+            .with_reply_to(callback.name().clone())
+            .with_correlation_id(id.as_str().into());
+        client
+            .basic_publish(
+                "".into(),
+                "rpc_queue".into(),
+                BasicPublishOptions::default(),
+                n.to_string().as_bytes(),
+                properties,
+            )
+            .await
+            .unwrap();
+        let reply =
+            tokio::time::timeout(Duration::from_secs(10), replies.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(reply.properties.correlation_id().as_ref().map(|s| s.as_str()), Some(id.as_str()));
+        assert_eq!(reply.data, expected.as_bytes());
+        reply.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    serving.abort();
+}
