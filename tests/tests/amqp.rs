@@ -352,3 +352,53 @@ async fn rpc_with_a_callback_queue_reply_to_and_correlation_id() {
     }
     serving.abort();
 }
+
+#[tokio::test]
+async fn unroutable_mandatory_messages_come_back_and_exclusive_and_auto_delete_queues_go() {
+    let broker = broker();
+    let (connection, channel) = open(&broker).await;
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel
+        .exchange_declare(
+            "nowhere".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mandatory = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+    let confirm = channel
+        .basic_publish("nowhere".into(), "key".into(), mandatory, b"lost?", BasicProperties::default())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "{confirm:?}");
+    let returned = confirm.take_message().expect("the message came back");
+    assert_eq!(returned.data, b"lost?");
+    assert_eq!(returned.reply_code, 312);
+
+    // An exclusive queue goes with its connection; an auto-delete queue with its last consumer.
+    let hopper = connect(&broker).await;
+    let exclusive = QueueDeclareOptions { exclusive: true, ..QueueDeclareOptions::default() };
+    let mine = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
+    let auto = QueueDeclareOptions { auto_delete: true, ..QueueDeclareOptions::default() };
+    channel.queue_declare("transient".into(), auto, FieldTable::default()).await.unwrap();
+    let consumer = consumer(&channel, "transient").await;
+    channel.basic_cancel(consumer.tag(), lapin::options::BasicCancelOptions::default()).await.unwrap();
+    hopper_tests::eventually(
+        "the auto-delete queue goes with its last consumer",
+        Duration::from_secs(10),
+        || async { hopper.queue_stats("transient").await.is_err() },
+    )
+    .await;
+    assert!(hopper.queue_stats(mine.name().as_str()).await.is_ok());
+    connection.close(200, "bye".into()).await.unwrap();
+    hopper_tests::eventually(
+        "the exclusive queue goes with its connection",
+        Duration::from_secs(10),
+        || async { hopper.queue_stats(mine.name().as_str()).await.is_err() },
+    )
+    .await;
+}

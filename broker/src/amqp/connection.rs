@@ -38,6 +38,7 @@ const HANDSHAKE_STEP: Duration = Duration::from_secs(10);
 
 /// AMQP reply codes.
 mod code {
+    pub const NO_ROUTE: u16 = 312;
     pub const CONNECTION_FORCED: u16 = 320;
     pub const ACCESS_REFUSED: u16 = 403;
     pub const NOT_FOUND: u16 = 404;
@@ -113,6 +114,12 @@ pub(super) struct Connection {
     /// ack them, and where it takes them.
     auto_ack_tx: mpsc::UnboundedSender<(u64, u64)>,
     auto_ack_rx: mpsc::UnboundedReceiver<(u64, u64)>,
+    /// Queues this connection declared `exclusive`: deleted when it closes.
+    exclusive: Vec<String>,
+    /// Queues this connection declared `auto-delete`.
+    auto_delete: std::collections::HashSet<String>,
+    /// Its consumers of those: deleting the queue is tried when one is cancelled.
+    auto_delete_consumers: HashMap<u64, String>,
 }
 
 /// Reads the handshake from `frames` and logs the client in; `None` (after telling the client
@@ -217,6 +224,9 @@ impl Connection {
             next_consumer_tag: 0,
             auto_ack_tx,
             auto_ack_rx,
+            exclusive: Vec::new(),
+            auto_delete: Default::default(),
+            auto_delete_consumers: HashMap::new(),
         }
     }
 
@@ -289,8 +299,35 @@ impl Connection {
     pub(super) fn release(&mut self) {
         let consumers: Vec<u64> =
             self.channels.values().flat_map(|channel| channel.consumers.values().copied()).collect();
-        self.engine.release_connection(&self.caller, consumers);
+        self.engine.release_connection(&self.caller, consumers.iter().copied());
         self.channels.clear();
+        for consumer_id in consumers {
+            self.cancelled(consumer_id);
+        }
+        for queue in std::mem::take(&mut self.exclusive) {
+            self.delete_later(queue, false);
+        }
+    }
+
+    /// Consumer `consumer_id` of this connection was cancelled: its queue goes if it was
+    /// declared `auto-delete` and has no consumer left.
+    fn cancelled(&mut self, consumer_id: u64) {
+        if let Some(queue) = self.auto_delete_consumers.remove(&consumer_id) {
+            self.delete_later(queue, true);
+        }
+    }
+
+    /// Deletes `queue` (only if it has no consumer, with `if_unused`) in the background.
+    fn delete_later(&self, queue: String, if_unused: bool) {
+        let (engine, caller) = (self.engine.clone(), self.caller.clone());
+        tokio::spawn(async move {
+            match engine.delete_queue(&caller, &queue, if_unused, false).await {
+                Ok(_) | Err(BrokerError::NotFound(_) | BrokerError::PreconditionFailed(_)) => {}
+                Err(error) => {
+                    tracing::warn!(queue, %error, "an exclusive or auto-delete queue was not deleted")
+                }
+            }
+        });
     }
 
     /// Handles one frame; false once the connection is closed.
@@ -408,6 +445,7 @@ impl Connection {
                 if let Some(consumer_id) = self.channel(id).consumers.remove(&tag) {
                     engine.cancel(&caller, consumer_id, "cancelled by the client")?;
                     self.channel(id).tags.lock().forget(consumer_id);
+                    self.cancelled(consumer_id);
                 }
                 if !cancel.nowait {
                     let ok = basic::CancelOk { consumer_tag: tag.into() };
@@ -455,7 +493,14 @@ impl Connection {
                     engine.queue_info(&caller, &name)?
                 } else {
                     let settings = arguments::queue_settings(declare.durable, &declare.arguments)?;
-                    engine.declare(&caller, &name, settings, None).await?.0
+                    let (info, created) = engine.declare(&caller, &name, settings, None).await?;
+                    if created && declare.exclusive {
+                        self.exclusive.push(name.clone());
+                    }
+                    if created && declare.auto_delete {
+                        self.auto_delete.insert(name.clone());
+                    }
+                    info
                 };
                 if !declare.nowait {
                     let ok = queue::DeclareOk {
@@ -608,6 +653,9 @@ impl Connection {
                 }
             },
         )?;
+        if self.auto_delete.contains(consume.queue.as_str()) {
+            self.auto_delete_consumers.insert(consumer_id, consume.queue.as_str().to_owned());
+        }
         self.channel(id).consumers.insert(tag, consumer_id);
         Ok(())
     }
@@ -627,10 +675,13 @@ impl Connection {
             return Err(Failure::Connection(code::FRAME_ERROR, text));
         }
         let (headers, content_type) = properties::from_amqp(&header.properties);
-        let message = NewMessage { body: body.into(), headers, content_type, ..NewMessage::default() };
-        let confirm = match &channel.confirms {
-            Some(published) => {
-                let number = published.fetch_add(1, Ordering::Relaxed) + 1;
+        let body = bytes::Bytes::from(body);
+        // Kept for a `basic.return`, should the message be unroutable and mandatory.
+        let returned = method.mandatory.then(|| (body.clone(), header.properties.clone()));
+        let message = NewMessage { body, headers, content_type, ..NewMessage::default() };
+        let number = channel.confirms.as_ref().map(|published| published.fetch_add(1, Ordering::Relaxed) + 1);
+        let confirm = match number {
+            Some(number) => {
                 let outbox = self.outbox.clone();
                 Confirm::Callback(Box::new(move |result: Result<Outcome, crate::error::BrokerError>| {
                     let method = match result {
@@ -651,10 +702,37 @@ impl Connection {
         let route = Route {
             exchange: method.exchange.as_str(),
             routing_key: method.routing_key.as_str(),
-            mandatory: false,
+            mandatory: method.mandatory,
         };
         match self.engine.publish_routed(&self.caller, route, message, confirm) {
             Ok(_) => Ok(()),
+            // Unroutable and mandatory: back to the publisher, then confirmed (as RabbitMQ does).
+            Err(BrokerError::NoRoute(_)) if returned.is_some() => {
+                let (body, amqp_properties) = returned.expect("checked above");
+                let back = basic::Return {
+                    reply_code: code::NO_ROUTE,
+                    reply_text: "NO_ROUTE".into(),
+                    exchange: method.exchange.clone(),
+                    routing_key: method.routing_key.clone(),
+                };
+                let mut frames =
+                    encode(&AMQPFrame::Method(id, AMQPClass::Basic(basic::AMQPMethod::Return(back))));
+                let header = AMQPContentHeader {
+                    class_id: 60,
+                    body_size: body.len() as u64,
+                    properties: amqp_properties,
+                };
+                frames.extend(encode(&AMQPFrame::Header(id, header)));
+                for part in body.chunks(self.frame_max.saturating_sub(8).max(1)) {
+                    frames.extend(encode(&AMQPFrame::Body(id, part.to_vec())));
+                }
+                self.outbox.push_bytes(&frames);
+                if let Some(number) = number {
+                    let ack = basic::Ack { delivery_tag: number, multiple: false };
+                    send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::Ack(ack)));
+                }
+                Ok(())
+            }
             Err(err) => Err(err.into()),
         }
     }
@@ -673,6 +751,7 @@ impl Connection {
         };
         for consumer_id in consumers {
             let _ = self.engine.cancel(&self.caller, consumer_id, "channel closed");
+            self.cancelled(consumer_id);
         }
         let close =
             channel::Close { reply_code: code, reply_text: truncate(text).into(), class_id: 0, method_id: 0 };
@@ -684,6 +763,7 @@ impl Connection {
         if let Some(channel) = self.channels.remove(&id) {
             for consumer_id in channel.consumers.into_values() {
                 let _ = self.engine.cancel(&self.caller, consumer_id, "channel closed");
+                self.cancelled(consumer_id);
             }
         }
     }
