@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::codec::FramedRead;
 
 use super::codec::{encode, FrameCodec, FrameError, PROTOCOL_HEADER};
-use super::sink::{content_frames, AmqpSink, Tags};
+use super::sink::{content, content_frames, AmqpSink, Tags};
 use super::{arguments, properties};
 use crate::engine::{Caller, ConsumeOptions, DeliveryRef, Engine, NackOptions, NewMessage, Pull, Route};
 use crate::error::BrokerError;
@@ -715,17 +715,8 @@ impl Connection {
                     exchange: method.exchange.clone(),
                     routing_key: method.routing_key.clone(),
                 };
-                let mut frames =
-                    encode(&AMQPFrame::Method(id, AMQPClass::Basic(basic::AMQPMethod::Return(back))));
-                let header = AMQPContentHeader {
-                    class_id: 60,
-                    body_size: body.len() as u64,
-                    properties: amqp_properties,
-                };
-                frames.extend(encode(&AMQPFrame::Header(id, header)));
-                for part in body.chunks(self.frame_max.saturating_sub(8).max(1)) {
-                    frames.extend(encode(&AMQPFrame::Body(id, part.to_vec())));
-                }
+                let method = AMQPClass::Basic(basic::AMQPMethod::Return(back));
+                let frames = content(id, method, amqp_properties, &body, self.frame_max);
                 self.outbox.push_bytes(&frames);
                 if let Some(number) = number {
                     let ack = basic::Ack { delivery_tag: number, multiple: false };

@@ -135,16 +135,24 @@ impl Sink for AmqpSink {
 /// A method that carries content (`basic.deliver`, `basic.get-ok`, `basic.return`), with the
 /// content header and the body cut into frames of at most `frame_max` bytes.
 pub fn content_frames(channel: u16, method: AMQPClass, payload: &Payload, frame_max: usize) -> Vec<u8> {
+    content(channel, method, properties::to_amqp(payload), &payload.body, frame_max)
+}
+
+/// `method` with a content of `body` and `properties`, the body cut into frames of at most
+/// `frame_max` bytes.
+pub fn content(
+    channel: u16,
+    method: AMQPClass,
+    properties: basic::AMQPProperties,
+    body: &[u8],
+    frame_max: usize,
+) -> Vec<u8> {
     let mut bytes = encode(&AMQPFrame::Method(channel, method));
-    let header = AMQPContentHeader {
-        class_id: 60,
-        body_size: payload.body.len() as u64,
-        properties: properties::to_amqp(payload),
-    };
+    let header = AMQPContentHeader { class_id: 60, body_size: body.len() as u64, properties };
     bytes.extend(encode(&AMQPFrame::Header(channel, header)));
     // Eight bytes of every frame are its header and end marker.
     let chunk = frame_max.saturating_sub(8).max(1);
-    for part in payload.body.chunks(chunk) {
+    for part in body.chunks(chunk) {
         bytes.extend(encode(&AMQPFrame::Body(channel, part.to_vec())));
     }
     bytes
