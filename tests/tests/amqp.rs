@@ -402,3 +402,34 @@ async fn unroutable_mandatory_messages_come_back_and_exclusive_and_auto_delete_q
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_dead_lettered_message_carries_rabbitmqs_x_death_header() {
+    let broker = broker();
+    let (_connection, channel) = open(&broker).await;
+    channel
+        .queue_declare("jobs.dead".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-hopper-dead-letter".into(), lapin::types::AMQPValue::LongString("jobs.dead".into()));
+    channel.queue_declare("jobs".into(), QueueDeclareOptions::default(), arguments).await.unwrap();
+    publish(&channel, "", "jobs", "poison").await;
+    let mut jobs = consumer(&channel, "jobs").await;
+    let delivery =
+        tokio::time::timeout(Duration::from_secs(10), jobs.next()).await.unwrap().unwrap().unwrap();
+    delivery.reject(lapin::options::BasicRejectOptions { requeue: false }).await.unwrap();
+
+    let mut dead = consumer(&channel, "jobs.dead").await;
+    let died = tokio::time::timeout(Duration::from_secs(10), dead.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(died.data, b"poison");
+    let headers = died.properties.headers().as_ref().expect("headers");
+    let x_death = headers.inner().iter().find(|(key, _)| key.as_str() == "x-death").map(|(_, value)| value);
+    let Some(lapin::types::AMQPValue::FieldArray(rows)) = x_death else { panic!("no x-death: {headers:?}") };
+    let Some(lapin::types::AMQPValue::FieldTable(row)) = rows.as_slice().first() else { panic!("{rows:?}") };
+    let field =
+        |name: &str| row.inner().iter().find(|(key, _)| key.as_str() == name).map(|(_, value)| value.clone());
+    assert_eq!(field("queue"), Some(lapin::types::AMQPValue::LongString("jobs".into())));
+    assert_eq!(field("reason"), Some(lapin::types::AMQPValue::LongString("rejected".into())));
+    assert_eq!(field("count"), Some(lapin::types::AMQPValue::LongLongInt(1)));
+}

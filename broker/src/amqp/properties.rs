@@ -83,10 +83,39 @@ pub fn to_amqp(payload: &Payload) -> AMQPProperties {
             }
         }
     }
+    if !payload.deaths().is_empty() {
+        table.insert("x-death".into(), AMQPValue::FieldArray(x_death(payload.deaths()).into()));
+    }
     if !table.inner().is_empty() {
         properties = properties.with_headers(table);
     }
     properties
+}
+
+/// RabbitMQ's `x-death` header for a message's deaths: one table per queue and reason, the
+/// latest first, with how many times it died so, when last (Unix seconds), and the exchange and
+/// routing key it had then.
+fn x_death(deaths: &[crate::message::Death]) -> Vec<AMQPValue> {
+    let mut rows: Vec<(&crate::message::Death, u64)> = Vec::new();
+    for death in deaths.iter().rev() {
+        match rows.iter_mut().find(|(row, _)| row.queue == death.queue && row.reason == death.reason) {
+            Some((_, count)) => *count += 1,
+            None => rows.push((death, 1)),
+        }
+    }
+    rows.into_iter()
+        .map(|(death, count)| {
+            let mut row = FieldTable::default();
+            row.insert("count".into(), AMQPValue::LongLongInt(i64::try_from(count).unwrap_or(i64::MAX)));
+            row.insert("reason".into(), AMQPValue::LongString(death.reason.as_str().into()));
+            row.insert("queue".into(), AMQPValue::LongString(death.queue.as_str().into()));
+            row.insert("time".into(), AMQPValue::Timestamp(death.died_at_ms / 1000));
+            row.insert("exchange".into(), AMQPValue::LongString(death.exchange.as_str().into()));
+            let keys = vec![AMQPValue::LongString(death.routing_key.as_str().into())];
+            row.insert("routing-keys".into(), AMQPValue::FieldArray(keys.into()));
+            AMQPValue::FieldTable(row)
+        })
+        .collect()
 }
 
 /// A header value as text: strings as they are, numbers and booleans written out, anything
