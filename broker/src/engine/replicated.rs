@@ -20,12 +20,9 @@ struct QueueContents {
     /// The seq of the queue's next publish.
     #[serde(default)]
     next_seq: u64,
-    /// The publish ids it has seen lately, by seq.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    publish_ids: Vec<(u64, u64)>,
-    /// The seqs among them whose messages left.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    departed: Vec<u64>,
+    /// The publish ids it has seen lately.
+    #[serde(flatten)]
+    publish_ids: SavedIds,
 }
 
 /// A message of a snapshot: where it stands in its queue, and what it is.
@@ -70,10 +67,9 @@ impl Engine {
         settings.replicas = 0;
         // A length limit drops or refuses by what the serving node holds, which is ahead of
         // the other copies (acks reach them a moment later): the copies would decide apart.
-        let unsupported = [(settings.max_length > 0 || settings.max_bytes > 0, "a length limit")];
-        if let Some((_, what)) = unsupported.iter().find(|(set, _)| *set) {
+        if settings.max_length > 0 || settings.max_bytes > 0 {
             return Err(BrokerError::InvalidArgument(format!(
-                "queue '{name}' is replicated and cannot have {what} yet"
+                "queue '{name}' is replicated and cannot have a length limit yet"
             )));
         }
         // Each node holds its copy in memory; the queue group's log on disk is what makes it
@@ -115,10 +111,11 @@ impl Engine {
     pub async fn advertise(engine: std::sync::Weak<Engine>, addr: String) {
         let mut delay = std::time::Duration::from_millis(crate::cluster::HEARTBEAT_MS);
         loop {
+            // Done once the cluster has it (or the broker is gone).
             let Some(cluster) = engine.upgrade().and_then(|engine| {
-                let node = engine.cluster.get()?.node_id();
-                (engine.node_addr(node).as_deref() != Some(addr.as_str()))
-                    .then(|| engine.cluster.get().cloned())?
+                let cluster = engine.cluster.get()?.clone();
+                let known = engine.node_addr(cluster.node_id());
+                (known.as_deref() != Some(addr.as_str())).then_some(cluster)
             }) else {
                 return;
             };
@@ -181,8 +178,7 @@ impl Engine {
                     name: queue.name().to_owned(),
                     messages: contents.messages.iter().filter_map(stored).collect(),
                     next_seq: contents.next_seq,
-                    publish_ids: contents.publish_ids.ids,
-                    departed: contents.publish_ids.departed,
+                    publish_ids: contents.publish_ids,
                 }
             })
             .collect();
@@ -204,10 +200,7 @@ impl Engine {
             queue.restore_contents(Contents {
                 messages: held.map_or(&[][..], |c| &c.messages).iter().filter_map(restored).collect(),
                 next_seq: held.map_or(0, |c| c.next_seq),
-                publish_ids: SavedIds {
-                    ids: held.map(|c| c.publish_ids.clone()).unwrap_or_default(),
-                    departed: held.map(|c| c.departed.clone()).unwrap_or_default(),
-                },
+                publish_ids: held.map(|c| c.publish_ids.clone()).unwrap_or_default(),
             });
         }
     }

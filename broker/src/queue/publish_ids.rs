@@ -26,11 +26,13 @@ pub struct PublishIds {
 }
 
 /// [`PublishIds`] as a snapshot holds them.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SavedIds {
     /// (seq, id) of every id kept, in seq order.
+    #[serde(rename = "publish_ids", default, skip_serializing_if = "Vec::is_empty")]
     pub ids: Vec<(u64, u64)>,
     /// The seqs among them whose messages left the queue.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub departed: Vec<u64>,
 }
 
@@ -164,5 +166,15 @@ mod tests {
         let mut restored = PublishIds::default();
         restored.replace(&saved);
         assert!(restored.contains(11) && restored.contains(1000 + RETAINED + 10));
+    }
+
+    #[test]
+    fn saved_ids_keep_their_snapshot_names_and_empty_ones_are_left_out() {
+        let saved = SavedIds { ids: vec![(1, 10)], departed: vec![1] };
+        let json = serde_json::to_value(&saved).unwrap();
+        assert_eq!(json, serde_json::json!({"publish_ids": [[1, 10]], "departed": [1]}));
+        assert_eq!(serde_json::from_value::<SavedIds>(json).unwrap(), saved);
+        assert_eq!(serde_json::to_value(SavedIds::default()).unwrap(), serde_json::json!({}));
+        assert_eq!(serde_json::from_value::<SavedIds>(serde_json::json!({})).unwrap(), SavedIds::default());
     }
 }
