@@ -70,6 +70,9 @@ pub struct Config {
     pub http: String,
     /// Address of the AMQP 0-9-1 listener; "off" (the default) disables it.
     pub amqp_listen: String,
+    /// Address of the AMQP 0-9-1 listener inside TLS (AMQPS), with `tls_cert` and `tls_key`;
+    /// "off" (the default) disables it.
+    pub amqps_listen: String,
     /// Makes the HTTP listener speak HTTPS, with `tls_cert` and `tls_key`.
     pub http_tls: bool,
     /// Host names the HTTP listener answers to besides IP addresses and `localhost` (matched
@@ -125,6 +128,7 @@ impl Default for Config {
             disk_free_low_watermark_bytes: 50 * 1024 * 1024,
             http: "127.0.0.1:15680".into(),
             amqp_listen: "off".into(),
+            amqps_listen: "off".into(),
             http_tls: false,
             http_allow_hosts: Vec::new(),
             http_allow_origins: Vec::new(),
@@ -235,6 +239,11 @@ impl Config {
         listener_addr(&self.amqp_listen)
     }
 
+    /// The AMQPS listener's address, if it is on.
+    pub fn amqps_listen(&self) -> Option<&str> {
+        listener_addr(&self.amqps_listen)
+    }
+
     /// The HTTP listener's address, unless it is off.
     pub fn http_listen(&self) -> Option<&str> {
         listener_addr(&self.http)
@@ -264,7 +273,14 @@ impl Config {
                 ));
             }
         }
-        if self.tls_listen().is_some() {
+        if self.amqps_listen().is_some() && !has_certificate {
+            return Err(StartError::Config(
+                "amqps_listen needs a certificate and its key: set tls_cert and tls_key \
+                 (--tls-cert FILE --tls-key FILE)"
+                    .into(),
+            ));
+        }
+        if self.tls_listen().is_some() || self.amqps_listen().is_some() {
             if !has_certificate {
                 return Err(StartError::Config(
                     "tls_listen needs a certificate and its key: set tls_cert and tls_key \
@@ -402,6 +418,10 @@ mod tests {
         };
         tls.validate().unwrap();
         Config { listen: "off".into(), ..tls.clone() }.validate().unwrap();
+        let amqps = Config { tls_listen: "off".into(), amqps_listen: "127.0.0.1:0".into(), ..tls.clone() };
+        amqps.validate().unwrap();
+        let error = Config { tls_key: None, ..amqps }.validate().unwrap_err().to_string();
+        assert!(error.contains("amqps_listen needs a certificate"), "{error}");
         let error = Config { tls_key: None, ..tls.clone() }.validate().unwrap_err().to_string();
         assert!(error.contains("tls_key") && error.contains("--tls-key"), "{error}");
         let error = Config { tls_listen: "off".into(), ..tls.clone() }.validate().unwrap_err().to_string();

@@ -27,6 +27,10 @@ struct Args {
     /// [default: off].
     #[arg(long, value_name = "ADDR", env = "HOPPER_AMQP_LISTEN")]
     amqp_listen: Option<String>,
+    /// Address of a listener speaking AMQP 0-9-1 inside TLS (127.0.0.1:5671, say; needs
+    /// --tls-cert and --tls-key) [default: off].
+    #[arg(long, value_name = "ADDR", env = "HOPPER_AMQPS_LISTEN")]
+    amqps_listen: Option<String>,
     /// PEM file with the certificate chain of the TLS listener and of HTTPS (--http-tls), the
     /// broker's own certificate first.
     #[arg(long, value_name = "FILE", env = "HOPPER_TLS_SERVER_CERT")]
@@ -170,6 +174,9 @@ impl Args {
         }
         if let Some(amqp_listen) = self.amqp_listen {
             config.amqp_listen = amqp_listen;
+        }
+        if let Some(amqps_listen) = self.amqps_listen {
+            config.amqps_listen = amqps_listen;
         }
         if let Some(tls_listen) = self.tls_listen {
             config.tls_listen = tls_listen;
@@ -370,6 +377,9 @@ fn main() -> ExitCode {
         }
         if let Some(amqp) = broker.amqp_addr() {
             tracing::info!("amqp listening on {amqp}");
+        }
+        if let Some(amqps) = broker.amqps_addr() {
+            tracing::info!("amqps listening on {amqps}");
         }
         // The plain listener's line comes last: tests and scripts take it as "ready". With the
         // plain listener off, the TLS line carries the data directory and version instead.

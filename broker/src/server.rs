@@ -3,6 +3,8 @@
 
 mod tls;
 
+pub(crate) use tls::handshake as tls_handshake;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -103,6 +105,14 @@ impl Broker {
             None => None,
         };
         let amqp_addr = amqp.as_ref().map(|(_, addr)| *addr);
+        let amqps = match config.amqps_listen() {
+            Some(addr) => {
+                let acceptor = tls::acceptor(&config)?;
+                Some((bind(addr).await?, acceptor))
+            }
+            None => None,
+        };
+        let amqps_addr = amqps.as_ref().map(|((_, addr), _)| *addr);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let users = crate::auth::Users::open(&config.data_dir).map_err(data_dir_error)?;
         let cluster = config.cluster()?;
@@ -128,8 +138,10 @@ impl Broker {
             }
             None => None,
         };
-        if let Some((listener, _)) = amqp {
-            tokio::spawn(crate::amqp::serve(listener, engine.clone(), shutdown_rx.clone()));
+        if amqp.is_some() || amqps.is_some() {
+            let plain = amqp.map(|(listener, _)| listener);
+            let tls = amqps.map(|((listener, _), acceptor)| (listener, acceptor));
+            tokio::spawn(crate::amqp::serve(plain, tls, engine.clone(), shutdown_rx.clone()));
         }
         if let Some((listener, _)) = http {
             tokio::spawn(crate::http::serve(listener, https, engine.clone(), shutdown_rx.clone()));
@@ -138,7 +150,16 @@ impl Broker {
             serve(listeners, engine, shutdown_rx).await;
             drop(data_lock);
         });
-        Ok(BrokerHandle { plain_addr, tls_addr, http_addr, amqp_addr, cluster_addr, shutdown_tx, task })
+        Ok(BrokerHandle {
+            plain_addr,
+            tls_addr,
+            http_addr,
+            amqp_addr,
+            amqps_addr,
+            cluster_addr,
+            shutdown_tx,
+            task,
+        })
     }
 }
 
@@ -148,6 +169,7 @@ pub struct BrokerHandle {
     tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     amqp_addr: Option<SocketAddr>,
+    amqps_addr: Option<SocketAddr>,
     cluster_addr: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -182,6 +204,11 @@ impl BrokerHandle {
     /// The AMQP listener's address, if it is on (`amqp_listen`).
     pub fn amqp_addr(&self) -> Option<SocketAddr> {
         self.amqp_addr
+    }
+
+    /// The AMQPS listener's address, if it is on (`amqps_listen`).
+    pub fn amqps_addr(&self) -> Option<SocketAddr> {
+        self.amqps_addr
     }
 
     /// The cluster listener's address, if the broker is in a cluster.

@@ -2,16 +2,10 @@
 whose results come back over AMQP too (the rpc:// backend), imported both by the worker and by
 the scenario that sends it tasks (celery_retry.py).
 
-What Celery needs changed from its defaults to work with Hopper, each for a missing broker
-feature:
-
-- `task_protocol = 1`: protocol 2 carries the task's metadata in the AMQP headers table,
-  with None, integers, booleans and lists as values; Hopper keeps header values as text
-  (None arrives as 'Void'), and the worker refuses the message ("invalid ETA value 'Void'").
-  Protocol 1 carries it all in the body.
-- `control_queue_expires`, `event_queue_expires` and `result_expires` None: Celery declares
-  its remote-control, event and rpc:// reply queues with `x-expires`, which Hopper refuses
-  with 406.
+Celery runs with its defaults: task protocol 2 (its metadata in the AMQP headers table, with
+typed values), `x-expires` on its remote-control, event and rpc:// reply queues, and
+`basic.qos` raised on a running consumer while it holds countdown tasks. Only startup retries
+are off, so a broker that is not there fails the test at once.
 """
 
 import os
@@ -19,16 +13,7 @@ import os
 from celery import Celery
 
 app = Celery("hopper_celery", broker=os.environ["CELERY_BROKER_URL"], backend="rpc://")
-app.conf.update(
-    task_protocol=1,
-    control_queue_expires=None,
-    event_queue_expires=None,
-    result_expires=None,
-    broker_connection_retry_on_startup=False,
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-)
+app.conf.update(broker_connection_retry_on_startup=False)
 
 
 @app.task(bind=True, max_retries=5)

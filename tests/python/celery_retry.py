@@ -1,8 +1,10 @@
 """Celery against Hopper: a worker (solo pool, one process) runs a task that fails twice,
 retrying with a countdown, then succeeds, and a plain one; the results come back through the
-rpc:// backend.
+rpc:// backend. With a prefetch of one, a task waiting for its countdown does not hold up the
+next one (Celery raises the consumer's prefetch while it holds it).
 
     python celery_retry.py retry_until_success amqp://guest:guest@HOST:PORT/%2F
+    python celery_retry.py countdown_does_not_hold_up_the_next amqp://guest:guest@HOST:PORT/%2F
 """
 
 import os
@@ -60,5 +62,35 @@ def retry_until_success(url):
         expect_equal("errors in the worker's log", errors, [])
 
 
+def countdown_does_not_hold_up_the_next(url):
+    os.environ["CELERY_BROKER_URL"] = celery_url(url)
+    from celery_app import add  # reads CELERY_BROKER_URL
+
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "--pool=solo", "--concurrency=1",
+         "--without-mingle", "--prefetch-multiplier=1", "--hostname=prefetch@hopper"],
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        expect_equal("a first task, once the worker is up", add.delay(1, 1).get(timeout=3 * TIMEOUT), 2)
+        # Far beyond the wait below: if the next task queued behind it, the wait would fail.
+        add.apply_async((0, 0), countdown=10 * TIMEOUT)
+        expect_equal("add(2, 3) beside a task held for its countdown", add.delay(2, 3).get(timeout=TIMEOUT), 5)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
 if __name__ == "__main__":
-    main({"retry_until_success": retry_until_success})
+    main(
+        {
+            "retry_until_success": retry_until_success,
+            "countdown_does_not_hold_up_the_next": countdown_does_not_hold_up_the_next,
+        }
+    )

@@ -1,5 +1,7 @@
 """RabbitMQ features beyond the tutorials, driven with pika: publisher confirms, basic.get,
-nack with requeue, dead-lettering with x-death, mandatory returns and reject-publish overflow.
+nack with requeue, dead-lettering with x-death (and x-first-death-*, and through the default
+exchange), mandatory returns, reject-publish overflow, settling after a cancel, and typed
+headers.
 
     python features.py SCENARIO amqp://guest:guest@HOST:PORT/%2F
 """
@@ -212,6 +214,92 @@ def reject_publish_overflow(url):
     connection.close()
 
 
+def ack_after_cancel(url):
+    """As in RabbitMQ, basic.cancel leaves the consumer's unacked deliveries with the channel:
+    they can still be acked after it."""
+    connection = connect(url)
+    channel = connection.channel()
+    channel.queue_declare(queue="later")
+    channel.basic_publish(exchange="", routing_key="later", body="x")
+    [(method, _, _)] = receive(channel, "later", 1, settle=lambda channel, deliveries: None)
+    channel.basic_ack(method.delivery_tag)
+    expect_equal("ready after the ack", ready(channel, "later"), 0)
+    connection.close()
+
+
+def requeue_while_consuming_then_cancel(url):
+    """pika's generator consumer: a reject with requeue while the consumer is on sends the
+    message straight back to it; pika's cancel() rejects what arrived after its basic.cancel,
+    which the channel still holds, so it goes back to the queue."""
+    connection = connect(url)
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.queue_declare(queue="bounce")
+    channel.basic_publish(exchange="", routing_key="bounce", body="x")
+    consumer = Consumer(channel, "bounce")
+
+    def requeue(channel, deliveries):
+        for method, _, _ in deliveries:
+            channel.basic_reject(method.delivery_tag, requeue=True)
+
+    consumer.take(1, settle=requeue)
+    consumer.cancel()
+    expect_equal("ready afterwards", ready(channel, "bounce"), 1)
+    connection.close()
+
+
+def dead_letter_through_the_default_exchange(url):
+    """x-dead-letter-exchange '' is the default exchange: with x-dead-letter-routing-key the
+    dead message goes to the queue of that name."""
+    connection = connect(url)
+    channel = connection.channel()
+    channel.queue_declare(queue="plain.dead")
+    channel.queue_declare(
+        queue="plain", arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "plain.dead"}
+    )
+    channel.basic_publish(exchange="", routing_key="plain", body="x")
+    receive(channel, "plain", 1, settle=lambda ch, ds: [ch.basic_reject(m.delivery_tag, requeue=False) for m, _, _ in ds])
+    [(_, properties, body)] = receive(channel, "plain.dead", 1)
+    expect_equal("the body", body, b"x")
+    connection.close()
+
+
+def header_types(url):
+    """The headers table comes back as sent: integers, booleans, void, arrays and tables keep
+    their types."""
+    connection = connect(url)
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.queue_declare(queue="typed")
+    headers = {"int": 7, "bool": True, "none": None, "list": [1, "a"], "table": {"k": "v"}, "text": "t"}
+    channel.basic_publish(exchange="", routing_key="typed", body="x", properties=pika.BasicProperties(headers=headers))
+    method, properties, _ = channel.basic_get("typed", auto_ack=True)
+    expect_equal("the headers", properties.headers, headers)
+    connection.close()
+
+
+def first_death_headers(url):
+    """Beside x-death, x-first-death-queue, -reason and -exchange (and x-last-death-*)."""
+    connection = connect(url)
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.exchange_declare(exchange="fd.dlx", exchange_type="fanout")
+    channel.queue_declare(queue="fd.dead")
+    channel.queue_bind(queue="fd.dead", exchange="fd.dlx")
+    channel.queue_declare(queue="fd", arguments={"x-dead-letter-exchange": "fd.dlx"})
+    channel.basic_publish(exchange="", routing_key="fd", body="x")
+    method, _, _ = channel.basic_get("fd")
+    channel.basic_reject(method.delivery_tag, requeue=False)
+    [(_, properties, _)] = receive(channel, "fd.dead", 1)
+    headers = properties.headers
+    expect_equal(
+        "x-first-death-*",
+        (headers.get("x-first-death-queue"), headers.get("x-first-death-reason"), headers.get("x-first-death-exchange")),
+        ("fd", "rejected", ""),
+    )
+    connection.close()
+
+
 if __name__ == "__main__":
     main(
         {
@@ -222,5 +310,10 @@ if __name__ == "__main__":
             "expired_dead_letter": expired_dead_letter,
             "mandatory_return": mandatory_return,
             "reject_publish_overflow": reject_publish_overflow,
+            "ack_after_cancel": ack_after_cancel,
+            "requeue_while_consuming_then_cancel": requeue_while_consuming_then_cancel,
+            "dead_letter_through_the_default_exchange": dead_letter_through_the_default_exchange,
+            "header_types": header_types,
+            "first_death_headers": first_death_headers,
         }
     )

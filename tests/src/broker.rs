@@ -81,6 +81,7 @@ pub struct Broker {
     tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     amqp_addr: Option<SocketAddr>,
+    amqps_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<String>>>,
     /// The thread draining stderr; it ends when the broker exits and the pipe closes.
     stderr_reader: Option<JoinHandle<()>>,
@@ -106,6 +107,7 @@ struct Started {
     tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     amqp_addr: Option<SocketAddr>,
+    amqps_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<String>>>,
     stderr_reader: JoinHandle<()>,
 }
@@ -137,13 +139,15 @@ impl Broker {
     }
 
     fn launch(launch: Launch, temp_dir: Option<TempDir>) -> Broker {
-        let Started { child, addr, tls_addr, http_addr, amqp_addr, stderr, stderr_reader } = launch.start();
+        let Started { child, addr, tls_addr, http_addr, amqp_addr, amqps_addr, stderr, stderr_reader } =
+            launch.start();
         Broker {
             child,
             addr,
             tls_addr,
             http_addr,
             amqp_addr,
+            amqps_addr,
             stderr,
             stderr_reader: Some(stderr_reader),
             launch,
@@ -159,13 +163,14 @@ impl Broker {
         if let Some(reader) = self.stderr_reader.take() {
             let _ = reader.join();
         }
-        let Started { child, addr, tls_addr, http_addr, amqp_addr, stderr, stderr_reader } =
+        let Started { child, addr, tls_addr, http_addr, amqp_addr, amqps_addr, stderr, stderr_reader } =
             self.launch.start();
         self.child = child;
         self.addr = addr;
         self.tls_addr = tls_addr;
         self.http_addr = http_addr;
         self.amqp_addr = amqp_addr;
+        self.amqps_addr = amqps_addr;
         self.stderr = stderr;
         self.stderr_reader = Some(stderr_reader);
     }
@@ -188,6 +193,11 @@ impl Broker {
     /// The address of the broker's AMQP listener (`--amqp-listen`).
     pub fn amqp_addr(&self) -> SocketAddr {
         self.amqp_addr.expect("the broker runs an AMQP listener (start it with --amqp-listen 127.0.0.1:0)")
+    }
+
+    /// The address of the broker's AMQPS listener (`--amqps-listen`).
+    pub fn amqps_addr(&self) -> SocketAddr {
+        self.amqps_addr.expect("the broker runs an AMQPS listener (start it with --amqps-listen 127.0.0.1:0)")
     }
 
     /// The broker's data directory.
@@ -330,6 +340,7 @@ impl Launch {
         let mut http_addr = None;
         let mut tls_addr = None;
         let mut amqp_addr = None;
+        let mut amqps_addr = None;
         // The plain listener's line comes last; without one, the TLS line does.
         let plain_off = self.args.windows(2).any(|pair| pair[0] == "--listen" && pair[1] == "off");
         let addr = loop {
@@ -340,6 +351,8 @@ impl Launch {
                         http_addr = Some(addr);
                     } else if let Some(addr) = amqp_listening_addr(&line) {
                         amqp_addr = Some(addr);
+                    } else if let Some(addr) = amqps_listening_addr(&line) {
+                        amqps_addr = Some(addr);
                     } else if let Some(addr) = tls_listening_addr(&line) {
                         tls_addr = Some(addr);
                         if plain_off {
@@ -363,7 +376,7 @@ impl Launch {
                 }
             }
         };
-        Started { child, addr, tls_addr, http_addr, amqp_addr, stderr, stderr_reader }
+        Started { child, addr, tls_addr, http_addr, amqp_addr, amqps_addr, stderr, stderr_reader }
     }
 }
 
@@ -410,6 +423,12 @@ fn http_listening_addr(line: &str) -> Option<SocketAddr> {
 /// The address in a `... hopperd: amqp listening on 127.0.0.1:5672` log line.
 fn amqp_listening_addr(line: &str) -> Option<SocketAddr> {
     let (_, rest) = line.split_once("hopperd: amqp listening on ")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The address in a `... hopperd: amqps listening on 127.0.0.1:5671` log line.
+fn amqps_listening_addr(line: &str) -> Option<SocketAddr> {
+    let (_, rest) = line.split_once("hopperd: amqps listening on ")?;
     rest.split_whitespace().next()?.parse().ok()
 }
 

@@ -1,14 +1,15 @@
 //! The harness shared by Hopper's integration tests: it starts the real `hopperd` as a child
 //! process (and restarts it on the same data directory), runs the `hopper` CLI against it,
-//! connects with `hopper-client`, speaks raw frames for the bad-input tests, reads durable
-//! queues' files for the durability tests, speaks HTTP and HTTPS to the broker's HTTP listener
-//! (and plays an alarm webhook) for the HTTP tests, makes throwaway CAs for the TLS tests, and
+//! connects with `hopper-client`, speaks raw frames for the bad-input tests and raw AMQP 0-9-1
+//! frames for the AMQP tests, reads durable queues' files for the durability tests, speaks HTTP
+//! and HTTPS to the broker's HTTP listener (and plays an alarm webhook) for the HTTP tests, makes throwaway CAs for the TLS tests, and
 //! cuts the links between cluster nodes with TCP proxies for the partition tests.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins --examples`; the client's
 //! examples are run too): they are looked up in the target directory next to the test
 //! executable.
 
+mod amqp;
 mod broker;
 mod cli;
 mod client;
@@ -21,6 +22,7 @@ mod storage;
 mod wait;
 mod webhook;
 
+pub use amqp::{connection_close, is_open_ok, AmqpRaw};
 pub use broker::{binary, command, example, example_command, send_signal, Broker};
 pub use cli::{cli, cli_at, run, run_cli, run_with_stdin, CliOutput};
 pub use client::{

@@ -201,6 +201,36 @@ async fn a_celery_task_retries_then_succeeds() {
 }
 
 #[tokio::test]
+async fn a_celery_task_waiting_for_its_countdown_does_not_hold_up_the_next() {
+    alone("celery_retry.py", "countdown_does_not_hold_up_the_next").await;
+}
+
+#[tokio::test]
+async fn deliveries_of_a_cancelled_consumer_can_still_be_acked() {
+    alone("features.py", "ack_after_cancel").await;
+}
+
+#[tokio::test]
+async fn pikas_consumer_cancel_after_a_requeue_loses_nothing() {
+    alone("features.py", "requeue_while_consuming_then_cancel").await;
+}
+
+#[tokio::test]
+async fn dead_lettering_through_the_default_exchange_reaches_the_named_queue() {
+    alone("features.py", "dead_letter_through_the_default_exchange").await;
+}
+
+#[tokio::test]
+async fn header_values_keep_their_types() {
+    alone("features.py", "header_types").await;
+}
+
+#[tokio::test]
+async fn a_dead_lettered_message_carries_the_first_death_headers() {
+    alone("features.py", "first_death_headers").await;
+}
+
+#[tokio::test]
 async fn published_with_pika_consumed_with_hopper_consume_and_back() {
     let broker = broker();
     scenario(&broker, "cross_protocol.py", "publish_orders").await;

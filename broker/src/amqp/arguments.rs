@@ -3,6 +3,7 @@
 //! (PRECONDITION_FAILED), never ignored.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 
@@ -10,15 +11,28 @@ use crate::error::BrokerError;
 use crate::routing::ExchangeKind;
 use crate::settings::{Overflow, QueueSettings};
 
+/// What a `queue.declare` asks for: the queue's settings, and the time after which it is
+/// deleted unused (`x-expires`), which the AMQP listener keeps.
+#[derive(Debug)]
+pub struct Declared {
+    pub settings: QueueSettings,
+    pub expires: Option<Duration>,
+}
+
 /// The settings `queue.declare` asks for.
-pub fn queue_settings(durable: bool, arguments: &FieldTable) -> Result<QueueSettings, BrokerError> {
+pub fn queue_settings(durable: bool, arguments: &FieldTable) -> Result<Declared, BrokerError> {
     let mut settings = QueueSettings { durable, ..QueueSettings::default() };
+    let mut expires = None;
     for (name, value) in arguments.inner() {
         let name = name.as_str();
         let refused = |why: &str| BrokerError::InvalidArgument(format!("argument {name}: {why}"));
         let number = || whole(value).ok_or_else(|| refused("expected a non-negative whole number"));
         match name {
             "x-message-ttl" => settings.message_ttl_ms = number()?,
+            "x-expires" => match number()? {
+                0 => return Err(refused("must be at least 1 ms")),
+                ms => expires = Some(Duration::from_millis(ms)),
+            },
             "x-max-length" => settings.max_length = number()?,
             "x-max-length-bytes" => settings.max_bytes = number()?,
             "x-delivery-limit" => {
@@ -56,8 +70,21 @@ pub fn queue_settings(durable: bool, arguments: &FieldTable) -> Result<QueueSett
             _ => return Err(refused("not supported by Hopper")),
         }
     }
+    // RabbitMQ's default exchange as the dead-letter exchange: the routing key names the queue.
+    let default_exchange =
+        arguments.inner().get("x-dead-letter-exchange").and_then(string).as_deref() == Some("");
+    if default_exchange {
+        if settings.dead_letter_routing_key.is_empty() {
+            return Err(BrokerError::InvalidArgument(
+                "argument x-dead-letter-exchange: the default exchange ('') needs x-dead-letter-routing-key, \
+                 the queue the dead go to"
+                    .into(),
+            ));
+        }
+        settings.dead_letter = std::mem::take(&mut settings.dead_letter_routing_key);
+    }
     settings.validate()?;
-    Ok(settings)
+    Ok(Declared { settings, expires })
 }
 
 /// The exchange type `kind` names.
@@ -132,19 +159,33 @@ mod tests {
             ("x-overflow", AMQPValue::LongString("reject-publish".into())),
             ("x-delivery-limit", AMQPValue::ShortInt(5)),
             ("x-hopper-retry-backoff", AMQPValue::LongString("100, 1000".into())),
+            ("x-expires", AMQPValue::LongInt(1800)),
         ]);
-        let settings = queue_settings(true, &arguments).unwrap();
+        let Declared { settings, expires } = queue_settings(true, &arguments).unwrap();
+        assert_eq!(expires, Some(Duration::from_millis(1800)));
         assert!(settings.durable);
         assert_eq!(settings.message_ttl_ms, 60_000);
         assert_eq!(settings.dead_letter_exchange, "dlx");
         assert_eq!((settings.max_length, settings.max_deliveries), (10, 5));
         assert_eq!(settings.retry_backoff_ms, [100, 1000]);
+
+        let to_queue = table(&[
+            ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+            ("x-dead-letter-routing-key", AMQPValue::LongString("jobs.dead".into())),
+        ]);
+        let settings = queue_settings(false, &to_queue).unwrap().settings;
+        assert_eq!(
+            (settings.dead_letter.as_str(), settings.dead_letter_exchange.as_str()),
+            ("jobs.dead", "")
+        );
     }
 
     #[test]
     fn what_hopper_cannot_honour_is_refused_by_name() {
         for (name, value) in [
-            ("x-expires", AMQPValue::LongInt(1000)),
+            ("x-expires", AMQPValue::LongInt(0)),
+            ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+            ("x-max-priority", AMQPValue::ShortShortUInt(10)),
             ("x-message-ttl", AMQPValue::LongInt(-1)),
             ("x-queue-type", AMQPValue::LongString("stream".into())),
             ("x-overflow", AMQPValue::LongString("reject-publish-dlx".into())),

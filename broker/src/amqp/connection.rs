@@ -1,7 +1,7 @@
 //! One AMQP 0-9-1 connection: the handshake (protocol header, start, tune, open), then the
 //! methods of its channels, each turned into one engine call and its answer back into frames.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,11 +12,13 @@ use amq_protocol::protocol::{basic, channel, confirm, connection, exchange, queu
 use amq_protocol::types::{AMQPValue, FieldTable};
 use futures::StreamExt;
 use parking_lot::Mutex;
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{mpsc, watch};
+use tokio::io::AsyncRead;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
 use super::codec::{encode, FrameCodec, FrameError, PROTOCOL_HEADER};
+use super::shared::{ReplyConsumer, Shared, REPLY_TO};
 use super::sink::{content, content_frames, AmqpSink, Tags};
 use super::{arguments, properties};
 use crate::engine::{Caller, ConsumeOptions, DeliveryRef, Engine, NackOptions, NewMessage, Pull, Route};
@@ -35,6 +37,9 @@ const HEARTBEAT_S: u16 = 60;
 const NO_ACK_WINDOW: u32 = 1000;
 /// Time a client gets for each step of the handshake.
 const HANDSHAKE_STEP: Duration = Duration::from_secs(10);
+/// Body bytes of publishes held back while publishers are blocked; beyond them the
+/// connection is not read until the block lifts.
+const MAX_HELD_BYTES: usize = 1024 * 1024;
 
 /// AMQP reply codes.
 mod code {
@@ -95,6 +100,13 @@ struct Channel {
     prefetch: u16,
     /// Its consumers: consumer tag → consumer id.
     consumers: HashMap<String, u64>,
+    /// Consumers the client cancelled that still hold deliveries: as in RabbitMQ, the channel
+    /// may settle those, and they return to their queue only if the channel closes first.
+    stopped: HashSet<u64>,
+    /// Its no-ack consumers.
+    no_ack: HashSet<u64>,
+    /// Its direct reply-to consumer: the token its replies are addressed by, and its tag.
+    reply: Option<(String, String)>,
     incoming: Option<Incoming>,
     /// In confirm mode: the number of the last publish.
     confirms: Option<Arc<AtomicU64>>,
@@ -102,12 +114,26 @@ struct Channel {
     closing: bool,
 }
 
+/// What the handshake settled.
+pub(super) struct Opened {
+    pub user: String,
+    pub frame_max: usize,
+    /// Seconds between heartbeats; 0 = none.
+    pub heartbeat: u16,
+    /// The client understands `connection.blocked`.
+    pub notify_blocked: bool,
+}
+
 /// A logged-in connection.
 pub(super) struct Connection {
     engine: Arc<Engine>,
+    shared: Arc<Shared>,
+    conn_id: u64,
     caller: Caller,
     outbox: Arc<Outbox>,
     frame_max: usize,
+    heartbeat: u16,
+    notify_blocked: bool,
     channels: HashMap<u16, Channel>,
     next_consumer_tag: u64,
     /// Where no-ack consumers send their deliveries (consumer id, tag) for the connection to
@@ -117,19 +143,28 @@ pub(super) struct Connection {
     /// Queues this connection declared `exclusive`: deleted when it closes.
     exclusive: Vec<String>,
     /// Queues this connection declared `auto-delete`.
-    auto_delete: std::collections::HashSet<String>,
+    auto_delete: HashSet<String>,
     /// Its consumers of those: deleting the queue is tried when one is cancelled.
     auto_delete_consumers: HashMap<u64, String>,
+    /// The connection has published: it is blocked with the other publishers.
+    publisher: bool,
+    /// Publishers are blocked and this connection is held back (counted by the engine).
+    holding: bool,
+    /// Publishes that completed while held back, in order, and their body bytes.
+    held: VecDeque<(u16, Incoming)>,
+    held_bytes: usize,
 }
 
 /// Reads the handshake from `frames` and logs the client in; `None` (after telling the client
-/// why, if it can) when it fails.
-pub(super) async fn handshake(
+/// why, if it can) when it fails. `certificate_user` is the user a verified client certificate
+/// names (TLS), who may log in with EXTERNAL.
+pub(super) async fn handshake<R: AsyncRead + Unpin>(
     engine: &Arc<Engine>,
-    frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    frames: &mut FramedRead<R, FrameCodec>,
     outbox: &Arc<Outbox>,
     peer: SocketAddr,
-) -> Option<(String, u16)> {
+    certificate_user: Option<&str>,
+) -> Option<Opened> {
     match next_frame(frames).await {
         Some(AMQPFrame::ProtocolHeader(version)) if version == ProtocolVersion::amqp_0_9_1() => {}
         _ => {
@@ -142,15 +177,28 @@ pub(super) async fn handshake(
     server_properties.insert("product".into(), AMQPValue::LongString("Hopper".into()));
     server_properties.insert("version".into(), AMQPValue::LongString(env!("CARGO_PKG_VERSION").into()));
     let mut capabilities = FieldTable::default();
-    for capability in ["publisher_confirms", "consumer_cancel_notify", "basic.nack", "per_consumer_qos"] {
+    for capability in [
+        "publisher_confirms",
+        "consumer_cancel_notify",
+        "basic.nack",
+        "per_consumer_qos",
+        "connection.blocked",
+        "exchange_exchange_bindings",
+        "authentication_failure_close",
+        "direct_reply_to",
+    ] {
         capabilities.insert(capability.into(), AMQPValue::Boolean(true));
     }
     server_properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+    let mechanisms = match certificate_user {
+        Some(_) => "PLAIN AMQPLAIN EXTERNAL",
+        None => "PLAIN AMQPLAIN",
+    };
     let start = connection::Start {
         version_major: 0,
         version_minor: 9,
         server_properties,
-        mechanisms: "PLAIN".into(),
+        mechanisms: mechanisms.into(),
         locales: "en_US".into(),
     };
     send(outbox, 0, AMQPClass::Connection(connection::AMQPMethod::Start(start)));
@@ -163,19 +211,10 @@ pub(super) async fn handshake(
         close_connection(outbox, code::ACCESS_REFUSED, &text);
         None
     };
-    if start_ok.mechanism.as_str() != "PLAIN" {
-        return refuse(format!("mechanism {} is not offered; use PLAIN", start_ok.mechanism.as_str()));
-    }
-    // PLAIN: authzid NUL user NUL password.
-    let response = start_ok.response.as_bytes();
-    let mut parts = response.split(|b| *b == 0);
-    let (Some(_), Some(user), Some(password)) = (parts.next(), parts.next(), parts.next()) else {
-        return refuse("a PLAIN response is authzid NUL user NUL password".into());
+    let user = match login(engine, &start_ok, peer, certificate_user).await {
+        Ok(user) => user,
+        Err(err) => return refuse(err.to_string()),
     };
-    let (user, password) = (String::from_utf8_lossy(user).into_owned(), String::from_utf8_lossy(password));
-    if let Err(err) = engine.users().check_password(&user, &password, peer.ip()).await {
-        return refuse(err.to_string());
-    }
     let tune = connection::Tune { channel_max: CHANNEL_MAX, frame_max: FRAME_MAX, heartbeat: HEARTBEAT_S };
     send(outbox, 0, AMQPClass::Connection(connection::AMQPMethod::Tune(tune)));
     let Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok)))) =
@@ -202,57 +241,173 @@ pub(super) async fn handshake(
         asked => asked.clamp(4096, FRAME_MAX),
     };
     frames.decoder_mut().set_max(frame_max as usize);
-    Some((user, frame_max as u16))
+    let notify_blocked = matches!(
+        start_ok.client_properties.inner().get("capabilities"),
+        Some(AMQPValue::FieldTable(capabilities))
+            if matches!(capabilities.inner().get("connection.blocked"), Some(AMQPValue::Boolean(true)))
+    );
+    Some(Opened { user, frame_max: frame_max as usize, heartbeat: tune_ok.heartbeat, notify_blocked })
+}
+
+/// Checks the credentials of `start-ok`: PLAIN (authzid NUL user NUL password), AMQPLAIN (a
+/// table with LOGIN and PASSWORD), or EXTERNAL (the user of a verified client certificate).
+async fn login(
+    engine: &Engine,
+    start_ok: &connection::StartOk,
+    peer: SocketAddr,
+    certificate_user: Option<&str>,
+) -> Result<String, BrokerError> {
+    let refused = |text: &str| BrokerError::Unauthenticated(text.to_owned());
+    let response = start_ok.response.as_bytes();
+    let (user, password) = match start_ok.mechanism.as_str() {
+        "PLAIN" => {
+            let mut parts = response.split(|b| *b == 0);
+            let (Some(_), Some(user), Some(password), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(refused("a PLAIN response is authzid NUL user NUL password"));
+            };
+            (String::from_utf8_lossy(user).into_owned(), String::from_utf8_lossy(password).into_owned())
+        }
+        "AMQPLAIN" => {
+            let table = amqplain_table(response)
+                .ok_or_else(|| refused("an AMQPLAIN response is a field table with LOGIN and PASSWORD"))?;
+            let field = |name: &str| match table.inner().get(name) {
+                Some(AMQPValue::LongString(text)) => {
+                    Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+                }
+                Some(AMQPValue::ShortString(text)) => Some(text.as_str().to_owned()),
+                _ => None,
+            };
+            match (field("LOGIN"), field("PASSWORD")) {
+                (Some(user), Some(password)) => (user, password),
+                _ => return Err(refused("an AMQPLAIN response is a field table with LOGIN and PASSWORD")),
+            }
+        }
+        "EXTERNAL" if certificate_user.is_some() => {
+            let user = certificate_user.expect("checked above");
+            return match engine.users().login_account(user, peer.ip()) {
+                Ok(Some(account)) => Ok(account.name.clone()),
+                Ok(None) => Err(BrokerError::Unauthenticated(format!(
+                    "the client certificate names user '{user}', who does not exist on this broker"
+                ))),
+                Err(err) => Err(err),
+            };
+        }
+        other => {
+            let offered =
+                if certificate_user.is_some() { "PLAIN, AMQPLAIN or EXTERNAL" } else { "PLAIN or AMQPLAIN" };
+            return Err(BrokerError::Unauthenticated(format!(
+                "mechanism {other} is not offered; use {offered}"
+            )));
+        }
+    };
+    engine.users().check_password(&user, &password, peer.ip()).await?;
+    Ok(user)
+}
+
+/// An AMQPLAIN response: a field table's entries, without the table's length.
+fn amqplain_table(response: &[u8]) -> Option<FieldTable> {
+    let mut framed = u32::try_from(response.len()).ok()?.to_be_bytes().to_vec();
+    framed.extend_from_slice(response);
+    let (rest, table) = amq_protocol::types::parsing::parse_field_table(framed.as_slice()).ok()?;
+    rest.is_empty().then_some(table)
 }
 
 impl Connection {
-    /// A connection of `user`, whose frames are at most `frame_max` bytes.
+    /// A connection that opened as `opened`.
     pub(super) fn new(
         engine: Arc<Engine>,
+        shared: Arc<Shared>,
         conn_id: u64,
-        user: &str,
+        opened: &Opened,
         outbox: Arc<Outbox>,
-        frame_max: usize,
     ) -> Self {
         let (auto_ack_tx, auto_ack_rx) = mpsc::unbounded_channel();
         Connection {
             engine,
-            caller: Caller::connection(conn_id, user),
+            shared,
+            conn_id,
+            caller: Caller::connection(conn_id, &opened.user),
             outbox,
-            frame_max,
+            frame_max: opened.frame_max,
+            heartbeat: opened.heartbeat,
+            notify_blocked: opened.notify_blocked,
             channels: HashMap::new(),
             next_consumer_tag: 0,
             auto_ack_tx,
             auto_ack_rx,
             exclusive: Vec::new(),
-            auto_delete: Default::default(),
+            auto_delete: HashSet::new(),
             auto_delete_consumers: HashMap::new(),
+            publisher: false,
+            holding: false,
+            held: VecDeque::new(),
+            held_bytes: 0,
         }
     }
 
     /// Serves frames until the client closes, the connection fails or the broker stops.
-    pub(super) async fn serve(
+    /// `resume` is notified by the writer when it drained the outbox or gave up.
+    pub(super) async fn serve<R: AsyncRead + Unpin>(
         &mut self,
-        frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+        frames: &mut FramedRead<R, FrameCodec>,
         mut shutdown: watch::Receiver<bool>,
+        resume: &Notify,
     ) {
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(u64::from(HEARTBEAT_S) / 2));
+        // Heartbeats go out at half the agreed interval; a client silent for two intervals
+        // is gone.
+        let period = (self.heartbeat > 0).then(|| Duration::from_secs(u64::from(self.heartbeat)));
+        let mut heartbeat = tokio::time::interval(period.map_or(Duration::from_secs(3600), |p| p / 2));
+        heartbeat.reset();
+        let mut last_seen = Instant::now();
+        let mut flow_changes = self.engine.flow_changes();
+        let outbox = self.outbox.clone();
         loop {
+            self.apply_flow();
+            // Frames are not read while the client does not read what it is sent, nor while
+            // too much of what it published is held back.
+            let room = outbox.has_room();
+            let reading = room && self.held_bytes < MAX_HELD_BYTES;
             let frame = tokio::select! {
-                frame = frames.next() => frame,
-                _ = heartbeat.tick() => {
-                    self.outbox.push_bytes(&encode(&AMQPFrame::Heartbeat));
+                biased;
+                _ = shutdown.changed() => {
+                    close_connection(&outbox, code::CONNECTION_FORCED, "the broker is shutting down");
+                    return;
+                }
+                _ = resume.notified() => {
+                    if outbox.is_closed() {
+                        tracing::info!("the client stopped reading or the connection broke; closing");
+                        return;
+                    }
+                    if outbox.take_stalled() {
+                        self.engine.redispatch(self.consumer_ids());
+                    }
                     continue;
                 }
+                _ = flow_changes.changed() => continue,
                 Some(first) = self.auto_ack_rx.recv() => {
                     self.auto_ack(first);
                     continue;
                 }
-                _ = shutdown.changed() => {
-                    close_connection(&self.outbox, code::CONNECTION_FORCED, "the broker is shutting down");
-                    return;
+                _ = outbox.wait_for_room(), if !room => {
+                    // Silence while the client was not read does not count against it.
+                    last_seen = Instant::now();
+                    continue;
+                }
+                frame = frames.next(), if reading => frame,
+                _ = heartbeat.tick(), if period.is_some() => {
+                    let period = period.expect("ticks only with heartbeats");
+                    if reading && last_seen.elapsed() > period * 2 {
+                        tracing::info!(heartbeat_s = self.heartbeat, "client missed two heartbeats; closing");
+                        close_connection(&outbox, code::CONNECTION_FORCED, "missed heartbeats from client");
+                        return;
+                    }
+                    outbox.push_bytes(&encode(&AMQPFrame::Heartbeat));
+                    continue;
                 }
             };
+            last_seen = Instant::now();
             let frame = match frame {
                 Some(Ok(frame)) => frame,
                 Some(Err(FrameError::Io(err))) => {
@@ -260,7 +415,7 @@ impl Connection {
                     return;
                 }
                 Some(Err(err)) => {
-                    close_connection(&self.outbox, code::FRAME_ERROR, &err.to_string());
+                    close_connection(&outbox, code::FRAME_ERROR, &err.to_string());
                     return;
                 }
                 None => return,
@@ -272,11 +427,51 @@ impl Connection {
                     self.close_channel(channel, code, &text)
                 }
                 Err((_, Failure::Channel(code, text) | Failure::Connection(code, text))) => {
-                    close_connection(&self.outbox, code, &text);
+                    close_connection(&outbox, code, &text);
                     return;
                 }
             }
         }
+    }
+
+    /// Follows the broker's publisher block: a publishing connection is told (if it
+    /// understands `connection.blocked`) and its publishes are held back until the block
+    /// lifts, while its acks and other methods are still served, so a worker that consumes
+    /// and publishes on one connection can drain what blocks it.
+    fn apply_flow(&mut self) {
+        let block = if self.publisher { self.engine.publishers_blocked() } else { None };
+        if block.is_some() != self.holding {
+            self.holding = block.is_some();
+            self.engine.hold_publisher(self.holding);
+            if self.notify_blocked {
+                let method = match block {
+                    Some(reason) => connection::AMQPMethod::Blocked(connection::Blocked {
+                        reason: truncate(&reason).into(),
+                    }),
+                    None => connection::AMQPMethod::Unblocked(connection::Unblocked {}),
+                };
+                send(&self.outbox, 0, AMQPClass::Connection(method));
+            }
+        }
+        if !self.holding {
+            while let Some((id, incoming)) = self.held.pop_front() {
+                if self.channels.get(&id).is_some_and(|channel| !channel.closing) {
+                    if let Err(failure) = self.publish(id, incoming) {
+                        match failure {
+                            Failure::Channel(code, text) => self.close_channel(id, code, &text),
+                            Failure::Connection(code, text) => close_connection(&self.outbox, code, &text),
+                        }
+                    }
+                }
+            }
+            self.held_bytes = 0;
+        }
+    }
+
+    /// Every consumer of the connection.
+    fn consumer_ids(&self) -> Vec<u64> {
+        let channels = self.channels.values();
+        channels.flat_map(|channel| channel.consumers.values().chain(&channel.stopped).copied()).collect()
     }
 
     /// Acks the deliveries of no-ack consumers that are waiting, `first` and the rest: one ack
@@ -297,21 +492,30 @@ impl Connection {
 
     /// Cancels every consumer of the connection (it is going away).
     pub(super) fn release(&mut self) {
-        let consumers: Vec<u64> =
-            self.channels.values().flat_map(|channel| channel.consumers.values().copied()).collect();
+        let consumers = self.consumer_ids();
         self.engine.release_connection(&self.caller, consumers.iter().copied());
-        self.channels.clear();
+        for channel in std::mem::take(&mut self.channels).into_values() {
+            if let Some((token, _)) = channel.reply {
+                self.shared.remove_reply_consumer(&token);
+            }
+        }
         for consumer_id in consumers {
             self.cancelled(consumer_id);
         }
         for queue in std::mem::take(&mut self.exclusive) {
             self.delete_later(queue, false);
         }
+        self.shared.release_exclusive(self.conn_id);
+        if self.holding {
+            self.holding = false;
+            self.engine.hold_publisher(false);
+        }
     }
 
     /// Consumer `consumer_id` of this connection was cancelled: its queue goes if it was
     /// declared `auto-delete` and has no consumer left.
     fn cancelled(&mut self, consumer_id: u64) {
+        self.shared.consumer_gone(consumer_id);
         if let Some(queue) = self.auto_delete_consumers.remove(&consumer_id) {
             self.delete_later(queue, true);
         }
@@ -362,6 +566,7 @@ impl Connection {
             }
             AMQPFrame::Method(id, AMQPClass::Channel(channel::AMQPMethod::Close(_))) => {
                 self.drop_channel(id);
+                self.held.retain(|(channel, _)| *channel != id);
                 send(&self.outbox, id, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
                 Ok(true)
             }
@@ -436,15 +641,28 @@ impl Connection {
             }
             AMQPClass::Basic(basic::AMQPMethod::Get(get)) => self.get(id, get).await?,
             AMQPClass::Basic(basic::AMQPMethod::Qos(qos)) => {
-                self.channel(id).prefetch = qos.prefetch_count;
+                // Per consumer, with `global` too (as for RabbitMQ's quorum queues): the channel's
+                // consumers take the new limit, those it starts later too. (RabbitMQ leaves
+                // running consumers as they are; kombu, Celery's client, expects them to change.)
+                let channel = self.channel(id);
+                channel.prefetch = qos.prefetch_count;
+                let acking: Vec<u64> =
+                    channel.consumers.values().copied().filter(|c| !channel.no_ack.contains(c)).collect();
+                for consumer_id in acking {
+                    engine.set_prefetch(&caller, consumer_id, u32::from(qos.prefetch_count))?;
+                }
                 send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
             }
             AMQPClass::Basic(basic::AMQPMethod::Consume(consume)) => self.consume(id, consume)?,
             AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)) => {
                 let tag = cancel.consumer_tag.as_str().to_owned();
-                if let Some(consumer_id) = self.channel(id).consumers.remove(&tag) {
-                    engine.cancel(&caller, consumer_id, "cancelled by the client")?;
-                    self.channel(id).tags.lock().forget(consumer_id);
+                let channel = self.channel(id);
+                if channel.reply.as_ref().is_some_and(|(_, reply_tag)| *reply_tag == tag) {
+                    let (token, _) = channel.reply.take().expect("checked above");
+                    self.shared.remove_reply_consumer(&token);
+                } else if let Some(consumer_id) = self.channel(id).consumers.remove(&tag) {
+                    engine.stop(&caller, consumer_id)?;
+                    self.channel(id).stopped.insert(consumer_id);
                     self.cancelled(consumer_id);
                 }
                 if !cancel.nowait {
@@ -473,6 +691,29 @@ impl Connection {
                     engine.nack(&caller, DeliveryRef::Tag { consumer_id, delivery_tag }, options, None)?;
                 }
             }
+            AMQPClass::Basic(basic::AMQPMethod::Recover(recover)) => {
+                if !recover.requeue {
+                    return Err(requeue_false());
+                }
+                // Before the redeliveries, as RabbitMQ does: clients drop what they were sent
+                // before the recover-ok.
+                send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
+                self.recover(id, true)?;
+            }
+            AMQPClass::Basic(basic::AMQPMethod::RecoverAsync(recover)) => {
+                self.recover(id, recover.requeue)?
+            }
+            AMQPClass::Channel(channel::AMQPMethod::Flow(flow)) => {
+                if !flow.active {
+                    // RabbitMQ refuses it too: a client pauses deliveries with its prefetch.
+                    return Err(Failure::Connection(
+                        code::NOT_IMPLEMENTED,
+                        "channel.flow active=false is not supported; use basic.qos".into(),
+                    ));
+                }
+                let ok = channel::FlowOk { active: true };
+                send(&self.outbox, id, AMQPClass::Channel(channel::AMQPMethod::FlowOk(ok)));
+            }
             AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
                 let channel = self.channel(id);
                 channel.confirms.get_or_insert_with(Default::default);
@@ -489,19 +730,25 @@ impl Connection {
                     "" => format!("amq.gen-{:016x}", rand::random::<u64>()),
                     name => name.to_owned(),
                 };
+                self.shared.check_exclusive(&name, self.conn_id)?;
                 let info = if declare.passive {
                     engine.queue_info(&caller, &name)?
                 } else {
-                    let settings = arguments::queue_settings(declare.durable, &declare.arguments)?;
-                    let (info, created) = engine.declare(&caller, &name, settings, None).await?;
+                    let declared = arguments::queue_settings(declare.durable, &declare.arguments)?;
+                    let (info, created) = engine.declare(&caller, &name, declared.settings, None).await?;
                     if created && declare.exclusive {
+                        self.shared.claim_exclusive(&name, self.conn_id);
                         self.exclusive.push(name.clone());
                     }
                     if created && declare.auto_delete {
                         self.auto_delete.insert(name.clone());
                     }
+                    if let Some(after) = declared.expires {
+                        self.shared.expire(&self.engine, &name, after);
+                    }
                     info
                 };
+                self.shared.used(&name);
                 if !declare.nowait {
                     let ok = queue::DeclareOk {
                         queue: name.into(),
@@ -512,6 +759,7 @@ impl Connection {
                 }
             }
             AMQPClass::Queue(queue::AMQPMethod::Bind(bind)) => {
+                self.shared.check_exclusive(bind.queue.as_str(), self.conn_id)?;
                 let binding = queue_binding(&bind.queue, &bind.routing_key, &bind.arguments);
                 engine.bind(&caller, bind.exchange.as_str(), binding).await?;
                 if !bind.nowait {
@@ -519,11 +767,13 @@ impl Connection {
                 }
             }
             AMQPClass::Queue(queue::AMQPMethod::Unbind(unbind)) => {
+                self.shared.check_exclusive(unbind.queue.as_str(), self.conn_id)?;
                 let binding = queue_binding(&unbind.queue, &unbind.routing_key, &unbind.arguments);
                 engine.unbind(&caller, unbind.exchange.as_str(), binding).await?;
                 send(&self.outbox, id, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
             }
             AMQPClass::Queue(queue::AMQPMethod::Purge(purge)) => {
+                self.shared.check_exclusive(purge.queue.as_str(), self.conn_id)?;
                 let purged = engine.purge(&caller, purge.queue.as_str())?;
                 if !purge.nowait {
                     let ok = queue::PurgeOk { message_count: u32::try_from(purged).unwrap_or(u32::MAX) };
@@ -531,9 +781,15 @@ impl Connection {
                 }
             }
             AMQPClass::Queue(queue::AMQPMethod::Delete(delete)) => {
-                let deleted = engine
+                self.shared.check_exclusive(delete.queue.as_str(), self.conn_id)?;
+                // Deleting a queue that is not there succeeds, as in RabbitMQ.
+                let deleted = match engine
                     .delete_queue(&caller, delete.queue.as_str(), delete.if_unused, delete.if_empty)
-                    .await?;
+                    .await
+                {
+                    Err(BrokerError::NotFound(_)) => 0,
+                    deleted => deleted?,
+                };
                 if !delete.nowait {
                     let ok = queue::DeleteOk { message_count: u32::try_from(deleted).unwrap_or(u32::MAX) };
                     send(&self.outbox, id, AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)));
@@ -553,18 +809,64 @@ impl Connection {
                 }
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Delete(delete)) => {
-                engine.delete_exchange(&caller, delete.exchange.as_str(), delete.if_unused).await?;
+                // Deleting an exchange that is not there succeeds, as in RabbitMQ.
+                match engine.delete_exchange(&caller, delete.exchange.as_str(), delete.if_unused).await {
+                    Ok(()) | Err(BrokerError::NotFound(_)) => {}
+                    Err(err) => return Err(err.into()),
+                }
                 if !delete.nowait {
                     let ok = exchange::DeleteOk {};
                     send(&self.outbox, id, AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(ok)));
                 }
             }
+            AMQPClass::Exchange(exchange::AMQPMethod::Bind(bind)) => {
+                let binding = exchange_binding(&bind.destination, &bind.routing_key, &bind.arguments);
+                engine.bind(&caller, bind.source.as_str(), binding).await?;
+                if !bind.nowait {
+                    send(
+                        &self.outbox,
+                        id,
+                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                    );
+                }
+            }
+            AMQPClass::Exchange(exchange::AMQPMethod::Unbind(unbind)) => {
+                let binding = exchange_binding(&unbind.destination, &unbind.routing_key, &unbind.arguments);
+                engine.unbind(&caller, unbind.source.as_str(), binding).await?;
+                if !unbind.nowait {
+                    let ok = exchange::UnbindOk {};
+                    send(&self.outbox, id, AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(ok)));
+                }
+            }
             other => {
-                let text = format!("{} is not supported yet", other.get_amqp_class_id());
-                return Err(Failure::Channel(code::NOT_IMPLEMENTED, text));
+                let described = format!("{other:?}");
+                let name = described.split(['{', ' ']).next().unwrap_or_default();
+                let text = format!(
+                    "{name} (class {}, method {}) is not supported",
+                    other.get_amqp_class_id(),
+                    other.get_amqp_method_id()
+                );
+                return Err(Failure::Connection(code::NOT_IMPLEMENTED, text));
             }
         }
+        self.end_stopped(id);
         Ok(())
+    }
+
+    /// Ends the consumers the client cancelled whose deliveries are all settled now.
+    fn end_stopped(&mut self, id: u16) {
+        let Some(channel) = self.channels.get_mut(&id) else { return };
+        if channel.stopped.is_empty() {
+            return;
+        }
+        let done: Vec<u64> = {
+            let tags = channel.tags.lock();
+            channel.stopped.iter().copied().filter(|consumer| !tags.holds(*consumer)).collect()
+        };
+        for consumer_id in done {
+            channel.stopped.remove(&consumer_id);
+            let _ = self.engine.cancel(&self.caller, consumer_id, "cancelled by the client");
+        }
     }
 
     /// The deliveries a settle of `tag` covers, by consumer.
@@ -576,8 +878,25 @@ impl Connection {
             .map_err(|tag| Failure::Channel(code::PRECONDITION_FAILED, format!("unknown delivery tag {tag}")))
     }
 
+    /// `basic.recover`: every delivery of the channel not settled yet goes back to its queue,
+    /// to be delivered again flagged redelivered.
+    fn recover(&mut self, id: u16, requeue: bool) -> Result<(), Failure> {
+        if !requeue {
+            return Err(requeue_false());
+        }
+        for (consumer_id, delivery_tag, multiple) in self.settled(id, 0, true)? {
+            let options = NackOptions { multiple, requeue: true, ..NackOptions::default() };
+            // A delivery its consumer's cancel took back already is back already.
+            let _ =
+                self.engine.nack(&self.caller, DeliveryRef::Tag { consumer_id, delivery_tag }, options, None);
+        }
+        Ok(())
+    }
+
     /// `basic.get`: one message, if the queue has one ready.
     async fn get(&mut self, id: u16, get: basic::Get) -> Result<(), Failure> {
+        self.shared.check_exclusive(get.queue.as_str(), self.conn_id)?;
+        self.shared.used(get.queue.as_str());
         let pull = Pull { count: 1, visibility_ms: 0, wait: Duration::ZERO, budget: usize::MAX };
         let deliveries = self.engine.get(&self.caller, get.queue.as_str(), pull, None).await?;
         let Some(delivery) = deliveries.into_iter().next() else {
@@ -620,12 +939,29 @@ impl Connection {
         let (outbox, frame_max) = (self.outbox.clone(), self.frame_max);
         let auto_ack = consume.no_ack.then(|| self.auto_ack_tx.clone());
         let channel = self.channel(id);
-        if channel.consumers.contains_key(&tag) {
+        let tag_taken = channel.consumers.contains_key(&tag)
+            || channel.reply.as_ref().is_some_and(|(_, reply_tag)| *reply_tag == tag);
+        if tag_taken {
             return Err(Failure::Connection(
                 code::NOT_ALLOWED,
                 format!("consumer tag '{tag}' is in use on this channel"),
             ));
         }
+        let queue = consume.queue.as_str();
+        if queue == REPLY_TO {
+            return self.consume_replies(id, tag, &consume);
+        }
+        self.shared.check_exclusive(queue, self.conn_id)?;
+        let busy = consume.exclusive
+            && self.engine.queue_info(&self.caller, queue).is_ok_and(|info| info.snapshot.consumers > 0);
+        if busy || self.shared.held_exclusively(queue) {
+            return Err(Failure::Channel(
+                code::ACCESS_REFUSED,
+                format!("queue '{queue}' in vhost '/' in exclusive use"),
+            ));
+        }
+        self.shared.used(queue);
+        let channel = self.channel(id);
         // A no-ack consumer takes as much as the connection's writes allow; its window only
         // bounds the deliveries waiting for the connection to ack them.
         let prefetch = if consume.no_ack { NO_ACK_WINDOW } else { u32::from(channel.prefetch) };
@@ -653,33 +989,116 @@ impl Connection {
                 }
             },
         )?;
-        if self.auto_delete.contains(consume.queue.as_str()) {
-            self.auto_delete_consumers.insert(consumer_id, consume.queue.as_str().to_owned());
+        if consume.exclusive {
+            // Checked again now that the consumer is on: another may have come meanwhile
+            // (this one then hears of its refusal after its consume-ok).
+            let consumers =
+                self.engine.queue_info(&self.caller, queue).map_or(0, |info| info.snapshot.consumers);
+            if consumers > 1 || self.shared.held_exclusively(queue) {
+                let _ = self.engine.cancel(&self.caller, consumer_id, "exclusive consume refused");
+                return Err(Failure::Channel(
+                    code::ACCESS_REFUSED,
+                    format!("queue '{queue}' in vhost '/' in exclusive use"),
+                ));
+            }
+            self.shared.hold_exclusively(queue, consumer_id);
         }
-        self.channel(id).consumers.insert(tag, consumer_id);
+        if self.auto_delete.contains(queue) {
+            self.auto_delete_consumers.insert(consumer_id, queue.to_owned());
+        }
+        let channel = self.channel(id);
+        channel.consumers.insert(tag, consumer_id);
+        if consume.no_ack {
+            channel.no_ack.insert(consumer_id);
+        }
         Ok(())
     }
 
-    /// Publishes the channel's incoming message once all of its content has arrived.
+    /// A consumer of direct replies (`amq.rabbitmq.reply-to`): publishes of this channel
+    /// with that reply-to get this consumer's address, and replies to it come straight here.
+    fn consume_replies(&mut self, id: u16, tag: String, consume: &basic::Consume) -> Result<(), Failure> {
+        if !consume.no_ack {
+            return Err(Failure::Channel(
+                code::PRECONDITION_FAILED,
+                "reply consumer cannot acknowledge: consume from amq.rabbitmq.reply-to with no-ack".into(),
+            ));
+        }
+        let channel = self.channels.get_mut(&id).expect("the channel was checked to be open");
+        if channel.reply.is_some() {
+            return Err(Failure::Channel(
+                code::PRECONDITION_FAILED,
+                "this channel has a reply consumer already".into(),
+            ));
+        }
+        let consumer = ReplyConsumer {
+            outbox: self.outbox.clone(),
+            channel: id,
+            consumer_tag: tag.clone(),
+            tags: channel.tags.clone(),
+            frame_max: self.frame_max,
+        };
+        let token = self.shared.add_reply_consumer(consumer);
+        channel.reply = Some((token, tag.clone()));
+        if !consume.nowait {
+            let ok = basic::ConsumeOk { consumer_tag: tag.into() };
+            send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)));
+        }
+        Ok(())
+    }
+
+    /// Publishes the channel's incoming message once all of its content has arrived (or holds
+    /// it back while publishers are blocked).
     fn publish_if_complete(&mut self, id: u16) -> Result<(), Failure> {
         let channel = self.channel(id);
         let Some(incoming) = channel.incoming.as_ref() else { return Ok(()) };
         let Some(header) = incoming.header.as_ref() else { return Ok(()) };
-        if (incoming.body.len() as u64) < header.body_size {
+        let size = header.body_size;
+        if (incoming.body.len() as u64) < size {
             return Ok(());
         }
-        let Incoming { method, header, body } = channel.incoming.take().expect("checked above");
-        let header = header.expect("checked above");
-        if body.len() as u64 != header.body_size {
-            let text = format!("{} body bytes came for a content of {}", body.len(), header.body_size);
+        let incoming = channel.incoming.take().expect("checked above");
+        if incoming.body.len() as u64 != size {
+            let text = format!("{} body bytes came for a content of {size}", incoming.body.len());
             return Err(Failure::Connection(code::FRAME_ERROR, text));
+        }
+        if !self.publisher {
+            self.publisher = true;
+            self.apply_flow();
+        }
+        if self.holding || !self.held.is_empty() {
+            self.held_bytes += incoming.body.len();
+            self.held.push_back((id, incoming));
+            return Ok(());
+        }
+        self.publish(id, incoming)
+    }
+
+    /// Publishes a message whose content has all arrived.
+    fn publish(&mut self, id: u16, incoming: Incoming) -> Result<(), Failure> {
+        let Incoming { method, header, body } = incoming;
+        let mut header = header.expect("a complete publish has its header");
+        let channel = self.channels.get_mut(&id).expect("publishes come on open channels");
+        // Direct reply-to: the reply address names this channel's reply consumer.
+        if header.properties.reply_to().as_ref().is_some_and(|to| to.as_str() == REPLY_TO) {
+            let Some((token, _)) = channel.reply.as_ref() else {
+                return Err(Failure::Channel(
+                    code::PRECONDITION_FAILED,
+                    "fast reply consumer does not exist: consume from amq.rabbitmq.reply-to with no-ack \
+                     on this channel first"
+                        .into(),
+                ));
+            };
+            header.properties = header.properties.with_reply_to(format!("{REPLY_TO}.{token}").into());
+        }
+        let number = channel.confirms.as_ref().map(|published| published.fetch_add(1, Ordering::Relaxed) + 1);
+        if method.exchange.as_str().is_empty() && method.routing_key.as_str().starts_with(REPLY_TO) {
+            return self.reply(id, &method, header.properties, &body, number);
         }
         let (headers, content_type) = properties::from_amqp(&header.properties);
         let body = bytes::Bytes::from(body);
         // Kept for a `basic.return`, should the message be unroutable and mandatory.
         let returned = method.mandatory.then(|| (body.clone(), header.properties.clone()));
         let message = NewMessage { body, headers, content_type, ..NewMessage::default() };
-        let number = channel.confirms.as_ref().map(|published| published.fetch_add(1, Ordering::Relaxed) + 1);
         let confirm = match number {
             Some(number) => {
                 let outbox = self.outbox.clone();
@@ -709,23 +1128,76 @@ impl Connection {
             // Unroutable and mandatory: back to the publisher, then confirmed (as RabbitMQ does).
             Err(BrokerError::NoRoute(_)) if returned.is_some() => {
                 let (body, amqp_properties) = returned.expect("checked above");
-                let back = basic::Return {
-                    reply_code: code::NO_ROUTE,
-                    reply_text: "NO_ROUTE".into(),
-                    exchange: method.exchange.clone(),
-                    routing_key: method.routing_key.clone(),
-                };
-                let method = AMQPClass::Basic(basic::AMQPMethod::Return(back));
-                let frames = content(id, method, amqp_properties, &body, self.frame_max);
-                self.outbox.push_bytes(&frames);
-                if let Some(number) = number {
-                    let ack = basic::Ack { delivery_tag: number, multiple: false };
-                    send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::Ack(ack)));
-                }
+                self.return_unroutable(id, &method, amqp_properties, &body, number);
                 Ok(())
             }
             Err(err) => Err(err.into()),
         }
+    }
+
+    /// Sends an unroutable mandatory publish back (`basic.return` 312), then its confirm.
+    fn return_unroutable(
+        &self,
+        id: u16,
+        method: &basic::Publish,
+        amqp_properties: basic::AMQPProperties,
+        body: &[u8],
+        number: Option<u64>,
+    ) {
+        let back = basic::Return {
+            reply_code: code::NO_ROUTE,
+            reply_text: "NO_ROUTE".into(),
+            exchange: method.exchange.clone(),
+            routing_key: method.routing_key.clone(),
+        };
+        let frames = content(
+            id,
+            AMQPClass::Basic(basic::AMQPMethod::Return(back)),
+            amqp_properties,
+            body,
+            self.frame_max,
+        );
+        self.outbox.push_bytes(&frames);
+        if let Some(number) = number {
+            let ack = basic::Ack { delivery_tag: number, multiple: false };
+            send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::Ack(ack)));
+        }
+    }
+
+    /// A publish to `amq.rabbitmq.reply-to.<token>`: straight to the reply consumer that
+    /// token names, on whatever connection it is; dropped (or returned, if mandatory) when it
+    /// is gone, as RabbitMQ does.
+    fn reply(
+        &self,
+        id: u16,
+        method: &basic::Publish,
+        amqp_properties: basic::AMQPProperties,
+        body: &[u8],
+        number: Option<u64>,
+    ) -> Result<(), Failure> {
+        match self.shared.reply_consumer(method.routing_key.as_str()) {
+            Some(to) => {
+                let deliver = basic::Deliver {
+                    consumer_tag: to.consumer_tag.as_str().into(),
+                    delivery_tag: to.tags.lock().issue_settled(),
+                    redelivered: false,
+                    exchange: "".into(),
+                    routing_key: method.routing_key.clone(),
+                };
+                let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver));
+                to.outbox.push_bytes(&content(to.channel, method, amqp_properties, body, to.frame_max));
+            }
+            None if method.mandatory => {
+                self.return_unroutable(id, method, amqp_properties, body, number);
+                return Ok(());
+            }
+            None => {}
+        }
+        if let Some(number) = number {
+            let ack = basic::Ack { delivery_tag: number, multiple: false };
+            send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::Ack(ack)));
+        }
+        Ok(())
     }
 
     /// Closes channel `id` for `text`: its consumers are cancelled, and frames are ignored
@@ -736,7 +1208,11 @@ impl Connection {
             Some(channel) => {
                 channel.closing = true;
                 channel.incoming = None;
-                channel.consumers.drain().map(|(_, consumer)| consumer).collect()
+                if let Some((token, _)) = channel.reply.take() {
+                    self.shared.remove_reply_consumer(&token);
+                }
+                let stopped = channel.stopped.drain();
+                channel.consumers.drain().map(|(_, consumer)| consumer).chain(stopped).collect()
             }
             None => Vec::new(),
         };
@@ -752,7 +1228,10 @@ impl Connection {
     /// Forgets channel `id`, cancelling its consumers (their unacked deliveries go back).
     fn drop_channel(&mut self, id: u16) {
         if let Some(channel) = self.channels.remove(&id) {
-            for consumer_id in channel.consumers.into_values() {
+            if let Some((token, _)) = channel.reply {
+                self.shared.remove_reply_consumer(&token);
+            }
+            for consumer_id in channel.consumers.into_values().chain(channel.stopped) {
                 let _ = self.engine.cancel(&self.caller, consumer_id, "channel closed");
                 self.cancelled(consumer_id);
             }
@@ -773,8 +1252,27 @@ fn queue_binding(
     }
 }
 
+/// `basic.recover` with `requeue=false`, refused as RabbitMQ refuses it: redelivering to the
+/// same consumer is not offered.
+fn requeue_false() -> Failure {
+    Failure::Connection(code::NOT_IMPLEMENTED, "basic.recover with requeue=false is not supported".into())
+}
+
+/// A binding of exchange `destination` by `key`, with header arguments as text.
+fn exchange_binding(
+    destination: &amq_protocol::types::ShortString,
+    key: &amq_protocol::types::ShortString,
+    arguments: &FieldTable,
+) -> Binding {
+    Binding {
+        destination: Destination::Exchange(destination.as_str().to_owned()),
+        key: key.as_str().to_owned(),
+        arguments: arguments::table_text(arguments),
+    }
+}
+
 /// The next frame of the handshake, if it comes in time and reads.
-async fn next_frame(frames: &mut FramedRead<OwnedReadHalf, FrameCodec>) -> Option<AMQPFrame> {
+async fn next_frame<R: AsyncRead + Unpin>(frames: &mut FramedRead<R, FrameCodec>) -> Option<AMQPFrame> {
     tokio::time::timeout(HANDSHAKE_STEP, frames.next()).await.ok().flatten().and_then(Result::ok)
 }
 

@@ -1,12 +1,18 @@
 //! AMQP message properties, kept on a Hopper message: `content-type` as its content type, the
 //! `headers` table as its headers (values as text), and every other property as a header named
 //! `amqp-<property>` (`amqp-reply-to`, `amqp-correlation-id`, ...), so that a Hopper consumer
-//! sees them and an AMQP consumer gets them back as properties.
+//! sees them and an AMQP consumer gets them back as properties. A table with values other than
+//! strings (numbers, booleans, void, arrays, tables) is also kept whole, encoded, in the header
+//! `amqp-headers`, so an AMQP consumer gets every value back with its type.
 
 use std::collections::HashMap;
 
 use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+use base64::Engine as _;
+
+/// The header keeping a typed headers table whole: its AMQP encoding, in base64.
+const TYPED_HEADERS: &str = "amqp-headers";
 
 use crate::message::Payload;
 
@@ -60,6 +66,9 @@ pub fn from_amqp(properties: &AMQPProperties) -> (HashMap<String, String>, Strin
         .as_ref()
         .map(|table| table.inner().iter().map(|(k, v)| (k.as_str().to_owned(), text(v))).collect())
         .unwrap_or_default();
+    if let Some(table) = properties.headers().as_ref().filter(|table| !all_strings(table)) {
+        headers.insert(TYPED_HEADERS.to_owned(), encode_table(table));
+    }
     for (name, read, _) in PROPERTIES {
         if let Some(value) = read(properties) {
             headers.insert(name.to_owned(), value);
@@ -74,17 +83,31 @@ pub fn to_amqp(payload: &Payload) -> AMQPProperties {
     if !payload.content_type().is_empty() {
         properties = properties.with_content_type(payload.content_type().into());
     }
-    let mut table = FieldTable::default();
+    let mut table =
+        payload.headers().get(TYPED_HEADERS).and_then(|encoded| decode_table(encoded)).unwrap_or_default();
     for (name, value) in payload.headers() {
         match PROPERTIES.iter().find(|(property, _, _)| property == name) {
             Some((_, _, write)) => properties = write(properties, value),
+            // The typed value, if the table was kept whole, wins over its text.
+            None if name == TYPED_HEADERS || table.inner().contains_key(name.as_str()) => {}
             None => {
                 table.insert(name.as_str().into(), AMQPValue::LongString(value.as_str().into()));
             }
         }
     }
-    if !payload.deaths().is_empty() {
-        table.insert("x-death".into(), AMQPValue::FieldArray(x_death(payload.deaths()).into()));
+    let deaths = payload.deaths();
+    if let (Some(first), Some(last)) = (deaths.first(), deaths.last()) {
+        table.insert("x-death".into(), AMQPValue::FieldArray(x_death(deaths).into()));
+        for (prefix, death) in [("x-first-death", first), ("x-last-death", last)] {
+            for (field, value) in [
+                ("queue", death.queue.as_str()),
+                ("reason", death.reason.as_str()),
+                ("exchange", death.exchange.as_str()),
+            ] {
+                let value = AMQPValue::LongString(value.into());
+                table.insert(format!("{prefix}-{field}").into(), value);
+            }
+        }
     }
     if !table.inner().is_empty() {
         properties = properties.with_headers(table);
@@ -118,25 +141,59 @@ fn x_death(deaths: &[crate::message::Death]) -> Vec<AMQPValue> {
         .collect()
 }
 
-/// A header value as text: strings as they are, numbers and booleans written out, anything
-/// else (tables, arrays, bytes) in its debug form.
+/// A header value as text: strings as they are, void as nothing, arrays and tables as JSON,
+/// anything else written out.
 fn text(value: &AMQPValue) -> String {
     match value {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         AMQPValue::ShortString(s) => s.as_str().to_owned(),
-        AMQPValue::Boolean(b) => b.to_string(),
-        AMQPValue::ShortShortInt(n) => n.to_string(),
-        AMQPValue::ShortShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::LongUInt(n) => n.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::Float(n) => n.to_string(),
-        AMQPValue::Double(n) => n.to_string(),
-        AMQPValue::Timestamp(n) => n.to_string(),
-        other => format!("{other:?}"),
+        AMQPValue::Void => String::new(),
+        other => json(other).to_string(),
     }
+}
+
+/// A header value as JSON.
+fn json(value: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        AMQPValue::Boolean(b) => Value::from(*b),
+        AMQPValue::ShortShortInt(n) => Value::from(*n),
+        AMQPValue::ShortShortUInt(n) => Value::from(*n),
+        AMQPValue::ShortInt(n) => Value::from(*n),
+        AMQPValue::ShortUInt(n) => Value::from(*n),
+        AMQPValue::LongInt(n) => Value::from(*n),
+        AMQPValue::LongUInt(n) => Value::from(*n),
+        AMQPValue::LongLongInt(n) => Value::from(*n),
+        AMQPValue::Float(n) => Value::from(*n),
+        AMQPValue::Double(n) => Value::from(*n),
+        AMQPValue::Timestamp(n) => Value::from(*n),
+        AMQPValue::Void => Value::Null,
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => Value::from(text(value)),
+        AMQPValue::FieldArray(items) => Value::Array(items.as_slice().iter().map(json).collect()),
+        AMQPValue::FieldTable(table) => {
+            Value::Object(table.inner().iter().map(|(k, v)| (k.as_str().to_owned(), json(v))).collect())
+        }
+        other => Value::from(format!("{other:?}")),
+    }
+}
+
+/// True if every value of `table` is a string: its text is all of it.
+fn all_strings(table: &FieldTable) -> bool {
+    table.inner().values().all(|value| matches!(value, AMQPValue::LongString(_) | AMQPValue::ShortString(_)))
+}
+
+/// `table` in its AMQP encoding, in base64.
+fn encode_table(table: &FieldTable) -> String {
+    let context = amq_protocol::types::generation::gen_field_table(table)(Vec::new().into());
+    let bytes = context.map(|context| context.write).unwrap_or_default();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The table `encoded` holds, if it reads.
+fn decode_table(encoded: &str) -> Option<FieldTable> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).ok()?;
+    let (rest, table) = amq_protocol::types::parsing::parse_field_table(bytes.as_slice()).ok()?;
+    rest.is_empty().then_some(table)
 }
 
 #[cfg(test)]
@@ -168,5 +225,38 @@ mod tests {
         let table = back.headers().as_ref().unwrap();
         assert!(table.inner().contains_key(&ShortString::from("tenant")));
         assert!(!table.inner().contains_key(&ShortString::from("amqp-reply-to")));
+        assert!(!table.inner().contains_key(&ShortString::from(TYPED_HEADERS)));
+        assert_eq!(table.inner().get("attempt"), Some(&AMQPValue::LongInt(3)), "its type kept");
+    }
+
+    #[test]
+    fn typed_headers_come_back_typed_and_read_as_text_meanwhile() {
+        let mut inner = FieldTable::default();
+        inner.insert("k".into(), AMQPValue::LongString("v".into()));
+        let mut table = FieldTable::default();
+        table.insert("none".into(), AMQPValue::Void);
+        table.insert("flag".into(), AMQPValue::Boolean(true));
+        table.insert(
+            "list".into(),
+            AMQPValue::FieldArray(vec![AMQPValue::LongInt(1), AMQPValue::LongString("a".into())].into()),
+        );
+        table.insert("table".into(), AMQPValue::FieldTable(inner));
+        let (headers, _) = from_amqp(&AMQPProperties::default().with_headers(table.clone()));
+        assert_eq!((headers["none"].as_str(), headers["flag"].as_str()), ("", "true"));
+        assert_eq!((headers["list"].as_str(), headers["table"].as_str()), (r#"[1,"a"]"#, r#"{"k":"v"}"#));
+        // A Hopper client adds a header on the way: it comes as a string beside the typed ones.
+        let mut headers = headers;
+        headers.insert("added".into(), "by hopper".into());
+        let back = to_amqp(&Payload::default().with_properties(headers, String::new()));
+        let mut expected = table;
+        expected.insert("added".into(), AMQPValue::LongString("by hopper".into()));
+        assert_eq!(back.headers().as_ref(), Some(&expected));
+
+        let (strings, _) = from_amqp(&AMQPProperties::default().with_headers(expected.clone()));
+        assert!(strings.contains_key(TYPED_HEADERS));
+        let mut plain = FieldTable::default();
+        plain.insert("only".into(), AMQPValue::LongString("text".into()));
+        let (strings, _) = from_amqp(&AMQPProperties::default().with_headers(plain));
+        assert!(!strings.contains_key(TYPED_HEADERS), "a table of strings is its text");
     }
 }

@@ -60,6 +60,11 @@ impl Tags {
         Ok(by_consumer.into_iter().map(|(consumer, (delivery, n))| (consumer, delivery, n > 1)).collect())
     }
 
+    /// True if some delivery of `consumer_id` is not settled yet.
+    pub fn holds(&self, consumer_id: u64) -> bool {
+        self.deliveries.values().any(|(consumer, _)| *consumer == consumer_id)
+    }
+
     /// Forgets the deliveries of `consumer_id` (cancelled: the broker took them back).
     pub fn forget(&mut self, consumer_id: u64) {
         self.deliveries.retain(|_, (consumer, _)| *consumer != consumer_id);

@@ -205,6 +205,23 @@ impl Engine {
         Ok(requeued)
     }
 
+    /// Stops deliveries to one of the caller's consumers but leaves it its unacked deliveries,
+    /// to be settled (AMQP's `basic.cancel`, after which the channel may still ack what it
+    /// got); [`Engine::cancel`] ends it.
+    pub fn stop(&self, caller: &Caller, consumer_id: u64) -> Result<(), BrokerError> {
+        let queue = self.owned_queue(caller, consumer_id)?;
+        queue.with_state(|s, _, _| s.revoke(consumer_id))
+    }
+
+    /// Changes the prefetch of one of the caller's consumers (0 = no limit); a larger one
+    /// takes more at once.
+    pub fn set_prefetch(&self, caller: &Caller, consumer_id: u64, prefetch: u32) -> Result<(), BrokerError> {
+        let queue = self.owned_queue(caller, consumer_id)?;
+        queue
+            .with_state(|s, _, _| s.set_prefetch(consumer_id, prefetch))?
+            .map_err(|e| settle_error(consumer_id, e))
+    }
+
     /// Cancels every consumer of a connection that is going away: its push consumers
     /// (`consumer_ids`) and its pull consumers.
     pub fn release_connection(&self, caller: &Caller, consumer_ids: impl IntoIterator<Item = u64>) {

@@ -516,7 +516,14 @@ impl<S: Sink> QueueState<S> {
         Ok(())
     }
 
-    /// Stops deliveries to a pull consumer.
+    /// Changes a consumer's prefetch (0 = no limit).
+    pub fn set_prefetch(&mut self, id: u64, prefetch: u32) -> Result<(), SettleError> {
+        self.consumer_mut(id)?.window.set_capacity(prefetch);
+        Ok(())
+    }
+
+    /// Stops deliveries to a consumer (a pull consumer's grant, or a push consumer that keeps
+    /// only what it holds).
     pub fn revoke(&mut self, id: u64) {
         if let Ok(consumer) = self.consumer_mut(id) {
             consumer.credit = Some(0);

@@ -54,6 +54,11 @@ impl Window {
         self.bytes
     }
 
+    /// Changes the prefetch count; deliveries beyond a smaller one stay out until settled.
+    pub fn set_capacity(&mut self, capacity: u32) {
+        self.capacity = capacity;
+    }
+
     /// The prefetch count this window enforces.
     pub fn capacity(&self) -> u32 {
         self.capacity
