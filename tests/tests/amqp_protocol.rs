@@ -13,8 +13,8 @@ use amq_protocol::types::{AMQPValue, FieldTable as RawTable};
 use futures::StreamExt;
 use hopper_client::{Permissions, PublishOptions};
 use hopper_tests::{
-    connect, connection_close, eventually, is_open_ok, path_arg as path, within, AmqpRaw, Broker, Pki,
-    DEADLINE,
+    connect, connection_close, eventually, is_open_ok, path_arg as path, run_cli, within, AmqpRaw, Broker,
+    Pki, DEADLINE,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRecoverOptions,
@@ -531,4 +531,41 @@ async fn a_consumer_that_stops_reading_is_held_back_and_gets_everything_once_it_
     }
     let stats = hopper.queue_stats("bulk").await.unwrap();
     assert_eq!((stats.ready, stats.unacked), (0, 0), "{stats:?}");
+}
+
+#[tokio::test]
+async fn hopper_bench_drives_the_amqp_listener_and_cleans_up_after_itself() {
+    let broker = broker_with(&[]);
+    let url = format!("amqp://guest:guest@{}/%2f", broker.amqp_addr());
+    for workload in [
+        &["--count", "2000"][..],
+        &["--count", "500", "--durable"],
+        &["--count", "300", "--exchange", "fanout", "--queues", "3"],
+        &["--count", "400", "--exchange", "topic", "--bindings", "50", "--json"],
+    ] {
+        let mut args = vec!["bench", "--amqp", url.as_str(), "--size", "64"];
+        args.extend_from_slice(workload);
+        let output = run_cli(&broker, &args).await;
+        assert!(output.status.success(), "{workload:?}: {}", output.stderr);
+        let sent: u64 = workload[1].parse().unwrap();
+        let copies = if workload.contains(&"fanout") { 3 } else { 1 };
+        let received = if workload.contains(&"--json") {
+            let report: serde_json::Value = serde_json::from_str(&output.stdout).unwrap();
+            report["received"].as_u64().unwrap()
+        } else {
+            let line = output.stdout.lines().find(|l| l.starts_with("received:")).expect("a received line");
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        };
+        assert_eq!(received, sent * copies, "{workload:?}: {}", output.stdout);
+    }
+    let hopper = connect(&broker).await;
+    assert!(hopper.list_queues().await.unwrap().is_empty(), "the bench's queues are deleted");
+
+    // Options it cannot honour over AMQP are refused, not ignored.
+    let output = run_cli(&broker, &["bench", "--amqp", &url, "--rate", "100"]).await;
+    assert!(
+        !output.status.success() && output.stderr.contains("--amqp runs one producer"),
+        "{}",
+        output.stderr
+    );
 }

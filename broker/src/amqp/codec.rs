@@ -83,8 +83,15 @@ impl Decoder for FrameCodec {
 
 /// The bytes of `frame`.
 pub fn encode(frame: &AMQPFrame) -> Vec<u8> {
-    match gen_frame(frame)(WriteContext::from(Vec::with_capacity(64))) {
-        Ok(context) => context.write,
+    let mut bytes = Vec::with_capacity(64);
+    encode_into(&mut bytes, frame);
+    bytes
+}
+
+/// Appends the bytes of `frame` to `bytes`.
+pub fn encode_into(bytes: &mut Vec<u8>, frame: &AMQPFrame) {
+    match gen_frame(frame)(WriteContext::from(std::mem::take(bytes))) {
+        Ok(context) => *bytes = context.write,
         // Only a frame the crate cannot express fails, and the broker builds each one itself.
         Err(err) => unreachable!("an AMQP frame the broker built failed to encode: {err:?}"),
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, ProtocolVersion};
 use amq_protocol::protocol::{basic, channel, confirm, connection, exchange, queue, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use tokio::io::AsyncRead;
 use tokio::sync::{mpsc, watch, Notify};
@@ -37,6 +37,8 @@ const HEARTBEAT_S: u16 = 60;
 const NO_ACK_WINDOW: u32 = 1000;
 /// Time a client gets for each step of the handshake.
 const HANDSHAKE_STEP: Duration = Duration::from_secs(10);
+/// Frames handled in one go once one has come, when more are read already.
+const BURST: usize = 256;
 /// Body bytes of publishes held back while publishers are blocked; beyond them the
 /// connection is not read until the block lifts.
 const MAX_HELD_BYTES: usize = 1024 * 1024;
@@ -153,6 +155,8 @@ pub(super) struct Connection {
     /// Publishes that completed while held back, in order, and their body bytes.
     held: VecDeque<(u16, Incoming)>,
     held_bytes: usize,
+    /// Acks read but not yet handed to their queues: (channel, consumer, tag, multiple).
+    pending_acks: Vec<(u16, u64, u64, bool)>,
 }
 
 /// Reads the handshake from `frames` and logs the client in; `None` (after telling the client
@@ -344,6 +348,7 @@ impl Connection {
             holding: false,
             held: VecDeque::new(),
             held_bytes: 0,
+            pending_acks: Vec::new(),
         }
     }
 
@@ -408,30 +413,91 @@ impl Connection {
                 }
             };
             last_seen = Instant::now();
-            let frame = match frame {
-                Some(Ok(frame)) => frame,
-                Some(Err(FrameError::Io(err))) => {
-                    tracing::info!(error = %err, "connection lost");
+            if !self.handle(frame).await {
+                return;
+            }
+            // The frames already read are handled at once, without a trip through the select
+            // above; their acks go to the queues together.
+            let mut handled = 1;
+            while handled < BURST && outbox.has_room() && self.held_bytes < MAX_HELD_BYTES {
+                let Some(frame) = frames.next().now_or_never() else { break };
+                if !self.handle(frame).await {
                     return;
                 }
-                Some(Err(err)) => {
-                    close_connection(&outbox, code::FRAME_ERROR, &err.to_string());
-                    return;
-                }
-                None => return,
+                handled += 1;
+            }
+            if !self.flush_acks() {
+                return;
+            }
+        }
+    }
+
+    /// Handles what the frame reader gave; false once the connection is done.
+    async fn handle(&mut self, frame: Option<Result<AMQPFrame, FrameError>>) -> bool {
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            Some(Err(FrameError::Io(err))) => {
+                tracing::info!(error = %err, "connection lost");
+                return false;
+            }
+            Some(Err(err)) => {
+                close_connection(&self.outbox, code::FRAME_ERROR, &err.to_string());
+                return false;
+            }
+            None => return false,
+        };
+        if let Some(id) = self.fast_channel(&frame) {
+            return self.fast(id, frame);
+        }
+        // What comes after acks must find them settled (a cancel, a nack, a close).
+        if !self.flush_acks() {
+            return false;
+        }
+        let result = self.frame(frame).await;
+        self.failed(result)
+    }
+
+    /// Acts on how a frame went: a channel error closes the channel, a connection error the
+    /// connection. False once the connection is done.
+    fn failed(&mut self, result: Result<bool, (u16, Failure)>) -> bool {
+        match result {
+            Ok(go_on) => go_on,
+            Err((channel, Failure::Channel(code, text))) if channel != 0 => {
+                self.close_channel(channel, code, &text);
+                true
+            }
+            Err((_, Failure::Channel(code, text) | Failure::Connection(code, text))) => {
+                close_connection(&self.outbox, code, &text);
+                false
+            }
+        }
+    }
+
+    /// Hands the acks read so far to their queues: those of one consumer in one call, in
+    /// order. False once the connection is done.
+    fn flush_acks(&mut self) -> bool {
+        if self.pending_acks.is_empty() {
+            return true;
+        }
+        let mut pending = std::mem::take(&mut self.pending_acks);
+        let mut result = Ok(true);
+        while let Some(&(channel, consumer_id, _, _)) = pending.first() {
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                pending.into_iter().partition(|&(c, consumer, _, _)| (c, consumer) == (channel, consumer_id));
+            pending = rest;
+            let acks: Vec<(u64, bool)> = mine.iter().map(|&(_, _, tag, multiple)| (tag, multiple)).collect();
+            let failure = match self.engine.ack_all(&self.caller, consumer_id, &acks) {
+                Ok(each) => each.into_iter().find_map(Result::err),
+                Err(err) => Some(err),
             };
-            match self.frame(frame).await {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err((channel, Failure::Channel(code, text))) if channel != 0 => {
-                    self.close_channel(channel, code, &text)
-                }
-                Err((_, Failure::Channel(code, text) | Failure::Connection(code, text))) => {
-                    close_connection(&outbox, code, &text);
-                    return;
+            if let Some(err) = failure {
+                if self.channels.contains_key(&channel) && result.is_ok() {
+                    result = Err((channel, Failure::from(err)));
                 }
             }
         }
+        self.pending_acks = pending;
+        self.failed(result)
     }
 
     /// Follows the broker's publisher block: a publishing connection is told (if it
@@ -492,6 +558,8 @@ impl Connection {
 
     /// Cancels every consumer of the connection (it is going away).
     pub(super) fn release(&mut self) {
+        // Acks the client sent before it went count.
+        self.flush_acks();
         let consumers = self.consumer_ids();
         self.engine.release_connection(&self.caller, consumers.iter().copied());
         for channel in std::mem::take(&mut self.channels).into_values() {
@@ -595,30 +663,98 @@ impl Connection {
                 }
                 self.method(id, method).await
             }
-            AMQPFrame::Header(_, header) => {
-                let channel = self.channel(id);
-                let Some(incoming) = channel.incoming.as_mut().filter(|i| i.header.is_none()) else {
-                    return Err(Failure::Connection(
-                        code::UNEXPECTED_FRAME,
-                        "a content header without a publish".into(),
-                    ));
-                };
-                incoming.header = Some(header);
-                self.publish_if_complete(id)
-            }
-            AMQPFrame::Body(_, bytes) => {
-                let channel = self.channel(id);
-                let Some(incoming) = channel.incoming.as_mut().filter(|i| i.header.is_some()) else {
-                    return Err(Failure::Connection(
-                        code::UNEXPECTED_FRAME,
-                        "a content body without a header".into(),
-                    ));
-                };
-                incoming.body.extend_from_slice(&bytes);
-                self.publish_if_complete(id)
-            }
+            AMQPFrame::Header(_, header) => self.on_header(id, header),
+            AMQPFrame::Body(_, bytes) => self.on_body(id, bytes),
             other => Err(Failure::Connection(code::UNEXPECTED_FRAME, format!("unexpected frame {other:?}"))),
         }
+    }
+
+    /// The channel of `frame` if it is one of a publish or an ack on an open channel: most of
+    /// the traffic, handled by [`Connection::fast`] without the general (async) path.
+    fn fast_channel(&self, frame: &AMQPFrame) -> Option<u16> {
+        let id = match frame {
+            AMQPFrame::Header(id, _)
+            | AMQPFrame::Body(id, _)
+            | AMQPFrame::Method(
+                id,
+                AMQPClass::Basic(basic::AMQPMethod::Ack(_) | basic::AMQPMethod::Publish(_)),
+            ) => *id,
+            _ => return None,
+        };
+        self.channels.get(&id).is_some_and(|channel| !channel.closing).then_some(id)
+    }
+
+    /// Handles a frame [`Connection::fast_channel`] chose; false once the connection is done.
+    fn fast(&mut self, id: u16, frame: AMQPFrame) -> bool {
+        let result = match frame {
+            AMQPFrame::Header(_, header) => self.on_header(id, header),
+            AMQPFrame::Body(_, bytes) => self.on_body(id, bytes),
+            AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Ack(ack))) => self.on_ack(id, ack),
+            AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Publish(publish))) => {
+                self.on_publish(id, publish)
+            }
+            _ => unreachable!("fast_channel chose it"),
+        };
+        self.failed(result.map(|()| true).map_err(|failure| (id, failure)))
+    }
+
+    /// `basic.publish`: its content comes next.
+    fn on_publish(&mut self, id: u16, publish: basic::Publish) -> Result<(), Failure> {
+        if publish.immediate {
+            return Err(Failure::Connection(code::NOT_IMPLEMENTED, "immediate=true is not supported".into()));
+        }
+        let channel = self.channel(id);
+        if channel.incoming.is_some() {
+            return Err(Failure::Connection(
+                code::UNEXPECTED_FRAME,
+                "a method came before the content of a publish".into(),
+            ));
+        }
+        channel.incoming = Some(Incoming { method: publish, header: None, body: Vec::new() });
+        Ok(())
+    }
+
+    fn on_header(&mut self, id: u16, header: AMQPContentHeader) -> Result<(), Failure> {
+        let channel = self.channel(id);
+        let Some(incoming) = channel.incoming.as_mut().filter(|i| i.header.is_none()) else {
+            return Err(Failure::Connection(
+                code::UNEXPECTED_FRAME,
+                "a content header without a publish".into(),
+            ));
+        };
+        incoming.header = Some(header);
+        self.publish_if_complete(id)
+    }
+
+    fn on_body(&mut self, id: u16, bytes: Vec<u8>) -> Result<(), Failure> {
+        let channel = self.channel(id);
+        let Some(incoming) = channel.incoming.as_mut().filter(|i| i.header.is_some()) else {
+            return Err(Failure::Connection(
+                code::UNEXPECTED_FRAME,
+                "a content body without a header".into(),
+            ));
+        };
+        // A body in one frame, the usual case, is taken as it is.
+        match incoming.body.is_empty() {
+            true => incoming.body = bytes,
+            false => incoming.body.extend_from_slice(&bytes),
+        }
+        self.publish_if_complete(id)
+    }
+
+    /// `basic.ack`: handed to the queues with the other acks read with it (`flush_acks`).
+    fn on_ack(&mut self, id: u16, ack: basic::Ack) -> Result<(), Failure> {
+        if self.channel(id).incoming.is_some() {
+            return Err(Failure::Connection(
+                code::UNEXPECTED_FRAME,
+                "a method came before the content of a publish".into(),
+            ));
+        }
+        for (consumer_id, delivery_tag, multiple) in self.settled(id, ack.delivery_tag, ack.multiple)? {
+            self.pending_acks.push((id, consumer_id, delivery_tag, multiple));
+        }
+        self.end_stopped(id);
+        Ok(())
     }
 
     fn channel(&mut self, id: u16) -> &mut Channel {
@@ -629,16 +765,7 @@ impl Connection {
         let engine = self.engine.clone();
         let caller = self.caller.clone();
         match method {
-            AMQPClass::Basic(basic::AMQPMethod::Publish(publish)) => {
-                if publish.immediate {
-                    return Err(Failure::Connection(
-                        code::NOT_IMPLEMENTED,
-                        "immediate=true is not supported".into(),
-                    ));
-                }
-                self.channel(id).incoming =
-                    Some(Incoming { method: publish, header: None, body: Vec::new() });
-            }
+            AMQPClass::Basic(basic::AMQPMethod::Publish(publish)) => self.on_publish(id, publish)?,
             AMQPClass::Basic(basic::AMQPMethod::Get(get)) => self.get(id, get).await?,
             AMQPClass::Basic(basic::AMQPMethod::Qos(qos)) => {
                 // Per consumer, with `global` too (as for RabbitMQ's quorum queues): the channel's
@@ -670,13 +797,7 @@ impl Connection {
                     send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)));
                 }
             }
-            AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => {
-                for (consumer_id, delivery_tag, multiple) in
-                    self.settled(id, ack.delivery_tag, ack.multiple)?
-                {
-                    engine.ack(&caller, DeliveryRef::Tag { consumer_id, delivery_tag }, multiple, None)?;
-                }
-            }
+            AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => self.on_ack(id, ack)?,
             AMQPClass::Basic(basic::AMQPMethod::Nack(nack)) => {
                 for (consumer_id, delivery_tag, multiple) in
                     self.settled(id, nack.delivery_tag, nack.multiple)?
@@ -855,10 +976,12 @@ impl Connection {
 
     /// Ends the consumers the client cancelled whose deliveries are all settled now.
     fn end_stopped(&mut self, id: u16) {
-        let Some(channel) = self.channels.get_mut(&id) else { return };
-        if channel.stopped.is_empty() {
+        if self.channels.get(&id).is_none_or(|channel| channel.stopped.is_empty()) {
             return;
         }
+        // Their acks reach the queue first, or the cancel would take those deliveries back.
+        self.flush_acks();
+        let Some(channel) = self.channels.get_mut(&id) else { return };
         let done: Vec<u64> = {
             let tags = channel.tags.lock();
             channel.stopped.iter().copied().filter(|consumer| !tags.holds(*consumer)).collect()

@@ -10,7 +10,7 @@ use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::{basic, AMQPClass};
 use parking_lot::Mutex;
 
-use super::codec::encode;
+use super::codec::{encode, encode_into};
 use super::properties;
 use crate::message::{Payload, QueuedMessage};
 use crate::outbox::Outbox;
@@ -111,13 +111,19 @@ impl Sink for AmqpSink {
             exchange: payload.exchange.as_ref().into(),
             routing_key: payload.routing_key.as_str().into(),
         };
-        let bytes = content_frames(
-            self.channel,
-            AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver)),
-            payload,
-            self.frame_max,
-        );
-        self.outbox.push_bytes(&bytes);
+        let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver));
+        SCRATCH.with_borrow_mut(|bytes| {
+            bytes.clear();
+            write_content(
+                bytes,
+                self.channel,
+                method,
+                properties::to_amqp(payload),
+                &payload.body,
+                self.frame_max,
+            );
+            self.outbox.push_bytes(bytes);
+        });
         Ok(())
     }
 
@@ -152,15 +158,35 @@ pub fn content(
     body: &[u8],
     frame_max: usize,
 ) -> Vec<u8> {
-    let mut bytes = encode(&AMQPFrame::Method(channel, method));
+    let mut bytes = Vec::new();
+    write_content(&mut bytes, channel, method, properties, body, frame_max);
+    bytes
+}
+
+thread_local! {
+    /// Where deliveries are encoded before they go into an outbox: one buffer per thread,
+    /// reused, so a delivery costs no allocation for its frames.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Appends `method` with a content of `body` and `properties` to `bytes`, the body cut into
+/// frames of at most `frame_max` bytes.
+fn write_content(
+    bytes: &mut Vec<u8>,
+    channel: u16,
+    method: AMQPClass,
+    properties: basic::AMQPProperties,
+    body: &[u8],
+    frame_max: usize,
+) {
+    encode_into(bytes, &AMQPFrame::Method(channel, method));
     let header = AMQPContentHeader { class_id: 60, body_size: body.len() as u64, properties };
-    bytes.extend(encode(&AMQPFrame::Header(channel, header)));
+    encode_into(bytes, &AMQPFrame::Header(channel, header));
     // Eight bytes of every frame are its header and end marker.
     let chunk = frame_max.saturating_sub(8).max(1);
     for part in body.chunks(chunk) {
-        bytes.extend(encode(&AMQPFrame::Body(channel, part.to_vec())));
+        encode_into(bytes, &AMQPFrame::Body(channel, part.to_vec()));
     }
-    bytes
 }
 
 #[cfg(test)]

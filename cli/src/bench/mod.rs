@@ -14,6 +14,7 @@
 //! `--declare N` measures declaring queues instead of messages ([`declare`]).
 
 // The bench's parts live in cli/src/bench_*.rs beside this file.
+mod amqp;
 mod consume;
 mod declare;
 mod produce;
@@ -125,6 +126,12 @@ pub struct BenchArgs {
     /// Read the queue's depth (ready, unacked, delayed) at this interval and report it.
     #[arg(long, value_name = "DURATION", value_parser = crate::time::parse_duration)]
     pub sample_every: Option<Duration>,
+    /// Drive the broker at this AMQP 0-9-1 URL (amqp://USER:PASSWORD@HOST:PORT/%2f: Hopper's
+    /// --amqp-listen, or RabbitMQ) instead of over Hopper's protocol, with a lean client that
+    /// batches its writes: one producer and a consumer per queue, for --count, --size,
+    /// --prefetch, --durable, --confirm-window, --ack-every, --exchange, --queues and --bindings.
+    #[arg(long, value_name = "URL")]
+    pub amqp: Option<String>,
     /// Publish through an exchange of this type (bench-x-<pid>) instead of to the queue; see
     /// --queues and --bindings.
     #[arg(long = "exchange", value_name = "TYPE", value_enum)]
@@ -253,6 +260,14 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
     args.validate()?;
     if let Some(logins) = args.logins {
         return bench_logins(server, logins, args.producers.max(1), args.json).await;
+    }
+    if let Some(url) = &args.amqp {
+        let report = amqp::run(url, &args).await?;
+        match args.json {
+            true => println!("{}", serde_json::to_string(&report)?),
+            false => print!("{}", output::bench_listing(&report)),
+        }
+        return Ok(());
     }
     if let Some(count) = args.declare {
         let run = declare::DeclareRun {
