@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The AMQP listener side by side (docs/benchmarks.md, "AMQP 0-9-1"): the same peerbench command
-# (lapin) against Hopper's AMQP listener and against RabbitMQ, and `hopper bench` with the same
-# workload over Hopper's own protocol, for four workloads: transient, durable with confirms,
-# fanout to four queues, and a topic exchange with 1,000 bindings. Each run prints its
-# throughput and the CPU seconds the client and the broker used, so it shows which of the two
-# is the limit.
+# The AMQP listener side by side (docs/benchmarks.md, "AMQP 0-9-1"), for four workloads:
+# transient, durable with confirms, fanout to four queues, and a topic exchange with 1,000
+# bindings. Each workload runs
+#   - the same peerbench command (lapin) against Hopper's AMQP listener and against RabbitMQ;
+#   - `hopper bench --amqp` (a lean AMQP client) against both;
+#   - `hopper bench` over Hopper's own protocol.
+# Each run prints its throughput and the CPU seconds the client and the broker used, so it
+# shows which of the two is the limit.
 #
 #   PEERBENCH=/path/to/peerbench scripts/amqp-bench.sh
 #
@@ -85,6 +87,14 @@ workload() {
         echo "-- RabbitMQ: peerbench $peer_args"
         # shellcheck disable=SC2086
         measure "$RABBIT_PID" "$PEERBENCH" --url "$RABBIT_URL" $peer_args
+    fi
+    echo "-- Hopper, AMQP: hopper bench --amqp URL $hopper_args"
+    # shellcheck disable=SC2086
+    measure "$broker_pid" "$HOPPER" bench --amqp "$hopper_url" $hopper_args
+    if [[ -n "$RABBIT_PID" ]]; then
+        echo "-- RabbitMQ: hopper bench --amqp URL $hopper_args"
+        # shellcheck disable=SC2086
+        measure "$RABBIT_PID" "$HOPPER" bench --amqp "$RABBIT_URL" $hopper_args
     fi
     echo "-- Hopper, own protocol: hopper bench $hopper_args"
     # shellcheck disable=SC2086

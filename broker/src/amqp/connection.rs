@@ -136,7 +136,7 @@ pub(super) struct Connection {
     frame_max: usize,
     heartbeat: u16,
     notify_blocked: bool,
-    channels: HashMap<u16, Channel>,
+    channels: HashMap<u16, Channel, foldhash::fast::RandomState>,
     next_consumer_tag: u64,
     /// Where no-ack consumers send their deliveries (consumer id, tag) for the connection to
     /// ack them, and where it takes them.
@@ -337,7 +337,7 @@ impl Connection {
             frame_max: opened.frame_max,
             heartbeat: opened.heartbeat,
             notify_blocked: opened.notify_blocked,
-            channels: HashMap::new(),
+            channels: HashMap::default(),
             next_consumer_tag: 0,
             auto_ack_tx,
             auto_ack_rx,

@@ -3,7 +3,7 @@
 //! the channel maps the tag back to the consumer and the broker's own tag when the client
 //! settles it.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
@@ -16,25 +16,51 @@ use crate::message::{Payload, QueuedMessage};
 use crate::outbox::Outbox;
 use crate::queue::{Refusal, Sink};
 
-/// A channel's delivery tags: each names a delivery of one of its consumers.
+/// A channel's delivery tags: each names a delivery of one of its consumers. Tags are issued
+/// in order, so they are kept in a window from the oldest unsettled one on.
 #[derive(Debug, Default)]
 pub struct Tags {
     last: u64,
-    deliveries: BTreeMap<u64, (u64, u64)>,
+    /// Tag of `window[0]`.
+    base: u64,
+    /// Per tag from `base`: the consumer and its own tag, until settled.
+    window: VecDeque<Option<(u64, u64)>>,
 }
 
 impl Tags {
     /// A new tag for delivery `delivery_tag` of consumer `consumer_id`.
     pub fn issue(&mut self, consumer_id: u64, delivery_tag: u64) -> u64 {
         self.last += 1;
-        self.deliveries.insert(self.last, (consumer_id, delivery_tag));
+        if self.window.is_empty() {
+            self.base = self.last;
+        }
+        self.window.push_back(Some((consumer_id, delivery_tag)));
         self.last
     }
 
     /// A new tag for a delivery the client will not settle (a no-ack consumer's).
     pub fn issue_settled(&mut self) -> u64 {
         self.last += 1;
+        if !self.window.is_empty() {
+            self.window.push_back(None);
+        }
         self.last
+    }
+
+    /// The unsettled delivery `tag` names, taken out of the window.
+    fn take(&mut self, tag: u64) -> Option<(u64, u64)> {
+        let index = usize::try_from(tag.checked_sub(self.base)?).ok()?;
+        let taken = self.window.get_mut(index)?.take();
+        self.trim();
+        taken
+    }
+
+    /// Drops settled tags from the front of the window.
+    fn trim(&mut self) {
+        while let Some(None) = self.window.front() {
+            self.window.pop_front();
+            self.base += 1;
+        }
     }
 
     /// The deliveries a settle of `tag` (with `multiple`, of every tag up to it; tag 0 with
@@ -42,32 +68,49 @@ impl Tags {
     /// whether more than one of its deliveries is. They are forgotten.
     pub fn settle(&mut self, tag: u64, multiple: bool) -> Result<Vec<(u64, u64, bool)>, u64> {
         if !multiple {
-            let (consumer, delivery) = self.deliveries.remove(&tag).ok_or(tag)?;
+            let (consumer, delivery) = self.take(tag).ok_or(tag)?;
             return Ok(vec![(consumer, delivery, false)]);
         }
         let upto = if tag == 0 { self.last } else { tag };
-        if tag != 0 && !self.deliveries.contains_key(&tag) {
+        if tag != 0 && !self.holds_tag(tag) {
             return Err(tag);
         }
-        let rest = self.deliveries.split_off(&(upto + 1));
-        let covered = std::mem::replace(&mut self.deliveries, rest);
-        let mut by_consumer: BTreeMap<u64, (u64, usize)> = BTreeMap::new();
-        for (consumer, delivery) in covered.into_values() {
-            let entry = by_consumer.entry(consumer).or_insert((delivery, 0));
-            entry.0 = entry.0.max(delivery);
-            entry.1 += 1;
+        let count = usize::try_from(upto.saturating_sub(self.base) + 1).unwrap_or(usize::MAX);
+        let mut by_consumer: Vec<(u64, u64, usize)> = Vec::new();
+        for (consumer, delivery) in self.window.drain(..count.min(self.window.len())).flatten() {
+            match by_consumer.iter_mut().find(|(c, _, _)| *c == consumer) {
+                Some(entry) => {
+                    entry.1 = entry.1.max(delivery);
+                    entry.2 += 1;
+                }
+                None => by_consumer.push((consumer, delivery, 1)),
+            }
         }
-        Ok(by_consumer.into_iter().map(|(consumer, (delivery, n))| (consumer, delivery, n > 1)).collect())
+        self.base = upto + 1;
+        self.trim();
+        by_consumer.sort_unstable_by_key(|(consumer, _, _)| *consumer);
+        Ok(by_consumer.into_iter().map(|(consumer, delivery, n)| (consumer, delivery, n > 1)).collect())
+    }
+
+    /// True if `tag` names a delivery not settled yet.
+    fn holds_tag(&self, tag: u64) -> bool {
+        let index = tag.checked_sub(self.base).and_then(|i| usize::try_from(i).ok());
+        index.and_then(|i| self.window.get(i)).is_some_and(Option::is_some)
     }
 
     /// True if some delivery of `consumer_id` is not settled yet.
     pub fn holds(&self, consumer_id: u64) -> bool {
-        self.deliveries.values().any(|(consumer, _)| *consumer == consumer_id)
+        self.window.iter().flatten().any(|(consumer, _)| *consumer == consumer_id)
     }
 
     /// Forgets the deliveries of `consumer_id` (cancelled: the broker took them back).
     pub fn forget(&mut self, consumer_id: u64) {
-        self.deliveries.retain(|_, (consumer, _)| *consumer != consumer_id);
+        for slot in &mut self.window {
+            if slot.is_some_and(|(consumer, _)| consumer == consumer_id) {
+                *slot = None;
+            }
+        }
+        self.trim();
     }
 }
 
@@ -204,6 +247,27 @@ mod tests {
         assert_eq!(tags.settle(3, false), Err(3), "settled already");
         assert_eq!(tags.settle(4, false).unwrap(), [(8, 2, false)]);
         assert_eq!(tags.settle(9, true), Err(9));
+    }
+
+    #[test]
+    fn settled_tags_in_any_order_leave_the_rest_settleable() {
+        let mut tags = Tags::default();
+        for delivery in 1..=5 {
+            tags.issue(1, delivery);
+        }
+        assert_eq!(tags.issue_settled(), 6, "a no-ack delivery takes a tag too");
+        assert_eq!(tags.issue(2, 1), 7);
+        assert_eq!(tags.settle(3, false).unwrap(), [(1, 3, false)]);
+        assert_eq!(tags.settle(1, false).unwrap(), [(1, 1, false)]);
+        assert_eq!(tags.settle(3, true), Err(3), "settled already");
+        assert_eq!(tags.settle(4, true).unwrap(), [(1, 4, true)], "2 and 4");
+        assert_eq!(tags.settle(6, false), Err(6), "a no-ack tag is not settleable");
+        assert!(tags.holds(2) && tags.holds(1));
+        assert_eq!(tags.settle(0, true).unwrap(), [(1, 5, false), (2, 1, false)]);
+        assert!(!tags.holds(1) && !tags.holds(2));
+        assert_eq!(tags.settle(8, false), Err(8), "never issued");
+        assert_eq!(tags.issue(3, 1), 8);
+        assert_eq!(tags.settle(8, true).unwrap(), [(3, 1, false)]);
     }
 
     #[test]
