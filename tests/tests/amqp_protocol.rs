@@ -569,3 +569,110 @@ async fn hopper_bench_drives_the_amqp_listener_and_cleans_up_after_itself() {
         output.stderr
     );
 }
+
+#[tokio::test]
+async fn internal_exchanges_take_no_publishes_and_auto_delete_exchanges_go_with_their_last_binding() {
+    let broker = broker_with(&[]);
+    let (connection, channel) = open(&broker).await;
+    let internal = ExchangeDeclareOptions { internal: true, ..ExchangeDeclareOptions::default() };
+    channel
+        .exchange_declare("inside".into(), ExchangeKind::Fanout, internal, FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .exchange_declare("door".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .exchange_bind(
+            "inside".into(),
+            "door".into(),
+            "".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    declare(&channel, "behind", FieldTable::default()).await;
+    channel
+        .queue_bind(
+            "behind".into(),
+            "inside".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // Through the exchange in front it routes; straight to it, 403.
+    publish_with(&channel, "door", "", b"routed", BasicProperties::default()).await;
+    let mut consumer = consume(&channel, "behind", BasicConsumeOptions::default()).await.unwrap();
+    assert_eq!(next(&mut consumer).await.data, b"routed");
+    let direct = connection.create_channel().await.unwrap();
+    let refused = direct
+        .basic_publish(
+            "inside".into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await;
+    // The channel was closed for it: its next method hears why.
+    let closed = direct
+        .queue_declare("behind".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert!(refusal(&closed).contains("ACCESSREFUSED"), "{refused:?} {closed:?}");
+
+    // An auto-delete exchange stays while it never had a binding, and goes with its last.
+    let hopper = connect(&broker).await;
+    let auto = ExchangeDeclareOptions { auto_delete: true, ..ExchangeDeclareOptions::default() };
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .exchange_declare("brief".into(), ExchangeKind::Direct, auto, FieldTable::default())
+        .await
+        .unwrap();
+    declare(&channel, "one", FieldTable::default()).await;
+    declare(&channel, "two", FieldTable::default()).await;
+    for queue in ["one", "two"] {
+        channel
+            .queue_bind(
+                queue.into(),
+                "brief".into(),
+                "k".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+    channel.queue_unbind("one".into(), "brief".into(), "k".into(), FieldTable::default()).await.unwrap();
+    let names = |list: Vec<hopper_client::ExchangeInfo>| list.into_iter().map(|e| e.name).collect::<Vec<_>>();
+    assert!(names(hopper.list_exchanges().await.unwrap()).contains(&"brief".to_owned()), "one binding left");
+    channel.queue_delete("two".into(), QueueDeleteOptions::default()).await.unwrap();
+    assert!(
+        !names(hopper.list_exchanges().await.unwrap()).contains(&"brief".to_owned()),
+        "its last binding went"
+    );
+
+    // Arguments Hopper cannot honour are refused, for exchanges and consumers too.
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-delayed-type".into(), AMQPValue::LongString("direct".into()));
+    let refused = channel
+        .exchange_declare("odd".into(), ExchangeKind::Direct, Default::default(), arguments)
+        .await
+        .unwrap_err();
+    assert!(refusal(&refused).contains("PRECONDITIONFAILED"), "{refused:?}");
+    let channel = connection.create_channel().await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-priority".into(), AMQPValue::LongInt(5));
+    let refused = channel
+        .basic_consume("one".into(), "".into(), BasicConsumeOptions::default(), arguments)
+        .await
+        .unwrap_err();
+    assert!(refusal(&refused).contains("PRECONDITIONFAILED"), "{refused:?}");
+}

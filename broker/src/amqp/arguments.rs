@@ -87,6 +87,16 @@ pub fn queue_settings(durable: bool, arguments: &FieldTable) -> Result<Declared,
     Ok(Declared { settings, expires })
 }
 
+/// Refuses the arguments of an `exchange.declare` other than `alternate-exchange`.
+pub fn exchange_arguments(arguments: &FieldTable) -> Result<(), BrokerError> {
+    match arguments.inner().keys().find(|name| name.as_str() != "alternate-exchange") {
+        Some(name) => {
+            Err(BrokerError::InvalidArgument(format!("argument {}: not supported by Hopper", name.as_str())))
+        }
+        None => Ok(()),
+    }
+}
+
 /// The exchange type `kind` names.
 pub fn exchange_kind(kind: &str) -> Result<ExchangeKind, BrokerError> {
     ExchangeKind::parse(kind).ok_or_else(|| {

@@ -883,6 +883,7 @@ impl Connection {
                 self.shared.check_exclusive(bind.queue.as_str(), self.conn_id)?;
                 let binding = queue_binding(&bind.queue, &bind.routing_key, &bind.arguments);
                 engine.bind(&caller, bind.exchange.as_str(), binding).await?;
+                self.shared.bound(bind.exchange.as_str());
                 if !bind.nowait {
                     send(&self.outbox, id, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
                 }
@@ -891,6 +892,7 @@ impl Connection {
                 self.shared.check_exclusive(unbind.queue.as_str(), self.conn_id)?;
                 let binding = queue_binding(&unbind.queue, &unbind.routing_key, &unbind.arguments);
                 engine.unbind(&caller, unbind.exchange.as_str(), binding).await?;
+                self.shared.reap_exchanges(&engine).await;
                 send(&self.outbox, id, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
             }
             AMQPClass::Queue(queue::AMQPMethod::Purge(purge)) => {
@@ -911,12 +913,15 @@ impl Connection {
                     Err(BrokerError::NotFound(_)) => 0,
                     deleted => deleted?,
                 };
+                // Its bindings went with it.
+                self.shared.reap_exchanges(&engine).await;
                 if !delete.nowait {
                     let ok = queue::DeleteOk { message_count: u32::try_from(deleted).unwrap_or(u32::MAX) };
                     send(&self.outbox, id, AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)));
                 }
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Declare(declare)) => {
+                arguments::exchange_arguments(&declare.arguments)?;
                 let spec = ExchangeSpec {
                     name: declare.exchange.as_str().to_owned(),
                     kind: arguments::exchange_kind(declare.kind.as_str())?,
@@ -924,6 +929,10 @@ impl Connection {
                     alternate: arguments::text(&declare.arguments, "alternate-exchange"),
                 };
                 engine.declare_exchange(&caller, spec, declare.passive).await?;
+                if !declare.passive {
+                    let name = declare.exchange.as_str();
+                    self.shared.exchange_declared(name, declare.internal, declare.auto_delete);
+                }
                 if !declare.nowait {
                     let ok = exchange::DeclareOk {};
                     send(&self.outbox, id, AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(ok)));
@@ -932,7 +941,9 @@ impl Connection {
             AMQPClass::Exchange(exchange::AMQPMethod::Delete(delete)) => {
                 // Deleting an exchange that is not there succeeds, as in RabbitMQ.
                 match engine.delete_exchange(&caller, delete.exchange.as_str(), delete.if_unused).await {
-                    Ok(()) | Err(BrokerError::NotFound(_)) => {}
+                    Ok(()) | Err(BrokerError::NotFound(_)) => {
+                        self.shared.exchange_deleted(delete.exchange.as_str())
+                    }
                     Err(err) => return Err(err.into()),
                 }
                 if !delete.nowait {
@@ -943,6 +954,7 @@ impl Connection {
             AMQPClass::Exchange(exchange::AMQPMethod::Bind(bind)) => {
                 let binding = exchange_binding(&bind.destination, &bind.routing_key, &bind.arguments);
                 engine.bind(&caller, bind.source.as_str(), binding).await?;
+                self.shared.bound(bind.source.as_str());
                 if !bind.nowait {
                     send(
                         &self.outbox,
@@ -954,6 +966,7 @@ impl Connection {
             AMQPClass::Exchange(exchange::AMQPMethod::Unbind(unbind)) => {
                 let binding = exchange_binding(&unbind.destination, &unbind.routing_key, &unbind.arguments);
                 engine.unbind(&caller, unbind.source.as_str(), binding).await?;
+                self.shared.reap_exchanges(&engine).await;
                 if !unbind.nowait {
                     let ok = exchange::UnbindOk {};
                     send(&self.outbox, id, AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(ok)));
@@ -1068,6 +1081,12 @@ impl Connection {
             return Err(Failure::Connection(
                 code::NOT_ALLOWED,
                 format!("consumer tag '{tag}' is in use on this channel"),
+            ));
+        }
+        if let Some((name, _)) = consume.arguments.inner().iter().next() {
+            return Err(Failure::Channel(
+                code::PRECONDITION_FAILED,
+                format!("consumer argument {} is not supported by Hopper", name.as_str()),
             ));
         }
         let queue = consume.queue.as_str();
@@ -1213,6 +1232,8 @@ impl Connection {
             };
             header.properties = header.properties.with_reply_to(format!("{REPLY_TO}.{token}").into());
         }
+        self.shared.check_publish(method.exchange.as_str())?;
+        let channel = self.channels.get_mut(&id).expect("publishes come on open channels");
         let number = channel.confirms.as_ref().map(|published| published.fetch_add(1, Ordering::Relaxed) + 1);
         if method.exchange.as_str().is_empty() && method.routing_key.as_str().starts_with(REPLY_TO) {
             return self.reply(id, &method, header.properties, &body, number);

@@ -1,6 +1,7 @@
 //! What the AMQP connections of one broker share: which connection owns each exclusive queue,
 //! which consumer holds a queue exclusively, the direct reply-to consumers
-//! (`amq.rabbitmq.reply-to`), and the queues that expire unused (`x-expires`).
+//! (`amq.rabbitmq.reply-to`), the queues that expire unused (`x-expires`), and the exchanges
+//! declared internal or auto-delete.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -44,6 +45,11 @@ pub struct Shared {
     /// Reply-to token → the consumer its replies go to.
     replies: Mutex<HashMap<String, ReplyConsumer>>,
     expiring: Mutex<HashMap<String, Expiring>>,
+    /// Exchanges clients may not publish to.
+    internal: parking_lot::RwLock<std::collections::HashSet<String>>,
+    /// Auto-delete exchanges → whether one has been bound from yet (only then does losing its
+    /// last binding delete it).
+    auto_delete: Mutex<HashMap<String, bool>>,
 }
 
 impl Shared {
@@ -112,6 +118,64 @@ impl Shared {
         if !watched {
             let (shared, engine) = (Arc::downgrade(self), Arc::downgrade(engine));
             tokio::spawn(watch_expiry(shared, engine, queue.to_owned()));
+        }
+    }
+
+    /// Records how exchange `name` was declared: `internal`, `auto_delete`.
+    pub fn exchange_declared(&self, name: &str, internal: bool, auto_delete: bool) {
+        if internal {
+            self.internal.write().insert(name.to_owned());
+        }
+        if auto_delete {
+            self.auto_delete.lock().entry(name.to_owned()).or_insert(false);
+        }
+    }
+
+    /// Exchange `name` is gone.
+    pub fn exchange_deleted(&self, name: &str) {
+        self.internal.write().remove(name);
+        self.auto_delete.lock().remove(name);
+    }
+
+    /// Refuses a publish to an internal exchange (403, as RabbitMQ).
+    pub fn check_publish(&self, exchange: &str) -> Result<(), BrokerError> {
+        if exchange.is_empty() || !self.internal.read().contains(exchange) {
+            return Ok(());
+        }
+        Err(BrokerError::AccessRefused(format!(
+            "cannot publish to internal exchange '{exchange}' in vhost '/'"
+        )))
+    }
+
+    /// Exchange `source` got a binding.
+    pub fn bound(&self, source: &str) {
+        if let Some(bound) = self.auto_delete.lock().get_mut(source) {
+            *bound = true;
+        }
+    }
+
+    /// Deletes the auto-delete exchanges that have lost their last binding.
+    pub async fn reap_exchanges(&self, engine: &Engine) {
+        let candidates: Vec<String> = {
+            let auto_delete = self.auto_delete.lock();
+            auto_delete.iter().filter(|(_, bound)| **bound).map(|(name, _)| name.clone()).collect()
+        };
+        let caller = Caller::broker();
+        for name in candidates {
+            match engine.exchange_info(&caller, &name) {
+                Ok(view) if view.bindings > 0 => continue,
+                Ok(_) => match engine.delete_exchange(&caller, &name, true).await {
+                    Ok(()) | Err(BrokerError::NotFound(_)) => {}
+                    // Bound again meanwhile.
+                    Err(BrokerError::PreconditionFailed(_)) => continue,
+                    Err(error) => {
+                        tracing::warn!(exchange = name, %error, "an auto-delete exchange was not deleted");
+                        continue;
+                    }
+                },
+                Err(_) => {}
+            }
+            self.exchange_deleted(&name);
         }
     }
 
