@@ -561,6 +561,31 @@ async fn hopper_bench_drives_the_amqp_listener_and_cleans_up_after_itself() {
     let hopper = connect(&broker).await;
     assert!(hopper.list_queues().await.unwrap().is_empty(), "the bench's queues are deleted");
 
+    // Three consuming connections, a queue each, as peerbench runs a fanout.
+    let args = [
+        "bench",
+        "--amqp",
+        &url,
+        "--count",
+        "200",
+        "--exchange",
+        "fanout",
+        "--queues",
+        "3",
+        "--consumers",
+        "3",
+    ];
+    let output = run_cli(&broker, &args).await;
+    assert!(
+        output.status.success() && output.stdout.contains("received:     600 messages (3 consumers"),
+        "{}{}",
+        output.stdout,
+        output.stderr
+    );
+    let args = ["bench", "--amqp", &url, "--count", "10", "--consumers", "2"];
+    let output = run_cli(&broker, &args).await;
+    assert!(output.stderr.contains("--consumers 2 is more than the run's 1 queue(s)"), "{}", output.stderr);
+
     // Options it cannot honour over AMQP are refused, not ignored.
     let output = run_cli(&broker, &["bench", "--amqp", &url, "--rate", "100"]).await;
     assert!(

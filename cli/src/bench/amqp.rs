@@ -216,49 +216,61 @@ struct Consumed {
     latencies: Histogram<u64>,
 }
 
-/// Consumes `expected` messages of `queue`, acking each (or every `ack_every`), the acks of
-/// one read in one write.
+/// Consumes `expected` messages of each of `queues` on one connection, a channel each,
+/// acking each (or every `ack_every`), the acks of one read in one write.
 async fn consume(
     target: Arc<Target>,
-    queue: String,
+    queues: Vec<String>,
     expected: u64,
     prefetch: u16,
     ack_every: u64,
     ready: Arc<Notify>,
 ) -> anyhow::Result<Consumed> {
     let mut conn = Conn::open(&target).await?;
-    conn.call(
-        1,
-        AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: prefetch, global: false })),
-    )
-    .await?;
-    let consume =
-        basic::Consume { queue: queue.as_str().into(), consumer_tag: "bench".into(), ..Default::default() };
-    conn.call(1, AMQPClass::Basic(basic::AMQPMethod::Consume(consume))).await?;
+    for (index, queue) in queues.iter().enumerate() {
+        let channel = index as u16 + 1;
+        if channel > 1 {
+            conn.call(channel, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await?;
+        }
+        let qos = basic::Qos { prefetch_count: prefetch, global: false };
+        conn.call(channel, AMQPClass::Basic(basic::AMQPMethod::Qos(qos))).await?;
+        let consume = basic::Consume {
+            queue: queue.as_str().into(),
+            consumer_tag: "bench".into(),
+            ..Default::default()
+        };
+        conn.call(channel, AMQPClass::Basic(basic::AMQPMethod::Consume(consume))).await?;
+    }
     ready.notify_one();
     let mut latencies = new_histogram();
     let (mut received, mut last, mut acks) = (0u64, None, Vec::new());
-    let mut last_tag = 0;
-    while received < expected {
+    // Per channel: deliveries so far, and the tag of the latest.
+    let mut channels = vec![(0u64, 0u64); queues.len() + 1];
+    let total = expected * queues.len() as u64;
+    while received < total {
         let frame = conn.next().await?;
         match frame {
-            AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver))) => {
-                last_tag = deliver.delivery_tag
+            AMQPFrame::Method(channel, AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver))) => {
+                channels[usize::from(channel)].1 = deliver.delivery_tag
             }
-            AMQPFrame::Body(_, body) => {
+            AMQPFrame::Body(channel, body) => {
                 received += 1;
-                let now = Instant::now();
-                last = Some(now);
+                last = Some(Instant::now());
                 if let Some(sent) = decode_timestamp(&body) {
                     let _ = latencies.record(unix_nanos().saturating_sub(sent) / 1000);
                 }
-                if received % ack_every == 0 || received == expected {
-                    let ack = basic::Ack { delivery_tag: last_tag, multiple: ack_every > 1 };
-                    push(&mut acks, &AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Ack(ack))));
+                let (count, tag) = &mut channels[usize::from(channel)];
+                *count += 1;
+                if *count % ack_every == 0 || *count == expected {
+                    let ack = basic::Ack { delivery_tag: *tag, multiple: ack_every > 1 };
+                    push(
+                        &mut acks,
+                        &AMQPFrame::Method(channel, AMQPClass::Basic(basic::AMQPMethod::Ack(ack))),
+                    );
                 }
             }
             AMQPFrame::Method(_, AMQPClass::Channel(channel::AMQPMethod::Close(close))) => {
-                bail!("the consumer's channel was closed: {} {}", close.reply_code, close.reply_text)
+                bail!("a consumer's channel was closed: {} {}", close.reply_code, close.reply_text)
             }
             _ => {}
         }
@@ -372,7 +384,7 @@ async fn read_confirms(
 /// Runs the workload of `args` over AMQP at `url`.
 pub async fn run(url: &str, args: &BenchArgs) -> anyhow::Result<BenchReport> {
     if args.producers != 1
-        || args.consumers != 1
+        || args.consumers == 0
         || args.rate != 0
         || args.duration.is_some()
         || args.delay.is_some()
@@ -381,7 +393,18 @@ pub async fn run(url: &str, args: &BenchArgs) -> anyhow::Result<BenchReport> {
         || args.consume_rate != 0
         || args.sample_every.is_some()
     {
-        bail!("--amqp runs one producer and a consumer per queue, as fast as they go: it takes --count, --size, --prefetch, --durable, --confirm-window, --ack-every, --exchange, --queues and --bindings");
+        bail!(
+            "--amqp runs one producer and --consumers connections, as fast as they go: it takes --count, \
+             --size, --prefetch, --consumers, --durable, --confirm-window, --ack-every, --exchange, --queues \
+             and --bindings"
+        );
+    }
+    let queues = match args.exchange {
+        Some(KindArg::Fanout) => args.queues.max(1),
+        _ => 1,
+    };
+    if args.consumers > queues {
+        bail!("--consumers {} is more than the run's {queues} queue(s)", args.consumers);
     }
     let target = Arc::new(Target::parse(url)?);
     let base = format!("bench-{}", std::process::id());
@@ -389,17 +412,13 @@ pub async fn run(url: &str, args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let layout = declare(&mut admin, args, &base).await?;
     let prefetch = u16::try_from(args.prefetch).context("--prefetch is at most 65535 over AMQP")?;
     let count = args.count;
+    // As over Hopper's protocol: the queues spread over the consuming connections.
+    let connections = args.consumers as usize;
     let mut consumers = tokio::task::JoinSet::new();
     let ready = Arc::new(Notify::new());
-    for name in &layout.queues {
-        consumers.spawn(consume(
-            target.clone(),
-            name.clone(),
-            count,
-            prefetch,
-            args.ack_every,
-            ready.clone(),
-        ));
+    for first in 0..connections {
+        let mine: Vec<String> = layout.queues.iter().skip(first).step_by(connections).cloned().collect();
+        consumers.spawn(consume(target.clone(), mine, count, prefetch, args.ack_every, ready.clone()));
         ready.notified().await;
     }
     let mut publisher = Conn::open(&target).await?;
@@ -443,7 +462,7 @@ pub async fn run(url: &str, args: &BenchArgs) -> anyhow::Result<BenchReport> {
         size: args.size,
         prefetch: args.prefetch,
         producers: 1,
-        consumers: layout.queues.len() as u32,
+        consumers: args.consumers,
         queues: layout.queues.len() as u32,
         max_confirm_gap_ms: None,
         broker_rss_mb: None,
