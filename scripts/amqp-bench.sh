@@ -14,7 +14,8 @@
 # temporary data directory. RabbitMQ is measured too when RABBIT_PID names its running
 # beam.smp (its CPU time is read from /proc) and RABBIT_URL (default
 # amqp://guest:guest@127.0.0.1:5672/%2f) reaches it. COUNT sets the messages per run
-# (default 200000; the fanout runs publish a quarter of it, each message delivered 4 times).
+# (default 200000; the fanout runs publish a quarter of it, each message delivered 4 times, to
+# four consuming connections as peerbench has).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -107,6 +108,6 @@ workload "transient, 1 queue, 256 B, prefetch 100" \
 workload "durable with confirms, 1,000 in flight" \
     "--durable --window 1000 --msgs $COUNT" "--durable --confirm-window 1000 --count $COUNT"
 workload "fanout to 4 queues (each message delivered 4 times)" \
-    "--exchange fanout --queues 4 --msgs $fanout" "--exchange fanout --queues 4 --count $fanout"
+    "--exchange fanout --queues 4 --msgs $fanout" "--exchange fanout --queues 4 --consumers 4 --count $fanout"
 workload "topic exchange, 1,000 bindings, one matching" \
     "--exchange topic --bindings 1000 --msgs $COUNT" "--exchange topic --bindings 1000 --count $COUNT"
