@@ -701,3 +701,62 @@ async fn internal_exchanges_take_no_publishes_and_auto_delete_exchanges_go_with_
         .unwrap_err();
     assert!(refusal(&refused).contains("PRECONDITIONFAILED"), "{refused:?}");
 }
+
+/// A raw connection, logged in, with channel 1 open.
+async fn raw_open(broker: &Broker) -> AmqpRaw {
+    let mut raw = AmqpRaw::connect(broker.amqp_addr()).await;
+    assert!(is_open_ok(&raw.handshake("PLAIN", b"\0guest\0guest", 0).await.1));
+    raw.method(1, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await.unwrap();
+    assert!(matches!(raw.next_method().await, Some(AMQPFrame::Method(1, AMQPClass::Channel(_)))));
+    raw
+}
+
+fn publish_frame(channel: u16, queue: &str) -> AMQPFrame {
+    let publish = basic::Publish { routing_key: queue.into(), ..Default::default() };
+    AMQPFrame::Method(channel, AMQPClass::Basic(basic::AMQPMethod::Publish(publish)))
+}
+
+#[tokio::test]
+async fn hostile_frames_close_what_they_came_on_and_nobody_else_notices() {
+    use amq_protocol::frame::AMQPContentHeader;
+    let broker = broker_with(&[]);
+    let (_connection, bystander) = open(&broker).await;
+    declare(&bystander, "calm", FieldTable::default()).await;
+
+    // A content announced larger than the broker takes: its channel closes (406) before any of
+    // it is gathered, and the connection goes on.
+    let mut huge = raw_open(&broker).await;
+    huge.send(publish_frame(1, "calm")).await.unwrap();
+    let header = AMQPContentHeader { class_id: 60, body_size: u64::MAX, properties: Default::default() };
+    huge.send(AMQPFrame::Header(1, header)).await.unwrap();
+    let answer = huge.next_method().await;
+    let closed = matches!(
+        &answer,
+        Some(AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::Close(close))))
+            if close.reply_code == 406 && close.reply_text.as_str().contains("larger than the broker's maximum")
+    );
+    assert!(closed, "{answer:?}");
+    huge.send(AMQPFrame::Body(1, vec![0; 1000])).await.unwrap();
+    huge.method(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))).await.unwrap();
+    huge.method(2, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await.unwrap();
+    assert!(matches!(huge.next_method().await, Some(AMQPFrame::Method(2, AMQPClass::Channel(_)))));
+
+    // A body with no publish before it, a frame over the agreed size, and bytes that are no
+    // frame: each closes its connection with the code for it.
+    let mut orphan = raw_open(&broker).await;
+    orphan.send(AMQPFrame::Body(1, b"stray".to_vec())).await.unwrap();
+    assert_eq!(connection_close(&orphan.next_method().await).map(|(code, _)| code), Some(505));
+    let mut oversize = raw_open(&broker).await;
+    let mut frame = vec![3u8, 0, 1];
+    frame.extend_from_slice(&(4 * 1024 * 1024u32).to_be_bytes());
+    oversize.send_bytes(&frame).await.unwrap();
+    assert_eq!(connection_close(&oversize.next_method().await).map(|(code, _)| code), Some(501));
+    let mut garbage = raw_open(&broker).await;
+    garbage.send_bytes(&[1, 0, 1, 0, 0, 0, 3, 0xff, 0xff, 0xff, 0xce]).await.unwrap();
+    assert_eq!(connection_close(&garbage.next_method().await).map(|(code, _)| code), Some(501));
+
+    // The bystander saw none of it.
+    publish(&bystander, "calm", "still here").await;
+    let mut consumer = consume(&bystander, "calm", BasicConsumeOptions::default()).await.unwrap();
+    assert_eq!(next(&mut consumer).await.data, b"still here");
+}

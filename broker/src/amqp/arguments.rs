@@ -31,7 +31,7 @@ pub fn queue_settings(durable: bool, arguments: &FieldTable) -> Result<Declared,
             "x-message-ttl" => settings.message_ttl_ms = number()?,
             "x-expires" => match number()? {
                 0 => return Err(refused("must be at least 1 ms")),
-                ms => expires = Some(Duration::from_millis(ms)),
+                ms => expires = Some(Duration::from_millis(crate::settings::check_duration(name, ms)?)),
             },
             "x-max-length" => settings.max_length = number()?,
             "x-max-length-bytes" => settings.max_bytes = number()?,
@@ -194,6 +194,7 @@ mod tests {
     fn what_hopper_cannot_honour_is_refused_by_name() {
         for (name, value) in [
             ("x-expires", AMQPValue::LongInt(0)),
+            ("x-expires", AMQPValue::LongLongInt(i64::MAX)),
             ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
             ("x-max-priority", AMQPValue::ShortShortUInt(10)),
             ("x-message-ttl", AMQPValue::LongInt(-1)),

@@ -715,6 +715,16 @@ impl Connection {
     }
 
     fn on_header(&mut self, id: u16, header: AMQPContentHeader) -> Result<(), Failure> {
+        // The largest message Hopper's own protocol carries; the body is not gathered past it.
+        let max = u64::from(self.engine.config().max_frame_size);
+        if header.body_size > max {
+            self.channel(id).incoming = None;
+            let text = format!(
+                "message size {} is larger than the broker's maximum of {max} bytes",
+                header.body_size
+            );
+            return Err(Failure::Channel(code::PRECONDITION_FAILED, text));
+        }
         let channel = self.channel(id);
         let Some(incoming) = channel.incoming.as_mut().filter(|i| i.header.is_none()) else {
             return Err(Failure::Connection(

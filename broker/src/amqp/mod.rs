@@ -5,8 +5,10 @@
 //!
 //! `codec.rs` finds frames (the `amq-protocol` crate parses and writes them), `connection.rs`
 //! runs the handshake and the channels, `sink.rs` turns deliveries into `basic.deliver`
-//! frames, `properties.rs` keeps AMQP message properties on Hopper messages, and
-//! `arguments.rs` maps declare arguments onto Hopper settings.
+//! frames, `properties.rs` keeps AMQP message properties on Hopper messages, `arguments.rs`
+//! maps declare arguments onto Hopper settings, and `shared.rs` holds what spans connections
+//! (exclusive owners, direct reply-to consumers, `x-expires` timers, exchange flags). The
+//! listener runs plain (`--amqp-listen`) and inside TLS (`--amqps-listen`).
 
 mod arguments;
 mod codec;
