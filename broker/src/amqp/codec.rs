@@ -6,6 +6,8 @@ use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame, WriteContext};
 use bytes::{Buf, BytesMut};
 use tokio_util::codec::Decoder;
 
+use crate::outbox::Outbox;
+
 /// The protocol header a client opens with.
 pub const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
 
@@ -86,6 +88,26 @@ pub fn encode(frame: &AMQPFrame) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(64);
     encode_into(&mut bytes, frame);
     bytes
+}
+
+thread_local! {
+    /// Where frames are encoded before they go into an outbox: one buffer per thread, reused,
+    /// so a frame costs no allocation.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Encodes frames with `write` into this thread's scratch buffer and queues them in `outbox`.
+pub fn push_with(outbox: &Outbox, write: impl FnOnce(&mut Vec<u8>)) {
+    SCRATCH.with_borrow_mut(|bytes| {
+        bytes.clear();
+        write(bytes);
+        outbox.push_bytes(bytes);
+    });
+}
+
+/// Queues `frame` in `outbox`.
+pub fn push_frame(outbox: &Outbox, frame: &AMQPFrame) {
+    push_with(outbox, |bytes| encode_into(bytes, frame));
 }
 
 /// Appends the bytes of `frame` to `bytes`.

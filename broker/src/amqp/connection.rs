@@ -17,14 +17,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
-use super::codec::{encode, FrameCodec, FrameError, PROTOCOL_HEADER};
+use super::codec::{encode, push_frame, FrameCodec, FrameError, PROTOCOL_HEADER};
 use super::shared::{ReplyConsumer, Shared, REPLY_TO};
 use super::sink::{content, content_frames, AmqpSink, Tags};
 use super::{arguments, properties};
 use crate::engine::{Caller, ConsumeOptions, DeliveryRef, Engine, NackOptions, NewMessage, Pull, Route};
 use crate::error::BrokerError;
 use crate::outbox::Outbox;
-use crate::queue::{Confirm, Outcome};
+use crate::queue::{Confirm, Outcome, Replies};
 use crate::routing::{Binding, Destination, ExchangeSpec};
 
 /// The largest frame either side may send; the client may ask for less.
@@ -110,8 +110,8 @@ struct Channel {
     /// Its direct reply-to consumer: the token its replies are addressed by, and its tag.
     reply: Option<(String, String)>,
     incoming: Option<Incoming>,
-    /// In confirm mode: the number of the last publish.
-    confirms: Option<Arc<AtomicU64>>,
+    /// In confirm mode: where its publishes are numbered and answered.
+    confirms: Option<Arc<Confirms>>,
     /// Closed by the broker: frames are ignored until the client's `channel.close-ok`.
     closing: bool,
 }
@@ -846,8 +846,11 @@ impl Connection {
                 send(&self.outbox, id, AMQPClass::Channel(channel::AMQPMethod::FlowOk(ok)));
             }
             AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
+                let outbox = self.outbox.clone();
                 let channel = self.channel(id);
-                channel.confirms.get_or_insert_with(Default::default);
+                channel.confirms.get_or_insert_with(|| {
+                    Arc::new(Confirms { outbox, channel: id, published: AtomicU64::new(0) })
+                });
                 if !select.nowait {
                     send(
                         &self.outbox,
@@ -1244,7 +1247,8 @@ impl Connection {
         }
         self.shared.check_publish(method.exchange.as_str())?;
         let channel = self.channels.get_mut(&id).expect("publishes come on open channels");
-        let number = channel.confirms.as_ref().map(|published| published.fetch_add(1, Ordering::Relaxed) + 1);
+        let confirms = channel.confirms.clone();
+        let number = confirms.as_ref().map(|confirms| confirms.published.fetch_add(1, Ordering::Relaxed) + 1);
         if method.exchange.as_str().is_empty() && method.routing_key.as_str().starts_with(REPLY_TO) {
             return self.reply(id, &method, header.properties, &body, number);
         }
@@ -1253,24 +1257,9 @@ impl Connection {
         // Kept for a `basic.return`, should the message be unroutable and mandatory.
         let returned = method.mandatory.then(|| (body.clone(), header.properties.clone()));
         let message = NewMessage { body, headers, content_type, ..NewMessage::default() };
-        let confirm = match number {
-            Some(number) => {
-                let outbox = self.outbox.clone();
-                Confirm::Callback(Box::new(move |result: Result<Outcome, crate::error::BrokerError>| {
-                    let method = match result {
-                        Ok(_) | Err(BrokerError::NoRoute(_)) => {
-                            basic::AMQPMethod::Ack(basic::Ack { delivery_tag: number, multiple: false })
-                        }
-                        Err(_) => basic::AMQPMethod::Nack(basic::Nack {
-                            delivery_tag: number,
-                            multiple: false,
-                            requeue: false,
-                        }),
-                    };
-                    send(&outbox, id, AMQPClass::Basic(method));
-                }))
-            }
-            None => Confirm::Callback(Box::new(|_| {})),
+        let confirm = match (confirms, number) {
+            (Some(to), Some(request_id)) => Confirm::Reply { to, request_id },
+            _ => Confirm::Callback(Box::new(|_| {})),
         };
         let route = Route {
             exchange: method.exchange.as_str(),
@@ -1393,6 +1382,30 @@ impl Connection {
     }
 }
 
+/// A channel in confirm mode: numbers its publishes, and answers each with an ack once its
+/// queues hold it, or a nack when it was refused.
+struct Confirms {
+    outbox: Arc<Outbox>,
+    channel: u16,
+    /// The number of the last publish.
+    published: AtomicU64,
+}
+
+impl Replies for Confirms {
+    fn reply(&self, number: u64, result: Result<Outcome, BrokerError>) {
+        let method = match result {
+            // Unroutable and not mandatory is still taken, as RabbitMQ confirms it.
+            Ok(_) | Err(BrokerError::NoRoute(_)) => {
+                basic::AMQPMethod::Ack(basic::Ack { delivery_tag: number, multiple: false })
+            }
+            Err(_) => {
+                basic::AMQPMethod::Nack(basic::Nack { delivery_tag: number, multiple: false, requeue: false })
+            }
+        };
+        send(&self.outbox, self.channel, AMQPClass::Basic(method));
+    }
+}
+
 /// A binding of queue `queue` by `key`, with header arguments as text.
 fn queue_binding(
     queue: &amq_protocol::types::ShortString,
@@ -1432,7 +1445,7 @@ async fn next_frame<R: AsyncRead + Unpin>(frames: &mut FramedRead<R, FrameCodec>
 
 /// Queues one method frame.
 fn send(outbox: &Outbox, channel: u16, method: AMQPClass) {
-    outbox.push_bytes(&encode(&AMQPFrame::Method(channel, method)));
+    push_frame(outbox, &AMQPFrame::Method(channel, method));
 }
 
 /// Queues `connection.close` for `text`.

@@ -10,7 +10,7 @@ use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::{basic, AMQPClass};
 use parking_lot::Mutex;
 
-use super::codec::{encode, encode_into};
+use super::codec::{encode, encode_into, push_with};
 use super::properties;
 use crate::message::{Payload, QueuedMessage};
 use crate::outbox::Outbox;
@@ -155,17 +155,9 @@ impl Sink for AmqpSink {
             routing_key: payload.routing_key.as_str().into(),
         };
         let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver));
-        SCRATCH.with_borrow_mut(|bytes| {
-            bytes.clear();
-            write_content(
-                bytes,
-                self.channel,
-                method,
-                properties::to_amqp(payload),
-                &payload.body,
-                self.frame_max,
-            );
-            self.outbox.push_bytes(bytes);
+        push_with(&self.outbox, |bytes| {
+            let properties = properties::to_amqp(payload);
+            write_content(bytes, self.channel, method, properties, &payload.body, self.frame_max);
         });
         Ok(())
     }
@@ -204,12 +196,6 @@ pub fn content(
     let mut bytes = Vec::new();
     write_content(&mut bytes, channel, method, properties, body, frame_max);
     bytes
-}
-
-thread_local! {
-    /// Where deliveries are encoded before they go into an outbox: one buffer per thread,
-    /// reused, so a delivery costs no allocation for its frames.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Appends `method` with a content of `body` and `properties` to `bytes`, the body cut into
