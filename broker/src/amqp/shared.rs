@@ -207,7 +207,7 @@ async fn watch_expiry(shared: Weak<Shared>, engine: Weak<Engine>, queue: String)
                 return;
             }
         };
-        {
+        let after = {
             let mut expiring = shared.expiring.lock();
             let Some(entry) = expiring.get_mut(&queue) else { return };
             if consumers > 0 {
@@ -218,12 +218,20 @@ async fn watch_expiry(shared: Weak<Shared>, engine: Weak<Engine>, queue: String)
             if entry.last_used + entry.after > Instant::now() {
                 continue;
             }
+            let after = entry.after;
             expiring.remove(&queue);
-        }
+            after
+        };
         match engine.delete_queue(&caller, &queue, true, false).await {
             Ok(dropped) => tracing::info!(queue, dropped, "queue expired unused (x-expires)"),
             Err(BrokerError::NotFound(_)) => {}
+            // A consumer came just now: the queue is in use, and its expiry starts over.
+            Err(BrokerError::PreconditionFailed(_)) => {
+                shared.expiring.lock().insert(queue.clone(), Expiring { after, last_used: Instant::now() });
+                continue;
+            }
             Err(error) => tracing::warn!(queue, %error, "an expired queue was not deleted"),
         }
+        return;
     }
 }
