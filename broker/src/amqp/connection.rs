@@ -894,7 +894,8 @@ impl Connection {
             }
             AMQPClass::Queue(queue::AMQPMethod::Bind(bind)) => {
                 self.shared.check_exclusive(bind.queue.as_str(), self.conn_id)?;
-                let binding = queue_binding(&bind.queue, &bind.routing_key, &bind.arguments);
+                let binding =
+                    binding(Destination::Queue(bind.queue.to_string()), &bind.routing_key, &bind.arguments);
                 engine.bind(&caller, bind.exchange.as_str(), binding).await?;
                 self.shared.bound(bind.exchange.as_str());
                 if !bind.nowait {
@@ -903,7 +904,11 @@ impl Connection {
             }
             AMQPClass::Queue(queue::AMQPMethod::Unbind(unbind)) => {
                 self.shared.check_exclusive(unbind.queue.as_str(), self.conn_id)?;
-                let binding = queue_binding(&unbind.queue, &unbind.routing_key, &unbind.arguments);
+                let binding = binding(
+                    Destination::Queue(unbind.queue.to_string()),
+                    &unbind.routing_key,
+                    &unbind.arguments,
+                );
                 engine.unbind(&caller, unbind.exchange.as_str(), binding).await?;
                 self.shared.reap_exchanges(&engine).await;
                 send(&self.outbox, id, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
@@ -965,7 +970,11 @@ impl Connection {
                 }
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Bind(bind)) => {
-                let binding = exchange_binding(&bind.destination, &bind.routing_key, &bind.arguments);
+                let binding = binding(
+                    Destination::Exchange(bind.destination.to_string()),
+                    &bind.routing_key,
+                    &bind.arguments,
+                );
                 engine.bind(&caller, bind.source.as_str(), binding).await?;
                 self.shared.bound(bind.source.as_str());
                 if !bind.nowait {
@@ -977,7 +986,11 @@ impl Connection {
                 }
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Unbind(unbind)) => {
-                let binding = exchange_binding(&unbind.destination, &unbind.routing_key, &unbind.arguments);
+                let binding = binding(
+                    Destination::Exchange(unbind.destination.to_string()),
+                    &unbind.routing_key,
+                    &unbind.arguments,
+                );
                 engine.unbind(&caller, unbind.source.as_str(), binding).await?;
                 self.shared.reap_exchanges(&engine).await;
                 if !unbind.nowait {
@@ -1406,36 +1419,19 @@ impl Replies for Confirms {
     }
 }
 
-/// A binding of queue `queue` by `key`, with header arguments as text.
-fn queue_binding(
-    queue: &amq_protocol::types::ShortString,
+/// A binding to `destination` by `key`, with header arguments as text.
+fn binding(
+    destination: Destination,
     key: &amq_protocol::types::ShortString,
     arguments: &FieldTable,
 ) -> Binding {
-    Binding {
-        destination: Destination::Queue(queue.as_str().to_owned()),
-        key: key.as_str().to_owned(),
-        arguments: arguments::table_text(arguments),
-    }
+    Binding { destination, key: key.as_str().to_owned(), arguments: arguments::table_text(arguments) }
 }
 
 /// `basic.recover` with `requeue=false`, refused as RabbitMQ refuses it: redelivering to the
 /// same consumer is not offered.
 fn requeue_false() -> Failure {
     Failure::Connection(code::NOT_IMPLEMENTED, "basic.recover with requeue=false is not supported".into())
-}
-
-/// A binding of exchange `destination` by `key`, with header arguments as text.
-fn exchange_binding(
-    destination: &amq_protocol::types::ShortString,
-    key: &amq_protocol::types::ShortString,
-    arguments: &FieldTable,
-) -> Binding {
-    Binding {
-        destination: Destination::Exchange(destination.as_str().to_owned()),
-        key: key.as_str().to_owned(),
-        arguments: arguments::table_text(arguments),
-    }
 }
 
 /// The next frame of the handshake, if it comes in time and reads.
