@@ -115,12 +115,8 @@ def publish_subscribe(url):
 
     gone_connection, _, gone = subscribers.pop()
     gone_connection.close()
-    # The broker deletes it as it sees the connection go, which may come just after close-ok.
-    wait_until(
-        f"the exclusive queue {gone} goes with its connection",
-        lambda: not exists(publisher, gone),
-        publisher,
-    )
+    # The broker deletes it before it answers the close.
+    expect_equal(f"the exclusive queue {gone} once its connection is closed", exists(publisher, gone), False)
     for connection, _, _ in subscribers:
         connection.close()
     publisher.close()

@@ -327,7 +327,9 @@ impl Launch {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
-            .env("HOPPER_LOG", "info")
+            // HOPPER_TEST_LOG sets the test brokers' log filter (HOPPER_LOG's syntax) when a test
+            // needs more of their log than its failure prints.
+            .env("HOPPER_LOG", std::env::var("HOPPER_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,7 +1,7 @@
 //! The AMQP 0-9-1 listener beyond the tutorials: recover, flow and qos, exclusive queues and
 //! consumers, `x-expires`, direct reply-to, exchange-to-exchange bindings, the login
-//! mechanisms and AMQPS, heartbeats, publishers blocked by flow control, and a consumer that
-//! stops reading. Full clients are lapin; what a full client cannot be made to do (stay silent,
+//! mechanisms and AMQPS, heartbeats, publishers blocked by flow control, a consumer that
+//! stops reading, and what may follow a channel's close or a queue's deletion. Full clients are lapin; what a full client cannot be made to do (stay silent,
 //! pick a mechanism, stop reading) is done with raw frames.
 
 use std::collections::BTreeSet;
@@ -759,4 +759,128 @@ async fn hostile_frames_close_what_they_came_on_and_nobody_else_notices() {
     publish(&bystander, "calm", "still here").await;
     let mut consumer = consume(&bystander, "calm", BasicConsumeOptions::default()).await.unwrap();
     assert_eq!(next(&mut consumer).await.data, b"still here");
+}
+
+/// The content frames of a publish of `body` on `channel`, persistent.
+fn content(channel: u16, body: &[u8]) -> [AMQPFrame; 2] {
+    use amq_protocol::frame::AMQPContentHeader;
+    let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+    let header = AMQPContentHeader { class_id: 60, body_size: body.len() as u64, properties };
+    [AMQPFrame::Header(channel, header), AMQPFrame::Body(channel, body.to_vec())]
+}
+
+/// Sends `method` on `channel` and returns the next method, on whatever channel.
+async fn ask(raw: &mut AmqpRaw, channel: u16, method: AMQPClass) -> Option<AMQPFrame> {
+    raw.method(channel, method).await.unwrap();
+    raw.next_method().await
+}
+
+fn is_method(frame: &Option<AMQPFrame>, on: u16, class: u16, method: u16) -> bool {
+    matches!(frame, Some(AMQPFrame::Method(channel, m))
+        if *channel == on && m.get_amqp_class_id() == class && m.get_amqp_method_id() == method)
+}
+
+#[tokio::test]
+async fn nothing_follows_a_channel_close_and_deliveries_of_a_deleted_queue_can_still_be_acked() {
+    let broker = broker_with(&[]);
+    let hopper = connect(&broker).await;
+    let (_connection, bystander) = open(&broker).await;
+
+    // A queue deleted under its consumer: the consumer is cancelled, and what it was delivered
+    // is still acked without a fuss, as in RabbitMQ.
+    declare(&bystander, "doomed", FieldTable::default()).await;
+    publish(&bystander, "doomed", "last words").await;
+    let (_other, channel) = open(&broker).await;
+    let mut consumer = consume(&channel, "doomed", BasicConsumeOptions::default()).await.unwrap();
+    let delivery = next(&mut consumer).await;
+    bystander.queue_delete("doomed".into(), QueueDeleteOptions::default()).await.unwrap();
+    assert!(within("the consumer's cancel", consumer.next()).await.is_none(), "cancelled");
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+    declare(&channel, "after", FieldTable::default()).await;
+
+    // A consumer its client cancelled while it held a delivery: its queue deleted then sends
+    // no basic.cancel for it, the client ended it already; the delivery is still acked.
+    let mut raw = raw_open(&broker).await;
+    let consume = |queue: &str| {
+        let consume = basic::Consume { queue: queue.into(), consumer_tag: "c".into(), ..Default::default() };
+        AMQPClass::Basic(basic::AMQPMethod::Consume(consume))
+    };
+    let cancel = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+        consumer_tag: "c".into(),
+        nowait: false,
+    }));
+    declare(&bystander, "dropped", FieldTable::default()).await;
+    publish(&bystander, "dropped", "held").await;
+    assert!(is_method(&ask(&mut raw, 1, consume("dropped")).await, 1, 60, 21));
+    assert!(is_method(&raw.next_method().await, 1, 60, 60), "the delivery");
+    assert!(matches!(raw.next().await, Some(AMQPFrame::Header(1, _))));
+    assert!(matches!(raw.next().await, Some(AMQPFrame::Body(1, _))));
+    assert!(is_method(&ask(&mut raw, 1, cancel.clone()).await, 1, 60, 31));
+    bystander.queue_delete("dropped".into(), QueueDeleteOptions::default()).await.unwrap();
+    let ack =
+        |tag| AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: tag, multiple: false }));
+    raw.method(1, ack(1)).await.unwrap();
+    let qos =
+        AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: 5, ..Default::default() }));
+    let answer = ask(&mut raw, 1, qos.clone()).await;
+    assert!(is_method(&answer, 1, 60, 11), "qos-ok, with no cancel or close before it: {answer:?}");
+
+    // An auto-delete queue whose last consumer is cancelled holding a delivery goes once that
+    // is settled.
+    let auto = queue::Declare { queue: "brief".into(), auto_delete: true, ..Default::default() };
+    let declared = ask(&mut raw, 1, AMQPClass::Queue(queue::AMQPMethod::Declare(auto))).await;
+    assert!(is_method(&declared, 1, 50, 11), "{declared:?}");
+    publish(&bystander, "brief", "held").await;
+    assert!(is_method(&ask(&mut raw, 1, consume("brief")).await, 1, 60, 21));
+    assert!(is_method(&raw.next_method().await, 1, 60, 60), "the delivery");
+    assert!(matches!(raw.next().await, Some(AMQPFrame::Header(1, _))));
+    assert!(matches!(raw.next().await, Some(AMQPFrame::Body(1, _))));
+    assert!(is_method(&ask(&mut raw, 1, cancel).await, 1, 60, 31));
+    let brief = || async { hopper.list_queues().await.unwrap().iter().any(|q| q.name == "brief") };
+    assert!(brief().await, "its delivery is not settled yet");
+    raw.method(1, ack(2)).await.unwrap();
+    eventually("the auto-delete queue goes", DEADLINE, || async { !brief().await }).await;
+    let answer = ask(&mut raw, 1, qos).await;
+    assert!(is_method(&answer, 1, 60, 11), "and sends nothing: {answer:?}");
+
+    // A durable publish whose channel closes before its confirm: the confirm is never sent,
+    // since a client forgets a channel at its close-ok and fails on a frame naming it after.
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    bystander.queue_declare("kept".into(), durable, FieldTable::default()).await.unwrap();
+    for channel in [2, 3] {
+        assert!(is_method(
+            &ask(&mut raw, channel, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await,
+            channel,
+            20,
+            11
+        ));
+        let select =
+            AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::Select(Default::default()));
+        assert!(is_method(&ask(&mut raw, channel, select).await, channel, 85, 11));
+    }
+    raw.send(publish_frame(2, "kept")).await.unwrap();
+    for frame in content(2, b"first") {
+        raw.send(frame).await.unwrap();
+    }
+    let close = channel::Close { reply_code: 200, reply_text: "bye".into(), class_id: 0, method_id: 0 };
+    raw.method(2, AMQPClass::Channel(channel::AMQPMethod::Close(close))).await.unwrap();
+    loop {
+        match raw.next_method().await {
+            // The confirm may come before the close-ok.
+            frame if is_method(&frame, 2, 60, 80) => continue,
+            frame => {
+                assert!(is_method(&frame, 2, 20, 41), "close-ok: {frame:?}");
+                break;
+            }
+        }
+    }
+    // A later publish's confirm comes after the first's would have: by then, nothing came
+    // for channel 2.
+    raw.send(publish_frame(3, "kept")).await.unwrap();
+    for frame in content(3, b"second") {
+        raw.send(frame).await.unwrap();
+    }
+    let confirm = raw.next_method().await;
+    assert!(is_method(&confirm, 3, 60, 80), "the second publish's confirm, alone: {confirm:?}");
+    assert_eq!(hopper.queue_stats("kept").await.unwrap().ready, 2, "both publishes were taken");
 }

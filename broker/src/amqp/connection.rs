@@ -556,8 +556,11 @@ impl Connection {
         }
     }
 
-    /// Cancels every consumer of the connection (it is going away).
-    pub(super) fn release(&mut self) {
+    /// Cancels every consumer of the connection (it is going away) and deletes its exclusive
+    /// queues, and the auto-delete queues it consumed from that nobody else does. Done before
+    /// the `connection.close-ok` of a client's close, so they are gone once it is closed; done
+    /// again, to no effect, after.
+    pub(super) async fn release(&mut self) {
         // Acks the client sent before it went count.
         self.flush_acks();
         let consumers = self.consumer_ids();
@@ -567,12 +570,18 @@ impl Connection {
                 self.shared.remove_reply_consumer(&token);
             }
         }
+        let mut doomed = Vec::new();
         for consumer_id in consumers {
-            self.cancelled(consumer_id);
+            self.shared.consumer_gone(consumer_id);
+            if let Some(queue) = self.auto_delete_consumers.remove(&consumer_id) {
+                doomed.push((queue, true));
+            }
         }
-        for queue in std::mem::take(&mut self.exclusive) {
-            self.delete_later(queue, false);
+        doomed.extend(std::mem::take(&mut self.exclusive).into_iter().map(|queue| (queue, false)));
+        for (queue, if_unused) in doomed {
+            delete_quietly(&self.engine, &self.caller, &queue, if_unused).await;
         }
+        // Only now: until its queues are gone, others are refused them (405), never given them.
         self.shared.release_exclusive(self.conn_id);
         if self.holding {
             self.holding = false;
@@ -585,21 +594,9 @@ impl Connection {
     fn cancelled(&mut self, consumer_id: u64) {
         self.shared.consumer_gone(consumer_id);
         if let Some(queue) = self.auto_delete_consumers.remove(&consumer_id) {
-            self.delete_later(queue, true);
+            let (engine, caller) = (self.engine.clone(), self.caller.clone());
+            tokio::spawn(async move { delete_quietly(&engine, &caller, &queue, true).await });
         }
-    }
-
-    /// Deletes `queue` (only if it has no consumer, with `if_unused`) in the background.
-    fn delete_later(&self, queue: String, if_unused: bool) {
-        let (engine, caller) = (self.engine.clone(), self.caller.clone());
-        tokio::spawn(async move {
-            match engine.delete_queue(&caller, &queue, if_unused, false).await {
-                Ok(_) | Err(BrokerError::NotFound(_) | BrokerError::PreconditionFailed(_)) => {}
-                Err(error) => {
-                    tracing::warn!(queue, %error, "an exclusive or auto-delete queue was not deleted")
-                }
-            }
-        });
     }
 
     /// Handles one frame; false once the connection is closed.
@@ -607,6 +604,7 @@ impl Connection {
         match frame {
             AMQPFrame::Heartbeat => Ok(true),
             AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(_))) => {
+                self.release().await;
                 send(
                     &self.outbox,
                     0,
@@ -799,8 +797,11 @@ impl Connection {
                     self.shared.remove_reply_consumer(&token);
                 } else if let Some(consumer_id) = self.channel(id).consumers.remove(&tag) {
                     engine.stop(&caller, consumer_id)?;
-                    self.channel(id).stopped.insert(consumer_id);
-                    self.cancelled(consumer_id);
+                    let channel = self.channel(id);
+                    channel.tags.lock().stop(consumer_id);
+                    channel.stopped.insert(consumer_id);
+                    // Its auto-delete queue goes once it is done with (`end_stopped`).
+                    self.shared.consumer_gone(consumer_id);
                 }
                 if !cancel.nowait {
                     let ok = basic::CancelOk { consumer_tag: tag.into() };
@@ -848,8 +849,9 @@ impl Connection {
             AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
                 let outbox = self.outbox.clone();
                 let channel = self.channel(id);
+                let tags = channel.tags.clone();
                 channel.confirms.get_or_insert_with(|| {
-                    Arc::new(Confirms { outbox, channel: id, published: AtomicU64::new(0) })
+                    Arc::new(Confirms { outbox, channel: id, tags, published: AtomicU64::new(0) })
                 });
                 if !select.nowait {
                     send(
@@ -1022,12 +1024,18 @@ impl Connection {
         self.flush_acks();
         let Some(channel) = self.channels.get_mut(&id) else { return };
         let done: Vec<u64> = {
-            let tags = channel.tags.lock();
-            channel.stopped.iter().copied().filter(|consumer| !tags.holds(*consumer)).collect()
+            let mut tags = channel.tags.lock();
+            let done: Vec<u64> =
+                channel.stopped.iter().copied().filter(|consumer| !tags.holds(*consumer)).collect();
+            for consumer_id in &done {
+                tags.ended(*consumer_id);
+                channel.stopped.remove(consumer_id);
+            }
+            done
         };
         for consumer_id in done {
-            channel.stopped.remove(&consumer_id);
             let _ = self.engine.cancel(&self.caller, consumer_id, "cancelled by the client");
+            self.cancelled(consumer_id);
         }
     }
 
@@ -1331,23 +1339,26 @@ impl Connection {
         body: &[u8],
         number: Option<u64>,
     ) -> Result<(), Failure> {
-        match self.shared.reply_consumer(method.routing_key.as_str()) {
-            Some(to) => {
-                let deliver = basic::Deliver {
-                    consumer_tag: to.consumer_tag.as_str().into(),
-                    delivery_tag: to.tags.lock().issue_settled(),
-                    redelivered: false,
-                    exchange: "".into(),
-                    routing_key: method.routing_key.clone(),
-                };
-                let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver));
-                to.outbox.push_bytes(&content(to.channel, method, amqp_properties, body, to.frame_max));
+        let delivered = self.shared.reply_consumer(method.routing_key.as_str()).is_some_and(|to| {
+            let mut tags = to.tags.lock();
+            // A reply consumer whose channel is closing is gone.
+            if tags.is_closed() {
+                return false;
             }
-            None if method.mandatory => {
-                self.return_unroutable(id, method, amqp_properties, body, number);
-                return Ok(());
-            }
-            None => {}
+            let deliver = basic::Deliver {
+                consumer_tag: to.consumer_tag.as_str().into(),
+                delivery_tag: tags.issue_settled(),
+                redelivered: false,
+                exchange: "".into(),
+                routing_key: method.routing_key.clone(),
+            };
+            let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver));
+            to.outbox.push_bytes(&content(to.channel, method, amqp_properties.clone(), body, to.frame_max));
+            true
+        });
+        if !delivered && method.mandatory {
+            self.return_unroutable(id, method, amqp_properties, body, number);
+            return Ok(());
         }
         if let Some(number) = number {
             let ack = basic::Ack { delivery_tag: number, multiple: false };
@@ -1376,6 +1387,9 @@ impl Connection {
             let _ = self.engine.cancel(&self.caller, consumer_id, "channel closed");
             self.cancelled(consumer_id);
         }
+        if let Some(channel) = self.channels.get(&id) {
+            channel.tags.lock().close();
+        }
         let close =
             channel::Close { reply_code: code, reply_text: truncate(text).into(), class_id: 0, method_id: 0 };
         send(&self.outbox, id, AMQPClass::Channel(channel::AMQPMethod::Close(close)));
@@ -1391,7 +1405,17 @@ impl Connection {
                 let _ = self.engine.cancel(&self.caller, consumer_id, "channel closed");
                 self.cancelled(consumer_id);
             }
+            channel.tags.lock().close();
         }
+    }
+}
+
+/// Deletes `queue` (only if it has no consumer, with `if_unused`), exclusive or auto-delete:
+/// one gone already, or in use, is left as it is.
+async fn delete_quietly(engine: &Engine, caller: &Caller, queue: &str, if_unused: bool) {
+    match engine.delete_queue(caller, queue, if_unused, false).await {
+        Ok(_) | Err(BrokerError::NotFound(_) | BrokerError::PreconditionFailed(_)) => {}
+        Err(error) => tracing::warn!(queue, %error, "an exclusive or auto-delete queue was not deleted"),
     }
 }
 
@@ -1400,6 +1424,8 @@ impl Connection {
 struct Confirms {
     outbox: Arc<Outbox>,
     channel: u16,
+    /// The channel's tags, whose lock orders a confirm against the channel's close.
+    tags: Arc<Mutex<Tags>>,
     /// The number of the last publish.
     published: AtomicU64,
 }
@@ -1415,7 +1441,10 @@ impl Replies for Confirms {
                 basic::AMQPMethod::Nack(basic::Nack { delivery_tag: number, multiple: false, requeue: false })
             }
         };
-        send(&self.outbox, self.channel, AMQPClass::Basic(method));
+        let tags = self.tags.lock();
+        if !tags.is_closed() {
+            send(&self.outbox, self.channel, AMQPClass::Basic(method));
+        }
     }
 }
 

@@ -163,7 +163,7 @@ async fn run<R, W>(
                 let mut connection =
                     Connection::new(engine.clone(), shared, peer.conn_id, &opened, outbox.clone());
                 connection.serve(&mut frames, shutdown, &resume).await;
-                connection.release();
+                connection.release().await;
             }
             Err(err) => tracing::warn!(error = %err, "AMQP connection refused"),
         }

@@ -19,13 +19,35 @@ use crate::queue::{Refusal, Sink};
 /// A channel's delivery tags: each names a delivery of one of its consumers. Tags are issued
 /// in order, so the unsettled ones are kept in that order, as (tag, consumer, its own tag):
 /// settling the oldest, the usual case, is cheap, and only unsettled deliveries take room.
+///
+/// Its lock also orders what others send on the channel (a queue's deliveries and cancels,
+/// publish confirms, direct replies) against the channel's close: they send while holding it,
+/// and only if the channel is not [closed](Tags::close), so nothing follows the close on the
+/// wire. A client forgets a channel at its close and fails on a frame that names it after.
 #[derive(Debug, Default)]
 pub struct Tags {
     last: u64,
     deliveries: VecDeque<(u64, u64, u64)>,
+    /// Consumers the client cancelled that still hold deliveries: their queue going away
+    /// needs no `basic.cancel`, the client has ended them.
+    stopped: Vec<u64>,
+    /// Consumers their queue cancelled (it was deleted) that still hold deliveries: as in
+    /// RabbitMQ, the client may still settle those, and it does nothing.
+    gone: Vec<u64>,
+    closed: bool,
 }
 
 impl Tags {
+    /// Nothing more is sent on the channel: its close is about to be.
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// True once the channel is closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
     /// A new tag for delivery `delivery_tag` of consumer `consumer_id`.
     pub fn issue(&mut self, consumer_id: u64, delivery_tag: u64) -> u64 {
         self.last += 1;
@@ -46,8 +68,19 @@ impl Tags {
 
     /// The deliveries a settle of `tag` (with `multiple`, of every tag up to it; tag 0 with
     /// `multiple` is every one) covers, by consumer: the consumer, its latest tag covered, and
-    /// whether more than one of its deliveries is. They are forgotten.
+    /// whether more than one of its deliveries is. They are forgotten; those of consumers the
+    /// broker cancelled are left out.
     pub fn settle(&mut self, tag: u64, multiple: bool) -> Result<Vec<(u64, u64, bool)>, u64> {
+        let mut settled = self.take(tag, multiple)?;
+        if !self.gone.is_empty() {
+            settled.retain(|(consumer, _, _)| !self.gone.contains(consumer));
+            self.gone.retain(|&consumer| self.deliveries.iter().any(|&(_, of, _)| of == consumer));
+        }
+        Ok(settled)
+    }
+
+    /// What [`Tags::settle`] covers, every consumer's.
+    fn take(&mut self, tag: u64, multiple: bool) -> Result<Vec<(u64, u64, bool)>, u64> {
         if !multiple {
             let index = self.find(tag).ok_or(tag)?;
             let (_, consumer, delivery) = self.deliveries.remove(index).expect("found above");
@@ -77,9 +110,25 @@ impl Tags {
         self.deliveries.iter().any(|&(_, consumer, _)| consumer == consumer_id)
     }
 
-    /// Forgets the deliveries of `consumer_id` (cancelled: the broker took them back).
-    pub fn forget(&mut self, consumer_id: u64) {
-        self.deliveries.retain(|&(_, consumer, _)| consumer != consumer_id);
+    /// The broker cancelled `consumer_id`: what it holds can still be settled, to no effect.
+    /// True if its client had cancelled it first.
+    pub fn cancelled(&mut self, consumer_id: u64) -> bool {
+        if self.holds(consumer_id) {
+            self.gone.push(consumer_id);
+        }
+        self.ended(consumer_id)
+    }
+
+    /// The client cancelled `consumer_id`, which still holds deliveries.
+    pub fn stop(&mut self, consumer_id: u64) {
+        self.stopped.push(consumer_id);
+    }
+
+    /// The client's cancel of `consumer_id` is done with; true if there was one.
+    pub fn ended(&mut self, consumer_id: u64) -> bool {
+        let before = self.stopped.len();
+        self.stopped.retain(|&consumer| consumer != consumer_id);
+        self.stopped.len() < before
     }
 }
 
@@ -109,12 +158,17 @@ impl Sink for AmqpSink {
         message: &QueuedMessage,
         payload: &Payload,
     ) -> Result<(), Refusal> {
+        let mut tags = self.tags.lock();
+        if tags.is_closed() {
+            // Its cancel is on its way.
+            return Err(Refusal::Full);
+        }
         let tag = match &self.auto_ack {
             Some(auto_ack) => {
                 let _ = auto_ack.send((consumer_id, delivery_tag));
-                self.tags.lock().issue_settled()
+                tags.issue_settled()
             }
-            None => self.tags.lock().issue(consumer_id, delivery_tag),
+            None => tags.issue(consumer_id, delivery_tag),
         };
         let deliver = basic::Deliver {
             consumer_tag: self.consumer_tag.as_str().into(),
@@ -140,7 +194,10 @@ impl Sink for AmqpSink {
     }
 
     fn cancelled(&self, consumer_id: u64, _reason: &str) {
-        self.tags.lock().forget(consumer_id);
+        let mut tags = self.tags.lock();
+        if tags.cancelled(consumer_id) || tags.is_closed() {
+            return;
+        }
         let cancel = basic::Cancel { consumer_tag: self.consumer_tag.as_str().into(), nowait: true };
         let frame = AMQPFrame::Method(self.channel, AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)));
         self.outbox.push_bytes(&encode(&frame));
@@ -238,13 +295,31 @@ mod tests {
     }
 
     #[test]
-    fn tag_zero_with_multiple_settles_everything_and_a_cancel_forgets() {
+    fn tag_zero_with_multiple_settles_everything_and_what_the_broker_cancelled_settles_to_nothing() {
         let mut tags = Tags::default();
         tags.issue(1, 1);
         tags.issue(2, 1);
         tags.issue(1, 2);
-        tags.forget(2);
+        tags.issue(2, 2);
+        assert!(!tags.cancelled(2), "its client had not cancelled it");
+        assert_eq!(tags.settle(2, false).unwrap(), [], "a known tag, of a consumer gone");
         assert_eq!(tags.settle(0, true).unwrap(), [(1, 2, true)]);
+        assert!(tags.gone.is_empty(), "nothing of it is left to settle");
         assert!(tags.settle(0, true).unwrap().is_empty());
+        assert_eq!(tags.settle(4, false), Err(4), "settled already");
+    }
+
+    #[test]
+    fn a_consumer_its_client_cancelled_is_not_cancelled_again() {
+        let mut tags = Tags::default();
+        tags.issue(1, 1);
+        tags.stop(1);
+        assert!(tags.cancelled(1), "the client ended it");
+        assert!(!tags.cancelled(1), "once");
+        assert_eq!(tags.settle(1, false).unwrap(), []);
+        tags.issue(2, 1);
+        tags.stop(2);
+        assert!(tags.ended(2));
+        assert!(!tags.cancelled(2), "its cancel is done with");
     }
 }
