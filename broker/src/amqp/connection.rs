@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,13 +18,14 @@ use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
 use super::codec::{encode, push_frame, FrameCodec, FrameError, PROTOCOL_HEADER};
+use super::confirms::Confirms;
 use super::shared::{ReplyConsumer, Shared, REPLY_TO};
 use super::sink::{content, content_frames, AmqpSink, Tags};
 use super::{arguments, properties};
 use crate::engine::{Caller, ConsumeOptions, DeliveryRef, Engine, NackOptions, NewMessage, Pull, Route};
 use crate::error::BrokerError;
 use crate::outbox::Outbox;
-use crate::queue::{Confirm, Outcome, Replies};
+use crate::queue::Confirm;
 use crate::routing::{Binding, Destination, ExchangeSpec};
 
 /// The largest frame either side may send; the client may ask for less.
@@ -157,6 +158,8 @@ pub(super) struct Connection {
     held_bytes: usize,
     /// Acks read but not yet handed to their queues: (channel, consumer, tag, multiple).
     pending_acks: Vec<(u16, u64, u64, bool)>,
+    /// Notified when a channel in confirm mode has acks waiting to be sent.
+    confirms_due: Arc<Notify>,
 }
 
 /// Reads the handshake from `frames` and logs the client in; `None` (after telling the client
@@ -349,6 +352,7 @@ impl Connection {
             held: VecDeque::new(),
             held_bytes: 0,
             pending_acks: Vec::new(),
+            confirms_due: Arc::new(Notify::new()),
         }
     }
 
@@ -368,6 +372,7 @@ impl Connection {
         let mut last_seen = Instant::now();
         let mut flow_changes = self.engine.flow_changes();
         let outbox = self.outbox.clone();
+        let confirms_due = self.confirms_due.clone();
         loop {
             self.apply_flow();
             // Frames are not read while the client does not read what it is sent, nor while
@@ -391,6 +396,10 @@ impl Connection {
                     continue;
                 }
                 _ = flow_changes.changed() => continue,
+                _ = confirms_due.notified() => {
+                    self.flush_confirms();
+                    continue;
+                }
                 Some(first) = self.auto_ack_rx.recv() => {
                     self.auto_ack(first);
                     continue;
@@ -556,13 +565,21 @@ impl Connection {
         }
     }
 
+    /// Sends the publish confirms waiting on every channel.
+    fn flush_confirms(&self) {
+        for confirms in self.channels.values().filter_map(|channel| channel.confirms.as_ref()) {
+            confirms.flush();
+        }
+    }
+
     /// Cancels every consumer of the connection (it is going away) and deletes its exclusive
     /// queues, and the auto-delete queues it consumed from that nobody else does. Done before
     /// the `connection.close-ok` of a client's close, so they are gone once it is closed; done
     /// again, to no effect, after.
     pub(super) async fn release(&mut self) {
-        // Acks the client sent before it went count.
+        // Acks the client sent before it went count, and confirms due go out.
         self.flush_acks();
+        self.flush_confirms();
         let consumers = self.consumer_ids();
         self.engine.release_connection(&self.caller, consumers.iter().copied());
         for channel in std::mem::take(&mut self.channels).into_values() {
@@ -847,12 +864,10 @@ impl Connection {
                 send(&self.outbox, id, AMQPClass::Channel(channel::AMQPMethod::FlowOk(ok)));
             }
             AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
-                let outbox = self.outbox.clone();
+                let (outbox, due) = (self.outbox.clone(), self.confirms_due.clone());
                 let channel = self.channel(id);
                 let tags = channel.tags.clone();
-                channel.confirms.get_or_insert_with(|| {
-                    Arc::new(Confirms { outbox, channel: id, tags, published: AtomicU64::new(0) })
-                });
+                channel.confirms.get_or_insert_with(|| Arc::new(Confirms::new(outbox, id, tags, due)));
                 if !select.nowait {
                     send(
                         &self.outbox,
@@ -1269,7 +1284,7 @@ impl Connection {
         self.shared.check_publish(method.exchange.as_str())?;
         let channel = self.channels.get_mut(&id).expect("publishes come on open channels");
         let confirms = channel.confirms.clone();
-        let number = confirms.as_ref().map(|confirms| confirms.published.fetch_add(1, Ordering::Relaxed) + 1);
+        let number = confirms.as_ref().map(|confirms| confirms.next_number());
         if method.exchange.as_str().is_empty() && method.routing_key.as_str().starts_with(REPLY_TO) {
             return self.reply(id, &method, header.properties, &body, number);
         }
@@ -1322,9 +1337,14 @@ impl Connection {
             self.frame_max,
         );
         self.outbox.push_bytes(&frames);
-        if let Some(number) = number {
-            let ack = basic::Ack { delivery_tag: number, multiple: false };
-            send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::Ack(ack)));
+        self.confirm(id, number);
+    }
+
+    /// Confirms publish `number` of channel `id`, if it is in confirm mode.
+    fn confirm(&self, id: u16, number: Option<u64>) {
+        let confirms = self.channels.get(&id).and_then(|channel| channel.confirms.as_ref());
+        if let (Some(confirms), Some(number)) = (confirms, number) {
+            confirms.answer(number, true);
         }
     }
 
@@ -1360,10 +1380,7 @@ impl Connection {
             self.return_unroutable(id, method, amqp_properties, body, number);
             return Ok(());
         }
-        if let Some(number) = number {
-            let ack = basic::Ack { delivery_tag: number, multiple: false };
-            send(&self.outbox, id, AMQPClass::Basic(basic::AMQPMethod::Ack(ack)));
-        }
+        self.confirm(id, number);
         Ok(())
     }
 
@@ -1388,6 +1405,10 @@ impl Connection {
             self.cancelled(consumer_id);
         }
         if let Some(channel) = self.channels.get(&id) {
+            // What its publishes were confirmed goes before the close; nothing after.
+            if let Some(confirms) = &channel.confirms {
+                confirms.flush();
+            }
             channel.tags.lock().close();
         }
         let close =
@@ -1405,6 +1426,9 @@ impl Connection {
                 let _ = self.engine.cancel(&self.caller, consumer_id, "channel closed");
                 self.cancelled(consumer_id);
             }
+            if let Some(confirms) = &channel.confirms {
+                confirms.flush();
+            }
             channel.tags.lock().close();
         }
     }
@@ -1416,35 +1440,6 @@ async fn delete_quietly(engine: &Engine, caller: &Caller, queue: &str, if_unused
     match engine.delete_queue(caller, queue, if_unused, false).await {
         Ok(_) | Err(BrokerError::NotFound(_) | BrokerError::PreconditionFailed(_)) => {}
         Err(error) => tracing::warn!(queue, %error, "an exclusive or auto-delete queue was not deleted"),
-    }
-}
-
-/// A channel in confirm mode: numbers its publishes, and answers each with an ack once its
-/// queues hold it, or a nack when it was refused.
-struct Confirms {
-    outbox: Arc<Outbox>,
-    channel: u16,
-    /// The channel's tags, whose lock orders a confirm against the channel's close.
-    tags: Arc<Mutex<Tags>>,
-    /// The number of the last publish.
-    published: AtomicU64,
-}
-
-impl Replies for Confirms {
-    fn reply(&self, number: u64, result: Result<Outcome, BrokerError>) {
-        let method = match result {
-            // Unroutable and not mandatory is still taken, as RabbitMQ confirms it.
-            Ok(_) | Err(BrokerError::NoRoute(_)) => {
-                basic::AMQPMethod::Ack(basic::Ack { delivery_tag: number, multiple: false })
-            }
-            Err(_) => {
-                basic::AMQPMethod::Nack(basic::Nack { delivery_tag: number, multiple: false, requeue: false })
-            }
-        };
-        let tags = self.tags.lock();
-        if !tags.is_closed() {
-            send(&self.outbox, self.channel, AMQPClass::Basic(method));
-        }
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod arguments;
 mod codec;
+mod confirms;
 mod connection;
 mod properties;
 mod shared;
