@@ -39,6 +39,9 @@ use shared::Shared;
 
 /// Time a closing connection's peer gets to take the last frames.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+/// Read buffer size, as for Hopper's own protocol: a burst of publishes (three frames each) is
+/// one read.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Accepts AMQP connections on `plain` and, with its acceptor, AMQP over TLS on `tls`
 /// (`--amqps-listen`), until `shutdown`.
@@ -154,7 +157,7 @@ async fn run<R, W>(
         let write_timeout = engine.config().write_timeout();
         tokio::spawn(async move { outbox.run_writer(write, write_timeout, || resume.notify_one()).await })
     };
-    let mut frames = FramedRead::new(read, FrameCodec::new(FRAME_MAX as usize));
+    let mut frames = FramedRead::with_capacity(read, FrameCodec::new(FRAME_MAX as usize), READ_BUFFER);
     let opened =
         connection::handshake(&engine, &mut frames, &outbox, peer.addr, certificate_user.as_deref()).await;
     if let Some(opened) = opened {
