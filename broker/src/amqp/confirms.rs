@@ -17,7 +17,6 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::codec::push_frame;
-use super::sink::Tags;
 use crate::error::BrokerError;
 use crate::outbox::Outbox;
 use crate::queue::{Outcome, Replies};
@@ -26,8 +25,6 @@ use crate::queue::{Outcome, Replies};
 pub struct Confirms {
     outbox: Arc<Outbox>,
     channel: u16,
-    /// The channel's tags, whose lock orders an answer against the channel's close.
-    tags: Arc<Mutex<Tags>>,
     /// Wakes the connection to send the acks waiting ([`Confirms::flush`]).
     due: Arc<Notify>,
     /// The number of the last publish.
@@ -36,8 +33,8 @@ pub struct Confirms {
 }
 
 impl Confirms {
-    pub fn new(outbox: Arc<Outbox>, channel: u16, tags: Arc<Mutex<Tags>>, due: Arc<Notify>) -> Self {
-        Confirms { outbox, channel, tags, due, published: AtomicU64::new(0), answers: Mutex::default() }
+    pub fn new(outbox: Arc<Outbox>, channel: u16, due: Arc<Notify>) -> Self {
+        Confirms { outbox, channel, due, published: AtomicU64::new(0), answers: Mutex::default() }
     }
 
     /// The number of a new publish.
@@ -47,15 +44,17 @@ impl Confirms {
 
     /// Answers publish `number`: taken (`ack`) or refused (`nack`).
     pub fn answer(&self, number: u64, taken: bool) {
-        let tags = self.tags.lock();
-        if tags.is_closed() {
+        // Sent under the lock, which orders them against the channel's close.
+        let mut answers = self.answers.lock();
+        if answers.closed {
             return;
         }
         let mut now = Vec::new();
-        let waiting = self.answers.lock().answer(number, taken, &mut now);
+        let waiting = answers.answer(number, taken, &mut now);
         for answer in now {
             self.send(answer);
         }
+        drop(answers);
         if waiting {
             self.due.notify_one();
         }
@@ -63,13 +62,19 @@ impl Confirms {
 
     /// Sends the acks waiting, as one.
     pub fn flush(&self) {
-        let tags = self.tags.lock();
-        if tags.is_closed() {
-            return;
-        }
-        if let Some(answer) = self.answers.lock().flush() {
+        let mut answers = self.answers.lock();
+        if let Some(answer) = answers.flush().filter(|_| !answers.closed) {
             self.send(answer);
         }
+    }
+
+    /// The channel is closing: the acks waiting go out, and nothing after them.
+    pub fn close(&self) {
+        let mut answers = self.answers.lock();
+        if let Some(answer) = answers.flush().filter(|_| !answers.closed) {
+            self.send(answer);
+        }
+        answers.closed = true;
     }
 
     fn send(&self, answer: Answer) {
@@ -109,6 +114,8 @@ struct Answers {
     sent: u64,
     /// Publishes past `answered + 1`, answered already (each on its own).
     early: BTreeSet<u64>,
+    /// The channel is closed: nothing more is sent.
+    closed: bool,
 }
 
 impl Answers {

@@ -867,8 +867,7 @@ impl Connection {
             AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
                 let (outbox, due) = (self.outbox.clone(), self.confirms_due.clone());
                 let channel = self.channel(id);
-                let tags = channel.tags.clone();
-                channel.confirms.get_or_insert_with(|| Arc::new(Confirms::new(outbox, id, tags, due)));
+                channel.confirms.get_or_insert_with(|| Arc::new(Confirms::new(outbox, id, due)));
                 if !select.nowait {
                     send(
                         &self.outbox,
@@ -1408,7 +1407,7 @@ impl Connection {
         if let Some(channel) = self.channels.get(&id) {
             // What its publishes were confirmed goes before the close; nothing after.
             if let Some(confirms) = &channel.confirms {
-                confirms.flush();
+                confirms.close();
             }
             channel.tags.lock().close();
         }
@@ -1428,7 +1427,7 @@ impl Connection {
                 self.cancelled(consumer_id);
             }
             if let Some(confirms) = &channel.confirms {
-                confirms.flush();
+                confirms.close();
             }
             channel.tags.lock().close();
         }
