@@ -7,7 +7,7 @@
 //! publishes, go out on their own at once. A burst of publishes is then confirmed in a frame
 //! or two instead of one frame each.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -112,8 +112,10 @@ struct Answers {
     /// Every publish up to this one is answered on the wire; acks of those after it, up to
     /// `answered`, wait.
     sent: u64,
-    /// Publishes past `answered + 1`, answered already (each on its own).
-    early: BTreeSet<u64>,
+    /// Publishes past `answered + 1` answered already (each on its own), as runs: first →
+    /// last. Publishes answered in order behind one that is slow (its queue's disk, say) are
+    /// one run, however many they are.
+    early: BTreeMap<u64, u64>,
     /// The channel is closed: nothing more is sent.
     closed: bool,
 }
@@ -128,7 +130,7 @@ impl Answers {
                 Answer::Nack { tag: number }
             });
             if number > self.answered {
-                self.early.insert(number);
+                self.answered_early(number);
             }
             return self.answered > self.sent;
         }
@@ -138,14 +140,26 @@ impl Answers {
             self.sent = number;
         }
         self.answered = number;
-        while self.early.remove(&(self.answered + 1)) {
-            // It went out on its own: the acks waiting go before the run passes it, so that
-            // no ack covers it again.
+        if let Some(last) = self.early.remove(&(self.answered + 1)) {
+            // They went out on their own: the acks waiting go before the run passes them, so
+            // that no ack covers them again.
             now.extend(self.flush());
-            self.answered += 1;
-            self.sent = self.answered;
+            self.answered = last;
+            self.sent = last;
         }
         self.answered > self.sent
+    }
+
+    /// Adds `number` to the runs answered early, joining the runs it touches.
+    fn answered_early(&mut self, number: u64) {
+        let before = self.early.range(..=number).next_back().map(|(&first, &last)| (first, last));
+        let first = match before {
+            Some((_, last)) if last >= number => return,
+            Some((first, last)) if last + 1 == number => first,
+            _ => number,
+        };
+        let last = self.early.remove(&(number + 1)).unwrap_or(number);
+        self.early.insert(first, last);
     }
 
     /// The ack of every publish answered and not yet sent, if there is one.
@@ -209,6 +223,19 @@ mod tests {
         assert!(answers.early.is_empty());
         assert_eq!(answer(&mut answers, 5, true), (vec![], true));
         assert_eq!(answers.flush(), Some(Answer::Ack { tag: 5, multiple: false }));
+    }
+
+    #[test]
+    fn answers_behind_a_slow_one_are_kept_as_one_run() {
+        let mut answers = Answers::default();
+        for number in (2..=10_000).rev().step_by(2).chain((3..=9_999).step_by(2)) {
+            answer(&mut answers, number, true);
+        }
+        assert_eq!(answers.early.len(), 1, "{:?}", answers.early.iter().take(3).collect::<Vec<_>>());
+        assert_eq!(answers.early.get(&2), Some(&10_000));
+        assert_eq!(answer(&mut answers, 1, true), (vec![Answer::Ack { tag: 1, multiple: false }], false));
+        assert_eq!((answers.answered, answers.sent), (10_000, 10_000));
+        assert!(answers.early.is_empty());
     }
 
     #[test]
