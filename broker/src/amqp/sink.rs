@@ -72,8 +72,10 @@ impl Tags {
     /// broker cancelled are left out.
     pub fn settle(&mut self, tag: u64, multiple: bool) -> Result<Vec<(u64, u64, bool)>, u64> {
         let mut settled = self.take(tag, multiple)?;
-        if !self.gone.is_empty() {
-            settled.retain(|(consumer, _, _)| !self.gone.contains(consumer));
+        let before = settled.len();
+        settled.retain(|(consumer, _, _)| !self.gone.contains(consumer));
+        if settled.len() < before {
+            // Some of a gone consumer's: forgotten once none is left.
             self.gone.retain(|&consumer| self.deliveries.iter().any(|&(_, of, _)| of == consumer));
         }
         Ok(settled)
