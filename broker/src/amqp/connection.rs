@@ -443,7 +443,7 @@ impl Connection {
     }
 
     /// Handles what the frame reader gave; false once the connection is done.
-    async fn handle(&mut self, frame: Option<Result<AMQPFrame, FrameError>>) -> bool {
+    async fn handle(&mut self, frame: Option<Result<Box<AMQPFrame>, FrameError>>) -> bool {
         let frame = match frame {
             Some(Ok(frame)) => frame,
             Some(Err(FrameError::Io(err))) => {
@@ -463,7 +463,7 @@ impl Connection {
         if !self.flush_acks() {
             return false;
         }
-        let result = self.frame(frame).await;
+        let result = self.frame(*frame).await;
         self.failed(result)
     }
 
@@ -701,8 +701,8 @@ impl Connection {
     }
 
     /// Handles a frame [`Connection::fast_channel`] chose; false once the connection is done.
-    fn fast(&mut self, id: u16, frame: AMQPFrame) -> bool {
-        let result = match frame {
+    fn fast(&mut self, id: u16, frame: Box<AMQPFrame>) -> bool {
+        let result = match *frame {
             AMQPFrame::Header(_, header) => self.on_header(id, header),
             AMQPFrame::Body(_, bytes) => self.on_body(id, bytes),
             AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Ack(ack))) => self.on_ack(id, ack),
@@ -1460,7 +1460,12 @@ fn requeue_false() -> Failure {
 
 /// The next frame of the handshake, if it comes in time and reads.
 async fn next_frame<R: AsyncRead + Unpin>(frames: &mut FramedRead<R, FrameCodec>) -> Option<AMQPFrame> {
-    tokio::time::timeout(HANDSHAKE_STEP, frames.next()).await.ok().flatten().and_then(Result::ok)
+    tokio::time::timeout(HANDSHAKE_STEP, frames.next())
+        .await
+        .ok()
+        .flatten()
+        .and_then(Result::ok)
+        .map(|frame| *frame)
 }
 
 /// Queues one method frame.
