@@ -21,9 +21,10 @@ use crate::queue::{Refusal, Sink};
 /// settling the oldest, the usual case, is cheap, and only unsettled deliveries take room.
 ///
 /// Its lock also orders what others send on the channel (a queue's deliveries and cancels,
-/// publish confirms, direct replies) against the channel's close: they send while holding it,
-/// and only if the channel is not [closed](Tags::close), so nothing follows the close on the
-/// wire. A client forgets a channel at its close and fails on a frame that names it after.
+/// direct replies) against the channel's close: they send while holding it, and only if the
+/// channel is not [closed](Tags::close), so nothing follows the close on the wire. A client
+/// forgets a channel at its close and fails on a frame that names it after. (Publish confirms
+/// do the same under their own lock.)
 #[derive(Debug, Default)]
 pub struct Tags {
     last: u64,
