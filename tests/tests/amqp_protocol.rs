@@ -1,8 +1,9 @@
 //! The AMQP 0-9-1 listener beyond the tutorials: recover, flow and qos, exclusive queues and
 //! consumers, `x-expires`, direct reply-to, exchange-to-exchange bindings, the login
 //! mechanisms and AMQPS, heartbeats, publishers blocked by flow control, a consumer that
-//! stops reading, and what may follow a channel's close or a queue's deletion. Full clients are lapin; what a full client cannot be made to do (stay silent,
-//! pick a mechanism, stop reading) is done with raw frames.
+//! stops reading, and what may follow a channel's close or a queue's deletion. Full clients
+//! are lapin; what a full client cannot be made to do (stay silent, pick a mechanism, stop
+//! reading) is done with raw frames.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
