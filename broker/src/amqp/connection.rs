@@ -1388,49 +1388,36 @@ impl Connection {
     /// until the client's `channel.close-ok`.
     fn close_channel(&mut self, id: u16, code: u16, text: &str) {
         tracing::debug!(channel = id, code, text, "channel closed by the broker");
-        let consumers: Vec<u64> = match self.channels.get_mut(&id) {
-            Some(channel) => {
-                channel.closing = true;
-                channel.incoming = None;
-                if let Some((token, _)) = channel.reply.take() {
-                    self.shared.remove_reply_consumer(&token);
-                }
-                let stopped = channel.stopped.drain();
-                channel.consumers.drain().map(|(_, consumer)| consumer).chain(stopped).collect()
-            }
-            None => Vec::new(),
-        };
-        for consumer_id in consumers {
-            let _ = self.engine.cancel(&self.caller, consumer_id, "channel closed");
-            self.cancelled(consumer_id);
-        }
-        if let Some(channel) = self.channels.get(&id) {
-            // What its publishes were confirmed goes before the close; nothing after.
-            if let Some(confirms) = &channel.confirms {
-                confirms.close();
-            }
-            channel.tags.lock().close();
+        if let Some(channel) = self.channels.remove(&id) {
+            self.end_channel(channel);
+            self.channels.insert(id, Channel { closing: true, ..Channel::default() });
         }
         let close =
             channel::Close { reply_code: code, reply_text: truncate(text).into(), class_id: 0, method_id: 0 };
         send(&self.outbox, id, AMQPClass::Channel(channel::AMQPMethod::Close(close)));
     }
 
-    /// Forgets channel `id`, cancelling its consumers (their unacked deliveries go back).
+    /// Forgets channel `id`, ending it.
     fn drop_channel(&mut self, id: u16) {
         if let Some(channel) = self.channels.remove(&id) {
-            if let Some((token, _)) = channel.reply {
-                self.shared.remove_reply_consumer(&token);
-            }
-            for consumer_id in channel.consumers.into_values().chain(channel.stopped) {
-                let _ = self.engine.cancel(&self.caller, consumer_id, "channel closed");
-                self.cancelled(consumer_id);
-            }
-            if let Some(confirms) = &channel.confirms {
-                confirms.close();
-            }
-            channel.tags.lock().close();
+            self.end_channel(channel);
         }
+    }
+
+    /// Ends `channel`: its consumers are cancelled (their unacked deliveries go back), the
+    /// confirms due go out, and nothing is sent on it after.
+    fn end_channel(&mut self, channel: Channel) {
+        if let Some((token, _)) = channel.reply {
+            self.shared.remove_reply_consumer(&token);
+        }
+        for consumer_id in channel.consumers.into_values().chain(channel.stopped) {
+            let _ = self.engine.cancel(&self.caller, consumer_id, "channel closed");
+            self.cancelled(consumer_id);
+        }
+        if let Some(confirms) = &channel.confirms {
+            confirms.close();
+        }
+        channel.tags.lock().close();
     }
 }
 

@@ -162,7 +162,7 @@ impl Shared {
         };
         let caller = Caller::broker();
         for name in candidates {
-            match engine.exchange_info(&caller, &name) {
+            match engine.exchange(&name) {
                 Ok(view) if view.bindings > 0 => continue,
                 Ok(_) => match engine.delete_exchange(&caller, &name, true).await {
                     Ok(()) | Err(BrokerError::NotFound(_)) => {}

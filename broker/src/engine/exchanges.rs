@@ -94,11 +94,6 @@ impl Engine {
         blocking(move || registry.unbind(&source, &binding)).await
     }
 
-    /// One exchange, as it is now.
-    pub fn exchange_info(&self, _caller: &Caller, name: &str) -> Result<ExchangeView, BrokerError> {
-        self.exchange(name)
-    }
-
     /// Every exchange, sorted by name.
     pub fn list_exchanges(&self, _caller: &Caller) -> Vec<ExchangeView> {
         self.queues.exchanges()
@@ -187,7 +182,8 @@ impl Engine {
         }
     }
 
-    fn exchange(&self, name: &str) -> Result<ExchangeView, BrokerError> {
+    /// One exchange, as it is now.
+    pub fn exchange(&self, name: &str) -> Result<ExchangeView, BrokerError> {
         self.queues
             .exchanges()
             .into_iter()
