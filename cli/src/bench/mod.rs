@@ -263,12 +263,7 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         return bench_logins(server, logins, args.producers.max(1), args.json).await;
     }
     if let Some(url) = &args.amqp {
-        let report = amqp::run(url, &args).await?;
-        match args.json {
-            true => println!("{}", serde_json::to_string(&report)?),
-            false => print!("{}", output::bench_listing(&report)),
-        }
-        return Ok(());
+        return print_report(&amqp::run(url, &args).await?, args.json);
     }
     if let Some(count) = args.declare {
         let run = declare::DeclareRun {
@@ -341,11 +336,14 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     declare::close_all(&setup).await;
-    let report = result?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print!("{}", output::bench_listing(&report));
+    print_report(&result?, args.json)
+}
+
+/// Prints a bench's report, as JSON or as a listing.
+fn print_report(report: &BenchReport, json: bool) -> anyhow::Result<()> {
+    match json {
+        true => println!("{}", serde_json::to_string(report)?),
+        false => print!("{}", output::bench_listing(report)),
     }
     Ok(())
 }
