@@ -10,6 +10,7 @@ use std::time::Duration;
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, ProtocolVersion};
 use amq_protocol::protocol::{basic, channel, confirm, connection, exchange, queue, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable};
+use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use tokio::io::AsyncRead;
@@ -17,7 +18,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
-use super::codec::{encode, push_frame, FrameCodec, FrameError, PROTOCOL_HEADER};
+use super::codec::{encode, push_frame, FrameCodec, FrameError, Inbound, PROTOCOL_HEADER};
 use super::confirms::Confirms;
 use super::shared::{ReplyConsumer, Shared, REPLY_TO};
 use super::sink::{content, content_frames, AmqpSink, Tags};
@@ -92,8 +93,42 @@ impl From<BrokerError> for Failure {
 /// A publish whose content has not all arrived yet.
 struct Incoming {
     method: basic::Publish,
-    header: Option<AMQPContentHeader>,
-    body: Vec<u8>,
+    /// Boxed as it was read: it is some 300 bytes.
+    header: Option<Box<AMQPContentHeader>>,
+    /// The body of one frame, as it was read.
+    body: Bytes,
+    /// The body of several frames, gathered.
+    gathered: Vec<u8>,
+}
+
+impl Incoming {
+    fn new(method: basic::Publish) -> Self {
+        Incoming { method, header: None, body: Bytes::new(), gathered: Vec::new() }
+    }
+
+    /// Adds the bytes of a body frame: a body in one frame, the usual case, is taken as it is.
+    fn add_body(&mut self, part: Bytes) {
+        if self.body.is_empty() && self.gathered.is_empty() {
+            self.body = part;
+            return;
+        }
+        if self.gathered.is_empty() {
+            let size = self.header.as_ref().map_or(0, |header| header.body_size as usize);
+            self.gathered.reserve(size);
+            self.gathered.extend_from_slice(&std::mem::take(&mut self.body));
+        }
+        self.gathered.extend_from_slice(&part);
+    }
+
+    /// Body bytes so far.
+    fn body_len(&self) -> usize {
+        self.body.len() + self.gathered.len()
+    }
+
+    fn into_parts(self) -> (basic::Publish, Option<Box<AMQPContentHeader>>, Bytes) {
+        let body = if self.gathered.is_empty() { self.body } else { Bytes::from(self.gathered) };
+        (self.method, self.header, body)
+    }
 }
 
 /// One open channel.
@@ -443,7 +478,7 @@ impl Connection {
     }
 
     /// Handles what the frame reader gave; false once the connection is done.
-    async fn handle(&mut self, frame: Option<Result<Box<AMQPFrame>, FrameError>>) -> bool {
+    async fn handle(&mut self, frame: Option<Result<Inbound, FrameError>>) -> bool {
         let frame = match frame {
             Some(Ok(frame)) => frame,
             Some(Err(FrameError::Io(err))) => {
@@ -463,7 +498,7 @@ impl Connection {
         if !self.flush_acks() {
             return false;
         }
-        let result = self.frame(*frame).await;
+        let result = self.frame(frame.into_frame()).await;
         self.failed(result)
     }
 
@@ -679,37 +714,32 @@ impl Connection {
                 }
                 self.method(id, method).await
             }
-            AMQPFrame::Header(_, header) => self.on_header(id, header),
-            AMQPFrame::Body(_, bytes) => self.on_body(id, bytes),
+            AMQPFrame::Header(_, header) => self.on_header(id, Box::new(header)),
+            AMQPFrame::Body(_, bytes) => self.on_body(id, Bytes::from(bytes)),
             other => Err(Failure::Connection(code::UNEXPECTED_FRAME, format!("unexpected frame {other:?}"))),
         }
     }
 
     /// The channel of `frame` if it is one of a publish or an ack on an open channel: most of
     /// the traffic, handled by [`Connection::fast`] without the general (async) path.
-    fn fast_channel(&self, frame: &AMQPFrame) -> Option<u16> {
+    fn fast_channel(&self, frame: &Inbound) -> Option<u16> {
         let id = match frame {
-            AMQPFrame::Header(id, _)
-            | AMQPFrame::Body(id, _)
-            | AMQPFrame::Method(
-                id,
-                AMQPClass::Basic(basic::AMQPMethod::Ack(_) | basic::AMQPMethod::Publish(_)),
-            ) => *id,
-            _ => return None,
+            Inbound::Publish(id, _) | Inbound::Header(id, _) | Inbound::Body(id, _) | Inbound::Ack(id, _) => {
+                *id
+            }
+            Inbound::Frame(_) => return None,
         };
         self.channels.get(&id).is_some_and(|channel| !channel.closing).then_some(id)
     }
 
     /// Handles a frame [`Connection::fast_channel`] chose; false once the connection is done.
-    fn fast(&mut self, id: u16, frame: Box<AMQPFrame>) -> bool {
-        let result = match *frame {
-            AMQPFrame::Header(_, header) => self.on_header(id, header),
-            AMQPFrame::Body(_, bytes) => self.on_body(id, bytes),
-            AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Ack(ack))) => self.on_ack(id, ack),
-            AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Publish(publish))) => {
-                self.on_publish(id, publish)
-            }
-            _ => unreachable!("fast_channel chose it"),
+    fn fast(&mut self, id: u16, frame: Inbound) -> bool {
+        let result = match frame {
+            Inbound::Header(_, header) => self.on_header(id, header),
+            Inbound::Body(_, bytes) => self.on_body(id, bytes),
+            Inbound::Ack(_, ack) => self.on_ack(id, ack),
+            Inbound::Publish(_, publish) => self.on_publish(id, publish),
+            Inbound::Frame(_) => unreachable!("fast_channel chose it"),
         };
         self.failed(result.map(|()| true).map_err(|failure| (id, failure)))
     }
@@ -726,11 +756,11 @@ impl Connection {
                 "a method came before the content of a publish".into(),
             ));
         }
-        channel.incoming = Some(Incoming { method: publish, header: None, body: Vec::new() });
+        channel.incoming = Some(Incoming::new(publish));
         Ok(())
     }
 
-    fn on_header(&mut self, id: u16, header: AMQPContentHeader) -> Result<(), Failure> {
+    fn on_header(&mut self, id: u16, header: Box<AMQPContentHeader>) -> Result<(), Failure> {
         // The largest message Hopper's own protocol carries; the body is not gathered past it.
         let max = u64::from(self.engine.config().max_frame_size);
         if header.body_size > max {
@@ -752,7 +782,7 @@ impl Connection {
         self.publish_if_complete(id)
     }
 
-    fn on_body(&mut self, id: u16, bytes: Vec<u8>) -> Result<(), Failure> {
+    fn on_body(&mut self, id: u16, bytes: Bytes) -> Result<(), Failure> {
         let channel = self.channel(id);
         let Some(incoming) = channel.incoming.as_mut().filter(|i| i.header.is_some()) else {
             return Err(Failure::Connection(
@@ -760,11 +790,7 @@ impl Connection {
                 "a content body without a header".into(),
             ));
         };
-        // A body in one frame, the usual case, is taken as it is.
-        match incoming.body.is_empty() {
-            true => incoming.body = bytes,
-            false => incoming.body.extend_from_slice(&bytes),
-        }
+        incoming.add_body(bytes);
         self.publish_if_complete(id)
     }
 
@@ -1244,12 +1270,12 @@ impl Connection {
         let Some(incoming) = channel.incoming.as_ref() else { return Ok(()) };
         let Some(header) = incoming.header.as_ref() else { return Ok(()) };
         let size = header.body_size;
-        if (incoming.body.len() as u64) < size {
+        if (incoming.body_len() as u64) < size {
             return Ok(());
         }
         let incoming = channel.incoming.take().expect("checked above");
-        if incoming.body.len() as u64 != size {
-            let text = format!("{} body bytes came for a content of {size}", incoming.body.len());
+        if incoming.body_len() as u64 != size {
+            let text = format!("{} body bytes came for a content of {size}", incoming.body_len());
             return Err(Failure::Connection(code::FRAME_ERROR, text));
         }
         if !self.publisher {
@@ -1257,7 +1283,7 @@ impl Connection {
             self.apply_flow();
         }
         if self.holding || !self.held.is_empty() {
-            self.held_bytes += incoming.body.len();
+            self.held_bytes += incoming.body_len();
             self.held.push_back((id, incoming));
             return Ok(());
         }
@@ -1266,7 +1292,7 @@ impl Connection {
 
     /// Publishes a message whose content has all arrived.
     fn publish(&mut self, id: u16, incoming: Incoming) -> Result<(), Failure> {
-        let Incoming { method, header, body } = incoming;
+        let (method, header, body) = incoming.into_parts();
         let mut header = header.expect("a complete publish has its header");
         let channel = self.channels.get_mut(&id).expect("publishes come on open channels");
         // Direct reply-to: the reply address names this channel's reply consumer.
@@ -1289,7 +1315,6 @@ impl Connection {
             return self.reply(id, &method, header.properties, &body, number);
         }
         let (headers, content_type) = properties::from_amqp(&header.properties);
-        let body = bytes::Bytes::from(body);
         // Kept for a `basic.return`, should the message be unroutable and mandatory.
         let returned = method.mandatory.then(|| (body.clone(), header.properties.clone()));
         let message = NewMessage { body, headers, content_type, ..NewMessage::default() };
@@ -1452,7 +1477,7 @@ async fn next_frame<R: AsyncRead + Unpin>(frames: &mut FramedRead<R, FrameCodec>
         .ok()
         .flatten()
         .and_then(Result::ok)
-        .map(|frame| *frame)
+        .map(Inbound::into_frame)
 }
 
 /// Queues one method frame.

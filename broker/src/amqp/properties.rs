@@ -24,11 +24,17 @@ fn short(value: &Option<ShortString>) -> Option<String> {
     value.as_ref().map(|s| s.as_str().to_owned())
 }
 
+/// A number property as text, written without the formatting machinery: one is on nearly
+/// every message (the delivery mode of a persistent one).
+fn number(value: Option<impl itoa::Integer>) -> Option<String> {
+    value.map(|n| itoa::Buffer::new().format(n).to_owned())
+}
+
 const PROPERTIES: [Property; 11] = [
     ("amqp-content-encoding", |p| short(p.content_encoding()), |p, v| p.with_content_encoding(v.into())),
     (
         "amqp-delivery-mode",
-        |p| p.delivery_mode().map(|m| m.to_string()),
+        |p| number(*p.delivery_mode()),
         |p, v| match v.parse() {
             Ok(mode) => p.with_delivery_mode(mode),
             Err(_) => p,
@@ -36,7 +42,7 @@ const PROPERTIES: [Property; 11] = [
     ),
     (
         "amqp-priority",
-        |p| p.priority().map(|m| m.to_string()),
+        |p| number(*p.priority()),
         |p, v| match v.parse() {
             Ok(priority) => p.with_priority(priority),
             Err(_) => p,
@@ -48,7 +54,7 @@ const PROPERTIES: [Property; 11] = [
     ("amqp-message-id", |p| short(p.message_id()), |p, v| p.with_message_id(v.into())),
     (
         "amqp-timestamp",
-        |p| p.timestamp().map(|t| t.to_string()),
+        |p| number(*p.timestamp()),
         |p, v| match v.parse() {
             Ok(timestamp) => p.with_timestamp(timestamp),
             Err(_) => p,

@@ -10,7 +10,7 @@ use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::{basic, AMQPClass};
 use parking_lot::Mutex;
 
-use super::codec::{encode, encode_into, push_with};
+use super::codec::{encode, encode_body_into, encode_into, push_with};
 use super::properties;
 use crate::message::{Payload, QueuedMessage};
 use crate::outbox::Outbox;
@@ -243,7 +243,7 @@ fn write_content(
     // Eight bytes of every frame are its header and end marker.
     let chunk = frame_max.saturating_sub(8).max(1);
     for part in body.chunks(chunk) {
-        encode_into(bytes, &AMQPFrame::Body(channel, part.to_vec()));
+        encode_body_into(bytes, channel, part);
     }
 }
 

@@ -384,7 +384,6 @@ async fn read_confirms(
 /// Runs the workload of `args` over AMQP at `url`.
 pub async fn run(url: &str, args: &BenchArgs) -> anyhow::Result<BenchReport> {
     if args.producers != 1
-        || args.consumers == 0
         || args.rate != 0
         || args.duration.is_some()
         || args.delay.is_some()
@@ -394,7 +393,7 @@ pub async fn run(url: &str, args: &BenchArgs) -> anyhow::Result<BenchReport> {
         || args.sample_every.is_some()
     {
         bail!(
-            "--amqp runs one producer and --consumers connections, as fast as they go: it takes --count, \
+            "--amqp runs one producer and --consumers connections (0: it only publishes), as fast as they go: it takes --count, \
              --size, --prefetch, --consumers, --durable, --confirm-window, --ack-every, --exchange, --queues \
              and --bindings"
         );
