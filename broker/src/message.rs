@@ -25,8 +25,9 @@ pub struct Payload {
     /// The routing key it was published with; for the default exchange, the queue's name or
     /// empty.
     pub routing_key: String,
-    /// Headers, content type and deaths; `None` while all are empty.
-    pub(crate) properties: Option<Box<Properties>>,
+    /// Headers, content type and deaths; `None` while all are empty. Shared by the messages
+    /// published with the same headers and content type (see [`MessageProperties`]).
+    pub(crate) properties: Option<Arc<Properties>>,
     /// The id its publisher gave it so that a publish tried twice enters a replicated queue
     /// once; 0 = none. Not stored: only the replication log carries it.
     pub publish_id: u64,
@@ -34,11 +35,38 @@ pub struct Payload {
 
 /// The parts of a [`Payload`] most messages leave empty.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct Properties {
+pub struct Properties {
     headers: HashMap<String, String>,
     content_type: String,
     deaths: Vec<Death>,
     deaths_omitted: u32,
+}
+
+/// The headers and content type a publisher gives a message, built once and shared: a front
+/// end that sees a publisher send the same ones again (most send the same with every message)
+/// hands out the same `MessageProperties`, and the messages hold one copy of them in memory,
+/// not one each.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MessageProperties(Option<Arc<Properties>>);
+
+impl MessageProperties {
+    /// These headers and content type.
+    pub fn new(headers: HashMap<String, String>, content_type: String) -> Self {
+        if headers.is_empty() && content_type.is_empty() {
+            return MessageProperties(None);
+        }
+        MessageProperties(Some(Arc::new(Properties { headers, content_type, ..Properties::default() })))
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &HashMap<String, String> {
+        self.0.as_ref().map_or(&NO_HEADERS, |p| &p.headers)
+    }
+
+    /// The content type, or empty.
+    pub fn content_type(&self) -> &str {
+        self.0.as_ref().map_or("", |p| &p.content_type)
+    }
 }
 
 /// What [`Payload::headers`] lends for a message without headers.
@@ -188,19 +216,31 @@ impl Payload {
     }
 
     /// This payload with these headers and content type.
-    pub fn with_properties(mut self, headers: HashMap<String, String>, content_type: String) -> Self {
-        if !headers.is_empty() || !content_type.is_empty() || self.properties.is_some() {
-            let properties = self.properties.get_or_insert_with(Box::default);
-            properties.headers = headers;
-            properties.content_type = content_type;
+    pub fn with_properties(self, headers: HashMap<String, String>, content_type: String) -> Self {
+        self.with_shared_properties(MessageProperties::new(headers, content_type))
+    }
+
+    /// This payload with `properties`, shared with the other messages that have them.
+    pub fn with_shared_properties(mut self, properties: MessageProperties) -> Self {
+        let deaths = self.properties.take().filter(|p| !p.deaths.is_empty() || p.deaths_omitted > 0);
+        self.properties = properties.0;
+        match deaths {
+            Some(deaths) => self.with_deaths(deaths.deaths.clone(), deaths.deaths_omitted),
+            None => self,
         }
-        self
+    }
+
+    /// The shared properties this payload holds, if any: the same allocation for every
+    /// message that shares them.
+    pub fn properties_ptr(&self) -> Option<&Arc<Properties>> {
+        self.properties.as_ref()
     }
 
     /// This payload with these deaths, `omitted` of them left out (recovery).
     pub fn with_deaths(mut self, deaths: Vec<Death>, omitted: u32) -> Self {
         if !deaths.is_empty() || omitted > 0 || self.properties.is_some() {
-            let properties = self.properties.get_or_insert_with(Box::default);
+            // Its own copy: the headers may be shared with messages that did not die.
+            let properties = Arc::make_mut(self.properties.get_or_insert_with(Arc::default));
             properties.deaths = deaths;
             properties.deaths_omitted = omitted;
         }
@@ -380,6 +420,23 @@ impl Location {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_share_their_properties_until_one_dies() {
+        let properties =
+            MessageProperties::new([("tenant".into(), "acme".into())].into(), "text/plain".into());
+        let first = Payload::default().with_shared_properties(properties.clone());
+        let second = Payload { id: 2, ..Payload::default() }.with_shared_properties(properties);
+        assert!(Arc::ptr_eq(first.properties_ptr().unwrap(), second.properties_ptr().unwrap()));
+        let dead = second.with_death(death(1));
+        assert_eq!(dead.deaths().len(), 1);
+        assert_eq!((dead.headers()["tenant"].as_str(), dead.content_type()), ("acme", "text/plain"));
+        assert!(first.deaths().is_empty() && second.deaths().is_empty(), "the others did not die");
+        let replaced = dead.with_shared_properties(MessageProperties::default());
+        assert!(replaced.headers().is_empty());
+        assert_eq!(replaced.deaths().len(), 1, "new headers keep its deaths");
+        assert!(MessageProperties::new(HashMap::new(), String::new()) == MessageProperties::default());
+    }
 
     fn death(n: u64) -> Death {
         Death {

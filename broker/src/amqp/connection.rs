@@ -25,6 +25,7 @@ use super::sink::{content, content_frames, AmqpSink, Tags};
 use super::{arguments, properties};
 use crate::engine::{Caller, ConsumeOptions, DeliveryRef, Engine, NackOptions, NewMessage, Pull, Route};
 use crate::error::BrokerError;
+use crate::message::MessageProperties;
 use crate::outbox::Outbox;
 use crate::queue::Confirm;
 use crate::routing::{Binding, Destination, ExchangeSpec};
@@ -151,6 +152,24 @@ struct Channel {
     confirms: Option<Arc<Confirms>>,
     /// Closed by the broker: frames are ignored until the client's `channel.close-ok`.
     closing: bool,
+    /// The properties of its latest publish, as read and as kept: the next publish with the
+    /// same ones shares them.
+    last_properties: Option<Box<(basic::AMQPProperties, MessageProperties)>>,
+}
+
+impl Channel {
+    /// The Hopper headers and content type of a publish with `amqp` properties.
+    fn properties_of(&mut self, amqp: &basic::AMQPProperties) -> MessageProperties {
+        match &self.last_properties {
+            Some(last) if last.0 == *amqp => last.1.clone(),
+            _ => {
+                let (headers, content_type) = properties::from_amqp(amqp);
+                let properties = MessageProperties::new(headers, content_type);
+                self.last_properties = Some(Box::new((amqp.clone(), properties.clone())));
+                properties
+            }
+        }
+    }
 }
 
 /// What the handshake settled.
@@ -1314,10 +1333,10 @@ impl Connection {
         if method.exchange.as_str().is_empty() && method.routing_key.as_str().starts_with(REPLY_TO) {
             return self.reply(id, &method, header.properties, &body, number);
         }
-        let (headers, content_type) = properties::from_amqp(&header.properties);
+        let properties = self.channel(id).properties_of(&header.properties);
         // Kept for a `basic.return`, should the message be unroutable and mandatory.
         let returned = method.mandatory.then(|| (body.clone(), header.properties.clone()));
-        let message = NewMessage { body, headers, content_type, ..NewMessage::default() };
+        let message = NewMessage { body, properties, ..NewMessage::default() };
         let confirm = match (confirms, number) {
             (Some(to), Some(request_id)) => Confirm::Reply { to, request_id },
             _ => Confirm::Callback(Box::new(|_| {})),

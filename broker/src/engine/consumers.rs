@@ -1,7 +1,6 @@
 //! Message flow through the engine: publish, push consumers, and settling deliveries (ack,
 //! nack, reject, extend) by consumer and tag or, for callers without a connection, by receipt.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -9,7 +8,7 @@ use bytes::Bytes;
 use super::{Caller, Engine, Owned};
 use crate::auth::{Access, Resource};
 use crate::error::BrokerError;
-use crate::message::Payload;
+use crate::message::{MessageProperties, Payload};
 use crate::queue::{now_ms, Confirm, Journal, Outcome, Queue, QueueState, SettleError, Subscriber};
 use crate::settings::check_duration;
 
@@ -18,10 +17,8 @@ use crate::settings::check_duration;
 pub struct NewMessage {
     /// The body.
     pub body: Bytes,
-    /// Application headers.
-    pub headers: HashMap<String, String>,
-    /// MIME type, or empty.
-    pub content_type: String,
+    /// Application headers and MIME type.
+    pub properties: MessageProperties,
     /// Invisible for this long after the publish (0 = ready at once).
     pub delay_ms: u64,
     /// Lives at most this long (0 = the queue's TTL, if any).
@@ -144,7 +141,7 @@ impl Engine {
             publish_id: message.publish_id,
             ..Payload::default()
         };
-        Arc::new(payload.with_properties(message.headers, message.content_type))
+        Arc::new(payload.with_shared_properties(message.properties))
     }
 
     /// Subscribes a push consumer of the caller's connection; deliveries go to `sink`.

@@ -136,7 +136,8 @@ impl Engine {
         let (queues, counters) = if route.exchange.is_empty() {
             (self.queues.get(route.routing_key).into_iter().collect::<Vec<_>>(), None)
         } else {
-            let routed = self.queues.route(route.exchange, route.routing_key, &message.headers)?;
+            let routed =
+                self.queues.route(route.exchange, route.routing_key, message.properties.headers())?;
             routed.counters.published.fetch_add(1, Ordering::Relaxed);
             (routed.queues, Some(routed.counters))
         };

@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use super::ApiError;
 use crate::engine::{Caller, DeliveryRef, Engine, MessageView, NackOptions, NewMessage, Pull, QueueInfo};
 use crate::error::BrokerError;
+use crate::message::MessageProperties;
 use crate::mover::{MoveSpec, MoveStatus};
 use crate::queue::{Confirm, Outcome};
 use crate::settings::{Overflow, QueueSettings};
@@ -281,7 +282,8 @@ pub(super) fn new_message(
         Value::String(text) => (Bytes::from(text), String::new()),
         other => (Bytes::from(other.to_string()), "application/json".to_owned()),
     };
-    Ok(NewMessage { body, headers, content_type, delay_ms, ttl_ms, publish_id: 0 })
+    let properties = MessageProperties::new(headers, content_type);
+    Ok(NewMessage { body, properties, delay_ms, ttl_ms, publish_id: 0 })
 }
 
 /// Waits for a publish confirm: the message id and how many queues took it.

@@ -9,6 +9,7 @@ use hopper_proto::{pb, Body, Frame};
 use super::Session;
 use crate::engine::{ConsumeOptions, DeliveryRef, NackOptions, NewMessage, Pull, Route};
 use crate::error::BrokerError;
+use crate::message::MessageProperties;
 use crate::queue::{Confirm, Replies, Subscriber};
 use crate::wire;
 
@@ -37,8 +38,7 @@ impl Session {
         if publish.queue.is_empty() {
             let message = NewMessage {
                 body: publish.body,
-                headers: publish.headers,
-                content_type: publish.content_type,
+                properties: MessageProperties::new(publish.headers, publish.content_type),
                 delay_ms: publish.delay_ms,
                 ttl_ms: publish.ttl_ms,
                 publish_id: publish.publish_id,
@@ -53,8 +53,7 @@ impl Session {
         }
         let message = NewMessage {
             body: publish.body,
-            headers: publish.headers,
-            content_type: publish.content_type,
+            properties: MessageProperties::new(publish.headers, publish.content_type),
             delay_ms: publish.delay_ms,
             ttl_ms: publish.ttl_ms,
             publish_id: publish.publish_id,
