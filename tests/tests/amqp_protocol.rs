@@ -543,13 +543,19 @@ async fn hopper_bench_drives_the_amqp_listener_and_cleans_up_after_itself() {
         &["--count", "500", "--durable"],
         &["--count", "300", "--exchange", "fanout", "--queues", "3"],
         &["--count", "400", "--exchange", "topic", "--bindings", "50", "--json"],
+        // Publishes only.
+        &["--count", "300", "--durable", "--consumers", "0"],
     ] {
         let mut args = vec!["bench", "--amqp", url.as_str(), "--size", "64"];
         args.extend_from_slice(workload);
         let output = run_cli(&broker, &args).await;
         assert!(output.status.success(), "{workload:?}: {}", output.stderr);
         let sent: u64 = workload[1].parse().unwrap();
-        let copies = if workload.contains(&"fanout") { 3 } else { 1 };
+        let copies = match workload {
+            _ if workload.contains(&"fanout") => 3,
+            _ if workload.contains(&"0") => 0,
+            _ => 1,
+        };
         let received = if workload.contains(&"--json") {
             let report: serde_json::Value = serde_json::from_str(&output.stdout).unwrap();
             report["received"].as_u64().unwrap()

@@ -1201,14 +1201,7 @@ impl Connection {
         // A no-ack consumer takes as much as the connection's writes allow; its window only
         // bounds the deliveries waiting for the connection to ack them.
         let prefetch = if consume.no_ack { NO_ACK_WINDOW } else { u32::from(channel.prefetch) };
-        let sink = AmqpSink {
-            outbox: outbox.clone(),
-            channel: id,
-            consumer_tag: tag.clone(),
-            tags: channel.tags.clone(),
-            frame_max,
-            auto_ack,
-        };
+        let sink = AmqpSink::new(outbox.clone(), id, &tag, channel.tags.clone(), frame_max, auto_ack);
         let options = ConsumeOptions { prefetch, tag: tag.clone(), ..ConsumeOptions::default() };
         let nowait = consume.nowait;
         let announce_tag = tag.clone();

@@ -5,9 +5,7 @@
 //! strings (numbers, booleans, void, arrays, tables) is also kept whole, encoded, in the header
 //! `amqp-headers`, so an AMQP consumer gets every value back with its type.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
@@ -16,7 +14,7 @@ use base64::Engine as _;
 /// The header keeping a typed headers table whole: its AMQP encoding, in base64.
 const TYPED_HEADERS: &str = "amqp-headers";
 
-use crate::message::{Payload, Properties};
+use crate::message::Payload;
 
 /// The properties kept as `amqp-` headers, as (header, read, write).
 type Property =
@@ -85,28 +83,8 @@ pub fn from_amqp(properties: &AMQPProperties) -> (HashMap<String, String>, Strin
     (headers, short(properties.content_type()).unwrap_or_default())
 }
 
-thread_local! {
-    /// The AMQP properties of the latest message with properties delivered on this thread, by
-    /// the properties it shares: the next message with the same ones (most often a publisher's
-    /// next) takes them as they are.
-    static LAST: RefCell<Option<(Arc<Properties>, AMQPProperties)>> = const { RefCell::new(None) };
-}
-
 /// The AMQP properties of a message, for delivery to an AMQP consumer.
 pub fn to_amqp(payload: &Payload) -> AMQPProperties {
-    let Some(shared) = payload.properties_ptr() else { return build(payload) };
-    LAST.with_borrow_mut(|last| match last {
-        Some((of, properties)) if Arc::ptr_eq(of, shared) => properties.clone(),
-        _ => {
-            let properties = build(payload);
-            *last = Some((shared.clone(), properties.clone()));
-            properties
-        }
-    })
-}
-
-/// What [`to_amqp`] gives, built.
-fn build(payload: &Payload) -> AMQPProperties {
     let mut properties = AMQPProperties::default();
     if !payload.content_type().is_empty() {
         properties = properties.with_content_type(payload.content_type().into());

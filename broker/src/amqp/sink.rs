@@ -3,6 +3,7 @@
 //! the channel maps the tag back to the consumer and the broker's own tag when the client
 //! settles it.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use parking_lot::Mutex;
 
 use super::codec::{encode, encode_body_into, encode_into, push_with};
 use super::properties;
-use crate::message::{Payload, QueuedMessage};
+use crate::message::{Payload, Properties, QueuedMessage};
 use crate::outbox::Outbox;
 use crate::queue::{Refusal, Sink};
 
@@ -137,16 +138,43 @@ impl Tags {
 
 /// One AMQP consumer, as its queue sees it.
 pub struct AmqpSink {
-    pub outbox: Arc<Outbox>,
-    pub channel: u16,
-    pub consumer_tag: String,
-    pub tags: Arc<Mutex<Tags>>,
+    outbox: Arc<Outbox>,
+    channel: u16,
+    tags: Arc<Mutex<Tags>>,
     /// The negotiated frame size: bodies are cut into frames no larger.
-    pub frame_max: usize,
+    frame_max: usize,
     /// For a no-ack consumer: where its deliveries go to be acked by the connection (it
     /// cannot be done here, under the queue's lock). Unbounded, but the consumer's prefetch
     /// window bounds what waits in it.
-    pub auto_ack: Option<tokio::sync::mpsc::UnboundedSender<(u64, u64)>>,
+    auto_ack: Option<tokio::sync::mpsc::UnboundedSender<(u64, u64)>>,
+    /// Its `basic.deliver` frame, kept from one delivery to the next: its consumer tag stays,
+    /// and its exchange and routing key (a queue's messages mostly share theirs) are replaced
+    /// only when they differ.
+    deliver: Mutex<AMQPFrame>,
+}
+
+impl AmqpSink {
+    /// Consumer `consumer_tag` on channel `channel` of the connection writing to `outbox`.
+    pub fn new(
+        outbox: Arc<Outbox>,
+        channel: u16,
+        consumer_tag: &str,
+        tags: Arc<Mutex<Tags>>,
+        frame_max: usize,
+        auto_ack: Option<tokio::sync::mpsc::UnboundedSender<(u64, u64)>>,
+    ) -> Self {
+        let deliver = basic::Deliver { consumer_tag: consumer_tag.into(), ..basic::Deliver::default() };
+        let frame = AMQPFrame::Method(channel, AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver)));
+        AmqpSink { outbox, channel, tags, frame_max, auto_ack, deliver: Mutex::new(frame) }
+    }
+}
+
+/// The `basic.deliver` a sink's frame carries.
+fn deliver_of(frame: &mut AMQPFrame) -> &mut basic::Deliver {
+    match frame {
+        AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver))) => deliver,
+        _ => unreachable!("a sink's frame is its basic.deliver"),
+    }
 }
 
 impl Sink for AmqpSink {
@@ -173,17 +201,19 @@ impl Sink for AmqpSink {
             }
             None => tags.issue(consumer_id, delivery_tag),
         };
-        let deliver = basic::Deliver {
-            consumer_tag: self.consumer_tag.as_str().into(),
-            delivery_tag: tag,
-            redelivered: message.redelivered(),
-            exchange: payload.exchange.as_ref().into(),
-            routing_key: payload.routing_key.as_str().into(),
-        };
-        let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver));
+        let mut frame = self.deliver.lock();
+        let deliver = deliver_of(&mut frame);
+        deliver.delivery_tag = tag;
+        deliver.redelivered = message.redelivered();
+        if deliver.exchange.as_str() != &*payload.exchange {
+            deliver.exchange = payload.exchange.as_ref().into();
+        }
+        if deliver.routing_key.as_str() != payload.routing_key {
+            deliver.routing_key = payload.routing_key.as_str().into();
+        }
         push_with(&self.outbox, |bytes| {
-            let properties = properties::to_amqp(payload);
-            write_content(bytes, self.channel, method, properties, &payload.body, self.frame_max);
+            encode_into(bytes, &frame);
+            write_message_content(bytes, self.channel, payload, self.frame_max);
         });
         Ok(())
     }
@@ -201,7 +231,8 @@ impl Sink for AmqpSink {
         if tags.cancelled(consumer_id) || tags.is_closed() {
             return;
         }
-        let cancel = basic::Cancel { consumer_tag: self.consumer_tag.as_str().into(), nowait: true };
+        let consumer_tag = deliver_of(&mut self.deliver.lock()).consumer_tag.clone();
+        let cancel = basic::Cancel { consumer_tag, nowait: true };
         let frame = AMQPFrame::Method(self.channel, AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)));
         self.outbox.push_bytes(&encode(&frame));
     }
@@ -210,7 +241,10 @@ impl Sink for AmqpSink {
 /// A method that carries content (`basic.deliver`, `basic.get-ok`, `basic.return`), with the
 /// content header and the body cut into frames of at most `frame_max` bytes.
 pub fn content_frames(channel: u16, method: AMQPClass, payload: &Payload, frame_max: usize) -> Vec<u8> {
-    content(channel, method, properties::to_amqp(payload), &payload.body, frame_max)
+    let mut bytes = Vec::new();
+    encode_into(&mut bytes, &AMQPFrame::Method(channel, method));
+    write_message_content(&mut bytes, channel, payload, frame_max);
+    bytes
 }
 
 /// `method` with a content of `body` and `properties`, the body cut into frames of at most
@@ -223,23 +257,54 @@ pub fn content(
     frame_max: usize,
 ) -> Vec<u8> {
     let mut bytes = Vec::new();
-    write_content(&mut bytes, channel, method, properties, body, frame_max);
+    encode_into(&mut bytes, &AMQPFrame::Method(channel, method));
+    let header = AMQPContentHeader { class_id: CLASS_BASIC, body_size: body.len() as u64, properties };
+    encode_into(&mut bytes, &AMQPFrame::Header(channel, header));
+    write_body(&mut bytes, channel, body, frame_max);
     bytes
 }
 
-/// Appends `method` with a content of `body` and `properties` to `bytes`, the body cut into
+/// The class of the methods that carry content.
+const CLASS_BASIC: u16 = 60;
+
+thread_local! {
+    /// The content header frame of the latest message delivered on this thread, and the
+    /// properties it was written from (none for a message without any): the next message with
+    /// the same ones, most often the same publisher's next, takes the frame with its own
+    /// channel and body size, its properties not written out again.
+    static HEADER: RefCell<Option<(Option<Arc<Properties>>, AMQPFrame)>> = const { RefCell::new(None) };
+}
+
+/// Appends the content header and body frames of `payload` to `bytes`, the body cut into
 /// frames of at most `frame_max` bytes.
-fn write_content(
-    bytes: &mut Vec<u8>,
-    channel: u16,
-    method: AMQPClass,
-    properties: basic::AMQPProperties,
-    body: &[u8],
-    frame_max: usize,
-) {
-    encode_into(bytes, &AMQPFrame::Method(channel, method));
-    let header = AMQPContentHeader { class_id: 60, body_size: body.len() as u64, properties };
-    encode_into(bytes, &AMQPFrame::Header(channel, header));
+fn write_message_content(bytes: &mut Vec<u8>, channel: u16, payload: &Payload, frame_max: usize) {
+    HEADER.with_borrow_mut(|cached| {
+        let shared = payload.properties_ptr();
+        let same = match cached.as_ref() {
+            Some((Some(of), _)) => shared.is_some_and(|shared| Arc::ptr_eq(of, shared)),
+            Some((None, _)) => shared.is_none(),
+            None => false,
+        };
+        if !same {
+            let header = AMQPContentHeader {
+                class_id: CLASS_BASIC,
+                body_size: 0,
+                properties: properties::to_amqp(payload),
+            };
+            *cached = Some((shared.cloned(), AMQPFrame::Header(channel, header)));
+        }
+        let Some((_, frame)) = cached.as_mut() else { unreachable!("set above") };
+        if let AMQPFrame::Header(on, header) = frame {
+            *on = channel;
+            header.body_size = payload.body.len() as u64;
+        }
+        encode_into(bytes, frame);
+    });
+    write_body(bytes, channel, &payload.body, frame_max);
+}
+
+/// Appends the body frames of `body`, cut to at most `frame_max` bytes each, to `bytes`.
+fn write_body(bytes: &mut Vec<u8>, channel: u16, body: &[u8], frame_max: usize) {
     // Eight bytes of every frame are its header and end marker.
     let chunk = frame_max.saturating_sub(8).max(1);
     for part in body.chunks(chunk) {
