@@ -128,9 +128,9 @@ pub struct BenchArgs {
     pub sample_every: Option<Duration>,
     /// Drive the broker at this AMQP 0-9-1 URL (amqp://USER:PASSWORD@HOST:PORT/%2f: Hopper's
     /// --amqp-listen, or RabbitMQ) instead of over Hopper's protocol, with a lean client that
-    /// batches its writes: one producer and --consumers connections (a channel per queue), for
-    /// --count, --size, --prefetch, --durable, --confirm-window, --ack-every, --exchange,
-    /// --queues and --bindings.
+    /// batches its writes: one producer and --consumers connections (a channel per queue; 0
+    /// only publishes), for --count, --size, --prefetch, --durable, --confirm-window,
+    /// --ack-every, --exchange, --queues and --bindings.
     #[arg(long, value_name = "URL")]
     pub amqp: Option<String>,
     /// Publish through an exchange of this type (bench-x-<pid>) instead of to the queue; see
