@@ -16,13 +16,14 @@
 //! body:    payload = body bytes
 //! ```
 
+use std::io::Write;
+
 use amq_protocol::frame::parsing::parse_content_header;
 use amq_protocol::frame::{gen_frame, parse_frame, AMQPContentHeader, AMQPFrame, WriteContext};
 use amq_protocol::protocol::constants::{FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD};
 use amq_protocol::protocol::{basic, AMQPClass};
 use amq_protocol::types::generation::{gen_id, gen_long_uint, gen_short_short_uint, GenError, GenResult};
 use bytes::{Buf, Bytes, BytesMut};
-use std::io::Write;
 use tokio_util::codec::Decoder;
 
 use crate::outbox::Outbox;

@@ -316,6 +316,53 @@ fn write_body(bytes: &mut Vec<u8>, channel: u16, body: &[u8], frame_max: usize) 
 mod tests {
     use super::*;
 
+    /// The content header and body a delivery of `payload` on `channel` is written with.
+    fn header_of(channel: u16, payload: &Payload) -> (u16, AMQPContentHeader, Vec<u8>) {
+        use super::super::codec::{FrameCodec, Inbound};
+        use tokio_util::codec::Decoder;
+        let mut bytes = Vec::new();
+        write_message_content(&mut bytes, channel, payload, 4096);
+        let mut buf = bytes::BytesMut::from(&bytes[..]);
+        let mut codec = FrameCodec::new(4096);
+        let Some(Inbound::Header(on, header)) = codec.decode(&mut buf).unwrap() else {
+            panic!("a header first")
+        };
+        let mut body = Vec::new();
+        while let Some(Inbound::Body(_, part)) = codec.decode(&mut buf).unwrap() {
+            body.extend_from_slice(&part);
+        }
+        (on, *header, body)
+    }
+
+    #[test]
+    fn each_delivery_has_its_own_properties_channel_and_size_whatever_came_before() {
+        use crate::message::MessageProperties;
+        let persistent = MessageProperties::new(
+            [("amqp-delivery-mode".to_owned(), "2".to_owned())].into(),
+            "text/plain".to_owned(),
+        );
+        let other = MessageProperties::new([("tenant".to_owned(), "acme".to_owned())].into(), String::new());
+        let message = |body: &'static [u8], properties: &MessageProperties| {
+            Payload { body: bytes::Bytes::from_static(body), ..Payload::default() }
+                .with_shared_properties(properties.clone())
+        };
+        let first = message(b"one", &persistent);
+        let bare = message(b"two!", &MessageProperties::default());
+        let again = message(b"three", &persistent);
+        let different = message(b"", &other);
+        for (channel, payload) in
+            [(1, &first), (2, &bare), (3, &again), (1, &first), (4, &different), (5, &bare)]
+        {
+            let (on, header, body) = header_of(channel, payload);
+            assert_eq!(on, channel);
+            assert_eq!(header.body_size, payload.body.len() as u64);
+            assert_eq!(body, payload.body.to_vec());
+            assert_eq!(header.properties, properties::to_amqp(payload), "on channel {channel}");
+        }
+        assert_eq!(*header_of(1, &again).1.properties.delivery_mode(), Some(2));
+        assert_eq!(*header_of(1, &bare).1.properties.delivery_mode(), None);
+    }
+
     #[test]
     fn a_multiple_settle_covers_every_consumer_up_to_the_tag() {
         let mut tags = Tags::default();
