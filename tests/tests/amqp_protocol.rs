@@ -757,9 +757,42 @@ async fn hostile_frames_close_what_they_came_on_and_nobody_else_notices() {
     garbage.send_bytes(&[1, 0, 1, 0, 0, 0, 3, 0xff, 0xff, 0xff, 0xce]).await.unwrap();
     assert_eq!(connection_close(&garbage.next_method().await).map(|(code, _)| code), Some(501));
 
+    // A publish whose fields end before its frame does, and a body frame without its end
+    // marker: 501 too.
+    let encoded = |frame: &AMQPFrame| {
+        use amq_protocol::frame::{gen_frame, WriteContext};
+        gen_frame(frame)(WriteContext::from(Vec::new())).unwrap().write
+    };
+    let mut long = raw_open(&broker).await;
+    let mut bytes = encoded(&publish_frame(1, "calm"));
+    let size = u32::from_be_bytes(bytes[3..7].try_into().unwrap()) + 1;
+    bytes[3..7].copy_from_slice(&size.to_be_bytes());
+    bytes.insert(bytes.len() - 1, 0);
+    long.send_bytes(&bytes).await.unwrap();
+    assert_eq!(connection_close(&long.next_method().await).map(|(code, _)| code), Some(501));
+    let mut unended = raw_open(&broker).await;
+    unended.send(publish_frame(1, "calm")).await.unwrap();
+    let [header, body] = content(1, b"lost");
+    unended.send(header).await.unwrap();
+    let mut bytes = encoded(&body);
+    *bytes.last_mut().unwrap() = 0;
+    unended.send_bytes(&bytes).await.unwrap();
+    assert_eq!(connection_close(&unended.next_method().await).map(|(code, _)| code), Some(501));
+
+    // A body in several frames arrives whole.
+    let mut pieces = raw_open(&broker).await;
+    pieces.send(publish_frame(1, "calm")).await.unwrap();
+    let [header, _] = content(1, b"in three pieces");
+    pieces.send(header).await.unwrap();
+    for part in [&b"in "[..], b"three", b" pieces"] {
+        pieces.send(AMQPFrame::Body(1, part.to_vec())).await.unwrap();
+    }
+    let mut consumer = consume(&bystander, "calm", BasicConsumeOptions::default()).await.unwrap();
+    assert_eq!(next(&mut consumer).await.data, b"in three pieces");
+    drop(pieces);
+
     // The bystander saw none of it.
     publish(&bystander, "calm", "still here").await;
-    let mut consumer = consume(&bystander, "calm", BasicConsumeOptions::default()).await.unwrap();
     assert_eq!(next(&mut consumer).await.data, b"still here");
 }
 
