@@ -34,8 +34,9 @@ pub const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
 /// Bytes of a frame's type, channel and size, before its payload.
 const FRAME_HEADER_LEN: usize = 7;
 
-/// Class `basic` and the methods of it parsed on their own.
-const BASIC: u16 = 60;
+/// Class `basic` (also that of every content header), and the methods of it parsed on their
+/// own.
+pub const BASIC: u16 = 60;
 const BASIC_PUBLISH: u16 = 40;
 const BASIC_ACK: u16 = 80;
 
@@ -162,12 +163,12 @@ impl Decoder for FrameCodec {
     }
 }
 
-/// What one of the crate's parsers read, if it read all of its bytes.
+/// What one of the crate's parsers read, if it read all of the bytes it was given.
 fn whole<T, E: std::fmt::Debug>(parsed: Result<(&[u8], T), E>) -> Result<T, FrameError> {
     match parsed {
         Ok(([], value)) => Ok(value),
         Ok((rest, _)) => {
-            Err(FrameError::Malformed(format!("{} bytes past the end of its fields", rest.len())))
+            Err(FrameError::Malformed(format!("{} bytes past the end of the fields", rest.len())))
         }
         Err(err) => Err(FrameError::Malformed(format!("{err:?}"))),
     }
@@ -175,13 +176,7 @@ fn whole<T, E: std::fmt::Debug>(parsed: Result<(&[u8], T), E>) -> Result<T, Fram
 
 /// `frame`, exactly one, read by the crate's general parser.
 fn general(frame: &[u8]) -> Result<Inbound, FrameError> {
-    match parse_frame(frame) {
-        Ok(([], frame)) => Ok(Inbound::Frame(Box::new(frame))),
-        Ok((rest, _)) => {
-            Err(FrameError::Malformed(format!("{} bytes past the end of the frame", rest.len())))
-        }
-        Err(err) => Err(FrameError::Malformed(format!("{err:?}"))),
-    }
+    whole(parse_frame(frame)).map(|frame| Inbound::Frame(Box::new(frame)))
 }
 
 /// The bytes of `frame`.
@@ -305,7 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn a_publish_with_bytes_past_its_fields_or_a_bad_frame_end_is_malformed() {
+    fn a_method_with_bytes_past_its_fields_or_a_frame_with_a_bad_end_is_malformed() {
         let ack = encode(&AMQPFrame::Method(
             1,
             AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: 1, multiple: false })),

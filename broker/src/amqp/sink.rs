@@ -11,7 +11,7 @@ use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::{basic, AMQPClass};
 use parking_lot::Mutex;
 
-use super::codec::{encode, encode_body_into, encode_into, push_with};
+use super::codec::{encode, encode_body_into, encode_into, push_with, BASIC};
 use super::properties;
 use crate::message::{Payload, Properties, QueuedMessage};
 use crate::outbox::Outbox;
@@ -258,14 +258,11 @@ pub fn content(
 ) -> Vec<u8> {
     let mut bytes = Vec::new();
     encode_into(&mut bytes, &AMQPFrame::Method(channel, method));
-    let header = AMQPContentHeader { class_id: CLASS_BASIC, body_size: body.len() as u64, properties };
+    let header = AMQPContentHeader { class_id: BASIC, body_size: body.len() as u64, properties };
     encode_into(&mut bytes, &AMQPFrame::Header(channel, header));
     write_body(&mut bytes, channel, body, frame_max);
     bytes
 }
-
-/// The class of the methods that carry content.
-const CLASS_BASIC: u16 = 60;
 
 thread_local! {
     /// The content header frame of the latest message delivered on this thread, and the
@@ -286,11 +283,8 @@ fn write_message_content(bytes: &mut Vec<u8>, channel: u16, payload: &Payload, f
             None => false,
         };
         if !same {
-            let header = AMQPContentHeader {
-                class_id: CLASS_BASIC,
-                body_size: 0,
-                properties: properties::to_amqp(payload),
-            };
+            let header =
+                AMQPContentHeader { class_id: BASIC, body_size: 0, properties: properties::to_amqp(payload) };
             *cached = Some((shared.cloned(), AMQPFrame::Header(channel, header)));
         }
         let Some((_, frame)) = cached.as_mut() else { unreachable!("set above") };
